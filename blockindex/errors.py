@@ -1,0 +1,25 @@
+"""Errors of the image format.
+
+    IndexFormatError            the index file is not one lazyfs can read
+    ImageError                  an input image is missing, unreadable or not an image
+      ├── UnsafeImageError      an entry would escape the tree or lies about itself
+      └── UnsupportedImageError a valid image that uses something lazyfs does not handle
+"""
+
+from __future__ import annotations
+
+
+class IndexFormatError(Exception):
+    """The index is corrupt, truncated or of an unknown format version."""
+
+
+class ImageError(Exception):
+    """An input image is missing, unreadable, or not an image at all."""
+
+
+class UnsafeImageError(ImageError):
+    """An image entry climbs out of the tree, links outside it, or lies about its size."""
+
+
+class UnsupportedImageError(ImageError):
+    """A well-formed image that uses a feature lazyfs does not support."""

@@ -1,0 +1,132 @@
+"""The on-disk format of a block index, shared by the writer and the reader.
+
+An index is one SQLite database (the CernVM-FS catalog idea): lookups are O(log n)
+without loading the tree, so a 100,000-file image mounts at once. It is pinned by the
+sha256 digest of its bytes in the image manifest, and written with ``VACUUM INTO`` so the
+same input gives a byte-identical file.
+
+Regular file contents are cut into fixed-size chunks (``chunk_size`` in ``meta``): chunk
+``idx`` of a file covers bytes ``[idx * chunk_size, min(size, (idx + 1) * chunk_size))``.
+A chunk of zeros is not stored; its extent row is absent and it reads as a hole. Each
+stored chunk is named by the BLAKE3 digest of its uncompressed bytes and lives at
+``offset`` in blob ``blob``, compressed with ``codec`` (``CODEC_RAW`` or ``CODEC_LZ4``:
+an lz4 block without size prefix, decompressed to ``size`` bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NewType
+
+FORMAT_VERSION = "1"
+DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 64 << 20
+
+CODEC_RAW = 0
+CODEC_LZ4 = 1
+
+ROOT_INO = 1
+
+InodeT = NewType("InodeT", int)
+ChunkDigest = NewType("ChunkDigest", bytes)  # 32 raw bytes of BLAKE3
+
+# Media types in the OCI manifest of a converted image.
+MEDIA_TYPE_INDEX = "application/vnd.lazyfs.index.v1.sqlite"
+MEDIA_TYPE_CHUNKS = "application/vnd.lazyfs.chunks.v1"
+ARTIFACT_ANNOTATION = "io.lazyfs.image"  # value: FORMAT_VERSION; marks a lazy image
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE inodes (
+    ino INTEGER PRIMARY KEY,
+    mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,
+    rdev INTEGER NOT NULL,
+    target BLOB
+);
+CREATE TABLE dirents (
+    parent INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    ino INTEGER NOT NULL,
+    PRIMARY KEY (parent, pos)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX dirents_by_name ON dirents (parent, name);
+CREATE TABLE xattrs (
+    ino INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (ino, name)
+) WITHOUT ROWID;
+CREATE TABLE blobs (id INTEGER PRIMARY KEY, digest TEXT NOT NULL UNIQUE, size INTEGER NOT NULL);
+CREATE TABLE chunks (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,
+    blob INTEGER NOT NULL REFERENCES blobs (id),
+    offset INTEGER NOT NULL,
+    stored_size INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    codec INTEGER NOT NULL
+);
+CREATE TABLE extents (
+    ino INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    chunk INTEGER NOT NULL REFERENCES chunks (id),
+    PRIMARY KEY (ino, idx)
+) WITHOUT ROWID;
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Inode:
+    """The attributes of one inode, as lstat would report them."""
+
+    ino: InodeT
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    nlink: int
+    rdev: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Blob:
+    """A blob of packed chunks, fetched by its OCI digest (``sha256:<hex>``)."""
+
+    id: int
+    digest: str
+    size: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chunk:
+    """One stored chunk: where its compressed bytes lie and how to check them."""
+
+    digest: ChunkDigest
+    blob: Blob
+    offset: int
+    stored_size: int
+    size: int
+    codec: int
+
+    @property
+    def hexdigest(self) -> str:
+        return self.digest.hex()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Span:
+    """A piece of a read: ``length`` bytes at ``file_offset``, found at ``chunk_offset``
+    within ``chunk`` (or zeros when ``chunk`` is None: a hole)."""
+
+    file_offset: int
+    length: int
+    chunk: Chunk | None
+    chunk_offset: int

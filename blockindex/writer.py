@@ -1,0 +1,83 @@
+"""Write a block index: rows in, one deterministic SQLite file out."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from .format import FORMAT_VERSION, SCHEMA
+
+
+class IndexWriter:
+    """Collects the rows of an index in memory and writes them as one compact file.
+
+    The caller chooses inode numbers, directory positions and chunk ids; the same calls
+    in the same order give a byte-identical file.
+    """
+
+    def __init__(self, chunk_size: int) -> None:
+        self._db = sqlite3.connect(":memory:")
+        self._db.executescript(SCHEMA)
+        self.set_meta("format", FORMAT_VERSION)
+        self.set_meta("chunk_size", str(chunk_size))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def add_inode(
+        self,
+        ino: int,
+        *,
+        mode: int,
+        uid: int,
+        gid: int,
+        size: int,
+        mtime_ns: int,
+        nlink: int,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO inodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ino, mode, uid, gid, size, mtime_ns, nlink, rdev, target),
+        )
+
+    def add_dirent(self, parent: int, pos: int, name: bytes, ino: int) -> None:
+        self._db.execute("INSERT INTO dirents VALUES (?, ?, ?, ?)", (parent, pos, name, ino))
+
+    def add_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._db.execute("INSERT INTO xattrs VALUES (?, ?, ?)", (ino, name, value))
+
+    def add_blob(self, blob_id: int, digest: str, size: int) -> None:
+        self._db.execute("INSERT INTO blobs VALUES (?, ?, ?)", (blob_id, digest, size))
+
+    def add_chunk(
+        self,
+        chunk_id: int,
+        digest: bytes,
+        *,
+        blob: int,
+        offset: int,
+        stored_size: int,
+        size: int,
+        codec: int,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (chunk_id, digest, blob, offset, stored_size, size, codec),
+        )
+
+    def add_extent(self, ino: int, idx: int, chunk_id: int) -> None:
+        self._db.execute("INSERT INTO extents VALUES (?, ?, ?)", (ino, idx, chunk_id))
+
+    def write(self, path: str | Path) -> None:
+        """Write the index to ``path`` (replaced if it exists)."""
+        path = Path(path)
+        if path.exists():
+            os.unlink(path)
+        self._db.commit()
+        self._db.execute("VACUUM INTO ?", (str(path),))
+
+    def close(self) -> None:
+        self._db.close()
