@@ -1,0 +1,152 @@
+"""OCI image layouts on disk: read and write blobs, manifests and tags.
+
+A layout is a directory with ``oci-layout``, ``index.json`` and ``blobs/sha256/<hex>``
+(OCI image-spec ``image-layout.md``). Tags are the ``org.opencontainers.image.ref.name``
+annotation of a manifest descriptor in ``index.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ImageError
+
+MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_TYPE_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_TYPE_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_TYPE_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+Descriptor = dict[str, Any]
+
+
+def check_digest(digest: str) -> str:
+    """``digest`` if it is a well-formed sha256 digest; ImageError otherwise."""
+    if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+        raise ImageError(f"malformed digest {digest!r}")
+    return digest
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Stable JSON bytes: sorted keys, no spaces (the same object gives the same digest)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Layout:
+    """One OCI image layout directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def is_layout(self) -> bool:
+        return (self.root / "oci-layout").is_file() and (self.root / "index.json").is_file()
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / check_digest(digest).removeprefix("sha256:")
+
+    def read_blob(self, digest: str) -> bytes:
+        try:
+            data = self.blob_path(digest).read_bytes()
+        except FileNotFoundError as exc:
+            raise ImageError(f"{self.root}: blob {digest} is missing") from exc
+        if sha256_digest(data) != digest:
+            raise ImageError(f"{self.root}: blob {digest} does not match its digest")
+        return data
+
+    def index(self) -> dict[str, Any]:
+        try:
+            index = json.loads((self.root / "index.json").read_bytes())
+        except FileNotFoundError as exc:
+            raise ImageError(f"{self.root}: not an OCI image layout (no index.json)") from exc
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ImageError(f"{self.root}/index.json: malformed JSON ({exc})") from exc
+        if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+            raise ImageError(f"{self.root}/index.json: not an OCI image index")
+        return index
+
+    def tags(self) -> dict[str, Descriptor]:
+        """Tag name to manifest descriptor."""
+        out: dict[str, Descriptor] = {}
+        for desc in self.index().get("manifests", []):
+            name = (desc.get("annotations") or {}).get(REF_NAME)
+            if name:
+                out[name] = desc
+        return out
+
+    def resolve(self, tag: str | None) -> Descriptor:
+        """The manifest descriptor for ``tag``; with no tag, the only manifest there is."""
+        manifests = self.index().get("manifests", [])
+        if tag is None:
+            if len(manifests) == 1:
+                return manifests[0]
+            tags = self.tags()
+            if "latest" in tags:
+                return tags["latest"]
+            raise ImageError(f"{self.root}: holds {len(manifests)} images; name one with :TAG")
+        try:
+            return self.tags()[tag]
+        except KeyError:
+            raise ImageError(f"{self.root}: no image tagged {tag!r}") from None
+
+    # -- writing ----------------------------------------------------------------------
+
+    def init(self) -> None:
+        (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        if not (self.root / "oci-layout").exists():
+            _atomic_write(self.root / "oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"}))
+        if not (self.root / "index.json").exists():
+            _atomic_write(
+                self.root / "index.json",
+                canonical_json({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": []}),
+            )
+
+    def write_blob(self, data: bytes, media_type: str) -> Descriptor:
+        digest = sha256_digest(data)
+        path = self.blob_path(digest)
+        if not path.exists():
+            _atomic_write(path, data)
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    def add_blob_file(self, src: Path, digest: str) -> None:
+        """Move a finished file (whose sha256 is ``digest``) into the blob store."""
+        path = self.blob_path(digest)
+        if path.exists():
+            src.unlink()
+        else:
+            os.replace(src, path)
+
+    def tag(self, desc: Descriptor, tag: str) -> None:
+        """Point ``tag`` at manifest ``desc`` (replacing what it pointed at before)."""
+        index = self.index()
+        kept = [
+            d for d in index.get("manifests", [])
+            if (d.get("annotations") or {}).get(REF_NAME) != tag
+        ]
+        kept.append({**desc, "annotations": {REF_NAME: tag}})
+        index["manifests"] = kept
+        _atomic_write(self.root / "index.json", canonical_json(index))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
