@@ -1,0 +1,115 @@
+"""What the cache keeps about images, beside their chunks: manifests, indexes, tags.
+
+Under the cache root::
+
+    manifests/<hex>        manifest bytes, named by their sha256
+    indexes/<hex>          block index files, named by their sha256
+    refs/<quoted ref>      the manifest digest a reference last resolved to
+    complete/<hex>         present once every chunk of that manifest's image is cached
+
+With these an image whose prefetch completed mounts again with no network at all.
+Everything read back is checked against its digest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.parse
+from pathlib import Path
+
+from .errors import CacheError
+
+log = logging.getLogger(__name__)
+
+
+def _hex(digest: str) -> str:
+    algo, _, hexd = digest.partition(":")
+    if algo != "sha256" or len(hexd) != 64 or not all(c in "0123456789abcdef" for c in hexd):
+        raise ValueError(f"malformed digest {digest!r}")
+    return hexd
+
+
+class ImageStore:
+    """Manifests, indexes and tag resolutions kept for offline mounts."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        try:
+            for sub in ("manifests", "indexes", "refs", "complete", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
+
+    def _write(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise CacheError(f"cannot write {path}: {exc.strerror}") from exc
+
+    def _read_verified(self, path: Path, digest: str) -> bytes | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if hashlib.sha256(data).hexdigest() != _hex(digest):
+            log.warning("cached %s does not match its digest %s; dropped", path, digest)
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    # -- manifests and references --------------------------------------------------------
+
+    def save_manifest(self, ref: str | None, digest: str, data: bytes) -> None:
+        self._write(self.root / "manifests" / _hex(digest), data)
+        if ref:
+            self._write(self._ref_path(ref), digest.encode())
+
+    def manifest(self, digest: str) -> bytes | None:
+        return self._read_verified(self.root / "manifests" / _hex(digest), digest)
+
+    def resolve(self, ref: str) -> str | None:
+        """The manifest digest ``ref`` last resolved to on this node, if any."""
+        try:
+            digest = self._ref_path(ref).read_text().strip()
+            _hex(digest)
+        except (FileNotFoundError, ValueError):
+            return None
+        return digest
+
+    def _ref_path(self, ref: str) -> Path:
+        return self.root / "refs" / urllib.parse.quote(ref, safe="")
+
+    # -- indexes --------------------------------------------------------------------------
+
+    def index_path(self, digest: str) -> Path:
+        return self.root / "indexes" / _hex(digest)
+
+    def verified_index(self, digest: str) -> Path | None:
+        """The path of the cached index with this digest, checked; None when absent."""
+        path = self.index_path(digest)
+        if self._read_verified(path, digest) is None:
+            return None
+        return path
+
+    def save_index(self, digest: str, data: bytes) -> Path:
+        path = self.index_path(digest)
+        self._write(path, data)
+        return path
+
+    # -- completion -----------------------------------------------------------------------
+
+    def mark_complete(self, manifest_digest: str) -> None:
+        self._write(self.root / "complete" / _hex(manifest_digest), b"")
+
+    def is_complete(self, manifest_digest: str) -> bool:
+        return (self.root / "complete" / _hex(manifest_digest)).exists()

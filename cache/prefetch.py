@@ -1,0 +1,144 @@
+"""Fill the node cache with every chunk of a mounted image, giving way to reads.
+
+Chunks go in blob order, batched into large range requests; each request waits while
+any demand read is fetching, so a prefetch never slows the reads a container is
+waiting on. Once every chunk is cached the image is marked complete and can be
+mounted and read with the network gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import trio
+
+from blockindex.format import Chunk
+from blockindex.reader import IndexReader
+from fetcher.chunks import ChunkFetcher
+from fetcher.errors import FetchError
+
+from .images import ImageStore
+from .store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Progress:
+    """How far the prefetch of one image has got."""
+
+    state: str = "pending"  # pending, running, complete, off, failed-retrying
+    total_chunks: int = 0
+    total_bytes: int = 0
+    cached_chunks: int = 0
+    cached_bytes: int = 0
+    fetched_bytes: int = 0
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+
+class Prefetcher:
+    """Fetches every chunk of one image that the cache does not hold yet."""
+
+    def __init__(
+        self,
+        index_path: Path,
+        store: ChunkStore,
+        images: ImageStore,
+        manifest_digest: str,
+        fetcher: ChunkFetcher | None,
+        *,
+        batch_bytes: int = 16 << 20,
+        retry_delay: float = 5.0,
+    ) -> None:
+        self._index_path = index_path
+        self._index: IndexReader | None = None  # its own connection: it is used from threads
+        self._store = store
+        self._images = images
+        self._manifest = manifest_digest
+        self._fetcher = fetcher
+        self._batch_bytes = batch_bytes
+        self._retry_delay = retry_delay
+        self.progress = Progress()
+
+    async def scan(self) -> list[Chunk]:
+        """Count what is cached; return what is missing, in blob order."""
+        return await trio.to_thread.run_sync(self._scan)
+
+    def _scan(self) -> list[Chunk]:
+        p = self.progress
+        p.total_chunks = p.total_bytes = p.cached_chunks = p.cached_bytes = 0
+        missing = []
+        if self._index is None:
+            self._index = IndexReader(self._index_path)
+        for c in self._index.all_chunks():
+            p.total_chunks += 1
+            p.total_bytes += c.size
+            if self._store.contains(c.digest):
+                p.cached_chunks += 1
+                p.cached_bytes += c.size
+            else:
+                missing.append(c)
+        return missing
+
+    async def run(self) -> None:
+        """Prefetch to completion, retrying failed batches with a pause; returns when
+        every chunk is cached (or, without a fetcher, after counting)."""
+        p = self.progress
+        p.started = time.monotonic()
+        missing = await self.scan()
+        if self._fetcher is None:
+            p.state = "complete" if not missing else "off"
+            return
+        p.state = "running"
+        while missing:
+            failed = False
+            for batch in _batches(missing, self._batch_bytes):
+                try:
+                    got = await self._fetcher.get(batch, background=True)
+                except FetchError as exc:
+                    failed = True
+                    p.state = "failed-retrying"
+                    log.warning("prefetch: %s; will retry in %gs", exc, self._retry_delay)
+                    await trio.sleep(self._retry_delay)
+                    p.state = "running"
+                    continue
+                for c in batch:
+                    if c.digest in got:
+                        p.cached_chunks += 1
+                        p.cached_bytes += c.size
+                        p.fetched_bytes += c.stored_size
+            missing = await self.scan()
+            if missing and not failed:
+                # chunks fetched but not kept: the cache disk refuses writes
+                log.warning("prefetch: %d chunks could not be cached; retrying in %gs",
+                            len(missing), self._retry_delay)
+                await trio.sleep(self._retry_delay)
+        p.state = "complete"
+        p.finished = time.monotonic()
+        self._images.mark_complete(self._manifest)
+        log.info("prefetch complete: %d chunks, %d bytes in %.1fs",
+                 p.total_chunks, p.total_bytes, p.finished - p.started)
+
+
+def _batches(chunks: list[Chunk], limit: int) -> list[list[Chunk]]:
+    """Consecutive runs of one blob, each up to ``limit`` stored bytes."""
+    out: list[list[Chunk]] = []
+    cur: list[Chunk] = []
+    size = 0
+    for c in chunks:
+        if cur and (c.blob.digest != cur[-1].blob.digest or size + c.stored_size > limit):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(c)
+        size += c.stored_size
+    if cur:
+        out.append(cur)
+    return out

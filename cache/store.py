@@ -1,0 +1,143 @@
+"""The node's content-addressed chunk store: one directory shared by every mount.
+
+Layout under the cache root::
+
+    chunks/ab/abcdef...    one entry per chunk, named by its BLAKE3 digest (hex)
+    tmp/                   entries being written; renamed into place when whole
+
+An entry is a 24-byte header (magic, codec, uncompressed size, stored size, xxh3-64 of
+the payload) followed by the payload exactly as it came from the blob. Entries are never
+fsynced: a write torn by a crash fails its checksum when read back and is dropped and
+fetched again, so a wrong byte is never served (the s3ql / stargz idea of atomic cache
+files, with a checksum instead of a barrier).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import xxhash
+
+from blockindex.format import CODEC_LZ4, CODEC_RAW
+
+from .errors import CacheError
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<4sB3xIIQ")
+_MAGIC = b"LZC1"
+
+
+class ChunkStore:
+    """Chunks on local disk, keyed by digest, checked on every read."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._chunks = self.root / "chunks"
+        self._tmp = self.root / "tmp"
+        try:
+            self._chunks.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self._tmp, prefix=".probe-")
+            probe.close()
+        except OSError as exc:
+            raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
+        self.write_errors = 0
+        self.dropped = 0
+
+    def path(self, digest: bytes) -> Path:
+        hexd = digest.hex()
+        return self._chunks / hexd[:2] / hexd
+
+    def contains(self, digest: bytes) -> bool:
+        return self.path(digest).exists()
+
+    def get(self, digest: bytes) -> tuple[int, int, bytes] | None:
+        """``(codec, size, payload)`` of a whole, intact entry, or None.
+
+        A torn or rotten entry is logged, deleted and reported as missing."""
+        path = self.path(digest)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cache entry %s unreadable (%s); fetching it again", path.name, exc)
+            return None
+        problem = _check(data)
+        if problem:
+            log.warning("cache entry %s is %s; dropped, it will be fetched again", path.name, problem)
+            self.dropped += 1
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+        _, codec, size, _, _ = _HEADER.unpack_from(data)
+        return codec, size, data[_HEADER.size :]
+
+    def put(self, digest: bytes, codec: int, size: int, payload: bytes | memoryview) -> bool:
+        """Store a verified chunk atomically. Returns False (and logs) when the disk
+        refuses: a full cache must not fail a read that the network has served."""
+        path = self.path(digest)
+        header = _HEADER.pack(_MAGIC, codec, size, len(payload), xxhash.xxh3_64_intdigest(payload))
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=path.name[:16] + "-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(header)
+                    f.write(payload)
+                try:
+                    os.replace(tmp, path)
+                except FileNotFoundError:
+                    path.parent.mkdir(exist_ok=True)
+                    os.replace(tmp, path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+        except OSError as exc:
+            self.write_errors += 1
+            level = logging.WARNING if self.write_errors < 10 else logging.DEBUG
+            reason = "cache disk full" if exc.errno == errno.ENOSPC else exc.strerror
+            log.log(level, "cannot cache chunk %s (%s); serving it from the network", path.name, reason)
+            return False
+        return True
+
+    def remove(self, digest: bytes) -> None:
+        try:
+            self.path(digest).unlink()
+        except FileNotFoundError:
+            pass
+
+    def usage(self) -> tuple[int, int]:
+        """``(entries, bytes on disk)`` of the whole store."""
+        count = total = 0
+        for sub in self._chunks.iterdir():
+            with os.scandir(sub) as it:
+                for entry in it:
+                    count += 1
+                    total += entry.stat().st_size
+        return count, total
+
+
+def _check(data: bytes) -> str | None:
+    if len(data) < _HEADER.size:
+        return "truncated"
+    magic, codec, _size, stored, checksum = _HEADER.unpack_from(data)
+    if magic != _MAGIC or codec not in (CODEC_RAW, CODEC_LZ4):
+        return "not a chunk entry"
+    payload = memoryview(data)[_HEADER.size :]
+    if len(payload) != stored:
+        return "truncated"
+    if xxhash.xxh3_64_intdigest(payload) != checksum:
+        return "corrupt (checksum mismatch)"
+    return None

@@ -1,0 +1,329 @@
+"""The ``lazyfs`` command line.
+
+Each command is a small function from parsed arguments to an exit code. Errors a user
+can fix print one line (``lazyfs: error: ...``) and exit with a code from
+``lazyfs.errors``; a bug prints its traceback to the log and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ExitCode, MountError, UserError, exit_code_for
+
+log = logging.getLogger("lazyfs")
+
+DEFAULT_CACHE = Path(os.environ.get("LAZYFS_CACHE", "/var/cache/lazyfs"))
+MOUNT_READY_TIMEOUT = 300.0
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in "kmg" else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1M, 512K)") from None
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+# -- convert / serve ---------------------------------------------------------------------
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from blockindex.convert import convert
+
+    started = time.monotonic()
+    result = convert(args.source, args.dest, chunk_size=args.chunk_size)
+    took = time.monotonic() - started
+    print(f"converted {args.source} -> {args.dest} in {took:.1f}s: {result.files} files, "
+          f"{_human(result.image_bytes)} in {result.chunks} chunks, "
+          f"{_human(result.stored_bytes)} stored in {result.blobs} blobs")
+    print(f"manifest {result.manifest_digest}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve_forever
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory", ExitCode.USAGE)
+    host, port = args.listen
+    serve_forever(root, host, port)
+    return 0
+
+
+# -- mount / umount / status -------------------------------------------------------------
+
+def _mount_options(args: argparse.Namespace) -> Any:
+    from .mount import MountOptions
+
+    return MountOptions(
+        ref=args.ref,
+        mountpoint=Path(args.mountpoint).absolute(),
+        cache_dir=Path(args.cache).absolute(),
+        prefetch=not args.no_prefetch,
+        offline=args.offline,
+        allow_other=args.allow_other,
+        insecure=True if args.insecure else None,
+        timeout=args.timeout,
+    )
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    if args.foreground:
+        return _mount_foreground(args)
+    return _mount_background(args)
+
+
+def _mount_foreground(args: argparse.Namespace) -> int:
+    import trio
+
+    from .mount import check_mountpoint, serve
+
+    opts = _mount_options(args)
+    ready_fd = args.ready_fd
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+
+    try:
+        check_mountpoint(opts.mountpoint)
+        trio.run(serve, opts, ready)
+    except BaseException as exc:
+        code = exit_code_for(exc)
+        if ready_fd is not None:
+            message = str(exc) if code is not None else f"internal error: {exc!r}"
+            try:
+                os.write(ready_fd, f"error {int(code or 1)} {message}\n".encode())
+            except OSError:
+                pass
+        raise
+    return 0
+
+
+def _mount_background(args: argparse.Namespace) -> int:
+    from .mount import check_mountpoint
+
+    opts = _mount_options(args)
+    check_mountpoint(opts.mountpoint)
+    log_file = Path(args.log_file) if args.log_file else (
+        opts.cache_dir / "logs" / (str(opts.mountpoint).strip("/").replace("/", "_") + ".log"))
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(log_file, "ab")
+    except OSError as exc:
+        raise UserError(f"cannot write log file {log_file}: {exc.strerror}", ExitCode.CACHE) from exc
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "lazyfs", *(["-v"] if args.verbose else []),
+            "mount", args.ref, str(opts.mountpoint), "--cache", str(opts.cache_dir),
+            "--foreground", "--ready-fd", str(w), "--log-file", str(log_file),
+            "--timeout", str(args.timeout)]
+    for flag in ("no_prefetch", "offline", "allow_other", "insecure"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    with logf:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                 pass_fds=(w,), start_new_session=True)
+    os.close(w)
+    message = b""
+    deadline = time.monotonic() + MOUNT_READY_TIMEOUT
+    with os.fdopen(r, "rb") as pipe:
+        while b"\n" not in message and time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], 1.0)
+            if ready:
+                part = os.read(pipe.fileno(), 4096)
+                if not part:
+                    break
+                message += part
+    text = message.decode(errors="replace").strip()
+    if text == "ok":
+        print(f"mounted {args.ref} at {opts.mountpoint} (pid {child.pid}, log {log_file})")
+        return 0
+    if text.startswith("error "):
+        _, code, msg = text.split(" ", 2)
+        child.wait(timeout=30)
+        raise UserError(msg, ExitCode(int(code)))
+    if child.poll() is None:
+        child.kill()
+        raise MountError(f"mount did not become ready in {MOUNT_READY_TIMEOUT:g}s; see {log_file}")
+    raise UserError(f"mount process exited with status {child.returncode}; see {log_file}")
+
+
+def _read_status(mountpoint: Path) -> dict[str, Any]:
+    from . import mountinfo
+    from .fs import STATUS_XATTR
+
+    entry = mountinfo.find(mountpoint)
+    if entry is None or entry.fstype != mountinfo.FSTYPE:
+        raise MountError(f"{mountpoint} is not a lazyfs mount")
+    try:
+        return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+    except OSError as exc:
+        raise MountError(f"{mountpoint}: the mount does not answer ({exc.strerror})") from exc
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _read_status(Path(args.mountpoint).absolute())
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    p = status["prefetch"]
+    total = p["total_bytes"] or 1
+    frac = p["cached_bytes"] / total if p["total_bytes"] else 1.0
+    bar = "#" * int(frac * 30)
+    print(f"{status['ref']}  at {status['mountpoint']}  (pid {status['pid']})")
+    print(f"  image     {status['image']['files']} files, {_human(status['image']['file_bytes'])}, "
+          f"{status['image']['chunks']} chunks")
+    print(f"  cached    [{bar:<30}] {frac:6.1%}  {_human(p['cached_bytes'])} / {_human(p['total_bytes'])}")
+    print(f"  prefetch  {p['state']}")
+    sources = ", ".join(f"{k} {_human(v)}" for k, v in status["bytes_by_source"].items())
+    print(f"  fetched   {sources}")
+    r = status["reads"]
+    print(f"  reads     {r['reads']} ({_human(r['bytes_read'])}), chunk hits: memory "
+          f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}, misses {r['chunk_misses']}, "
+          f"failed reads {r['failed_reads']}")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint).absolute()
+    status = _read_status(mountpoint)
+    pid = int(status["pid"])
+    cmd = ["fusermount3", "-u", *(["-z"] if args.lazy else []), str(mountpoint)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
+        raise MountError(f"cannot unmount {mountpoint}: {reason} (--lazy detaches it anyway)")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise MountError(f"unmounted {mountpoint}, but mount process {pid} is still running")
+    print(f"unmounted {mountpoint}")
+    return 0
+
+
+# -- plumbing ----------------------------------------------------------------------------
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from blockindex.format import DEFAULT_CHUNK_SIZE
+
+    parser = argparse.ArgumentParser(
+        prog="lazyfs", description="Mount container images lazily: fetch on read, verify, cache.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (debug level)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert an image into a lazyfs image (OCI layout)")
+    p.add_argument("source", help="docker-archive:TAR, oci:DIR[:TAG], dir:ROOTFS or tar:ROOTFS.tar")
+    p.add_argument("dest", help="oci:DIR[:TAG]")
+    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE,
+                   help="chunk size (default 1M; 4K..64M)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="serve OCI layouts under DIR over the OCI distribution API")
+    p.add_argument("root", metavar="DIR")
+    p.add_argument("--listen", type=_listen, default=("127.0.0.1", 5000), metavar="HOST:PORT")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("mount", help="mount an image lazily")
+    p.add_argument("ref", help="HOST[:PORT]/REPO[:TAG|@DIGEST]")
+    p.add_argument("mountpoint")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE),
+                   help=f"node cache directory (default {DEFAULT_CACHE}, or $LAZYFS_CACHE)")
+    p.add_argument("--foreground", "-f", action="store_true", help="stay attached")
+    p.add_argument("--no-prefetch", action="store_true", help="fetch only what is read")
+    p.add_argument("--offline", action="store_true", help="use the cache alone, no network")
+    p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to a non-loopback registry")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a network wait may take before a read fails with EIO (default 30)")
+    p.add_argument("--log-file", help="where a background mount logs (default in the cache dir)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a lazyfs mount and stop its process")
+    p.add_argument("mountpoint")
+    p.add_argument("--lazy", "-z", action="store_true", help="detach even if busy")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("status", help="what a mount has cached and fetched")
+    p.add_argument("mountpoint")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.INFO
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    log_file = getattr(args, "log_file", None)
+    if getattr(args, "foreground", False) and log_file:
+        logging.basicConfig(level=level, format=fmt, filename=log_file)
+    else:
+        logging.basicConfig(level=level if args.verbose else logging.WARNING, format=fmt)
+        if getattr(args, "foreground", False) or args.command == "serve":
+            logging.getLogger().setLevel(level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+        code = exit_code_for(exc)
+        if code is None and isinstance(exc, BaseExceptionGroup):
+            inner = [e for e in _leaves(exc) if exit_code_for(e) is not None]
+            if inner:
+                exc, code = inner[0], exit_code_for(inner[0])
+        if code is None:
+            if isinstance(exc, SystemExit):
+                raise
+            log.exception("internal error")
+            print(f"lazyfs: internal error: {exc!r} (a bug; please report it)", file=sys.stderr)
+            return ExitCode.FAILURE
+        print(f"lazyfs: error: {exc}", file=sys.stderr)
+        return int(code)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out

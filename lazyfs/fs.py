@@ -1,0 +1,179 @@
+"""The FUSE adapter: kernel requests in, answers from the image model out.
+
+Each handler asks ``IndexReader`` or ``ImageContent`` one question and maps typed errors
+to one errno (borg's ``fuse.py`` shape). Content is immutable, so entries and attributes
+are cached by the kernel for a day and open files keep the page cache. Anything that
+escapes a handler would end the whole mount, so every handler catches at the edge.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+
+from blockindex.errors import IndexFormatError
+from blockindex.format import ROOT_INO, Inode, InodeT
+from blockindex.reader import IndexReader
+from fetcher.errors import FetchError, IntegrityError
+
+from .content import ImageContent
+
+log = logging.getLogger(__name__)
+
+STATUS_XATTR = b"user.lazyfs.status"
+"""Read from the mount's root directory: the mount's status as JSON (``lazyfs status``)."""
+
+TIMEOUT = 86400.0
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def _erofs(*_args: Any) -> None:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class LazyOperations(pyfuse3.Operations):
+    """Read-only POSIX view of one image."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, index: IndexReader, content: ImageContent,
+                 status: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self._index = index
+        self._content = content
+        self._status = status
+        self._statfs = self._make_statfs()
+
+    # -- attributes ---------------------------------------------------------------------
+
+    def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        a.st_size = node.size
+        a.st_blksize = 4096
+        a.st_blocks = (node.size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        return a
+
+    def _attr(self, ino: int) -> Inode:
+        try:
+            return self._index.attr(InodeT(ino))
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except IndexFormatError as exc:
+            log.error("inode %d: %s", ino, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self._attr(inode))
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._entry(self._attr(parent_inode))
+        if name == b"..":
+            raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves '..' itself
+        node = self._index.lookup(InodeT(parent_inode), name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry(node)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        pass  # inodes are rows in the index; nothing to release
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        try:
+            return self._index.readlink(InodeT(inode))
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+
+    # -- directories --------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not stat.S_ISDIR(self._attr(inode).mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for pos, name, node in self._index.children(InodeT(fh), start_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(node), pos + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    # -- files --------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._attr(inode)
+        if stat.S_ISDIR(node.mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            return await self._content.read(InodeT(fh), off, size)  # type: ignore[return-value]
+        except IntegrityError as exc:
+            log.error("read of inode %d at %d+%d: %s", fh, off, size, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except FetchError as exc:
+            log.error("read of inode %d at %d+%d failed: %s", fh, off, size, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except (IndexFormatError, KeyError) as exc:
+            log.error("read of inode %d: bad index: %s", fh, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        pass
+
+    # -- extended attributes ------------------------------------------------------------
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == STATUS_XATTR and inode == ROOT_INO:
+            return json.dumps(self._status(), sort_keys=True).encode()
+        value = self._index.getxattr(InodeT(inode), name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return sorted(self._index.xattrs(InodeT(inode)))
+
+    # -- the filesystem -----------------------------------------------------------------
+
+    def _make_statfs(self) -> pyfuse3.StatvfsData:
+        totals = self._index.totals()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = (totals["file_bytes"] + 4095) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = totals["inodes"]
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        return self._statfs
+
+    # Everything that would change the image answers EROFS.
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs  # type: ignore[assignment]
+    create = write = setxattr = removexattr = _erofs  # type: ignore[assignment]

@@ -1,0 +1,236 @@
+"""``lazyfs mount``: resolve an image, open its index, serve it with FUSE.
+
+One process serves one image (pyfuse3 serves one filesystem per process). One nursery
+and one ``AsyncExitStack`` own every lifetime; callbacks are registered in the order
+that makes LIFO teardown correct: the FUSE session closes first, then the fetcher's
+client, then the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from blockindex import format as fmt
+from blockindex.oci import MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX
+from blockindex.reader import IndexReader
+from cache.images import ImageStore
+from cache.prefetch import Prefetcher
+from cache.store import ChunkStore
+from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.errors import FetchError, IntegrityError, UnreachableError
+from fetcher.imageref import ImageRef
+from fetcher.registry import RegistryClient, resolve_image_manifest
+
+from . import mountinfo
+from .content import ImageContent
+from .errors import MountError, NotLazyImageError, UserError
+from .fs import LazyOperations
+
+log = logging.getLogger(__name__)
+
+MAX_INDEX_SIZE = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MountOptions:
+    """Everything a mount process needs to know."""
+
+    ref: str
+    """The image: ``HOST[:PORT]/REPO[:TAG|@DIGEST]``."""
+    mountpoint: Path
+    cache_dir: Path
+    """The node-wide cache, shared by every mount."""
+    prefetch: bool = True
+    """Fill the cache with the whole image in the background."""
+    offline: bool = False
+    """Use the cache alone; never contact the registry."""
+    allow_other: bool = False
+    """Let users other than the mounting one read the mount."""
+    insecure: bool | None = None
+    """Plain HTTP to the registry (the default allows it for loopback hosts only)."""
+    timeout: float = 30.0
+    """Seconds a registry request, and a read waiting on the network, may take."""
+    readahead_kib: int = 1024
+
+
+@dataclasses.dataclass
+class OpenedImage:
+    manifest_digest: str
+    index_digest: str
+    index_path: Path
+    from_cache_only: bool
+
+
+def check_mountpoint(path: Path) -> None:
+    if not path.exists():
+        raise MountError(f"mountpoint {path} does not exist")
+    if not path.is_dir():
+        raise MountError(f"mountpoint {path} is not a directory")
+    if mountinfo.find(path) is not None and os.path.ismount(path):
+        raise MountError(f"mountpoint {path} is busy: something is mounted there already")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("/dev/fuse is not available (load the fuse module; run as root)")
+
+
+def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
+    annotations = manifest.get("annotations") or {}
+    layers = manifest.get("layers") or []
+    if annotations.get(fmt.ARTIFACT_ANNOTATION) is None:
+        raise NotLazyImageError(
+            f"{ref} is not a lazyfs image (convert it first: lazyfs convert SRC oci:DIR)"
+        )
+    for layer in layers:
+        if isinstance(layer, dict) and layer.get("mediaType") == fmt.MEDIA_TYPE_INDEX:
+            return layer
+    raise NotLazyImageError(f"{ref}: lazyfs image manifest has no index layer")
+
+
+async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient | None,
+                     images: ImageStore) -> OpenedImage:
+    """Resolve ``ref`` to a manifest and a verified index file, from the registry or,
+    when it cannot be reached (or ``offline``), from what this node cached before."""
+    from_cache = client is None
+    manifest_bytes: bytes | None = None
+    digest: str | None = None
+    if client is not None:
+        try:
+            m = await client.get_manifest(ref.reference)
+            if m.media_type in (MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST):
+                m = await resolve_image_manifest(client, ref)
+            manifest_bytes, digest = m.data, m.digest
+        except UnreachableError as exc:
+            log.warning("registry unreachable (%s); trying the cache", exc)
+            from_cache = True
+            fallback_error: FetchError = exc
+    if from_cache:
+        digest = ref.digest or images.resolve(str(ref))
+        manifest_bytes = images.manifest(digest) if digest else None
+        if manifest_bytes is None:
+            if client is None:
+                raise MountError(f"{ref} is not in the cache at {images.root}; mount it online once")
+            raise fallback_error
+    assert digest is not None and manifest_bytes is not None
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError as exc:
+        raise NotLazyImageError(f"{ref}: manifest is not JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise NotLazyImageError(f"{ref}: manifest is not a JSON object")
+    desc = _index_descriptor(manifest, str(ref))
+    index_digest = str(desc.get("digest"))
+    if not from_cache:
+        images.save_manifest(str(ref), digest, manifest_bytes)
+    path = images.verified_index(index_digest)
+    if path is None:
+        if client is None or from_cache:
+            raise MountError(f"the index of {ref} is not in the cache; mount it online once")
+        size = int(desc.get("size", 0))
+        if not 0 < size <= MAX_INDEX_SIZE:
+            raise NotLazyImageError(f"{ref}: index size {size} is out of range")
+        data = await client.read_blob(index_digest, max_size=MAX_INDEX_SIZE)
+        path = images.save_index(index_digest, data)
+    return OpenedImage(digest, index_digest, path, from_cache)
+
+
+def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
+            fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float) -> dict[str, Any]:
+    p = prefetcher.progress
+    totals = index.totals()
+    f = fetcher.stats if fetcher else None
+    return {
+        "pid": os.getpid(),
+        "ref": opts.ref,
+        "mountpoint": str(opts.mountpoint),
+        "cache": str(opts.cache_dir),
+        "manifest": opened.manifest_digest,
+        "index": opened.index_digest,
+        "offline": fetcher is None,
+        "uptime": round(time.monotonic() - started, 3),
+        "image": {"files": totals["files"], "file_bytes": totals["file_bytes"],
+                  "chunks": totals["chunks"], "stored_bytes": totals["stored_bytes"]},
+        "prefetch": {"state": p.state, "complete": p.complete,
+                     "cached_chunks": p.cached_chunks, "total_chunks": p.total_chunks,
+                     "cached_bytes": p.cached_bytes, "total_bytes": p.total_bytes},
+        "reads": dataclasses.asdict(content.stats),
+        "fetch": dataclasses.asdict(f) if f else None,
+        "bytes_by_source": {"origin": f.bytes_received if f else 0},
+    }
+
+
+async def _watch_signals(on_signal: Callable[[], None]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            on_signal()
+            return
+
+
+async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
+    """Mount the image and serve it until unmounted or signalled."""
+    started = time.monotonic()
+    check_mountpoint(opts.mountpoint)
+    try:
+        ref = ImageRef.parse(opts.ref)
+    except ValueError as exc:
+        raise UserError(str(exc), exit_code=2) from exc
+    images = ImageStore(opts.cache_dir)
+    store = ChunkStore(opts.cache_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        client = None
+        if not opts.offline:
+            client = RegistryClient(ref, timeout=opts.timeout, insecure=opts.insecure)
+            stack.push_async_callback(client.aclose)
+        opened = await open_image(opts, ref, client, images)
+        index = IndexReader(opened.index_path)
+        stack.callback(index.close)
+        async with trio.open_nursery() as nursery:
+            fetcher = None
+            if client is not None:
+                fetcher = ChunkFetcher(nursery, client, store,
+                                       FetchConfig(deadline=opts.timeout), source_name="origin")
+            content = ImageContent(index, store, fetcher)
+            prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
+            ops = LazyOperations(
+                index, content,
+                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started),
+            )
+            fuse_options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions"}
+            if opts.allow_other:
+                fuse_options.add("allow_other")
+            try:
+                pyfuse3.init(ops, str(opts.mountpoint), fuse_options)
+            except RuntimeError as exc:
+                raise MountError(f"cannot mount at {opts.mountpoint}: {exc}") from exc
+            try:
+                entry = mountinfo.find(opts.mountpoint)
+                if entry is not None:
+                    mountinfo.set_readahead(entry, opts.readahead_kib)
+                log.info("mounted %s (%s) at %s%s", opts.ref, opened.manifest_digest,
+                         opts.mountpoint, " from the cache alone" if opened.from_cache_only else "")
+                ready()
+                nursery.start_soon(_watch_signals, pyfuse3.terminate)
+                if opts.prefetch or fetcher is None:
+                    nursery.start_soon(prefetcher.run)
+                else:
+                    prefetcher.progress.state = "off"
+                    nursery.start_soon(prefetcher.scan)
+                await pyfuse3.main()
+            finally:
+                pyfuse3.close(unmount=True)
+                nursery.cancel_scope.cancel()
+    log.info("unmounted %s", opts.mountpoint)
+
+
+__all__ = ["MountOptions", "serve", "open_image", "check_mountpoint", "IntegrityError"]
