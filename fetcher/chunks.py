@@ -160,7 +160,12 @@ class ChunkFetcher:
         if not background:
             self.stats.demand_wait_seconds += time.monotonic() - started
         if scope.cancelled_caught:
-            late = next(c for c, p in waits if not p.event.is_set())
+            for c, p in waits:
+                if p.error is not None:
+                    raise p.error
+            late = next((c for c, p in waits if not p.event.is_set()), None)
+            if late is None:  # everything arrived just as the deadline passed
+                return {c.digest: p.data for c, p in waits if p.data is not None}
             raise UnreachableError(
                 f"chunk {late.hexdigest[:16]} of blob {late.blob.digest[:19]} "
                 f"not fetched within {deadline:g}s"

@@ -1,0 +1,53 @@
+"""Test doubles for one layer at a time: an in-memory blob source with a script of faults."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import trio
+
+from blockindex.codec import chunk_digest, encode
+from blockindex.format import Blob, Chunk
+from fetcher.errors import ServerError
+
+
+class ScriptedSource:
+    """Serves ranges of in-memory blobs. ``script`` is consumed one outcome per request:
+    ``"ok"``, ``"fail"`` (ServerError), ``"corrupt"`` (one byte flipped), ``"stall"``
+    (never answers); when it runs out, requests succeed."""
+
+    def __init__(self, blobs: dict[str, bytes], script: Iterable[str] = ()) -> None:
+        self.blobs = blobs
+        self.script = list(script)
+        self.requests: list[tuple[str, int, int]] = []
+
+    async def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        self.requests.append((digest, offset, length))
+        await trio.sleep(0)
+        outcome = self.script.pop(0) if self.script else "ok"
+        data = self.blobs[digest][offset : offset + length]
+        if outcome == "fail":
+            raise ServerError("scripted failure")
+        if outcome == "stall":
+            await trio.sleep_forever()
+        if outcome == "corrupt":
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return data
+
+
+def make_blob(pieces: list[bytes], blob_id: int = 1) -> tuple[Blob, list[Chunk], bytes]:
+    """Pack ``pieces`` into one blob the way the converter does; returns the blob, its
+    chunks in order and the blob bytes."""
+    payloads = []
+    metas = []
+    offset = 0
+    for data in pieces:
+        codec, payload = encode(data)
+        metas.append((chunk_digest(data), offset, len(payload), len(data), codec))
+        payloads.append(payload)
+        offset += len(payload)
+    raw = b"".join(payloads)
+    blob = Blob(blob_id, "sha256:" + hashlib.sha256(raw).hexdigest(), len(raw))
+    chunks = [Chunk(d, blob, off, ss, size, codec) for d, off, ss, size, codec in metas]
+    return blob, chunks, raw

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from cache.store import ChunkStore
+from fetcher.chunks import ChunkFetcher, FetchConfig, plan_ranges
+from fetcher.errors import IntegrityError, ServerError, UnreachableError
+
+from .fakes import ScriptedSource, make_blob
+
+PIECES = [os.urandom(5000), b"a" * 7000, os.urandom(3000), b"b" * 9000]
+
+
+def test_plan_merges_neighbours_and_respects_limits():
+    blob, chunks, _ = make_blob(PIECES)
+    [one] = plan_ranges(chunks, max_request=1 << 20, max_gap=0)
+    assert (one.start, one.end) == (0, blob.size)
+    assert len(one.chunks) == 4
+    # a gap larger than max_gap splits the request
+    parts = plan_ranges([chunks[0], chunks[3]], max_request=1 << 20, max_gap=10)
+    assert [len(r.chunks) for r in parts] == [1, 1]
+    # the size limit splits too
+    parts = plan_ranges(chunks, max_request=6000, max_gap=1 << 20)
+    assert all(r.end - r.start <= 6000 or len(r.chunks) == 1 for r in parts)
+    assert sum(len(r.chunks) for r in parts) == 4
+
+
+def run_fetch(tmp_path, script, body, config=FetchConfig(deadline=5), clock=None):
+    blob, chunks, raw = make_blob(PIECES)
+    source = ScriptedSource({blob.digest: raw}, script)
+    store = ChunkStore(tmp_path)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fetcher = ChunkFetcher(nursery, source, store, config)
+            try:
+                await body(fetcher, chunks)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
+    return source, store, chunks
+
+
+def test_concurrent_readers_share_one_request(tmp_path):
+    async def body2(fetcher, chunks):
+        outs = []
+
+        async def reader():
+            outs.append(await fetcher.get(chunks))
+
+        async with trio.open_nursery() as n:
+            for _ in range(5):
+                n.start_soon(reader)
+        assert len(outs) == 5
+        assert all([o[c.digest] for c in chunks] == PIECES for o in outs)
+        await trio.sleep(1)  # let the cache writes finish
+
+    source, store, chunks = run_fetch(tmp_path, [], body2)
+    assert len(source.requests) == 1
+    assert all(store.contains(c.digest) for c in chunks)
+
+
+def test_altered_bytes_fail_and_are_not_cached(tmp_path, caplog):
+    async def body(fetcher, chunks):
+        with pytest.raises(IntegrityError):
+            await fetcher.get(chunks[:1])
+        assert fetcher.stats.integrity_failures == 1
+        # the next attempt fetches again and succeeds
+        got = await fetcher.get(chunks[:1])
+        assert got[chunks[0].digest] == PIECES[0]
+
+    source, store, chunks = run_fetch(tmp_path, ["corrupt"], body)
+    assert len(source.requests) == 2
+    assert chunks[0].hexdigest in caplog.text
+
+
+def test_stalled_source_fails_within_deadline(tmp_path):
+    async def body(fetcher, chunks):
+        start = trio.current_time()
+        with pytest.raises(UnreachableError, match="within 5s"):
+            await fetcher.get(chunks[:1])
+        assert trio.current_time() - start == pytest.approx(5, abs=0.1)
+
+    # the mock clock jumps ahead whenever every task waits, so the test takes no time;
+    # no worker threads run here (the fetch fails before anything is cached)
+    _, store, chunks = run_fetch(tmp_path, ["stall"], body,
+                                 clock=trio.testing.MockClock(autojump_threshold=0))
+    assert not store.contains(chunks[0].digest)
+
+
+def test_source_error_reaches_every_waiter(tmp_path):
+    async def body(fetcher, chunks):
+        errors = []
+
+        async def reader():
+            try:
+                await fetcher.get(chunks)
+            except ServerError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            n.start_soon(reader)
+        assert len(errors) == 2
+
+    run_fetch(tmp_path, ["fail"], body)
+
+
+def test_background_waits_for_demand(tmp_path):
+    order = []
+
+    async def body(fetcher, chunks):
+        async def demand():
+            await fetcher.get(chunks[:1])
+            order.append("demand")
+
+        async def background():
+            await trio.sleep(0)  # start after the demand fetch is in flight
+            await fetcher.get(chunks[2:], background=True)
+            order.append("background")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(demand)
+            n.start_soon(background)
+
+    source, _, chunks = run_fetch(tmp_path, [], body)
+    assert order == ["demand", "background"]
+    assert source.requests[0][1] == 0

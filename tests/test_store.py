@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from blockindex.format import CODEC_LZ4, CODEC_RAW
+from cache.errors import CacheError
+from cache.images import ImageStore
+from cache.store import ChunkStore
+
+
+def test_put_get_roundtrip(tmp_path):
+    store = ChunkStore(tmp_path)
+    digest = bytes(range(32))
+    assert store.get(digest) is None
+    assert store.put(digest, CODEC_LZ4, 1000, b"payload")
+    assert store.contains(digest)
+    assert store.get(digest) == (CODEC_LZ4, 1000, b"payload")
+    assert store.usage() == (1, 24 + 7)
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage"])
+def test_damaged_entry_is_dropped_not_served(tmp_path, damage, caplog):
+    store = ChunkStore(tmp_path)
+    digest = b"\x01" * 32
+    store.put(digest, CODEC_RAW, 5, b"hello")
+    path = store.path(digest)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-1] ^= 1
+    elif damage == "truncate":
+        data = data[:-2]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data = bytearray(b"X" * 40)
+    path.write_bytes(data)
+    assert store.get(digest) is None
+    assert not path.exists()
+    assert store.dropped == 1
+    assert "fetched again" in caplog.text
+
+
+def test_put_failure_is_reported_not_raised(tmp_path, caplog):
+    store = ChunkStore(tmp_path)
+    (tmp_path / "tmp").rmdir()
+    (tmp_path / "tmp").write_text("the disk refuses writes here")
+    assert not store.put(b"\x02" * 32, CODEC_RAW, 1, b"x")
+    assert store.write_errors == 1
+    assert "serving it from the network" in caplog.text
+    assert not store.contains(b"\x02" * 32)
+
+
+def test_unusable_cache_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    with pytest.raises(CacheError, match="not usable"):
+        ChunkStore(blocker / "cache")
+
+
+def test_image_store_verifies_what_it_reads(tmp_path):
+    images = ImageStore(tmp_path)
+    import hashlib
+
+    data = b'{"x": 1}'
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    images.save_manifest("host/app:1", digest, data)
+    assert images.resolve("host/app:1") == digest
+    assert images.manifest(digest) == data
+    (tmp_path / "manifests" / digest[7:]).write_bytes(b"tampered")
+    assert images.manifest(digest) is None
+    assert images.resolve("host/other:1") is None
+    assert not images.is_complete(digest)
+    images.mark_complete(digest)
+    assert images.is_complete(digest)
