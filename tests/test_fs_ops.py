@@ -1,0 +1,126 @@
+"""The FUSE adapter in-process: handlers called directly, no kernel involved."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+import pyfuse3
+import pytest
+import trio
+
+from blockindex.format import ROOT_INO
+from blockindex.reader import IndexReader
+from blockindex.writer import IndexWriter
+from cache.store import ChunkStore
+from fetcher.chunks import ChunkFetcher, FetchConfig
+from lazyfs.content import ImageContent
+from lazyfs.fs import STATUS_XATTR, LazyOperations
+
+from .fakes import ScriptedSource, make_blob
+
+CS = 4096
+A = os.urandom(CS)
+B = b"tail" * 100
+
+
+@pytest.fixture
+def image(tmp_path):
+    blob, (ca, cb), raw = make_blob([A, B])
+    w = IndexWriter(CS)
+    w.add_inode(1, mode=0o40755, uid=0, gid=0, size=0, mtime_ns=5, nlink=2)
+    # file: chunk 0 = A, chunk 1 = hole, chunk 2 = B
+    size = 2 * CS + len(B)
+    w.add_inode(2, mode=0o100644, uid=1000, gid=100, size=size, mtime_ns=1_700_000_000_123_456_789,
+                nlink=1)
+    w.add_inode(3, mode=0o120777, uid=0, gid=0, size=6, mtime_ns=0, nlink=1, target=b"target")
+    w.add_dirent(1, 0, b"file", 2)
+    w.add_dirent(1, 1, b"link", 3)
+    w.add_xattr(2, b"user.k", b"\x00\xffv")
+    w.add_blob(1, blob.digest, blob.size)
+    w.add_chunk(1, ca.digest, blob=1, offset=ca.offset, stored_size=ca.stored_size, size=ca.size,
+                codec=ca.codec)
+    w.add_chunk(2, cb.digest, blob=1, offset=cb.offset, stored_size=cb.stored_size, size=cb.size,
+                codec=cb.codec)
+    w.add_extent(2, 0, 1)
+    w.add_extent(2, 2, 2)
+    w.write(tmp_path / "index")
+    return IndexReader(tmp_path / "index"), ScriptedSource({blob.digest: raw}), size
+
+
+def run(tmp_path, image, body, script=()):
+    index, source, size = image
+    source.script = list(script)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fetcher = ChunkFetcher(nursery, source, ChunkStore(tmp_path / "cache"),
+                                   FetchConfig(deadline=2))
+            content = ImageContent(index, ChunkStore(tmp_path / "cache"), fetcher)
+            ops = LazyOperations(index, content, lambda: {"pid": 1})
+            await body(ops, size)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return source
+
+
+def test_tree_and_attributes(tmp_path, image):
+    async def body(ops, size):
+        entry = await ops.lookup(ROOT_INO, b"file", None)
+        assert entry.st_ino == 2 and entry.st_size == size and entry.st_uid == 1000
+        assert entry.st_mtime_ns == 1_700_000_000_123_456_789
+        assert stat.S_ISREG(entry.st_mode)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.lookup(ROOT_INO, b"missing", None)
+        assert e.value.errno == errno.ENOENT
+        assert await ops.readlink(3, None) == b"target"
+        assert await ops.getxattr(2, b"user.k", None) == b"\x00\xffv"
+        assert await ops.listxattr(2, None) == [b"user.k"]
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.getxattr(2, b"user.none", None)
+        assert e.value.errno == errno.ENODATA
+        assert json.loads(await ops.getxattr(ROOT_INO, STATUS_XATTR, None)) == {"pid": 1}
+
+    run(tmp_path, image, body)
+
+
+def test_reads_fetch_lazily_and_fill_holes(tmp_path, image):
+    async def body(ops, size):
+        fi = await ops.open(2, os.O_RDONLY, None)
+        assert fi.keep_cache
+        assert bytes(await ops.read(fi.fh, 0, 100)) == A[:100]
+        assert bytes(await ops.read(fi.fh, CS - 10, 20)) == A[-10:] + bytes(10)
+        whole = bytes(await ops.read(fi.fh, 0, 1 << 20))
+        assert whole == A + bytes(CS) + B
+        assert bytes(await ops.read(fi.fh, size, 10)) == b""
+
+    source = run(tmp_path, image, body)
+    # the first read fetched chunk A alone; the whole-file read fetched B alone
+    assert [r[2] for r in source.requests] == [len(A), source.requests[1][2]]
+    assert len(source.requests) == 2
+
+
+def test_bad_bytes_are_eio_never_served(tmp_path, image):
+    async def body(ops, size):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.read(2, 0, 100)
+        assert e.value.errno == errno.EIO
+        assert bytes(await ops.read(2, 0, 100)) == A[:100]  # a retry fetches good bytes
+
+    run(tmp_path, image, body, script=["corrupt"])
+
+
+def test_writes_are_refused(tmp_path, image):
+    async def body(ops, size):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.open(2, os.O_WRONLY, None)
+        assert e.value.errno == errno.EROFS
+        for call in (ops.mkdir, ops.unlink, ops.write, ops.setxattr):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await call(1, b"x", 0, None)
+            assert e.value.errno == errno.EROFS
+
+    run(tmp_path, image, body)
