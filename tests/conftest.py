@@ -1,0 +1,99 @@
+"""Shared fixtures: real servers on loopback, real FUSE mounts torn down by pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    can_mount = os.geteuid() == 0 and os.path.exists("/dev/fuse") and shutil.which("fusermount3")
+    for item in items:
+        if "mount" in item.keywords and not can_mount:
+            item.add_marker(pytest.mark.skip(reason="real mounts need root, /dev/fuse, fusermount3"))
+
+
+def lazyfs(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run the lazyfs command line as a user would."""
+    done = subprocess.run([sys.executable, "-m", "lazyfs", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kw)
+    if check and done.returncode != 0:
+        raise AssertionError(f"lazyfs {' '.join(args)} exited {done.returncode}:\n{done.stderr}")
+    return done
+
+
+class Mounts:
+    """Mounts made by a test, unmounted (and their processes killed) at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.points: list[Path] = []
+
+    def mount(self, ref: str, *extra: str, name: str = "mnt", cache: Path | None = None,
+              check: bool = True) -> tuple[Path, subprocess.CompletedProcess]:
+        mnt = self.tmp / name
+        mnt.mkdir(exist_ok=True)
+        cache = cache or self.tmp / "cache"
+        done = lazyfs("mount", ref, str(mnt), "--cache", str(cache), "--timeout", "10",
+                      "--log-file", str(self.tmp / f"{name}.log"), *extra, check=check)
+        if done.returncode == 0:
+            self.points.append(mnt)
+        return mnt, done
+
+    def status(self, mnt: Path) -> dict:
+        return json.loads(lazyfs("status", str(mnt), "--json").stdout)
+
+    def wait_complete(self, mnt: Path, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status(mnt)
+            if st["prefetch"]["complete"]:
+                return st
+            time.sleep(0.2)
+        raise AssertionError(f"prefetch did not complete in {timeout}s: {st['prefetch']}")
+
+    def log(self, name: str = "mnt") -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def unmount_all(self) -> None:
+        for mnt in self.points:
+            pid = None
+            try:
+                pid = self.status(mnt)["pid"]
+            except Exception:
+                pass
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+            if pid:
+                _kill(pid)
+        self.points.clear()
+
+
+def _kill(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    m = Mounts(tmp_path)
+    yield m
+    m.unmount_all()

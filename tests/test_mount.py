@@ -1,0 +1,215 @@
+"""Real mounts: convert an image, serve it on loopback, mount it with FUSE, use it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from blockindex.convert import convert
+from blockindex.oci import Layout
+from blockindex.reader import IndexReader
+from lazyfs.serve import make_server
+
+from . import imagegen
+from .conftest import lazyfs
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    """The rich two-layer test image, converted once, with small chunks so that files
+    span several chunks."""
+    tmp = tmp_path_factory.mktemp("rich")
+    image = imagegen.build_rich_image(tmp / "rich.tar")
+    convert(f"docker-archive:{image.path}", f"oci:{tmp / 'images' / 'rich'}:1", chunk_size=64 << 10)
+    return image, tmp / "images"
+
+
+@pytest.fixture
+def served(rich, tmp_path):
+    """A private copy of the converted images, served on an ephemeral loopback port."""
+    image, images = rich
+    root = tmp_path / "images"
+    shutil.copytree(images, root)
+    server = make_server(root, "127.0.0.1", 0)
+    server.start()
+    yield image, root, server
+    server.close()
+
+
+def ref(server, name: str = "rich:1") -> str:
+    return f"127.0.0.1:{server.port}/{name}"
+
+
+def index_of(root: Path, repo: str = "rich", tag: str = "1") -> IndexReader:
+    layout = Layout(root / repo)
+    manifest = json.loads(layout.read_blob(layout.resolve(tag)["digest"]))
+    return IndexReader(layout.blob_path(manifest["layers"][0]["digest"]))
+
+
+def test_mounted_tree_equals_the_merged_image(served, mounts):
+    image, _root, server = served
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
+    assert imagegen.compare_tree(mnt, image.expected) == []
+    with pytest.raises(OSError) as e:
+        (mnt / "newfile").write_text("x")
+    assert e.value.errno == errno.EROFS
+
+
+def test_only_what_is_read_is_fetched(served, mounts):
+    image, root, server = served
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
+    before = len(server.requests)
+    assert before >= 2  # the manifest and the index
+    index = index_of(root)
+    # read one small file: exactly its chunks' ranges are requested, nothing else
+    small = next(p for p, e in image.expected.items() if e.kind == "file" and 0 < e.size < 4096)
+    node = _lookup(index, small)
+    (mnt / os.fsdecode(small)).read_bytes()
+    ranges = [r for r in server.requests[before:]]
+    [chunk] = index.chunks_of(node.ino)
+    assert len(ranges) == 1
+    method, path, rng, status = ranges[0][:4]
+    assert path.endswith(chunk.blob.digest) and status == 206
+    assert rng == f"bytes={chunk.offset}-{chunk.offset + chunk.stored_size - 1}"
+    paths = [r[1] for r in server.requests[:before]]
+    assert any("/manifests/" in p for p in paths)
+    assert sum("/blobs/" in p for p in paths) == 1  # the index, and no chunk blob
+    st = mounts.status(mnt)
+    assert st["bytes_by_source"]["origin"] == chunk.stored_size
+    assert st["prefetch"]["state"] == "off"
+
+
+def _lookup(index: IndexReader, path: bytes):
+    node = index.attr(1)
+    for part in path.split(b"/"):
+        node = index.lookup(node.ino, part)
+    return node
+
+
+def test_prefetch_completes_then_works_without_the_server(served, mounts, tmp_path):
+    image, _root, server = served
+    mnt, _ = mounts.mount(ref(server))
+    st = mounts.wait_complete(mnt)
+    assert st["prefetch"]["cached_bytes"] == st["prefetch"]["total_bytes"] > 0
+    server.close()
+    assert imagegen.compare_tree(mnt, image.expected) == []
+    lazyfs("umount", str(mnt))
+    mounts.points.remove(mnt)
+    # the server is gone: a fresh mount falls back to the cache by itself ...
+    mnt2, _ = mounts.mount(ref(server), name="again")
+    assert imagegen.compare_tree(mnt2, image.expected) == []
+    assert "trying the cache" in mounts.log("again")
+    # ... and --offline never tries the network
+    mnt3, _ = mounts.mount(ref(server), "--offline", name="offline")
+    assert mounts.status(mnt3)["offline"] is True
+    assert imagegen.compare_tree(mnt3, image.expected) == []
+
+
+def test_altered_chunk_is_eio_and_not_cached(served, mounts):
+    image, root, server = served
+    index = index_of(root)
+    big = max((p for p, e in image.expected.items() if e.kind == "file"),
+              key=lambda p: image.expected[p].size)
+    node = _lookup(index, big)
+    chunk = index.chunks_of(node.ino)[0]
+    blob = Layout(root / "rich").blob_path(chunk.blob.digest)
+    data = bytearray(blob.read_bytes())
+    data[chunk.offset + chunk.stored_size // 2] ^= 0x55
+    blob.write_bytes(data)
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
+    with pytest.raises(OSError) as e:
+        (mnt / os.fsdecode(big)).read_bytes()
+    assert e.value.errno == errno.EIO
+    assert chunk.hexdigest in mounts.log()
+    assert not (mounts.tmp / "cache" / "chunks" / chunk.hexdigest[:2] / chunk.hexdigest).exists()
+    assert mounts.status(mnt)["fetch"]["integrity_failures"] >= 1
+
+
+def test_index_that_does_not_match_its_digest_is_refused(served, mounts):
+    _image, root, server = served
+    layout = Layout(root / "rich")
+    manifest = json.loads(layout.read_blob(layout.resolve("1")["digest"]))
+    index_blob = layout.blob_path(manifest["layers"][0]["digest"])
+    index_blob.write_bytes(index_blob.read_bytes() + b"tampered")
+    mnt, done = mounts.mount(ref(server), check=False)
+    assert done.returncode == 6, done.stderr
+    assert done.stderr.startswith("lazyfs: error:") and "Traceback" not in done.stderr
+    assert not os.path.ismount(mnt)
+
+
+def test_a_real_program_runs_inside(tmp_path, mounts):
+    cache = Path(os.environ.get("LAZYFS_TEST_CACHE", "/var/tmp/lazyfs-test-images"))
+    tar = imagegen.build_python_image(tmp_path / "python.tar", cache_dir=cache)
+    convert(f"docker-archive:{tar}", f"oci:{tmp_path / 'images' / 'python'}:1")
+    server = make_server(tmp_path / "images", "127.0.0.1", 0)
+    server.start()
+    try:
+        mnt, _ = mounts.mount(ref(server, "python:1"), "--no-prefetch")
+        out = subprocess.run(
+            ["chroot", str(mnt), "/usr/bin/python3", "-c",
+             "import json, sqlite3; print(json.dumps({'hello': 'lazyfs'}))"],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"hello": "lazyfs"}
+        st = mounts.status(mnt)
+        # a few percent of the image, not all of it
+        assert 0 < st["bytes_by_source"]["origin"] < st["image"]["stored_bytes"] / 2
+    finally:
+        server.close()
+
+
+# -- what a user gets wrong ------------------------------------------------------------
+
+def test_mount_errors_are_one_line_with_documented_codes(served, mounts, tmp_path):
+    _image, root, server = served
+    cases = [
+        ([ref(server), str(tmp_path / "missing")], 5, "does not exist"),
+        ([ref(server, "nosuch:1"), None], 4, "nosuch"),
+        ([ref(server, "rich:nosuchtag"), None], 4, "nosuchtag"),
+        (["127.0.0.1:1/rich:1", None], 4, "127.0.0.1:1"),
+        (["not a ref!", None], 2, ""),
+    ]
+    for i, (args, code, words) in enumerate(cases):
+        mnt = tmp_path / f"m{i}"
+        mnt.mkdir()
+        argv = [args[0], args[1] or str(mnt)]
+        done = lazyfs("mount", *argv, "--cache", str(tmp_path / "c"), "--timeout", "5",
+                      check=False)
+        assert done.returncode == code, (args, done.stderr)
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("lazyfs: error:"), done.stderr
+        assert words in done.stderr
+        assert not os.path.ismount(mnt)
+
+
+def test_busy_mountpoint_and_status_of_a_plain_dir(served, mounts, tmp_path):
+    _image, _root, server = served
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
+    again = lazyfs("mount", ref(server), str(mnt), "--cache", str(tmp_path / "c"), check=False)
+    assert again.returncode == 5 and "busy" in again.stderr
+    plain = lazyfs("status", str(tmp_path), check=False)
+    assert plain.returncode == 5 and "not a lazyfs mount" in plain.stderr
+
+
+def test_non_lazy_image_is_refused(tmp_path, mounts):
+    layout = Layout(tmp_path / "images" / "plain")
+    layout.init()
+    config = layout.write_blob(b"{}", "application/vnd.oci.image.config.v1+json")
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": config, "layers": []}
+    desc = layout.write_blob(json.dumps(manifest).encode(), manifest["mediaType"])
+    layout.tag(desc, "1")
+    server = make_server(tmp_path / "images", "127.0.0.1", 0)
+    server.start()
+    try:
+        mnt, done = mounts.mount(ref(server, "plain:1"), check=False)
+        assert done.returncode == 3 and "not a lazyfs image" in done.stderr
+    finally:
+        server.close()
