@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -88,10 +88,6 @@ class ChunkSpool:
             out.append(self.add_chunk(data))
             left -= want
         return out
-
-    def add_chunks(self, pieces: Iterable[bytes | None]) -> list[ChunkDigest | None]:
-        """Chunk pre-cut pieces; None stands for a chunk known to be a hole."""
-        return [None if p is None else self.add_chunk(p) for p in pieces]
 
     def read(self, chunk: SpooledChunk) -> bytes:
         return os.pread(self._file.fileno(), chunk.stored_size, chunk.offset)

@@ -18,7 +18,13 @@ from pathlib import Path
 
 from .build import BLOB_LIMIT, ChunkSpool, write_image
 from .errors import ImageError
-from .format import ARTIFACT_ANNOTATION, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from .format import (
+    ARTIFACT_ANNOTATION,
+    DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+)
 from .ingest import apply_tar, scan_dir
 from .oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 from .sources import Source, open_source, split_tag

@@ -14,9 +14,9 @@ import os
 import stat
 import tarfile
 import zlib
-from urllib.parse import unquote_to_bytes
 from pathlib import Path
 from typing import BinaryIO
+from urllib.parse import unquote_to_bytes
 
 from .build import ChunkSpool
 from .errors import ImageError, UnsafeImageError

@@ -114,7 +114,9 @@ class Tree:
                 node.layer_of[part] = self.layer
             elif not child.is_dir:
                 path = b"/".join(parts[: i + 1])
-                raise UnsafeImageError(f"entry {b'/'.join(parts)!r} lies under non-directory {path!r}")
+                raise UnsafeImageError(
+                    f"entry {b'/'.join(parts)!r} lies under non-directory {path!r}"
+                )
             node = child
         return node
 

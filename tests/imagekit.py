@@ -53,7 +53,9 @@ def d(name: str, mode: int = 0o755, **kw: Any) -> tuple[tarfile.TarInfo, None]:
     return entry(name, type=tarfile.DIRTYPE, mode=mode, **kw)  # type: ignore[return-value]
 
 
-def make_tar(entries: list[tuple[tarfile.TarInfo, bytes | None]], compress: str | None = None) -> bytes:
+def make_tar(
+    entries: list[tuple[tarfile.TarInfo, bytes | None]], compress: str | None = None
+) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT,
                       encoding="utf-8", errors="surrogateescape") as tf:
@@ -63,7 +65,8 @@ def make_tar(entries: list[tuple[tarfile.TarInfo, bytes | None]], compress: str 
     if compress == "gzip":
         return gzip.compress(raw, mtime=0)
     if compress == "zstd":
-        return subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True, check=True).stdout
+        zstd = ["zstd", "-q", "-c"]
+        return subprocess.run(zstd, input=raw, capture_output=True, check=True).stdout
     return raw
 
 
@@ -131,7 +134,9 @@ class Image:
             with open(self.layout.blob_path(c.blob.digest), "rb") as f:
                 f.seek(c.offset)
                 stored = f.read(c.stored_size)
-            data = lz4.block.decompress(stored, uncompressed_size=c.size) if c.codec == CODEC_LZ4 else stored
+            data = stored
+            if c.codec == CODEC_LZ4:
+                data = lz4.block.decompress(stored, uncompressed_size=c.size)
             assert len(data) == c.size
             assert blake3.blake3(data).digest() == c.digest
             out += data[span.chunk_offset : span.chunk_offset + span.length]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import os
 import stat
@@ -12,13 +10,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from imagekit import CONFIG, Image, d, docker_archive, entry, make_tar, oci_layout
 
 from blockindex.convert import convert
 from blockindex.errors import ImageError, UnsafeImageError
 from blockindex.format import ARTIFACT_ANNOTATION, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_INDEX
 from blockindex.oci import Layout, canonical_json
-
-from imagekit import CONFIG, Image, d, docker_archive, entry, make_tar, oci_layout
 
 CS = 4096
 CAP = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_bind_service+ep
@@ -143,7 +140,8 @@ def test_zero_chunks_are_holes_and_big_files_read_back(tmp_path: Path) -> None:
 
 
 def test_compressible_chunks_use_lz4_and_random_ones_stay_raw(tmp_path: Path) -> None:
-    (tmp_path / "r.tar").write_bytes(make_tar([entry("text", b"abc" * CS), entry("rand", os.urandom(CS))]))
+    tar = make_tar([entry("text", b"abc" * CS), entry("rand", os.urandom(CS))])
+    (tmp_path / "r.tar").write_bytes(tar)
     res = convert(f"tar:{tmp_path}/r.tar", f"oci:{tmp_path}/out", chunk_size=CS)
     img = Image(tmp_path / "out", res.index_digest)
     assert {c.codec for c in img.r.chunks_of(img.path("text").ino)} == {1}
@@ -156,7 +154,10 @@ def test_conversion_is_deterministic(tmp_path: Path) -> None:
     r1 = convert(f"docker-archive:{src}", f"oci:{tmp_path}/one", chunk_size=CS)
     r2 = convert(f"docker-archive:{src}", f"oci:{tmp_path}/two", chunk_size=CS)
     assert r1 == r2
-    files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}  # noqa: E731
+
+    def files(root: Path) -> dict[Path, bytes]:
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
     assert files(tmp_path / "one") == files(tmp_path / "two")
 
 
@@ -315,6 +316,19 @@ def test_oci_layer_that_does_not_match_its_digest(tmp_path: Path) -> None:
         convert(f"oci:{tmp_path}/src", f"oci:{tmp_path}/out")
 
 
-def test_gzip_helper_is_deterministic() -> None:
-    assert hashlib.sha256(gzip.compress(b"x", mtime=0)).digest() == hashlib.sha256(
-        gzip.compress(b"x", mtime=0)).digest()
+
+def test_docker_archive_picks_image_by_tag_and_reads_gzipped_archive(tmp_path: Path) -> None:
+    src = tmp_path / "two.tar"
+    a = make_tar([entry("which", b"a")])
+    b = make_tar([entry("which", b"b")])
+    files = [("config.json", CONFIG), ("a.tar", a), ("b.tar", b), ("manifest.json", json.dumps([
+        {"Config": "config.json", "RepoTags": ["app:1"], "Layers": ["a.tar"]},
+        {"Config": "config.json", "RepoTags": ["app:2"], "Layers": ["b.tar"]},
+    ]).encode())]
+    src.write_bytes(make_tar([entry(n, data) for n, data in files], compress="gzip"))
+    res = convert(f"docker-archive:{src}:2", f"oci:{tmp_path}/out")
+    assert Image(tmp_path / "out", res.index_digest).read("which") == b"b"
+    with pytest.raises(ImageError, match="holds 2 images"):
+        convert(f"docker-archive:{src}", f"oci:{tmp_path}/out")
+    with pytest.raises(ImageError, match="no image tagged '3'"):
+        convert(f"docker-archive:{src}:3", f"oci:{tmp_path}/out")
