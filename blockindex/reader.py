@@ -172,7 +172,7 @@ class IndexReader:
     def totals(self) -> dict[str, int]:
         """Sizes a person wants to see: inodes, file bytes, chunks, stored bytes."""
         inodes, file_bytes = self._db.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE (mode & 61440) = 32768"  # S_IFMT, S_IFREG
+            "SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE (mode & 61440) = 32768"
         ).fetchone()
         chunks, stored, raw = self._db.execute(
             "SELECT count(*), coalesce(sum(stored_size), 0), coalesce(sum(size), 0) FROM chunks"

@@ -1,0 +1,261 @@
+"""Chunk, compress, pack and index: from a merged Tree to blobs and one index file.
+
+Conversion makes one pass over each layer. While a layer is read, every regular file is
+cut into chunks; each chunk is named by the BLAKE3 digest of its bytes, compressed once
+(identical chunks are stored once, across files and layers) and appended to a spool file
+inside the output layout. Chunks of zeros are not stored: they read as holes. Once the tree
+is final, ``write_image`` walks it in a fixed order, numbers the inodes, copies the chunks
+the final tree still uses from the spool into blobs of at most ``blob_limit`` bytes in walk
+order, and writes the index. The spool costs disk space about the size of the output, but
+no layer is decompressed twice and memory holds digests, never file contents.
+
+Measured on 1 MiB buffers: ``data == zeros`` takes 19 us on a zero chunk and under 1 us on
+a random one, against 900 us for ``data.count(0)`` and 5 ms for ``strip``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import blake3
+import lz4.block
+
+from .format import (
+    CODEC_LZ4,
+    CODEC_RAW,
+    MEDIA_TYPE_CHUNKS,
+    MEDIA_TYPE_INDEX,
+    ROOT_INO,
+    ChunkDigest,
+)
+from .oci import Layout
+from .tree import Node, Tree
+from .writer import IndexWriter
+
+BLOB_LIMIT = 64 << 20
+RAW_THRESHOLD = 0.97  # store raw when lz4 saves less than 3%
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpooledChunk:
+    offset: int  # in the spool file
+    stored_size: int
+    size: int
+    codec: int
+
+
+class ChunkSpool:
+    """Unique compressed chunks, appended to one temp file as layers are read."""
+
+    def __init__(self, path: Path, chunk_size: int) -> None:
+        self.path = path
+        self.chunk_size = chunk_size
+        self._file = open(path, "w+b")  # noqa: SIM115 - closed by close()
+        self._end = 0
+        self._zeros = bytes(chunk_size)
+        self.chunks: dict[ChunkDigest, SpooledChunk] = {}
+
+    def close(self) -> None:
+        self._file.close()
+
+    def add_chunk(self, data: bytes) -> ChunkDigest | None:
+        """Store one chunk (unless it is zeros or already here); its digest or None."""
+        if data == self._zeros[: len(data)]:
+            return None
+        digest = ChunkDigest(blake3.blake3(data).digest())
+        if digest not in self.chunks:
+            packed = lz4.block.compress(data, store_size=False)
+            codec = CODEC_LZ4
+            if len(packed) >= len(data) * RAW_THRESHOLD:
+                packed, codec = data, CODEC_RAW
+            self._file.write(packed)
+            self.chunks[digest] = SpooledChunk(self._end, len(packed), len(data), codec)
+            self._end += len(packed)
+        return digest
+
+    def add_stream(self, f: BinaryIO, size: int) -> list[ChunkDigest | None]:
+        """Chunk ``size`` bytes read from ``f``; EOFError if ``f`` ends early."""
+        out: list[ChunkDigest | None] = []
+        left = size
+        while left > 0:
+            want = min(self.chunk_size, left)
+            data = read_exactly(f, want)
+            out.append(self.add_chunk(data))
+            left -= want
+        return out
+
+    def read(self, chunk: SpooledChunk) -> bytes:
+        return os.pread(self._file.fileno(), chunk.stored_size, chunk.offset)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def read_exactly(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            raise EOFError(f"data ends {n - got} bytes early")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BuildStats:
+    index_desc: dict
+    blob_descs: list[dict]
+    image_bytes: int
+    files: int
+    chunks: int
+
+
+def walk(tree: Tree) -> Iterator[tuple[Node, list[tuple[bytes, Node]]]]:
+    """Depth-first pre-order over directories, children in name-byte order:
+    ``(dir_node, sorted_children)``. This order fixes inode numbers and blob layout."""
+    stack = [tree.root]
+    while stack:
+        d = stack.pop()
+        assert d.children is not None
+        kids = sorted(d.children.items())
+        yield d, kids
+        stack.extend(n for _, n in reversed(kids) if n.is_dir)
+
+
+def write_image(
+    tree: Tree,
+    spool: ChunkSpool,
+    layout: Layout,
+    tmpdir: Path,
+    *,
+    chunk_size: int,
+    blob_limit: int = BLOB_LIMIT,
+) -> BuildStats:
+    """Number the inodes, pack the chunks the tree uses into blobs, write the index.
+
+    Blobs and the index land in ``layout``; temp files go to ``tmpdir`` (inside it)."""
+    spool.flush()
+    ino_of: dict[int, int] = {id(tree.root): ROOT_INO}
+    order: list[Node] = [tree.root]
+    nlinks: dict[int, int] = {}
+    dirents: list[tuple[int, int, bytes, int]] = []
+    for d, kids in walk(tree):
+        parent_ino = ino_of[id(d)]
+        for pos, (name, node) in enumerate(kids):
+            ino = ino_of.get(id(node))
+            if ino is None:
+                ino = ino_of[id(node)] = len(order) + 1
+                order.append(node)
+            nlinks[ino] = nlinks.get(ino, 0) + 1
+            dirents.append((parent_ino, pos, name, ino))
+
+    w = IndexWriter(chunk_size)
+    w.set_meta("created_by", "lazyfs")
+    packer = _Packer(spool, layout, tmpdir, w, blob_limit)
+    image_bytes = files = 0
+    try:
+        for ino, node in enumerate(order, start=ROOT_INO):
+            if node.is_dir:
+                assert node.children is not None
+                nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
+            else:
+                nlink = nlinks[ino]
+            size = node.size if node.is_reg else len(node.target or b"")
+            w.add_inode(
+                ino, mode=node.mode, uid=node.uid, gid=node.gid, size=size,
+                mtime_ns=node.mtime_ns, nlink=nlink, rdev=node.rdev, target=node.target,
+            )
+            for name, value in sorted(node.xattrs.items()):
+                w.add_xattr(ino, name, value)
+            if node.is_reg:
+                files += 1
+                image_bytes += node.size
+                for idx, digest in enumerate(node.chunks):
+                    if digest is not None:
+                        w.add_extent(ino, idx, packer.chunk_id(digest))
+        for dirent in dirents:
+            w.add_dirent(*dirent)
+        blob_descs = packer.finish()
+        index_path = tmpdir / "index.sqlite"
+        w.write(index_path)
+    finally:
+        packer.abort()
+        w.close()
+    index_desc = _store_file(layout, index_path, MEDIA_TYPE_INDEX)
+    return BuildStats(index_desc, blob_descs, image_bytes, files, len(packer.ids))
+
+
+class _Packer:
+    """Copies chunks from the spool into blob files in first-use order."""
+
+    def __init__(
+        self, spool: ChunkSpool, layout: Layout, tmpdir: Path, w: IndexWriter, limit: int
+    ) -> None:
+        self.spool, self.layout, self.tmpdir, self.w, self.limit = spool, layout, tmpdir, w, limit
+        self.ids: dict[ChunkDigest, int] = {}
+        self.descs: list[dict] = []
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def chunk_id(self, digest: ChunkDigest) -> int:
+        cid = self.ids.get(digest)
+        if cid is not None:
+            return cid
+        sc = self.spool.chunks[digest]
+        if self._file is not None and self._size + sc.stored_size > self.limit:
+            self._close_blob()
+        if self._file is None:
+            self._file = open(self.tmpdir / "blob.tmp", "wb")  # noqa: SIM115
+            self._hash, self._size = hashlib.sha256(), 0
+        data = self.spool.read(sc)
+        self._file.write(data)
+        self._hash.update(data)
+        cid = self.ids[digest] = len(self.ids) + 1
+        self.w.add_chunk(
+            cid, digest, blob=len(self.descs) + 1, offset=self._size,
+            stored_size=sc.stored_size, size=sc.size, codec=sc.codec,
+        )
+        self._size += sc.stored_size
+        return cid
+
+    def _close_blob(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        digest = "sha256:" + self._hash.hexdigest()
+        self.layout.add_blob_file(self.tmpdir / "blob.tmp", digest)
+        self.w.add_blob(len(self.descs) + 1, digest, self._size)
+        self.descs.append({"mediaType": MEDIA_TYPE_CHUNKS, "digest": digest, "size": self._size})
+
+    def finish(self) -> list[dict]:
+        if self._file is not None:
+            self._close_blob()
+        return self.descs
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _store_file(layout: Layout, path: Path, media_type: str) -> dict:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    digest = "sha256:" + h.hexdigest()
+    layout.add_blob_file(path, digest)
+    return {"mediaType": media_type, "digest": digest, "size": size}

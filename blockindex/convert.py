@@ -1,0 +1,123 @@
+"""Convert an image into a lazyfs image: the public entry point of building.
+
+    convert("docker-archive:app.tar", "oci:out:app")
+
+reads the source's layers once each, in order, merges them in memory (``tree``), chunks
+and compresses file data as it streams past (``build.ChunkSpool``), then packs the chunks
+the final tree uses into blobs, writes the index, and tags an OCI manifest in the output
+layout. Nothing is written outside the output directory; the same input gives
+byte-identical blobs and manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+from .build import BLOB_LIMIT, ChunkSpool, write_image
+from .errors import ImageError
+from .format import (
+    ARTIFACT_ANNOTATION,
+    DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+)
+from .ingest import apply_tar, scan_dir
+from .oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
+from .sources import Source, open_source, split_tag
+from .tree import Tree
+
+CHUNK_SIZE_ANNOTATION = "io.lazyfs.chunk-size"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConvertResult:
+    """What a conversion produced."""
+
+    manifest_digest: str  # the tagged OCI manifest
+    index_digest: str  # the block index blob
+    image_bytes: int  # sum of the sizes of the regular files (each inode once)
+    stored_bytes: int  # sum of the sizes of the chunk blobs
+    files: int  # regular-file inodes
+    chunks: int  # unique stored chunks
+    blobs: int  # chunk blobs
+
+
+def convert(
+    src: str, dst: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, blob_limit: int = BLOB_LIMIT
+) -> ConvertResult:
+    """Convert image ``src`` into lazyfs image ``dst`` (``oci:DIR[:TAG]``, tag ``latest``).
+
+    Raises ImageError (or its UnsafeImageError / UnsupportedImageError) for a bad input,
+    ValueError for a chunk size outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE] or not a power
+    of two. ``blob_limit`` caps the size of a chunk blob (64 MiB; smaller in tests).
+    """
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise ValueError(
+            f"chunk size {chunk_size}: expected a power of two from {MIN_CHUNK_SIZE} "
+            f"to {MAX_CHUNK_SIZE}"
+        )
+    out_dir, tag = _parse_dst(dst)
+    source = open_source(src)
+    layout = Layout(out_dir)
+    try:
+        layout.init()
+        tmpdir = Path(tempfile.mkdtemp(prefix=".convert-", dir=layout.root))
+    except OSError as exc:
+        raise ImageError(f"{out_dir}: cannot create the output layout ({exc.strerror})") from exc
+    try:
+        spool = ChunkSpool(tmpdir / "spool", chunk_size)
+        try:
+            tree = _merge(source, spool)
+            stats = write_image(
+                tree, spool, layout, tmpdir, chunk_size=chunk_size, blob_limit=blob_limit
+            )
+        finally:
+            spool.close()
+        config_desc = layout.write_blob(source.config, MEDIA_TYPE_OCI_CONFIG)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+            "config": config_desc,
+            "layers": [stats.index_desc, *stats.blob_descs],
+            "annotations": {
+                ARTIFACT_ANNOTATION: FORMAT_VERSION,
+                CHUNK_SIZE_ANNOTATION: str(chunk_size),
+            },
+        }
+        manifest_desc = layout.write_blob(canonical_json(manifest), MEDIA_TYPE_OCI_MANIFEST)
+        layout.tag(manifest_desc, tag)
+    finally:
+        source.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return ConvertResult(
+        manifest_digest=manifest_desc["digest"],
+        index_digest=stats.index_desc["digest"],
+        image_bytes=stats.image_bytes,
+        stored_bytes=sum(d["size"] for d in stats.blob_descs),
+        files=stats.files,
+        chunks=stats.chunks,
+        blobs=len(stats.blob_descs),
+    )
+
+
+def _parse_dst(dst: str) -> tuple[str, str]:
+    scheme, sep, rest = dst.partition(":")
+    if scheme != "oci" or not sep or not rest:
+        raise ImageError(f"unknown destination {dst!r}: expected oci:DIR[:TAG]")
+    path, tag = split_tag(rest)
+    return path, tag or "latest"
+
+
+def _merge(source: Source, spool: ChunkSpool) -> Tree:
+    tree = Tree()
+    if source.directory is not None:
+        scan_dir(tree, spool, source.directory)
+        return tree
+    for number, layer in enumerate(source.layers):
+        with layer.open() as stream:
+            apply_tar(tree, spool, stream, layer.name, number)
+    return tree

@@ -1,0 +1,206 @@
+"""Feed entries into the merge Tree: tar members of a layer, or a directory on disk.
+
+Nothing is extracted: headers become Nodes, and regular file data goes straight from the
+tar stream (or the file) into the ChunkSpool, ``chunk_size`` bytes at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import decimal
+import errno
+import os
+import stat
+import tarfile
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote_to_bytes
+
+from .build import ChunkSpool
+from .errors import ImageError, UnsafeImageError
+from .format import ChunkDigest
+from .tree import Node, Tree, is_whiteout, split_path
+
+MAX_FILE_SIZE = 1 << 40  # 1 TiB: a size above this is a lie or an attack, not an image
+
+_TYPE_BITS = {
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
+
+
+def _b(text: str) -> bytes:
+    """Raw bytes of a name tarfile decoded with utf-8 + surrogateescape."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def apply_tar(tree: Tree, spool: ChunkSpool, f: BinaryIO, name: str, layer: int) -> None:
+    """Apply one uncompressed layer tar stream to ``tree`` as layer number ``layer``."""
+    tree.begin_layer(layer)
+    try:
+        with tarfile.open(
+            fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape"
+        ) as tf:
+            for ti in tf:
+                _apply_member(tree, spool, tf, ti)
+    except ImageError as exc:
+        raise type(exc)(f"{name}: {exc}") from exc
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise ImageError(f"{name}: corrupt or truncated tar ({exc})") from exc
+
+
+def _apply_member(tree: Tree, spool: ChunkSpool, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+    raw_name = _b(ti.name)
+    parts = split_path(raw_name)
+    if is_whiteout(parts):
+        tree.whiteout(parts)
+        return
+    if ti.islnk():
+        tree.link(parts, split_path(_b(ti.linkname), what="hard link target"))
+        return
+    if not parts and not ti.isdir():
+        raise UnsafeImageError(f"entry {raw_name!r} names the root but is not a directory")
+    if ti.size < 0 or ti.size > MAX_FILE_SIZE:
+        raise UnsafeImageError(f"entry {raw_name!r} claims an absurd size {ti.size}")
+    type_bits = _TYPE_BITS.get(ti.type, stat.S_IFREG)
+    node = Node(
+        mode=type_bits | (ti.mode & 0o7777),
+        uid=ti.uid,
+        gid=ti.gid,
+        mtime_ns=_mtime_ns(ti),
+        xattrs=_xattrs(ti),
+    )
+    if ti.issym():
+        node.target = _b(ti.linkname)
+    elif ti.ischr() or ti.isblk():
+        node.rdev = os.makedev(ti.devmajor, ti.devminor)
+    elif type_bits == stat.S_IFREG:
+        node.size = ti.size
+        data = tf.extractfile(ti)
+        assert data is not None
+        node.chunks = spool.add_stream(data, ti.size)
+    tree.add(parts, node)
+
+
+def _mtime_ns(ti: tarfile.TarInfo) -> int:
+    text = ti.pax_headers.get("mtime")
+    if text is not None:
+        try:
+            return int(decimal.Decimal(text).scaleb(9).to_integral_value(decimal.ROUND_FLOOR))
+        except decimal.InvalidOperation:
+            raise ImageError(f"entry {ti.name!r}: malformed PAX mtime {text!r}") from None
+    return int(ti.mtime) * 1_000_000_000
+
+
+def _xattrs(ti: tarfile.TarInfo) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for key, value in ti.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            out[_b(key.removeprefix("SCHILY.xattr."))] = _b(value)
+        elif key.startswith("LIBARCHIVE.xattr."):
+            # libarchive: the name is URL-encoded, the value base64 (padding optional).
+            try:
+                decoded = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+            except (binascii.Error, ValueError):
+                raise ImageError(f"entry {ti.name!r}: malformed xattr {key!r}") from None
+            out[unquote_to_bytes(key.removeprefix("LIBARCHIVE.xattr."))] = decoded
+    return out
+
+
+# -- a root filesystem directory on disk ---------------------------------------------------
+
+
+def scan_dir(tree: Tree, spool: ChunkSpool, root: Path) -> None:
+    """Read the directory ``root`` (not following symlinks) into ``tree`` as one layer."""
+    tree.begin_layer(0)
+    broot = os.fsencode(root)
+    links: dict[tuple[int, int], tuple[bytes, ...]] = {}
+    try:
+        st = os.lstat(broot)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ImageError(f"{root}: not a directory")
+        tree.add((), _node_from_stat(st, _listxattrs(broot)))
+        stack: list[tuple[bytes, tuple[bytes, ...]]] = [(broot, ())]
+        while stack:
+            dpath, dparts = stack.pop()
+            with os.scandir(dpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            for entry in entries:
+                path, parts = entry.path, (*dparts, entry.name)
+                st = os.lstat(path)
+                if stat.S_ISSOCK(st.st_mode):
+                    continue  # a socket is not image content (tar cannot hold one either)
+                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                    first = links.get((st.st_dev, st.st_ino))
+                    if first is not None:
+                        tree.link(parts, first)
+                        continue
+                    links[(st.st_dev, st.st_ino)] = parts
+                node = _node_from_stat(st, _listxattrs(path))
+                if stat.S_ISLNK(st.st_mode):
+                    node.target = os.readlink(path)
+                elif stat.S_ISREG(st.st_mode):
+                    node.size = st.st_size
+                    node.chunks = _chunk_disk_file(spool, path, st.st_size)
+                tree.add(parts, node)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append((path, parts))
+    except OSError as exc:
+        where = os.fsdecode(exc.filename) if exc.filename else str(root)
+        raise ImageError(f"{where}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _node_from_stat(st: os.stat_result, xattrs: dict[bytes, bytes]) -> Node:
+    return Node(
+        mode=st.st_mode,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+        rdev=st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0,
+        xattrs=xattrs,
+    )
+
+
+def _listxattrs(path: bytes) -> dict[bytes, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}
+        raise
+    return {
+        os.fsencode(n): os.getxattr(path, n, follow_symlinks=False) for n in sorted(names)
+    }
+
+
+def _chunk_disk_file(spool: ChunkSpool, path: bytes, size: int) -> list[ChunkDigest | None]:
+    """Chunk a file on disk, skipping ranges the filesystem reports as holes."""
+    cs = spool.chunk_size
+    out: list[ChunkDigest | None] = []
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        next_data = -1
+        for pos in range(0, size, cs):
+            want = min(cs, size - pos)
+            if next_data < pos:
+                try:
+                    next_data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:  # ENXIO: only a hole from here on
+                        raise
+                    next_data = size
+            if next_data >= pos + want:
+                out.append(None)
+                continue
+            data = os.pread(fd, want, pos)
+            if len(data) != want:
+                raise ImageError(f"{os.fsdecode(path)}: file changed while it was read")
+            out.append(spool.add_chunk(data))
+    finally:
+        os.close(fd)
+    return out
