@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from imagekit import CONFIG, Image, d, docker_archive, entry, make_tar, oci_layout
+from .imagekit import CONFIG, Image, d, docker_archive, entry, make_tar, oci_layout
 
 from blockindex.convert import convert
 from blockindex.errors import ImageError, UnsafeImageError
