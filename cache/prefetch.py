@@ -55,7 +55,8 @@ class Prefetcher:
         manifest_digest: str,
         fetcher: ChunkFetcher | None,
         *,
-        batch_bytes: int = 16 << 20,
+        batch_bytes: int = 8 << 20,
+        concurrency: int = 2,
         retry_delay: float = 5.0,
     ) -> None:
         self._index_path = index_path
@@ -66,6 +67,7 @@ class Prefetcher:
         self._fetcher = fetcher
         self._batch_bytes = batch_bytes
         self._retry_delay = retry_delay
+        self._concurrency = concurrency
         self.progress = Progress()
 
     async def scan(self) -> list[Chunk]:
@@ -99,33 +101,45 @@ class Prefetcher:
             return
         p.state = "running"
         while missing:
-            failed = False
-            for batch in _batches(missing, self._batch_bytes):
-                try:
-                    got = await self._fetcher.get(batch, background=True)
-                except FetchError as exc:
-                    failed = True
-                    p.state = "failed-retrying"
-                    log.warning("prefetch: %s; will retry in %gs", exc, self._retry_delay)
-                    await trio.sleep(self._retry_delay)
-                    p.state = "running"
-                    continue
-                for c in batch:
-                    if c.digest in got:
-                        p.cached_chunks += 1
-                        p.cached_bytes += c.size
-                        p.fetched_bytes += c.stored_size
+            failures = 0
+            batches = iter(_batches(missing, self._batch_bytes))
+
+            async def worker() -> None:
+                nonlocal failures
+                for batch in batches:  # workers share one iterator: each batch once
+                    failures += not await self._fetch(batch)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(self._concurrency):
+                    nursery.start_soon(worker)
             missing = await self.scan()
-            if missing and not failed:
-                # chunks fetched but not kept: the cache disk refuses writes
-                log.warning("prefetch: %d chunks could not be cached; retrying in %gs",
-                            len(missing), self._retry_delay)
+            if missing:
+                # failed batches, or chunks fetched but not kept (the cache disk refuses)
+                p.state = "failed-retrying"
+                log.warning("prefetch: %d chunks still missing (%d failed batches); "
+                            "retrying in %gs", len(missing), failures, self._retry_delay)
                 await trio.sleep(self._retry_delay)
+                p.state = "running"
         p.state = "complete"
         p.finished = time.monotonic()
         self._images.mark_complete(self._manifest)
         log.info("prefetch complete: %d chunks, %d bytes in %.1fs",
                  p.total_chunks, p.total_bytes, p.finished - p.started)
+
+    async def _fetch(self, batch: list[Chunk]) -> bool:
+        assert self._fetcher is not None
+        p = self.progress
+        try:
+            got = await self._fetcher.get(batch, background=True)
+        except FetchError as exc:
+            log.warning("prefetch: %s", exc)
+            return False
+        for c in batch:
+            if c.digest in got:
+                p.cached_chunks += 1
+                p.cached_bytes += c.size
+                p.fetched_bytes += c.stored_size
+        return True
 
 
 def _batches(chunks: list[Chunk], limit: int) -> list[list[Chunk]]:
