@@ -139,9 +139,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
+    def _status(self, status: int) -> None:
+        """Send the status line, recording the request first: a client that has seen
+        the answer will find it in ``requests``."""
+        self.server.requests.append((self.command, self.path, self.headers.get("Range"), status))
+        self.send_response(status)
+
     def _done(self, status: int, nbytes: int) -> None:
         rng = self.headers.get("Range")
-        self.server.requests.append((self.command, self.path, rng, status))
         log.debug("%s %s range=%s -> %d %d", self.command, self.path, rng, status, nbytes)
         if self.server.access_log is not None:
             line = f"{time.time():.6f} {self.command} {self.path} {rng or '-'} {status} {nbytes}\n"
@@ -150,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.access_log.flush()
 
     def _send(self, status: int, headers: dict[str, str], body: bytes, head: bool) -> None:
-        self.send_response(status)
+        self._status(status)
         for k, v in headers.items():
             self.send_header(k, v)
         if "Content-Length" not in headers:
@@ -263,7 +268,7 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
             headers["Content-Length"] = str(end - start)
-            self.send_response(status)
+            self._status(status)
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
@@ -324,8 +329,10 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
             raise unsatisfiable
         return max(0, size - n), size
     start = int(m[1])
-    end = int(m[2]) + 1 if m[2] else size
-    if start >= size or end <= start:
+    end = int(m[2]) + 1 if m[2] else max(size, start + 1)
+    if end <= start:
+        return None  # last < first: an invalid range, which RFC 9110 says to ignore
+    if start >= size:
         raise unsatisfiable
     return start, min(end, size)
 
@@ -348,7 +355,7 @@ class ServerHandle:
 
     def start(self) -> ServerHandle:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name=f"lazyfs-serve:{self.port}", daemon=True
+            target=self._server.serve_forever, args=(0.05,), name=f"lazyfs-serve:{self.port}", daemon=True
         )
         self._thread.start()
         return self
