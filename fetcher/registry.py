@@ -22,7 +22,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import httpx
@@ -350,6 +350,15 @@ def _retry_after(response: httpx.Response, cap: float) -> float | None:
     return min(max(seconds, 0.0), cap)
 
 
+async def _body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as it arrives; in one piece if it is already in memory (MockTransport)."""
+    if response.is_stream_consumed:
+        yield response.content
+        return
+    async for piece in response.aiter_raw():
+        yield piece
+
+
 async def _read_capped(
     response: httpx.Response, cap: int, what: str, hasher: hashlib._Hash | None = None
 ) -> bytes:
@@ -359,7 +368,7 @@ async def _read_capped(
     _check_identity(response, what)
     parts: list[bytes] = []
     total = 0
-    async for piece in response.aiter_raw():
+    async for piece in _body(response):
         total += len(piece)
         if total > cap:
             raise ServerError(f"{what} is over the {cap}-byte limit")
@@ -376,7 +385,7 @@ async def _read_exact(response: httpx.Response, length: int, skip: int, where: s
     buf = bytearray(length)
     view = memoryview(buf)
     filled = 0
-    async for piece in response.aiter_raw():
+    async for piece in _body(response):
         if skip:
             if len(piece) <= skip:
                 skip -= len(piece)
