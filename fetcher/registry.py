@@ -1,0 +1,406 @@
+"""A client for one repository of an OCI registry: manifests, whole blobs, byte ranges.
+
+    RegistryClient(ref)        one httpx.AsyncClient, keep-alive pool, auth state
+      .get_manifest(ref)       -> Manifest (digest checked when asked for by digest)
+      .read_blob(digest)       -> bytes, sha256-verified, size-capped
+      .read_range(digest, o, n)-> exactly n bytes at o (206 and Content-Range checked)
+
+Every failure leaves as a ``FetchError`` subclass (see ``errors.py``), translated where
+httpx raises it. 5xx, 429 and connections dropped mid-answer are retried with jittered
+exponential backoff (``Retry-After`` honoured up to a cap); refused connections and
+timeouts are not, so a dead source fails within one ``timeout`` and the caller can fail
+over. Runs under trio (httpx speaks trio through anyio).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import hashlib
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+import trio
+
+from blockindex.oci import (
+    MEDIA_TYPE_DOCKER_LIST,
+    MEDIA_TYPE_DOCKER_MANIFEST,
+    MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_OCI_MANIFEST,
+)
+
+from .auth import Authenticator
+from .errors import AuthError, FetchError, IntegrityError, NotFoundError, ServerError, UnreachableError
+from .imageref import DOCKER_HUB, ImageRef, is_digest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MANIFEST_ACCEPT = ", ".join(
+    [MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_LIST]
+)
+INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST})
+MAX_MANIFEST_SIZE = 4 << 20
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How hard to retry answers that may succeed next time (5xx, 429, dropped
+    connections). Refused connections and timeouts are never retried here."""
+
+    attempts: int = 4
+    """Tries in all, the first included."""
+    base_delay: float = 0.1
+    """Backoff before try n+1 is uniform in [0, base_delay * 2**n] (full jitter)."""
+    max_delay: float = 2.0
+    """Cap on one backoff."""
+    max_retry_after: float = 10.0
+    """Cap on a server's ``Retry-After``; a longer wait is cut to this."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest's exact bytes, its media type, and the sha256 digest of those bytes."""
+
+    data: bytes
+    media_type: str
+    digest: str
+
+    def json(self) -> dict:
+        try:
+            doc = json.loads(self.data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ServerError(f"manifest {self.digest} is not JSON") from exc
+        if not isinstance(doc, dict):
+            raise ServerError(f"manifest {self.digest} is not a JSON object")
+        return doc
+
+
+def _is_loopback(registry: str) -> bool:
+    if registry.startswith("["):
+        host = registry[1 : registry.index("]")]
+    else:
+        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+class RegistryClient:
+    """Reads one repository (``ref.repository``) of the registry ``ref.registry``."""
+
+    def __init__(
+        self,
+        ref: ImageRef,
+        *,
+        timeout: float = 30.0,
+        insecure: bool | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 8,
+        credentials: tuple[str, str] | None = None,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 (frozen, so shared safely)
+    ) -> None:
+        self.ref = ref
+        self.timeout = timeout
+        self.retry = retry
+        host = "registry-1.docker.io" if ref.registry == DOCKER_HUB else ref.registry
+        plain = _is_loopback(ref.registry) if insecure is None else insecure
+        self.base_url = f"{'http' if plain else 'https'}://{host}/v2/{ref.repository}"
+        self._where = f"{ref.registry}/{ref.repository}"
+        self._auth = Authenticator(ref.registry, f"repository:{ref.repository}:pull", credentials)
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            follow_redirects=True,  # blobs often live behind a CDN; httpx drops the
+            headers={"User-Agent": "lazyfs/0.1"},  # Authorization on a cross-origin hop
+        )
+        self._warned_full_body = False
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- the three reads ---------------------------------------------------------------
+
+    async def get_manifest(self, reference: str | None = None) -> Manifest:
+        """The manifest (or index) at a tag or digest; IntegrityError if asked for by
+        digest and the bytes do not match it."""
+        reference = reference or self.ref.reference
+        what = f"{self._where}: no manifest {reference}"
+
+        async def consume(response: httpx.Response) -> Manifest:
+            data = bytes(await _read_capped(response, MAX_MANIFEST_SIZE, "manifest"))
+            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            if not media_type or media_type in ("application/json", "text/plain"):
+                media_type = _embedded_media_type(data) or media_type
+            return Manifest(data, media_type, "sha256:" + hashlib.sha256(data).hexdigest())
+
+        manifest = await self._call("GET", f"/manifests/{reference}", {"Accept": MANIFEST_ACCEPT},
+                                    what, consume)
+        if ":" in reference and _digest_of(manifest.data, reference) != reference:
+            raise IntegrityError(
+                f"{self._where}: manifest {reference} arrived with digest {manifest.digest}"
+            )
+        return manifest
+
+    async def read_blob(self, digest: str, *, max_size: int = 1 << 30) -> bytes:
+        """A whole blob, checked against its digest; ServerError if over ``max_size``."""
+        _check_digest(digest)
+
+        async def consume(response: httpx.Response) -> bytes:
+            if response.status_code != 200:
+                raise ServerError(f"{self._where}: blob {digest}: status {response.status_code}")
+            hasher = hashlib.new(digest.split(":", 1)[0])
+            data = await _read_capped(response, max_size, f"blob {digest}", hasher)
+            if f"{hasher.name}:{hasher.hexdigest()}" != digest:
+                raise IntegrityError(f"{self._where}: blob {digest} does not match its digest")
+            return bytes(data)
+
+        return await self._call("GET", f"/blobs/{digest}", {"Accept-Encoding": "identity"},
+                                f"{self._where}: no blob {digest}", consume)
+
+    async def read_range(self, digest: str, offset: int, length: int) -> bytes | bytearray:
+        """Exactly ``length`` bytes of blob ``digest`` from ``offset`` (unverified: the
+        caller checks the chunks it cuts from them)."""
+        _check_digest(digest)
+        if offset < 0 or length < 0:
+            raise FetchError(f"bad range {offset}+{length} of blob {digest}")
+        if length == 0:
+            return b""
+        last = offset + length - 1
+        where = f"{self._where}: blob {digest} bytes {offset}-{last}"
+
+        async def consume(response: httpx.Response) -> bytearray:
+            status = response.status_code
+            if status == 416:
+                # Do not read the body: some registries send a wrong Content-Length here.
+                raise ServerError(f"{where}: past the end of the blob "
+                                  f"({response.headers.get('Content-Range', '?')})")
+            _check_identity(response, where)
+            if status == 206:
+                m = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range", ""))
+                if not m or int(m[1]) != offset or int(m[2]) != last:
+                    raise ServerError(f"{where}: answered with Content-Range "
+                                      f"{response.headers.get('Content-Range')!r}")
+                declared = response.headers.get("Content-Length")
+                if declared is not None and declared != str(length):
+                    raise ServerError(f"{where}: answered with Content-Length {declared}")
+                return await _read_exact(response, length, 0, where)
+            if status == 200:
+                if not self._warned_full_body:
+                    self._warned_full_body = True
+                    log.warning("%s ignores Range requests; reading whole blobs", self._where)
+                return await _read_exact(response, length, offset, where)
+            raise ServerError(f"{where}: unexpected status {status}")
+
+        headers = {"Range": f"bytes={offset}-{last}", "Accept-Encoding": "identity"}
+        return await self._call("GET", f"/blobs/{digest}", headers,
+                                f"{self._where}: no blob {digest}", consume)
+
+    # -- one request: auth, retries, error translation ---------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        not_found: str,
+        consume: Callable[[httpx.Response], Awaitable[T]],
+    ) -> T:
+        url = self.base_url + path
+        policy = self.retry
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                response = await self._send(method, url, headers, not_found)
+                try:
+                    if response.status_code not in _RETRY_STATUSES:
+                        return await consume(response)
+                    problem = f"status {response.status_code}"
+                    delay = _retry_after(response, policy.max_retry_after)
+                finally:
+                    await response.aclose()
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise UnreachableError(f"cannot reach registry {self.ref.registry}: "
+                                       f"{exc or type(exc).__name__}") from exc
+            except httpx.TimeoutException as exc:
+                raise UnreachableError(f"registry {self.ref.registry} did not answer "
+                                       f"{method} {path} within {self.timeout} s") from exc
+            except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+                problem, delay = f"connection dropped ({exc!r})", None
+            except httpx.HTTPError as exc:
+                raise ServerError(f"{method} {url} failed: {exc!r}") from exc
+            if attempt == policy.attempts:
+                raise ServerError(f"registry {self.ref.registry}: {method} {path}: {problem} "
+                                  f"after {attempt} tries")
+            if delay is None:
+                delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**attempt))
+            log.info("%s %s: %s; retry %d in %.2f s", method, url, problem, attempt, delay)
+            await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], not_found: str
+    ) -> httpx.Response:
+        """Send with auth; the open (streaming) response if its status is 2xx, 416 or
+        retryable, a FetchError otherwise."""
+        renewed = False
+        while True:
+            generation = self._auth.generation
+            auth = self._auth.header()
+            request = self._client.build_request(
+                method, url, headers={**headers, "Authorization": auth} if auth else headers
+            )
+            response = await self._client.send(request, stream=True)
+            status = response.status_code
+            if status < 400 or status == 416 or status in _RETRY_STATUSES:
+                return response
+            await response.aclose()
+            if status == 401 and not renewed:
+                renewed = True
+                await self._auth.on_unauthorized(self._client, response, generation)
+                continue
+            if status in (401, 403):
+                raise AuthError(f"{self._where}: access denied ({status}); check the "
+                                "credentials and that the repository exists")
+            if status == 404:
+                raise NotFoundError(not_found)
+            raise ServerError(f"{method} {url}: unexpected status {status}")
+
+
+async def resolve_image_manifest(
+    client: RegistryClient, ref: ImageRef, platform: str = "linux/amd64"
+) -> Manifest:
+    """The image manifest for ``ref``: the manifest itself, or, if ``ref`` names an
+    index, the entry for ``platform`` (``os/arch[/variant]``)."""
+    manifest = await client.get_manifest(ref.reference)
+    if manifest.media_type not in INDEX_MEDIA_TYPES:
+        return manifest
+    want = platform.split("/")
+    entries = manifest.json().get("manifests")
+    if not isinstance(entries, list):
+        raise ServerError(f"{ref}: image index {manifest.digest} has no manifests list")
+    for desc in entries:
+        plat = desc.get("platform") if isinstance(desc, dict) else None
+        if not isinstance(plat, dict) or not isinstance(desc.get("digest"), str):
+            continue
+        have = [plat.get("os"), plat.get("architecture")]
+        if len(want) > 2:
+            have.append(plat.get("variant"))
+        if have == want:
+            return await client.get_manifest(desc["digest"])
+    raise NotFoundError(f"{ref}: no image for platform {platform} in index {manifest.digest}")
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _check_digest(digest: str) -> None:
+    if not isinstance(digest, str) or not is_digest(digest):
+        raise FetchError(f"malformed digest {digest!r}")
+
+
+def _digest_of(data: bytes, like: str) -> str:
+    algorithm = like.split(":", 1)[0]
+    if algorithm not in ("sha256", "sha512"):
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _embedded_media_type(data: bytes) -> str | None:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = doc.get("mediaType") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _check_identity(response: httpx.Response, where: str) -> None:
+    encoding = response.headers.get("Content-Encoding", "identity").lower()
+    if encoding != "identity":
+        raise ServerError(f"{where}: answered with Content-Encoding {encoding}")
+
+
+def _retry_after(response: httpx.Response, cap: float) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), cap)
+
+
+async def _body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as it arrives; in one piece if it is already in memory (MockTransport)."""
+    if response.is_stream_consumed:
+        yield response.content
+        return
+    async for piece in response.aiter_raw():
+        yield piece
+
+
+async def _read_capped(
+    response: httpx.Response, cap: int, what: str, hasher: hashlib._Hash | None = None
+) -> bytes:
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise ServerError(f"{what} is {declared} bytes, over the {cap}-byte limit")
+    _check_identity(response, what)
+    parts: list[bytes] = []
+    total = 0
+    async for piece in _body(response):
+        total += len(piece)
+        if total > cap:
+            raise ServerError(f"{what} is over the {cap}-byte limit")
+        if hasher is not None:
+            hasher.update(piece)
+        parts.append(piece)
+    if declared is not None and declared.isdigit() and int(declared) != total:
+        raise ServerError(f"{what}: {total} bytes arrived of {declared}")
+    return b"".join(parts)
+
+
+async def _read_exact(response: httpx.Response, length: int, skip: int, where: str) -> bytearray:
+    """``length`` bytes after the first ``skip`` of the body, into one buffer."""
+    buf = bytearray(length)
+    view = memoryview(buf)
+    filled = 0
+    async for piece in _body(response):
+        if skip:
+            if len(piece) <= skip:
+                skip -= len(piece)
+                continue
+            piece, skip = piece[skip:], 0
+        end = filled + len(piece)
+        if end > length:
+            if response.status_code == 200:  # a whole body: stop when we have our bytes
+                view[filled:] = piece[: length - filled]
+                return buf
+            raise ServerError(f"{where}: more bytes arrived than asked for")
+        view[filled:end] = piece
+        filled = end
+        if filled == length and response.status_code == 200:
+            return buf
+    if filled != length:
+        raise ServerError(f"{where}: only {filled} of {length} bytes arrived")
+    return buf

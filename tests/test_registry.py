@@ -1,0 +1,399 @@
+"""The registry client against the real local server, and against scripted transports
+for what a healthy server never does (errors, auth, wrong ranges)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from blockindex.oci import MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, canonical_json
+from fetcher.errors import (
+    AuthError,
+    FetchError,
+    IntegrityError,
+    NotFoundError,
+    ServerError,
+    UnreachableError,
+)
+from fetcher.imageref import ImageRef
+from fetcher.registry import RegistryClient, RetryPolicy, resolve_image_manifest
+from lazyfs.serve import ServerHandle
+
+from .conftest import Image
+
+FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, max_retry_after=0.05)
+
+
+def run(server_url: str, name: str, fn: Callable[[RegistryClient], Any], **kw: Any) -> Any:
+    ref = ImageRef.parse(server_url.removeprefix("http://") + f"/{name}:1")
+
+    async def main() -> Any:
+        async with RegistryClient(ref, retry=FAST_RETRY, **kw) as client:
+            return await fn(client)
+
+    return trio.run(main)
+
+
+# -- against the real server ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["app", "team/app"])
+def test_manifest_by_tag_and_digest(server: ServerHandle, images: dict[str, Image],
+                                    name: str) -> None:
+    image = images[name]
+
+    async def both(client: RegistryClient) -> tuple[Any, Any]:
+        return await client.get_manifest(), await client.get_manifest(image.manifest_digest)
+
+    by_tag, by_digest = run(server.url, name, both)
+    assert by_tag == by_digest
+    assert by_tag.data == image.manifest
+    assert by_tag.media_type == MEDIA_TYPE_OCI_MANIFEST
+    assert by_tag.digest == image.manifest_digest
+
+
+def test_read_blob_and_ranges(server: ServerHandle, images: dict[str, Image]) -> None:
+    image = images["app"]
+    data = image.blobs[image.big]
+    cases = [(0, 1), (0, len(data)), (1, 100), (len(data) - 7, 7), (65535, 70000)]
+
+    async def reads(client: RegistryClient) -> tuple[bytes, list[bytes]]:
+        whole = await client.read_blob(image.big)
+        parts = [bytes(await client.read_range(image.big, o, n)) for o, n in cases]
+        assert await client.read_range(image.big, 5, 0) == b""
+        return whole, parts
+
+    whole, parts = run(server.url, "app", reads)
+    assert whole == data
+    assert parts == [data[o : o + n] for o, n in cases]
+    ranges = [r[2] for r in server.requests if r[2]]
+    assert ranges == [f"bytes={o}-{o + n - 1}" for o, n in cases]
+
+
+@pytest.mark.parametrize(
+    ("name", "call", "message"),
+    [
+        ("nope", lambda c: c.get_manifest(), "nope: no manifest 1"),
+        ("app", lambda c: c.get_manifest("2"), "app: no manifest 2"),
+        ("app", lambda c: c.read_blob("sha256:" + "0" * 64), "no blob sha256:000"),
+        ("app", lambda c: c.read_range("sha256:" + "0" * 64, 0, 1), "no blob sha256:000"),
+    ],
+)
+def test_unknown_is_not_found(server: ServerHandle, images: dict[str, Image], name: str,
+                              call: Callable[[RegistryClient], Any], message: str) -> None:
+    with pytest.raises(NotFoundError, match=message):
+        run(server.url, name, call)
+
+
+def test_range_past_end_is_server_error(server: ServerHandle, images: dict[str, Image]) -> None:
+    image = images["app"]
+    size = len(image.blobs[image.big])
+    with pytest.raises(ServerError, match="past the end"):
+        run(server.url, "app", lambda c: c.read_range(image.big, size, 10))
+    with pytest.raises(ServerError):  # starts inside, runs past: a short 206
+        run(server.url, "app", lambda c: c.read_range(image.big, size - 5, 10))
+
+
+def test_corrupt_blob_is_integrity_error(server: ServerHandle, images: dict[str, Image]) -> None:
+    image = images["app"]
+    path = image.layout.blob_path(image.big)
+    path.write_bytes(b"X" + path.read_bytes()[1:])
+    with pytest.raises(IntegrityError, match="does not match"):
+        run(server.url, "app", lambda c: c.read_blob(image.big))
+
+
+def test_blob_over_max_size_refused(server: ServerHandle, images: dict[str, Image]) -> None:
+    image = images["app"]
+    with pytest.raises(ServerError, match="limit"):
+        run(server.url, "app", lambda c: c.read_blob(image.big, max_size=1000))
+
+
+def test_manifest_digest_mismatch_is_integrity_error(server: ServerHandle,
+                                                     images: dict[str, Image]) -> None:
+    image = images["app"]
+    image.layout.blob_path(image.manifest_digest).write_bytes(image.manifest + b" ")
+    with pytest.raises(IntegrityError):
+        run(server.url, "app", lambda c: c.get_manifest(image.manifest_digest))
+
+
+def test_resolve_image_manifest_follows_an_index(server: ServerHandle,
+                                                 images: dict[str, Image]) -> None:
+    image = images["app"]
+    target = {"mediaType": MEDIA_TYPE_OCI_MANIFEST, "digest": image.manifest_digest,
+              "size": len(image.manifest)}
+    index = canonical_json({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": [
+        {**target, "digest": "sha256:" + "1" * 64, "platform": {"os": "linux",
+                                                                "architecture": "arm64"}},
+        {**target, "platform": {"os": "linux", "architecture": "amd64"}},
+    ]})
+    image.layout.tag(image.layout.write_blob(index, MEDIA_TYPE_OCI_INDEX), "multi")
+    ref = ImageRef.parse(server.url.removeprefix("http://") + "/app:multi")
+
+    async def main() -> Any:
+        async with RegistryClient(ref) as client:
+            assert (await client.get_manifest()).media_type == MEDIA_TYPE_OCI_INDEX
+            found = await resolve_image_manifest(client, ref)
+            with pytest.raises(NotFoundError, match="linux/s390x"):
+                await resolve_image_manifest(client, ref, "linux/s390x")
+            return found
+
+    assert trio.run(main).digest == image.manifest_digest
+
+
+# -- unreachable and silent sources -----------------------------------------------------
+
+
+def unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_connection_refused_is_unreachable_quickly() -> None:
+    t = time.monotonic()
+    with pytest.raises(UnreachableError, match="cannot reach registry 127.0.0.1"):
+        run(f"127.0.0.1:{unused_port()}", "app", lambda c: c.get_manifest())
+    assert time.monotonic() - t < 2
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[bytes | None], int]]:
+    """A TCP server answering every request with fixed bytes (None: never answering)."""
+    socks: list[socket.socket] = []
+
+    def start(answer: bytes | None) -> int:
+        listener = socket.create_server(("127.0.0.1", 0))
+        socks.append(listener)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                socks.append(conn)
+                conn.recv(65536)
+                if answer is not None:
+                    conn.sendall(answer)
+
+        threading.Thread(target=serve, daemon=True).start()
+        return listener.getsockname()[1]
+
+    yield start
+    for s in socks:
+        s.close()
+
+
+def test_silent_server_is_unreachable_within_timeout(raw_server: Any) -> None:
+    port = raw_server(None)
+    t = time.monotonic()
+    with pytest.raises(UnreachableError, match="did not answer"):
+        run(f"127.0.0.1:{port}", "app", lambda c: c.get_manifest(), timeout=0.5)
+    assert time.monotonic() - t < 1.5
+
+
+def test_416_with_a_lying_content_length_fails_fast(raw_server: Any) -> None:
+    # docker-registry's 416 declares a body it never sends.
+    port = raw_server(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 1000\r\n"
+                      b"Content-Range: bytes */10\r\n\r\n")
+    t = time.monotonic()
+    with pytest.raises(ServerError, match="past the end"):
+        run(f"127.0.0.1:{port}", "app", lambda c: c.read_range("sha256:" + "0" * 64, 10, 5),
+            timeout=5)
+    assert time.monotonic() - t < 1
+
+
+# -- scripted answers (httpx.MockTransport) ----------------------------------------------
+
+DATA = bytes(range(256)) * 40
+DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
+REF = ImageRef.parse("registry.example/team/app:1")
+
+
+def run_mock(handler: Callable[[httpx.Request], httpx.Response],
+             fn: Callable[[RegistryClient], Any], **kw: Any) -> Any:
+    async def main() -> Any:
+        client = RegistryClient(REF, transport=httpx.MockTransport(handler), retry=FAST_RETRY,
+                                **kw)
+        async with client:
+            return await fn(client)
+
+    return trio.run(main)
+
+
+def test_https_for_remote_hosts_and_docker_hub() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, content=DATA)
+
+    run_mock(handler, lambda c: c.read_blob(DIGEST))
+    assert seen == [f"https://registry.example/v2/team/app/blobs/{DIGEST}"]
+    assert RegistryClient(ImageRef.parse("ubuntu")).base_url == (
+        "https://registry-1.docker.io/v2/library/ubuntu")
+    assert RegistryClient(ImageRef.parse("localhost:5000/a")).base_url.startswith("http://")
+    assert RegistryClient(ImageRef.parse("h.example/a"), insecure=True).base_url.startswith(
+        "http://")
+
+
+def test_5xx_then_success_is_retried() -> None:
+    statuses = iter([500, 503, 200])
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        status = next(statuses)
+        return httpx.Response(status, content=DATA if status == 200 else b"oops",
+                              headers={"Retry-After": "0"})
+
+    assert run_mock(handler, lambda c: c.read_blob(DIGEST)) == DATA
+    assert len(calls) == 3
+
+
+def test_persistent_5xx_and_dropped_connections_become_server_error() -> None:
+    with pytest.raises(ServerError, match="status 503 after 3 tries"):
+        run_mock(lambda r: httpx.Response(503), lambda c: c.read_blob(DIGEST))
+
+    def drop(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("server disconnected", request=request)
+
+    with pytest.raises(ServerError, match="connection dropped"):
+        run_mock(drop, lambda c: c.read_range(DIGEST, 0, 10))
+
+
+def test_retry_after_is_capped() -> None:
+    statuses = iter([429, 200])
+    handler = lambda r: httpx.Response(s := next(statuses), content=DATA,  # noqa: E731
+                                       headers={"Retry-After": "3600"} if s == 429 else {})
+    t = time.monotonic()
+    assert run_mock(handler, lambda c: c.read_blob(DIGEST)) == DATA
+    assert time.monotonic() - t < 1
+
+
+def range_answer(status: int, content_range: str | None, body: bytes) -> Callable[..., Any]:
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Range": content_range} if content_range else {}
+        return httpx.Response(status, content=body, headers=headers)
+    return handler
+
+
+def test_read_range_checks_what_came_back() -> None:
+    size = len(DATA)
+    ok = range_answer(206, f"bytes 10-19/{size}", DATA[10:20])
+    assert run_mock(ok, lambda c: c.read_range(DIGEST, 10, 10)) == DATA[10:20]
+    whole = range_answer(200, None, DATA)  # a server that ignores Range
+    assert run_mock(whole, lambda c: c.read_range(DIGEST, 300, 50)) == DATA[300:350]
+    for bad in (range_answer(206, f"bytes 11-20/{size}", DATA[11:21]),
+                range_answer(206, None, DATA[10:20]),
+                range_answer(206, f"bytes 10-19/{size}", DATA[10:15]),
+                range_answer(206, f"bytes 10-19/{size}", DATA[10:25]),
+                range_answer(200, None, DATA[:15]),
+                range_answer(204, None, b"")):
+        with pytest.raises(ServerError):
+            run_mock(bad, lambda c: c.read_range(DIGEST, 10, 10))
+
+
+def test_nothing_but_fetch_errors_escape() -> None:
+    def explode(request: httpx.Request) -> httpx.Response:
+        raise httpx.TooManyRedirects("loop", request=request)
+
+    with pytest.raises(FetchError):
+        run_mock(explode, lambda c: c.get_manifest())
+    with pytest.raises(FetchError, match="malformed digest"):
+        run_mock(explode, lambda c: c.read_blob("sha256:nothex"))
+
+
+class TokenRegistry:
+    """A registry demanding a bearer token, and its token server, in one handler."""
+
+    def __init__(self, credentials: tuple[str, str] | None = None) -> None:
+        self.valid = "tok-1"
+        self.token_requests: list[httpx.Request] = []
+        self.credentials = credentials
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            self.token_requests.append(request)
+            if self.credentials is not None:
+                expected = httpx.BasicAuth(*self.credentials)
+                sent = request.headers.get("Authorization")
+                if sent != next(expected.auth_flow(request)).headers["Authorization"]:
+                    return httpx.Response(401)
+            return httpx.Response(200, json={"token": self.valid, "expires_in": 300})
+        if request.headers.get("Authorization") != f"Bearer {self.valid}":
+            return httpx.Response(401, headers={"WWW-Authenticate": (
+                'Bearer realm="https://auth.example/token",service="registry.example",'
+                'scope="repository:team/app:pull"')})
+        return httpx.Response(200, content=DATA)
+
+
+def test_bearer_token_flow() -> None:
+    registry = TokenRegistry()
+
+    async def reads(client: RegistryClient) -> None:
+        assert await client.read_blob(DIGEST) == DATA
+        assert await client.read_blob(DIGEST) == DATA  # the token is reused
+        assert len(registry.token_requests) == 1
+        registry.valid = "tok-2"  # the token went stale: renewed once
+        assert await client.read_blob(DIGEST) == DATA
+        assert len(registry.token_requests) == 2
+
+    run_mock(registry, reads)
+    params = registry.token_requests[0].url.params
+    assert params["service"] == "registry.example"
+    assert params["scope"] == "repository:team/app:pull"
+    assert "Authorization" not in registry.token_requests[0].headers
+
+
+def test_bearer_token_with_credentials() -> None:
+    registry = TokenRegistry(credentials=("alice", "s3cret"))
+    assert run_mock(registry, lambda c: c.read_blob(DIGEST), credentials=("alice", "s3cret")) == DATA
+    with pytest.raises(AuthError, match="refused anonymous access"):
+        run_mock(registry, lambda c: c.read_blob(DIGEST))
+
+
+def test_token_that_never_works_is_auth_error() -> None:
+    registry = TokenRegistry()
+    registry.valid = "never"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        response = registry(request)
+        if request.url.host == "auth.example":
+            return httpx.Response(200, json={"token": "useless"})
+        return response
+
+    with pytest.raises(AuthError, match="access denied"):
+        run_mock(handler, lambda c: c.get_manifest())
+
+
+def test_basic_auth() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("Authorization") == "Basic YWxpY2U6czNjcmV0":
+            return httpx.Response(200, content=DATA)
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="r"'})
+
+    assert run_mock(handler, lambda c: c.read_blob(DIGEST), credentials=("alice", "s3cret")) == DATA
+    with pytest.raises(AuthError, match="requires a user name"):
+        run_mock(handler, lambda c: c.read_blob(DIGEST))
+
+
+def test_forbidden_is_auth_error() -> None:
+    with pytest.raises(AuthError):
+        run_mock(lambda r: httpx.Response(403), lambda c: c.read_blob(DIGEST))
+
+
+def test_manifest_media_type_from_body_when_header_is_generic() -> None:
+    body = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX}).encode()
+    handler = lambda r: httpx.Response(200, content=body,  # noqa: E731
+                                       headers={"Content-Type": "application/json"})
+    assert run_mock(handler, lambda c: c.get_manifest()).media_type == MEDIA_TYPE_OCI_INDEX
