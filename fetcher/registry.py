@@ -37,6 +37,7 @@ from blockindex.oci import (
 
 from .auth import Authenticator
 from .errors import AuthError, FetchError, IntegrityError, NotFoundError, ServerError, UnreachableError
+from .http1 import RangeClient, UnexpectedResponse
 from .imageref import DOCKER_HUB, ImageRef, is_digest
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,18 @@ class RegistryClient:
             headers={"User-Agent": "lazyfs/0.1"},  # Authorization on a cross-origin hop
         )
         self._warned_full_body = False
+        # The bulk path: plain-HTTP range reads through the lean client (see http1.py);
+        # httpx answers everything it does not expect (redirects, auth challenges, errors).
+        self._fast: RangeClient | None = None
+        if plain and transport is None:
+            hostname, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+            self._fast = RangeClient(hostname.strip("[]") or host, int(port or 80),
+                                     connect_timeout=timeout)
+        self._blob_path = f"/v2/{ref.repository}/blobs/"
 
     async def aclose(self) -> None:
+        if self._fast is not None:
+            await self._fast.aclose()
         await self._client.aclose()
 
     async def __aenter__(self) -> RegistryClient:
@@ -208,6 +219,18 @@ class RegistryClient:
                 return await _read_exact(response, length, offset, where)
             raise ServerError(f"{where}: unexpected status {status}")
 
+        if self._fast is not None:
+            auth = self._auth.header()
+            try:
+                return await self._fast.get_range(self._blob_path + digest, offset, length,
+                                                  {"Authorization": auth} if auth else None)
+            except UnexpectedResponse as exc:
+                if 300 <= exc.status < 400:
+                    log.info("%s redirects blob reads; using the general client", self._where)
+                    self._fast = None
+                # anything else unusual: the general client below knows what to do with it
+            except ServerError as exc:
+                log.info("%s; trying again with the general client", exc)
         headers = {"Range": f"bytes={offset}-{last}", "Accept-Encoding": "identity"}
         return await self._call("GET", f"/blobs/{digest}", headers,
                                 f"{self._where}: no blob {digest}", consume)
