@@ -297,3 +297,21 @@ def test_python_image_runs_in_a_chroot(python_image: Path, xdir: Path) -> None:
     res = subprocess.run([chroot, str(root), "/bin/sh", "-c", "echo from sh"],
                          capture_output=True, text=True, timeout=60)
     assert res.stdout == "from sh\n", res.stderr
+
+
+@needs_root
+@pytest.mark.slow
+def test_python_image_with_pyc_uses_them(tmp_path: Path) -> None:
+    img = imagegen.build_python_image(tmp_path / "pyc.tar", cache_dir=_python_cache(),
+                                      with_pyc=True)
+    root = tmp_path / "root"
+    imagegen.materialize(img, root)
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+    # -v logs "code object from '<pyc>'" only when a module was loaded from its .pyc
+    res = subprocess.run(
+        [chroot, str(root), "/usr/bin/python3", "-B", "-v", "-c", "import json, sqlite3, ssl"],
+        capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "code object from '" in res.stderr
+    assert [line for line in res.stderr.splitlines()
+            if "code object from '" in line and "/json/__pycache__/__init__." in line]
