@@ -206,6 +206,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 index, content,
                 lambda: _status(opts, opened, index, content, fetcher, prefetcher, started),
             )
+            target = os.path.realpath(opts.mountpoint)  # before mounting: see mountinfo.find
             fuse_options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions"}
             if opts.allow_other:
                 fuse_options.add("allow_other")
@@ -214,7 +215,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             except RuntimeError as exc:
                 raise MountError(f"cannot mount at {opts.mountpoint}: {exc}") from exc
             try:
-                entry = mountinfo.find(opts.mountpoint)
+                entry = mountinfo.find(target, resolved=True)
                 if entry is not None:
                     mountinfo.set_readahead(entry, opts.readahead_kib)
                 log.info("mounted %s (%s) at %s%s", opts.ref, opened.manifest_digest,

@@ -39,9 +39,11 @@ def mounts() -> list[MountEntry]:
     return out
 
 
-def find(mountpoint: str | Path) -> MountEntry | None:
-    """The topmost mount at ``mountpoint``, if any."""
-    target = os.path.realpath(mountpoint)
+def find(mountpoint: str | Path, *, resolved: bool = False) -> MountEntry | None:
+    """The topmost mount at ``mountpoint``, if any. Pass ``resolved=True`` with a path
+    already made canonical by ``os.path.realpath`` when the mount may be our own and not
+    yet serving: resolving it would ask the mount itself and wait forever."""
+    target = str(mountpoint) if resolved else os.path.realpath(mountpoint)
     found = None
     for m in mounts():
         if m.mountpoint == target:
