@@ -38,10 +38,27 @@ class Progress:
     fetched_bytes: int = 0
     started: float | None = None
     finished: float | None = None
+    _seen: set[bytes] = dataclasses.field(default_factory=set, repr=False)
 
     @property
     def complete(self) -> bool:
         return self.state == "complete"
+
+    def reset(self) -> None:
+        self.total_chunks = self.total_bytes = self.cached_chunks = self.cached_bytes = 0
+        self._seen.clear()
+
+    def cached(self, chunk: Chunk) -> bool:
+        """Count ``chunk`` as cached (once, whoever fetched it); False if it was already."""
+        if chunk.digest in self._seen:
+            return False
+        self._seen.add(chunk.digest)
+        self.cached_chunks += 1
+        self.cached_bytes += chunk.size
+        return True
+
+    def is_cached(self, chunk: Chunk) -> bool:
+        return chunk.digest in self._seen
 
 
 class Prefetcher:
@@ -76,7 +93,7 @@ class Prefetcher:
 
     def _scan(self) -> list[Chunk]:
         p = self.progress
-        p.total_chunks = p.total_bytes = p.cached_chunks = p.cached_bytes = 0
+        p.reset()
         missing = []
         if self._index is None:
             self._index = IndexReader(self._index_path)
@@ -84,8 +101,7 @@ class Prefetcher:
             p.total_chunks += 1
             p.total_bytes += c.size
             if self._store.contains(c.digest):
-                p.cached_chunks += 1
-                p.cached_bytes += c.size
+                p.cached(c)
             else:
                 missing.append(c)
         return missing
@@ -129,15 +145,16 @@ class Prefetcher:
     async def _fetch(self, batch: list[Chunk]) -> bool:
         assert self._fetcher is not None
         p = self.progress
+        batch = [c for c in batch if not p.is_cached(c)]  # a reader may have fetched it since
+        if not batch:
+            return True
         try:
             got = await self._fetcher.get(batch, background=True)
         except FetchError as exc:
             log.warning("prefetch: %s", exc)
             return False
         for c in batch:
-            if c.digest in got:
-                p.cached_chunks += 1
-                p.cached_bytes += c.size
+            if c.digest in got and p.cached(c):
                 p.fetched_bytes += c.stored_size
         return True
 

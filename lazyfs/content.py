@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -28,6 +29,7 @@ class ReadStats:
     bytes_read: int = 0
     chunk_hits_memory: int = 0
     chunk_hits_cache: int = 0
+    bytes_from_cache: int = 0
     chunk_misses: int = 0
     failed_reads: int = 0
 
@@ -42,6 +44,7 @@ class ImageContent:
         store: ChunkStore,
         fetcher: ChunkFetcher | None,
         *,
+        on_fetched: Callable[[Chunk], object] | None = None,
         memory_chunks: int = 64,
         thread_above: int = 128 << 10,
     ) -> None:
@@ -49,6 +52,7 @@ class ImageContent:
         self.store = store
         self.fetcher = fetcher
         self.stats = ReadStats()
+        self._on_fetched = on_fetched
         self._lru: collections.OrderedDict[ChunkDigest, bytes] = collections.OrderedDict()
         self._lru_max = memory_chunks
         self._thread_above = thread_above
@@ -92,6 +96,7 @@ class ImageContent:
                 missing.append(c)
             else:
                 self.stats.chunk_hits_cache += 1
+                self.stats.bytes_from_cache += c.size
                 out[c.digest] = plain
                 self._remember(c.digest, plain)
         if missing:
@@ -101,9 +106,11 @@ class ImageContent:
                     f"chunk {missing[0].hexdigest[:16]} is not cached and the mount is offline"
                 )
             fetched = await self.fetcher.get(missing)
-            for digest, plain in fetched.items():
-                out[digest] = plain
-                self._remember(digest, plain)
+            for c in missing:
+                out[c.digest] = fetched[c.digest]
+                self._remember(c.digest, fetched[c.digest])
+                if self._on_fetched is not None:
+                    self._on_fetched(c)
         return out
 
     async def _from_store(self, c: Chunk) -> bytes | None:

@@ -165,7 +165,8 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
                      "cached_bytes": p.cached_bytes, "total_bytes": p.total_bytes},
         "reads": dataclasses.asdict(content.stats),
         "fetch": dataclasses.asdict(f) if f else None,
-        "bytes_by_source": {"origin": f.bytes_received if f else 0},
+        "bytes_by_source": {"origin": f.bytes_received if f else 0,
+                            "cache": content.stats.bytes_from_cache},
     }
 
 
@@ -200,8 +201,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             if client is not None:
                 fetcher = ChunkFetcher(nursery, client, store,
                                        FetchConfig(deadline=opts.timeout), source_name="origin")
-            content = ImageContent(index, store, fetcher)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
+            content = ImageContent(index, store, fetcher, on_fetched=prefetcher.progress.cached)
             ops = LazyOperations(
                 index, content,
                 lambda: _status(opts, opened, index, content, fetcher, prefetcher, started),
