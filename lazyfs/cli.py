@@ -36,6 +36,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1M, 512K)") from None
 
 
+def _chunk_size(text: str) -> int:
+    from blockindex.format import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+    n = _size(text)
+    if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"chunk size must be a power of two from 4K to 64M, not {text}")
+    return n
+
+
 def _listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -247,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert an image into a lazyfs image (OCI layout)")
     p.add_argument("source", help="docker-archive:TAR, oci:DIR[:TAG], dir:ROOTFS or tar:ROOTFS.tar")
     p.add_argument("dest", help="oci:DIR[:TAG]")
-    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE,
+    p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE,
                    help="chunk size (default 1M; 4K..64M)")
     p.set_defaults(func=cmd_convert)
 

@@ -1,0 +1,91 @@
+"""The command line as a user meets it: one-line errors with documented exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from .conftest import lazyfs
+
+
+def _tar(path, entries):
+    with tarfile.open(path, "w") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def one_line_error(done, code):
+    assert done.returncode == code, done.stderr
+    assert done.stderr.startswith("lazyfs: error:"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "make_source, words",
+    [
+        (lambda t: f"docker-archive:{t / 'missing.tar'}", "missing.tar"),
+        (lambda t: f"oci:{t}", "index.json"),
+        (lambda t: f"dir:{t / 'nodir'}", "nodir"),
+        (lambda t: "tar:" + str(_write(t / "not.tar", b"this is not a tar" * 100)), "not.tar"),
+        (lambda t: "tar:" + str(_tar(t / "evil.tar", [("../escape", b"x")])), "escape"),
+        (lambda t: "tar:" + str(_tar(t / "abs.tar", [("a/../../up", b"x")])), "up"),
+        (lambda t: "tar:" + str(_write(t / "trunc.tar", _gz_truncated())), "trunc.tar"),
+        (lambda t: "zip:/x", "unknown"),
+    ],
+)
+def test_convert_refuses_bad_sources(tmp_path, make_source, words):
+    done = lazyfs("convert", make_source(tmp_path), f"oci:{tmp_path / 'out'}", check=False)
+    one_line_error(done, 3)
+    assert words in done.stderr
+    # nothing written outside the output, and no half image tagged inside it
+    assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "up").exists()
+    out = tmp_path / "out" / "index.json"
+    assert not out.exists() or json.loads(out.read_text())["manifests"] == []
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _gz_truncated():
+    import gzip
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("f")
+        data = bytes(range(256)) * 400
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue())[:-200]
+
+
+def test_convert_then_tag_listing(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "hostname").write_text("lazy\n")
+    done = lazyfs("convert", f"dir:{rootfs}", f"oci:{tmp_path / 'img'}:v1")
+    assert "1 files" in done.stdout and "manifest sha256:" in done.stdout
+    index = json.loads((tmp_path / "img" / "index.json").read_text())
+    assert [m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]] == ["v1"]
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert lazyfs("convert", check=False).returncode == 2
+    assert lazyfs("convert", "dir:/", "oci:/x", "--chunk-size", "lots", check=False).returncode == 2
+    assert lazyfs("convert", "dir:/", "oci:/x", "--chunk-size", "1000", check=False).returncode == 2
+    assert lazyfs("serve", str(tmp_path), "--listen", "nowhere", check=False).returncode == 2
+    one_line_error(lazyfs("serve", str(tmp_path / "none"), check=False), 2)
+    assert lazyfs("frobnicate", check=False).returncode == 2
+
+
+def test_status_and_umount_of_something_else(tmp_path):
+    one_line_error(lazyfs("status", str(tmp_path), check=False), 5)
+    one_line_error(lazyfs("umount", str(tmp_path), check=False), 5)
