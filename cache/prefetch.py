@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -120,14 +121,14 @@ class Prefetcher:
             failures = 0
             batches = iter(_batches(missing, self._batch_bytes))
 
-            async def worker() -> None:
+            async def worker(batches: Iterator[list[Chunk]]) -> None:
                 nonlocal failures
                 for batch in batches:  # workers share one iterator: each batch once
                     failures += not await self._fetch(batch)
 
             async with trio.open_nursery() as nursery:
                 for _ in range(self._concurrency):
-                    nursery.start_soon(worker)
+                    nursery.start_soon(worker, batches)
             missing = await self.scan()
             if missing:
                 # failed batches, or chunks fetched but not kept (the cache disk refuses)

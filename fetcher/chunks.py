@@ -160,7 +160,7 @@ class ChunkFetcher:
         if not background:
             self.stats.demand_wait_seconds += time.monotonic() - started
         if scope.cancelled_caught:
-            for c, p in waits:
+            for _, p in waits:
                 if p.error is not None:
                     raise p.error
             late = next((c for c, p in waits if not p.event.is_set()), None)
@@ -196,7 +196,7 @@ class ChunkFetcher:
                     if self._demand == 0:
                         self._idle.set()
             view = memoryview(data)
-            for c, p in zip(rng.chunks, pendings):
+            for c, p in zip(rng.chunks, pendings, strict=True):
                 payload = view[c.offset - rng.start : c.offset - rng.start + c.stored_size]
                 try:
                     if c.size > self.config.thread_above:
@@ -233,7 +233,7 @@ class ChunkFetcher:
             for p in pendings:
                 p.error = FetchError(f"unexpected error fetching blob {rng.blob}: {exc!r}")
         finally:
-            for c, p in zip(rng.chunks, pendings):
+            for c, p in zip(rng.chunks, pendings, strict=True):
                 if p.data is None and p.error is None:
                     p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
                 p.event.set()

@@ -36,7 +36,14 @@ from blockindex.oci import (
 )
 
 from .auth import Authenticator
-from .errors import AuthError, FetchError, IntegrityError, NotFoundError, ServerError, UnreachableError
+from .errors import (
+    AuthError,
+    FetchError,
+    IntegrityError,
+    NotFoundError,
+    ServerError,
+    UnreachableError,
+)
 from .http1 import RangeClient, UnexpectedResponse
 from .imageref import DOCKER_HUB, ImageRef, is_digest
 

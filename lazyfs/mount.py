@@ -207,7 +207,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 index, content,
                 lambda: _status(opts, opened, index, content, fetcher, prefetcher, started),
             )
-            target = os.path.realpath(opts.mountpoint)  # before mounting: see mountinfo.find
+            # before mounting (see mountinfo.find); nothing else runs on the loop yet
+            target = os.path.realpath(opts.mountpoint)  # noqa: ASYNC240
             fuse_options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions"}
             if opts.allow_other:
                 fuse_options.add("allow_other")

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterable
 
 import trio
+import trio.lowlevel
 
 from blockindex.codec import chunk_digest, encode
 from blockindex.format import Blob, Chunk
@@ -24,7 +25,7 @@ class ScriptedSource:
 
     async def read_range(self, digest: str, offset: int, length: int) -> bytes:
         self.requests.append((digest, offset, length))
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         outcome = self.script.pop(0) if self.script else "ok"
         data = self.blobs[digest][offset : offset + length]
         if outcome == "fail":

@@ -10,12 +10,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from .imagekit import CONFIG, Image, d, docker_archive, entry, make_tar, oci_layout
 
 from blockindex.convert import convert
 from blockindex.errors import ImageError, UnsafeImageError
 from blockindex.format import ARTIFACT_ANNOTATION, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_INDEX
 from blockindex.oci import Layout, canonical_json
+
+from .imagekit import CONFIG, Image, d, docker_archive, entry, make_tar, oci_layout
 
 CS = 4096
 CAP = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_bind_service+ep

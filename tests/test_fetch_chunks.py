@@ -4,6 +4,7 @@ import os
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from cache.store import ChunkStore
@@ -29,7 +30,10 @@ def test_plan_merges_neighbours_and_respects_limits():
     assert sum(len(r.chunks) for r in parts) == 4
 
 
-def run_fetch(tmp_path, script, body, config=FetchConfig(deadline=5), clock=None):
+FIVE_SECONDS = FetchConfig(deadline=5)
+
+
+def run_fetch(tmp_path, script, body, config=FIVE_SECONDS, clock=None):
     blob, chunks, raw = make_blob(PIECES)
     source = ScriptedSource({blob.digest: raw}, script)
     store = ChunkStore(tmp_path)
@@ -120,7 +124,7 @@ def test_background_waits_for_demand(tmp_path):
             order.append("demand")
 
         async def background():
-            await trio.sleep(0)  # start after the demand fetch is in flight
+            await trio.lowlevel.checkpoint()  # start after the demand fetch is in flight
             await fetcher.get(chunks[2:], background=True)
             order.append("background")
 
