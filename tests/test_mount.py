@@ -213,3 +213,26 @@ def test_non_lazy_image_is_refused(tmp_path, mounts):
         assert done.returncode == 3 and "not a lazyfs image" in done.stderr
     finally:
         server.close()
+
+
+def test_file_over_4_gib_with_holes(tmp_path, mounts):
+    image = imagegen.build_big_sparse_image(tmp_path / "big.tar")
+    convert(f"tar:{image.path}", f"oci:{tmp_path / 'images' / 'big'}:1")
+    server = make_server(tmp_path / "images", "127.0.0.1", 0)
+    server.start()
+    try:
+        mnt, _ = mounts.mount(ref(server, "big:1"), "--no-prefetch")
+        path = mnt / "sparse" / "big.img"
+        assert path.stat().st_size == image.expected[b"sparse/big.img"].size > 1 << 32
+        with open(path, "rb") as f:
+            for off, data in imagegen._big_sparse_pieces():
+                f.seek(off)
+                assert f.read(len(data)) == data
+            f.seek((1 << 32) - 10)  # across the 4 GiB line: a hole
+            assert f.read(20) == bytes(20)
+            f.seek(path.stat().st_size - 5)
+            assert f.read(100) == bytes(5)
+        # two stored chunks, nothing else: holes are never fetched
+        assert mounts.status(mnt)["image"]["chunks"] == 2
+    finally:
+        server.close()
