@@ -214,24 +214,32 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from . import mountinfo
+
     mountpoint = Path(args.mountpoint).absolute()
-    status = _read_status(mountpoint)
-    pid = int(status["pid"])
-    cmd = ["fusermount3", "-u", *(["-z"] if args.lazy else []), str(mountpoint)]
+    try:
+        pid: int | None = int(_read_status(mountpoint)["pid"])
+    except MountError:
+        entry = mountinfo.find(mountpoint, resolved=True)
+        if entry is None or entry.fstype != mountinfo.FSTYPE:
+            raise
+        pid = None  # a lazyfs mount whose process has died: detach what is left
+    cmd = ["fusermount3", "-u", *(["-z"] if args.lazy or pid is None else []), str(mountpoint)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
         raise MountError(f"cannot unmount {mountpoint}: {reason} (--lazy detaches it anyway)")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while pid is not None and time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             break
         time.sleep(0.05)
     else:
-        raise MountError(f"unmounted {mountpoint}, but mount process {pid} is still running")
-    print(f"unmounted {mountpoint}")
+        if pid is not None:
+            raise MountError(f"unmounted {mountpoint}, but mount process {pid} is still running")
+    print(f"unmounted {mountpoint}" + (" (its process had died)" if pid is None else ""))
     return 0
 
 

@@ -74,6 +74,10 @@ class OpenedImage:
 
 
 def check_mountpoint(path: Path) -> None:
+    entry = mountinfo.find(os.path.abspath(path), resolved=True)
+    if entry is not None and entry.fstype == mountinfo.FSTYPE and not _answers(path):
+        raise MountError(f"mountpoint {path} holds a lazyfs mount whose process has died; "
+                         f"run 'lazyfs umount {path}' first")
     if not path.exists():
         raise MountError(f"mountpoint {path} does not exist")
     if not path.is_dir():
@@ -82,6 +86,14 @@ def check_mountpoint(path: Path) -> None:
         raise MountError(f"mountpoint {path} is busy: something is mounted there already")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise MountError("/dev/fuse is not available (load the fuse module; run as root)")
+
+
+def _answers(path: Path) -> bool:
+    try:
+        os.statvfs(path)  # not stat: the kernel answers that from its cache
+    except OSError:
+        return False
+    return True
 
 
 def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,39 @@ def test_file_over_4_gib_with_holes(tmp_path, mounts):
         assert mounts.status(mnt)["image"]["chunks"] == 2
     finally:
         server.close()
+
+
+def test_killed_mount_process_is_reported_and_cleaned_up(served, mounts, tmp_path):
+    _image, _root, server = served
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
+    pid = mounts.status(mnt)["pid"]
+    os.kill(pid, 9)
+    _wait_gone(pid)
+    again = lazyfs("mount", ref(server), str(mnt), "--cache", str(tmp_path / "c"), check=False)
+    assert again.returncode == 5 and "process has died" in again.stderr, again.stderr
+    done = lazyfs("umount", str(mnt))
+    assert "had died" in done.stdout
+    assert not os.path.ismount(mnt)
+    mounts.points.remove(mnt)
+    # and the mountpoint is usable again
+    mounts.mount(ref(server), "--no-prefetch")
+
+
+def _wait_gone(pid: int) -> None:
+    for _ in range(400):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.025)
+    raise AssertionError(f"process {pid} is still running")
+
+
+def test_sigterm_unmounts_cleanly(served, mounts):
+    _image, _root, server = served
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
+    pid = mounts.status(mnt)["pid"]
+    os.kill(pid, 15)
+    _wait_gone(pid)
+    assert not os.path.ismount(mnt)
+    mounts.points.remove(mnt)
