@@ -24,16 +24,16 @@ def encode(data: bytes, *, keep_ratio: float = 0.97) -> tuple[int, bytes]:
     return CODEC_RAW, bytes(data)
 
 
-def decode(codec: int, size: int, payload: bytes | memoryview) -> bytes:
+def decode(codec: int, size: int, payload: bytes | memoryview) -> bytes | memoryview:
     """The uncompressed bytes of a payload; ChunkDecodeError if it does not decode to
-    exactly ``size`` bytes."""
+    exactly ``size`` bytes. A raw payload comes back as it is, without a copy."""
     if codec == CODEC_LZ4:
         try:
             data = lz4.block.decompress(payload, uncompressed_size=size)
         except lz4.block.LZ4BlockError as exc:
             raise ChunkDecodeError(f"lz4 payload does not decode: {exc}") from exc
     elif codec == CODEC_RAW:
-        data = bytes(payload)
+        data = payload
     else:
         raise ChunkDecodeError(f"unknown codec {codec}")
     if len(data) != size:
@@ -41,7 +41,7 @@ def decode(codec: int, size: int, payload: bytes | memoryview) -> bytes:
     return data
 
 
-def decode_verified(chunk: Chunk, payload: bytes | memoryview) -> bytes:
+def decode_verified(chunk: Chunk, payload: bytes | memoryview) -> bytes | memoryview:
     """Decode a payload that came from elsewhere and check it against the chunk's digest."""
     data = decode(chunk.codec, chunk.size, payload)
     if chunk_digest(data) != chunk.digest:

@@ -19,6 +19,7 @@ import logging
 import os
 import struct
 import tempfile
+import threading
 from pathlib import Path
 
 import xxhash
@@ -57,7 +58,7 @@ class ChunkStore:
     def contains(self, digest: bytes) -> bool:
         return self.path(digest).exists()
 
-    def get(self, digest: bytes) -> tuple[int, int, bytes] | None:
+    def get(self, digest: bytes) -> tuple[int, int, memoryview] | None:
         """``(codec, size, payload)`` of a whole, intact entry, or None.
 
         A torn or rotten entry is logged, deleted and reported as missing."""
@@ -80,31 +81,34 @@ class ChunkStore:
                 pass
             return None
         _, codec, size, _, _ = _HEADER.unpack_from(data)
-        return codec, size, data[_HEADER.size :]
+        return codec, size, memoryview(data)[_HEADER.size :]
 
     def put(self, digest: bytes, codec: int, size: int, payload: bytes | memoryview) -> bool:
         """Store a verified chunk atomically. Returns False (and logs) when the disk
         refuses: a full cache must not fail a read that the network has served."""
         path = self.path(digest)
         header = _HEADER.pack(_MAGIC, codec, size, len(payload), xxhash.xxh3_64_intdigest(payload))
+        # unique per writer without mkstemp's cost: two writers of one chunk each rename
+        # a whole entry into place, and either one is right
+        tmp = self._tmp / f"{path.name}.{os.getpid()}.{threading.get_ident()}"
         try:
-            fd, tmp = tempfile.mkstemp(dir=self._tmp, prefix=path.name[:16] + "-")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(header)
-                    f.write(payload)
-                try:
-                    os.replace(tmp, path)
-                except FileNotFoundError:
-                    path.parent.mkdir(exist_ok=True)
-                    os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+                written = os.writev(fd, [header, payload])
+                if written != len(header) + len(payload):
+                    raise OSError(errno.EIO, f"short write ({written} bytes)")
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:
+                path.parent.mkdir(exist_ok=True)
+                os.replace(tmp, path)
         except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             self.write_errors += 1
             level = logging.WARNING if self.write_errors < 10 else logging.DEBUG
             reason = "cache disk full" if exc.errno == errno.ENOSPC else exc.strerror

@@ -36,7 +36,12 @@ class ReadStats:
 
 class ImageContent:
     """Reads byte ranges of files. Decoded chunks are kept in a small in-memory LRU so
-    that the kernel's many small reads of one chunk decode it once."""
+    that the kernel's many small reads of one chunk decode it once.
+
+    When a file is read sequentially, the next ``readahead_chunks`` chunks are loaded
+    (from the cache, else the network) in the background, so that disk reads and round
+    trips overlap instead of waiting one chunk at a time: the kernel's own readahead
+    asks for one chunk at most ahead."""
 
     def __init__(
         self,
@@ -45,6 +50,8 @@ class ImageContent:
         fetcher: ChunkFetcher | None,
         *,
         on_fetched: Callable[[Chunk], object] | None = None,
+        nursery: trio.Nursery | None = None,
+        readahead_chunks: int = 4,
         memory_chunks: int = 64,
         thread_above: int = 128 << 10,
     ) -> None:
@@ -53,10 +60,15 @@ class ImageContent:
         self.fetcher = fetcher
         self.stats = ReadStats()
         self._on_fetched = on_fetched
-        self._lru: collections.OrderedDict[ChunkDigest, bytes] = collections.OrderedDict()
+        self._lru: collections.OrderedDict[ChunkDigest, bytes | memoryview] = collections.OrderedDict()
         self._lru_max = memory_chunks
         self._thread_above = thread_above
-        self._cpu = trio.CapacityLimiter(2)
+        self._cpu = trio.CapacityLimiter(4)
+        self._nursery = nursery
+        self._readahead = readahead_chunks if nursery is not None else 0
+        self._last_end: collections.OrderedDict[InodeT, int] = collections.OrderedDict()
+        self._ahead: set[ChunkDigest] = set()
+        self._loading: dict[ChunkDigest, trio.Event] = {}
 
     async def read(self, ino: InodeT, offset: int, size: int) -> bytes | memoryview:
         """Bytes ``[offset, offset + size)`` of file ``ino`` (short at end of file).
@@ -66,6 +78,8 @@ class ImageContent:
         self.stats.reads += 1
         if not spans:
             return b""
+        if self._readahead and self._is_sequential(ino, offset, size):
+            self._read_ahead(ino, spans[-1].file_offset + spans[-1].length)
         chunks = [s.chunk for s in spans if s.chunk is not None]
         try:
             data = await self._chunks(chunks) if chunks else {}
@@ -81,26 +95,65 @@ class ImageContent:
         self.stats.bytes_read += sum(s.length for s in spans)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _chunks(self, chunks: list[Chunk]) -> dict[ChunkDigest, bytes]:
-        out: dict[ChunkDigest, bytes] = {}
+    def _is_sequential(self, ino: InodeT, offset: int, size: int) -> bool:
+        last = self._last_end.pop(ino, None)
+        self._last_end[ino] = offset + size
+        if len(self._last_end) > 256:
+            self._last_end.popitem(last=False)
+        return last == offset
+
+    def _read_ahead(self, ino: InodeT, pos: int) -> None:
+        assert self._nursery is not None
+        cs = self.index.chunk_size
+        todo = [
+            s.chunk for s in self.index.chunks(ino, pos, self._readahead * cs)
+            if s.chunk is not None and s.chunk.digest not in self._lru and s.chunk.digest not in self._ahead
+        ]
+        if todo:
+            self._ahead.update(c.digest for c in todo)
+            self._nursery.start_soon(self._load_ahead, todo)
+
+    async def _load_ahead(self, chunks: list[Chunk]) -> None:
+        try:
+            await self._chunks(chunks, ahead=True)
+        except FetchError as exc:
+            log.debug("readahead of %d chunks failed: %s", len(chunks), exc)
+        finally:
+            self._ahead.difference_update(c.digest for c in chunks)
+
+    async def _chunks(
+        self, chunks: list[Chunk], *, ahead: bool = False
+    ) -> dict[ChunkDigest, bytes | memoryview]:
+        out: dict[ChunkDigest, bytes | memoryview] = {}
         missing: list[Chunk] = []
         for c in chunks:
+            loading = self._loading.get(c.digest)
+            if loading is not None:  # another reader (or the readahead) is on it
+                await loading.wait()
             hit = self._lru.get(c.digest)
             if hit is not None:
                 self._lru.move_to_end(c.digest)
-                self.stats.chunk_hits_memory += 1
+                if not ahead:
+                    self.stats.chunk_hits_memory += 1
                 out[c.digest] = hit
                 continue
-            plain = await self._from_store(c)
+            self._loading[c.digest] = event = trio.Event()
+            try:
+                plain = await self._from_store(c)
+            finally:
+                del self._loading[c.digest]
+                event.set()
             if plain is None:
                 missing.append(c)
-            else:
+                continue
+            if not ahead:
                 self.stats.chunk_hits_cache += 1
                 self.stats.bytes_from_cache += c.size
-                out[c.digest] = plain
-                self._remember(c.digest, plain)
+            out[c.digest] = plain
+            self._remember(c.digest, plain)
         if missing:
-            self.stats.chunk_misses += len(missing)
+            if not ahead:
+                self.stats.chunk_misses += len(missing)
             if self.fetcher is None:
                 raise UnreachableError(
                     f"chunk {missing[0].hexdigest[:16]} is not cached and the mount is offline"
@@ -113,12 +166,12 @@ class ImageContent:
                     self._on_fetched(c)
         return out
 
-    async def _from_store(self, c: Chunk) -> bytes | None:
+    async def _from_store(self, c: Chunk) -> bytes | memoryview | None:
         if c.size > self._thread_above:
             return await trio.to_thread.run_sync(self._load, c, limiter=self._cpu)
         return self._load(c)
 
-    def _load(self, c: Chunk) -> bytes | None:
+    def _load(self, c: Chunk) -> bytes | memoryview | None:
         entry = self.store.get(c.digest)
         if entry is None:
             return None
@@ -132,7 +185,9 @@ class ImageContent:
             self.store.remove(c.digest)
             return None
 
-    def _remember(self, digest: ChunkDigest, plain: bytes) -> None:
+    def _remember(self, digest: ChunkDigest, plain: bytes | memoryview) -> None:
+        if isinstance(plain, memoryview) and memoryview(plain.obj).nbytes > 2 * plain.nbytes:
+            plain = bytes(plain)  # do not pin a whole fetched range in memory for one chunk
         self._lru[digest] = plain
         self._lru.move_to_end(digest)
         while len(self._lru) > self._lru_max:

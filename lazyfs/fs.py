@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyfuse3
@@ -95,7 +95,7 @@ class LazyOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._entry(node)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         pass  # inodes are rows in the index; nothing to release
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:

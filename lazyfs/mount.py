@@ -35,7 +35,7 @@ from fetcher.registry import RegistryClient, resolve_image_manifest
 
 from . import mountinfo
 from .content import ImageContent
-from .errors import MountError, NotLazyImageError, UserError
+from .errors import ExitCode, MountError, NotLazyImageError, UserError
 from .fs import LazyOperations
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,18 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
     }
 
 
+async def _raise_readahead(entry: mountinfo.MountEntry, kib: int) -> None:
+    """Set the readahead once the main loop has answered the kernel's INIT request,
+    which resets it (see ``mountinfo.set_readahead``)."""
+    for _ in range(100):
+        await trio.sleep(0.02)
+        if await trio.to_thread.run_sync(mountinfo.set_readahead, entry, kib):
+            await trio.sleep(0.2)  # make sure a late INIT reply did not undo it
+            if await trio.to_thread.run_sync(mountinfo.set_readahead, entry, kib):
+                return
+    log.warning("could not raise the readahead of %s to %d KiB", entry.mountpoint, kib)
+
+
 async def _watch_signals(on_signal: Callable[[], None]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -197,7 +209,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
     try:
         ref = ImageRef.parse(opts.ref)
     except ValueError as exc:
-        raise UserError(str(exc), exit_code=2) from exc
+        raise UserError(str(exc), exit_code=ExitCode.USAGE) from exc
     images = ImageStore(opts.cache_dir)
     store = ChunkStore(opts.cache_dir)
     async with contextlib.AsyncExitStack() as stack:
@@ -214,7 +226,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 fetcher = ChunkFetcher(nursery, client, store,
                                        FetchConfig(deadline=opts.timeout), source_name="origin")
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
-            content = ImageContent(index, store, fetcher, on_fetched=prefetcher.progress.cached)
+            content = ImageContent(index, store, fetcher, on_fetched=prefetcher.progress.cached,
+                                   nursery=nursery)
             ops = LazyOperations(
                 index, content,
                 lambda: _status(opts, opened, index, content, fetcher, prefetcher, started),
@@ -231,7 +244,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             try:
                 entry = mountinfo.find(target, resolved=True)
                 if entry is not None:
-                    mountinfo.set_readahead(entry, opts.readahead_kib)
+                    nursery.start_soon(_raise_readahead, entry, opts.readahead_kib)
                 log.info("mounted %s (%s) at %s%s", opts.ref, opened.manifest_digest,
                          opts.mountpoint, " from the cache alone" if opened.from_cache_only else "")
                 ready()

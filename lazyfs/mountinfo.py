@@ -51,10 +51,19 @@ def find(mountpoint: str | Path, *, resolved: bool = False) -> MountEntry | None
     return found
 
 
+def readahead_path(entry: MountEntry) -> Path:
+    return Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb")
+
+
 def set_readahead(entry: MountEntry, kib: int) -> bool:
-    """Raise the mount's readahead (FUSE's default of 128 KiB halves sequential reads)."""
+    """Raise the mount's readahead (FUSE's default of 128 KiB halves sequential reads).
+
+    Call it once the FUSE INIT request has been answered: the kernel applies the INIT
+    reply's readahead (capped at what it offered at mount time, 128 KiB) when the reply
+    arrives, undoing any earlier write."""
+    path = readahead_path(entry)
     try:
-        Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb").write_text(str(kib))
-    except OSError:
+        path.write_text(str(kib))
+        return int(path.read_text()) == kib
+    except (OSError, ValueError):
         return False
-    return True

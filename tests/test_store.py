@@ -16,7 +16,8 @@ def test_put_get_roundtrip(tmp_path):
     assert store.get(digest) is None
     assert store.put(digest, CODEC_LZ4, 1000, b"payload")
     assert store.contains(digest)
-    assert store.get(digest) == (CODEC_LZ4, 1000, b"payload")
+    codec, size, payload = store.get(digest)
+    assert (codec, size, bytes(payload)) == (CODEC_LZ4, 1000, b"payload")
     assert store.usage() == (1, 24 + 7)
     assert os.listdir(tmp_path / "tmp") == []
 
