@@ -1,0 +1,194 @@
+"""The containerd snapshotter: metadata and snapshot semantics against a fake filesystem,
+the gRPC service in-process, then the real thing with Debian's containerd."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from lazyfs.errors import NotLazyImageError
+from lazyfs.snapshotter.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from lazyfs.snapshotter.metadata import Kind, MetadataStore
+from lazyfs.snapshotter.service import (
+    LABEL_IMAGE_REF,
+    LABEL_MANIFEST,
+    LABEL_TARGET,
+    SnapshotService,
+    image_of,
+)
+
+
+class FakeFileSystem:
+    """Mounts are directories; ``lazy`` says which refs are lazyfs images."""
+
+    def __init__(self, root: Path, lazy: set[str]) -> None:
+        self.root, self.lazy = root, lazy
+        self.mounted: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+
+    def mountpoint(self, ref: str) -> Path:
+        return self.root / "mnt" / ref.replace("/", "_").replace(":", "_").replace("@", "_")
+
+    def mount(self, ref: str, labels: dict[str, str]) -> Path:
+        self.calls.append(("mount", ref))
+        if ref.split("@")[0] not in self.lazy:
+            raise NotLazyImageError(f"{ref} is not a lazyfs image")
+        self.mounted.add(ref)
+        self.mountpoint(ref).mkdir(parents=True, exist_ok=True)
+        return self.mountpoint(ref)
+
+    def check(self, mountpoint: Path) -> None:
+        from lazyfs.errors import MountError
+
+        if not any(self.mountpoint(r) == mountpoint for r in self.mounted):
+            raise MountError(f"{mountpoint} is not mounted")
+
+    def unmount(self, mountpoint: Path) -> None:
+        self.calls.append(("unmount", str(mountpoint)))
+        self.mounted = {r for r in self.mounted if self.mountpoint(r) != mountpoint}
+
+
+@pytest.fixture
+def fake(tmp_path):
+    fs = FakeFileSystem(tmp_path, lazy={"reg/app"})
+    return SnapshotService(tmp_path / "root", fs), fs
+
+
+def lazy_labels(target: str, ref: str = "reg/app:1") -> dict[str, str]:
+    return {LABEL_TARGET: target, LABEL_IMAGE_REF: ref, LABEL_MANIFEST: "sha256:m1"}
+
+
+def test_metadata_survives_reopen_and_rolls_back(tmp_path):
+    store = MetadataStore(tmp_path / "m.db")
+    store.create("a", "", Kind.ACTIVE, {"x": "1"})
+    store.commit("A", "a", {"y": "2"})
+    store.create("b", "A", Kind.ACTIVE, {})
+    with pytest.raises(AlreadyExistsError):
+        store.create("b", "A", Kind.ACTIVE, {})
+    with pytest.raises(FailedPreconditionError):
+        store.create("c", "b", Kind.ACTIVE, {})  # parent must be committed
+    with pytest.raises(RuntimeError), store.transaction() as db:
+        db.execute("DELETE FROM snapshots")
+        raise RuntimeError("crash mid-change")
+    store.close()
+    again = MetadataStore(tmp_path / "m.db")
+    assert [(s.key, s.parent, s.kind, s.labels) for s in again.list()] == [
+        ("A", "", Kind.COMMITTED, {"x": "1", "y": "2"}), ("b", "A", Kind.ACTIVE, {})]
+    with pytest.raises(FailedPreconditionError, match="children"):
+        again.remove("A")
+
+
+def test_overlay_semantics_for_ordinary_images(fake):
+    svc, _fs = fake
+    [m] = svc.prepare("l1", "", {})
+    assert m.type == "bind" and "rw" in m.options
+    (Path(m.source) / "one").write_text("1")
+    svc.commit("L1", "l1", {})
+    [m] = svc.prepare("l2", "L1", {})
+    assert m.type == "overlay"
+    l1_fs = str(svc.root / "snapshots" / str(svc.stat("L1").id) / "fs")
+    assert f"lowerdir={l1_fs}" in m.options
+    svc.commit("L2", "l2", {})
+    [v] = svc.view("v", "L1", {})
+    assert (v.type, v.source, v.options) == ("bind", l1_fs, ["ro", "rbind"])
+    [v2] = svc.view("v2", "L2", {})
+    assert v2.type == "overlay" and v2.options[0].startswith("lowerdir=") and v2.options[0].count(":") == 1
+    [c] = svc.prepare("c", "L2", {})
+    assert [o.split("=")[0] for o in c.options] == ["workdir", "upperdir", "lowerdir"]
+    with pytest.raises(FailedPreconditionError):
+        svc.mounts("L1")
+    assert svc.mounts("c") == [c]
+    assert svc.usage("L1")[0] > 0
+    svc.update("L1", {"k": "v"}, ["labels.k"])
+    assert svc.stat("L1").labels == {"k": "v"}
+    with pytest.raises(FailedPreconditionError):
+        svc.remove("L1")
+    for key in ("c", "v", "v2", "L2"):
+        svc.remove(key)
+    with pytest.raises(NotFoundError):
+        svc.stat("c")
+    (svc.root / "snapshots" / "999").mkdir()
+    svc.cleanup()
+    assert sorted(p.name for p in (svc.root / "snapshots").iterdir()) == [str(svc.stat("L1").id)]
+
+
+def test_lazy_layers_are_remote_snapshots_sharing_one_mount(fake):
+    svc, fs = fake
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("extract-1 c1", "", lazy_labels("c1"))
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("extract-2 c2", "c1", lazy_labels("c2"))
+    assert [s.key for s in svc.list()] == ["c1", "c2"]
+    assert all(s.kind == Kind.COMMITTED for s in svc.list())
+    mnt = fs.mountpoint("reg/app@sha256:m1")
+    assert fs.mounted == {"reg/app@sha256:m1"}
+    # two containers: each its own upper dir over the one image mount
+    [a] = svc.prepare("ctr-a", "c2", {})
+    [b] = svc.prepare("ctr-b", "c2", {})
+    assert a.type == b.type == "overlay"
+    assert f"lowerdir={mnt}" in a.options and a.options != b.options
+    # a second pull of the same layer: already there, no second mount
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("extract-3 c1", "", lazy_labels("c1"))
+    assert fs.calls.count(("mount", "reg/app@sha256:m1")) == 2
+    # the mount goes when the last snapshot of the image goes
+    for key in ("ctr-a", "ctr-b", "c2"):
+        svc.remove(key)
+    assert fs.mounted
+    svc.remove("c1")
+    assert not fs.mounted and ("unmount", str(mnt)) in fs.calls
+
+
+def test_an_ordinary_image_with_cri_labels_is_unpacked_as_usual(fake):
+    svc, _fs = fake
+    [m] = svc.prepare("extract-1 c1", "", lazy_labels("c1", ref="reg/plain:1"))
+    assert m.type == "bind"
+    svc.commit("c1", "extract-1 c1", {})
+    assert svc.stat("c1").image == ""
+
+
+def test_restore_remounts_dead_mounts(tmp_path):
+    fs = FakeFileSystem(tmp_path, lazy={"reg/app"})
+    svc = SnapshotService(tmp_path / "root", fs)
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("x", "", lazy_labels("c1"))
+    fs.mounted.clear()  # the mount process died with the node
+    SnapshotService(tmp_path / "root", fs).restore()
+    assert fs.mounted == {"reg/app@sha256:m1"}
+
+
+def test_image_of():
+    assert image_of({LABEL_IMAGE_REF: "h:5000/a/b:1", LABEL_MANIFEST: "sha256:x"}) == "h:5000/a/b@sha256:x"
+    assert image_of({LABEL_IMAGE_REF: "h:5000/a@sha256:y", LABEL_MANIFEST: "sha256:y"}) == "h:5000/a@sha256:y"
+    assert image_of({LABEL_IMAGE_REF: "h/a"}) == ""
+
+
+def test_grpc_round_trip(fake, tmp_path):
+    import grpc
+
+    from lazyfs.snapshotter.server import pb, pb_grpc, serve
+
+    svc, _fs = fake
+    sock = tmp_path / "s.sock"
+    stop = threading.Event()
+    t = threading.Thread(target=serve, args=(svc, sock), kwargs={"stop": stop}, daemon=True)
+    t.start()
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=10)
+            stub = pb_grpc.SnapshotsStub(ch)
+            r = stub.Prepare(pb.PrepareSnapshotRequest(snapshotter="lazyfs", key="k"))
+            assert r.mounts[0].type == "bind"
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Prepare(pb.PrepareSnapshotRequest(key="x", labels=lazy_labels("c9")))
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Stat(pb.StatSnapshotRequest(snapshotter="lazyfs", key="nope"))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            infos = [i for resp in stub.List(pb.ListSnapshotsRequest()) for i in resp.info]
+            assert {(i.name, i.kind) for i in infos} == {("k", pb.ACTIVE), ("c9", pb.COMMITTED)}
+    finally:
+        stop.set()
+        t.join(10)
