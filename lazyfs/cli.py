@@ -247,7 +247,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
-    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout))
+    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch))
     service.restore()
     serve(service, Path(args.address).absolute())
     return 0
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="/var/lib/lazyfs",
                    help="snapshots, metadata, mounts and the node cache (default /var/lib/lazyfs)")
     p.add_argument("--timeout", type=float, default=30.0, help="network deadline of the image mounts")
+    p.add_argument("--no-prefetch", action="store_true", help="image mounts fetch only what is read")
     p.add_argument("--log-file", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_snapshotter)
 

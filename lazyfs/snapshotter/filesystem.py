@@ -49,10 +49,11 @@ class FileSystem(Protocol):
 class LazyFileSystem:
     """Images mounted by ``lazyfs mount`` processes under ``root``."""
 
-    def __init__(self, root: Path, *, timeout: float = 30.0) -> None:
+    def __init__(self, root: Path, *, timeout: float = 30.0, prefetch: bool = True) -> None:
         self.root = root
         self.cache = root / "cache"
         self.timeout = timeout
+        self.prefetch = prefetch
 
     def mountpoint(self, ref: str) -> Path:
         return self.root / "mounts" / hashlib.sha256(ref.encode()).hexdigest()[:24]
@@ -69,7 +70,8 @@ class LazyFileSystem:
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "lazyfs", "mount", ref, str(mnt), "--cache", str(self.cache),
-                "--allow-other", "--timeout", str(self.timeout), "--log-file", str(logs / f"{mnt.name}.log")]
+                "--allow-other", "--timeout", str(self.timeout), "--log-file", str(logs / f"{mnt.name}.log"),
+                *([] if self.prefetch else ["--no-prefetch"])]
         done = subprocess.run(argv, capture_output=True, text=True, cwd=PACKAGE_ROOT,
                               env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)})
         if done.returncode != 0:
