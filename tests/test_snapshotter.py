@@ -3,12 +3,24 @@ the gRPC service in-process, then the real thing with Debian's containerd."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from blockindex.convert import convert
+from blockindex.oci import Layout
 from lazyfs.errors import NotLazyImageError
+from lazyfs.serve import make_server
 from lazyfs.snapshotter.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 from lazyfs.snapshotter.metadata import Kind, MetadataStore
 from lazyfs.snapshotter.service import (
@@ -18,6 +30,9 @@ from lazyfs.snapshotter.service import (
     SnapshotService,
     image_of,
 )
+
+from . import imagegen
+from .conftest import ROOT, lazyfs
 
 
 class FakeFileSystem:
@@ -192,3 +207,152 @@ def test_grpc_round_trip(fake, tmp_path):
     finally:
         stop.set()
         t.join(10)
+
+
+# -- the real thing: Debian's containerd, runc, lazyfs snapshotter, lazyfs serve ---------------
+
+class Procs:
+    """Processes a test starts, stopped by pid at teardown (TERM, then KILL)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log: Path, **kw) -> subprocess.Popen:
+        f = open(log, "ab")  # noqa: SIM115 - the child holds it
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+        f.close()
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            self.stop(p)
+
+
+def _wait_socket(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+CONTAINERD_CONFIG = """version = 2
+root = "{tmp}/containerd/root"
+state = "{tmp}/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[proxy_plugins.lazyfs]
+  type = "snapshot"
+  address = "{snap_sock}"
+"""
+
+
+@dataclasses.dataclass
+class Node:
+    tmp: Path
+    sock: Path
+    snap_sock: Path
+    snap_root: Path
+    procs: Procs
+    snapshotter: subprocess.Popen
+    server: object
+    ref: str
+    manifest: dict
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        done = subprocess.run(["ctr", "-a", str(self.sock), *args], capture_output=True, text=True,
+                              timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"ctr {' '.join(args)} exited {done.returncode}:\n{done.stderr}\n"
+                                 f"snapshotter log:\n{self.log('snapshotter')[-3000:]}")
+        return done
+
+    def log(self, name: str) -> str:
+        p = self.tmp / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def start_snapshotter(self) -> subprocess.Popen:
+        log = self.tmp / "snapshotter.log"
+        self.snapshotter = self.procs.start(
+            [sys.executable, "-m", "lazyfs", "-v", "snapshotter", "--address", str(self.snap_sock),
+             "--root", str(self.snap_root), "--no-prefetch", "--timeout", "10"], log, cwd=ROOT)
+        _wait_socket(self.snap_sock, self.snapshotter, log)
+        return self.snapshotter
+
+    def chunk_blob_requests(self) -> list:
+        blobs = {layer["digest"] for layer in self.manifest["layers"][1:]}
+        return [r for r in self.server.requests if any(r[1].endswith(b) for b in blobs)]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    if os.geteuid() != 0 or not all(shutil.which(c) for c in ("containerd", "ctr", "runc")):
+        pytest.skip("needs root, containerd, ctr and runc (tests/setup.sh installs them)")
+    if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        pytest.skip("needs /dev/fuse and fusermount3")
+    tmp = Path(tempfile.mkdtemp(prefix="lzc-"))  # short: unix socket paths are limited
+    procs = Procs()
+    server = None
+    snap_root = tmp / "lazyfs"
+    try:
+        image = imagegen.build_python_image(tmp / "python.tar", cache_dir=_python_cache())
+        convert(f"docker-archive:{image}", f"oci:{tmp / 'images' / 'python'}:1")
+        server = make_server(tmp / "images", "127.0.0.1", 0, access_log=tmp / "access.log").start()
+        layout = Layout(tmp / "images" / "python")
+        manifest = json.loads(layout.read_blob(layout.resolve("1")["digest"]))
+        n = Node(tmp, tmp / "c.sock", tmp / "s.sock", snap_root, procs, None, server,  # type: ignore[arg-type]
+                 f"127.0.0.1:{server.port}/python:1", manifest)
+        n.start_snapshotter()
+        config = tmp / "config.toml"
+        config.write_text(CONTAINERD_CONFIG.format(tmp=tmp, sock=n.sock, snap_sock=n.snap_sock))
+        log = tmp / "containerd.log"
+        cd = procs.start(["containerd", "--config", str(config)], log)
+        _wait_socket(n.sock, cd, log)
+        if n.ctr("plugins", "ls", check=False).returncode != 0:
+            pytest.skip(f"containerd does not answer here:\n{log.read_text()[-2000:]}")
+        yield n
+    finally:
+        procs.stop_all()
+        if server is not None:
+            server.close()
+        for mnt in (snap_root / "mounts").glob("*") if snap_root.exists() else []:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        subprocess.run(["sh", "-c", f"grep -o ' {tmp}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l"],
+                       capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _python_cache() -> Path:
+    from .test_imagegen import _python_cache as cache
+
+    return cache()
+
+
+@pytest.mark.mount
+def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
+    done = lazyfs("pull", "--address", str(node.sock), node.ref)
+    assert "lazily" in done.stdout
+    paths = [r[1] for r in node.server.requests]
+    assert any("/manifests/" in p for p in paths)
+    assert node.chunk_blob_requests() == [], "a chunk blob was downloaded before the container started"
+    assert any(node.manifest["layers"][0]["digest"] in p for p in paths)  # the index
+    out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t1",
+                   "/usr/bin/python3", "-c", "print(1)")
+    assert out.stdout.strip() == "1"
+    assert node.chunk_blob_requests(), "the container read its files through the lazy mount"
