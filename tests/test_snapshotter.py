@@ -356,3 +356,61 @@ def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
                    "/usr/bin/python3", "-c", "print(1)")
     assert out.stdout.strip() == "1"
     assert node.chunk_blob_requests(), "the container read its files through the lazy mount"
+
+
+@pytest.mark.mount
+def test_an_ordinary_image_runs_through_the_same_snapshotter(node):
+    archive = node.tmp / "python.tar"
+    node.ctr("image", "import", "--snapshotter", "lazyfs", "--index-name", "plain/python:1", str(archive))
+    out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", "plain/python:1", "t-plain",
+                   "/usr/bin/python3", "-c", "print(2)")
+    assert out.stdout.strip() == "2"
+
+
+@pytest.mark.mount
+def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
+    lazyfs("pull", "--address", str(node.sock), node.ref)
+    node.ctr("run", "-d", "--snapshotter", "lazyfs", node.ref, "t-long",
+             "/usr/bin/python3", "-c", "import time; time.sleep(60)")
+    try:
+        before = node.ctr("snapshot", "--snapshotter", "lazyfs", "ls").stdout
+        node.procs.stop(node.snapshotter, signal.SIGKILL)
+        tasks = node.ctr("task", "ls").stdout
+        assert "t-long" in tasks and "RUNNING" in tasks
+        exec_ = node.ctr("task", "exec", "--exec-id", "e1", "t-long", "/usr/bin/python3", "-c",
+                         "import os; print(len(os.listdir('/usr/lib')) > 0)")
+        assert exec_.stdout.strip() == "True"
+        node.start_snapshotter()
+        # containerd's proxy reconnects to the new socket with gRPC's backoff
+        deadline = time.monotonic() + 30
+        while (after := node.ctr("snapshot", "--snapshotter", "lazyfs", "ls", check=False)).returncode:
+            assert time.monotonic() < deadline, after.stderr
+            time.sleep(0.5)
+        assert after.stdout == before
+        out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t2",
+                       "/usr/bin/python3", "-c", "print(3)")
+        assert out.stdout.strip() == "3"
+    finally:
+        node.ctr("task", "kill", "-s", "SIGKILL", "t-long", check=False)
+        deadline = time.monotonic() + 20
+        while "t-long" in node.ctr("task", "ls", check=False).stdout and time.monotonic() < deadline:
+            time.sleep(0.2)
+        node.ctr("task", "delete", "t-long", check=False)
+        node.ctr("container", "delete", "t-long", check=False)
+
+
+@pytest.mark.mount
+def test_removing_the_image_unmounts_its_lazyfs_mount(node):
+    lazyfs("pull", "--address", str(node.sock), node.ref)
+    mounts = [p for p in (node.snap_root / "mounts").iterdir() if os.path.ismount(p)]
+    assert len(mounts) == 1
+    node.ctr("image", "rm", "--sync", node.ref)
+    node.ctr("content", "prune", "references", check=False)
+    deadline = time.monotonic() + 30
+    while os.path.ismount(mounts[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.ismount(mounts[0]), node.log("snapshotter")[-3000:]
+    from lazyfs.snapshotter.client import chain_ids
+
+    listed = node.ctr("snapshot", "--snapshotter", "lazyfs", "ls").stdout
+    assert not [c for c in chain_ids([x["digest"] for x in node.manifest["layers"]]) if c in listed]
