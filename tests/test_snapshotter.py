@@ -35,6 +35,15 @@ from . import imagegen
 from .conftest import ROOT, lazyfs
 
 
+def test_cli_errors_are_one_line_with_an_exit_code(tmp_path):
+    done = lazyfs("pull", "--address", str(tmp_path / "none.sock"), "127.0.0.1:1/x:1", check=False)
+    assert done.returncode == 4 and done.stderr.startswith("lazyfs: error: ") and done.stderr.count("\n") == 1
+    (tmp_path / "file").write_text("")
+    done = lazyfs("snapshotter", "--root", str(tmp_path / "file" / "root"), "--address",
+                  str(tmp_path / "s.sock"), check=False)
+    assert done.returncode == 7 and done.stderr.startswith("lazyfs: error: cannot use root")
+
+
 class FakeFileSystem:
     """Mounts are directories; ``lazy`` says which refs are lazyfs images."""
 

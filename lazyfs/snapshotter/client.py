@@ -80,6 +80,9 @@ def pull(name: str, *, address: str, namespace: str, snapshotter: str = "lazyfs"
         ref = ImageRef.parse(name)
     except ValueError as exc:
         raise UserError(str(exc), ExitCode.USAGE) from exc
+    if not os.path.exists(address):
+        raise UserError(f"containerd socket {address} does not exist (is containerd running?)",
+                        ExitCode.NETWORK)
     manifest_bytes, digest, media_type, config_bytes = _fetch(ref)
     manifest = json.loads(manifest_bytes)
     config = json.loads(config_bytes)
@@ -90,9 +93,6 @@ def pull(name: str, *, address: str, namespace: str, snapshotter: str = "lazyfs"
                                 "(converted by an older lazyfs? convert it again)")
     chains = chain_ids(diff_ids)
     image_name = str(ref)
-    if not os.path.exists(address):
-        raise UserError(f"containerd socket {address} does not exist (is containerd running?)",
-                        ExitCode.NETWORK)
     with grpc.insecure_channel(f"unix://{address}") as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=10)
@@ -125,7 +125,7 @@ def pull(name: str, *, address: str, namespace: str, snapshotter: str = "lazyfs"
                 leases.Delete(leases_pb2.DeleteRequest(id=lease_id), metadata=md)
         except grpc.RpcError as exc:
             raise UserError(f"containerd refused the pull: {exc.code().name}: {exc.details()}",
-                            ExitCode.FAILURE) from exc
+                            ExitCode.NETWORK) from exc
     return PullResult(image_name, digest, len(layers))
 
 
