@@ -7,11 +7,21 @@ and compresses file data as it streams past (``build.ChunkSpool``), then packs t
 the final tree uses into blobs, writes the index, and tags an OCI manifest in the output
 layout. Nothing is written outside the output directory; the same input gives
 byte-identical blobs and manifest.
+
+How containerd sees the result: its unpacker and ``image.RootFS`` pair the manifest's
+layers with the config's ``rootfs.diff_ids`` one to one (a mismatch fails the unpack), and
+snapshots are named by the chain ids of those diff ids. The original diff ids describe tar
+layers this image no longer has, so the config is the original one except that
+``rootfs.diff_ids`` lists the digests of the lazy layers (the index, then the chunk blobs:
+they are stored uncompressed, and a diff id is the digest of a layer's uncompressed bytes).
+The original diff ids are kept in the manifest annotation ``io.lazyfs.source-diff-ids``
+(comma-separated) so the image can be traced back to its source.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +41,7 @@ from .sources import Source, open_source, split_tag
 from .tree import Tree
 
 CHUNK_SIZE_ANNOTATION = "io.lazyfs.chunk-size"
+SOURCE_DIFF_IDS_ANNOTATION = "io.lazyfs.source-diff-ids"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,16 +88,18 @@ def convert(
             )
         finally:
             spool.close()
-        config_desc = layout.write_blob(source.config, MEDIA_TYPE_OCI_CONFIG)
+        layers = [stats.index_desc, *stats.blob_descs]
+        config, source_diff_ids = lazy_config(source.config, layers)
+        config_desc = layout.write_blob(config, MEDIA_TYPE_OCI_CONFIG)
+        annotations = {ARTIFACT_ANNOTATION: FORMAT_VERSION, CHUNK_SIZE_ANNOTATION: str(chunk_size)}
+        if source_diff_ids:
+            annotations[SOURCE_DIFF_IDS_ANNOTATION] = ",".join(source_diff_ids)
         manifest = {
             "schemaVersion": 2,
             "mediaType": MEDIA_TYPE_OCI_MANIFEST,
             "config": config_desc,
-            "layers": [stats.index_desc, *stats.blob_descs],
-            "annotations": {
-                ARTIFACT_ANNOTATION: FORMAT_VERSION,
-                CHUNK_SIZE_ANNOTATION: str(chunk_size),
-            },
+            "layers": layers,
+            "annotations": annotations,
         }
         manifest_desc = layout.write_blob(canonical_json(manifest), MEDIA_TYPE_OCI_MANIFEST)
         layout.tag(manifest_desc, tag)
@@ -102,6 +115,22 @@ def convert(
         chunks=stats.chunks,
         blobs=len(stats.blob_descs),
     )
+
+
+def lazy_config(original: bytes, layers: list[dict]) -> tuple[bytes, list[str]]:
+    """The config for the lazy image: ``original`` with ``rootfs.diff_ids`` naming the
+    lazy ``layers`` (see the module docstring); also the original diff ids."""
+    try:
+        config = json.loads(original)
+    except ValueError as exc:
+        raise ImageError(f"the image config is not JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ImageError("the image config is not a JSON object")
+    rootfs = config.get("rootfs")
+    source = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    source_ids = [str(d) for d in source] if isinstance(source, list) else []
+    config["rootfs"] = {"type": "layers", "diff_ids": [d["digest"] for d in layers]}
+    return canonical_json(config), source_ids
 
 
 def _parse_dst(dst: str) -> tuple[str, str]:

@@ -243,6 +243,34 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- containerd: snapshotter / pull ---------------------------------------------------------
+
+def cmd_snapshotter(args: argparse.Namespace) -> int:
+    from .snapshotter.filesystem import LazyFileSystem
+    from .snapshotter.server import serve
+    from .snapshotter.service import SnapshotService
+
+    root = Path(args.root).absolute()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
+    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch))
+    service.restore()
+    serve(service, Path(args.address).absolute())
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .snapshotter.client import pull
+
+    started = time.monotonic()
+    result = pull(args.ref, address=args.address, namespace=args.namespace, snapshotter=args.snapshotter)
+    print(f"pulled {result.name} ({result.digest}) lazily into containerd: {result.layers} layers as "
+          f"remote snapshots of {args.snapshotter} in {time.monotonic() - started:.1f}s")
+    return 0
+
+
 # -- plumbing ----------------------------------------------------------------------------
 
 def _human(n: float) -> str:
@@ -298,6 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("snapshotter", help="serve containerd's Snapshots API (a proxy plugin)")
+    p.add_argument("--address", default="/run/lazyfs/snapshotter.sock", help="unix socket to serve on")
+    p.add_argument("--root", default="/var/lib/lazyfs",
+                   help="snapshots, metadata, mounts and the node cache (default /var/lib/lazyfs)")
+    p.add_argument("--timeout", type=float, default=30.0, help="network deadline of the image mounts")
+    p.add_argument("--no-prefetch", action="store_true", help="image mounts fetch only what is read")
+    p.add_argument("--log-file", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_snapshotter)
+
+    p = sub.add_parser("pull", help="pull a lazyfs image into containerd lazily (no layer download)")
+    p.add_argument("ref", help="HOST[:PORT]/REPO[:TAG|@DIGEST]")
+    p.add_argument("--address", "-a", help="containerd's socket ($CONTAINERD_ADDRESS)",
+                   default=os.environ.get("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"))
+    p.add_argument("--namespace", "-n", default=os.environ.get("CONTAINERD_NAMESPACE", "default"),
+                   help="containerd namespace ($CONTAINERD_NAMESPACE, default 'default')")
+    p.add_argument("--snapshotter", default="lazyfs", help="the proxy plugin's name in containerd's config")
+    p.set_defaults(func=cmd_pull)
     return parser
 
 
@@ -309,7 +355,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.basicConfig(level=level, format=fmt, filename=log_file)
     else:
         logging.basicConfig(level=level if args.verbose else logging.WARNING, format=fmt)
-        if getattr(args, "foreground", False) or args.command == "serve":
+        if getattr(args, "foreground", False) or args.command in ("serve", "snapshotter"):
             logging.getLogger().setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(libfuse3-dev fuse3 pkg-config curl nginx-light skopeo umoci docker-registry)
+# containerd, runc and containerd's API .proto files (golang-...-dev) for the snapshotter and its tests
+APT_PACKAGES=(libfuse3-dev fuse3 pkg-config curl nginx-light skopeo umoci docker-registry
+              containerd runc golang-github-containerd-containerd-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -23,3 +25,6 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]] || ! python3 -c "import lazyfs
     python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e '.[test]'
     touch "$stamp"
 fi
+
+# containerd's gRPC stubs, generated from its .proto files (a no-op when up to date)
+python3 -m lazyfs.snapshotter.protos >/dev/null

@@ -56,12 +56,17 @@ def test_docker_archive_merges_layers(tmp_path: Path) -> None:
     assert res.files == 5
     assert res.image_bytes == 2 * len(BIG) + len(b"keep" b"new" b"linked content")
     assert res.stored_bytes == sum(b.size for b in img.r.blobs())
-    # The manifest: original config, index first, then chunk blobs; tagged latest.
+    # The manifest: index first, then chunk blobs; tagged latest. The config is the
+    # original one with diff_ids naming the lazy layers (containerd pairs them one to one).
     lay = Layout(tmp_path / "out")
     desc = lay.resolve("latest")
     assert desc["digest"] == res.manifest_digest
     manifest = json.loads(lay.read_blob(res.manifest_digest))
-    assert lay.read_blob(manifest["config"]["digest"]) == CONFIG
+    config = json.loads(lay.read_blob(manifest["config"]["digest"]))
+    original = json.loads(CONFIG)
+    assert config["rootfs"] == {"type": "layers", "diff_ids": [m["digest"] for m in manifest["layers"]]}
+    assert {k: v for k, v in config.items() if k != "rootfs"} == {
+        k: v for k, v in original.items() if k != "rootfs"}
     assert [m["mediaType"] for m in manifest["layers"]] == [MEDIA_TYPE_INDEX, MEDIA_TYPE_CHUNKS]
     assert manifest["annotations"] == {ARTIFACT_ANNOTATION: "1", "io.lazyfs.chunk-size": str(CS)}
     assert lay.read_blob(res.manifest_digest) == canonical_json(manifest)
@@ -333,3 +338,18 @@ def test_docker_archive_picks_image_by_tag_and_reads_gzipped_archive(tmp_path: P
         convert(f"docker-archive:{src}", f"oci:{tmp_path}/out")
     with pytest.raises(ImageError, match="no image tagged '3'"):
         convert(f"docker-archive:{src}:3", f"oci:{tmp_path}/out")
+
+
+def test_lazy_config_names_the_lazy_layers_and_keeps_the_source_diff_ids() -> None:
+    from blockindex.convert import lazy_config
+
+    original = json.dumps({"os": "linux", "config": {"Cmd": ["sh"]},
+                           "rootfs": {"type": "layers", "diff_ids": ["sha256:aa", "sha256:bb"]}}).encode()
+    layers = [{"digest": "sha256:11"}, {"digest": "sha256:22"}, {"digest": "sha256:33"}]
+    config, source = lazy_config(original, layers)
+    assert json.loads(config) == {"os": "linux", "config": {"Cmd": ["sh"]}, "rootfs": {
+        "type": "layers", "diff_ids": ["sha256:11", "sha256:22", "sha256:33"]}}
+    assert source == ["sha256:aa", "sha256:bb"]
+    assert config == canonical_json(json.loads(config))
+    with pytest.raises(ImageError, match="not a JSON object"):
+        lazy_config(b"[]", layers)

@@ -1,0 +1,134 @@
+"""What the snapshotter needs from a lazy filesystem: mount, check, unmount.
+
+The snapshot service depends on the three-method ``FileSystem`` interface (stargz's
+``snapshot.FileSystem``), so its tests run against a fake. ``LazyFileSystem`` is the real
+one: one ``lazyfs mount`` process per image, at ``ROOT/mounts/<hash of the ref>``, with
+the node's shared cache at ``ROOT/cache``. Mount processes run in their own session, so
+they outlive a snapshotter that dies; a restarted snapshotter finds them by mountpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+from .. import mountinfo
+from ..errors import ExitCode, MountError, NotLazyImageError, UserError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+class FileSystem(Protocol):
+    def mount(self, ref: str, labels: dict[str, str]) -> Path:
+        """Mount image ``ref`` (or find it mounted) and return its mountpoint. Raises
+        NotLazyImageError when ``ref`` is not a lazyfs image, UserError otherwise."""
+        ...
+
+    def check(self, mountpoint: Path) -> None:
+        """Raise MountError unless the mount at ``mountpoint`` is alive and answers."""
+        ...
+
+    def unmount(self, mountpoint: Path) -> None:
+        """Unmount and stop the mount's process; a missing mount is not an error."""
+        ...
+
+    def mountpoint(self, ref: str) -> Path:
+        """Where ``ref`` is (or would be) mounted."""
+        ...
+
+
+class LazyFileSystem:
+    """Images mounted by ``lazyfs mount`` processes under ``root``."""
+
+    def __init__(self, root: Path, *, timeout: float = 30.0, prefetch: bool = True) -> None:
+        self.root = root
+        self.cache = root / "cache"
+        self.timeout = timeout
+        self.prefetch = prefetch
+
+    def mountpoint(self, ref: str) -> Path:
+        return self.root / "mounts" / hashlib.sha256(ref.encode()).hexdigest()[:24]
+
+    def mount(self, ref: str, labels: dict[str, str]) -> Path:
+        mnt = self.mountpoint(ref)
+        try:
+            self.check(mnt)
+            return mnt
+        except MountError:
+            pass
+        self._detach(mnt)
+        mnt.mkdir(parents=True, exist_ok=True)
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "lazyfs", "mount", ref, str(mnt), "--cache", str(self.cache),
+                "--allow-other", "--timeout", str(self.timeout), "--log-file", str(logs / f"{mnt.name}.log"),
+                *([] if self.prefetch else ["--no-prefetch"])]
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=PACKAGE_ROOT,
+                              env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)})
+        if done.returncode != 0:
+            message = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+            message = message.removeprefix("lazyfs: error: ")
+            if done.returncode == ExitCode.IMAGE:
+                raise NotLazyImageError(message)
+            raise UserError(f"cannot mount {ref}: {message}",
+                            ExitCode(done.returncode) if done.returncode in set(ExitCode) else None)
+        log.info("mounted %s at %s", ref, mnt)
+        return mnt
+
+    def status(self, mountpoint: Path) -> dict:
+        from ..fs import STATUS_XATTR
+
+        entry = mountinfo.find(mountpoint)
+        if entry is None or entry.fstype != mountinfo.FSTYPE:
+            raise MountError(f"{mountpoint} is not a lazyfs mount")
+        try:
+            return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+        except OSError as exc:
+            raise MountError(f"{mountpoint}: the mount does not answer ({exc.strerror})") from exc
+
+    def check(self, mountpoint: Path) -> None:
+        self.status(mountpoint)
+
+    def unmount(self, mountpoint: Path) -> None:
+        pid = None
+        try:
+            pid = int(self.status(mountpoint)["pid"])
+        except MountError:
+            pass
+        self._detach(mountpoint)
+        if pid is not None:
+            _wait_gone(pid, 10.0)
+        try:
+            mountpoint.rmdir()
+        except OSError:
+            pass
+        log.info("unmounted %s", mountpoint)
+
+    def _detach(self, mountpoint: Path) -> None:
+        """Lazily detach whatever is at ``mountpoint`` (a live or a dead FUSE mount)."""
+        if mountinfo.find(mountpoint) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,239 @@
+"""containerd's Snapshots API (v1): overlay snapshots, plus remote snapshots of lazy images.
+
+Ordinary images get what containerd's overlayfs snapshotter gives: each snapshot owns
+``snapshots/<id>/fs`` (its upper layer) and ``work``; an active snapshot mounts as an
+overlay of its ancestors' ``fs`` dirs (a bind mount without ancestors), a view as a
+read-only bind of its one lower dir or a read-only overlay of several.
+
+Lazy images follow the remote-snapshot protocol of stargz and Nydus: when Prepare carries
+``containerd.io/snapshot.ref`` (the chain id containerd wants) and the CRI labels naming
+the image (``containerd.io/snapshot/cri.image-ref`` and ``.../cri.manifest-digest``), the
+image is mounted by the ``FileSystem`` (one mount per image, shared by all its layers and
+containers), a committed snapshot named after the target is recorded, and the answer is
+ALREADY_EXISTS: containerd then downloads nothing. Every snapshot of a lazy image shows the
+whole merged image, so in a chain the image's mount stands for all its layers; containers
+get the mount as their lower dir and their own upper and work dirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import NotLazyImageError, UserError
+from .errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError
+from .filesystem import FileSystem
+from .metadata import Kind, MetadataStore, Snapshot
+
+log = logging.getLogger(__name__)
+
+LABEL_TARGET = "containerd.io/snapshot.ref"
+LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+LABEL_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
+LABEL_LAYER = "containerd.io/snapshot/cri.layer-digest"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One entry of containerd's types.Mount."""
+
+    type: str
+    source: str
+    options: list[str]
+
+
+def image_of(labels: dict[str, str]) -> str:
+    """The pinned reference (``HOST/REPO@DIGEST``) the CRI labels name, or ""."""
+    ref, digest = labels.get(LABEL_IMAGE_REF, ""), labels.get(LABEL_MANIFEST, "")
+    if not ref or not digest:
+        return ""
+    name = ref.split("@", 1)[0]
+    last = name.rsplit("/", 1)
+    if ":" in last[-1]:
+        name = name.rsplit(":", 1)[0]
+    return f"{name}@{digest}"
+
+
+class SnapshotService:
+    """The Snapshots API in plain Python; ``grpc_server`` puts it on a socket."""
+
+    def __init__(self, root: Path, fs: FileSystem, store: MetadataStore | None = None) -> None:
+        self.root = root
+        self.fs = fs
+        (root / "snapshots").mkdir(parents=True, exist_ok=True)
+        self.store = store or MetadataStore(root / "metadata.db")
+        self._lock = threading.RLock()  # one change at a time: mounts are not transactional
+        self._not_lazy: set[str] = set()
+
+    # -- containerd's methods -----------------------------------------------------------
+
+    def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._create(key, parent, labels, Kind.ACTIVE)
+
+    def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._create(key, parent, labels, Kind.VIEW)
+
+    def mounts(self, key: str) -> list[Mount]:
+        snap = self.store.get(key)
+        if snap.kind == Kind.COMMITTED:
+            raise FailedPreconditionError(f"snapshot {key!r} is committed; mounts are for active or views")
+        return self._mounts(snap)
+
+    def commit(self, name: str, key: str, labels: dict[str, str]) -> Snapshot:
+        with self._lock:
+            return self.store.commit(name, key, labels)
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            snap = self.store.remove(key)
+            shutil.rmtree(self._dir(snap), ignore_errors=True)
+            if snap.image and self.store.uses_image(snap.image) == 0:
+                self.fs.unmount(self.fs.mountpoint(snap.image))
+
+    def stat(self, key: str) -> Snapshot:
+        return self.store.get(key)
+
+    def update(self, key: str, labels: dict[str, str], paths: list[str]) -> Snapshot:
+        with self._lock:
+            snap = self.store.get(key)
+            if not paths:
+                new = dict(labels)
+            else:
+                new = dict(snap.labels)
+                for path in paths:
+                    if path == "labels":
+                        new = dict(labels)
+                    elif path.startswith("labels."):
+                        name = path.removeprefix("labels.")
+                        if name in labels:
+                            new[name] = labels[name]
+                        else:
+                            new.pop(name, None)
+                    else:
+                        raise InvalidArgumentError(f"cannot update field {path!r} of a snapshot")
+            return self.store.set_labels(key, new)
+
+    def usage(self, key: str) -> tuple[int, int]:
+        """(bytes, inodes) the snapshot itself holds on disk: its fs dir. A lazy
+        snapshot holds nothing of its own (its chunks are the node cache's)."""
+        snap = self.store.get(key)
+        if snap.image:
+            return 0, 0
+        return _disk_usage(self._dir(snap) / "fs")
+
+    def list(self) -> list[Snapshot]:
+        return self.store.list()
+
+    def cleanup(self) -> None:
+        """Remove snapshot dirs that no record owns (left by a crash mid-change)."""
+        with self._lock:
+            owned = {str(s.id) for s in self.store.list()}
+            for d in (self.root / "snapshots").iterdir():
+                if d.name not in owned:
+                    log.info("cleanup: removing %s", d)
+                    shutil.rmtree(d, ignore_errors=True)
+
+    # -- restarts -----------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """After a (re)start: take back live image mounts, remount dead or missing ones."""
+        for image in sorted(self.store.images()):
+            mnt = self.fs.mountpoint(image)
+            try:
+                self.fs.check(mnt)
+                log.info("restore: %s is mounted at %s", image, mnt)
+                continue
+            except UserError:
+                pass
+            try:
+                self.fs.mount(image, {})
+                log.info("restore: remounted %s at %s", image, mnt)
+            except UserError as exc:
+                log.error("restore: cannot remount %s: %s", image, exc)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _create(self, key: str, parent: str, labels: dict[str, str], kind: Kind) -> list[Mount]:
+        if not key:
+            raise InvalidArgumentError("a snapshot needs a key")
+        with self._lock:
+            target = labels.get(LABEL_TARGET, "")
+            image = image_of(labels)
+            if target and image and image not in self._not_lazy:
+                self._prepare_remote(target, parent, labels, image)  # raises AlreadyExists
+            snap = self.store.create(key, parent, kind, labels)
+            d = self._dir(snap)
+            try:
+                (d / "fs").mkdir(parents=True, exist_ok=True)
+                if kind == Kind.ACTIVE:
+                    (d / "work").mkdir(exist_ok=True)
+            except OSError:
+                self.store.remove(key)
+                raise
+            return self._mounts(snap)
+
+    def _prepare_remote(self, target: str, parent: str, labels: dict[str, str], image: str) -> None:
+        existing = self.store.find(target)
+        if existing is not None:
+            raise AlreadyExistsError(f"target snapshot {target!r} already exists")
+        try:
+            self.fs.mount(image, labels)
+        except NotLazyImageError as exc:
+            log.info("%s is not a lazy image (%s): unpacking it as usual", image, exc)
+            self._not_lazy.add(image)
+            return
+        # Mounting failed otherwise: let containerd fall back to downloading the layer.
+        except UserError as exc:
+            log.warning("cannot mount %s (%s): unpacking it as usual", image, exc)
+            return
+        self.store.create(target, parent, Kind.COMMITTED, labels, image=image)
+        log.info("remote snapshot %s of %s", target, image)
+        raise AlreadyExistsError(f"target snapshot {target!r} already exists (remote)")
+
+    def _dir(self, snap: Snapshot) -> Path:
+        return self.root / "snapshots" / str(snap.id)
+
+    def _lowers(self, snap: Snapshot) -> list[str]:
+        lowers: list[str] = []
+        for s in self.store.chain(snap.parent)[0:] if snap.parent else []:
+            path = str(self.fs.mountpoint(s.image)) if s.image else str(self._dir(s) / "fs")
+            if not lowers or lowers[-1] != path:
+                lowers.append(path)
+        return lowers
+
+    def _mounts(self, snap: Snapshot) -> list[Mount]:
+        if snap.image:
+            return [Mount("bind", str(self.fs.mountpoint(snap.image)), ["ro", "rbind"])]
+        lowers = self._lowers(snap)
+        d = self._dir(snap)
+        if snap.kind == Kind.ACTIVE:
+            if not lowers:
+                return [Mount("bind", str(d / "fs"), ["rw", "rbind"])]
+            return [Mount("overlay", "overlay", [
+                f"workdir={d / 'work'}", f"upperdir={d / 'fs'}", f"lowerdir={':'.join(lowers)}"])]
+        if not lowers:
+            return [Mount("bind", str(d / "fs"), ["ro", "rbind"])]
+        if len(lowers) == 1:
+            return [Mount("bind", lowers[0], ["ro", "rbind"])]
+        return [Mount("overlay", "overlay", [f"lowerdir={':'.join(lowers)}"])]
+
+
+def _disk_usage(path: Path) -> tuple[int, int]:
+    size = inodes = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            inodes += 1
+            size += st.st_blocks * 512
+    return size, inodes

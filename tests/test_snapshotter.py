@@ -1,0 +1,425 @@
+"""The containerd snapshotter: metadata and snapshot semantics against a fake filesystem,
+the gRPC service in-process, then the real thing with Debian's containerd."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blockindex.convert import convert
+from blockindex.oci import Layout
+from lazyfs.errors import NotLazyImageError
+from lazyfs.serve import make_server
+from lazyfs.snapshotter.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from lazyfs.snapshotter.metadata import Kind, MetadataStore
+from lazyfs.snapshotter.service import (
+    LABEL_IMAGE_REF,
+    LABEL_MANIFEST,
+    LABEL_TARGET,
+    SnapshotService,
+    image_of,
+)
+
+from . import imagegen
+from .conftest import ROOT, lazyfs
+
+
+def test_cli_errors_are_one_line_with_an_exit_code(tmp_path):
+    done = lazyfs("pull", "--address", str(tmp_path / "none.sock"), "127.0.0.1:1/x:1", check=False)
+    assert done.returncode == 4 and done.stderr.startswith("lazyfs: error: ") and done.stderr.count("\n") == 1
+    (tmp_path / "file").write_text("")
+    done = lazyfs("snapshotter", "--root", str(tmp_path / "file" / "root"), "--address",
+                  str(tmp_path / "s.sock"), check=False)
+    assert done.returncode == 7 and done.stderr.startswith("lazyfs: error: cannot use root")
+
+
+class FakeFileSystem:
+    """Mounts are directories; ``lazy`` says which refs are lazyfs images."""
+
+    def __init__(self, root: Path, lazy: set[str]) -> None:
+        self.root, self.lazy = root, lazy
+        self.mounted: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+
+    def mountpoint(self, ref: str) -> Path:
+        return self.root / "mnt" / ref.replace("/", "_").replace(":", "_").replace("@", "_")
+
+    def mount(self, ref: str, labels: dict[str, str]) -> Path:
+        self.calls.append(("mount", ref))
+        if ref.split("@")[0] not in self.lazy:
+            raise NotLazyImageError(f"{ref} is not a lazyfs image")
+        self.mounted.add(ref)
+        self.mountpoint(ref).mkdir(parents=True, exist_ok=True)
+        return self.mountpoint(ref)
+
+    def check(self, mountpoint: Path) -> None:
+        from lazyfs.errors import MountError
+
+        if not any(self.mountpoint(r) == mountpoint for r in self.mounted):
+            raise MountError(f"{mountpoint} is not mounted")
+
+    def unmount(self, mountpoint: Path) -> None:
+        self.calls.append(("unmount", str(mountpoint)))
+        self.mounted = {r for r in self.mounted if self.mountpoint(r) != mountpoint}
+
+
+@pytest.fixture
+def fake(tmp_path):
+    fs = FakeFileSystem(tmp_path, lazy={"reg/app"})
+    return SnapshotService(tmp_path / "root", fs), fs
+
+
+def lazy_labels(target: str, ref: str = "reg/app:1") -> dict[str, str]:
+    return {LABEL_TARGET: target, LABEL_IMAGE_REF: ref, LABEL_MANIFEST: "sha256:m1"}
+
+
+def test_metadata_survives_reopen_and_rolls_back(tmp_path):
+    store = MetadataStore(tmp_path / "m.db")
+    store.create("a", "", Kind.ACTIVE, {"x": "1"})
+    store.commit("A", "a", {"y": "2"})
+    store.create("b", "A", Kind.ACTIVE, {})
+    with pytest.raises(AlreadyExistsError):
+        store.create("b", "A", Kind.ACTIVE, {})
+    with pytest.raises(FailedPreconditionError):
+        store.create("c", "b", Kind.ACTIVE, {})  # parent must be committed
+    with pytest.raises(RuntimeError), store.transaction() as db:
+        db.execute("DELETE FROM snapshots")
+        raise RuntimeError("crash mid-change")
+    store.close()
+    again = MetadataStore(tmp_path / "m.db")
+    assert [(s.key, s.parent, s.kind, s.labels) for s in again.list()] == [
+        ("A", "", Kind.COMMITTED, {"x": "1", "y": "2"}), ("b", "A", Kind.ACTIVE, {})]
+    with pytest.raises(FailedPreconditionError, match="children"):
+        again.remove("A")
+
+
+def test_overlay_semantics_for_ordinary_images(fake):
+    svc, _fs = fake
+    [m] = svc.prepare("l1", "", {})
+    assert m.type == "bind" and "rw" in m.options
+    (Path(m.source) / "one").write_text("1")
+    svc.commit("L1", "l1", {})
+    [m] = svc.prepare("l2", "L1", {})
+    assert m.type == "overlay"
+    l1_fs = str(svc.root / "snapshots" / str(svc.stat("L1").id) / "fs")
+    assert f"lowerdir={l1_fs}" in m.options
+    svc.commit("L2", "l2", {})
+    [v] = svc.view("v", "L1", {})
+    assert (v.type, v.source, v.options) == ("bind", l1_fs, ["ro", "rbind"])
+    [v2] = svc.view("v2", "L2", {})
+    assert v2.type == "overlay" and v2.options[0].startswith("lowerdir=") and v2.options[0].count(":") == 1
+    [c] = svc.prepare("c", "L2", {})
+    assert [o.split("=")[0] for o in c.options] == ["workdir", "upperdir", "lowerdir"]
+    with pytest.raises(FailedPreconditionError):
+        svc.mounts("L1")
+    assert svc.mounts("c") == [c]
+    assert svc.usage("L1")[0] > 0
+    svc.update("L1", {"k": "v"}, ["labels.k"])
+    assert svc.stat("L1").labels == {"k": "v"}
+    with pytest.raises(FailedPreconditionError):
+        svc.remove("L1")
+    for key in ("c", "v", "v2", "L2"):
+        svc.remove(key)
+    with pytest.raises(NotFoundError):
+        svc.stat("c")
+    (svc.root / "snapshots" / "999").mkdir()
+    svc.cleanup()
+    assert sorted(p.name for p in (svc.root / "snapshots").iterdir()) == [str(svc.stat("L1").id)]
+
+
+def test_lazy_layers_are_remote_snapshots_sharing_one_mount(fake):
+    svc, fs = fake
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("extract-1 c1", "", lazy_labels("c1"))
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("extract-2 c2", "c1", lazy_labels("c2"))
+    assert [s.key for s in svc.list()] == ["c1", "c2"]
+    assert all(s.kind == Kind.COMMITTED for s in svc.list())
+    mnt = fs.mountpoint("reg/app@sha256:m1")
+    assert fs.mounted == {"reg/app@sha256:m1"}
+    # two containers: each its own upper dir over the one image mount
+    [a] = svc.prepare("ctr-a", "c2", {})
+    [b] = svc.prepare("ctr-b", "c2", {})
+    assert a.type == b.type == "overlay"
+    assert f"lowerdir={mnt}" in a.options and a.options != b.options
+    # a second pull of the same layer: already there, no second mount
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("extract-3 c1", "", lazy_labels("c1"))
+    assert fs.calls.count(("mount", "reg/app@sha256:m1")) == 2
+    # the mount goes when the last snapshot of the image goes
+    for key in ("ctr-a", "ctr-b", "c2"):
+        svc.remove(key)
+    assert fs.mounted
+    svc.remove("c1")
+    assert not fs.mounted and ("unmount", str(mnt)) in fs.calls
+
+
+def test_an_ordinary_image_with_cri_labels_is_unpacked_as_usual(fake):
+    svc, _fs = fake
+    [m] = svc.prepare("extract-1 c1", "", lazy_labels("c1", ref="reg/plain:1"))
+    assert m.type == "bind"
+    svc.commit("c1", "extract-1 c1", {})
+    assert svc.stat("c1").image == ""
+
+
+def test_restore_remounts_dead_mounts(tmp_path):
+    fs = FakeFileSystem(tmp_path, lazy={"reg/app"})
+    svc = SnapshotService(tmp_path / "root", fs)
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("x", "", lazy_labels("c1"))
+    fs.mounted.clear()  # the mount process died with the node
+    SnapshotService(tmp_path / "root", fs).restore()
+    assert fs.mounted == {"reg/app@sha256:m1"}
+
+
+def test_image_of():
+    assert image_of({LABEL_IMAGE_REF: "h:5000/a/b:1", LABEL_MANIFEST: "sha256:x"}) == "h:5000/a/b@sha256:x"
+    assert image_of({LABEL_IMAGE_REF: "h:5000/a@sha256:y", LABEL_MANIFEST: "sha256:y"}) == "h:5000/a@sha256:y"
+    assert image_of({LABEL_IMAGE_REF: "h/a"}) == ""
+
+
+def test_grpc_round_trip(fake, tmp_path):
+    import grpc
+
+    from lazyfs.snapshotter.server import pb, pb_grpc, serve
+
+    svc, _fs = fake
+    sock = tmp_path / "s.sock"
+    stop = threading.Event()
+    t = threading.Thread(target=serve, args=(svc, sock), kwargs={"stop": stop}, daemon=True)
+    t.start()
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=10)
+            stub = pb_grpc.SnapshotsStub(ch)
+            r = stub.Prepare(pb.PrepareSnapshotRequest(snapshotter="lazyfs", key="k"))
+            assert r.mounts[0].type == "bind"
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Prepare(pb.PrepareSnapshotRequest(key="x", labels=lazy_labels("c9")))
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Stat(pb.StatSnapshotRequest(snapshotter="lazyfs", key="nope"))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            infos = [i for resp in stub.List(pb.ListSnapshotsRequest()) for i in resp.info]
+            assert {(i.name, i.kind) for i in infos} == {("k", pb.ACTIVE), ("c9", pb.COMMITTED)}
+    finally:
+        stop.set()
+        t.join(10)
+
+
+# -- the real thing: Debian's containerd, runc, lazyfs snapshotter, lazyfs serve ---------------
+
+class Procs:
+    """Processes a test starts, stopped by pid at teardown (TERM, then KILL)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log: Path, **kw) -> subprocess.Popen:
+        f = open(log, "ab")  # noqa: SIM115 - the child holds it
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+        f.close()
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            self.stop(p)
+
+
+def _wait_socket(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+CONTAINERD_CONFIG = """version = 2
+root = "{tmp}/containerd/root"
+state = "{tmp}/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[proxy_plugins.lazyfs]
+  type = "snapshot"
+  address = "{snap_sock}"
+"""
+
+
+@dataclasses.dataclass
+class Node:
+    tmp: Path
+    sock: Path
+    snap_sock: Path
+    snap_root: Path
+    procs: Procs
+    snapshotter: subprocess.Popen
+    server: object
+    ref: str
+    manifest: dict
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        done = subprocess.run(["ctr", "-a", str(self.sock), *args], capture_output=True, text=True,
+                              timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"ctr {' '.join(args)} exited {done.returncode}:\n{done.stderr}\n"
+                                 f"snapshotter log:\n{self.log('snapshotter')[-3000:]}")
+        return done
+
+    def log(self, name: str) -> str:
+        p = self.tmp / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def start_snapshotter(self) -> subprocess.Popen:
+        log = self.tmp / "snapshotter.log"
+        self.snapshotter = self.procs.start(
+            [sys.executable, "-m", "lazyfs", "-v", "snapshotter", "--address", str(self.snap_sock),
+             "--root", str(self.snap_root), "--no-prefetch", "--timeout", "10"], log, cwd=ROOT)
+        _wait_socket(self.snap_sock, self.snapshotter, log)
+        return self.snapshotter
+
+    def chunk_blob_requests(self) -> list:
+        blobs = {layer["digest"] for layer in self.manifest["layers"][1:]}
+        return [r for r in self.server.requests if any(r[1].endswith(b) for b in blobs)]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    if os.geteuid() != 0 or not all(shutil.which(c) for c in ("containerd", "ctr", "runc")):
+        pytest.skip("needs root, containerd, ctr and runc (tests/setup.sh installs them)")
+    if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
+        pytest.skip("needs /dev/fuse and fusermount3")
+    tmp = Path(tempfile.mkdtemp(prefix="lzc-"))  # short: unix socket paths are limited
+    procs = Procs()
+    server = None
+    snap_root = tmp / "lazyfs"
+    try:
+        image = imagegen.build_python_image(tmp / "python.tar", cache_dir=_python_cache())
+        convert(f"docker-archive:{image}", f"oci:{tmp / 'images' / 'python'}:1")
+        server = make_server(tmp / "images", "127.0.0.1", 0, access_log=tmp / "access.log").start()
+        layout = Layout(tmp / "images" / "python")
+        manifest = json.loads(layout.read_blob(layout.resolve("1")["digest"]))
+        n = Node(tmp, tmp / "c.sock", tmp / "s.sock", snap_root, procs, None, server,  # type: ignore[arg-type]
+                 f"127.0.0.1:{server.port}/python:1", manifest)
+        n.start_snapshotter()
+        config = tmp / "config.toml"
+        config.write_text(CONTAINERD_CONFIG.format(tmp=tmp, sock=n.sock, snap_sock=n.snap_sock))
+        log = tmp / "containerd.log"
+        cd = procs.start(["containerd", "--config", str(config)], log)
+        _wait_socket(n.sock, cd, log)
+        if n.ctr("plugins", "ls", check=False).returncode != 0:
+            pytest.skip(f"containerd does not answer here:\n{log.read_text()[-2000:]}")
+        yield n
+    finally:
+        procs.stop_all()
+        if server is not None:
+            server.close()
+        for mnt in (snap_root / "mounts").glob("*") if snap_root.exists() else []:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        subprocess.run(["sh", "-c", f"grep -o ' {tmp}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l"],
+                       capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _python_cache() -> Path:
+    from .test_imagegen import _python_cache as cache
+
+    return cache()
+
+
+@pytest.mark.mount
+def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
+    done = lazyfs("pull", "--address", str(node.sock), node.ref)
+    assert "lazily" in done.stdout
+    paths = [r[1] for r in node.server.requests]
+    assert any("/manifests/" in p for p in paths)
+    assert node.chunk_blob_requests() == [], "a chunk blob was downloaded before the container started"
+    assert any(node.manifest["layers"][0]["digest"] in p for p in paths)  # the index
+    out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t1",
+                   "/usr/bin/python3", "-c", "print(1)")
+    assert out.stdout.strip() == "1"
+    assert node.chunk_blob_requests(), "the container read its files through the lazy mount"
+
+
+@pytest.mark.mount
+def test_an_ordinary_image_runs_through_the_same_snapshotter(node):
+    archive = node.tmp / "python.tar"
+    node.ctr("image", "import", "--snapshotter", "lazyfs", "--index-name", "plain/python:1", str(archive))
+    out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", "plain/python:1", "t-plain",
+                   "/usr/bin/python3", "-c", "print(2)")
+    assert out.stdout.strip() == "2"
+
+
+@pytest.mark.mount
+def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
+    lazyfs("pull", "--address", str(node.sock), node.ref)
+    node.ctr("run", "-d", "--snapshotter", "lazyfs", node.ref, "t-long",
+             "/usr/bin/python3", "-c", "import time; time.sleep(60)")
+    try:
+        before = node.ctr("snapshot", "--snapshotter", "lazyfs", "ls").stdout
+        node.procs.stop(node.snapshotter, signal.SIGKILL)
+        tasks = node.ctr("task", "ls").stdout
+        assert "t-long" in tasks and "RUNNING" in tasks
+        exec_ = node.ctr("task", "exec", "--exec-id", "e1", "t-long", "/usr/bin/python3", "-c",
+                         "import os; print(len(os.listdir('/usr/lib')) > 0)")
+        assert exec_.stdout.strip() == "True"
+        node.start_snapshotter()
+        # containerd's proxy reconnects to the new socket with gRPC's backoff
+        deadline = time.monotonic() + 30
+        while (after := node.ctr("snapshot", "--snapshotter", "lazyfs", "ls", check=False)).returncode:
+            assert time.monotonic() < deadline, after.stderr
+            time.sleep(0.5)
+        assert after.stdout == before
+        out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t2",
+                       "/usr/bin/python3", "-c", "print(3)")
+        assert out.stdout.strip() == "3"
+    finally:
+        node.ctr("task", "kill", "-s", "SIGKILL", "t-long", check=False)
+        deadline = time.monotonic() + 20
+        while "t-long" in node.ctr("task", "ls", check=False).stdout and time.monotonic() < deadline:
+            time.sleep(0.2)
+        node.ctr("task", "delete", "t-long", check=False)
+        node.ctr("container", "delete", "t-long", check=False)
+
+
+@pytest.mark.mount
+def test_removing_the_image_unmounts_its_lazyfs_mount(node):
+    lazyfs("pull", "--address", str(node.sock), node.ref)
+    mounts = [p for p in (node.snap_root / "mounts").iterdir() if os.path.ismount(p)]
+    assert len(mounts) == 1
+    node.ctr("image", "rm", "--sync", node.ref)
+    node.ctr("content", "prune", "references", check=False)
+    deadline = time.monotonic() + 30
+    while os.path.ismount(mounts[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.ismount(mounts[0]), node.log("snapshotter")[-3000:]
+    from lazyfs.snapshotter.client import chain_ids
+
+    listed = node.ctr("snapshot", "--snapshotter", "lazyfs", "ls").stdout
+    assert not [c for c in chain_ids([x["digest"] for x in node.manifest["layers"]]) if c in listed]
