@@ -13,7 +13,6 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,10 +52,8 @@ def rich_tree(rich: imagegen.RichImage, xdir: Path) -> Path:
 # ---------------------------------------------------------------- the rich image's bytes
 
 
-def test_rich_image_is_fast_and_deterministic(tmp_path: Path) -> None:
-    t0 = time.monotonic()
+def test_rich_image_is_deterministic(tmp_path: Path) -> None:
     a = imagegen.build_rich_image(tmp_path / "a.tar")
-    assert time.monotonic() - t0 < 2.0
     b = imagegen.build_rich_image(tmp_path / "b.tar")
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.expected == b.expected
@@ -221,10 +218,7 @@ def test_directory_nlink_is_optional(rich: imagegen.RichImage, rich_tree: Path) 
 
 
 def test_many_files_image(tmp_path: Path) -> None:
-    t0 = time.monotonic()
     out = imagegen.build_many_files_image(tmp_path / "many.tar", n=50_000)
-    elapsed = time.monotonic() - t0
-    assert elapsed < 3, elapsed
     names = subprocess.run(["tar", "-tf", str(out)], capture_output=True, text=True,
                            check=True).stdout.splitlines()  # GNU tar accepts our headers
     assert sum(1 for n in names if "/f" in n) == 50_000
@@ -270,9 +264,7 @@ def _python_cache() -> Path:
 def test_python_image_is_deterministic_and_cached(python_image: Path, tmp_path: Path) -> None:
     fresh = imagegen.build_python_image(tmp_path / "fresh.tar")  # no cache: really built
     assert fresh.read_bytes() == python_image.read_bytes()
-    t0 = time.monotonic()
     again = imagegen.build_python_image(tmp_path / "again.tar", cache_dir=_python_cache())
-    assert time.monotonic() - t0 < 5
     assert again.read_bytes() == python_image.read_bytes()
 
 

@@ -72,10 +72,9 @@ def test_reads_from_a_real_registry(registry: tuple[str, Image]) -> None:
             assert await client.read_blob(image.big) == data
             assert await client.read_range(image.big, 1000, 5000) == data[1000:6000]
             assert await client.read_range(image.big, len(data) - 3, 3) == data[-3:]
-            t = time.monotonic()
-            with pytest.raises(ServerError, match="past the end"):
+            # the 416's wrong Content-Length is not waited for: this would time out
+            with trio.fail_after(10), pytest.raises(ServerError, match="past the end"):
                 await client.read_range(image.big, len(data), 10)
-            assert time.monotonic() - t < 1  # the 416's wrong Content-Length is not awaited
             with pytest.raises(NotFoundError):
                 await client.get_manifest("nope")
             with pytest.raises(NotFoundError):
