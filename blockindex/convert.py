@@ -118,6 +118,7 @@ def _merge(source: Source, spool: ChunkSpool) -> Tree:
         scan_dir(tree, spool, source.directory)
         return tree
     for number, layer in enumerate(source.layers):
+        spool.layer = number
         with layer.open() as stream:
             apply_tar(tree, spool, stream, layer.name, number)
     return tree
