@@ -160,6 +160,13 @@ class RegistryClient:
             self._fast = RangeClient(hostname.strip("[]") or host, int(port or 80),
                                      connect_timeout=timeout)
         self._blob_path = f"/v2/{ref.repository}/blobs/"
+        self._tried_https = False
+
+    def _use_https(self) -> None:
+        if self.origin.startswith("http://"):
+            self.origin = "https://" + self.origin.removeprefix("http://")
+            self.base_url = "https://" + self.base_url.removeprefix("http://")
+        self._fast = None
 
     async def aclose(self) -> None:
         if self._fast is not None:
@@ -370,6 +377,8 @@ class RegistryClient:
         retryable, a FetchError otherwise."""
         renewed = False
         while True:
+            if self._tried_https and url.startswith("http://"):
+                url = "https://" + url.removeprefix("http://")
             generation = self._auth.generation
             auth = self._auth.header()
             request = self._client.build_request(
@@ -380,6 +389,18 @@ class RegistryClient:
             status = response.status_code
             if status < 400 or status == 416 or status in _RETRY_STATUSES:
                 return response
+            if status == 400 and url.startswith("http://"):
+                # A TLS server on a loopback port answers plain HTTP like this (Go's
+                # net/http: an HTTP/1.0 400, "Client sent an HTTP request to an HTTPS
+                # server"): the registry speaks TLS after all, so switch for good.
+                body = await response.aread()
+                await response.aclose()
+                if b"HTTPS server" in body[:1000] or response.http_version == "HTTP/1.0":
+                    if not self._tried_https:
+                        log.info("%s speaks TLS; using https", self.ref.registry)
+                    self._tried_https = True
+                    self._use_https()
+                    continue
             await response.aclose()
             if status == 401 and not renewed:
                 renewed = True
@@ -434,6 +455,11 @@ async def resolve_image_manifest(
 def _short(exc: Exception) -> str:
     """An httpx error in a few words (TLS failures come wrapped in long chains)."""
     text = str(exc) or type(exc).__name__
+    chain: BaseException | None = exc
+    for _ in range(5):
+        chain = chain.__cause__ or chain.__context__ if chain is not None else None
+        if chain is not None and "CERTIFICATE_VERIFY_FAILED" in str(chain):
+            text = str(chain)
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return "TLS certificate not trusted (pass --ca-file, or fix the system trust store)"
     return text.splitlines()[0][:300]
