@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from .imageref import ImageRef
+from .mirrors import MirroredClient
 from .registry import RegistryClient, _is_loopback
 
 
@@ -48,3 +49,18 @@ class RegistryOptions:
             credentials=self.credentials_for(ref.registry), push=push,
             ca_file=self.ca_file, proxy=self.proxy,
         )
+
+    def reader(self, ref: ImageRef) -> RegistryClient | MirroredClient:
+        """A client for reading ``ref``: blobs from the mirrors first, if there are any."""
+        origin = self.client(ref)
+        if not self.mirrors:
+            return origin
+        credentials = self.credentials_for(ref.registry)
+        mirrors = []
+        for url in self.mirrors:
+            scheme, _, host = url.partition("://")
+            mirror_ref = dataclasses.replace(ref, registry=host.rstrip("/"))
+            mirrors.append(RegistryClient(
+                mirror_ref, timeout=self.timeout, insecure=scheme == "http",
+                credentials=credentials, ca_file=self.ca_file, proxy=self.proxy))
+        return MirroredClient(origin, mirrors)

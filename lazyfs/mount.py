@@ -31,6 +31,7 @@ from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
+from fetcher.mirrors import MirroredClient
 from fetcher.options import RegistryOptions
 from fetcher.registry import RegistryClient, resolve_image_manifest
 
@@ -108,7 +109,7 @@ def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
     raise NotLazyImageError(f"{ref}: lazyfs image manifest has no index layer")
 
 
-async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient | None,
+async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient | MirroredClient | None,
                      images: ImageStore) -> OpenedImage:
     """Resolve ``ref`` to a manifest and a verified index file, from the registry or,
     when it cannot be reached (or ``offline``), from what this node cached before."""
@@ -202,7 +203,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
     async with contextlib.AsyncExitStack() as stack:
         client = None
         if not opts.offline:
-            client = opts.registry_options().client(ref)
+            client = opts.registry_options().reader(ref)
             stack.push_async_callback(client.aclose)
         opened = await open_image(opts, ref, client, images)
         index = IndexReader(opened.index_path)
