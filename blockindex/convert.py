@@ -25,6 +25,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .build import BLOB_LIMIT, ChunkSpool, write_image
 from .errors import ImageError
@@ -37,7 +38,7 @@ from .format import (
 )
 from .ingest import apply_tar, scan_dir
 from .oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
-from .sources import Source, open_source, split_tag
+from .sources import Source, open_source, parse_registry_ref, split_tag
 from .tree import Tree
 
 CHUNK_SIZE_ANNOTATION = "io.lazyfs.chunk-size"
@@ -55,12 +56,23 @@ class ConvertResult:
     files: int  # regular-file inodes
     chunks: int  # unique stored chunks
     blobs: int  # chunk blobs
+    pushed: Any = None  # a fetcher.push.PushStats when the destination was a registry
 
 
 def convert(
-    src: str, dst: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE, blob_limit: int = BLOB_LIMIT
+    src: str,
+    dst: str,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    blob_limit: int = BLOB_LIMIT,
+    registry: Any = None,
+    platform: str | None = None,
 ) -> ConvertResult:
-    """Convert image ``src`` into lazyfs image ``dst`` (``oci:DIR[:TAG]``, tag ``latest``).
+    """Convert image ``src`` into lazyfs image ``dst`` (``oci:DIR[:TAG]``, tag ``latest``,
+    or ``docker://HOST/REPO:TAG``: built in a temp layout, then pushed).
+
+    ``registry`` (a ``fetcher.options.RegistryOptions``) says how to reach registries
+    for ``docker://`` sources and destinations; ``platform`` picks from an image index.
 
     Raises ImageError (or its UnsafeImageError / UnsupportedImageError) for a bad input,
     ValueError for a chunk size outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE] or not a power
@@ -71,8 +83,10 @@ def convert(
             f"chunk size {chunk_size}: expected a power of two from {MIN_CHUNK_SIZE} "
             f"to {MAX_CHUNK_SIZE}"
         )
+    if dst.startswith("docker://"):
+        return _convert_and_push(src, dst, chunk_size, blob_limit, registry, platform)
     out_dir, tag = _parse_dst(dst)
-    source = open_source(src)
+    source = open_source(src, registry=registry, platform=platform)
     layout = Layout(out_dir)
     try:
         layout.init()
@@ -133,10 +147,35 @@ def lazy_config(original: bytes, layers: list[dict]) -> tuple[bytes, list[str]]:
     return canonical_json(config), source_ids
 
 
+def _convert_and_push(src: str, dst: str, chunk_size: int, blob_limit: int, registry: Any,
+                      platform: str | None) -> ConvertResult:
+    from fetcher.options import RegistryOptions
+    from fetcher.push import push_image
+
+    ref = parse_registry_ref(dst.removeprefix("docker://"))
+    if ref.tag is None or ref.digest is not None:
+        raise ImageError(f"{dst}: a push destination needs a tag and no digest")
+    options = registry or RegistryOptions()
+    mount_from = None
+    if src.startswith("docker://"):
+        src_ref = parse_registry_ref(src.removeprefix("docker://"))
+        if src_ref.registry == ref.registry:
+            mount_from = src_ref.repository
+    tmp = Path(tempfile.mkdtemp(prefix="lazyfs-push-"))
+    try:
+        result = convert(
+            src, f"oci:{tmp}:{ref.tag}", chunk_size=chunk_size, blob_limit=blob_limit,
+            registry=options, platform=platform)
+        stats = push_image(Layout(tmp), result.manifest_digest, ref, options, mount_from)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dataclasses.replace(result, pushed=stats)
+
+
 def _parse_dst(dst: str) -> tuple[str, str]:
     scheme, sep, rest = dst.partition(":")
     if scheme != "oci" or not sep or not rest:
-        raise ImageError(f"unknown destination {dst!r}: expected oci:DIR[:TAG]")
+        raise ImageError(f"unknown destination {dst!r}: expected oci:DIR[:TAG] or docker://HOST/REPO:TAG")
     path, tag = split_tag(rest)
     return path, tag or "latest"
 
@@ -147,6 +186,7 @@ def _merge(source: Source, spool: ChunkSpool) -> Tree:
         scan_dir(tree, spool, source.directory)
         return tree
     for number, layer in enumerate(source.layers):
+        spool.layer = number
         with layer.open() as stream:
             apply_tar(tree, spool, stream, layer.name, number)
     return tree

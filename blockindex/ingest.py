@@ -14,6 +14,7 @@ import os
 import stat
 import tarfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
@@ -125,34 +126,44 @@ def scan_dir(tree: Tree, spool: ChunkSpool, root: Path) -> None:
         if not stat.S_ISDIR(st.st_mode):
             raise ImageError(f"{root}: not a directory")
         tree.add((), _node_from_stat(st, _listxattrs(broot)))
-        stack: list[tuple[bytes, tuple[bytes, ...]]] = [(broot, ())]
+        # Depth first, names in order, as ``tar`` walks a tree: the chunks arrive in
+        # the order a tar of this directory would give them, so both pack the same blobs.
+        stack: list[tuple[Iterator[os.DirEntry[bytes]], tuple[bytes, ...]]] = [
+            (_sorted_entries(broot), ())
+        ]
         while stack:
-            dpath, dparts = stack.pop()
-            with os.scandir(dpath) as it:
-                entries = sorted(it, key=lambda e: e.name)
-            for entry in entries:
-                path, parts = entry.path, (*dparts, entry.name)
-                st = os.lstat(path)
-                if stat.S_ISSOCK(st.st_mode):
-                    continue  # a socket is not image content (tar cannot hold one either)
-                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-                    first = links.get((st.st_dev, st.st_ino))
-                    if first is not None:
-                        tree.link(parts, first)
-                        continue
-                    links[(st.st_dev, st.st_ino)] = parts
-                node = _node_from_stat(st, _listxattrs(path))
-                if stat.S_ISLNK(st.st_mode):
-                    node.target = os.readlink(path)
-                elif stat.S_ISREG(st.st_mode):
-                    node.size = st.st_size
-                    node.chunks = _chunk_disk_file(spool, path, st.st_size)
-                tree.add(parts, node)
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append((path, parts))
+            it, dparts = stack[-1]
+            entry = next(it, None)
+            if entry is None:
+                stack.pop()
+                continue
+            path, parts = entry.path, (*dparts, entry.name)
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode):
+                continue  # a socket is not image content (tar cannot hold one either)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                first = links.get((st.st_dev, st.st_ino))
+                if first is not None:
+                    tree.link(parts, first)
+                    continue
+                links[(st.st_dev, st.st_ino)] = parts
+            node = _node_from_stat(st, _listxattrs(path))
+            if stat.S_ISLNK(st.st_mode):
+                node.target = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                node.size = st.st_size
+                node.chunks = _chunk_disk_file(spool, path, st.st_size)
+            tree.add(parts, node)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((_sorted_entries(path), parts))
     except OSError as exc:
         where = os.fsdecode(exc.filename) if exc.filename else str(root)
         raise ImageError(f"{where}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _sorted_entries(path: bytes) -> Iterator[os.DirEntry[bytes]]:
+    with os.scandir(path) as it:
+        return iter(sorted(it, key=lambda e: e.name))
 
 
 def _node_from_stat(st: os.stat_result, xattrs: dict[bytes, bytes]) -> Node:

@@ -4,6 +4,8 @@
       .get_manifest(ref)       -> Manifest (digest checked when asked for by digest)
       .read_blob(digest)       -> bytes, sha256-verified, size-capped
       .read_range(digest, o, n)-> exactly n bytes at o (206 and Content-Range checked)
+      .download_blob(digest, p)-> a whole blob streamed to a file, sha256-verified
+      .request(method, path)   -> any other call (push.py), with the same auth and retries
 
 Every failure leaves as a ``FetchError`` subclass (see ``errors.py``), translated where
 httpx raises it. 5xx, 429 and connections dropped mid-answer are retried with jittered
@@ -19,8 +21,10 @@ import email.utils
 import hashlib
 import json
 import logging
+import os
 import random
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -114,17 +118,32 @@ class RegistryClient:
         max_connections: int = 8,
         credentials: tuple[str, str] | None = None,
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 (frozen, so shared safely)
+        push: bool = False,
+        ca_file: str | None = None,
+        proxy: str | None = None,
     ) -> None:
+        """``push`` asks for push rights too; ``ca_file`` adds trusted CAs to the system's;
+        ``proxy`` routes every request through an HTTP proxy."""
         self.ref = ref
         self.timeout = timeout
         self.retry = retry
         host = "registry-1.docker.io" if ref.registry == DOCKER_HUB else ref.registry
         plain = _is_loopback(ref.registry) if insecure is None else insecure
-        self.base_url = f"{'http' if plain else 'https'}://{host}/v2/{ref.repository}"
+        self.origin = f"{'http' if plain else 'https'}://{host}"
+        self.base_url = f"{self.origin}/v2/{ref.repository}"
         self._where = f"{ref.registry}/{ref.repository}"
-        self._auth = Authenticator(ref.registry, f"repository:{ref.repository}:pull", credentials)
+        scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
+        self._auth = Authenticator(ref.registry, scope, credentials)
+        verify: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            try:
+                verify = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise UnreachableError(f"cannot use CA file {ca_file}: {exc}") from exc
         self._client = httpx.AsyncClient(
             transport=transport,
+            verify=verify,
+            proxy=proxy,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
@@ -136,11 +155,18 @@ class RegistryClient:
         # The bulk path: plain-HTTP range reads through the lean client (see http1.py);
         # httpx answers everything it does not expect (redirects, auth challenges, errors).
         self._fast: RangeClient | None = None
-        if plain and transport is None:
+        if plain and transport is None and proxy is None:
             hostname, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
             self._fast = RangeClient(hostname.strip("[]") or host, int(port or 80),
                                      connect_timeout=timeout)
         self._blob_path = f"/v2/{ref.repository}/blobs/"
+        self._tried_https = False
+
+    def _use_https(self) -> None:
+        if self.origin.startswith("http://"):
+            self.origin = "https://" + self.origin.removeprefix("http://")
+            self.base_url = "https://" + self.base_url.removeprefix("http://")
+        self._fast = None
 
     async def aclose(self) -> None:
         if self._fast is not None:
@@ -242,7 +268,63 @@ class RegistryClient:
         return await self._call("GET", f"/blobs/{digest}", headers,
                                 f"{self._where}: no blob {digest}", consume)
 
+    async def download_blob(self, digest: str, path: str, *, max_size: int = 1 << 40) -> int:
+        """Stream blob ``digest`` into the file ``path`` (written whole or not at all),
+        checked against its digest; its size."""
+        _check_digest(digest)
+        tmp = trio.Path(f"{path}.part")
+
+        async def consume(response: httpx.Response) -> int:
+            if response.status_code != 200:
+                raise ServerError(f"{self._where}: blob {digest}: status {response.status_code}")
+            _check_identity(response, f"blob {digest}")
+            hasher = hashlib.new(digest.split(":", 1)[0])
+            total = 0
+            async with await trio.open_file(tmp, "wb") as f:
+                async for piece in _body(response):
+                    total += len(piece)
+                    if total > max_size:
+                        raise ServerError(f"{self._where}: blob {digest} is over {max_size} bytes")
+                    hasher.update(piece)
+                    await f.write(piece)
+            if f"{hasher.name}:{hasher.hexdigest()}" != digest:
+                raise IntegrityError(f"{self._where}: blob {digest} does not match its digest")
+            await tmp.rename(path)
+            return total
+
+        try:
+            return await self._call("GET", f"/blobs/{digest}", {"Accept-Encoding": "identity"},
+                                    f"{self._where}: no blob {digest}", consume)
+        finally:
+            if await tmp.exists():
+                await tmp.unlink()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        consume: Callable[[httpx.Response], Awaitable[T]],
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+        not_found: str | None = None,
+    ) -> T:
+        """One call with this client's auth, retries and error translation. ``path`` is
+        under the repository (``/blobs/uploads/``), absolute on the registry
+        (``/v2/...``, as a ``Location`` header gives it) or a whole URL. ``consume`` sees
+        the open response when its status is below 400 (or 416)."""
+        return await self._call(method, path, headers or {},
+                                not_found or f"{self._where}: {method} {path}: not found",
+                                consume, content)
+
     # -- one request: auth, retries, error translation ---------------------------------
+
+    def _url(self, path: str) -> str:
+        if path.startswith(("http://", "https://")):
+            return path
+        if path.startswith("/v2/"):
+            return self.origin + path
+        return self.base_url + path
 
     async def _call(
         self,
@@ -251,12 +333,13 @@ class RegistryClient:
         headers: dict[str, str],
         not_found: str,
         consume: Callable[[httpx.Response], Awaitable[T]],
+        content: bytes | None = None,
     ) -> T:
-        url = self.base_url + path
+        url = self._url(path)
         policy = self.retry
         for attempt in range(1, policy.attempts + 1):
             try:
-                response = await self._send(method, url, headers, not_found)
+                response = await self._send(method, url, headers, not_found, content)
                 try:
                     if response.status_code not in _RETRY_STATUSES:
                         return await consume(response)
@@ -266,7 +349,10 @@ class RegistryClient:
                     await response.aclose()
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 raise UnreachableError(f"cannot reach registry {self.ref.registry}: "
-                                       f"{exc or type(exc).__name__}") from exc
+                                       f"{_short(exc)}") from exc
+            except httpx.ProxyError as exc:
+                raise UnreachableError(f"the proxy to registry {self.ref.registry} failed: "
+                                       f"{_short(exc)}") from exc
             except httpx.TimeoutException as exc:
                 raise UnreachableError(f"registry {self.ref.registry} did not answer "
                                        f"{method} {path} within {self.timeout} s") from exc
@@ -284,21 +370,37 @@ class RegistryClient:
         raise AssertionError("unreachable")
 
     async def _send(
-        self, method: str, url: str, headers: dict[str, str], not_found: str
+        self, method: str, url: str, headers: dict[str, str], not_found: str,
+        content: bytes | None = None,
     ) -> httpx.Response:
         """Send with auth; the open (streaming) response if its status is 2xx, 416 or
         retryable, a FetchError otherwise."""
         renewed = False
         while True:
+            if self._tried_https and url.startswith("http://"):
+                url = "https://" + url.removeprefix("http://")
             generation = self._auth.generation
             auth = self._auth.header()
             request = self._client.build_request(
-                method, url, headers={**headers, "Authorization": auth} if auth else headers
+                method, url, headers={**headers, "Authorization": auth} if auth else headers,
+                content=content,
             )
             response = await self._client.send(request, stream=True)
             status = response.status_code
             if status < 400 or status == 416 or status in _RETRY_STATUSES:
                 return response
+            if status == 400 and url.startswith("http://"):
+                # A TLS server on a loopback port answers plain HTTP like this (Go's
+                # net/http: an HTTP/1.0 400, "Client sent an HTTP request to an HTTPS
+                # server"): the registry speaks TLS after all, so switch for good.
+                body = await response.aread()
+                await response.aclose()
+                if b"HTTPS server" in body[:1000] or response.http_version == "HTTP/1.0":
+                    if not self._tried_https:
+                        log.info("%s speaks TLS; using https", self.ref.registry)
+                    self._tried_https = True
+                    self._use_https()
+                    continue
             await response.aclose()
             if status == 401 and not renewed:
                 renewed = True
@@ -312,11 +414,22 @@ class RegistryClient:
             raise ServerError(f"{method} {url}: unexpected status {status}")
 
 
+_ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386",
+           "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def host_platform() -> str:
+    """This machine's platform as image indexes name it: ``linux/amd64``, ``linux/arm64``."""
+    machine = os.uname().machine
+    return f"linux/{_ARCHES.get(machine, machine)}"
+
+
 async def resolve_image_manifest(
-    client: RegistryClient, ref: ImageRef, platform: str = "linux/amd64"
+    client: RegistryClient, ref: ImageRef, platform: str | None = None
 ) -> Manifest:
     """The image manifest for ``ref``: the manifest itself, or, if ``ref`` names an
-    index, the entry for ``platform`` (``os/arch[/variant]``)."""
+    index, the entry for ``platform`` (``os/arch[/variant]``; this host's by default)."""
+    platform = platform or host_platform()
     manifest = await client.get_manifest(ref.reference)
     if manifest.media_type not in INDEX_MEDIA_TYPES:
         return manifest
@@ -337,6 +450,19 @@ async def resolve_image_manifest(
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def _short(exc: Exception) -> str:
+    """An httpx error in a few words (TLS failures come wrapped in long chains)."""
+    text = str(exc) or type(exc).__name__
+    chain: BaseException | None = exc
+    for _ in range(5):
+        chain = chain.__cause__ or chain.__context__ if chain is not None else None
+        if chain is not None and "CERTIFICATE_VERIFY_FAILED" in str(chain):
+            text = str(chain)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "TLS certificate not trusted (pass --ca-file, or fix the system trust store)"
+    return text.splitlines()[0][:300]
 
 
 def _check_digest(digest: str) -> None:

@@ -57,14 +57,186 @@ def _listen(text: str) -> tuple[str, int]:
 def cmd_convert(args: argparse.Namespace) -> int:
     from blockindex.convert import convert
 
+    for ref in (args.source, args.dest):
+        if ref.startswith("docker://"):
+            _image_ref(ref.removeprefix("docker://"))
     started = time.monotonic()
-    result = convert(args.source, args.dest, chunk_size=args.chunk_size)
+    result = convert(args.source, args.dest, chunk_size=args.chunk_size,
+                     registry=_registry_options(args), platform=args.platform)
     took = time.monotonic() - started
     print(f"converted {args.source} -> {args.dest} in {took:.1f}s: {result.files} files, "
           f"{_human(result.image_bytes)} in {result.chunks} chunks, "
           f"{_human(result.stored_bytes)} stored in {result.blobs} blobs")
+    if result.pushed is not None:
+        p = result.pushed
+        print(f"pushed: {p.uploaded} blobs uploaded ({_human(p.uploaded_bytes)}), "
+              f"{p.mounted} mounted from the source repository, {p.present} already there")
     print(f"manifest {result.manifest_digest}")
     return 0
+
+
+# -- images ------------------------------------------------------------------------------
+
+def cmd_images(args: argparse.Namespace) -> int:
+    import trio
+
+    ref = _image_ref(args.ref)
+    info = trio.run(_describe_image, ref, _registry_options(args), args.platform)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"{info['ref']}")
+    print(f"  manifest  {info['digest']} ({info['media_type']})")
+    if info["lazy"]:
+        print(f"  lazy      yes (lazyfs format {info['format']}, chunk size {_human(info['chunk_size'])})")
+        print(f"  files     {info['files']} files, {_human(info['file_bytes'])}")
+        print(f"  chunks    {info['chunks']} in {info['blobs']} blobs, {_human(info['stored_bytes'])} stored")
+        print(f"  index     {info['index']} ({_human(info['index_size'])})")
+    else:
+        print(f"  lazy      no (an ordinary image: {info['layers']} layers, {_human(info['stored_bytes'])}; "
+              f"convert it with lazyfs convert docker://{args.ref} docker://REPO:TAG)")
+    return 0
+
+
+async def _describe_image(ref: Any, options: Any, platform: str | None) -> dict[str, Any]:
+    import tempfile
+
+    from blockindex import format as fmt
+    from blockindex.convert import CHUNK_SIZE_ANNOTATION
+    from blockindex.reader import IndexReader
+    from fetcher.registry import resolve_image_manifest
+
+    async with options.client(ref) as client:
+        manifest = await resolve_image_manifest(client, ref, platform)
+        doc = manifest.json()
+        layers = [d for d in doc.get("layers") or [] if isinstance(d, dict)]
+        annotations = doc.get("annotations") or {}
+        info: dict[str, Any] = {
+            "ref": str(ref), "digest": manifest.digest, "media_type": manifest.media_type,
+            "lazy": fmt.ARTIFACT_ANNOTATION in annotations, "layers": len(layers),
+            "stored_bytes": sum(int(d.get("size", 0)) for d in layers),
+        }
+        config_desc = doc.get("config") or {}
+        if isinstance(config_desc.get("digest"), str):
+            try:
+                info["config"] = json.loads(await client.read_blob(config_desc["digest"], max_size=4 << 20))
+            except ValueError:
+                info["config"] = None
+        if not info["lazy"]:
+            return info
+        index_desc = next((d for d in layers if d.get("mediaType") == fmt.MEDIA_TYPE_INDEX), None)
+        if index_desc is None:
+            raise UserError(f"{ref}: lazyfs image manifest has no index layer", ExitCode.IMAGE)
+        data = await client.read_blob(index_desc["digest"], max_size=1 << 30)
+    with tempfile.NamedTemporaryFile(suffix=".sqlite") as f:
+        f.write(data)
+        f.flush()
+        reader = IndexReader(Path(f.name))
+        try:
+            totals = reader.totals()
+        finally:
+            reader.close()
+    info.update(
+        format=annotations.get(fmt.ARTIFACT_ANNOTATION),
+        chunk_size=int(annotations.get(CHUNK_SIZE_ANNOTATION, 0)),
+        files=totals["files"], file_bytes=totals["file_bytes"], chunks=totals["chunks"],
+        blobs=len(layers) - 1, index=index_desc["digest"], index_size=len(data),
+        stored_bytes=sum(int(d.get("size", 0)) for d in layers if d is not index_desc),
+    )
+    return info
+
+
+# -- registry options (shared by convert, mount, images) -----------------------------------
+
+CONFIG_FILE = Path("/etc/lazyfs/config.toml")
+CREDS_ENV = "LAZYFS_CREDS"
+
+
+def _image_ref(text: str) -> Any:
+    from fetcher.imageref import ImageRef
+
+    try:
+        return ImageRef.parse(text)
+    except ValueError as exc:
+        raise UserError(str(exc), ExitCode.USAGE) from None
+
+
+def _load_config(path: Path | None) -> dict[str, Any]:
+    """The ``[registry]`` settings of the config file (``--config``, else
+    /etc/lazyfs/config.toml if it exists)."""
+    import tomllib
+
+    explicit = path is not None
+    path = path or CONFIG_FILE
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise UserError(f"config file {path} does not exist", ExitCode.USAGE) from None
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"config file {path}: {exc}", ExitCode.USAGE) from None
+    section = doc.get("registry", {})
+    known = {"mirrors", "proxy", "insecure_registries", "ca_file", "creds_file", "timeout"}
+    if not isinstance(section, dict) or set(section) - known:
+        raise UserError(f"config file {path}: [registry] takes only {', '.join(sorted(known))}",
+                        ExitCode.USAGE)
+    return section
+
+
+def _registry_options(args: argparse.Namespace) -> Any:
+    from fetcher.credentials import parse_creds
+    from fetcher.options import RegistryOptions
+
+    conf = _load_config(Path(args.config) if args.config else None)
+    creds_text = args.creds or os.environ.get(CREDS_ENV)
+    creds = None
+    if creds_text:
+        try:
+            creds = parse_creds(creds_text)
+        except ValueError as exc:
+            raise UserError(str(exc), ExitCode.USAGE) from None
+    mirrors = tuple(m.rstrip("/") for m in (args.mirror or conf.get("mirrors") or []))
+    for url in mirrors:
+        if not url.startswith(("http://", "https://")):
+            raise UserError(f"mirror {url!r}: expected an http:// or https:// URL", ExitCode.USAGE)
+    return RegistryOptions(
+        timeout=float(getattr(args, "timeout", None) or conf.get("timeout") or 30.0),
+        insecure_hosts=frozenset([*(args.insecure_registry or []), *conf.get("insecure_registries", [])]),
+        ca_file=args.ca_file or conf.get("ca_file"),
+        credentials=creds,
+        creds_file=args.creds_file or conf.get("creds_file"),
+        mirrors=mirrors,
+        proxy=args.proxy or conf.get("proxy"),
+    )
+
+
+def _add_registry_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("registry access")
+    g.add_argument("--creds", metavar="USER:PASS",
+                   help=f"credentials for the registry (or ${CREDS_ENV}); default: docker's config.json")
+    g.add_argument("--creds-file", metavar="FILE",
+                   help="a docker config.json to take credentials from (for daemons)")
+    g.add_argument("--ca-file", metavar="PEM", help="trust these CAs too (TLS)")
+    g.add_argument("--insecure-registry", action="append", metavar="HOST[:PORT]",
+                   help="reach this registry over plain HTTP (repeatable; loopback always is)")
+    g.add_argument("--mirror", action="append", metavar="URL",
+                   help="read blobs from this mirror first, the registry after it (repeatable)")
+    g.add_argument("--proxy", metavar="URL", help="send registry requests through this HTTP proxy")
+    g.add_argument("--config", metavar="FILE", help=f"config file (default {CONFIG_FILE} if present)")
+
+
+def _registry_argv(args: argparse.Namespace) -> list[str]:
+    """The registry options again, for a child process (never the password: see CREDS_ENV)."""
+    out: list[str] = []
+    for flag in ("creds_file", "ca_file", "proxy", "config"):
+        if getattr(args, flag):
+            out += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+    for flag in ("insecure_registry", "mirror"):
+        for value in getattr(args, flag) or []:
+            out += ["--" + flag.replace("_", "-"), value]
+    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -92,6 +264,7 @@ def _mount_options(args: argparse.Namespace) -> Any:
         allow_other=args.allow_other,
         insecure=True if args.insecure else None,
         timeout=args.timeout,
+        registry=_registry_options(args),
     )
 
 
@@ -145,13 +318,16 @@ def _mount_background(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "lazyfs", *(["-v"] if args.verbose else []),
             "mount", args.ref, str(opts.mountpoint), "--cache", str(opts.cache_dir),
             "--foreground", "--ready-fd", str(w), "--log-file", str(log_file),
-            "--timeout", str(args.timeout)]
+            "--timeout", str(args.timeout), *_registry_argv(args)]
     for flag in ("no_prefetch", "offline", "allow_other", "insecure"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
+    env = dict(os.environ)
+    if args.creds:
+        env[CREDS_ENV] = args.creds  # not in argv, where ps would show it
     with logf:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                 pass_fds=(w,), start_new_session=True)
+                                 pass_fds=(w,), start_new_session=True, env=env)
     os.close(w)
     message = b""
     deadline = time.monotonic() + MOUNT_READY_TIMEOUT
@@ -290,10 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("convert", help="convert an image into a lazyfs image (OCI layout)")
-    p.add_argument("source", help="docker-archive:TAR, oci:DIR[:TAG], dir:ROOTFS or tar:ROOTFS.tar")
-    p.add_argument("dest", help="oci:DIR[:TAG]")
+    p.add_argument("source", help="docker-archive:TAR, oci:DIR[:TAG], dir:ROOTFS, tar:ROOTFS.tar "
+                                  "or docker://HOST/REPO[:TAG]")
+    p.add_argument("dest", help="oci:DIR[:TAG] or docker://HOST/REPO:TAG")
     p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE,
                    help="chunk size (default 1M; 4K..64M)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="which image of a multi-platform source (default: this machine's)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds one registry request may take")
+    _add_registry_arguments(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("serve", help="serve OCI layouts under DIR over the OCI distribution API")
@@ -315,7 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a network wait may take before a read fails with EIO (default 30)")
     p.add_argument("--log-file", help="where a background mount logs (default in the cache dir)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _add_registry_arguments(p)
     p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("images", help="describe an image in a registry: lazy or not, size, chunks, files")
+    p.add_argument("ref", help="HOST[:PORT]/REPO[:TAG|@DIGEST]")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="which image of an index")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds one registry request may take")
+    _add_registry_arguments(p)
+    p.set_defaults(func=cmd_images)
 
     p = sub.add_parser("umount", help="unmount a lazyfs mount and stop its process")
     p.add_argument("mountpoint")

@@ -31,6 +31,8 @@ from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
+from fetcher.mirrors import MirroredClient
+from fetcher.options import RegistryOptions
 from fetcher.registry import RegistryClient, resolve_image_manifest
 
 from . import mountinfo
@@ -63,6 +65,16 @@ class MountOptions:
     timeout: float = 30.0
     """Seconds a registry request, and a read waiting on the network, may take."""
     readahead_kib: int = 1024
+    registry: RegistryOptions | None = None
+    """How to reach the registry (credentials, TLS, mirrors, proxy); None: the defaults
+    with ``insecure`` and ``timeout`` above."""
+
+    def registry_options(self) -> RegistryOptions:
+        base = self.registry or RegistryOptions()
+        insecure = set(base.insecure_hosts)
+        if self.insecure:
+            insecure.add(ImageRef.parse(self.ref).registry)
+        return dataclasses.replace(base, timeout=self.timeout, insecure_hosts=frozenset(insecure))
 
 
 @dataclasses.dataclass
@@ -109,7 +121,7 @@ def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
     raise NotLazyImageError(f"{ref}: lazyfs image manifest has no index layer")
 
 
-async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient | None,
+async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient | MirroredClient | None,
                      images: ImageStore) -> OpenedImage:
     """Resolve ``ref`` to a manifest and a verified index file, from the registry or,
     when it cannot be reached (or ``offline``), from what this node cached before."""
@@ -215,7 +227,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
     async with contextlib.AsyncExitStack() as stack:
         client = None
         if not opts.offline:
-            client = RegistryClient(ref, timeout=opts.timeout, insecure=opts.insecure)
+            client = opts.registry_options().reader(ref)
             stack.push_async_callback(client.aclose)
         opened = await open_image(opts, ref, client, images)
         index = IndexReader(opened.index_path)

@@ -51,12 +51,14 @@ def test_docker_archive_merges_layers(tmp_path: Path) -> None:
     assert not img.exists("orig")
     assert img.read("hl") == b"linked content" and img.path("hl").nlink == 1
     # Dedupe: BIG's 3 random chunks + tail stored once; plus keep, new, hl. Whited-out
-    # files' chunks are not stored.
+    # files' chunks stay in their layer's blob (so that blob is the same in every image
+    # built on that layer) but the index does not list them.
     assert res.chunks == 4 + 3 == img.r.totals()["chunks"]
     assert res.files == 5
     assert res.image_bytes == 2 * len(BIG) + len(b"keep" b"new" b"linked content")
     assert res.stored_bytes == sum(b.size for b in img.r.blobs())
-    # The manifest: index first, then chunk blobs; tagged latest. The config is the
+    # The manifest: index first, then chunk blobs, one per source layer here (the upper
+    # layer's BIG copy is deduped, but it brings "new"); tagged latest. The config is the
     # original one with diff_ids naming the lazy layers (containerd pairs them one to one).
     lay = Layout(tmp_path / "out")
     desc = lay.resolve("latest")
@@ -67,7 +69,7 @@ def test_docker_archive_merges_layers(tmp_path: Path) -> None:
     assert config["rootfs"] == {"type": "layers", "diff_ids": [m["digest"] for m in manifest["layers"]]}
     assert {k: v for k, v in config.items() if k != "rootfs"} == {
         k: v for k, v in original.items() if k != "rootfs"}
-    assert [m["mediaType"] for m in manifest["layers"]] == [MEDIA_TYPE_INDEX, MEDIA_TYPE_CHUNKS]
+    assert [m["mediaType"] for m in manifest["layers"]] == [MEDIA_TYPE_INDEX, *[MEDIA_TYPE_CHUNKS] * 2]
     assert manifest["annotations"] == {ARTIFACT_ANNOTATION: "1", "io.lazyfs.chunk-size": str(CS)}
     assert lay.read_blob(res.manifest_digest) == canonical_json(manifest)
 

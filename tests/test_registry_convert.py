@@ -1,0 +1,138 @@
+"""convert from and push to a real registry (Debian's docker-registry, fed by skopeo),
+then mount from it."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+
+import pytest
+
+from blockindex.convert import convert
+from blockindex.oci import MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
+
+from . import imagegen
+from .conftest import lazyfs
+from .registryd import Registry, needs_registry
+
+pytestmark = [needs_registry]
+CS = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("regrich")
+    return imagegen.build_rich_image(tmp / "rich.tar")
+
+
+@pytest.fixture
+def registry(tmp_path):
+    r = Registry(tmp_path)
+    yield r
+    r.stop()
+
+
+def _second_image(path, tag: str) -> None:
+    """An image on the rich image's base layer with a different top layer."""
+    tars = [imagegen._write_tar(layer) for layer in imagegen._rich_layers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        data = b"version two\n" * 1000
+        ti = tarfile.TarInfo("v2.txt")
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    imagegen._write_docker_archive(path, [tars[0], buf.getvalue()], gzip_layers={1}, repo_tag=tag)
+
+
+@pytest.mark.mount
+def test_convert_from_registry_push_back_and_mount(registry, rich, mounts):
+    registry.skopeo_copy(f"docker-archive:{rich.path}", "app:1")
+    done = lazyfs("convert", f"docker://{registry.host}/app:1", f"docker://{registry.host}/app:1-lazy",
+                  "--chunk-size", "64K")
+    assert "pushed:" in done.stdout
+    mnt, _ = mounts.mount(f"{registry.host}/app:1-lazy", "--no-prefetch")
+    assert imagegen.compare_tree(mnt, rich.expected) == []
+    # the original config (entrypoint, env) is kept
+    info = json.loads(lazyfs("images", f"{registry.host}/app:1-lazy", "--json").stdout)
+    assert info["lazy"] is True and info["files"] == sum(
+        1 for e in rich.expected.values() if e.kind == "file" and e.link_group is None) + len(
+        {e.link_group for e in rich.expected.values() if e.link_group})
+    assert info["config"]["config"]["Cmd"] == ["/bin/sh"]
+
+
+def test_shared_base_layer_uploads_no_blob_twice(registry, rich, tmp_path):
+    _second_image(tmp_path / "two.tar", "app:2")
+    registry.skopeo_copy(f"docker-archive:{rich.path}", "app:1")
+    registry.skopeo_copy(f"docker-archive:{tmp_path / 'two.tar'}", "app:2")
+    before = len(registry.blob_uploads())
+    r1 = convert(f"docker://{registry.host}/app:1", f"docker://{registry.host}/app:1-lazy", chunk_size=CS)
+    r2 = convert(f"docker://{registry.host}/app:2", f"docker://{registry.host}/app:2-lazy", chunk_size=CS)
+    uploads = registry.blob_uploads()[before:]
+    assert len(uploads) == len(set(uploads)) == r1.pushed.uploaded + r2.pushed.uploaded
+    # the configs were there (skopeo put them), and app:2 shares the base layer's blob
+    assert r1.pushed.present == 1 and r2.pushed.present >= 2
+    # converting the same image again uploads nothing at all
+    r3 = convert(f"docker://{registry.host}/app:1", f"docker://{registry.host}/app:1-again", chunk_size=CS)
+    assert r3.pushed.uploaded == 0 and r3.manifest_digest == r1.manifest_digest
+    assert registry.blob_uploads()[before:] == uploads
+
+
+def test_zstd_layers_and_image_index_with_platform(registry, rich, tmp_path):
+    # zstd layers, pushed by skopeo in an OCI manifest
+    registry.skopeo_copy(f"docker-archive:{rich.path}", "z:1")
+    subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false",
+                    "--dest-compress-format=zstd", "--format=oci",
+                    f"docker://{registry.host}/z:1", f"docker://{registry.host}/z:zstd"],
+                   check=True, timeout=120, capture_output=True)
+    zres = convert(f"docker://{registry.host}/z:zstd", f"oci:{tmp_path / 'z'}:1", chunk_size=CS)
+    gres = convert(f"docker-archive:{rich.path}", f"oci:{tmp_path / 'g'}:1", chunk_size=CS)
+    assert zres.index_digest == gres.index_digest
+    # an image index with two platforms: the host's by default, --platform to choose
+    lay = Layout(tmp_path / "multi")
+    lay.init()
+    layer = lay.write_blob(imagegen._write_tar(imagegen._rich_layers()[0]),
+                           "application/vnd.oci.image.layer.v1.tar")
+    descs = []
+    for arch in ("amd64", "arm64"):
+        config = lay.write_blob(canonical_json({"architecture": arch, "os": "linux",
+                                                "rootfs": {"type": "layers", "diff_ids": []}}),
+                                "application/vnd.oci.image.config.v1+json")
+        m = lay.write_blob(canonical_json({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+                                           "config": config, "layers": [layer]}), MEDIA_TYPE_OCI_MANIFEST)
+        descs.append({**m, "platform": {"os": "linux", "architecture": arch}})
+    index = lay.write_blob(canonical_json({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX,
+                                           "manifests": descs}), MEDIA_TYPE_OCI_INDEX)
+    lay.tag(index, "1")
+    subprocess.run(["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false",
+                    f"oci:{tmp_path / 'multi'}:1", f"docker://{registry.host}/multi:1"],
+                   check=True, timeout=120, capture_output=True)
+    convert(f"docker://{registry.host}/multi:1", f"oci:{tmp_path / 'arm'}:1", platform="linux/arm64")
+    out = Layout(tmp_path / "arm")
+    manifest = json.loads(out.read_blob(out.resolve("1")["digest"]))
+    assert json.loads(out.read_blob(manifest["config"]["digest"]))["architecture"] == "arm64"
+    done = lazyfs("convert", f"docker://{registry.host}/multi:1", f"oci:{tmp_path / 'x'}:1",
+                  "--platform", "linux/s390x", check=False)
+    assert done.returncode == 4 and "linux/s390x" in done.stderr
+
+
+@pytest.mark.mount
+def test_user_errors_against_a_registry(registry, rich, mounts, tmp_path):
+    registry.skopeo_copy(f"docker-archive:{rich.path}", "app:1")
+    cases = [
+        (["convert", f"docker://{registry.host}/nosuch:1", f"oci:{tmp_path / 'o'}"], 4, "nosuch"),
+        (["convert", f"docker://{registry.host}/App:1", f"oci:{tmp_path / 'o'}"], 2, "lowercase"),
+        (["convert", "docker://127.0.0.1:1/app:1", f"oci:{tmp_path / 'o'}", "--timeout", "5"], 4,
+         "127.0.0.1:1"),
+        (["images", f"{registry.host}/nosuch:1"], 4, "nosuch"),
+    ]
+    for argv, code, words in cases:
+        done = lazyfs(*argv, check=False)
+        assert done.returncode == code, (argv, done.stderr)
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("lazyfs: error:"), done.stderr
+        assert words in done.stderr
+    _mnt, done = mounts.mount(f"{registry.host}/app:1", check=False)
+    assert done.returncode == 3 and "not a lazyfs image" in done.stderr
+    info = json.loads(lazyfs("images", f"{registry.host}/app:1", "--json").stdout)
+    assert info["lazy"] is False
