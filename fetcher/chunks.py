@@ -108,13 +108,14 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
 
 
 class _Pending:
-    __slots__ = ("event", "data", "payload", "error")
+    __slots__ = ("event", "data", "payload", "error", "caching")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.data: bytes | None = None
         self.payload: bytes | None = None  # as stored in the blob (what peers are sent)
         self.error: FetchError | None = None
+        self.caching = False  # stays in the in-flight map until the cache has it
 
 
 class ChunkFetcher:
@@ -187,7 +188,9 @@ class ChunkFetcher:
                 else:
                     self._nursery.start_soon(self._fetch_from_peer, c, owner, background)
             new = to_origin
-        for rng in plan_ranges(new, max_request=self.config.max_request, max_gap=self.config.max_gap):
+        # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
+        max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
+        for rng in plan_ranges(new, max_request=self.config.max_request, max_gap=max_gap):
             self._nursery.start_soon(self._fetch_range, rng, background)
         deadline = self.config.background_deadline if background else self.config.deadline
         started = time.monotonic()
@@ -262,7 +265,7 @@ class ChunkFetcher:
                 p.data = plain
                 p.payload = bytes(payload)
                 self.stats.chunks_fetched += 1
-                await self._keep(c, p.payload, background)
+                await self._keep(c, p, background)
         except FetchError as exc:
             self.stats.failed_requests += 1
             log.warning("fetching %d chunk(s) of blob %s [%d, %d) from %s failed: %s",
@@ -279,15 +282,26 @@ class ChunkFetcher:
                 if p.data is None and p.error is None:
                     p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
                 p.event.set()
-                self._inflight.pop(c.digest, None)
+                if not p.caching:
+                    self._inflight.pop(c.digest, None)
 
-    async def _keep(self, c: Chunk, payload: bytes, background: bool) -> None:
+    async def _keep(self, c: Chunk, p: _Pending, background: bool) -> None:
+        assert p.payload is not None
         if self._store is None:
             return
         if background:  # the prefetcher counts on a chunk being cached when it returns
-            await self._cache(c, payload)
-        else:  # a reader should not wait for the disk
-            self._nursery.start_soon(self._cache, c, payload)
+            await self._cache(c, p.payload)
+        else:  # a reader should not wait for the disk; until the entry is written, the
+            # in-flight map answers for it (else a peer asking just then fetches it again)
+            p.caching = True
+            self._nursery.start_soon(self._cache_then_forget, c, p)
+
+    async def _cache_then_forget(self, c: Chunk, p: _Pending) -> None:
+        try:
+            await self._cache(c, p.payload or b"")
+        finally:
+            if self._inflight.get(c.digest) is p:
+                del self._inflight[c.digest]
 
     async def _verify(self, c: Chunk, payload: bytes | bytearray | memoryview) -> bytes:
         if c.size > self.config.thread_above:
@@ -360,7 +374,7 @@ class ChunkFetcher:
             self.stats.hedge_wins += by_origin
             p.data, p.payload = plain, payload
             self.stats.chunks_fetched += 1
-            await self._keep(c, payload, background)
+            await self._keep(c, p, background)
         except FetchError as exc:
             self.stats.failed_requests += 1
             log.warning("fetching chunk %s of blob %s failed: %s", c.hexdigest[:16], c.blob.digest, exc)
@@ -373,7 +387,8 @@ class ChunkFetcher:
             if p.data is None and p.error is None:
                 p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
             p.event.set()
-            self._inflight.pop(c.digest, None)
+            if not p.caching:
+                self._inflight.pop(c.digest, None)
 
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
         length = rng.end - rng.start
