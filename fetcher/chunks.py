@@ -183,10 +183,13 @@ class ChunkFetcher:
             to_origin = []
             for c in new:
                 owner = self.peers.peers.owner(c.digest)
-                if owner is None:
-                    to_origin.append(c)
-                else:
+                if owner is not None:
                     self._nursery.start_soon(self._fetch_from_peer, c, owner, background)
+                elif background and (holder := self.peers.peers.runner_up(c.digest)):
+                    # this node owns it, but a node that prefetched before may hold it
+                    self._nursery.start_soon(self._fetch_from_peer, c, holder, background, True)
+                else:
+                    to_origin.append(c)
             new = to_origin
         # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
         max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
@@ -308,7 +311,8 @@ class ChunkFetcher:
             return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
         return decode_verified(c, payload)
 
-    async def _fetch_from_peer(self, c: Chunk, peer: str, background: bool) -> None:
+    async def _fetch_from_peer(self, c: Chunk, peer: str, background: bool,
+                               cache_only: bool = False) -> None:
         """One chunk from its owner; from the origin instead if the peer fails, sends
         wrong bytes or (for a demand read) is slower than the hedge delay."""
         assert self.peers is not None
@@ -319,7 +323,7 @@ class ChunkFetcher:
             started = time.monotonic()
             try:
                 with trio.move_on_after(tier.peers.config.request_deadline) as scope:
-                    payload = await tier.client.fetch(peer, c, tier.repository)
+                    payload = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
                 if scope.cancelled_caught:
                     raise UnreachableError(f"peer {peer} sent no answer within "
                                            f"{tier.peers.config.request_deadline:g}s")
@@ -329,7 +333,8 @@ class ChunkFetcher:
                 raise
             except FetchError as exc:  # busy, or a bad answer: no penalty, just the origin
                 self.stats.peer_failures += 1
-                log.info("chunk %s from peer: %s", c.hexdigest[:16], exc)
+                log.log(logging.DEBUG if cache_only else logging.INFO, "chunk %s from peer: %s",
+                        c.hexdigest[:16], exc)
                 raise
             try:
                 plain = await self._verify(c, payload)

@@ -144,6 +144,15 @@ class PeerSet:
                 return p
         return None
 
+    def runner_up(self, digest: bytes) -> str | None:
+        """For a chunk this node owns: the usable peer next in its order, which holds it
+        if this node's cache was lost or the peer list changed (asked cache-only)."""
+        now = self._clock()
+        order = rendezvous(digest, self.peers)
+        if not order or order[0] != self.self_url:
+            return None
+        return next((p for p in order[1:] if self.health[p].avoid_until <= now), None)
+
     def hedge_delay(self) -> float:
         c = self.config
         return min(c.max_hedge_delay, max(c.hedge_delay, 3 * self.latency))
@@ -233,12 +242,13 @@ class PeerClient:
 
     async def fetch(self, peer: str, chunk: Chunk, repository: str | None) -> bytearray:
         """The stored payload of ``chunk`` (unverified). ``repository`` (``registry/repo``)
-        lets an owner that lacks the chunk fetch it from the origin."""
-        query = {"blob": chunk.blob.digest, "offset": chunk.offset, "stored": chunk.stored_size,
-                 "size": chunk.size, "codec": chunk.codec}
+        lets an owner that lacks the chunk fetch it from the origin; without it the peer
+        answers from its cache alone (404 if it lacks it)."""
+        path = f"{CHUNK_PATH}{chunk.hexdigest}"
         if repository:
-            query["repo"] = repository
-        path = f"{CHUNK_PATH}{chunk.hexdigest}?{urlencode(query)}"
+            path += "?" + urlencode({"blob": chunk.blob.digest, "offset": chunk.offset,
+                                     "stored": chunk.stored_size, "size": chunk.size,
+                                     "codec": chunk.codec, "repo": repository})
         try:
             return await self._client(peer).get_range(path, 0, chunk.stored_size, self._auth)
         except UnexpectedResponse as exc:
