@@ -5,6 +5,11 @@ every chunk is decoded and checked against its BLAKE3 digest before anyone sees 
 it is cached; a chunk that fails the check is never cached and its readers get an
 ``IntegrityError``. Demand reads always go first: background (prefetch) requests wait
 while any demand fetch is in flight, and are limited in number.
+
+With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
+that node first; a demand read also asks the origin if the peer has not answered within
+the hedge delay, and takes whichever verified answer comes first. A peer that fails or
+sends wrong bytes never fails a read: the chunk then comes from the origin.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from blockindex.codec import ChunkDecodeError, decode_verified
 from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
-from .errors import FetchError, IntegrityError, UnreachableError
+from .errors import AuthError, FetchError, IntegrityError, UnreachableError
+from .peers import PeerTier, hedge
 from .source import BlobSource
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,15 @@ class FetchStats:
     failed_requests: int = 0
     demand_requests: int = 0
     demand_wait_seconds: float = 0.0
+    peer_chunks: int = 0
+    """Chunks that came from a peer (their bytes are counted per peer in the PeerSet)."""
+    peer_failures: int = 0
+    peer_integrity_failures: int = 0
+    hedged: int = 0
+    peer_requests: int = 0
+    """Peer requests that also went to the origin (slow or failed peer)."""
+    hedge_wins: int = 0
+    """Hedged requests that the origin answered first."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,12 +109,14 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
 
 
 class _Pending:
-    __slots__ = ("event", "data", "error")
+    __slots__ = ("event", "data", "payload", "error", "caching")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.data: bytes | memoryview | None = None
+        self.payload: bytes | memoryview | None = None  # as stored in the blob (what peers are sent)
         self.error: FetchError | None = None
+        self.caching = False  # stays in the in-flight map until the cache has it
 
 
 class ChunkFetcher:
@@ -114,6 +131,7 @@ class ChunkFetcher:
         config: FetchConfig = FetchConfig(),
         *,
         source_name: str = "origin",
+        peers: PeerTier | None = None,
     ) -> None:
         self._nursery = nursery
         self._source = source
@@ -124,17 +142,34 @@ class ChunkFetcher:
         self._inflight: dict[ChunkDigest, _Pending] = {}
         self._cpu = trio.CapacityLimiter(2)
         self._background = trio.CapacityLimiter(config.background_concurrency)
+        self.peers = peers
+        self._peer_background = trio.CapacityLimiter(
+            peers.peers.config.background_concurrency if peers else 1)
         self._demand = 0
         self._idle = trio.Event()
         self._idle.set()
 
-    async def get(
-        self, chunks: Sequence[Chunk], *, background: bool = False
-    ) -> dict[ChunkDigest, bytes | memoryview]:
+    async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
+                  use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
         """The uncompressed, verified bytes of ``chunks``, fetched and cached.
 
         Raises a ``FetchError`` (``UnreachableError`` past the deadline, ``IntegrityError``
-        for bad bytes) if any of them cannot be had."""
+        for bad bytes) if any of them cannot be had. ``use_peers=False`` goes to the
+        origin alone (an owner serving a peer never asks another peer: no loops).
+        ``speculative`` (readahead: nobody waits for it yet) hedges to the origin only
+        after five hedge delays, so that guesses do not add to the origin's load."""
+        waits = await self._wait(chunks, background, use_peers, speculative)
+        return {c.digest: p.data for c, p in waits if p.data is not None}
+
+    async def get_payload(self, chunk: Chunk) -> bytes:
+        """The verified stored payload of one chunk (what a peer is sent), fetched from the
+        origin (never from peers) and cached, once however many peers ask."""
+        [(_, p)] = await self._wait([chunk], False, False)
+        assert p.payload is not None
+        return bytes(p.payload)
+
+    async def _wait(self, chunks: Sequence[Chunk], background: bool,
+                    use_peers: bool, speculative: bool = False) -> list[tuple[Chunk, _Pending]]:
         waits: list[tuple[Chunk, _Pending]] = []
         new: list[Chunk] = []
         seen: set[bytes] = set()
@@ -147,18 +182,31 @@ class ChunkFetcher:
                 p = self._inflight[c.digest] = _Pending()
                 new.append(c)
             waits.append((c, p))
-        for rng in plan_ranges(new, max_request=self.config.max_request, max_gap=self.config.max_gap):
+        if self.peers is not None and use_peers and new:
+            to_origin = []
+            for c in new:
+                owner = self.peers.peers.owner(c.digest)
+                if owner is not None:
+                    self._nursery.start_soon(self._fetch_from_peer, c, owner, background, False,
+                                             speculative)
+                elif background and (holder := self.peers.peers.runner_up(c.digest)):
+                    # this node owns it, but a node that prefetched before may hold it
+                    self._nursery.start_soon(self._fetch_from_peer, c, holder, background, True)
+                else:
+                    to_origin.append(c)
+            new = to_origin
+        # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
+        max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
+        for rng in plan_ranges(new, max_request=self.config.max_request, max_gap=max_gap):
             self._nursery.start_soon(self._fetch_range, rng, background)
         deadline = self.config.background_deadline if background else self.config.deadline
         started = time.monotonic()
-        out: dict[ChunkDigest, bytes | memoryview] = {}
         with trio.move_on_after(deadline) as scope:
-            for c, p in waits:
+            for _, p in waits:
                 await p.event.wait()
                 if p.error is not None:
                     raise p.error
                 assert p.data is not None
-                out[c.digest] = p.data
         if not background:
             self.stats.demand_wait_seconds += time.monotonic() - started
         if scope.cancelled_caught:
@@ -166,18 +214,29 @@ class ChunkFetcher:
                 if p.error is not None:
                     raise p.error
             late = next((c for c, p in waits if not p.event.is_set()), None)
-            if late is None:  # everything arrived just as the deadline passed
-                return {c.digest: p.data for c, p in waits if p.data is not None}
-            raise UnreachableError(
-                f"chunk {late.hexdigest[:16]} of blob {late.blob.digest[:19]} "
-                f"not fetched within {deadline:g}s"
-            )
-        return out
+            if late is not None:
+                raise UnreachableError(
+                    f"chunk {late.hexdigest[:16]} of blob {late.blob.digest[:19]} "
+                    f"not fetched within {deadline:g}s"
+                )
+            # everything arrived just as the deadline passed
+        return waits
 
     async def wait_demand_idle(self) -> None:
         """Return once no demand fetch is in flight (background work calls this first)."""
         while self._demand:
             await self._idle.wait()
+
+    def _demand_started(self) -> None:
+        self._demand += 1
+        if self._demand == 1:
+            self._idle = trio.Event()
+        self.stats.demand_requests += 1
+
+    def _demand_done(self) -> None:
+        self._demand -= 1
+        if self._demand == 0:
+            self._idle.set()
 
     async def _fetch_range(self, rng: Range, background: bool) -> None:
         pendings = [self._inflight[c.digest] for c in rng.chunks]
@@ -187,16 +246,11 @@ class ChunkFetcher:
                     await self.wait_demand_idle()
                     data = await self._request(rng, self.config.background_deadline)
             else:
-                self._demand += 1
-                if self._demand == 1:
-                    self._idle = trio.Event()
-                self.stats.demand_requests += 1
+                self._demand_started()
                 try:
                     data = await self._request(rng, self.config.deadline)
                 finally:
-                    self._demand -= 1
-                    if self._demand == 0:
-                        self._idle.set()
+                    self._demand_done()
             # Verify (and, for the prefetcher, cache) the whole range in one worker thread
             # call: hashing and disk writes stay off the trio loop, and a range of many
             # chunks pays for one thread hop, not two per chunk.
@@ -205,6 +259,7 @@ class ChunkFetcher:
                 results = await trio.to_thread.run_sync(_verify_range, rng, data, store, limiter=self._cpu)
             else:
                 results = _verify_range(rng, data, store)
+            view = memoryview(data)
             for c, p, result in zip(rng.chunks, pendings, results, strict=True):
                 if isinstance(result, ChunkDecodeError):
                     self.stats.integrity_failures += 1
@@ -217,10 +272,11 @@ class ChunkFetcher:
                     )
                     continue
                 p.data = result
+                at = c.offset - rng.start
+                p.payload = view[at : at + c.stored_size]
                 self.stats.chunks_fetched += 1
-                if self._store is not None and not background:  # a reader should not wait for the disk
-                    at = c.offset - rng.start
-                    self._nursery.start_soon(self._cache, c, bytes(memoryview(data)[at : at + c.stored_size]))
+                if not background:  # the prefetcher's chunks were cached with their check
+                    await self._keep(c, p, background)
         except FetchError as exc:
             self.stats.failed_requests += 1
             log.warning("fetching %d chunk(s) of blob %s [%d, %d) from %s failed: %s",
@@ -237,6 +293,117 @@ class ChunkFetcher:
                 if p.data is None and p.error is None:
                     p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
                 p.event.set()
+                if not p.caching:
+                    self._inflight.pop(c.digest, None)
+
+    async def _keep(self, c: Chunk, p: _Pending, background: bool) -> None:
+        assert p.payload is not None
+        if self._store is None:
+            return
+        if background:  # the prefetcher counts on a chunk being cached when it returns
+            await self._cache(c, p.payload)
+        else:  # a reader should not wait for the disk; until the entry is written, the
+            # in-flight map answers for it (else a peer asking just then fetches it again)
+            p.caching = True
+            self._nursery.start_soon(self._cache_then_forget, c, p)
+
+    async def _cache_then_forget(self, c: Chunk, p: _Pending) -> None:
+        try:
+            await self._cache(c, p.payload or b"")
+        finally:
+            if self._inflight.get(c.digest) is p:
+                del self._inflight[c.digest]
+
+    async def _verify(self, c: Chunk, payload: bytes | bytearray | memoryview) -> bytes:
+        if c.size > self.config.thread_above:
+            return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
+        return decode_verified(c, payload)
+
+    async def _fetch_from_peer(self, c: Chunk, peer: str, background: bool,
+                               cache_only: bool = False, speculative: bool = False) -> None:
+        """One chunk from its owner; from the origin instead if the peer fails, sends
+        wrong bytes or (for a demand read) is slower than the hedge delay."""
+        assert self.peers is not None
+        tier = self.peers
+        p = self._inflight[c.digest]
+
+        async def from_peer() -> tuple[bytes, bytes]:
+            started = time.monotonic()
+            try:
+                with trio.move_on_after(tier.peers.config.request_deadline) as scope:
+                    payload = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
+                if scope.cancelled_caught:
+                    raise UnreachableError(f"peer {peer} sent no answer within "
+                                           f"{tier.peers.config.request_deadline:g}s")
+            except (UnreachableError, AuthError) as exc:
+                self.stats.peer_failures += 1
+                tier.peers.mark_down(peer, exc)
+                raise
+            except FetchError as exc:  # busy, or a bad answer: no penalty, just the origin
+                self.stats.peer_failures += 1
+                log.log(logging.DEBUG if cache_only else logging.INFO, "chunk %s from peer: %s",
+                        c.hexdigest[:16], exc)
+                raise
+            try:
+                plain = await self._verify(c, payload)
+            except ChunkDecodeError as exc:
+                self.stats.peer_integrity_failures += 1
+                tier.peers.mark_bad(peer, c, exc)
+                raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}") from exc
+            tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
+            self.stats.peer_chunks += 1
+            return plain, bytes(payload)
+
+        async def from_origin() -> tuple[bytes, bytes]:
+            self.stats.hedged += 1
+            rng = Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,))
+            if background:
+                async with self._background:
+                    data = await self._request(rng, self.config.background_deadline)
+            else:
+                data = await self._request(rng, self.config.deadline)
+            try:
+                plain = await self._verify(c, data)
+            except ChunkDecodeError as exc:
+                self.stats.integrity_failures += 1
+                log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
+                          c.hexdigest, c.offset, c.blob.digest, self.source_name, exc)
+                raise IntegrityError(
+                    f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification") from exc
+            return plain, bytes(data)
+
+        try:
+            if background:
+                async with self._peer_background:
+                    await self.wait_demand_idle()
+                    (plain, payload), by_origin = await hedge(from_peer, from_origin, float("inf"))
+            else:
+                self._demand_started()
+                try:
+                    delay = tier.peers.hedge_delay() * (5 if speculative else 1)
+                    self.stats.peer_requests += 1
+                    (plain, payload), by_origin = await hedge(
+                        from_peer, from_origin, delay,
+                        lambda: tier.peers.may_hedge(self.stats.hedged, self.stats.peer_requests))
+                finally:
+                    self._demand_done()
+            self.stats.hedge_wins += by_origin
+            p.data, p.payload = plain, payload
+            self.stats.chunks_fetched += 1
+            await self._keep(c, p, background)
+        except FetchError as exc:
+            self.stats.failed_requests += 1
+            log.warning("fetching chunk %s of blob %s failed: %s", c.hexdigest[:16], c.blob.digest, exc)
+            p.error = exc
+        except Exception as exc:  # a bug must fail the read, never the whole mount
+            self.stats.failed_requests += 1
+            log.exception("unexpected error fetching chunk %s", c.hexdigest)
+            p.error = FetchError(f"unexpected error fetching chunk {c.hexdigest[:16]}: {exc!r}")
+        finally:
+            if p.data is None and p.error is None:
+                p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
+            p.event.set()
+            if not p.caching:
                 self._inflight.pop(c.digest, None)
 
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:

@@ -250,12 +250,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peer(args: argparse.Namespace) -> int:
+    import trio
+
+    from .peer import read_token, run_peer
+
+    token = read_token(Path(args.token_file))
+    host, port = args.listen
+    trio.run(lambda: run_peer(Path(args.cache).absolute(), host, port, token, fetch_timeout=args.timeout,
+                              insecure=True if args.insecure else None))
+    return 0
+
+
 # -- mount / umount / status -------------------------------------------------------------
+
+def _peer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The mount's peer options, checked here so that a mistake is one line at once."""
+    from .peer import read_token
+
+    if args.peers_file is None and args.listen is None:
+        if args.token_file is not None:
+            raise UserError("--token-file needs --peers-file or --listen", ExitCode.USAGE)
+        return {}
+    if args.token_file is None:
+        raise UserError("--peers-file and --listen need --token-file (the cluster token)", ExitCode.USAGE)
+    read_token(Path(args.token_file))
+    if args.peers_file is not None and not Path(args.peers_file).is_file():
+        raise UserError(f"peers file {args.peers_file} does not exist", ExitCode.USAGE)
+    return {
+        "peers_file": Path(args.peers_file).absolute() if args.peers_file else None,
+        "listen": args.listen,
+        "token_file": Path(args.token_file).absolute(),
+        "hedge_delay": args.hedge_delay,
+    }
+
 
 def _mount_options(args: argparse.Namespace) -> Any:
     from .mount import MountOptions
 
     return MountOptions(
+        **_peer_options(args),
         ref=args.ref,
         mountpoint=Path(args.mountpoint).absolute(),
         cache_dir=Path(args.cache).absolute(),
@@ -325,6 +359,12 @@ def _mount_background(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.creds:
         env[CREDS_ENV] = args.creds  # not in argv, where ps would show it
+    if opts.peers_file is not None:
+        argv += ["--peers-file", str(opts.peers_file)]
+    if opts.listen is not None:
+        argv += ["--listen", f"[{opts.listen[0]}]:{opts.listen[1]}"]
+    if opts.token_file is not None:
+        argv += ["--token-file", str(opts.token_file), "--hedge-delay", str(opts.hedge_delay)]
     with logf:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                  pass_fds=(w,), start_new_session=True, env=env)
@@ -496,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a network wait may take before a read fails with EIO (default 30)")
     p.add_argument("--log-file", help="where a background mount logs (default in the cache dir)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--peers-file", help="ask these peers (one http://HOST:PORT a line; re-read on change)")
+    p.add_argument("--listen", type=_listen, metavar="HOST:PORT",
+                   help="also serve this node's cache to peers here")
+    p.add_argument("--token-file", help="the cluster token peers present (needed with either option)")
+    p.add_argument("--hedge-delay", type=float, default=0.08,
+                   help="seconds to wait for a peer before asking the origin too (default 0.08; "
+                        "raised to 3x the peers' observed latency)")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_mount)
 
@@ -506,6 +553,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one registry request may take")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_images)
+
+    p = sub.add_parser("peer", help="serve a node cache's chunks to the other nodes")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE),
+                   help=f"node cache directory (default {DEFAULT_CACHE})")
+    p.add_argument("--listen", type=_listen, required=True, metavar="HOST:PORT")
+    p.add_argument("--token-file", required=True, help="file holding the cluster token")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to non-loopback registries")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds fetching a missing chunk from its registry may take (default 30)")
+    p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("umount", help="unmount a lazyfs mount and stop its process")
     p.add_argument("mountpoint")
@@ -545,7 +602,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.basicConfig(level=level, format=fmt, filename=log_file)
     else:
         logging.basicConfig(level=level if args.verbose else logging.WARNING, format=fmt)
-        if getattr(args, "foreground", False) or args.command in ("serve", "snapshotter"):
+        if getattr(args, "foreground", False) or args.command in ("serve", "snapshotter", "peer"):
             logging.getLogger().setLevel(level)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

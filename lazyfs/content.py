@@ -115,7 +115,7 @@ class ImageContent:
 
     async def _load_ahead(self, chunks: list[Chunk]) -> None:
         try:
-            await self._chunks(chunks, ahead=True)
+            await self._chunks(chunks, ahead=True)  # fetched as speculative: see ChunkFetcher.get
         except FetchError as exc:
             log.debug("readahead of %d chunks failed: %s", len(chunks), exc)
         finally:
@@ -158,7 +158,7 @@ class ImageContent:
                 raise UnreachableError(
                     f"chunk {missing[0].hexdigest[:16]} is not cached and the mount is offline"
                 )
-            fetched = await self.fetcher.get(missing)
+            fetched = await self.fetcher.get(missing, speculative=ahead)
             for c in missing:
                 out[c.digest] = fetched[c.digest]
                 self._remember(c.digest, fetched[c.digest])

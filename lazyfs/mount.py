@@ -33,12 +33,14 @@ from fetcher.errors import FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
 from fetcher.mirrors import MirroredClient
 from fetcher.options import RegistryOptions
+from fetcher.peers import PeerClient, PeerConfig, PeerSet, PeersFileWatcher, PeerTier
 from fetcher.registry import RegistryClient, resolve_image_manifest
 
 from . import mountinfo
 from .content import ImageContent
 from .errors import ExitCode, MountError, NotLazyImageError, UserError
 from .fs import LazyOperations
+from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,15 @@ class MountOptions:
         if self.insecure:
             insecure.add(ImageRef.parse(self.ref).registry)
         return dataclasses.replace(base, timeout=self.timeout, insecure_hosts=frozenset(insecure))
+    peers_file: Path | None = None
+    """Peers to ask for chunks before the origin: one ``http://HOST:PORT`` a line, re-read
+    when it changes. The peer whose URL equals ``listen`` is this node."""
+    listen: tuple[str, int] | None = None
+    """Serve this node's cache to peers at ``(host, port)`` (in this process's trio loop)."""
+    token_file: Path | None = None
+    """The cluster token, sent to peers and required of them."""
+    hedge_delay: float = 0.08
+    """Seconds to wait for a peer before asking the origin as well (see ``PeerConfig``)."""
 
 
 @dataclasses.dataclass
@@ -169,10 +180,15 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
 
 
 def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
-            fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float) -> dict[str, Any]:
+            fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
+            server: ChunkServer | None = None) -> dict[str, Any]:
     p = prefetcher.progress
     totals = index.totals()
     f = fetcher.stats if fetcher else None
+    peers = fetcher.peers.peers if fetcher and fetcher.peers else None
+    by_source = {"origin": f.bytes_received if f else 0, "cache": content.stats.bytes_from_cache}
+    if peers is not None:
+        by_source.update({f"peer {url}": h["bytes"] for url, h in peers.stats().items()})
     return {
         "pid": os.getpid(),
         "ref": opts.ref,
@@ -189,8 +205,11 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
                      "cached_bytes": p.cached_bytes, "total_bytes": p.total_bytes},
         "reads": dataclasses.asdict(content.stats),
         "fetch": dataclasses.asdict(f) if f else None,
-        "bytes_by_source": {"origin": f.bytes_received if f else 0,
-                            "cache": content.stats.bytes_from_cache},
+        "bytes_by_source": by_source,
+        "peers": None if peers is None else {
+            "self": peers.self_url, "peers": peers.stats(), "bad_peers": peers.bad_peers(),
+            "hedge_delay": round(peers.hedge_delay(), 4)},
+        "peer_server": dataclasses.asdict(server.stats) if server else None,
     }
 
 
@@ -232,17 +251,46 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
         opened = await open_image(opts, ref, client, images)
         index = IndexReader(opened.index_path)
         stack.callback(index.close)
+        token = read_token(opts.token_file) if opts.token_file else None
+        listeners = None
+        if opts.listen is not None and token is not None:
+            listeners = await ChunkServer.listen_on(*opts.listen)
+            for listener in listeners:
+                stack.callback(listener.socket.close)
+        tier = watcher = None
+        if opts.peers_file is not None and token is not None and client is not None:
+            self_url = None
+            if opts.listen is not None:
+                host = f"[{opts.listen[0]}]" if ":" in opts.listen[0] else opts.listen[0]
+                self_url = f"http://{host}:{opts.listen[1]}"
+            peer_set = PeerSet(self_url=self_url, config=PeerConfig(hedge_delay=opts.hedge_delay))
+            watcher = PeersFileWatcher(opts.peers_file, peer_set)
+            watcher.load()
+            peer_client = PeerClient(token)
+            stack.push_async_callback(peer_client.aclose)
+            tier = PeerTier(peer_set, peer_client, f"{ref.registry}/{ref.repository}")
         async with trio.open_nursery() as nursery:
             fetcher = None
+            server = None
             if client is not None:
-                fetcher = ChunkFetcher(nursery, client, store,
-                                       FetchConfig(deadline=opts.timeout), source_name="origin")
+                fetcher = ChunkFetcher(nursery, client, store, FetchConfig(deadline=opts.timeout),
+                                       source_name="origin", peers=tier)
+            if listeners is not None and token is not None:
+                own = {f"{ref.registry}/{ref.repository}": fetcher} if fetcher else {}
+                origins = OriginPool(nursery, store, timeout=opts.timeout, insecure=opts.insecure,
+                                     fetchers=own)
+                stack.push_async_callback(origins.aclose)
+                server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=opts.timeout))
+                nursery.start_soon(server.serve, listeners)
+                log.info("serving this node's cache to peers at %s:%d", *opts.listen)
+            if watcher is not None:
+                nursery.start_soon(watcher.run)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
             content = ImageContent(index, store, fetcher, on_fetched=prefetcher.progress.cached,
                                    nursery=nursery)
             ops = LazyOperations(
                 index, content,
-                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started),
+                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server),
             )
             # before mounting (see mountinfo.find); nothing else runs on the loop yet
             target = os.path.realpath(opts.mountpoint)  # noqa: ASYNC240

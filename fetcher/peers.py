@@ -1,0 +1,344 @@
+"""Chunks from the other nodes of a cluster: who owns a chunk, how to ask, when to give up.
+
+    rendezvous(digest, peers)   peers in order of preference for one chunk (highest
+                                random weight first): the first is its owner, and the
+                                whole cluster agrees without a coordinator; when a peer
+                                leaves, only the chunks it owned move
+    PeerSet                     the peer list (re-read from the peers file when it
+                                changes), which peers to avoid for now, bytes per peer
+    PeerClient                  GET /v1/chunks/<blake3 hex> with the cluster token
+    hedge(primary, backup, d)   run ``primary``; if it has not answered within ``d``
+                                seconds (or failed), run ``backup`` too; first success wins
+
+A peer is never trusted: the fetcher checks every payload against the chunk's digest and
+reports a peer that sends wrong bytes with ``PeerSet.mark_bad``. A peer that is down is
+skipped with exponential backoff. The request carries what the owner needs to fetch the
+chunk from the origin itself (blob, offset, sizes, codec, repository); credentials are
+the owner's own.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlencode, urlsplit
+
+import trio
+import xxhash
+
+from blockindex.format import Chunk
+
+from .errors import AuthError, FetchError, ServerError, UnreachableError
+from .http1 import RangeClient, UnexpectedResponse
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CHUNK_PATH = "/v1/chunks/"
+
+
+def _weight(peer: str, digest: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(peer.encode() + b"\0" + digest)
+
+
+def rendezvous(digest: bytes, peers: Sequence[str]) -> list[str]:
+    """``peers`` ordered by their weight for ``digest``, highest first (HRW hashing)."""
+    return sorted(peers, key=lambda p: (_weight(p, digest), p), reverse=True)
+
+
+def normalize_url(url: str) -> str:
+    """``http://host:port`` with no trailing slash: the form peers are compared in."""
+    url = url.strip()
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or parts.port is None:
+        raise ValueError(f"not a peer URL (expected http://HOST:PORT): {url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"http://{host}:{parts.port}"
+
+
+def read_peers_file(path: Path) -> list[str]:
+    """Peer URLs, one a line; blank lines and ``#`` comments are skipped. ValueError for
+    a line that is not a peer URL."""
+    out: list[str] = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            url = normalize_url(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{n}: {exc}") from None
+        if url not in out:
+            out.append(url)
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PeerConfig:
+    """How this node uses its peers."""
+
+    hedge_delay: float = 0.08
+    """Seconds to wait for a peer before asking the origin as well (a hedged request);
+    raised adaptively to 3x the peers' observed latency, up to ``max_hedge_delay``."""
+    max_hedge_delay: float = 1.0
+    hedge_budget: float = 0.02
+    """At most this fraction of peer requests (plus a small burst) is hedged: past it a
+    request waits for its peer alone (until ``request_deadline``, then the origin), so a
+    busy cluster cannot turn hedges into a second full load on the origin ("The Tail at
+    Scale" limits hedged requests the same way)."""
+    request_deadline: float = 10.0
+    """Seconds one peer request may take in all (the owner may be fetching from the origin)."""
+    down_backoff: float = 1.0
+    """First pause after a peer is found down; doubles on each failure, up to ``max_backoff``."""
+    max_backoff: float = 60.0
+    bad_peer_penalty: float = 300.0
+    """Seconds a peer that sent wrong bytes is avoided."""
+    background_concurrency: int = 8
+    """Peer requests of the prefetcher in flight at once."""
+    reload_interval: float = 2.0
+    """Seconds between checks of the peers file's mtime."""
+
+
+@dataclasses.dataclass
+class PeerHealth:
+    avoid_until: float = 0.0
+    failures: int = 0
+    bad_chunks: int = 0
+    bytes: int = 0
+    chunks: int = 0
+    errors: int = 0
+
+
+class PeerSet:
+    """The peers this node may ask, and what it has learnt about each.
+
+    ``self_url`` is this node's own URL (its ``--listen``): a chunk this node owns goes
+    straight to the origin."""
+
+    def __init__(self, peers: Sequence[str] = (), *, self_url: str | None = None,
+                 config: PeerConfig = PeerConfig(), clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.self_url = normalize_url(self_url) if self_url else None
+        self._clock = clock
+        self.peers: list[str] = []
+        self.health: dict[str, PeerHealth] = {}
+        self.latency = 0.0  # EWMA of successful peer requests, seconds
+        self._recent: collections.deque[float] = collections.deque(maxlen=64)
+        self.set_peers(peers)
+
+    def set_peers(self, peers: Sequence[str]) -> None:
+        self.peers = [normalize_url(p) for p in peers]
+        for p in self.peers:
+            self.health.setdefault(p, PeerHealth())
+
+    def owner(self, digest: bytes) -> str | None:
+        """The peer to ask for ``digest``: its owner, or the next one when the owner is
+        being avoided; None when that is this node (or no peer is usable): use the origin."""
+        now = self._clock()
+        for p in rendezvous(digest, self.peers):
+            if p == self.self_url:
+                return None
+            if self.health[p].avoid_until <= now:
+                return p
+        return None
+
+    def runner_up(self, digest: bytes) -> str | None:
+        """For a chunk this node owns: the usable peer next in its order, which holds it
+        if this node's cache was lost or the peer list changed (asked cache-only)."""
+        now = self._clock()
+        order = rendezvous(digest, self.peers)
+        if not order or order[0] != self.self_url:
+            return None
+        return next((p for p in order[1:] if self.health[p].avoid_until <= now), None)
+
+    def hedge_delay(self) -> float:
+        c = self.config
+        return min(c.max_hedge_delay, max(c.hedge_delay, 3 * self.latency, 1.5 * self.p95()))
+
+    def p95(self) -> float:
+        """The 95th percentile of recent peer latencies (0 before 20 observations): hedging
+        past it ("The Tail at Scale") costs the origin about 5% extra, not a burst."""
+        if len(self._recent) < 20:
+            return 0.0
+        ordered = sorted(self._recent)
+        return ordered[int(0.95 * (len(ordered) - 1))]
+
+    def may_hedge(self, hedged: int, requests: int) -> bool:
+        """Whether one more hedge stays within the budget, given the hedges and peer
+        requests so far."""
+        return hedged < self.config.hedge_budget * requests + 3
+
+    def mark_ok(self, peer: str, nbytes: int, seconds: float) -> None:
+        h = self.health[peer]
+        h.failures = 0
+        h.bytes += nbytes
+        h.chunks += 1
+        self.latency = seconds if not self.latency else 0.8 * self.latency + 0.2 * seconds
+        self._recent.append(seconds)
+
+    def mark_down(self, peer: str, reason: object) -> None:
+        h = self.health[peer]
+        h.errors += 1
+        pause = min(self.config.max_backoff, self.config.down_backoff * 2 ** min(h.failures, 16))
+        h.failures += 1
+        h.avoid_until = max(h.avoid_until, self._clock() + pause)
+        level = logging.WARNING if h.failures == 1 else logging.DEBUG
+        log.log(level, "peer %s: %s; skipping it for %.1fs", peer, reason, pause)
+
+    def mark_bad(self, peer: str, chunk: Chunk, reason: object) -> None:
+        h = self.health[peer]
+        h.bad_chunks += 1
+        h.avoid_until = self._clock() + self.config.bad_peer_penalty
+        log.error("peer %s sent wrong bytes for chunk %s (%s); avoiding it for %gs",
+                  peer, chunk.hexdigest, reason, self.config.bad_peer_penalty)
+
+    def stats(self) -> dict[str, dict[str, object]]:
+        now = self._clock()
+        return {p: {"bytes": h.bytes, "chunks": h.chunks, "errors": h.errors, "bad_chunks": h.bad_chunks,
+                    "avoided_for": round(max(0.0, h.avoid_until - now), 1)}
+                for p, h in self.health.items()}
+
+    def bad_peers(self) -> list[str]:
+        return [p for p, h in self.health.items() if h.bad_chunks]
+
+
+class PeersFileWatcher:
+    """Keeps a ``PeerSet`` equal to a peers file, checking its mtime every few seconds."""
+
+    def __init__(self, path: Path, peers: PeerSet) -> None:
+        self.path = path
+        self.peers = peers
+        self._mtime: int | None = None
+
+    def load(self) -> bool:
+        """Re-read the file if it changed; True if it did. A missing or bad file keeps
+        the last good list (and says so in the log)."""
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+            if mtime == self._mtime:
+                return False
+            urls = read_peers_file(self.path)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            if self._mtime != -1:
+                log.warning("peers file %s unusable (%s); keeping %d peers", self.path, exc,
+                            len(self.peers.peers))
+            self._mtime = -1
+            return False
+        self._mtime = mtime
+        self.peers.set_peers(urls)
+        log.info("peers: %s", " ".join(urls) or "(none)")
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.peers.config.reload_interval)
+            await trio.to_thread.run_sync(self.load)
+
+
+class PeerClient:
+    """Asks peers for chunks: one keep-alive connection pool per peer."""
+
+    def __init__(self, token: str, *, connect_timeout: float = 2.0) -> None:
+        self._auth = {"Authorization": f"Bearer {token}"}
+        self._clients: dict[str, RangeClient] = {}
+        self._connect_timeout = connect_timeout
+
+    def _client(self, peer: str) -> RangeClient:
+        c = self._clients.get(peer)
+        if c is None:
+            parts = urlsplit(peer)
+            assert parts.hostname is not None and parts.port is not None
+            c = self._clients[peer] = RangeClient(parts.hostname, parts.port,
+                                                  connect_timeout=self._connect_timeout)
+        return c
+
+    async def fetch(self, peer: str, chunk: Chunk, repository: str | None) -> bytearray:
+        """The stored payload of ``chunk`` (unverified). ``repository`` (``registry/repo``)
+        lets an owner that lacks the chunk fetch it from the origin; without it the peer
+        answers from its cache alone (404 if it lacks it)."""
+        path = f"{CHUNK_PATH}{chunk.hexdigest}"
+        if repository:
+            path += "?" + urlencode({"blob": chunk.blob.digest, "offset": chunk.offset,
+                                     "stored": chunk.stored_size, "size": chunk.size,
+                                     "codec": chunk.codec, "repo": repository})
+        try:
+            return await self._client(peer).get_range(path, 0, chunk.stored_size, self._auth)
+        except UnexpectedResponse as exc:
+            if exc.status == 401:
+                raise AuthError(f"peer {peer} refused the cluster token (401)") from None
+            if exc.status == 404:
+                raise ServerError(f"peer {peer} has no chunk {chunk.hexdigest[:16]} (404)") from None
+            if exc.status == 503:
+                raise ServerError(f"peer {peer} is busy (503)") from None
+            raise ServerError(f"peer {peer}: unexpected status {exc.status}") from None
+
+    async def aclose(self) -> None:
+        for c in self._clients.values():
+            await c.aclose()
+
+
+@dataclasses.dataclass
+class PeerTier:
+    """What a ``ChunkFetcher`` needs to ask peers before the origin."""
+
+    peers: PeerSet
+    client: PeerClient
+    repository: str | None = None
+    """``registry/repository`` of the image, sent so that an owner can fetch from the origin."""
+
+
+async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaitable[T]],
+                delay: float, may_hedge: Callable[[], bool] | None = None) -> tuple[T, bool]:
+    """Run ``primary``; start ``backup`` when ``primary`` fails or has not answered in
+    ``delay`` seconds. Returns the first success and whether it was ``backup``'s; the
+    loser is cancelled. If both fail, ``backup``'s error is raised (``primary`` is the
+    optional, faster path; ``backup`` is the one that must work). When the delay passes
+    and ``may_hedge()`` says no (the hedge budget is spent), only a failure of
+    ``primary`` (which has a deadline of its own) brings in ``backup``."""
+    result: list[tuple[T, bool]] = []
+    backup_error: list[BaseException] = []
+    start_backup = trio.Event()
+
+    async with trio.open_nursery() as nursery:
+
+        async def run_primary() -> None:
+            try:
+                value = await primary()
+            except FetchError:
+                start_backup.set()
+                return
+            result.append((value, False))
+            nursery.cancel_scope.cancel()
+
+        async def run_backup() -> None:
+            with trio.move_on_after(delay):
+                await start_backup.wait()
+            if not start_backup.is_set() and may_hedge is not None and not may_hedge():
+                await start_backup.wait()
+            try:
+                value = await backup()
+            except FetchError as exc:
+                backup_error.append(exc)
+                return
+            result.append((value, True))
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run_primary)
+        nursery.start_soon(run_backup)
+    if result:
+        return result[0]
+    assert backup_error
+    raise backup_error[0]
+
+
+__all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher", "hedge",
+           "normalize_url", "read_peers_file", "UnreachableError"]

@@ -1,0 +1,330 @@
+"""Serve the node's cached chunks to the other nodes of a cluster (``lazyfs peer``, and
+``lazyfs mount --listen``).
+
+    GET /v1/chunks/<blake3 hex>[?blob=&offset=&stored=&size=&codec=&repo=]
+        Authorization: Bearer <cluster token>      401 without it (compared in constant time)
+        200/206  the payload as stored in the blob; X-Lazyfs-Codec, X-Lazyfs-Size headers
+        404      not cached, and the query does not say where it comes from
+        502      the owner could not get it from the origin
+        503      more than ``max_concurrent`` requests in progress
+
+A chunk that is not cached but whose request says where it lies (blob, offset, sizes,
+codec, ``registry/repository``) is fetched from the origin with this node's own
+credentials, once however many peers ask at the same time (the ``ChunkFetcher``'s
+in-flight map), verified, cached and sent. The server never asks another peer, so
+requests cannot loop. It runs on the trio loop of its process (with FUSE in a mount):
+reading an entry larger than ``thread_above`` from disk goes to a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import trio
+
+from blockindex.format import CODEC_LZ4, CODEC_RAW, Blob, Chunk, ChunkDigest
+from cache.store import ChunkStore
+from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.errors import FetchError
+from fetcher.imageref import ImageRef
+from fetcher.peers import CHUNK_PATH
+from fetcher.registry import RegistryClient
+
+from .errors import ExitCode, UserError
+
+log = logging.getLogger(__name__)
+
+_MAX_HEAD = 16 << 10
+_REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized",
+            404: "Not Found", 405: "Method Not Allowed", 502: "Bad Gateway", 503: "Service Unavailable"}
+
+
+def read_token(path: Path) -> str:
+    """The cluster token: the file's first line. UserError (exit 2) if unusable."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not text"
+        raise UserError(f"cannot read token file {path}: {reason}", ExitCode.USAGE) from exc
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if len(token) < 16 or any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise UserError(f"token file {path}: expected one line of at least 16 printable characters",
+                        ExitCode.USAGE)
+    return token
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PeerServerConfig:
+    """How the chunk server treats its callers."""
+
+    max_concurrent: int = 32
+    """Requests in progress at once; more are answered 503 (the caller goes to the origin)."""
+    idle_timeout: float = 30.0
+    """Seconds a keep-alive connection may sit idle, or take to send a request head."""
+    fetch_deadline: float = 30.0
+    """Seconds fetching a missing chunk from the origin may take before answering 502."""
+    thread_above: int = 128 << 10
+    """Cache entries larger than this are read in a worker thread."""
+
+
+@dataclasses.dataclass
+class PeerServerStats:
+    requests: int = 0
+    chunks_served: int = 0
+    bytes_served: int = 0
+    fetched_for_peers: int = 0
+    unauthorized: int = 0
+    busy: int = 0
+    not_found: int = 0
+    errors: int = 0
+
+
+class OriginPool:
+    """Origin-only chunk fetchers, one per repository, made on first use (a mount passes
+    its own, so that its readers and its peers share one in-flight map)."""
+
+    def __init__(self, nursery: trio.Nursery, store: ChunkStore, *, timeout: float = 30.0,
+                 insecure: bool | None = None, fetchers: dict[str, ChunkFetcher] | None = None) -> None:
+        self._nursery = nursery
+        self._store = store
+        self._timeout = timeout
+        self._insecure = insecure
+        self._fetchers = dict(fetchers or {})
+        self._clients: list[RegistryClient] = []
+
+    def get(self, repository: str) -> ChunkFetcher:
+        f = self._fetchers.get(repository)
+        if f is None:
+            ref = ImageRef.parse(repository)  # ValueError for a malformed one
+            client = RegistryClient(ref, timeout=self._timeout, insecure=self._insecure)
+            self._clients.append(client)
+            f = self._fetchers[repository] = ChunkFetcher(
+                self._nursery, client, self._store, FetchConfig(deadline=self._timeout))
+        return f
+
+    async def aclose(self) -> None:
+        for c in self._clients:
+            with trio.CancelScope(shield=True):
+                await c.aclose()
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ChunkServer:
+    """Answers chunk requests from peers on keep-alive HTTP/1.1 connections."""
+
+    def __init__(self, store: ChunkStore, token: str, origins: OriginPool | None = None,
+                 config: PeerServerConfig = PeerServerConfig()) -> None:
+        self.store = store
+        self.config = config
+        self.stats = PeerServerStats()
+        self._expected = f"Bearer {token}".encode()
+        self._origins = origins
+        self._active = 0
+        self._io = trio.CapacityLimiter(4)
+
+    @staticmethod
+    async def listen_on(host: str, port: int) -> list[trio.SocketListener]:
+        """Bind (before anything else starts, so a port in use is a one-line error)."""
+        try:
+            return await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                            ExitCode.USAGE) from exc
+
+    async def serve(self, listeners: list[trio.SocketListener]) -> None:
+        await trio.serve_listeners(self._connection, listeners)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        buf = b""
+        try:
+            while True:
+                with trio.move_on_after(self.config.idle_timeout):
+                    while b"\r\n\r\n" not in buf:
+                        if len(buf) > _MAX_HEAD:
+                            return
+                        part = await stream.receive_some(65536)
+                        if not part:
+                            return
+                        buf += part
+                if b"\r\n\r\n" not in buf:
+                    return  # idle too long
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                keep = await self._request(stream, head)
+                if not keep:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        finally:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.aclose()
+
+    async def _request(self, stream: trio.SocketStream, head: bytes) -> bool:
+        self.stats.requests += 1
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            k, sep, v = line.partition(":")
+            if sep:
+                headers[k.strip().lower()] = v.strip()
+        keep = headers.get("connection", "").lower() != "close"
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            await self._send(stream, 400, b"malformed request\n", keep=False)
+            return False
+        method, target = parts[0], parts[1]
+        if method != "GET":
+            await self._send(stream, 405, b"only GET\n", keep=keep)
+            return keep
+        if not hmac.compare_digest(headers.get("authorization", "").encode("latin-1"), self._expected):
+            self.stats.unauthorized += 1
+            await self._send(stream, 401, b"cluster token required\n", keep=keep,
+                             extra={"WWW-Authenticate": 'Bearer realm="lazyfs-peers"'})
+            return keep
+        if self._active >= self.config.max_concurrent:
+            self.stats.busy += 1
+            await self._send(stream, 503, b"busy\n", keep=keep, extra={"Retry-After": "1"})
+            return keep
+        self._active += 1
+        try:
+            codec, size, payload = await self._chunk(target)
+        except _BadRequest as exc:
+            if exc.status == 404:
+                self.stats.not_found += 1
+            else:
+                self.stats.errors += 1
+            await self._send(stream, exc.status, f"{exc}\n".encode(), keep=keep)
+            return keep
+        finally:
+            self._active -= 1
+        status, extra = 200, {"X-Lazyfs-Codec": str(codec), "X-Lazyfs-Size": str(size)}
+        rng = headers.get("range")
+        if rng:
+            try:
+                start, end = _parse_range(rng, len(payload))
+            except ValueError:
+                await self._send(stream, 400, b"bad Range\n", keep=keep)
+                return keep
+            status = 206
+            extra["Content-Range"] = f"bytes {start}-{end - 1}/{len(payload)}"
+            payload = payload[start:end]
+        self.stats.chunks_served += 1
+        self.stats.bytes_served += len(payload)
+        await self._send(stream, status, payload, keep=keep, extra=extra)
+        return keep
+
+    async def _chunk(self, target: str) -> tuple[int, int, bytes]:
+        url = urlsplit(target)
+        if not url.path.startswith(CHUNK_PATH):
+            raise _BadRequest(404, f"no such path {url.path[:100]}")
+        try:
+            digest = ChunkDigest(bytes.fromhex(url.path[len(CHUNK_PATH):]))
+            if len(digest) != 32:
+                raise ValueError
+        except ValueError:
+            raise _BadRequest(400, "expected /v1/chunks/<64 hex digits>") from None
+        chunk, repo = _chunk_from_query(digest, url.query)
+        entry = await self._load(digest)
+        if entry is not None and (chunk is None or entry[:2] == (chunk.codec, chunk.size)
+                                  and len(entry[2]) == chunk.stored_size):
+            return entry
+        if chunk is None or repo is None or self._origins is None:
+            raise _BadRequest(404, f"chunk {digest.hex()} is not cached here")
+        try:
+            fetcher = self._origins.get(repo)
+        except ValueError as exc:
+            raise _BadRequest(400, f"bad repository: {exc}") from None
+        self.stats.fetched_for_peers += 1
+        with trio.move_on_after(self.config.fetch_deadline):
+            try:
+                payload = await fetcher.get_payload(chunk)
+            except FetchError as exc:
+                raise _BadRequest(502, f"cannot fetch chunk {digest.hex()[:16]}: {exc}") from None
+            return chunk.codec, chunk.size, payload
+        raise _BadRequest(502, f"chunk {digest.hex()[:16]} not fetched in {self.config.fetch_deadline:g}s")
+
+    async def _load(self, digest: bytes) -> tuple[int, int, bytes] | None:
+        path = self.store.path(digest)
+        try:
+            size = os.stat(path).st_size  # noqa: ASYNC240 - one stat of a cached inode, like open()
+        except OSError:
+            return None
+        if size > self.config.thread_above:
+            return await trio.to_thread.run_sync(self.store.get, digest, limiter=self._io)
+        return self.store.get(digest)
+
+    async def _send(self, stream: trio.SocketStream, status: int, body: bytes, *, keep: bool,
+                    extra: dict[str, str] | None = None) -> None:
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Length: {len(body)}",
+                 "Content-Type: application/octet-stream" if status < 300 else "Content-Type: text/plain"]
+        lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
+        if not keep:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if len(body) <= 64 << 10:
+            await stream.send_all(head + body)
+        else:
+            await stream.send_all(head)
+            await stream.send_all(body)
+
+
+def _chunk_from_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, str | None]:
+    q = {k: v[0] for k, v in parse_qs(query).items()}
+    if "blob" not in q:
+        return None, None
+    try:
+        blob = q["blob"]
+        offset, stored, size, codec = (int(q[k]) for k in ("offset", "stored", "size", "codec"))
+        if not blob.startswith("sha256:") or len(blob) != 71 or offset < 0 or not 0 < stored <= 1 << 27 \
+                or not 0 < size <= 1 << 27 or codec not in (CODEC_RAW, CODEC_LZ4):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise _BadRequest(400, "bad chunk location in the query") from None
+    return Chunk(digest, Blob(0, blob, 0), offset, stored, size, codec), q.get("repo")
+
+
+def _parse_range(header: str, n: int) -> tuple[int, int]:
+    unit, _, spec = header.partition("=")
+    first, _, last = spec.partition("-")
+    if unit.strip() != "bytes" or not first.isdigit():
+        raise ValueError(header)
+    start = int(first)
+    end = int(last) + 1 if last.strip() else n
+    if start >= n or end <= start:
+        raise ValueError(header)
+    return start, min(end, n)
+
+
+async def run_peer(cache_dir: Path, host: str, port: int, token: str, *, fetch_timeout: float = 30.0,
+                   insecure: bool | None = None, ready: Callable[[str], object] | None = None) -> None:
+    """``lazyfs peer``: serve ``cache_dir`` until SIGTERM or SIGINT."""
+    store = ChunkStore(cache_dir)
+    async with trio.open_nursery() as nursery:
+        origins = OriginPool(nursery, store, timeout=fetch_timeout, insecure=insecure)
+        server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=fetch_timeout))
+        listeners = await server.listen_on(host, port)
+        try:
+            bound = listeners[0].socket.getsockname()
+            log.info("serving the chunks of %s to peers at %s:%d", cache_dir, bound[0], bound[1])
+            if ready is not None:
+                ready(f"http://{bound[0]}:{bound[1]}")
+            nursery.start_soon(server.serve, listeners)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("signal %d: stopping", signum)
+                    break
+        finally:
+            nursery.cancel_scope.cancel()
+            await origins.aclose()

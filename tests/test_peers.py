@@ -1,0 +1,315 @@
+"""Peers for real: several mount processes on loopback (separate caches and ports) in front
+of one counting origin; a standalone ``lazyfs peer``; a lying peer; a killed peer."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from blockindex.codec import decode_verified
+from blockindex.convert import convert
+from lazyfs.serve import make_server
+
+from . import imagegen
+from .conftest import ROOT, lazyfs
+from .test_mount import index_of
+
+pytestmark = pytest.mark.mount
+
+TOKEN = "s3cret-cluster-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rich-peers")
+    image = imagegen.build_rich_image(tmp / "rich.tar")
+    convert(f"docker-archive:{image.path}", f"oci:{tmp / 'images' / 'rich'}:1", chunk_size=64 << 10)
+    return image, tmp / "images"
+
+
+@pytest.fixture
+def origin(rich, tmp_path):
+    image, images = rich
+    root = tmp_path / "images"
+    shutil.copytree(images, root)
+    server = make_server(root, "127.0.0.1", 0)
+    server.start()
+    yield image, root, server
+    server.close()
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    f = tmp_path / "token"
+    f.write_text(TOKEN + "\n")
+    return f
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def origin_range_bytes(server) -> int:
+    """Bytes of chunk blobs the origin sent: the sum of the Range lengths it answered."""
+    total = 0
+    for _method, path, rng, status in server.requests:
+        if "/blobs/" in path and rng and status == 206:
+            first, last = rng.removeprefix("bytes=").split("-")
+            total += int(last) - int(first) + 1
+    return total
+
+
+def unique_stored_bytes(root: Path) -> int:
+    return sum(c.stored_size for c in index_of(root).all_chunks())
+
+
+class Cluster:
+    """Mount processes started together and torn down together (in parallel: one at a
+    time through ``lazyfs status`` costs seconds per node on a loaded 2-core machine)."""
+
+    def __init__(self) -> None:
+        self.pids: dict[Path, int] = {}
+
+    def teardown(self) -> None:
+        for mnt in self.pids:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        deadline = time.monotonic() + 10
+        for pid in self.pids.values():
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster()
+    yield c
+    c.teardown()
+
+
+def start_nodes(cluster: Cluster, server, n: int, tmp: Path, token_file: Path, *, peers: bool,
+                extra_peers: list[str] = ()) -> list[Path]:
+    """Mount the image on ``n`` nodes at once; with ``peers`` each also serves its cache."""
+    ports = free_ports(n)
+    peers_file = tmp / "peers"
+    peers_file.write_text("".join(f"http://127.0.0.1:{p}\n" for p in ports)
+                          + "".join(u + "\n" for u in extra_peers))
+    procs, points = [], []
+    for i, port in enumerate(ports):
+        mnt = tmp / f"node{i}"
+        mnt.mkdir()
+        args = ["mount", f"127.0.0.1:{server.port}/rich:1", str(mnt), "--cache", str(tmp / f"cache{i}"),
+                "--timeout", "10", "--no-prefetch", "--log-file", str(tmp / f"node{i}.log")]
+        if peers:
+            args += ["--peers-file", str(peers_file), "--listen", f"127.0.0.1:{port}",
+                     "--token-file", str(token_file)]
+        procs.append(subprocess.Popen([sys.executable, "-m", "lazyfs", *args], cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        points.append(mnt)
+    for p, mnt in zip(procs, points, strict=True):
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        cluster.pids[mnt] = int(re.search(r"\(pid (\d+),", out)[1])
+    return points
+
+
+def status(mnt: Path) -> dict:
+    """What ``lazyfs status --json`` prints, without starting a process per call."""
+    return json.loads(os.getxattr(mnt, "user.lazyfs.status"))
+
+
+def files_of(image) -> list[bytes]:
+    return sorted(p for p, e in image.expected.items() if e.kind == "file" and e.size)
+
+
+def read_all(mnt: Path, image, files: list[bytes]) -> list[str]:
+    """Read every file; return the problems (wrong bytes or errors)."""
+    bad = []
+    for f in files:
+        try:
+            digest = hashlib.sha256((mnt / os.fsdecode(f)).read_bytes()).hexdigest()
+        except OSError as exc:
+            bad.append(f"{mnt.name}/{f!r}: {exc}")
+            continue
+        if digest != image.expected[f].sha256:
+            bad.append(f"{mnt.name}/{f!r}: wrong bytes")
+    return bad
+
+
+def read_everywhere(points: list[Path], image) -> list[str]:
+    files = files_of(image)
+    with ThreadPoolExecutor(len(points)) as pool:
+        results = list(pool.map(lambda m: read_all(m, image, files), points))
+    return [b for r in results for b in r]
+
+
+NODES = 6
+
+
+def test_a_cluster_asks_the_origin_about_once_per_chunk(origin, mounts, cluster, tmp_path, token_file):
+    image, root, server = origin
+    unique = unique_stored_bytes(root)
+    points = start_nodes(cluster, server, NODES, tmp_path, token_file, peers=True)
+    assert read_everywhere(points, image) == []
+    sent = origin_range_bytes(server)
+    fetch = [{k: status(m)["fetch"][k] for k in ("bytes_received", "peer_chunks", "hedged",
+                                                         "hedge_wins", "peer_failures")} for m in points]
+    assert sent <= 1.1 * unique, f"origin sent {sent} bytes for {unique} unique: {fetch}"
+    st = mounts.status(points[0])
+    assert set(st["bytes_by_source"]) >= {"cache", "origin"}
+    assert any(k.startswith("peer http://127.0.0.1:") for k in st["bytes_by_source"])
+    total_from_peers = sum(v for m in points for k, v in status(m)["bytes_by_source"].items()
+                           if k.startswith("peer "))
+    assert total_from_peers > 0
+    print(f"\n{NODES} nodes with peers: origin sent {sent} bytes for {unique} unique "
+          f"({sent / unique:.2f}x)")
+
+
+def test_without_peers_every_node_asks_the_origin(origin, cluster, tmp_path, token_file):
+    image, root, server = origin
+    unique = unique_stored_bytes(root)
+    # 4 nodes, not 6, to keep the suite short: ~4x still shows the test above can fail
+    points = start_nodes(cluster, server, 4, tmp_path, token_file, peers=False)
+    assert read_everywhere(points, image) == []
+    sent = origin_range_bytes(server)
+    assert sent > 3 * unique
+    print(f"\n4 nodes without peers: origin sent {sent} bytes for {unique} unique "
+          f"({sent / unique:.2f}x)")
+
+
+def test_a_peer_killed_in_the_middle_fails_no_read(origin, cluster, tmp_path, token_file):
+    image, _root, server = origin
+    points = start_nodes(cluster, server, 2, tmp_path, token_file, peers=True)
+    victim = cluster.pids[points[0]]
+    files = files_of(image)
+    half = len(files) // 2
+    # the victim reads half the files (so it owns and holds chunks), then dies
+    assert read_all(points[0], image, files[:half]) == []
+    killer = threading.Timer(0.05, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    try:
+        assert read_all(points[1], image, files) == []
+    finally:
+        killer.join()
+
+
+class _Liar(BaseHTTPRequestHandler):
+    """Answers every chunk request with the right length of wrong bytes."""
+
+    def do_GET(self):  # noqa: N802
+        n = int(self.path.split("stored=")[1].split("&")[0])
+        body = os.urandom(n)
+        self.send_response(206)
+        self.send_header("Content-Length", str(n))
+        self.send_header("Content-Range", f"bytes 0-{n - 1}/{n}")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_lying_peer_is_caught_reported_and_avoided(origin, cluster, tmp_path, token_file):
+    image, _root, server = origin
+    liar = ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
+    threading.Thread(target=liar.serve_forever, daemon=True).start()
+    liar_url = f"http://127.0.0.1:{liar.server_address[1]}"
+    try:
+        points = start_nodes(cluster, server, 2, tmp_path, token_file, peers=True, extra_peers=[liar_url])
+        assert read_everywhere(points, image) == []
+    finally:
+        liar.shutdown()
+    reported = [m for m in points if liar_url in status(m)["peers"]["bad_peers"]]
+    assert reported
+    logs = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    assert f"peer {liar_url} sent wrong bytes" in logs
+
+
+def test_lazyfs_peer_serves_only_with_the_token(origin, tmp_path, token_file):
+    _image, root, server = origin
+    chunk = max(index_of(root).all_chunks(), key=lambda c: c.stored_size)
+    [port] = free_ports(1)
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs", "peer", "--cache", str(tmp_path / "cache0"),
+                             "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        # the peer's cache is empty: the query says where the chunk lies, so it fetches it
+        url = (f"http://127.0.0.1:{port}/v1/chunks/{chunk.hexdigest}?blob={chunk.blob.digest}"
+               f"&offset={chunk.offset}&stored={chunk.stored_size}&size={chunk.size}"
+               f"&codec={chunk.codec}&repo=127.0.0.1:{server.port}/rich")
+        before = origin_range_bytes(server)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+        for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token-0"}):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5)
+            assert e.value.code == 401
+            assert e.value.read() == b"cluster token required\n"
+        ok = urllib.request.urlopen(urllib.request.Request(
+            url, headers={"Authorization": f"Bearer {TOKEN}"}), timeout=5)
+        assert ok.status == 200 and int(ok.headers["X-Lazyfs-Size"]) == chunk.size
+        assert int(ok.headers["X-Lazyfs-Codec"]) == chunk.codec
+        decode_verified(chunk, ok.read())
+        # the 401s fetched nothing; the one good request fetched the chunk once
+        assert origin_range_bytes(server) - before == chunk.stored_size
+        bare = urllib.request.Request(url.split("?")[0], headers={"Authorization": f"Bearer {TOKEN}"})
+        for _ in range(100):  # now from its cache (written just after the answer)
+            try:
+                again = urllib.request.urlopen(bare, timeout=5)
+                break
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404
+                time.sleep(0.02)
+        assert decode_verified(chunk, again.read())
+        assert origin_range_bytes(server) - before == chunk.stored_size
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_peer_errors_are_one_line(tmp_path, token_file):
+    bad = lazyfs("peer", "--listen", "127.0.0.1:1", "--token-file", str(tmp_path / "none"),
+                 "--cache", str(tmp_path / "c"), check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("lazyfs: error: cannot read token file")
+    assert len(bad.stderr.splitlines()) == 1
+    (tmp_path / "mnt").mkdir()
+    bad = lazyfs("mount", "127.0.0.1:1/x:1", str(tmp_path / "mnt"), "--peers-file", "/nonexistent",
+                 "--token-file", str(token_file), check=False)
+    assert bad.returncode == 2 and "peers file /nonexistent does not exist" in bad.stderr
+    print(json.dumps({"ok": True}))

@@ -1,0 +1,204 @@
+"""The peer tier on its own: rendezvous hashing, hedging under a mock clock, and the chunk
+fetcher with scripted peers (right bytes whatever the peers do)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from cache.store import ChunkStore
+from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.errors import ServerError, UnreachableError
+from fetcher.peers import PeerConfig, PeerSet, PeerTier, hedge, read_peers_file, rendezvous
+
+from .fakes import ScriptedSource, make_blob
+
+PEERS = [f"http://10.0.0.{i}:7070" for i in range(1, 11)]
+
+
+def _digests(n: int) -> list[bytes]:
+    rnd = random.Random(4)
+    return [rnd.randbytes(32) for _ in range(n)]
+
+
+def test_rendezvous_spreads_chunks_evenly():
+    counts = dict.fromkeys(PEERS, 0)
+    digests = _digests(20000)
+    for d in digests:
+        counts[rendezvous(d, PEERS)[0]] += 1
+    mean = len(digests) / len(PEERS)
+    assert all(abs(c - mean) < 0.1 * mean for c in counts.values()), counts
+    # the order does not depend on how the list is written
+    assert all(rendezvous(d, PEERS) == rendezvous(d, PEERS[::-1]) for d in digests[:100])
+
+
+def test_rendezvous_moves_only_the_chunks_of_a_peer_that_leaves():
+    digests = _digests(5000)
+    gone = PEERS[3]
+    rest = [p for p in PEERS if p != gone]
+    for d in digests:
+        before, after = rendezvous(d, PEERS)[0], rendezvous(d, rest)[0]
+        if before != gone:
+            assert after == before
+        else:  # the next in its order takes over
+            assert after == rendezvous(d, PEERS)[1]
+
+
+def test_owner_is_none_for_self_and_skips_avoided_peers():
+    now = [0.0]
+    peers = PeerSet(PEERS[:3], self_url=PEERS[0], clock=lambda: now[0],
+                    config=PeerConfig(down_backoff=1.0))
+    mine = next(d for d in _digests(100) if rendezvous(d, PEERS[:3])[0] == PEERS[0])
+    assert peers.owner(mine) is None
+    theirs = next(d for d in _digests(100) if rendezvous(d, PEERS[:3])[0] == PEERS[1])
+    assert peers.owner(theirs) == PEERS[1]
+    peers.mark_down(PEERS[1], "refused")
+    nxt = rendezvous(theirs, PEERS[:3])[1]
+    assert peers.owner(theirs) == (None if nxt == PEERS[0] else nxt)
+    now[0] = 1.5  # backoff over
+    assert peers.owner(theirs) == PEERS[1]
+    peers.mark_down(PEERS[1], "refused")
+    peers.mark_down(PEERS[1], "refused")  # the third failure in a row: 1, 2, then 4 s
+    assert peers.health[PEERS[1]].avoid_until == pytest.approx(1.5 + 4.0)
+
+
+def test_peers_file_is_read_and_checked(tmp_path):
+    f = tmp_path / "peers"
+    f.write_text("# cluster\nhttp://127.0.0.1:7001\n127.0.0.1:7002  # no scheme\n\nhttp://127.0.0.1:7001/\n")
+    assert read_peers_file(f) == ["http://127.0.0.1:7001", "http://127.0.0.1:7002"]
+    f.write_text("ftp://x:1\n")
+    with pytest.raises(ValueError, match="peers:1"):
+        read_peers_file(f)
+
+
+# -- hedge ------------------------------------------------------------------------------
+
+def _run(fn):
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    return trio.run(fn, clock=clock)
+
+
+def _after(seconds: float, value: str, fail: bool = False):
+    async def go():
+        await trio.sleep(seconds)
+        if fail:
+            raise ServerError(value)
+        return value, trio.current_time()
+    return go
+
+
+def test_hedge_fast_primary_never_starts_the_backup():
+    started = []
+
+    async def backup():
+        started.append(1)
+        return "origin", 0
+
+    async def main():
+        return await hedge(_after(0.01, "peer"), backup, 0.05)
+
+    (value, _), by_backup = _run(main)
+    assert value == "peer" and not by_backup and not started
+
+
+def test_hedge_slow_primary_is_overtaken_at_the_delay():
+    async def main():
+        return await hedge(_after(10, "peer"), _after(0.002, "origin"), 0.05)
+
+    (value, when), by_backup = _run(main)
+    assert value == "origin" and by_backup
+    assert when == pytest.approx(0.052)  # the delay, then the backup's own time
+
+
+def test_hedge_failed_primary_starts_the_backup_at_once_and_both_failing_raises():
+    async def main():
+        return await hedge(_after(0.001, "peer", fail=True), _after(0.002, "origin"), 5)
+
+    (value, when), by_backup = _run(main)
+    assert value == "origin" and by_backup and when == pytest.approx(0.003)
+
+    async def both():
+        return await hedge(_after(0.001, "peer", fail=True), _after(0.002, "origin", fail=True), 5)
+
+    with pytest.raises(ServerError, match="origin"):
+        _run(both)
+
+
+# -- the fetcher with scripted peers ----------------------------------------------------
+
+class ScriptedPeers:
+    """A PeerClient whose answers follow a script: ``ok``, ``corrupt``, ``refused``, ``stall``."""
+
+    def __init__(self, raw: bytes, script: list[str]) -> None:
+        self.raw = raw
+        self.script = script
+        self.asked: list[str] = []
+
+    async def fetch(self, peer, chunk, repository):
+        self.asked.append(peer)
+        await trio.lowlevel.checkpoint()
+        outcome = self.script.pop(0) if self.script else "ok"
+        data = bytearray(self.raw[chunk.offset : chunk.offset + chunk.stored_size])
+        if outcome == "refused":
+            raise UnreachableError(f"cannot connect to {peer}")
+        if outcome == "stall":
+            await trio.sleep_forever()
+        if outcome == "corrupt":
+            data[0] ^= 0xFF
+        return data
+
+
+PIECES = [os.urandom(5000), b"a" * 7000, os.urandom(3000)]
+
+
+def run_with_peers(tmp_path, script, clock=None):
+    blob, chunks, raw = make_blob(PIECES)
+    origin = ScriptedSource({blob.digest: raw})
+    peers = PeerSet(["http://10.0.0.2:7070"], self_url="http://10.0.0.1:7070",
+                    config=PeerConfig(hedge_delay=0.05))
+    client = ScriptedPeers(raw, list(script))
+    out = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fetcher = ChunkFetcher(nursery, origin, ChunkStore(tmp_path), FetchConfig(deadline=5),
+                                   peers=PeerTier(peers, client, "reg/app"))  # type: ignore[arg-type]
+            out["data"] = await fetcher.get(chunks)
+            out["stats"] = fetcher.stats
+            out["time"] = trio.current_time()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock or trio.testing.MockClock(autojump_threshold=0))
+    assert [out["data"][c.digest] for c in chunks] == PIECES
+    return origin, peers, client, out
+
+
+def test_chunks_come_from_the_peer_and_not_the_origin(tmp_path):
+    origin, peers, client, out = run_with_peers(tmp_path, [])
+    assert origin.requests == [] and len(client.asked) == 3
+    assert peers.health["http://10.0.0.2:7070"].chunks == 3 and out["stats"].peer_chunks == 3
+
+
+def test_a_lying_peer_is_avoided_and_the_origin_answers(tmp_path, caplog):
+    origin, peers, client, out = run_with_peers(tmp_path, ["corrupt", "corrupt", "corrupt"])
+    assert len(origin.requests) == 3
+    assert peers.bad_peers() == ["http://10.0.0.2:7070"]
+    assert "peer http://10.0.0.2:7070 sent wrong bytes" in caplog.text
+    assert out["stats"].peer_integrity_failures == 3
+
+
+def test_a_stalled_peer_is_hedged_after_the_delay(tmp_path):
+    origin, peers, client, out = run_with_peers(tmp_path, ["stall", "stall", "stall"])
+    assert len(origin.requests) == 3 and out["stats"].hedge_wins == 3
+    assert out["time"] == pytest.approx(0.05, abs=0.01)  # not the peer's 10 s deadline
+
+
+def test_a_down_peer_is_skipped_with_backoff(tmp_path):
+    origin, peers, client, out = run_with_peers(tmp_path, ["refused", "refused", "refused"])
+    assert len(origin.requests) == 3 and out["time"] < 0.01  # at once, no hedge delay
+    assert peers.health["http://10.0.0.2:7070"].avoid_until > 0
+    assert peers.owner(b"\0" * 32) is None  # avoided: straight to the origin
