@@ -24,6 +24,7 @@ import os
 import random
 import stat
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyfuse3
@@ -108,9 +109,9 @@ class MemOperations(pyfuse3.Operations):
             if parent == ROOT_INO:
                 return {b"file": FILE_INO, b"many": MANY_INO}[name]
             if parent == MANY_INO and name[:1] == b"d":
-                d = int(name[1:])
-                if self._dir_index(FIRST_DIR_INO + d) is not None and name == b"d%04d" % d:
-                    return FIRST_DIR_INO + d
+                n = int(name[1:])
+                if self._dir_index(FIRST_DIR_INO + n) is not None and name == b"d%04d" % n:
+                    return FIRST_DIR_INO + n
             d = self._dir_index(parent)
             if d is not None and name[:1] == b"f":
                 i = int(name[1:])
@@ -131,7 +132,7 @@ class MemOperations(pyfuse3.Operations):
             return self._attr(parent_inode)
         return self._attr(self._lookup(parent_inode, name))
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         pass
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -177,12 +178,12 @@ def pseudo_random(size: int, seed: int = 1) -> bytes:
 async def serve(ops: MemOperations, mountpoint: Path) -> None:
     """Mount and serve, in the order lazyfs.mount.serve does it: init inside the trio
     run, then the readahead, then the main loop."""
-    target = os.path.realpath(mountpoint)
+    target = os.path.realpath(mountpoint)  # noqa: ASYNC240 (before mounting: nothing to wait on)
     pyfuse3.init(ops, str(mountpoint),
                  {"fsname=memfs", "subtype=memfs", "ro", "default_permissions"})
     try:
         entry = mountinfo.find(target, resolved=True)
-        readahead = MountOptions.__dataclass_fields__["readahead_kib"].default
+        readahead = MountOptions(ref="", mountpoint=mountpoint, cache_dir=mountpoint).readahead_kib
         if entry is None or not mountinfo.set_readahead(entry, readahead):
             print("memfs: could not set readahead", file=sys.stderr)
         print("ready", flush=True)
