@@ -107,6 +107,15 @@ class Prefetcher:
                 missing.append(c)
         return missing
 
+    def count_totals(self, index: IndexReader) -> None:
+        """Without a prefetch, fill in the image's totals from the index alone (one SQL
+        aggregate) rather than checking the cache for every chunk: ``cached`` then counts
+        the chunks this mount found in the cache or fetched."""
+        totals = index.totals()
+        self.progress.total_chunks = totals["chunks"]
+        self.progress.total_bytes = totals["chunk_bytes"]
+        self.progress.state = "off"
+
     async def run(self) -> None:
         """Prefetch to completion, retrying failed batches with a pause; returns when
         every chunk is cached (or, without a fetcher, after counting)."""

@@ -419,7 +419,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  image     {status['image']['files']} files, {_human(status['image']['file_bytes'])}, "
           f"{status['image']['chunks']} chunks")
     print(f"  cached    [{bar:<30}] {frac:6.1%}  {_human(p['cached_bytes'])} / {_human(p['total_bytes'])}")
-    print(f"  prefetch  {p['state']}")
+    print(f"  prefetch  {p['state']}" + ("  (cached counts only chunks this mount has read)"
+                                          if p["state"] == "off" else ""))
     sources = ", ".join(f"{k} {_human(v)}" for k, v in status["bytes_by_source"].items())
     print(f"  fetched   {sources}")
     r = status["reads"]
@@ -616,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `lazyfs status | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         code = exit_code_for(exc)
         if code is None and isinstance(exc, BaseExceptionGroup):

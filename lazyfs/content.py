@@ -49,7 +49,7 @@ class ImageContent:
         store: ChunkStore,
         fetcher: ChunkFetcher | None,
         *,
-        on_fetched: Callable[[Chunk], object] | None = None,
+        on_cached: Callable[[Chunk], object] | None = None,
         nursery: trio.Nursery | None = None,
         readahead_chunks: int = 4,
         memory_chunks: int = 64,
@@ -59,7 +59,7 @@ class ImageContent:
         self.store = store
         self.fetcher = fetcher
         self.stats = ReadStats()
-        self._on_fetched = on_fetched
+        self._on_cached = on_cached
         self._lru: collections.OrderedDict[ChunkDigest, bytes | memoryview] = collections.OrderedDict()
         self._lru_max = memory_chunks
         self._thread_above = thread_above
@@ -149,6 +149,8 @@ class ImageContent:
             if not ahead:
                 self.stats.chunk_hits_cache += 1
                 self.stats.bytes_from_cache += c.size
+            if self._on_cached is not None:
+                self._on_cached(c)
             out[c.digest] = plain
             self._remember(c.digest, plain)
         if missing:
@@ -162,8 +164,8 @@ class ImageContent:
             for c in missing:
                 out[c.digest] = fetched[c.digest]
                 self._remember(c.digest, fetched[c.digest])
-                if self._on_fetched is not None:
-                    self._on_fetched(c)
+                if self._on_cached is not None:
+                    self._on_cached(c)
         return out
 
     async def _from_store(self, c: Chunk) -> bytes | memoryview | None:

@@ -286,7 +286,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             if watcher is not None:
                 nursery.start_soon(watcher.run)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
-            content = ImageContent(index, store, fetcher, on_fetched=prefetcher.progress.cached,
+            content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,
                                    nursery=nursery)
             ops = LazyOperations(
                 index, content,
@@ -312,8 +312,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 if opts.prefetch or fetcher is None:
                     nursery.start_soon(prefetcher.run)
                 else:
-                    prefetcher.progress.state = "off"
-                    nursery.start_soon(prefetcher.scan)
+                    prefetcher.count_totals(index)
                 await pyfuse3.main()
             finally:
                 pyfuse3.close(unmount=True)
