@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.harness import free_port, wait_port  # noqa: E402
 from tests import imagegen  # noqa: E402
 
 
@@ -55,11 +56,11 @@ def main() -> int:
         print("   " + out.stdout.splitlines()[0] + f" ({time.monotonic() - t:.1f}s)")
 
         print("3. serving it over the OCI distribution API on 127.0.0.1 ...")
-        port = _free_port()
+        port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "lazyfs", "serve", str(work / "images"),
                                    "--listen", f"127.0.0.1:{port}"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(port)
+        wait_port(port)
 
         print("4. mounting it lazily (no prefetch, so only what is read is fetched) ...")
         mnt = work / "mnt"
@@ -97,27 +98,6 @@ def main() -> int:
             server.wait(timeout=10)
         if not args.keep:
             subprocess.run(["rm", "-rf", str(work)])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 10) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"demo: the server did not start on port {port}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ measuring tools. The scenarios themselves are in ``mount_bench.py``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -30,6 +29,7 @@ from bench.memfs import pseudo_random  # noqa: E402
 from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
 from lazyfs import mountinfo  # noqa: E402
 from lazyfs.fs import STATUS_XATTR  # noqa: E402
+from lazyfs.process import wait_gone  # noqa: E402
 from tests import imagegen  # noqa: E402
 
 CACHE = Path("/var/tmp/lazyfs-bench-cache")
@@ -326,12 +326,7 @@ class Harness:
 
 
 def _stop_pid(pid: int) -> None:
-    deadline = time.monotonic() + 10
-    with contextlib.suppress(ProcessLookupError):
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.05)
-        os.kill(pid, 9)
+    wait_gone(pid, 10, kill=True)
 
 
 def wait_complete(h: Harness, mnt: Path, timeout: float = 300, poll: float = 0.01) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExitCode, MountError, UserError, exit_code_for
+from .process import wait_gone
 
 log = logging.getLogger("lazyfs")
 
@@ -311,9 +312,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def _mount_foreground(args: argparse.Namespace) -> int:
     import trio
 
-    from .mount import check_mountpoint, serve
+    from .mount import serve
+    from .mountinfo import check_mountpoint
 
-    opts = _mount_options(args)
     ready_fd = args.ready_fd
 
     def ready() -> None:
@@ -322,10 +323,14 @@ def _mount_foreground(args: argparse.Namespace) -> int:
             os.close(ready_fd)
 
     try:
+        opts = _mount_options(args)
         check_mountpoint(opts.mountpoint)
         trio.run(serve, opts, ready)
     except BaseException as exc:
         code = exit_code_for(exc)
+        if code is None and isinstance(exc, BaseExceptionGroup):
+            code = next((c for e in _leaves(exc) if (c := exit_code_for(e)) is not None), None)
+            exc = next((e for e in _leaves(exc) if exit_code_for(e) is not None), exc)
         if ready_fd is not None:
             message = str(exc) if code is not None else f"internal error: {exc!r}"
             try:
@@ -337,12 +342,16 @@ def _mount_foreground(args: argparse.Namespace) -> int:
 
 
 def _mount_background(args: argparse.Namespace) -> int:
-    from .mount import check_mountpoint
+    """Start ``lazyfs mount --foreground`` as a session of its own and wait until it says
+    the rootfs is there (or why not). This process imports nothing heavy: the child does
+    all the work, option checks included, and reports errors through the pipe."""
+    from .mountinfo import check_mountpoint
 
-    opts = _mount_options(args)
-    check_mountpoint(opts.mountpoint)
+    mountpoint = Path(args.mountpoint).absolute()
+    cache_dir = Path(args.cache).absolute()
+    check_mountpoint(mountpoint)
     log_file = Path(args.log_file) if args.log_file else (
-        opts.cache_dir / "logs" / (str(opts.mountpoint).strip("/").replace("/", "_") + ".log"))
+        cache_dir / "logs" / (str(mountpoint).strip("/").replace("/", "_") + ".log"))
     try:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         logf = open(log_file, "ab")
@@ -350,7 +359,7 @@ def _mount_background(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write log file {log_file}: {exc.strerror}", ExitCode.CACHE) from exc
     r, w = os.pipe()
     argv = [sys.executable, "-m", "lazyfs", *(["-v"] if args.verbose else []),
-            "mount", args.ref, str(opts.mountpoint), "--cache", str(opts.cache_dir),
+            "mount", args.ref, str(mountpoint), "--cache", str(cache_dir),
             "--foreground", "--ready-fd", str(w), "--log-file", str(log_file),
             "--timeout", str(args.timeout), *_registry_argv(args)]
     for flag in ("no_prefetch", "offline", "allow_other", "insecure"):
@@ -359,12 +368,13 @@ def _mount_background(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.creds:
         env[CREDS_ENV] = args.creds  # not in argv, where ps would show it
-    if opts.peers_file is not None:
-        argv += ["--peers-file", str(opts.peers_file)]
-    if opts.listen is not None:
-        argv += ["--listen", f"[{opts.listen[0]}]:{opts.listen[1]}"]
-    if opts.token_file is not None:
-        argv += ["--token-file", str(opts.token_file), "--hedge-delay", str(opts.hedge_delay)]
+    if args.peers_file is not None:
+        argv += ["--peers-file", str(Path(args.peers_file).absolute())]
+    if args.listen is not None:
+        argv += ["--listen", f"[{args.listen[0]}]:{args.listen[1]}"]
+    if args.token_file is not None:
+        argv += ["--token-file", str(Path(args.token_file).absolute())]
+    argv += ["--hedge-delay", str(args.hedge_delay)]
     with logf:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                  pass_fds=(w,), start_new_session=True, env=env)
@@ -381,7 +391,7 @@ def _mount_background(args: argparse.Namespace) -> int:
                 message += part
     text = message.decode(errors="replace").strip()
     if text == "ok":
-        print(f"mounted {args.ref} at {opts.mountpoint} (pid {child.pid}, log {log_file})")
+        print(f"mounted {args.ref} at {mountpoint} (pid {child.pid}, log {log_file})")
         return 0
     if text.startswith("error "):
         _, code, msg = text.split(" ", 2)
@@ -446,16 +456,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if done.returncode != 0:
         reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
         raise MountError(f"cannot unmount {mountpoint}: {reason} (--lazy detaches it anyway)")
-    deadline = time.monotonic() + 30
-    while pid is not None and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        if pid is not None:
-            raise MountError(f"unmounted {mountpoint}, but mount process {pid} is still running")
+    if pid is not None and not wait_gone(pid, 30):
+        raise MountError(f"unmounted {mountpoint}, but mount process {pid} is still running")
     print(f"unmounted {mountpoint}" + (" (its process had died)" if pid is None else ""))
     return 0
 

@@ -96,27 +96,6 @@ class OpenedImage:
     from_cache_only: bool
 
 
-def check_mountpoint(path: Path) -> None:
-    entry = mountinfo.find(os.path.abspath(path), resolved=True)
-    if entry is not None and entry.fstype == mountinfo.FSTYPE and not _answers(path):
-        raise MountError(f"mountpoint {path} holds a lazyfs mount whose process has died; "
-                         f"run 'lazyfs umount {path}' first")
-    if not path.exists():
-        raise MountError(f"mountpoint {path} does not exist")
-    if not path.is_dir():
-        raise MountError(f"mountpoint {path} is not a directory")
-    if mountinfo.find(path) is not None and os.path.ismount(path):
-        raise MountError(f"mountpoint {path} is busy: something is mounted there already")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise MountError("/dev/fuse is not available (load the fuse module; run as root)")
-
-
-def _answers(path: Path) -> bool:
-    try:
-        os.statvfs(path)  # not stat: the kernel answers that from its cache
-    except OSError:
-        return False
-    return True
 
 
 def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
@@ -236,7 +215,7 @@ async def _watch_signals(on_signal: Callable[[], None]) -> None:
 async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
     """Mount the image and serve it until unmounted or signalled."""
     started = time.monotonic()
-    check_mountpoint(opts.mountpoint)
+    mountinfo.check_mountpoint(opts.mountpoint)
     try:
         ref = ImageRef.parse(opts.ref)
     except ValueError as exc:
@@ -320,4 +299,4 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
     log.info("unmounted %s", opts.mountpoint)
 
 
-__all__ = ["MountOptions", "serve", "open_image", "check_mountpoint", "IntegrityError"]
+__all__ = ["MountOptions", "serve", "open_image", "IntegrityError"]

@@ -10,6 +10,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from .errors import MountError
+
 FSTYPE = "fuse.lazyfs"
 
 
@@ -67,3 +69,26 @@ def set_readahead(entry: MountEntry, kib: int) -> bool:
         return int(path.read_text()) == kib
     except (OSError, ValueError):
         return False
+
+
+def check_mountpoint(path: Path) -> None:
+    entry = find(os.path.abspath(path), resolved=True)
+    if entry is not None and entry.fstype == FSTYPE and not _answers(path):
+        raise MountError(f"mountpoint {path} holds a lazyfs mount whose process has died; "
+                         f"run 'lazyfs umount {path}' first")
+    if not path.exists():
+        raise MountError(f"mountpoint {path} does not exist")
+    if not path.is_dir():
+        raise MountError(f"mountpoint {path} is not a directory")
+    if find(path) is not None and os.path.ismount(path):
+        raise MountError(f"mountpoint {path} is busy: something is mounted there already")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise MountError("/dev/fuse is not available (load the fuse module; run as root)")
+
+
+def _answers(path: Path) -> bool:
+    try:
+        os.statvfs(path)  # not stat: the kernel answers that from its cache
+    except OSError:
+        return False
+    return True

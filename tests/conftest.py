@@ -18,8 +18,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from blockindex.convert import convert  # noqa: E402
 from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
+from lazyfs.process import wait_gone  # noqa: E402
 from lazyfs.serve import ServerHandle, make_server  # noqa: E402
+from tests import imagegen  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -86,17 +89,7 @@ class Mounts:
 
 
 def _kill(pid: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
+    wait_gone(pid, 10, kill=True)
 
 
 @pytest.fixture
@@ -145,3 +138,28 @@ def server(tmp_path: Path, images: dict[str, Image]) -> Iterator[ServerHandle]:
     handle = make_server(tmp_path / "root", "127.0.0.1", 0, access_log=tmp_path / "access.log")
     with handle:
         yield handle
+
+
+# -- the rich test image, converted once and served per test -----------------------------
+
+
+@pytest.fixture(scope="session")
+def rich(tmp_path_factory):
+    """The rich two-layer test image, converted once, with small chunks so that files
+    span several chunks."""
+    tmp = tmp_path_factory.mktemp("rich")
+    image = imagegen.build_rich_image(tmp / "rich.tar")
+    convert(f"docker-archive:{image.path}", f"oci:{tmp / 'images' / 'rich'}:1", chunk_size=64 << 10)
+    return image, tmp / "images"
+
+
+@pytest.fixture
+def served(rich, tmp_path):
+    """A private copy of the converted images, served on an ephemeral loopback port."""
+    image, images = rich
+    root = tmp_path / "images"
+    shutil.copytree(images, root)
+    server = make_server(root, "127.0.0.1", 0)
+    server.start()
+    yield image, root, server
+    server.close()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from blockindex.convert import convert
 from blockindex.oci import Layout
 from blockindex.reader import IndexReader
+from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
 
 from . import imagegen
@@ -23,26 +22,6 @@ from .conftest import lazyfs
 pytestmark = pytest.mark.mount
 
 
-@pytest.fixture(scope="module")
-def rich(tmp_path_factory):
-    """The rich two-layer test image, converted once, with small chunks so that files
-    span several chunks."""
-    tmp = tmp_path_factory.mktemp("rich")
-    image = imagegen.build_rich_image(tmp / "rich.tar")
-    convert(f"docker-archive:{image.path}", f"oci:{tmp / 'images' / 'rich'}:1", chunk_size=64 << 10)
-    return image, tmp / "images"
-
-
-@pytest.fixture
-def served(rich, tmp_path):
-    """A private copy of the converted images, served on an ephemeral loopback port."""
-    image, images = rich
-    root = tmp_path / "images"
-    shutil.copytree(images, root)
-    server = make_server(root, "127.0.0.1", 0)
-    server.start()
-    yield image, root, server
-    server.close()
 
 
 def ref(server, name: str = "rich:1") -> str:
@@ -256,13 +235,7 @@ def test_killed_mount_process_is_reported_and_cleaned_up(served, mounts, tmp_pat
 
 
 def _wait_gone(pid: int) -> None:
-    for _ in range(400):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.025)
-    raise AssertionError(f"process {pid} is still running")
+    assert wait_gone(pid, 10), f"process {pid} is still running"
 
 
 def test_sigterm_unmounts_cleanly(served, mounts):

@@ -3,12 +3,10 @@ of one counting origin; a standalone ``lazyfs peer``; a lying peer; a killed pee
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,10 +22,8 @@ from pathlib import Path
 import pytest
 
 from blockindex.codec import decode_verified
-from blockindex.convert import convert
-from lazyfs.serve import make_server
+from lazyfs.process import wait_gone
 
-from . import imagegen
 from .conftest import ROOT, lazyfs
 from .test_mount import index_of
 
@@ -36,23 +32,10 @@ pytestmark = pytest.mark.mount
 TOKEN = "s3cret-cluster-token-0123456789"
 
 
-@pytest.fixture(scope="module")
-def rich(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rich-peers")
-    image = imagegen.build_rich_image(tmp / "rich.tar")
-    convert(f"docker-archive:{image.path}", f"oci:{tmp / 'images' / 'rich'}:1", chunk_size=64 << 10)
-    return image, tmp / "images"
-
-
 @pytest.fixture
-def origin(rich, tmp_path):
-    image, images = rich
-    root = tmp_path / "images"
-    shutil.copytree(images, root)
-    server = make_server(root, "127.0.0.1", 0)
-    server.start()
-    yield image, root, server
-    server.close()
+def origin(served):
+    """The rich image (converted once for the session, see conftest), served per test."""
+    return served
 
 
 @pytest.fixture
@@ -96,17 +79,8 @@ class Cluster:
     def teardown(self) -> None:
         for mnt in self.pids:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        deadline = time.monotonic() + 10
         for pid in self.pids.values():
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            wait_gone(pid, 10, kill=True)
 
 
 @pytest.fixture

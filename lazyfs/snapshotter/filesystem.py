@@ -15,12 +15,12 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Protocol
 
 from .. import mountinfo
 from ..errors import ExitCode, MountError, NotLazyImageError, UserError
+from ..process import wait_gone
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class LazyFileSystem:
             pass
         self._detach(mountpoint)
         if pid is not None:
-            _wait_gone(pid, 10.0)
+            wait_gone(pid, 10.0, kill=True)
         try:
             mountpoint.rmdir()
         except OSError:
@@ -120,15 +120,3 @@ class LazyFileSystem:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
-def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
