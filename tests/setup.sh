@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 # containerd, runc and containerd's API .proto files (golang-...-dev) for the snapshotter and its tests
 APT_PACKAGES=(libfuse3-dev fuse3 pkg-config curl nginx-light skopeo umoci docker-registry
+              apache2-utils openssl zstd
               containerd runc golang-github-containerd-containerd-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
