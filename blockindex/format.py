@@ -16,7 +16,7 @@ an lz4 block without size prefix, decompressed to ``size`` bytes).
 from __future__ import annotations
 
 import dataclasses
-from typing import NewType
+from typing import NamedTuple, NewType
 
 FORMAT_VERSION = "1"
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -82,9 +82,10 @@ CREATE TABLE extents (
 """
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Inode:
-    """The attributes of one inode, as lstat would report them."""
+class Inode(NamedTuple):
+    """The attributes of one inode, as lstat would report them. A named tuple rather
+    than a frozen dataclass: a walk builds one per directory entry, and a tuple is built
+    several times faster."""
 
     ino: InodeT
     mode: int

@@ -26,7 +26,7 @@ _INODE_COLS = "ino, mode, uid, gid, size, mtime_ns, nlink, rdev"
 
 
 def _inode(row: tuple) -> Inode:
-    return Inode(InodeT(row[0]), *row[1:8])
+    return Inode._make(row)
 
 
 class IndexReader:
@@ -93,7 +93,7 @@ class IndexReader:
             (ino, start),
         )
         for row in cur:
-            yield row[0], bytes(row[1]), _inode(row[2:])
+            yield row[0], bytes(row[1]), Inode._make(row[2:])
 
     def readlink(self, ino: InodeT) -> bytes:
         row = self._db.execute("SELECT target FROM inodes WHERE ino = ?", (ino,)).fetchone()
