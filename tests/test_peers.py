@@ -25,6 +25,7 @@ from blockindex.codec import decode_verified
 from lazyfs.process import wait_gone
 
 from .conftest import ROOT, lazyfs
+from .imagegen import compare_tree
 from .test_mount import index_of
 
 pytestmark = pytest.mark.mount
@@ -287,3 +288,36 @@ def test_peer_errors_are_one_line(tmp_path, token_file):
                  "--token-file", str(token_file), check=False)
     assert bad.returncode == 2 and "peers file /nonexistent does not exist" in bad.stderr
     print(json.dumps({"ok": True}))
+
+
+def test_a_second_node_prefetches_from_the_first_not_the_origin(origin, mounts, tmp_path, token_file):
+    """Issue 4: node A prefetches the image from the origin; node B, mounted afterwards
+    with A as its peer, fills its whole cache from A. Chunks A owns are asked of A; chunks
+    B owns are asked of the runner-up (A, with two nodes) cache-only."""
+    image, root, server = origin
+    unique = unique_stored_bytes(root)
+    ports = free_ports(2)
+    peers_file = tmp_path / "peers"
+    peers_file.write_text("".join(f"http://127.0.0.1:{p}\n" for p in ports))
+    ref = f"127.0.0.1:{server.port}/rich:1"
+    points = []
+    for name, port in zip(("a", "b"), ports, strict=True):
+        mnt, _ = mounts.mount(ref, "--peers-file", str(peers_file), "--listen", f"127.0.0.1:{port}",
+                              "--token-file", str(token_file), name=name, cache=tmp_path / f"cache-{name}")
+        points.append(mnt)
+        mounts.wait_complete(mnt, timeout=60)
+        if name == "a":
+            # B is not up yet: A finds it down and fetches B's chunks from the origin itself
+            after_a = origin_range_bytes(server)
+            assert after_a >= unique
+    a, b = points
+    extra = origin_range_bytes(server) - after_a
+    st = mounts.status(b)
+    from_a = st["bytes_by_source"][f"peer http://127.0.0.1:{ports[0]}"]
+    print(f"\nsecond node: origin sent {extra} more bytes ({extra / unique:.2%} of {unique} unique); "
+          f"{from_a} from the first node; fetch {st['fetch']}")
+    assert extra <= 0.02 * unique, st["fetch"]
+    assert st["bytes_by_source"]["origin"] == extra
+    assert from_a >= 0.98 * unique
+    assert compare_tree(b, image.expected) == []
+    assert origin_range_bytes(server) == after_a + extra  # reading B's files came from its cache
