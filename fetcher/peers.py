@@ -152,13 +152,13 @@ class PeerSet:
         return None
 
     def runner_up(self, digest: bytes) -> str | None:
-        """For a chunk this node owns: the usable peer next in its order, which holds it
-        if this node's cache was lost or the peer list changed (asked cache-only)."""
+        """For a chunk ``owner`` sends to the origin (this node is first among the usable
+        peers): the next usable peer in its order, asked cache-only, since a node that
+        prefetched before may hold it. Skipping avoided peers matters with three nodes or
+        more: when the owner is down and this node comes next, another peer may have it."""
         now = self._clock()
-        order = rendezvous(digest, self.peers)
-        if not order or order[0] != self.self_url:
-            return None
-        return next((p for p in order[1:] if self.health[p].avoid_until <= now), None)
+        return next((p for p in rendezvous(digest, self.peers)
+                     if p != self.self_url and self.health[p].avoid_until <= now), None)
 
     def hedge_delay(self) -> float:
         c = self.config

@@ -202,3 +202,17 @@ def test_a_down_peer_is_skipped_with_backoff(tmp_path):
     assert len(origin.requests) == 3 and out["time"] < 0.01  # at once, no hedge delay
     assert peers.health["http://10.0.0.2:7070"].avoid_until > 0
     assert peers.owner(b"\0" * 32) is None  # avoided: straight to the origin
+
+
+def test_runner_up_skips_this_node_and_avoided_peers():
+    from fetcher.peers import PeerSet, rendezvous
+
+    peers = ["http://a:1", "http://b:1", "http://c:1"]
+    digest = next(d for d in (bytes([i]) * 32 for i in range(256))
+                  if rendezvous(d, peers) == ["http://c:1", "http://b:1", "http://a:1"])
+    now = [0.0]
+    ps = PeerSet(peers, self_url="http://b:1", clock=lambda: now[0])
+    assert ps.owner(digest) == "http://c:1"
+    ps.mark_down("http://c:1", "refused")  # the owner is down; this node comes next
+    assert ps.owner(digest) is None
+    assert ps.runner_up(digest) == "http://a:1"  # a prefetched before: ask it, cache-only
