@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from bench.memfs import pseudo_random  # noqa: E402
 from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
 from lazyfs import mountinfo  # noqa: E402
-from lazyfs.fs import STATUS_XATTR  # noqa: E402
+from lazyfs.mountinfo import STATUS_XATTR  # noqa: E402
 from lazyfs.process import wait_gone  # noqa: E402
 from tests import imagegen  # noqa: E402
 

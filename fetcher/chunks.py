@@ -68,8 +68,9 @@ class FetchStats:
     peer_failures: int = 0
     peer_integrity_failures: int = 0
     hedged: int = 0
-    peer_requests: int = 0
     """Peer requests that also went to the origin (slow or failed peer)."""
+    peer_requests: int = 0
+    """Demand requests sent to a peer (the hedge budget is a fraction of these)."""
     hedge_wins: int = 0
     """Hedged requests that the origin answered first."""
 

@@ -404,16 +404,9 @@ def _mount_background(args: argparse.Namespace) -> int:
 
 
 def _read_status(mountpoint: Path) -> dict[str, Any]:
-    from . import mountinfo
-    from .fs import STATUS_XATTR
+    from .mountinfo import read_status
 
-    entry = mountinfo.find(mountpoint)
-    if entry is None or entry.fstype != mountinfo.FSTYPE:
-        raise MountError(f"{mountpoint} is not a lazyfs mount")
-    try:
-        return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
-    except OSError as exc:
-        raise MountError(f"{mountpoint}: the mount does not answer ({exc.strerror})") from exc
+    return read_status(mountpoint)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -24,11 +24,10 @@ from blockindex.reader import IndexReader
 from fetcher.errors import FetchError, IntegrityError
 
 from .content import ImageContent
+from .mountinfo import STATUS_XATTR
 
 log = logging.getLogger(__name__)
 
-STATUS_XATTR = b"user.lazyfs.status"
-"""Read from the mount's root directory: the mount's status as JSON (``lazyfs status``)."""
 
 TIMEOUT = 86400.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT

@@ -7,12 +7,17 @@ FUSE mount from inside the process that serves it would wait on itself.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .errors import MountError
 
 FSTYPE = "fuse.lazyfs"
+
+STATUS_XATTR = b"user.lazyfs.status"
+"""Read from a mount's root directory: the mount's status as JSON (``lazyfs status``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,3 +97,15 @@ def _answers(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def read_status(mountpoint: Path) -> dict[str, Any]:
+    """The status a lazyfs mount reports about itself; MountError if it is not one or
+    its process does not answer."""
+    entry = find(mountpoint)
+    if entry is None or entry.fstype != FSTYPE:
+        raise MountError(f"{mountpoint} is not a lazyfs mount")
+    try:
+        return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+    except OSError as exc:
+        raise MountError(f"{mountpoint}: the mount does not answer ({exc.strerror})") from exc

@@ -10,7 +10,6 @@ they outlive a snapshotter that dies; a restarted snapshotter finds them by moun
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -85,15 +84,7 @@ class LazyFileSystem:
         return mnt
 
     def status(self, mountpoint: Path) -> dict:
-        from ..fs import STATUS_XATTR
-
-        entry = mountinfo.find(mountpoint)
-        if entry is None or entry.fstype != mountinfo.FSTYPE:
-            raise MountError(f"{mountpoint} is not a lazyfs mount")
-        try:
-            return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
-        except OSError as exc:
-            raise MountError(f"{mountpoint}: the mount does not answer ({exc.strerror})") from exc
+        return mountinfo.read_status(mountpoint)
 
     def check(self, mountpoint: Path) -> None:
         self.status(mountpoint)
