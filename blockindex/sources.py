@@ -247,14 +247,7 @@ class _Verifying(io.RawIOBase):
 
 
 def _json_blob(layout: Layout, digest: str, what: str) -> dict[str, Any]:
-    data = layout.read_blob(digest)
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ImageError(f"{layout.root}: {what} {digest}: malformed JSON ({exc})") from exc
-    if not isinstance(obj, dict):
-        raise ImageError(f"{layout.root}: {what} {digest}: not a JSON object")
-    return obj
+    return _check_json(layout.read_blob(digest), f"{layout.root}: {what} {digest}")
 
 
 def _pick_platform(manifests: list[Any], where: str) -> dict[str, Any]:
