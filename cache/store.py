@@ -3,7 +3,8 @@
 Layout under the cache root::
 
     chunks/ab/abcdef...    one entry per chunk, named by its BLAKE3 digest (hex)
-    tmp/                   entries being written; renamed into place when whole
+    tmp/                   entries being written; renamed into place when whole (those
+                           of writers that died are removed when a store is opened)
 
 An entry is a 24-byte header (magic, codec, uncompressed size, stored size, xxh3-64 of
 the payload) followed by the payload exactly as it came from the blob. Entries are never
@@ -50,6 +51,32 @@ class ChunkStore:
             raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
         self.write_errors = 0
         self.dropped = 0
+        self.swept = self._sweep_tmp()
+
+    def _sweep_tmp(self) -> int:
+        """Delete temp entries left by writers that died (a SIGKILLed mount leaves its
+        half-written entries in tmp/ forever otherwise). A temp name ends in
+        ``.PID.TID``; only entries whose process is gone are removed, so the mounts that
+        share this cache keep theirs."""
+        swept = 0
+        try:
+            names = os.listdir(self._tmp)
+        except OSError:
+            return 0
+        for name in names:
+            parts = name.rsplit(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                continue
+            if _alive(int(parts[1])):
+                continue
+            try:
+                os.unlink(self._tmp / name)
+                swept += 1
+            except OSError:
+                pass
+        if swept:
+            log.info("removed %d temp entries left by writers that died", swept)
+        return swept
 
     def path(self, digest: bytes) -> Path:
         hexd = digest.hex()
@@ -131,6 +158,18 @@ class ChunkStore:
                     count += 1
                     total += entry.stat().st_size
         return count, total
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a name put() writes: leave it alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _check(data: bytes) -> str | None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -20,6 +21,19 @@ def test_put_get_roundtrip(tmp_path):
     assert (codec, size, bytes(payload)) == (CODEC_LZ4, 1000, b"payload")
     assert store.usage() == (1, 24 + 7)
     assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_temp_entries_of_dead_writers_are_swept_on_open(tmp_path):
+    ChunkStore(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp = tmp_path / "tmp"
+    (tmp / f"{'ab' * 32}.{dead.pid}.7").write_bytes(b"LZC1 half")  # a SIGKILLed writer's
+    (tmp / f"{'cd' * 32}.{os.getpid()}.7").write_bytes(b"LZC1 half")  # a live writer's
+    (tmp / "not-ours").write_bytes(b"x")
+    store = ChunkStore(tmp_path)
+    assert store.swept == 1
+    assert sorted(os.listdir(tmp)) == sorted([f"{'cd' * 32}.{os.getpid()}.7", "not-ours"])
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage"])
