@@ -101,7 +101,7 @@ class Prefetcher:
         for c in self._index.all_chunks():
             p.total_chunks += 1
             p.total_bytes += c.size
-            if self._store.contains(c.digest):
+            if self._store.contains(c.digest, c.stored_size):  # a short (torn) entry is refetched
                 p.cached(c)
             else:
                 missing.append(c)

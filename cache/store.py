@@ -82,8 +82,16 @@ class ChunkStore:
         hexd = digest.hex()
         return self._chunks / hexd[:2] / hexd
 
-    def contains(self, digest: bytes) -> bool:
-        return self.path(digest).exists()
+    def contains(self, digest: bytes, stored_size: int | None = None) -> bool:
+        """Whether an entry exists; given the chunk's ``stored_size``, also whether the
+        entry has the length a whole entry has (one stat, no read): a write torn by a
+        crash is most often short, and must not count as cached."""
+        if stored_size is None:
+            return self.path(digest).exists()
+        try:
+            return self.path(digest).stat().st_size == _HEADER.size + stored_size
+        except FileNotFoundError:
+            return False
 
     def get(self, digest: bytes) -> tuple[int, int, memoryview] | None:
         """``(codec, size, payload)`` of a whole, intact entry, or None.

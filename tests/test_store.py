@@ -23,6 +23,18 @@ def test_put_get_roundtrip(tmp_path):
     assert os.listdir(tmp_path / "tmp") == []
 
 
+def test_contains_with_stored_size_counts_only_whole_entries(tmp_path):
+    store = ChunkStore(tmp_path)
+    digest = b"\x02" * 32
+    store.put(digest, CODEC_RAW, 5, b"hello")
+    assert store.contains(digest, 5) and store.contains(digest)
+    with open(store.path(digest), "r+b") as f:
+        f.truncate(24 + 2)  # torn by a crash
+    assert store.contains(digest)  # exists...
+    assert not store.contains(digest, 5)  # ...but is not a whole entry
+    assert not store.contains(b"\x03" * 32, 5)
+
+
 def test_temp_entries_of_dead_writers_are_swept_on_open(tmp_path):
     ChunkStore(tmp_path)
     dead = subprocess.Popen(["true"])

@@ -272,6 +272,8 @@ def test_sigkill_during_prefetch_never_leaves_a_bad_entry(stress_image, slow_ser
     assert "dropped" in mounts.log("final")
     st = mounts.wait_complete(mnt)
     assert st["prefetch"]["cached_chunks"] == st["prefetch"]["total_chunks"] == total
+    # "complete" must mean the cache can serve the image offline: the torn entry was refetched
+    assert ChunkStore(cache).get(some[1]) is not None
     _assert_all_bytes(mnt, files)
     assert _check_entries(cache, digests) == total
     assert os.listdir(tmpdir) == [], "temp entries of dead writers were left behind"
