@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import urllib.parse
 from pathlib import Path
 
 from .errors import CacheError
+from .store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +43,9 @@ class ImageStore:
             raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
 
     def _write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_atomic(self.root / "tmp", path, [data])
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise CacheError(f"cannot write {path}: {exc.strerror}") from exc
 
     def _read_verified(self, path: Path, digest: str) -> bytes | None:

@@ -123,27 +123,9 @@ class ChunkStore:
         refuses: a full cache must not fail a read that the network has served."""
         path = self.path(digest)
         header = _HEADER.pack(_MAGIC, codec, size, len(payload), xxhash.xxh3_64_intdigest(payload))
-        # unique per writer without mkstemp's cost: two writers of one chunk each rename
-        # a whole entry into place, and either one is right
-        tmp = self._tmp / f"{path.name}.{os.getpid()}.{threading.get_ident()}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                written = os.writev(fd, [header, payload])
-                if written != len(header) + len(payload):
-                    raise OSError(errno.EIO, f"short write ({written} bytes)")
-            finally:
-                os.close(fd)
-            try:
-                os.replace(tmp, path)
-            except FileNotFoundError:
-                path.parent.mkdir(exist_ok=True)
-                os.replace(tmp, path)
+            write_atomic(self._tmp, path, [header, payload])
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             self.write_errors += 1
             level = logging.WARNING if self.write_errors < 10 else logging.DEBUG
             reason = "cache disk full" if exc.errno == errno.ENOSPC else exc.strerror
@@ -178,6 +160,33 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True  # exists, owned by someone else
     return True
+
+
+def write_atomic(tmp_dir: Path, path: Path, parts: list[bytes | memoryview]) -> None:
+    """Write ``parts`` to ``path`` whole or not at all: into ``tmp_dir`` first, then
+    renamed into place (creating ``path``'s directory if needed). The temp name ends in
+    ``.PID.TID``, unique per writer without mkstemp's cost, and lets a later
+    ``ChunkStore`` sweep what a killed writer left. Raises OSError."""
+    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            written = os.writev(fd, parts)
+            if written != sum(len(p) for p in parts):
+                raise OSError(errno.EIO, f"short write ({written} bytes)")
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, path)
+        except FileNotFoundError:
+            path.parent.mkdir(exist_ok=True)
+            os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _check(data: bytes) -> str | None:
