@@ -7,8 +7,16 @@
     PeerSet                     the peer list (re-read from the peers file when it
                                 changes), which peers to avoid for now, bytes per peer
     PeerClient                  GET /v1/chunks/<blake3 hex> with the cluster token
-    hedge(primary, backup, d)   run ``primary``; if it has not answered within ``d``
-                                seconds (or failed), run ``backup`` too; first success wins
+    race(attempts, d)           run the first attempt; start the next one when every
+                                attempt started so far has failed, or (a hedge) when the
+                                last one started has not answered within ``d`` seconds;
+                                the first success wins and the others are cancelled
+    hedge(primary, backup, d)   ``race`` of two
+
+A chunk's attempts are its owner, the next owner in rendezvous order, then the origin.
+The next owner is what the whole cluster falls back to when the owner is down or slow,
+so it too fetches from the origin once for everyone; the origin comes last because it
+must always work.
 
 A peer is never trusted: the fetcher checks every payload against the chunk's digest and
 reports a peer that sends wrong bytes with ``PeerSet.mark_bad``. A peer that is down is
@@ -22,11 +30,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 import trio
@@ -104,6 +113,8 @@ class PeerConfig:
     """Seconds a peer that sent wrong bytes is avoided."""
     background_concurrency: int = 8
     """Peer requests of the prefetcher in flight at once."""
+    owners_asked: int = 2
+    """Peers asked for one chunk before the origin: its owner, then the next owner."""
     reload_interval: float = 2.0
     """Seconds between checks of the peers file's mtime."""
 
@@ -140,16 +151,26 @@ class PeerSet:
         for p in self.peers:
             self.health.setdefault(p, PeerHealth())
 
-    def owner(self, digest: bytes) -> str | None:
-        """The peer to ask for ``digest``: its owner, or the next one when the owner is
-        being avoided; None when that is this node (or no peer is usable): use the origin."""
+    def owners(self, digest: bytes, limit: int = 2) -> list[str]:
+        """The peers to ask for ``digest`` before the origin, in order: its owner and the
+        next owners in rendezvous order (at most ``limit``), skipping peers being avoided
+        and stopping at this node, which fetches what it owns from the origin itself.
+        Every node computes the same list, so a failed owner's chunks all go to one next
+        owner, which asks the origin once for the whole cluster."""
         now = self._clock()
+        out: list[str] = []
         for p in rendezvous(digest, self.peers):
-            if p == self.self_url:
-                return None
+            if p == self.self_url or len(out) == limit:
+                break
             if self.health[p].avoid_until <= now:
-                return p
-        return None
+                out.append(p)
+        return out
+
+    def owner(self, digest: bytes) -> str | None:
+        """The peer to ask first for ``digest``; None when that is this node (or no peer
+        is usable): use the origin."""
+        owners = self.owners(digest, 1)
+        return owners[0] if owners else None
 
     def runner_up(self, digest: bytes) -> str | None:
         """For a chunk ``owner`` sends to the origin (this node is first among the usable
@@ -296,49 +317,87 @@ class PeerTier:
     """``registry/repository`` of the image, sent so that an owner can fetch from the origin."""
 
 
-async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaitable[T]],
-                delay: float, may_hedge: Callable[[], bool] | None = None) -> tuple[T, bool]:
-    """Run ``primary``; start ``backup`` when ``primary`` fails or has not answered in
-    ``delay`` seconds. Returns the first success and whether it was ``backup``'s; the
-    loser is cancelled. If both fail, ``backup``'s error is raised (``primary`` is the
-    optional, faster path; ``backup`` is the one that must work). When the delay passes
-    and ``may_hedge()`` says no (the hedge budget is spent), only a failure of
-    ``primary`` (which has a deadline of its own) brings in ``backup``."""
-    result: list[tuple[T, bool]] = []
-    backup_error: list[BaseException] = []
-    start_backup = trio.Event()
+@dataclasses.dataclass(frozen=True)
+class RaceResult(Generic[T]):
+    value: T
+    winner: int
+    """Index of the attempt that answered."""
+    hedged: bool
+    """Whether that attempt was started by a hedge (its predecessor was slow, not failed)."""
+
+
+async def race(attempts: Sequence[Callable[[], Awaitable[T]]], delay: float, *,
+               take_hedge: Callable[[], bool] | None = None,
+               last_by: float = math.inf) -> RaceResult[T]:
+    """Run ``attempts[0]``; start the next attempt when every attempt started so far has
+    failed (a ``FetchError``), or when the last one started has not answered within
+    ``delay`` seconds and ``take_hedge()`` grants a hedge (it counts it against a budget;
+    a refused hedge waits for failures only, and every attempt has a deadline of its own).
+    The last attempt (the origin: the one that must work) is started ``last_by`` seconds
+    after the first at the latest, whatever the budget says, so that slow peers never
+    make a read miss a deadline the origin alone would have met.
+
+    The first success wins and the others are cancelled. If all fail, the last attempt's
+    error is raised."""
+    if not attempts:
+        raise ValueError("race needs at least one attempt")
+    results: list[RaceResult[T]] = []
+    errors: dict[int, FetchError] = {}
+    hedged: set[int] = set()
+    changed = [trio.Event()]
+    last = len(attempts) - 1
+    began = trio.current_time()
 
     async with trio.open_nursery() as nursery:
 
-        async def run_primary() -> None:
+        async def run(i: int) -> None:
             try:
-                value = await primary()
-            except FetchError:
-                start_backup.set()
-                return
-            result.append((value, False))
-            nursery.cancel_scope.cancel()
-
-        async def run_backup() -> None:
-            with trio.move_on_after(delay):
-                await start_backup.wait()
-            if not start_backup.is_set() and may_hedge is not None and not may_hedge():
-                await start_backup.wait()
-            try:
-                value = await backup()
+                value = await attempts[i]()
             except FetchError as exc:
-                backup_error.append(exc)
+                errors[i] = exc
+                changed[0].set()
+                changed[0] = trio.Event()
                 return
-            result.append((value, True))
+            results.append(RaceResult(value, i, i in hedged))
             nursery.cancel_scope.cancel()
 
-        nursery.start_soon(run_primary)
-        nursery.start_soon(run_backup)
-    if result:
-        return result[0]
-    assert backup_error
-    raise backup_error[0]
+        async def all_failed(n: int) -> None:
+            while len(errors) < n:
+                await changed[0].wait()
+
+        async def drive() -> None:
+            give_up_at = began + last_by
+            for i in range(last):
+                nursery.start_soon(run, i)
+                with trio.move_on_at(min(give_up_at, trio.current_time() + delay)):
+                    await all_failed(i + 1)
+                if len(errors) <= i and trio.current_time() < give_up_at:
+                    if take_hedge is None or take_hedge():
+                        hedged.add(i + 1)
+                    else:  # no budget: the next attempt waits for these to fail
+                        with trio.move_on_at(give_up_at):
+                            await all_failed(i + 1)
+                if trio.current_time() >= give_up_at:
+                    if len(errors) <= i:
+                        hedged.add(last)
+                    break  # straight to the last attempt
+            nursery.start_soon(run, last)
+
+        nursery.start_soon(drive)
+    if results:
+        return results[0]
+    raise errors[last]
 
 
-__all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher", "hedge",
+async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaitable[T]],
+                delay: float, may_hedge: Callable[[], bool] | None = None) -> tuple[T, bool]:
+    """``race`` of two: ``primary`` (a peer), then ``backup`` (the origin) when ``primary``
+    fails or is slower than ``delay``. Returns the first success and whether it was
+    ``backup``'s."""
+    r = await race([primary, backup], delay, take_hedge=may_hedge)
+    return r.value, r.winner == 1
+
+
+__all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher", "hedge", "race",
+           "RaceResult",
            "normalize_url", "read_peers_file", "UnreachableError"]

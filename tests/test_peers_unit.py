@@ -13,7 +13,7 @@ import trio.testing
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import ServerError, UnreachableError
-from fetcher.peers import PeerConfig, PeerSet, PeerTier, hedge, read_peers_file, rendezvous
+from fetcher.peers import PeerConfig, PeerSet, PeerTier, hedge, race, read_peers_file, rendezvous
 
 from .fakes import ScriptedSource, make_blob
 
@@ -216,3 +216,180 @@ def test_runner_up_skips_this_node_and_avoided_peers():
     ps.mark_down("http://c:1", "refused")  # the owner is down; this node comes next
     assert ps.owner(digest) is None
     assert ps.runner_up(digest) == "http://a:1"  # a prefetched before: ask it, cache-only
+
+
+# -- owner, next owner, origin ------------------------------------------------------------
+
+class ClusterPeers:
+    """A PeerClient with a script per peer: ``ok``, ``corrupt``, ``refused``, ``missing``
+    (404), ``stall``, or ``slow:<seconds>`` (answers right after that long)."""
+
+    def __init__(self, raw: bytes, scripts: dict[str, list[str]]) -> None:
+        self.raw = raw
+        self.scripts = {p: list(s) for p, s in scripts.items()}
+        self.asked: list[tuple[str, str | None, float]] = []  # peer, repository, when
+
+    async def fetch(self, peer, chunk, repository):
+        self.asked.append((peer, repository, trio.current_time()))
+        await trio.lowlevel.checkpoint()
+        script = self.scripts.get(peer, [])
+        outcome = script.pop(0) if script else "ok"
+        data = bytearray(self.raw[chunk.offset : chunk.offset + chunk.stored_size])
+        if outcome == "refused":
+            raise UnreachableError(f"cannot connect to {peer}")
+        if outcome == "missing":
+            raise ServerError(f"peer {peer} has no chunk (404)")
+        if outcome == "stall":
+            await trio.sleep_forever()
+        if outcome.startswith("slow:"):
+            await trio.sleep(float(outcome[5:]))
+        if outcome == "corrupt":
+            data[0] ^= 0xFF
+        return data
+
+
+CLUSTER = ["http://10.0.1.1:7070", "http://10.0.1.2:7070", "http://10.0.1.3:7070"]
+ONE = [os.urandom(6000)]
+
+
+def _self_at(digest: bytes, position: int) -> str:
+    """A URL for this node that comes at ``position`` in ``digest``'s rendezvous order."""
+    return next(u for u in (f"http://10.0.9.{i}:7070" for i in range(1, 255))
+                if rendezvous(digest, [*CLUSTER, u]).index(u) == position)
+
+
+def run_cluster(tmp_path, scripts, *, self_position=3, origin_script=(), deadline=5.0,
+                hedged_before=0, background=False):
+    """One chunk read on a node of a four-node cluster (three peers and this node at
+    ``self_position`` in the chunk's order). Returns (roles, origin, client, out):
+    ``roles`` are the peers in rendezvous order for the chunk."""
+    blob, chunks, raw = make_blob(ONE)
+    [chunk] = chunks
+    me = _self_at(chunk.digest, self_position)
+    roles = [u for u in rendezvous(chunk.digest, [*CLUSTER, me]) if u != me]
+    origin = ScriptedSource({blob.digest: raw}, origin_script)
+    peers = PeerSet([*CLUSTER, me], self_url=me, config=PeerConfig(hedge_delay=0.05))
+    client = ClusterPeers(raw, {roles[i]: s for i, s in enumerate(scripts)})
+    out = {"peers": peers}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fetcher = ChunkFetcher(nursery, origin, ChunkStore(tmp_path), FetchConfig(deadline=deadline),
+                                   peers=PeerTier(peers, client, "reg/app"))  # type: ignore[arg-type]
+            fetcher.stats.hedged = hedged_before
+            try:
+                out["data"] = await fetcher.get(chunks, background=background)
+            except Exception as exc:  # noqa: BLE001 - the test looks at it
+                out["error"] = exc
+            out["stats"] = fetcher.stats
+            out["time"] = trio.current_time()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    if "data" in out:
+        assert out["data"][chunk.digest] == ONE[0]
+    return roles, origin, client, out
+
+
+def test_a_down_owner_is_followed_by_the_next_owner_not_the_origin(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["refused"], ["ok"]])
+    owner, nxt = roles[0], roles[1]
+    assert [(p, r) for p, r, _ in client.asked] == [(owner, "reg/app"), (nxt, "reg/app")]
+    assert origin.requests == [] and out["time"] < 0.01  # at once, no hedge delay
+    assert out["peers"].health[owner].avoid_until > 0  # down: on backoff
+    assert out["peers"].owners(b"\1" * 32, 3)[0] != owner  # and not asked again for now
+
+
+def test_a_slow_owner_is_hedged_to_the_next_owner(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["slow:0.01"]])
+    assert [p for p, _, _ in client.asked] == roles[:2]
+    assert client.asked[1][2] == pytest.approx(0.05)  # the hedge delay
+    assert origin.requests == [] and out["time"] == pytest.approx(0.06)
+    st = out["stats"]
+    assert (st.hedged, st.hedge_wins, st.origin_after_peers) == (1, 1, 0)
+
+
+def test_two_slow_owners_are_hedged_to_the_origin(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["stall"], ["ok"]])
+    assert [p for p, _, _ in client.asked] == roles[:2]  # never a third peer
+    assert len(origin.requests) == 1 and out["time"] == pytest.approx(0.10)
+    assert out["stats"].hedged == 2 and out["stats"].origin_after_peers == 1
+
+
+def test_a_lying_owner_is_reported_and_the_next_owner_answers(tmp_path, caplog):
+    roles, origin, client, out = run_cluster(tmp_path, [["corrupt"], ["ok"]])
+    assert origin.requests == [] and [p for p, _, _ in client.asked] == roles[:2]
+    assert out["peers"].bad_peers() == [roles[0]]
+    assert f"peer {roles[0]} sent wrong bytes" in caplog.text
+    assert roles[0] not in out["peers"].owners(bytes(32), 3)
+
+
+def test_when_every_peer_fails_the_origin_answers(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["corrupt"], ["missing"]])
+    assert len(origin.requests) == 1 and out["time"] < 0.01
+    assert out["stats"].origin_after_peers == 1
+
+
+def test_when_the_origin_fails_too_the_read_fails_with_the_origins_error(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["refused"], ["refused"]], origin_script=["fail"])
+    assert isinstance(out["error"], ServerError) and "scripted failure" in str(out["error"])
+
+
+def test_when_this_node_is_next_a_failed_owner_goes_to_the_origin(tmp_path):
+    """This node is the next owner: it fetches from the origin itself (no third peer)."""
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["ok"]], self_position=1)
+    assert [p for p, _, _ in client.asked] == roles[:1]
+    assert len(origin.requests) == 1 and out["time"] == pytest.approx(0.05)
+
+
+def test_a_spent_hedge_budget_still_reaches_the_origin_within_the_deadline(tmp_path):
+    """Past the budget a slow peer is not hedged, but the origin is still asked at half
+    the read's deadline: peers never make a read fail that the origin would serve."""
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["stall"]], deadline=4.0,
+                                             hedged_before=10**6)
+    assert [p for p, _, _ in client.asked] == roles[:1]  # no hedge to the next owner
+    assert len(origin.requests) == 1 and out["time"] == pytest.approx(2.0)
+    assert "data" in out
+
+
+def test_prefetch_waits_for_a_slow_owner_and_falls_back_to_the_next_owner(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["slow:3"], ["ok"]], background=True)
+    assert [p for p, _, _ in client.asked] == roles[:1]  # no hedging in the background
+    assert origin.requests == [] and out["time"] == pytest.approx(3.0)
+    roles, origin, client, out = run_cluster(tmp_path, [["refused"], ["missing"]], background=True)
+    assert [p for p, _, _ in client.asked] == roles[:2] and len(origin.requests) == 1
+
+
+def test_prefetch_of_a_chunk_this_node_owns_asks_the_runner_up_cache_only(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["ok"]], self_position=0, background=True)
+    assert [(p, r) for p, r, _ in client.asked] == [(roles[0], None)] and origin.requests == []
+    # a demand read of a chunk this node owns goes straight to the origin
+    roles, origin, client, out = run_cluster(tmp_path / "d", [["ok"]], self_position=0)
+    assert client.asked == [] and len(origin.requests) == 1
+
+
+# -- race, on its own ------------------------------------------------------------------------
+
+def test_race_hedges_down_the_chain_and_the_first_success_wins():
+    async def main():
+        return await race([_after(10, "owner"), _after(10, "next"), _after(0.001, "origin")], 0.05)
+
+    won = _run(main)
+    assert won.value[0] == "origin" and won.winner == 2 and won.hedged
+    assert won.value[1] == pytest.approx(0.101)
+
+
+def test_race_without_budget_moves_on_at_failures_and_at_last_by():
+    async def main():
+        return await race([_after(1.0, "owner", fail=True), _after(100, "next"), _after(0.001, "origin")],
+                          0.05, take_hedge=lambda: False, last_by=5.0)
+
+    won = _run(main)
+    assert won.value == ("origin", pytest.approx(5.001)) and won.winner == 2
+
+    async def failing():
+        return await race([_after(1, "a", fail=True), _after(1, "b", fail=True),
+                           _after(1, "origin", fail=True)], 0.05)
+
+    with pytest.raises(ServerError, match="origin"):
+        _run(failing)
