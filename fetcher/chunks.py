@@ -29,7 +29,7 @@ from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
 from .errors import AuthError, FetchError, IntegrityError, UnreachableError
-from .peers import PeerTier, race
+from .peers import PeerIsSelf, PeerTier, race
 from .source import BlobSource
 
 log = logging.getLogger(__name__)
@@ -420,6 +420,9 @@ class ChunkFetcher:
         except (UnreachableError, AuthError) as exc:
             self.stats.peer_failures += 1
             tier.peers.mark_down(peer, exc)
+            raise
+        except PeerIsSelf:
+            tier.peers.mark_self(peer)
             raise
         except FetchError as exc:  # busy, or a bad answer: no penalty, just the next one
             self.stats.peer_failures += 1

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHUNK_PATH = "/v1/chunks/"
+NODE_HEADER = "X-Lazyfs-Node"
+"""Sent with every peer request: the asking process's random id (see ``PeerClient``)."""
 
 
 def _weight(peer: str, digest: bytes) -> int:
@@ -72,6 +74,14 @@ def normalize_url(url: str) -> str:
         raise ValueError(f"not a peer URL (expected http://HOST:PORT): {url!r}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"http://{host}:{parts.port}"
+
+
+def peer_url(host: str, port: int) -> str:
+    """The URL of a peer listening on ``host:port``."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def read_peers_file(path: Path) -> list[str]:
@@ -181,6 +191,13 @@ class PeerSet:
         return next((p for p in rendezvous(digest, self.peers)
                      if p != self.self_url and self.health[p].avoid_until <= now), None)
 
+    def mark_self(self, peer: str) -> None:
+        """``peer`` turned out to be this node: from now on it is ``self_url``."""
+        if self.self_url != peer:
+            log.warning("peer %s is this node (its --advertise URL is %s); treating it as this node",
+                        peer, self.self_url or "not set")
+            self.self_url = peer
+
     def hedge_delay(self) -> float:
         c = self.config
         return min(c.max_hedge_delay, max(c.hedge_delay, 3 * self.latency, 1.5 * self.p95()))
@@ -265,11 +282,20 @@ class PeersFileWatcher:
             await trio.to_thread.run_sync(self.load)
 
 
-class PeerClient:
-    """Asks peers for chunks: one keep-alive connection pool per peer."""
+class PeerIsSelf(ServerError):
+    """The peer asked is this very process (its chunk server said so): the peers file
+    names this node by an address other than its ``--advertise`` URL."""
 
-    def __init__(self, token: str, *, connect_timeout: float = 2.0) -> None:
+
+class PeerClient:
+    """Asks peers for chunks: one keep-alive connection pool per peer. ``node_id``
+    (shared with this process's chunk server) lets a server recognise a request from
+    its own process and say so, rather than wait on the very fetch that asked it."""
+
+    def __init__(self, token: str, *, connect_timeout: float = 2.0, node_id: str | None = None) -> None:
         self._auth = {"Authorization": f"Bearer {token}"}
+        if node_id:
+            self._auth[NODE_HEADER] = node_id
         self._clients: dict[str, RangeClient] = {}
         self._connect_timeout = connect_timeout
 
@@ -300,6 +326,8 @@ class PeerClient:
                 raise ServerError(f"peer {peer} has no chunk {chunk.hexdigest[:16]} (404)") from None
             if exc.status == 503:
                 raise ServerError(f"peer {peer} is busy (503)") from None
+            if exc.status == 508:
+                raise PeerIsSelf(f"peer {peer} is this node") from None
             raise ServerError(f"peer {peer}: unexpected status {exc.status}") from None
 
     async def aclose(self) -> None:
@@ -399,5 +427,5 @@ async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaita
 
 
 __all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher", "hedge", "race",
-           "RaceResult",
-           "normalize_url", "read_peers_file", "UnreachableError"]
+           "RaceResult", "PeerIsSelf", "NODE_HEADER", "normalize_url", "peer_url", "read_peers_file",
+           "UnreachableError"]

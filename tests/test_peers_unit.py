@@ -393,3 +393,21 @@ def test_race_without_budget_moves_on_at_failures_and_at_last_by():
 
     with pytest.raises(ServerError, match="origin"):
         _run(failing)
+
+
+def test_peers_file_watcher_reads_changes_and_keeps_the_last_good_list(tmp_path, caplog):
+    from fetcher.peers import PeersFileWatcher
+
+    f = tmp_path / "peers"
+    f.write_text("http://10.0.0.1:1\n")
+    peers = PeerSet()
+    w = PeersFileWatcher(f, peers)
+    assert w.load() and peers.peers == ["http://10.0.0.1:1"]
+    assert not w.load()  # unchanged
+    f.write_text("http://10.0.0.1:1\nhttp://10.0.0.2:1\n")
+    os.utime(f, ns=(1, 10**18))
+    assert w.load() and peers.peers == ["http://10.0.0.1:1", "http://10.0.0.2:1"]
+    f.write_text("not a url at all\n")
+    os.utime(f, ns=(1, 2 * 10**18))
+    assert not w.load() and peers.peers == ["http://10.0.0.1:1", "http://10.0.0.2:1"]
+    assert "unusable" in caplog.text
