@@ -116,9 +116,12 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
 
 
 class _Pending:
-    __slots__ = ("event", "data", "payload", "error", "caching")
+    __slots__ = ("event", "data", "payload", "error", "caching", "queued")
 
-    def __init__(self) -> None:
+    def __init__(self, queued: bool = False) -> None:
+        self.queued = queued
+        """A background fetch that has not started yet (it waits for demand reads to end);
+        a demand reader or a peer that wants the chunk takes it over (see ``_wait``)."""
         self.event = trio.Event()
         self.data: bytes | memoryview | None = None
         self.payload: bytes | memoryview | None = None  # as stored in the blob (what peers are sent)
@@ -186,7 +189,14 @@ class ChunkFetcher:
             seen.add(c.digest)
             p = self._inflight.get(c.digest)
             if p is None:
-                p = self._inflight[c.digest] = _Pending()
+                p = self._inflight[c.digest] = _Pending(queued=background)
+                new.append(c)
+            elif p.queued and not background:
+                # A prefetch of it waits for demand reads to end: fetch it now instead. Never
+                # wait behind our own prefetch: a peer asking for this chunk may be what
+                # our demand reads wait on, while its prefetch waits for its own reads
+                # to end (a deadlock across nodes).
+                p.queued = False
                 new.append(c)
             waits.append((c, p))
         if self.peers is not None and use_peers and new:
@@ -248,11 +258,16 @@ class ChunkFetcher:
             self._idle.set()
 
     async def _fetch_range(self, rng: Range, background: bool) -> None:
-        pendings = [self._inflight[c.digest] for c in rng.chunks]
+        queued = {c.digest: self._inflight[c.digest] for c in rng.chunks}
+        fetching: Range | None = None if background else rng
         try:
             if background:
                 async with self._background:
                     await self.wait_demand_idle()
+                    fetching = _claim(rng, queued)
+                    if fetching is None:
+                        return  # every chunk was taken over by a demand fetch
+                    rng = fetching
                     data = await self._request(rng, self.config.background_deadline)
             else:
                 self._demand_started()
@@ -260,6 +275,7 @@ class ChunkFetcher:
                     data = await self._request(rng, self.config.deadline)
                 finally:
                     self._demand_done()
+            pendings = [queued[c.digest] for c in rng.chunks]
             # Verify (and, for the prefetcher, cache) the whole range in one worker thread
             # call: hashing and disk writes stay off the trio loop, and a range of many
             # chunks pays for one thread hop, not two per chunk.
@@ -290,20 +306,21 @@ class ChunkFetcher:
             self.stats.failed_requests += 1
             log.warning("fetching %d chunk(s) of blob %s [%d, %d) from %s failed: %s",
                         len(rng.chunks), rng.blob, rng.start, rng.end, self.source_name, exc)
-            for p in pendings:
-                p.error = exc
+            for c in fetching.chunks if fetching else ():
+                queued[c.digest].error = exc
         except Exception as exc:  # a bug must fail the read, never the whole mount
             self.stats.failed_requests += 1
             log.exception("unexpected error fetching blob %s [%d, %d)", rng.blob, rng.start, rng.end)
-            for p in pendings:
-                p.error = FetchError(f"unexpected error fetching blob {rng.blob}: {exc!r}")
+            for c in fetching.chunks if fetching else ():
+                queued[c.digest].error = FetchError(f"unexpected error fetching blob {rng.blob}: {exc!r}")
         finally:
-            for c, p in zip(rng.chunks, pendings, strict=True):
+            for c in fetching.chunks if fetching else ():  # the chunks this task fetched
+                p = queued[c.digest]
                 if p.data is None and p.error is None:
                     p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
                 p.event.set()
-                if not p.caching:
-                    self._inflight.pop(c.digest, None)
+                if not p.caching and self._inflight.get(c.digest) is p:
+                    del self._inflight[c.digest]
 
     async def _keep(self, c: Chunk, p: _Pending, background: bool) -> None:
         assert p.payload is not None
@@ -337,6 +354,7 @@ class ChunkFetcher:
         assert self.peers is not None
         tier = self.peers
         p = self._inflight[c.digest]
+        mine = not background  # a queued background fetch may be taken over (see _wait)
 
         def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[tuple[bytes, bytes]]]:
             async def attempt() -> tuple[bytes, bytes]:
@@ -373,6 +391,9 @@ class ChunkFetcher:
             if background:
                 async with self._peer_background:
                     await self.wait_demand_idle()
+                    if not p.queued:
+                        return  # a demand fetch took it over
+                    p.queued, mine = False, True
                     # no hedging: a prefetch waits for its peers (each has a deadline)
                     won = await race(attempts, math.inf, last_by=self.config.background_deadline / 2)
             else:
@@ -399,11 +420,12 @@ class ChunkFetcher:
             log.exception("unexpected error fetching chunk %s", c.hexdigest)
             p.error = FetchError(f"unexpected error fetching chunk {c.hexdigest[:16]}: {exc!r}")
         finally:
-            if p.data is None and p.error is None:
-                p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
-            p.event.set()
-            if not p.caching:
-                self._inflight.pop(c.digest, None)
+            if mine:
+                if p.data is None and p.error is None:
+                    p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
+                p.event.set()
+                if not p.caching and self._inflight.get(c.digest) is p:
+                    del self._inflight[c.digest]
 
     async def _ask_peer(self, c: Chunk, peer: str, cache_only: bool) -> tuple[bytes, bytes]:
         """The verified chunk from one peer. A peer that is down is put on backoff; one
@@ -455,6 +477,19 @@ class ChunkFetcher:
     async def _cache(self, chunk: Chunk, payload: bytes) -> None:
         assert self._store is not None
         await trio.to_thread.run_sync(self._store.put, chunk.digest, chunk.codec, chunk.size, payload)
+
+
+def _claim(rng: Range, pendings: dict[ChunkDigest, _Pending]) -> Range | None:
+    """The part of a queued background range that no demand fetch has taken over, now
+    marked as under way; None if nothing is left."""
+    mine = [c for c in rng.chunks if pendings[c.digest].queued]
+    for c in mine:
+        pendings[c.digest].queued = False
+    if not mine:
+        return None
+    if len(mine) == len(rng.chunks):
+        return rng
+    return Range(rng.blob, mine[0].offset, max(c.offset + c.stored_size for c in mine), tuple(mine))
 
 
 def _verify_range(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from functools import partial
 
 import pytest
 import trio
@@ -411,3 +412,75 @@ def test_peers_file_watcher_reads_changes_and_keeps_the_last_good_list(tmp_path,
     os.utime(f, ns=(1, 2 * 10**18))
     assert not w.load() and peers.peers == ["http://10.0.0.1:1", "http://10.0.0.2:1"]
     assert "unusable" in caplog.text
+
+
+# -- two fetchers asking each other ----------------------------------------------------------
+
+class DelaySource:
+    """An origin that answers each range after the delay given for its offset."""
+
+    def __init__(self, raw: bytes, digest: str, delays: dict[int, float]) -> None:
+        self.raw, self.digest, self.delays = raw, digest, delays
+        self.requests: list[int] = []
+
+    async def read_range(self, digest, offset, length):
+        assert digest == self.digest
+        self.requests.append(offset)
+        await trio.sleep(self.delays.get(offset, 0.0))
+        return self.raw[offset : offset + length]
+
+
+class Loopback:
+    """A PeerClient that asks the other fetcher as a node's chunk server does."""
+
+    def __init__(self) -> None:
+        self.servers: dict[str, ChunkFetcher] = {}
+
+    async def fetch(self, peer, chunk, repository):
+        if repository is None:
+            raise ServerError(f"peer {peer} has no chunk (404)")  # no cache in this test
+        return bytearray(await self.servers[peer].get_payload(chunk))
+
+
+def test_prefetches_waiting_for_reads_do_not_deadlock_two_nodes(tmp_path):
+    """Each node's prefetch of a chunk it owns waits for its own reads to end; each node's
+    read asks the other for the chunk that node's prefetch holds. A read (or a peer) that
+    finds a chunk queued for prefetch fetches it at once rather than waiting behind it."""
+    a, b = "http://10.0.2.1:7070", "http://10.0.2.2:7070"
+    pieces = [os.urandom(3000) for _ in range(24)]
+    blob, chunks, raw = make_blob(pieces)
+    owned = {u: [c for c in chunks if rendezvous(c.digest, [a, b])[0] == u] for u in (a, b)}
+    (busy_a, d), (busy_b, c) = owned[a][:2], owned[b][:2]  # d: a's, c: b's
+    origin = DelaySource(raw, blob.digest, {busy_a.offset: 1.0, busy_b.offset: 1.0})
+    client = Loopback()
+    done = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for me in (a, b):
+                client.servers[me] = ChunkFetcher(
+                    nursery, origin, None, FetchConfig(deadline=10),
+                    peers=PeerTier(PeerSet([a, b], self_url=me), client, "reg/app"))  # type: ignore[arg-type]
+            fa, fb = client.servers[a], client.servers[b]
+            fa.stats.hedged = fb.stats.hedged = 10**6  # hedge budget spent: no way round a wait
+
+            async def read(name, fetcher, chunk, **kw):
+                got = await fetcher.get([chunk], **kw)
+                assert got[chunk.digest] == pieces[chunks.index(chunk)]
+                done[name] = trio.current_time()
+
+            nursery.start_soon(read, "busy a", fa, busy_a)  # keeps a's reads going for 1 s
+            nursery.start_soon(read, "busy b", fb, busy_b)
+            await trio.sleep(0.01)
+            nursery.start_soon(partial(read, "prefetch a", fa, d, background=True))
+            nursery.start_soon(partial(read, "prefetch b", fb, c, background=True))
+            await trio.sleep(0.1)
+            nursery.start_soon(read, "a reads c", fa, c)
+            nursery.start_soon(read, "b reads d", fb, d)
+            await trio.sleep(20)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert done["a reads c"] == pytest.approx(0.11) and done["b reads d"] == pytest.approx(0.11)
+    assert done["prefetch a"] == pytest.approx(0.11) and done["prefetch b"] == pytest.approx(0.11)
+    assert sorted(origin.requests) == sorted([busy_a.offset, busy_b.offset, c.offset, d.offset])
