@@ -182,18 +182,27 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
             program(quick, mnts[i])
             return mounted, time.monotonic() - t0
 
-        t0 = time.monotonic()
-        with ThreadPoolExecutor(n) as pool:
-            per_node = list(pool.map(node, range(n)))
         complete: dict[Path, float] = {}
-        deadline = time.monotonic() + 900
-        while len(complete) < n:
-            for m in mnts:
-                if m not in complete and status_of(m)["prefetch"]["complete"]:
-                    complete[m] = time.monotonic() - t0
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{n - len(complete)} node(s) did not complete in 900 s")
-            time.sleep(0.02)
+
+        def watch() -> None:
+            """Note when each mounted node's cache is complete (while the programs run)."""
+            deadline = time.monotonic() + 900
+            while len(complete) < n:
+                if any(f.done() and f.exception() for f in nodes):
+                    return
+                for m in list(pids):
+                    if m not in complete and status_of(m)["prefetch"]["complete"]:
+                        complete[m] = time.monotonic() - t0
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{n - len(complete)} node(s) did not complete in 900 s")
+                time.sleep(0.02)
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(n + 1) as pool:
+            nodes = [pool.submit(node, i) for i in range(n)]
+            watcher = pool.submit(watch)
+            per_node = [f.result() for f in nodes]
+            watcher.result()
         statuses = [status_of(m) for m in mnts]
     finally:
         for m in mnts:
