@@ -9,27 +9,32 @@ python image; in quick mode, reading every file of a tiny image). Measured per r
 
     program_s         start to the moment every node's program has finished
     cache_complete_s  start to the moment every node's cache holds the whole image
-    origin_bytes      chunk bytes the origin sent (the sum of the ranges it answered,
-                      counted by the origin process itself; each node also fetches the
-                      manifest and the index, which are not counted)
+    origin_bytes      chunk bytes the origin sent (the sum of the ranges it answered;
+                      each node also fetches the manifest and the index, which are in
+                      ``origin_sent_bytes``, everything the proxy passed on)
 
-Every run gets a fresh origin process (so its counter starts at zero), fresh caches and
-fresh ports; runs of the two modes alternate, so both see the same machine. Results are
-medians over ``runs``, written to ``peers.json`` with a plot, ``peers.png`` (nodes on x,
-seconds on y, one line per mode and measure; origin bytes beside it).
+The origin (``lazyfs serve``'s server) sits behind a counting proxy that caps what it
+sends at ``--origin-mibps`` (25 MiB/s, about 200 Mbit/s, by default) for all nodes
+together: a registry's uplink is what a cluster starting one image runs out of, and what
+peers exist to spare. Every run gets a fresh origin process (so its counters start at
+zero), fresh caches and fresh ports; runs of the two modes alternate, so both see the
+same machine. Results are medians over ``runs``, written to ``peers.json`` with a plot,
+``peers.png`` (nodes on x, seconds on y, one line per mode and measure; origin bytes
+beside it).
 
     python3 bench/peers_bench.py                 # 1, 2, 4, 8 nodes, 3 runs, python image
     python3 bench/peers_bench.py --quick         # 1 and 2 nodes, 1 run, tiny image (CI)
     python3 bench/peers_bench.py --out DIR --runs 5 --origin-delay 0.005
 
 ``run(quick, outdir)`` is the entry point for the benchmark suite. Needs root (FUSE,
-chroot). The origin here is loopback and uncapped (``--origin-delay`` adds a per-response
-delay to stand in for a far registry).
+chroot). Everything is on loopback; ``--origin-delay`` adds a per-response delay to stand
+in for a far registry, ``--origin-mibps 0`` lifts the cap.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -37,9 +42,11 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,34 +73,88 @@ from lazyfs.process import wait_gone  # noqa: E402
 from tests import imagegen  # noqa: E402
 
 MODES = ("peers", "no_peers")
+ORIGIN_MIBPS = 25.0
+"""The origin's uplink, MiB/s, shared by every node (about 200 Mbit/s)."""
 TOKEN = "bench-cluster-token-" + "0" * 16
 
 
-# -- the origin: a registry in a process of its own that counts the chunk bytes it sends ---
+# -- the origin: a registry behind a counting proxy that caps its bandwidth -----------------
 
-def serve_origin(root: Path, delay: float) -> None:
-    """Serve ``root`` on an ephemeral loopback port; print the port, then on SIGTERM the
-    bytes of every Range answer (chunk data) as JSON, and exit."""
+class CappedProxy:
+    """A TCP proxy in front of the origin: every byte the origin sends passes through one
+    token bucket of ``rate`` bytes per second shared by all connections (the registry's
+    uplink, which peers exist to spare), and is counted. ``rate`` 0: no cap."""
+
+    def __init__(self, upstream: int, rate: float) -> None:
+        self.upstream = upstream
+        self.rate = rate
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._next = time.monotonic()  # when the bucket may send again
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.sock.accept()
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _take(self, n: int) -> None:
+        with self._lock:
+            self.sent += n
+            if not self.rate:
+                return
+            now = time.monotonic()
+            self._next = max(self._next, now) + n / self.rate
+            wait = self._next - now
+        if wait > 0:
+            time.sleep(wait)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        try:
+            while data := src.recv(64 << 10):
+                if downstream:
+                    self._take(len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def serve_origin(root: Path, delay: float, rate: float) -> None:
+    """Serve ``root`` behind a ``CappedProxy`` on an ephemeral loopback port; print the
+    proxy's port, then on SIGTERM what was counted as JSON, and exit."""
     from lazyfs.serve import make_server
 
     server = make_server(root, "127.0.0.1", 0, delay=delay)
     server.start()
-    print(server.port, flush=True)
+    proxy = CappedProxy(server.port, rate)
+    print(proxy.port, flush=True)
     signal.sigwait({signal.SIGTERM})
     ranges = 0
     for _method, path, rng, status in list(server.requests):
         if "/blobs/" in path and rng and status == 206:
             first, last = rng.removeprefix("bytes=").split("-")
             ranges += int(last) - int(first) + 1
-    print(json.dumps({"range_bytes": ranges, "requests": len(server.requests)}), flush=True)
-    server.close()
+    print(json.dumps({"range_bytes": ranges, "sent_bytes": proxy.sent, "requests": len(server.requests)}),
+          flush=True)
+    os._exit(0)  # proxy threads may sit in recv on idle keep-alive connections
 
 
 class Origin:
-    def __init__(self, root: Path, delay: float) -> None:
+    def __init__(self, root: Path, delay: float, rate: float) -> None:
         # SIGTERM is blocked before the child starts, so sigwait() sees it whatever the timing
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve-origin", str(root), "--origin-delay", str(delay)],
+            [sys.executable, __file__, "--serve-origin", str(root), "--origin-delay", str(delay),
+             "--origin-mibps", str(rate / 2**20)],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
             preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
         assert self.proc.stdout is not None
@@ -153,9 +214,9 @@ def status_of(mnt: Path) -> dict[str, Any]:
 
 
 def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Path,
-            origin_delay: float) -> dict[str, Any]:
+            origin_delay: float, origin_rate: float) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix=f"n{n}-{'p' if peers else 'o'}-", dir=work))
-    origin = Origin(images, origin_delay)
+    origin = Origin(images, origin_delay, origin_rate)
     ports = [free_port() for _ in range(n)]
     peers_file, token_file = run_dir / "peers", run_dir / "token"
     peers_file.write_text("".join(f"http://127.0.0.1:{p}\n" for p in ports))
@@ -220,6 +281,7 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
         "mounted_s": max(mounted for mounted, _ in per_node),
         "cache_complete_s": max(complete.values()),
         "origin_bytes": counted["range_bytes"],
+        "origin_sent_bytes": counted["sent_bytes"],
         "peer_bytes": from_peers,
         "stored_bytes": statuses[0]["image"]["stored_bytes"],
     }
@@ -227,7 +289,8 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
 
 # -- the whole benchmark ---------------------------------------------------------------------------
 
-def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: float = 0.0) -> dict[str, Any]:
+def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: float = 0.0,
+        origin_mibps: float = ORIGIN_MIBPS) -> dict[str, Any]:
     """Measure, write ``outdir/peers.json`` and ``outdir/peers.png``; return the results."""
     outdir.mkdir(parents=True, exist_ok=True)
     counts = (1, 2) if quick else (1, 2, 4, 8)
@@ -239,7 +302,8 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
         for r in range(runs):
             for n in counts:
                 for mode in MODES if r % 2 == 0 else MODES[::-1]:
-                    res = one_run(quick, images, repo, n, mode == "peers", work, origin_delay)
+                    res = one_run(quick, images, repo, n, mode == "peers", work, origin_delay,
+                                  origin_mibps * 2**20)
                     raw[mode][n].append(res)
                     log(f"run {r + 1}/{runs}: {n} node(s), {mode}: program {res['program_s']:.2f}s, "
                         f"cache complete {res['cache_complete_s']:.2f}s, origin "
@@ -259,6 +323,7 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
                 "cache_complete_s": stats([x["cache_complete_s"] for x in rs]),
                 "mounted_s": stats([x["mounted_s"] for x in rs]),
                 "origin_bytes": origin,
+                "origin_sent_bytes": stats([float(x["origin_sent_bytes"]) for x in rs]),
                 "peer_bytes": stats([float(x["peer_bytes"]) for x in rs]),
                 "origin_vs_image": origin["median"] / stored,
             }
@@ -278,6 +343,7 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
         "machine": {"cpus": os.cpu_count(), "machine": platform.machine(),
                     "python": platform.python_version()},
         "params": {"quick": quick, "runs": runs, "nodes": list(counts), "origin_delay": origin_delay,
+                   "origin_mibps": origin_mibps,
                    "image": repo, "image_stored_bytes": stored,
                    "program": "read every file" if quick else f"chroot MNT {PYTHON} -c {PROGRAM!r}"},
         "results": results,
@@ -318,8 +384,10 @@ def plot(out: dict[str, Any], path: Path) -> None:
     right.set_ylim(bottom=0)
     left.legend(fontsize=8)
     right.legend(fontsize=8)
-    fig.suptitle(f"lazyfs peers: {out['params']['image']}, {out['params']['runs']} run(s), {out['when']}",
-                 fontsize=9)
+    cap = out["params"]["origin_mibps"]
+    fig.suptitle(f"lazyfs peers: {out['params']['image']}, origin "
+                 f"{f'capped at {cap:g} MiB/s' if cap else 'uncapped'}, loopback, "
+                 f"{out['params']['runs']} run(s), {out['when']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -333,13 +401,18 @@ def main() -> int:
                                                  "(default bench/results/<UTC date-time>)")
     parser.add_argument("--origin-delay", type=float, default=0.0,
                         help="seconds the origin waits before each answer (default 0)")
+    parser.add_argument("--origin-mibps", type=float, default=ORIGIN_MIBPS,
+                        help=f"the origin's bandwidth, shared by all nodes (default {ORIGIN_MIBPS:g} MiB/s; "
+                             "0: uncapped)")
     parser.add_argument("--serve-origin", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_origin:
-        serve_origin(args.serve_origin, args.origin_delay)
+        serve_origin(args.serve_origin, args.origin_delay, args.origin_mibps * 2**20)
         return 0
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on ^C: unmount everything
     outdir = args.out or ROOT / "bench" / "results" / dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
-    out = run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay)
+    out = run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay,
+              origin_mibps=args.origin_mibps)
     print(f"{'nodes':>5} {'mode':>9} {'program s':>10} {'complete s':>11} {'origin MiB':>11}")
     for n in out["params"]["nodes"]:
         for mode in MODES:

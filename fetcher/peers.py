@@ -18,6 +18,12 @@ The next owner is what the whole cluster falls back to when the owner is down or
 so it too fetches from the origin once for everyone; the origin comes last because it
 must always work.
 
+Requests that may wait only go up a chunk's rendezvous order (a node asks the peers that
+come before it; the prefetcher's cache-only questions to the next peer never wait), and a
+peer asked for a chunk fetches it from the origin, never from another peer;
+a node's server never waits behind that node's own queued prefetch (see
+``ChunkFetcher``). So nodes cannot wait on each other in a cycle.
+
 A peer is never trusted: the fetcher checks every payload against the chunk's digest and
 reports a peer that sends wrong bytes with ``PeerSet.mark_bad``. A peer that is down is
 skipped with exponential backoff. The request carries what the owner needs to fetch the
@@ -154,6 +160,7 @@ class PeerSet:
         self.health: dict[str, PeerHealth] = {}
         self.latency = 0.0  # EWMA of successful peer requests, seconds
         self._recent: collections.deque[float] = collections.deque(maxlen=64)
+        self._also_self: set[str] = set()  # other URLs this node turned out to have
         self.set_peers(peers)
 
     def set_peers(self, peers: Sequence[str]) -> None:
@@ -170,7 +177,7 @@ class PeerSet:
         now = self._clock()
         out: list[str] = []
         for p in rendezvous(digest, self.peers):
-            if p == self.self_url or len(out) == limit:
+            if self._is_self(p) or len(out) == limit:
                 break
             if self.health[p].avoid_until <= now:
                 out.append(p)
@@ -189,14 +196,19 @@ class PeerSet:
         more: when the owner is down and this node comes next, another peer may have it."""
         now = self._clock()
         return next((p for p in rendezvous(digest, self.peers)
-                     if p != self.self_url and self.health[p].avoid_until <= now), None)
+                     if not self._is_self(p) and self.health[p].avoid_until <= now), None)
 
     def mark_self(self, peer: str) -> None:
-        """``peer`` turned out to be this node: from now on it is ``self_url``."""
-        if self.self_url != peer:
+        """``peer`` turned out to be this node: from now on it is treated as this node (and
+        is ``self_url`` if that was unknown)."""
+        if not self._is_self(peer):
             log.warning("peer %s is this node (its --advertise URL is %s); treating it as this node",
                         peer, self.self_url or "not set")
-            self.self_url = peer
+            self._also_self.add(peer)
+            self.self_url = self.self_url or peer
+
+    def _is_self(self, peer: str) -> bool:
+        return peer == self.self_url or peer in self._also_self
 
     def hedge_delay(self) -> float:
         c = self.config

@@ -484,3 +484,15 @@ def test_prefetches_waiting_for_reads_do_not_deadlock_two_nodes(tmp_path):
     assert done["a reads c"] == pytest.approx(0.11) and done["b reads d"] == pytest.approx(0.11)
     assert done["prefetch a"] == pytest.approx(0.11) and done["prefetch b"] == pytest.approx(0.11)
     assert sorted(origin.requests) == sorted([busy_a.offset, busy_b.offset, c.offset, d.offset])
+
+
+def test_a_peer_found_to_be_this_node_is_never_asked_again():
+    digest = next(d for d in _digests(200) if rendezvous(d, CLUSTER)[0] == CLUSTER[1])
+    ps = PeerSet(CLUSTER, self_url=CLUSTER[0])
+    assert ps.owners(digest, 2)[0] == CLUSTER[1]
+    ps.mark_self(CLUSTER[1])  # the same node under a second address
+    assert ps.owners(digest, 2) == [] and ps.owner(digest) is None
+    assert ps.self_url == CLUSTER[0]
+    unknown = PeerSet(CLUSTER)
+    unknown.mark_self(CLUSTER[2])
+    assert unknown.self_url == CLUSTER[2]
