@@ -309,8 +309,10 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
                         f"cache complete {res['cache_complete_s']:.2f}s, origin "
                         f"{res['origin_bytes'] / 2**20:.1f} MiB, "
                         f"from peers {res['peer_bytes'] / 2**20:.1f} MiB")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        log(f"failed: mount logs and caches kept in {work}")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     stored = next(iter(raw["peers"][counts[0]]))["stored_bytes"]
     results: dict[str, Any] = {}
     for mode in MODES:

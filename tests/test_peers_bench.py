@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
-FIGURES = ["program_s", "cache_complete_s", "mounted_s", "origin_bytes"]
+FIGURES = ["program_s", "cache_complete_s", "mounted_s", "origin_bytes", "origin_sent_bytes"]
 RATIOS = ["program_peers_vs_no_peers", "cache_complete_peers_vs_no_peers", "origin_bytes_peers_vs_no_peers"]
 
 
