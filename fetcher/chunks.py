@@ -394,8 +394,9 @@ class ChunkFetcher:
                     if not p.queued:
                         return  # a demand fetch took it over
                     p.queued, mine = False, True
-                    # no hedging: a prefetch waits for its peers (each has a deadline)
-                    won = await race(attempts, math.inf, last_by=self.config.background_deadline / 2)
+                    # no hedging: a prefetch waits for its peers, but asks the origin by one
+                    # peer deadline at the latest (a reader may come to wait on it too)
+                    won = await race(attempts, math.inf, last_by=tier.peers.config.request_deadline)
             else:
                 self._demand_started()
                 try:

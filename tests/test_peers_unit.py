@@ -249,6 +249,18 @@ class ClusterPeers:
         return data
 
 
+class TimedSource(ScriptedSource):
+    """A ScriptedSource that notes when each request came."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.times: list[float] = []
+
+    async def read_range(self, digest, offset, length):
+        self.times.append(trio.current_time())
+        return await super().read_range(digest, offset, length)
+
+
 CLUSTER = ["http://10.0.1.1:7070", "http://10.0.1.2:7070", "http://10.0.1.3:7070"]
 ONE = [os.urandom(6000)]
 
@@ -268,7 +280,7 @@ def run_cluster(tmp_path, scripts, *, self_position=3, origin_script=(), deadlin
     [chunk] = chunks
     me = _self_at(chunk.digest, self_position)
     roles = [u for u in rendezvous(chunk.digest, [*CLUSTER, me]) if u != me]
-    origin = ScriptedSource({blob.digest: raw}, origin_script)
+    origin = TimedSource({blob.digest: raw}, origin_script)
     peers = PeerSet([*CLUSTER, me], self_url=me, config=PeerConfig(hedge_delay=0.05))
     client = ClusterPeers(raw, {roles[i]: s for i, s in enumerate(scripts)})
     out = {"peers": peers, "digest": chunk.digest}
@@ -496,3 +508,11 @@ def test_a_peer_found_to_be_this_node_is_never_asked_again():
     unknown = PeerSet(CLUSTER)
     unknown.mark_self(CLUSTER[2])
     assert unknown.self_url == CLUSTER[2]
+
+
+def test_prefetch_asks_the_origin_by_one_peer_deadline_when_peers_hang(tmp_path):
+    """A reader may come to wait on a prefetch's chunk: two hanging owners must not hold
+    it for two peer deadlines (or more) before the origin is asked."""
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["stall"]], background=True)
+    assert len(origin.requests) == 1 and "data" in out
+    assert origin.times[0] <= PeerConfig().request_deadline + 1e-6
