@@ -134,6 +134,7 @@ class RegistryClient:
         self.origin = f"{'http' if plain else 'https'}://{host}"
         self.base_url = f"{self.origin}/v2/{ref.repository}"
         self._where = f"{ref.registry}/{ref.repository}"
+        self._proxy = proxy
         scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
         self._auth = Authenticator(ref.registry, scope, credentials)
         verify: ssl.SSLContext | bool = True
@@ -418,7 +419,8 @@ class RegistryClient:
                 finally:
                     await response.aclose()
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise UnreachableError(f"cannot reach registry {self.ref.registry}: "
+                via = f" through the proxy {self._proxy}" if self._proxy else ""
+                raise UnreachableError(f"cannot reach registry {self.ref.registry}{via}: "
                                        f"{_short(exc)}") from exc
             except httpx.ProxyError as exc:
                 raise UnreachableError(f"the proxy to registry {self.ref.registry} failed: "
