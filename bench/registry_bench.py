@@ -64,8 +64,11 @@ def _run(*cmd: str, **kw: Any) -> subprocess.CompletedProcess:
     return done
 
 
+_ENV: dict[str, str] = {}
+
+
 def _lazyfs(*args: str) -> subprocess.CompletedProcess:
-    return _run(sys.executable, "-m", "lazyfs", *args, cwd=ROOT)
+    return _run(sys.executable, "-m", "lazyfs", *args, cwd=ROOT, env={**os.environ, **_ENV})
 
 
 def _drop_caches(quick: bool) -> None:
@@ -139,6 +142,8 @@ def run(quick: bool, outdir: Path, runs: int | None = None) -> dict[str, Any]:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lazyfs-regbench-", dir="/var/tmp"))
+    # the push record (fetcher/blobrepos.py) of this run's throwaway registry stays in `work`
+    _ENV["XDG_STATE_HOME"] = str(work / "state")
     registry = None
     try:
         tar = imagegen.build_python_image(work / "python.tar", cache_dir=INPUT_CACHE, with_pyc=True)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 REPOS_PER_BLOB = 4
 #: Blobs remembered per registry (the most recently recorded ones).
 BLOBS_PER_REGISTRY = 50_000
+#: Registries remembered (the most recently pushed to).
+REGISTRIES = 64
 
 
 def default_path() -> Path:
@@ -75,7 +77,10 @@ class BlobRepos:
             return
         try:
             doc = self._load()
-            blobs = doc.setdefault(self.registry, {})
+            blobs = doc.pop(self.registry, {})
+            doc[self.registry] = blobs  # last: the most recently pushed to
+            for registry in list(doc)[: max(0, len(doc) - REGISTRIES)]:
+                del doc[registry]
             for digest, repos in self._new.items():
                 merged = [r for r in blobs.pop(digest, []) if r not in repos] + repos
                 blobs[digest] = merged[-REPOS_PER_BLOB:]
