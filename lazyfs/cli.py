@@ -430,6 +430,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  reads     {r['reads']} ({_human(r['bytes_read'])}), chunk hits: memory "
           f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}, misses {r['chunk_misses']}, "
           f"failed reads {r['failed_reads']}")
+    c = status.get("cache_state") or {}
+    if c.get("full"):
+        print(f"  cache     FULL ({c['dir']}): {c['served_uncached']} chunks served without caching; "
+              "the prefetch waits for space")
     return 0
 
 
