@@ -259,7 +259,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
     token = read_token(Path(args.token_file))
     host, port = args.listen
     trio.run(lambda: run_peer(Path(args.cache).absolute(), host, port, token, fetch_timeout=args.timeout,
-                              insecure=True if args.insecure else None))
+                              insecure=True if args.insecure else None, cache_size=args.cache_size))
     return 0
 
 
@@ -300,6 +300,7 @@ def _mount_options(args: argparse.Namespace) -> Any:
         insecure=True if args.insecure else None,
         timeout=args.timeout,
         registry=_registry_options(args),
+        cache_size=args.cache_size,
     )
 
 
@@ -375,6 +376,8 @@ def _mount_background(args: argparse.Namespace) -> int:
     if args.token_file is not None:
         argv += ["--token-file", str(Path(args.token_file).absolute())]
     argv += ["--hedge-delay", str(args.hedge_delay)]
+    if args.cache_size is not None:
+        argv += ["--cache-size", str(args.cache_size)]
     with logf:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                  pass_fds=(w,), start_new_session=True, env=env)
@@ -471,7 +474,8 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
-    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch))
+    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch,
+                                                   cache_size=args.cache_size))
     service.restore()
     serve(service, Path(args.address).absolute())
     return 0
@@ -495,6 +499,12 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def _add_cache_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-size", type=_size, metavar="SIZE",
+                   help="limit the node cache to SIZE (e.g. 10G, 500M): least recently used chunks "
+                        "of images no mount needs are evicted past it (default: no limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -540,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=_listen, metavar="HOST:PORT",
                    help="also serve this node's cache to peers here")
     p.add_argument("--token-file", help="the cluster token peers present (needed with either option)")
+    _add_cache_size(p)
     p.add_argument("--hedge-delay", type=float, default=0.08,
                    help="seconds to wait for a peer before asking the origin too (default 0.08; "
                         "raised to 3x the peers' observed latency)")
@@ -562,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="plain HTTP to non-loopback registries")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds fetching a missing chunk from its registry may take (default 30)")
+    _add_cache_size(p)
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("umount", help="unmount a lazyfs mount and stop its process")
@@ -580,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snapshots, metadata, mounts and the node cache (default /var/lib/lazyfs)")
     p.add_argument("--timeout", type=float, default=30.0, help="network deadline of the image mounts")
     p.add_argument("--no-prefetch", action="store_true", help="image mounts fetch only what is read")
+    _add_cache_size(p)
     p.add_argument("--log-file", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_snapshotter)
 

@@ -25,6 +25,9 @@ import trio
 from blockindex import format as fmt
 from blockindex.oci import MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX
 from blockindex.reader import IndexReader
+from cache import pins
+from cache.errors import CacheError
+from cache.evict import CacheKeeper, eviction_lock
 from cache.images import ImageStore
 from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
@@ -86,6 +89,9 @@ class MountOptions:
     """The cluster token, sent to peers and required of them."""
     hedge_delay: float = 0.08
     """Seconds to wait for a peer before asking the origin as well (see ``PeerConfig``)."""
+    cache_size: int | None = None
+    """Node-wide limit of the chunk cache in bytes (least recently used entries of images
+    no mount needs are evicted past it); None: no limit."""
 
 
 @dataclasses.dataclass
@@ -160,7 +166,7 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
 
 def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
             fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
-            server: ChunkServer | None = None) -> dict[str, Any]:
+            server: ChunkServer | None = None, keeper: CacheKeeper | None = None) -> dict[str, Any]:
     p = prefetcher.progress
     totals = index.totals()
     f = fetcher.stats if fetcher else None
@@ -189,8 +195,18 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
             "self": peers.self_url, "peers": peers.stats(), "bad_peers": peers.bad_peers(),
             "hedge_delay": round(peers.hedge_delay(), 4)},
         "peer_server": dataclasses.asdict(server.stats) if server else None,
-        "cache_state": content.store.cache_state(),
+        "cache_state": {**content.store.cache_state(), **(keeper.state() if keeper else {})},
     }
+
+
+def _pin(images: ImageStore, opened: OpenedImage, opts: MountOptions) -> Path:
+    """Pin the image before anything counts what is cached (see ``cache.pins``)."""
+    try:
+        with eviction_lock(images.root):
+            return pins.pin(images, opened.manifest_digest, opened.index_digest, opts.ref,
+                            str(opts.mountpoint))
+    except OSError as exc:
+        raise CacheError(f"cannot pin the image in {images.root}: {exc.strerror}") from exc
 
 
 async def _raise_readahead(entry: mountinfo.MountEntry, kib: int) -> None:
@@ -231,6 +247,9 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
         opened = await open_image(opts, ref, client, images)
         index = IndexReader(opened.index_path)
         stack.callback(index.close)
+        pin = await trio.to_thread.run_sync(_pin, images, opened, opts)
+        stack.callback(pins.unpin, pin)
+        keeper = CacheKeeper(store, images, opts.cache_size)
         token = read_token(opts.token_file) if opts.token_file else None
         listeners = None
         if opts.listen is not None and token is not None:
@@ -265,12 +284,13 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 log.info("serving this node's cache to peers at %s:%d", *opts.listen)
             if watcher is not None:
                 nursery.start_soon(watcher.run)
+            nursery.start_soon(keeper.run)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
             content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,
                                    nursery=nursery)
             ops = LazyOperations(
                 index, content,
-                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server),
+                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server, keeper),
             )
             # before mounting (see mountinfo.find); nothing else runs on the loop yet
             target = os.path.realpath(opts.mountpoint)  # noqa: ASYNC240
