@@ -118,11 +118,11 @@ def evict(store: ChunkStore, images: ImageStore, target: int, *, only: set[bytes
             result.evicted_entries += 1
             result.evicted_bytes += size
         if gone:
-            result.incomplete = _unmark_complete(images, gone)
+            result.incomplete = unmark_complete(images, gone)
     return result
 
 
-def _unmark_complete(images: ImageStore, gone: set[bytes]) -> list[str]:
+def unmark_complete(images: ImageStore, gone: set[bytes]) -> list[str]:
     """Drop the ``complete`` marker of each image that lost one of the ``gone`` chunks."""
     out = []
     try:

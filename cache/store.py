@@ -297,6 +297,17 @@ def write_atomic(tmp_dir: Path, path: Path, parts: list[bytes | memoryview]) -> 
         raise
 
 
+def check_entry(data: bytes) -> str | None:
+    """What is wrong with the bytes of an entry file (header, length, xxh3), or None."""
+    return _check(data)
+
+
+def unpack_entry(data: bytes) -> tuple[int, int, memoryview]:
+    """``(codec, size, payload)`` of an entry that ``check_entry`` passed."""
+    _, codec, size, _, _ = _HEADER.unpack_from(data)
+    return codec, size, memoryview(data)[_HEADER.size :]
+
+
 def _check(data: bytes) -> str | None:
     if len(data) < _HEADER.size:
         return "truncated"

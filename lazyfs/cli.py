@@ -604,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="containerd namespace ($CONTAINERD_NAMESPACE, default 'default')")
     p.add_argument("--snapshotter", default="lazyfs", help="the proxy plugin's name in containerd's config")
     p.set_defaults(func=cmd_pull)
+
+    from . import cachecmd
+    cachecmd.register(sub)
     return parser
 
 
