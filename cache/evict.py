@@ -166,6 +166,8 @@ class CacheKeeper:
         self.evicted_entries = 0
         self.evicted_bytes = 0
         self.over_limit = False
+        self.measure = False
+        """Scan the size every ``rescan`` seconds even without a limit (for metrics)."""
         self._written_at_scan = 0
         self._scanned_at = -float("inf")
 
@@ -182,6 +184,9 @@ class CacheKeeper:
     async def tick(self) -> None:
         await trio.to_thread.run_sync(self.store.flush_touches)
         if self.limit is None:
+            if self.measure and time.monotonic() - self._scanned_at > self.rescan:
+                self.entries, self.size = await trio.to_thread.run_sync(self.store.usage)
+                self._scanned_at = time.monotonic()
             return
         estimate = self.size + self.store.written_bytes - self._written_at_scan
         stale = time.monotonic() - self._scanned_at > self.rescan

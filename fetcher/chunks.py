@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import trio
 
@@ -73,6 +73,8 @@ class FetchStats:
     """Demand requests sent to a peer (the hedge budget is a fraction of these)."""
     hedge_wins: int = 0
     """Hedged requests that the origin answered first."""
+    timeouts: int = 0
+    """Waits that ran past their deadline (a request with no answer, a read given up)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -140,6 +142,8 @@ class ChunkFetcher:
         self.config = config
         self.source_name = source_name
         self.stats = FetchStats()
+        self.on_request: Callable[[str, int, float], object] | None = None
+        """Called with (source, bytes, seconds) after each network request that answered."""
         self._inflight: dict[ChunkDigest, _Pending] = {}
         self._cpu = trio.CapacityLimiter(2)
         self._background = trio.CapacityLimiter(config.background_concurrency)
@@ -216,6 +220,7 @@ class ChunkFetcher:
                     raise p.error
             late = next((c for c, p in waits if not p.event.is_set()), None)
             if late is not None:
+                self.stats.timeouts += 1
                 raise UnreachableError(
                     f"chunk {late.hexdigest[:16]} of blob {late.blob.digest[:19]} "
                     f"not fetched within {deadline:g}s"
@@ -334,6 +339,7 @@ class ChunkFetcher:
                 with trio.move_on_after(tier.peers.config.request_deadline) as scope:
                     payload = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
                 if scope.cancelled_caught:
+                    self.stats.timeouts += 1
                     raise UnreachableError(f"peer {peer} sent no answer within "
                                            f"{tier.peers.config.request_deadline:g}s")
             except (UnreachableError, AuthError) as exc:
@@ -352,6 +358,8 @@ class ChunkFetcher:
                 tier.peers.mark_bad(peer, c, exc)
                 raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}") from exc
             tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
+            if self.on_request is not None:
+                self.on_request("peer", len(payload), time.monotonic() - started)
             self.stats.peer_chunks += 1
             return plain, bytes(payload)
 
@@ -410,14 +418,18 @@ class ChunkFetcher:
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
         length = rng.end - rng.start
         self.stats.requests += 1
+        started = time.monotonic()
         with trio.move_on_after(deadline) as scope:
             data = await self._source.read_range(rng.blob, rng.start, length)
         if scope.cancelled_caught:
+            self.stats.timeouts += 1
             raise UnreachableError(f"{self.source_name} sent no answer for blob "
                                    f"{rng.blob[:19]} within {deadline:g}s")
         if len(data) != length:
             raise IntegrityError(f"{self.source_name} sent {len(data)} bytes for a {length}-byte range")
         self.stats.bytes_received += length
+        if self.on_request is not None:
+            self.on_request(self.source_name, length, time.monotonic() - started)
         return data
 
     async def _cache(self, chunk: Chunk, payload: bytes) -> None:

@@ -43,6 +43,7 @@ from . import mountinfo
 from .content import ImageContent
 from .errors import ExitCode, MountError, NotLazyImageError, UserError
 from .fs import LazyOperations
+from .metrics import Metrics, mount_samples
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class MountOptions:
     """The cluster token, sent to peers and required of them."""
     hedge_delay: float = 0.08
     """Seconds to wait for a peer before asking the origin as well (see ``PeerConfig``)."""
+    metrics: tuple[str, int] | None = None
+    """Serve Prometheus metrics at ``(host, port)`` (port 0: any free port; see status)."""
     cache_size: int | None = None
     """Node-wide limit of the chunk cache in bytes (least recently used entries of images
     no mount needs are evicted past it); None: no limit."""
@@ -166,7 +169,8 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
 
 def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
             fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
-            server: ChunkServer | None = None, keeper: CacheKeeper | None = None) -> dict[str, Any]:
+            server: ChunkServer | None = None, keeper: CacheKeeper | None = None,
+            metrics: Metrics | None = None) -> dict[str, Any]:
     p = prefetcher.progress
     totals = index.totals()
     f = fetcher.stats if fetcher else None
@@ -195,6 +199,7 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
             "self": peers.self_url, "peers": peers.stats(), "bad_peers": peers.bad_peers(),
             "hedge_delay": round(peers.hedge_delay(), 4)},
         "peer_server": dataclasses.asdict(server.stats) if server else None,
+        "metrics": metrics.url if metrics else None,
         "cache_state": {**content.store.cache_state(), **(keeper.state() if keeper else {})},
     }
 
@@ -288,9 +293,19 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
             content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,
                                    nursery=nursery)
+            metrics = None
+            if opts.metrics is not None:
+                metrics = Metrics()
+                content.observe_read = metrics.observe_read
+                if fetcher is not None:
+                    fetcher.on_request = metrics.observe_fetch
+                keeper.measure = True
+                metrics.add_source(mount_samples(content, fetcher, prefetcher, store, keeper, server))
+                metrics.serve(*opts.metrics, trio_token=trio.lowlevel.current_trio_token())
             ops = LazyOperations(
                 index, content,
-                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server, keeper),
+                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server, keeper,
+                                metrics),
             )
             # before mounting (see mountinfo.find); nothing else runs on the loop yet
             target = os.path.realpath(opts.mountpoint)  # noqa: ASYNC240
