@@ -170,6 +170,9 @@ class CacheKeeper:
         """Scan the size every ``rescan`` seconds even without a limit (for metrics)."""
         self._written_at_scan = 0
         self._scanned_at = -float("inf")
+        self._evict_above = limit or 0
+        """Evict once the estimate passes this: the limit, or, while pinned images keep the
+        cache over it, what is left plus 5% of the limit (no rescan every tick)."""
 
     def state(self) -> dict[str, object]:
         return {"limit": self.limit, "size": self.size, "entries": self.entries,
@@ -190,7 +193,7 @@ class CacheKeeper:
             return
         estimate = self.size + self.store.written_bytes - self._written_at_scan
         stale = time.monotonic() - self._scanned_at > self.rescan
-        if estimate > self.limit or stale:
+        if estimate > self._evict_above or stale:
             await trio.to_thread.run_sync(self._evict)
 
     def _evict(self) -> None:
@@ -215,6 +218,7 @@ class CacheKeeper:
                      r.evicted_entries, r.evicted_bytes, self.store.root, self.limit,
                      f"; {len(r.incomplete)} images no longer complete" if r.incomplete else "")
         over = r.bytes > self.limit
+        self._evict_above = max(self.limit, r.bytes + self.limit // 20) if over else self.limit
         if over and not self.over_limit:
             log.warning("cache %s holds %d bytes, over its limit of %d: the mounted images need %d bytes "
                         "of it and are kept whole; it shrinks once they are unmounted",

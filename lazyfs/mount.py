@@ -154,7 +154,10 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
     desc = _index_descriptor(manifest, str(ref))
     index_digest = str(desc.get("digest"))
     if not from_cache:
-        images.save_manifest(str(ref), digest, manifest_bytes)
+        try:
+            images.save_manifest(str(ref), digest, manifest_bytes)
+        except CacheError as exc:  # a full cache disk: only an offline remount is lost
+            log.warning("%s; the image will not mount offline", exc)
     path = images.verified_index(index_digest)
     if path is None:
         if client is None or from_cache:
@@ -204,14 +207,17 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
     }
 
 
-def _pin(images: ImageStore, opened: OpenedImage, opts: MountOptions) -> Path:
-    """Pin the image before anything counts what is cached (see ``cache.pins``)."""
+def _pin(images: ImageStore, opened: OpenedImage, opts: MountOptions) -> Path | None:
+    """Pin the image before anything counts what is cached (see ``cache.pins``). A cache
+    disk too full for the pin file costs only protection from eviction: go on."""
     try:
         with eviction_lock(images.root):
             return pins.pin(images, opened.manifest_digest, opened.index_digest, opts.ref,
                             str(opts.mountpoint))
     except OSError as exc:
-        raise CacheError(f"cannot pin the image in {images.root}: {exc.strerror}") from exc
+        log.warning("cannot pin the image in %s (%s): other processes may evict its chunks",
+                    images.root, exc.strerror)
+        return None
 
 
 async def _raise_readahead(entry: mountinfo.MountEntry, kib: int) -> None:
@@ -253,7 +259,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
         index = IndexReader(opened.index_path)
         stack.callback(index.close)
         pin = await trio.to_thread.run_sync(_pin, images, opened, opts)
-        stack.callback(pins.unpin, pin)
+        if pin is not None:
+            stack.callback(pins.unpin, pin)
         keeper = CacheKeeper(store, images, opts.cache_size)
         token = read_token(opts.token_file) if opts.token_file else None
         listeners = None
@@ -306,6 +313,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 index, content,
                 lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server, keeper,
                                 metrics),
+                image=opened.manifest_digest,
             )
             # before mounting (see mountinfo.find); nothing else runs on the loop yet
             target = os.path.realpath(opts.mountpoint)  # noqa: ASYNC240

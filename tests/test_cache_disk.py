@@ -93,6 +93,14 @@ def test_full_cache_disk_serves_from_network_pauses_prefetch_and_resumes(
         assert log.count("prefetch paused") == 1, log
         assert "Traceback" not in log
 
+        # a second mount of the image on the full disk works too (its pin or manifest may
+        # not fit: those cost only eviction protection and an offline remount)
+        mnt2, _ = mounts.mount(f"127.0.0.1:{server.port}/disk:1", "--no-prefetch", name="second",
+                               cache=small_cache)
+        name, data = next(iter(files.items()))
+        assert (mnt2 / name).read_bytes() == data
+        assert "Traceback" not in mounts.log("second")
+
         # space comes back: caching resumes and the prefetch completes
         subprocess.run(["mount", "-o", "remount,size=64m", str(small_cache)], check=True)
         st = mounts.wait_complete(mnt)
