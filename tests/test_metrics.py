@@ -7,14 +7,16 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cache.store import ChunkStore
 from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
-from tests.cachekit import make_image
+from tests.cachekit import install, make_image
 from tests.conftest import ROOT, lazyfs
 
 
@@ -119,14 +121,22 @@ def test_serve_peer_and_snapshotter_metrics(metric_image, tmp_path):
         assert value(m, "lazyfs_serve_bytes_total") > 0
     finally:
         _stop(proc)
+    # a peer with a cache of one unmounted image and a limit far below it: evicts, and says so
+    cache = tmp_path / "cache"
+    install(root, "m", cache)
     token = tmp_path / "token"
     token.write_text("t" * 32 + "\n")
-    proc, url, _ = _started(["peer", "--cache", str(tmp_path / "cache"), "--listen", "127.0.0.1:0",
-                             "--token-file", str(token), "--metrics", "127.0.0.1:0"])
+    proc, url, _ = _started(["peer", "--cache", str(cache), "--listen", "127.0.0.1:0",
+                             "--token-file", str(token), "--metrics", "127.0.0.1:0", "--cache-size", "100K"])
     try:
-        m = scrape(url)
+        deadline = time.monotonic() + 60
+        while value(m := scrape(url), "lazyfs_cache_evicted_entries_total") == 0:
+            assert time.monotonic() < deadline, "the peer did not evict"
+            time.sleep(0.2)
         assert value(m, "lazyfs_peer_server_requests_total", result="ok") == 0
-        assert ("lazyfs_cache_size_bytes", ()) in m
+        assert value(m, "lazyfs_cache_limit_bytes") == 100 << 10
+        assert value(m, "lazyfs_cache_size_bytes") <= 90 << 10
+        assert ChunkStore(cache).usage()[1] <= 90 << 10
     finally:
         _stop(proc)
     proc, url, _ = _started(["snapshotter", "--address", str(tmp_path / "snap.sock"),
