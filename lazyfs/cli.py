@@ -438,6 +438,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}, misses {r['chunk_misses']}, "
           f"failed reads {r['failed_reads']}")
     c = status.get("cache_state") or {}
+    if c.get("limit") is not None:
+        over = (f"; OVER the limit: mounted images need {_human(c['pinned_bytes'])}"
+                if c.get("over_limit") else "")
+        print(f"  cache     {_human(c['size'])} of a {_human(c['limit'])} limit, "
+              f"{c['evicted_entries']} entries evicted{over}")
     if c.get("full"):
         print(f"  cache     FULL ({c['dir']}): {c['served_uncached']} chunks served without caching; "
               "the prefetch waits for space")
