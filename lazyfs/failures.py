@@ -9,6 +9,10 @@ index (the index is damaged). The chunk, blob and source come from the error whe
 fetcher knew them (``FetchError.about``), else from the read's own chunk when it
 covers one. Paths are looked up only on failure (the index has no inode-to-path
 index) and remembered.
+
+A mount serves one image, so ``tag_warnings`` also appends ``image=<manifest digest>`` to
+every warning and error its process logs (the fetcher's, the prefetcher's, the cache's),
+which do not know the image themselves.
 """
 
 from __future__ import annotations
@@ -85,3 +89,21 @@ class ReadFailures:
     def read_failed(self, ino: int, offset: int, size: int, exc: BaseException) -> None:
         fields = self.fields(ino, offset, size, exc)
         log.error("read failed (EIO): %s", " ".join(f"{k}={_field(v)}" for k, v in fields.items()))
+
+
+class _ImageField(logging.Filter):
+    def __init__(self, image: str) -> None:
+        super().__init__()
+        self._suffix = f" image={image}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and " image=" not in (text := record.getMessage()):
+            record.msg, record.args = text + self._suffix, None
+        return True
+
+
+def tag_warnings(image: str) -> None:
+    """Append ``image=...`` to the warnings and errors of this process (its handlers)."""
+    f = _ImageField(image)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(f)

@@ -42,6 +42,7 @@ from fetcher.registry import RegistryClient, resolve_image_manifest
 from . import mountinfo
 from .content import ImageContent
 from .errors import ExitCode, MountError, NotLazyImageError, UserError
+from .failures import tag_warnings
 from .fs import LazyOperations
 from .metrics import Metrics, mount_samples
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
@@ -256,6 +257,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             client = opts.registry_options().reader(ref)
             stack.push_async_callback(client.aclose)
         opened = await open_image(opts, ref, client, images)
+        tag_warnings(opened.manifest_digest)
         index = IndexReader(opened.index_path)
         stack.callback(index.close)
         pin = await trio.to_thread.run_sync(_pin, images, opened, opts)

@@ -81,3 +81,7 @@ def test_altered_chunk_failure_names_image_file_chunk_blob_and_source(fail_image
     assert fields["chunk"] == chunk.hexdigest
     assert fields["blob"] == chunk.blob.digest
     assert fields["source"] == "origin"
+    # the fetcher's own line about it names the image too (the mount tags its warnings)
+    verification = [ln for ln in mounts.log().splitlines() if "failed verification (" in ln]
+    assert verification and all(chunk.hexdigest in ln and ln.endswith(f" image={digest}")
+                                for ln in verification)
