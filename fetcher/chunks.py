@@ -343,7 +343,7 @@ class ChunkFetcher:
                 if scope.cancelled_caught:
                     self.stats.timeouts += 1
                     raise DeadlineError(f"peer {peer} sent no answer within "
-                                           f"{tier.peers.config.request_deadline:g}s")
+                                        f"{tier.peers.config.request_deadline:g}s")
             except (UnreachableError, AuthError) as exc:
                 self.stats.peer_failures += 1
                 tier.peers.mark_down(peer, exc)
@@ -427,9 +427,9 @@ class ChunkFetcher:
             data = await self._source.read_range(rng.blob, rng.start, length)
         if scope.cancelled_caught:
             self.stats.timeouts += 1
-            raise DeadlineError(f"{self.source_name} sent no answer for blob "
-                                   f"{rng.blob[:19]} within {deadline:g}s").about(
-                                       blob=rng.blob, source=self.source_name)
+            raise DeadlineError(
+                f"{self.source_name} sent no answer for blob {rng.blob[:19]} within {deadline:g}s"
+            ).about(blob=rng.blob, source=self.source_name)
         if len(data) != length:
             raise IntegrityError(
                 f"{self.source_name} sent {len(data)} bytes for a {length}-byte range"
