@@ -161,3 +161,24 @@ def test_eviction_racing_readers_never_serves_a_partial_entry(two_images, tmp_pa
             t.join()
     assert bad == []
     assert served[0] > 0
+
+
+def test_snapshotter_passes_the_cache_limit_to_its_image_mounts(tmp_path, monkeypatch):
+    """The limit is node-wide: the snapshotter hands it to every mount process it starts."""
+    from lazyfs.snapshotter import filesystem
+
+    seen: list[list[str]] = []
+
+    def run(argv, **_kw):
+        seen.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    def not_mounted(self, mountpoint):
+        raise filesystem.MountError("not mounted")
+
+    monkeypatch.setattr(filesystem.subprocess, "run", run)
+    monkeypatch.setattr(filesystem.LazyFileSystem, "check", not_mounted)
+    fs = filesystem.LazyFileSystem(tmp_path, cache_size=5 << 30)
+    fs.mount("127.0.0.1:5000/app:1", {})
+    [mount_argv] = [a for a in seen if "mount" in a and "--cache" in a]
+    assert mount_argv[mount_argv.index("--cache-size") + 1] == str(5 << 30)
