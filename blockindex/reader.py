@@ -95,6 +95,22 @@ class IndexReader:
         for row in cur:
             yield row[0], bytes(row[1]), Inode._make(row[2:])
 
+    def path_of(self, ino: InodeT) -> bytes | None:
+        """A path of ``ino`` from the root (one of them, for a hard link), for messages;
+        None if it is not linked. Slow (dirents are not indexed by inode): use it on
+        failures only."""
+        parts: list[bytes] = []
+        seen = set()
+        while ino != ROOT_INO and ino not in seen:
+            seen.add(ino)
+            row = self._db.execute("SELECT parent, name FROM dirents WHERE ino = ? LIMIT 1",
+                                   (ino,)).fetchone()
+            if row is None:
+                return None
+            ino, name = InodeT(row[0]), bytes(row[1])
+            parts.append(name)
+        return b"/" + b"/".join(reversed(parts))
+
     def readlink(self, ino: InodeT) -> bytes:
         row = self._db.execute("SELECT target FROM inodes WHERE ino = ?", (ino,)).fetchone()
         if row is None or row[0] is None:

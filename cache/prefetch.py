@@ -21,7 +21,9 @@ from blockindex.reader import IndexReader
 from fetcher.chunks import ChunkFetcher
 from fetcher.errors import FetchError
 
+from .errors import CacheError
 from .images import ImageStore
+from .room import wait_for_room
 from .store import ChunkStore
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 class Progress:
     """How far the prefetch of one image has got."""
 
-    state: str = "pending"  # pending, running, complete, off, failed-retrying
+    state: str = "pending"  # pending, running, complete, off, failed-retrying, paused-cache-full
     total_chunks: int = 0
     total_bytes: int = 0
     cached_chunks: int = 0
@@ -87,6 +89,7 @@ class Prefetcher:
         self._retry_delay = retry_delay
         self._concurrency = concurrency
         self.progress = Progress()
+        self._pausing = 0
 
     async def scan(self) -> list[Chunk]:
         """Count what is cached; return what is missing, in blob order."""
@@ -133,6 +136,8 @@ class Prefetcher:
             async def worker(batches: Iterator[list[Chunk]]) -> None:
                 nonlocal failures
                 for batch in batches:  # workers share one iterator: each batch once
+                    await wait_for_room(self._store, self._batch_bytes, poll=self._retry_delay,
+                                        on_pause=self._paused)
                     failures += not await self._fetch(batch)
 
             async with trio.open_nursery() as nursery:
@@ -148,7 +153,10 @@ class Prefetcher:
                 p.state = "running"
         p.state = "complete"
         p.finished = time.monotonic()
-        self._images.mark_complete(self._manifest)
+        try:
+            self._images.mark_complete(self._manifest)
+        except CacheError as exc:  # the image is complete; only an offline remount is lost
+            log.warning("prefetch complete, but %s", exc)
         log.info("prefetch complete: %d chunks, %d bytes in %.1fs",
                  p.total_chunks, p.total_bytes, p.finished - p.started)
 
@@ -163,10 +171,23 @@ class Prefetcher:
         except FetchError as exc:
             log.warning("prefetch: %s", exc)
             return False
+        full = self._store.full
         for c in batch:
+            if full and not self._store.contains(c.digest, c.stored_size):
+                continue  # fetched, but the full disk did not keep it
             if c.digest in got and p.cached(c):
                 p.fetched_bytes += c.stored_size
         return True
+
+    def _paused(self, paused: bool) -> None:
+        """Workers pause on a full cache disk together: say so once, not per worker."""
+        self._pausing += 1 if paused else -1
+        if paused and self._pausing == 1:
+            self.progress.state = "paused-cache-full"
+            log.warning("prefetch paused: the cache disk at %s is full", self._store.root)
+        elif not paused and self._pausing == 0:
+            self.progress.state = "running"
+            log.warning("prefetch resumed: the cache disk has room again")
 
 
 def _batches(chunks: list[Chunk], limit: int) -> list[list[Chunk]]:

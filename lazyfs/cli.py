@@ -247,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise UserError(f"{root} is not a directory", ExitCode.USAGE)
     host, port = args.listen
-    serve_forever(root, host, port)
+    serve_forever(root, host, port, metrics=args.metrics)
     return 0
 
 
@@ -259,7 +259,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
     token = read_token(Path(args.token_file))
     host, port = args.listen
     trio.run(lambda: run_peer(Path(args.cache).absolute(), host, port, token, fetch_timeout=args.timeout,
-                              insecure=True if args.insecure else None))
+                              insecure=True if args.insecure else None, cache_size=args.cache_size,
+                              metrics=args.metrics))
     return 0
 
 
@@ -300,6 +301,8 @@ def _mount_options(args: argparse.Namespace) -> Any:
         insecure=True if args.insecure else None,
         timeout=args.timeout,
         registry=_registry_options(args),
+        cache_size=args.cache_size,
+        metrics=args.metrics,
     )
 
 
@@ -375,6 +378,10 @@ def _mount_background(args: argparse.Namespace) -> int:
     if args.token_file is not None:
         argv += ["--token-file", str(Path(args.token_file).absolute())]
     argv += ["--hedge-delay", str(args.hedge_delay)]
+    if args.cache_size is not None:
+        argv += ["--cache-size", str(args.cache_size)]
+    if args.metrics is not None:
+        argv += ["--metrics", f"[{args.metrics[0]}]:{args.metrics[1]}"]
     with logf:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                  pass_fds=(w,), start_new_session=True, env=env)
@@ -430,6 +437,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  reads     {r['reads']} ({_human(r['bytes_read'])}), chunk hits: memory "
           f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}, misses {r['chunk_misses']}, "
           f"failed reads {r['failed_reads']}")
+    c = status.get("cache_state") or {}
+    if c.get("limit") is not None:
+        over = (f"; OVER the limit: mounted images need {_human(c['pinned_bytes'])}"
+                if c.get("over_limit") else "")
+        print(f"  cache     {_human(c['size'])} of a {_human(c['limit'])} limit, "
+              f"{c['evicted_entries']} entries evicted{over}")
+    if c.get("full"):
+        print(f"  cache     FULL ({c['dir']}): {c['served_uncached']} chunks served without caching; "
+              "the prefetch waits for space")
     return 0
 
 
@@ -467,8 +483,15 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
-    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch))
+    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch,
+                                                   cache_size=args.cache_size))
     service.restore()
+    if args.metrics is not None:
+        from .metrics import Metrics, snapshotter_samples
+
+        metrics = Metrics()
+        metrics.add_source(snapshotter_samples(service))
+        metrics.serve(*args.metrics)
     serve(service, Path(args.address).absolute())
     return 0
 
@@ -491,6 +514,17 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", type=_listen, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
+
+
+def _add_cache_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-size", type=_size, metavar="SIZE",
+                   help="limit the node cache to SIZE (e.g. 10G, 500M): least recently used chunks "
+                        "of images no mount needs are evicted past it (default: no limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -516,6 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve OCI layouts under DIR over the OCI distribution API")
     p.add_argument("root", metavar="DIR")
     p.add_argument("--listen", type=_listen, default=("127.0.0.1", 5000), metavar="HOST:PORT")
+    _add_metrics(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("mount", help="mount an image lazily")
@@ -536,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=_listen, metavar="HOST:PORT",
                    help="also serve this node's cache to peers here")
     p.add_argument("--token-file", help="the cluster token peers present (needed with either option)")
+    _add_cache_size(p)
+    _add_metrics(p)
     p.add_argument("--hedge-delay", type=float, default=0.08,
                    help="seconds to wait for a peer before asking the origin too (default 0.08; "
                         "raised to 3x the peers' observed latency)")
@@ -558,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="plain HTTP to non-loopback registries")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds fetching a missing chunk from its registry may take (default 30)")
+    _add_cache_size(p)
+    _add_metrics(p)
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("umount", help="unmount a lazyfs mount and stop its process")
@@ -576,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snapshots, metadata, mounts and the node cache (default /var/lib/lazyfs)")
     p.add_argument("--timeout", type=float, default=30.0, help="network deadline of the image mounts")
     p.add_argument("--no-prefetch", action="store_true", help="image mounts fetch only what is read")
+    _add_cache_size(p)
+    _add_metrics(p)
     p.add_argument("--log-file", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_snapshotter)
 
@@ -587,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="containerd namespace ($CONTAINERD_NAMESPACE, default 'default')")
     p.add_argument("--snapshotter", default="lazyfs", help="the proxy plugin's name in containerd's config")
     p.set_defaults(func=cmd_pull)
+
+    from . import cachecmd
+    cachecmd.register(sub)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 import trio
@@ -28,6 +29,7 @@ class ReadStats:
     reads: int = 0
     bytes_read: int = 0
     chunk_hits_memory: int = 0
+    bytes_from_memory: int = 0
     chunk_hits_cache: int = 0
     bytes_from_cache: int = 0
     chunk_misses: int = 0
@@ -59,6 +61,9 @@ class ImageContent:
         self.store = store
         self.fetcher = fetcher
         self.stats = ReadStats()
+        self.observe_read: Callable[[str, float], object] | None = None
+        """Called with (slowest source: memory, cache or network, seconds) after each read
+        that succeeds."""
         self._on_cached = on_cached
         self._lru: collections.OrderedDict[ChunkDigest, bytes | memoryview] = collections.OrderedDict()
         self._lru_max = memory_chunks
@@ -74,18 +79,25 @@ class ImageContent:
         """Bytes ``[offset, offset + size)`` of file ``ino`` (short at end of file).
 
         Raises ``FetchError`` when a chunk cannot be had in time or fails verification."""
+        started = time.perf_counter()
         spans = self.index.chunks(ino, offset, size)
         self.stats.reads += 1
         if not spans:
+            if self.observe_read is not None:
+                self.observe_read("memory", time.perf_counter() - started)
             return b""
         if self._readahead and self._is_sequential(ino, offset, size):
             self._read_ahead(ino, spans[-1].file_offset + spans[-1].length)
         chunks = [s.chunk for s in spans if s.chunk is not None]
+        tiers: set[str] = set()
         try:
-            data = await self._chunks(chunks) if chunks else {}
+            data = await self._chunks(chunks, tiers=tiers) if chunks else {}
         except FetchError:
             self.stats.failed_reads += 1
             raise
+        if self.observe_read is not None:
+            slowest = "network" if "network" in tiers else "cache" if "cache" in tiers else "memory"
+            self.observe_read(slowest, time.perf_counter() - started)
         parts: list[bytes | memoryview] = []
         for s in spans:
             if s.chunk is None:
@@ -122,7 +134,7 @@ class ImageContent:
             self._ahead.difference_update(c.digest for c in chunks)
 
     async def _chunks(
-        self, chunks: list[Chunk], *, ahead: bool = False
+        self, chunks: list[Chunk], *, ahead: bool = False, tiers: set[str] | None = None
     ) -> dict[ChunkDigest, bytes | memoryview]:
         out: dict[ChunkDigest, bytes | memoryview] = {}
         missing: list[Chunk] = []
@@ -135,6 +147,9 @@ class ImageContent:
                 self._lru.move_to_end(c.digest)
                 if not ahead:
                     self.stats.chunk_hits_memory += 1
+                    self.stats.bytes_from_memory += c.size
+                if tiers is not None:
+                    tiers.add("memory")
                 out[c.digest] = hit
                 continue
             self._loading[c.digest] = event = trio.Event()
@@ -149,6 +164,8 @@ class ImageContent:
             if not ahead:
                 self.stats.chunk_hits_cache += 1
                 self.stats.bytes_from_cache += c.size
+            if tiers is not None:
+                tiers.add("cache")
             if self._on_cached is not None:
                 self._on_cached(c)
             out[c.digest] = plain
@@ -156,6 +173,8 @@ class ImageContent:
         if missing:
             if not ahead:
                 self.stats.chunk_misses += len(missing)
+            if tiers is not None:
+                tiers.add("network")
             if self.fetcher is None:
                 raise UnreachableError(
                     f"chunk {missing[0].hexdigest[:16]} is not cached and the mount is offline"

@@ -21,9 +21,10 @@ import pyfuse3
 from blockindex.errors import IndexFormatError
 from blockindex.format import ROOT_INO, Inode, InodeT
 from blockindex.reader import IndexReader
-from fetcher.errors import FetchError, IntegrityError
+from fetcher.errors import FetchError
 
 from .content import ImageContent
+from .failures import ReadFailures
 from .mountinfo import STATUS_XATTR
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,12 @@ class LazyOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, index: IndexReader, content: ImageContent,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]], *, image: str | None = None) -> None:
         super().__init__()
         self._index = index
         self._content = content
         self._status = status
+        self._failures = ReadFailures(index, image)
         self._statfs = self._make_statfs()
 
     # -- attributes ---------------------------------------------------------------------
@@ -131,14 +133,8 @@ class LazyOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             return await self._content.read(InodeT(fh), off, size)  # type: ignore[return-value]
-        except IntegrityError as exc:
-            log.error("read of inode %d at %d+%d: %s", fh, off, size, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except FetchError as exc:
-            log.error("read of inode %d at %d+%d failed: %s", fh, off, size, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except (IndexFormatError, KeyError) as exc:
-            log.error("read of inode %d: bad index: %s", fh, exc)
+        except (FetchError, IndexFormatError, KeyError) as exc:
+            self._failures.read_failed(fh, off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:

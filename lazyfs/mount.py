@@ -25,6 +25,9 @@ import trio
 from blockindex import format as fmt
 from blockindex.oci import MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX
 from blockindex.reader import IndexReader
+from cache import pins
+from cache.errors import CacheError
+from cache.evict import CacheKeeper, eviction_lock
 from cache.images import ImageStore
 from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
@@ -39,7 +42,9 @@ from fetcher.registry import RegistryClient, resolve_image_manifest
 from . import mountinfo
 from .content import ImageContent
 from .errors import ExitCode, MountError, NotLazyImageError, UserError
+from .failures import tag_warnings
 from .fs import LazyOperations
+from .metrics import Metrics, mount_samples
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
 
 log = logging.getLogger(__name__)
@@ -86,6 +91,11 @@ class MountOptions:
     """The cluster token, sent to peers and required of them."""
     hedge_delay: float = 0.08
     """Seconds to wait for a peer before asking the origin as well (see ``PeerConfig``)."""
+    metrics: tuple[str, int] | None = None
+    """Serve Prometheus metrics at ``(host, port)`` (port 0: any free port; see status)."""
+    cache_size: int | None = None
+    """Node-wide limit of the chunk cache in bytes (least recently used entries of images
+    no mount needs are evicted past it); None: no limit."""
 
 
 @dataclasses.dataclass
@@ -145,7 +155,10 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
     desc = _index_descriptor(manifest, str(ref))
     index_digest = str(desc.get("digest"))
     if not from_cache:
-        images.save_manifest(str(ref), digest, manifest_bytes)
+        try:
+            images.save_manifest(str(ref), digest, manifest_bytes)
+        except CacheError as exc:  # a full cache disk: only an offline remount is lost
+            log.warning("%s; the image will not mount offline", exc)
     path = images.verified_index(index_digest)
     if path is None:
         if client is None or from_cache:
@@ -160,7 +173,8 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
 
 def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
             fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
-            server: ChunkServer | None = None) -> dict[str, Any]:
+            server: ChunkServer | None = None, keeper: CacheKeeper | None = None,
+            metrics: Metrics | None = None) -> dict[str, Any]:
     p = prefetcher.progress
     totals = index.totals()
     f = fetcher.stats if fetcher else None
@@ -189,7 +203,22 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
             "self": peers.self_url, "peers": peers.stats(), "bad_peers": peers.bad_peers(),
             "hedge_delay": round(peers.hedge_delay(), 4)},
         "peer_server": dataclasses.asdict(server.stats) if server else None,
+        "metrics": metrics.url if metrics else None,
+        "cache_state": {**content.store.cache_state(), **(keeper.state() if keeper else {})},
     }
+
+
+def _pin(images: ImageStore, opened: OpenedImage, opts: MountOptions) -> Path | None:
+    """Pin the image before anything counts what is cached (see ``cache.pins``). A cache
+    disk too full for the pin file costs only protection from eviction: go on."""
+    try:
+        with eviction_lock(images.root):
+            return pins.pin(images, opened.manifest_digest, opened.index_digest, opts.ref,
+                            str(opts.mountpoint))
+    except OSError as exc:
+        log.warning("cannot pin the image in %s (%s): other processes may evict its chunks",
+                    images.root, exc.strerror)
+        return None
 
 
 async def _raise_readahead(entry: mountinfo.MountEntry, kib: int) -> None:
@@ -228,8 +257,13 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             client = opts.registry_options().reader(ref)
             stack.push_async_callback(client.aclose)
         opened = await open_image(opts, ref, client, images)
+        tag_warnings(opened.manifest_digest)
         index = IndexReader(opened.index_path)
         stack.callback(index.close)
+        pin = await trio.to_thread.run_sync(_pin, images, opened, opts)
+        if pin is not None:
+            stack.callback(pins.unpin, pin)
+        keeper = CacheKeeper(store, images, opts.cache_size)
         token = read_token(opts.token_file) if opts.token_file else None
         listeners = None
         if opts.listen is not None and token is not None:
@@ -264,12 +298,24 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 log.info("serving this node's cache to peers at %s:%d", *opts.listen)
             if watcher is not None:
                 nursery.start_soon(watcher.run)
+            nursery.start_soon(keeper.run)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
             content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,
                                    nursery=nursery)
+            metrics = None
+            if opts.metrics is not None:
+                metrics = Metrics()
+                content.observe_read = metrics.observe_read
+                if fetcher is not None:
+                    fetcher.on_request = metrics.observe_fetch
+                keeper.measure = True
+                metrics.add_source(mount_samples(content, fetcher, prefetcher, store, keeper, server))
+                metrics.serve(*opts.metrics, trio_token=trio.lowlevel.current_trio_token())
             ops = LazyOperations(
                 index, content,
-                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server),
+                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server, keeper,
+                                metrics),
+                image=opened.manifest_digest,
             )
             # before mounting (see mountinfo.find); nothing else runs on the loop yet
             target = os.path.realpath(opts.mountpoint)  # noqa: ASYNC240
