@@ -289,6 +289,8 @@ def _peer_options(args: argparse.Namespace) -> dict[str, Any]:
 def _mount_options(args: argparse.Namespace) -> Any:
     from .mount import MountOptions
 
+    if args.record_window < 0:
+        raise UserError("--record-window must be 0 (off) or more seconds", ExitCode.USAGE)
     return MountOptions(
         **_peer_options(args),
         ref=args.ref,
@@ -300,6 +302,8 @@ def _mount_options(args: argparse.Namespace) -> Any:
         insecure=True if args.insecure else None,
         timeout=args.timeout,
         registry=_registry_options(args),
+        record_window=None if args.record else args.record_window,
+        lead_only=args.prefetch == "trace",
     )
 
 
@@ -374,7 +378,8 @@ def _mount_background(args: argparse.Namespace) -> int:
         argv += ["--listen", f"[{args.listen[0]}]:{args.listen[1]}"]
     if args.token_file is not None:
         argv += ["--token-file", str(Path(args.token_file).absolute())]
-    argv += ["--hedge-delay", str(args.hedge_delay)]
+    argv += ["--hedge-delay", str(args.hedge_delay), "--record-window", str(args.record_window),
+             "--prefetch", args.prefetch, *(["--record"] if args.record else [])]
     with logf:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                  pass_fds=(w,), start_new_session=True, env=env)
@@ -430,6 +435,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  reads     {r['reads']} ({_human(r['bytes_read'])}), chunk hits: memory "
           f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}, misses {r['chunk_misses']}, "
           f"failed reads {r['failed_reads']}")
+    if args.slow:
+        from .tracecmd import print_slow
+
+        print_slow(status)
     return 0
 
 
@@ -539,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hedge-delay", type=float, default=0.08,
                    help="seconds to wait for a peer before asking the origin too (default 0.08; "
                         "raised to 3x the peers' observed latency)")
+    p.add_argument("--record", action="store_true",
+                   help="record the order of first reads until unmounted (default: --record-window)")
+    p.add_argument("--record-window", type=float, default=30.0, metavar="SECONDS",
+                   help="record first reads this long after mounting, into the image's trace (0: never)")
+    p.add_argument("--prefetch", choices=("all", "trace"), default="all",
+                   help="all: the learned order first, then the whole image (default); "
+                        "trace: the learned order only")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_mount)
 
@@ -568,7 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what a mount has cached and fetched")
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--slow", action="store_true", help="also the reads that waited longest on the network")
     p.set_defaults(func=cmd_status)
+
+    from .tracecmd import register as register_trace
+
+    register_trace(sub, DEFAULT_CACHE, _add_registry_arguments)
 
     p = sub.add_parser("snapshotter", help="serve containerd's Snapshots API (a proxy plugin)")
     p.add_argument("--address", default="/run/lazyfs/snapshotter.sock", help="unix socket to serve on")

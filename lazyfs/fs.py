@@ -24,7 +24,7 @@ from blockindex.reader import IndexReader
 from fetcher.errors import FetchError, IntegrityError
 
 from .content import ImageContent
-from .mountinfo import STATUS_XATTR
+from .mountinfo import STATE_XATTR, STATUS_XATTR
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,10 @@ class LazyOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, index: IndexReader, content: ImageContent,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]],
+                 file_state: Callable[[int], dict[str, Any]] | None = None) -> None:
         super().__init__()
+        self._file_state = file_state
         self._index = index
         self._content = content
         self._status = status
@@ -149,6 +151,14 @@ class LazyOperations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATUS_XATTR and inode == ROOT_INO:
             return json.dumps(self._status(), sort_keys=True).encode()
+        if name == STATE_XATTR and self._file_state is not None:
+            try:
+                return json.dumps(self._file_state(inode), sort_keys=True).encode()
+            except KeyError:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except (IndexFormatError, OSError) as exc:
+                log.error("state of inode %d: %s", inode, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
         value = self._index.getxattr(InodeT(inode), name)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)

@@ -28,6 +28,7 @@ from blockindex.reader import IndexReader
 from cache.images import ImageStore
 from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
+from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
@@ -40,7 +41,9 @@ from . import mountinfo
 from .content import ImageContent
 from .errors import ExitCode, MountError, NotLazyImageError, UserError
 from .fs import LazyOperations
+from .learned import LearnedPrefetch
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
+from .readlog import ReadLog, file_state
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,11 @@ class MountOptions:
     """The cluster token, sent to peers and required of them."""
     hedge_delay: float = 0.08
     """Seconds to wait for a peer before asking the origin as well (see ``PeerConfig``)."""
+    record_window: float | None = DEFAULT_WINDOW
+    """Seconds after mounting during which first reads are recorded into the image's
+    trace (``cache.trace``); None records until unmounted (``--record``), 0 never."""
+    lead_only: bool = False
+    """Prefetch only the learned order (the trace), not the whole image."""
 
 
 @dataclasses.dataclass
@@ -160,7 +168,8 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
 
 def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
             fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
-            server: ChunkServer | None = None) -> dict[str, Any]:
+            server: ChunkServer | None = None, learned: LearnedPrefetch | None = None,
+            slow: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     p = prefetcher.progress
     totals = index.totals()
     f = fetcher.stats if fetcher else None
@@ -189,7 +198,19 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
             "self": peers.self_url, "peers": peers.stats(), "bad_peers": peers.bad_peers(),
             "hedge_delay": round(peers.hedge_delay(), 4)},
         "peer_server": dataclasses.asdict(server.stats) if server else None,
+        "trace": learned.status(p) if learned else None,
+        "slow": slow or [],
     }
+
+
+def _slow_reads(index: IndexReader, readlog: ReadLog) -> list[dict[str, Any]]:
+    """The slowest network waits, with the paths of their files (looked up once each)."""
+    slow = readlog.slowest()
+    known = readlog.paths
+    unknown = {r["ino"] for r in slow} - known.keys()
+    if unknown:
+        known.update((ino, p.decode(errors="replace")) for ino, p in index.paths(unknown).items())
+    return [{"file": known.get(r["ino"], "?"), **r} for r in slow]
 
 
 async def _raise_readahead(entry: mountinfo.MountEntry, kib: int) -> None:
@@ -264,12 +285,19 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 log.info("serving this node's cache to peers at %s:%d", *opts.listen)
             if watcher is not None:
                 nursery.start_soon(watcher.run)
-            prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
+            readlog = ReadLog(None, started=started)
+            learned = LearnedPrefetch(opts.cache_dir, opened.manifest_digest, opened.index_path, readlog,
+                                      client=client if not opened.from_cache_only else None,
+                                      timeout=opts.timeout, record_window=opts.record_window)
+            prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher,
+                                    lead=learned.lead, lead_only=opts.lead_only)
             content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,
-                                   nursery=nursery)
+                                   nursery=nursery, readlog=readlog)
             ops = LazyOperations(
                 index, content,
-                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server),
+                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server,
+                                learned, _slow_reads(index, readlog)),
+                file_state=lambda ino: file_state(index, store, readlog, ino),
             )
             # before mounting (see mountinfo.find); nothing else runs on the loop yet
             target = os.path.realpath(opts.mountpoint)  # noqa: ASYNC240
@@ -288,6 +316,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                          opts.mountpoint, " from the cache alone" if opened.from_cache_only else "")
                 ready()
                 nursery.start_soon(_watch_signals, pyfuse3.terminate)
+                nursery.start_soon(learned.record)
                 if opts.prefetch or fetcher is None:
                     nursery.start_soon(prefetcher.run)
                 else:
@@ -296,6 +325,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             finally:
                 pyfuse3.close(unmount=True)
                 nursery.cancel_scope.cancel()
+                learned.save()  # a mount shorter than its window (or --record) saves here
     log.info("unmounted %s", opts.mountpoint)
 
 
