@@ -61,7 +61,7 @@ def read_all(mnt: Path, rootfs: Path, work: list[str]) -> None:
 def chunk_requests(server, since: int) -> list[int]:
     """Sizes of the blob range requests the server answered after ``since``."""
     sizes = []
-    for method, path, rng, status in server.requests[since:]:
+    for method, path, rng, _status in server.requests[since:]:
         if method == "GET" and "/blobs/" in path and rng:
             lo, hi = map(int, re.match(r"bytes=(\d+)-(\d+)", rng).groups())
             sizes.append(hi - lo + 1)
