@@ -61,9 +61,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for ref in (args.source, args.dest):
         if ref.startswith("docker://"):
             _image_ref(ref.removeprefix("docker://"))
+    from blockindex.errors import PrefetchListError
+
+    first = _path_list(args.prefetch_files) if args.prefetch_files else None
     started = time.monotonic()
-    result = convert(args.source, args.dest, chunk_size=args.chunk_size,
-                     registry=_registry_options(args), platform=args.platform)
+    try:
+        result = convert(args.source, args.dest, chunk_size=args.chunk_size,
+                         registry=_registry_options(args), platform=args.platform, prefetch_files=first)
+    except PrefetchListError as exc:
+        raise UserError(str(exc), ExitCode.USAGE) from None
     took = time.monotonic() - started
     print(f"converted {args.source} -> {args.dest} in {took:.1f}s: {result.files} files, "
           f"{_human(result.image_bytes)} in {result.chunks} chunks, "
@@ -74,6 +80,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"{p.mounted} mounted from the source repository, {p.present} already there")
     print(f"manifest {result.manifest_digest}")
     return 0
+
+
+def _path_list(path: str) -> list[bytes]:
+    """The paths of a ``--prefetch-files`` file: one a line, ``#`` comments, blanks skipped."""
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read prefetch list {path}: {exc.strerror}", ExitCode.USAGE) from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith(b"#")]
 
 
 # -- images ------------------------------------------------------------------------------
@@ -519,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform source (default: this machine's)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one registry request may take")
+    p.add_argument("--prefetch-files", metavar="FILE",
+                   help="paths in the image (one a line) whose chunks mounts fetch first")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_convert)
 

@@ -164,3 +164,35 @@ def test_a_trace_for_another_image_is_ignored(traced, mounts, tmp_path):
     read_all(mnt, rootfs, work[:2])
     assert mounts.status(mnt)["trace"]["lead_source"] is None
     assert "ignored" in mounts.log()
+
+
+def test_convert_prefetch_files_are_fetched_first(tmp_path, mounts):
+    rootfs = tmp_path / "rootfs"
+    make_rootfs(rootfs)
+    (rootfs / "usr").mkdir()
+    (rootfs / "usr" / "lnk").symlink_to("../bin")  # followed, as inside a container
+    listing = tmp_path / "first.txt"
+    listing.write_text("# entry points\n/usr/lnk/file03\n\nshare/file05\n")
+    images = tmp_path / "images"
+    lazyfs("convert", f"dir:{rootfs}", f"oci:{images / 'app'}:1", "--chunk-size", "64K",
+           "--prefetch-files", str(listing))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("/no/such/file\n")
+    done = lazyfs("convert", f"dir:{rootfs}", f"oci:{tmp_path / 'x'}:1", "--prefetch-files", str(bad),
+                  check=False)
+    assert done.returncode == 2 and "no/such/file is not a regular file" in done.stderr
+    assert "Traceback" not in done.stderr
+    server = make_server(images, "127.0.0.1", 0)
+    server.start()
+    try:
+        mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/app:1", "--prefetch", "trace")
+        wait_for(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", "the learned order")
+        first = ["bin/file03", "share/file05"]
+        chunks = sum(-(-(rootfs / n).stat().st_size // CHUNK) for n in first)
+        t = mounts.status(mnt)["trace"]
+        assert t["lead_source"] == "index" and t["lead_chunks"] == chunks
+        read_all(mnt, rootfs, first)
+        st = mounts.status(mnt)
+        assert st["reads"]["chunk_misses"] == 0 and st["trace"]["lead_misses"] == 0
+    finally:
+        server.close()
