@@ -235,7 +235,9 @@ class Prefetcher:
 
 def _waves(chunks: list[Chunk], limit: int) -> list[list[Chunk]]:
     """Consecutive pieces of ``chunks`` (any blobs) of up to ``limit`` stored bytes: the
-    fetcher merges the neighbours within each into range requests."""
+    fetcher merges the neighbours within each into range requests. (Waves that start
+    small and double were tried: no faster on a 100 Mbit/s, 30 ms link, and the small
+    waves split into more requests.)"""
     out: list[list[Chunk]] = []
     cur: list[Chunk] = []
     size = 0

@@ -450,9 +450,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  reads     {r['reads']} ({_human(r['bytes_read'])}), chunk hits: memory "
           f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}, misses {r['chunk_misses']}, "
           f"failed reads {r['failed_reads']}")
-    if args.slow:
-        from .tracecmd import print_slow
+    from .tracecmd import print_slow, print_trace
 
+    print_trace(status)
+    if args.slow:
         print_slow(status)
     return 0
 

@@ -137,6 +137,23 @@ async def _push(ref: Any, options: Any, cache: Path) -> tuple[str, str]:
     return manifest.digest, artifact
 
 
+def print_trace(status: dict[str, Any]) -> None:
+    """The learned-prefetch lines of ``lazyfs status``."""
+    from .cli import _human
+
+    t = status.get("trace")
+    if not t:
+        return
+    rec = ("recording" if t["recording"] else "recorded") + f" {t['recorded_chunks']} first reads"
+    if t["saved"]:
+        rec += f" (saved to {t['saved']})"
+    print(f"  trace     {rec}")
+    if t["lead_state"] != "none":
+        print(f"  learned   {t['lead_state']}: {t['lead_chunks']} chunks ({_human(t['lead_bytes'])}) "
+              f"from {t['lead_source'] or 'nowhere'}, {t['lead_missing']} were missing, "
+              f"{t['lead_misses']} waited for by reads")
+
+
 def print_slow(status: dict[str, Any]) -> None:
     """``lazyfs status --slow``: the reads that waited longest on the network."""
     slow = status.get("slow") or []
