@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ class LearnedPrefetch:
         self.recorder = TraceRecorder(record_window, started=readlog.started)
         readlog.recorder = self.recorder
         self.saved: Path | None = None
+        self._saving = threading.Lock()
+        self._save_started = False
 
     async def lead(self, index: IndexReader) -> tuple[list[ChunkDigest], str | None]:
         """What the prefetcher fetches first (``Prefetcher``'s ``lead``), and its source."""
@@ -127,8 +130,10 @@ class LearnedPrefetch:
     def save(self) -> None:
         """Merge what was recorded into the image's trace (once; nothing if nothing was read)."""
         self.recorder.stop()
-        if self.saved is not None or not self.recorder.recorded:
-            return
+        with self._saving:  # the window's task (a thread) and the unmount may both get here
+            if self._save_started or not self.recorder.recorded:
+                return
+            self._save_started = True
         try:
             index = IndexReader(self.index_path)  # its own connection: this may run in a thread
             try:

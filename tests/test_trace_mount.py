@@ -196,3 +196,21 @@ def test_convert_prefetch_files_are_fetched_first(tmp_path, mounts):
         assert st["reads"]["chunk_misses"] == 0 and st["trace"]["lead_misses"] == 0
     finally:
         server.close()
+
+
+def test_recording_window_closes_and_saves_without_unmount(traced, mounts, tmp_path):
+    rootfs, work, server, digest = traced
+    cache = tmp_path / "cache"
+    mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/app:1", "--no-prefetch", "--record-window", "3",
+                          cache=cache)
+    read_all(mnt, rootfs, work[:1])
+    st = wait_for(lambda: (s := mounts.status(mnt))["trace"]["saved"] and s, "the window to close")
+    assert not st["trace"]["recording"]
+    read_all(mnt, rootfs, work[1:3])  # after the window: not recorded
+    doc = json.loads((cache / "traces" / (digest.removeprefix("sha256:") + ".json")).read_text())
+    assert [e["file"] for e in doc["runs"][0]["entries"]] == [work[0]] * st["trace"]["recorded_chunks"]
+    assert mounts.status(mnt)["trace"]["recorded_chunks"] == st["trace"]["recorded_chunks"]
+    lazyfs("umount", str(mnt))
+    mounts.points.remove(mnt)
+    doc = json.loads((cache / "traces" / (digest.removeprefix("sha256:") + ".json")).read_text())
+    assert len(doc["runs"]) == 1  # saved once, not again at unmount
