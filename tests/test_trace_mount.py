@@ -201,10 +201,10 @@ def test_convert_prefetch_files_are_fetched_first(tmp_path, mounts):
 def test_recording_window_closes_and_saves_without_unmount(traced, mounts, tmp_path):
     rootfs, work, server, digest = traced
     cache = tmp_path / "cache"
-    mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/app:1", "--no-prefetch", "--record-window", "3",
+    mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/app:1", "--no-prefetch", "--record-window", "10",
                           cache=cache)
     read_all(mnt, rootfs, work[:1])
-    st = wait_for(lambda: (s := mounts.status(mnt))["trace"]["saved"] and s, "the window to close")
+    st = wait_for(lambda: (s := mounts.status(mnt))["trace"]["saved"] and s, "the window to close", 120)
     assert not st["trace"]["recording"]
     read_all(mnt, rootfs, work[1:3])  # after the window: not recorded
     doc = json.loads((cache / "traces" / (digest.removeprefix("sha256:") + ".json")).read_text())
