@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from blockindex.format import Chunk, Span
+from blockindex.format import Chunk, ChunkDigest, Span
 from cache.trace import TraceRecorder
 
 SLOW_KEEP = 16
@@ -44,7 +44,7 @@ class ReadLog:
         if self.recorder is not None and self.recorder.active:
             self.recorder.read(ino, spans)
 
-    def served(self, ino: int, spans: Sequence[Span], sources: dict[bytes, int]) -> None:
+    def served(self, ino: int, spans: Sequence[Span], sources: dict[ChunkDigest, int]) -> None:
         counts = self.by_file.get(ino)
         if counts is None:
             counts = self.by_file[ino] = [0, 0, 0]
