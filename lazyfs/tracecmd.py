@@ -148,7 +148,9 @@ def print_trace(status: dict[str, Any]) -> None:
     if t["saved"]:
         rec += f" (saved to {t['saved']})"
     print(f"  trace     {rec}")
-    if t["lead_state"] != "none":
+    if t["lead_state"] != "none" and not t["lead_chunks"]:
+        print("  learned   no trace for this image (prefetch in blob order)")
+    elif t["lead_state"] != "none":
         print(f"  learned   {t['lead_state']}: {t['lead_chunks']} chunks ({_human(t['lead_bytes'])}) "
               f"from {t['lead_source'] or 'nowhere'}, {t['lead_missing']} were missing, "
               f"{t['lead_misses']} waited for by reads")
