@@ -202,3 +202,30 @@ class IndexReader:
             "chunk_bytes": raw,
             "stored_bytes": stored,
         }
+
+    # -- lookups for learned prefetch (not on the read path) ----------------------------
+
+    def chunk(self, digest: bytes) -> Chunk | None:
+        """The stored chunk with this BLAKE3 digest, or None (one indexed query)."""
+        row = self._db.execute(
+            "SELECT digest, blob, offset, stored_size, size, codec FROM chunks WHERE digest = ?",
+            (digest,),
+        ).fetchone()
+        return None if row is None else self._chunk(row)
+
+    def paths(self, inos: set[int]) -> dict[int, bytes]:
+        """A path (``a/b/c``, relative to the root) of each inode in ``inos``. Directory
+        entries are indexed by parent, not by inode, so this reads them all once: meant
+        for traces and status reports, never for a read."""
+        up: dict[int, tuple[int, bytes]] = {}
+        for parent, name, ino in self._db.execute("SELECT parent, name, ino FROM dirents"):
+            up.setdefault(ino, (parent, bytes(name)))
+        out: dict[int, bytes] = {}
+        for ino in inos:
+            parts: list[bytes] = []
+            cur = ino
+            while cur != ROOT_INO and cur in up and len(parts) < 4096:
+                cur, name = up[cur]
+                parts.append(name)
+            out[ino] = b"/".join(reversed(parts))
+        return out

@@ -146,6 +146,22 @@ async def _cancel(client: RegistryClient, location: str) -> None:
         log.debug("%s: could not cancel upload %s: %s", client.ref, location, exc)
 
 
+async def push_blob_bytes(client: RegistryClient, digest: str, data: bytes) -> bool:
+    """Upload one blob held in memory unless the registry has it; True if it was sent."""
+    if await _exists(client, digest):
+        return False
+
+    async def started(response: httpx.Response) -> str:
+        location = response.headers.get("Location", "")
+        if response.status_code != 202 or not location:
+            raise ServerError(f"{client.ref}: starting an upload answered {response.status_code}")
+        return location
+
+    location = await client.request("POST", "/blobs/uploads/", started)
+    await _upload(client, location, digest, data)
+    return True
+
+
 def _with_query(location: str, query: str) -> str:
     return location + ("&" if "?" in location else "?") + query
 

@@ -61,9 +61,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for ref in (args.source, args.dest):
         if ref.startswith("docker://"):
             _image_ref(ref.removeprefix("docker://"))
+    from blockindex.errors import PrefetchListError
+
+    first = _path_list(args.prefetch_files) if args.prefetch_files else None
     started = time.monotonic()
-    result = convert(args.source, args.dest, chunk_size=args.chunk_size,
-                     registry=_registry_options(args), platform=args.platform)
+    try:
+        result = convert(args.source, args.dest, chunk_size=args.chunk_size,
+                         registry=_registry_options(args), platform=args.platform, prefetch_files=first)
+    except PrefetchListError as exc:
+        raise UserError(str(exc), ExitCode.USAGE) from None
     took = time.monotonic() - started
     print(f"converted {args.source} -> {args.dest} in {took:.1f}s: {result.files} files, "
           f"{_human(result.image_bytes)} in {result.chunks} chunks, "
@@ -74,6 +80,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"{p.mounted} mounted from the source repository, {p.present} already there")
     print(f"manifest {result.manifest_digest}")
     return 0
+
+
+def _path_list(path: str) -> list[bytes]:
+    """The paths of a ``--prefetch-files`` file: one a line, ``#`` comments, blanks skipped."""
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read prefetch list {path}: {exc.strerror}", ExitCode.USAGE) from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith(b"#")]
 
 
 # -- images ------------------------------------------------------------------------------
@@ -290,6 +305,8 @@ def _peer_options(args: argparse.Namespace) -> dict[str, Any]:
 def _mount_options(args: argparse.Namespace) -> Any:
     from .mount import MountOptions
 
+    if args.record_window < 0:
+        raise UserError("--record-window must be 0 (off) or more seconds", ExitCode.USAGE)
     return MountOptions(
         **_peer_options(args),
         ref=args.ref,
@@ -303,6 +320,8 @@ def _mount_options(args: argparse.Namespace) -> Any:
         registry=_registry_options(args),
         cache_size=args.cache_size,
         metrics=args.metrics,
+        record_window=None if args.record else args.record_window,
+        lead_only=args.prefetch == "trace",
     )
 
 
@@ -377,7 +396,8 @@ def _mount_background(args: argparse.Namespace) -> int:
         argv += ["--listen", f"[{args.listen[0]}]:{args.listen[1]}"]
     if args.token_file is not None:
         argv += ["--token-file", str(Path(args.token_file).absolute())]
-    argv += ["--hedge-delay", str(args.hedge_delay)]
+    argv += ["--hedge-delay", str(args.hedge_delay), "--record-window", str(args.record_window),
+             "--prefetch", args.prefetch, *(["--record"] if args.record else [])]
     if args.cache_size is not None:
         argv += ["--cache-size", str(args.cache_size)]
     if args.metrics is not None:
@@ -446,6 +466,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if c.get("full"):
         print(f"  cache     FULL ({c['dir']}): {c['served_uncached']} chunks served without caching; "
               "the prefetch waits for space")
+    from .tracecmd import print_slow, print_trace
+
+    print_trace(status)
+    if args.slow:
+        print_slow(status)
     return 0
 
 
@@ -544,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform source (default: this machine's)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one registry request may take")
+    p.add_argument("--prefetch-files", metavar="FILE",
+                   help="paths in the image (one a line) whose chunks mounts fetch first")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_convert)
 
@@ -576,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hedge-delay", type=float, default=0.08,
                    help="seconds to wait for a peer before asking the origin too (default 0.08; "
                         "raised to 3x the peers' observed latency)")
+    p.add_argument("--record", action="store_true",
+                   help="record the order of first reads until unmounted (default: --record-window)")
+    p.add_argument("--record-window", type=float, default=30.0, metavar="SECONDS",
+                   help="record first reads this long after mounting, into the image's trace (0: never)")
+    p.add_argument("--prefetch", choices=("all", "trace"), default="all",
+                   help="all: the learned order first, then the whole image (default); "
+                        "trace: the learned order only")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_mount)
 
@@ -607,7 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what a mount has cached and fetched")
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--slow", action="store_true", help="also the reads that waited longest on the network")
     p.set_defaults(func=cmd_status)
+
+    from .tracecmd import register as register_trace
+
+    register_trace(sub, DEFAULT_CACHE, _add_registry_arguments)
 
     p = sub.add_parser("snapshotter", help="serve containerd's Snapshots API (a proxy plugin)")
     p.add_argument("--address", default="/run/lazyfs/snapshotter.sock", help="unix socket to serve on")

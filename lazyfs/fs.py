@@ -25,7 +25,7 @@ from fetcher.errors import FetchError
 
 from .content import ImageContent
 from .failures import ReadFailures
-from .mountinfo import STATUS_XATTR
+from .mountinfo import STATE_XATTR, STATUS_XATTR
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,10 @@ class LazyOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, index: IndexReader, content: ImageContent,
-                 status: Callable[[], dict[str, Any]], *, image: str | None = None) -> None:
+                 status: Callable[[], dict[str, Any]], *, image: str | None = None,
+                 file_state: Callable[[int], dict[str, Any]] | None = None) -> None:
         super().__init__()
+        self._file_state = file_state
         self._index = index
         self._content = content
         self._status = status
@@ -145,6 +147,14 @@ class LazyOperations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATUS_XATTR and inode == ROOT_INO:
             return json.dumps(self._status(), sort_keys=True).encode()
+        if name == STATE_XATTR and self._file_state is not None:
+            try:
+                return json.dumps(self._file_state(inode), sort_keys=True).encode()
+            except KeyError:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except (IndexFormatError, OSError) as exc:
+                log.error("state of inode %d: %s", inode, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
         value = self._index.getxattr(InodeT(inode), name)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)

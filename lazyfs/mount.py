@@ -31,6 +31,7 @@ from cache.evict import CacheKeeper, eviction_lock
 from cache.images import ImageStore
 from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
+from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
@@ -44,8 +45,10 @@ from .content import ImageContent
 from .errors import ExitCode, MountError, NotLazyImageError, UserError
 from .failures import tag_warnings
 from .fs import LazyOperations
+from .learned import LearnedPrefetch
 from .metrics import Metrics, mount_samples
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
+from .readlog import ReadLog, file_state
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,11 @@ class MountOptions:
     cache_size: int | None = None
     """Node-wide limit of the chunk cache in bytes (least recently used entries of images
     no mount needs are evicted past it); None: no limit."""
+    record_window: float | None = DEFAULT_WINDOW
+    """Seconds after mounting during which first reads are recorded into the image's
+    trace (``cache.trace``); None records until unmounted (``--record``), 0 never."""
+    lead_only: bool = False
+    """Prefetch only the learned order (the trace), not the whole image."""
 
 
 @dataclasses.dataclass
@@ -174,7 +182,8 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
 def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
             fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
             server: ChunkServer | None = None, keeper: CacheKeeper | None = None,
-            metrics: Metrics | None = None) -> dict[str, Any]:
+            metrics: Metrics | None = None, learned: LearnedPrefetch | None = None,
+            slow: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     p = prefetcher.progress
     totals = index.totals()
     f = fetcher.stats if fetcher else None
@@ -205,6 +214,8 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
         "peer_server": dataclasses.asdict(server.stats) if server else None,
         "metrics": metrics.url if metrics else None,
         "cache_state": {**content.store.cache_state(), **(keeper.state() if keeper else {})},
+        "trace": learned.status(p) if learned else None,
+        "slow": slow or [],
     }
 
 
@@ -219,6 +230,16 @@ def _pin(images: ImageStore, opened: OpenedImage, opts: MountOptions) -> Path | 
         log.warning("cannot pin the image in %s (%s): other processes may evict its chunks",
                     images.root, exc.strerror)
         return None
+
+
+def _slow_reads(index: IndexReader, readlog: ReadLog) -> list[dict[str, Any]]:
+    """The slowest network waits, with the paths of their files (looked up once each)."""
+    slow = readlog.slowest()
+    known = readlog.paths
+    unknown = {r["ino"] for r in slow} - known.keys()
+    if unknown:
+        known.update((ino, p.decode(errors="replace")) for ino, p in index.paths(unknown).items())
+    return [{"file": known.get(r["ino"], "?"), **r} for r in slow]
 
 
 async def _raise_readahead(entry: mountinfo.MountEntry, kib: int) -> None:
@@ -299,9 +320,14 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             if watcher is not None:
                 nursery.start_soon(watcher.run)
             nursery.start_soon(keeper.run)
-            prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
+            readlog = ReadLog(None, started=started)
+            learned = LearnedPrefetch(opts.cache_dir, opened.manifest_digest, opened.index_path, readlog,
+                                      client=client if not opened.from_cache_only else None,
+                                      timeout=opts.timeout, record_window=opts.record_window)
+            prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher,
+                                    lead=learned.lead, lead_only=opts.lead_only)
             content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,
-                                   nursery=nursery)
+                                   nursery=nursery, readlog=readlog)
             metrics = None
             if opts.metrics is not None:
                 metrics = Metrics()
@@ -314,8 +340,9 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             ops = LazyOperations(
                 index, content,
                 lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server, keeper,
-                                metrics),
+                                metrics, learned, _slow_reads(index, readlog)),
                 image=opened.manifest_digest,
+                file_state=lambda ino: file_state(index, store, readlog, ino),
             )
             # before mounting (see mountinfo.find); nothing else runs on the loop yet
             target = os.path.realpath(opts.mountpoint)  # noqa: ASYNC240
@@ -334,6 +361,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                          opts.mountpoint, " from the cache alone" if opened.from_cache_only else "")
                 ready()
                 nursery.start_soon(_watch_signals, pyfuse3.terminate)
+                nursery.start_soon(learned.record)
                 if opts.prefetch or fetcher is None:
                     nursery.start_soon(prefetcher.run)
                 else:
@@ -342,6 +370,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             finally:
                 pyfuse3.close(unmount=True)
                 nursery.cancel_scope.cancel()
+                learned.save()  # a mount shorter than its window (or --record) saves here
     log.info("unmounted %s", opts.mountpoint)
 
 
