@@ -7,17 +7,20 @@ it is cached; a chunk that fails the check is never cached and its readers get a
 while any demand fetch is in flight, and are limited in number.
 
 With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
-that node first; a demand read also asks the origin if the peer has not answered within
-the hedge delay, and takes whichever verified answer comes first. A peer that fails or
-sends wrong bytes never fails a read: the chunk then comes from the origin.
+that node first, then of the next owner in rendezvous order, then of the origin: each
+one when the ones before have failed (down, busy, wrong bytes) or, for a demand read,
+have not answered within the hedge delay (a hedged request, within a budget); the first
+verified answer wins. A peer never fails a read: the origin is always asked last, early
+enough to answer within the read's deadline.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import trio
 
@@ -26,7 +29,7 @@ from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
-from .peers import PeerTier, hedge
+from .peers import PeerIsSelf, PeerTier, race
 from .source import BlobSource
 
 log = logging.getLogger(__name__)
@@ -68,11 +71,14 @@ class FetchStats:
     peer_failures: int = 0
     peer_integrity_failures: int = 0
     hedged: int = 0
-    """Peer requests that also went to the origin (slow or failed peer)."""
+    """Hedges: requests sent to the next owner or the origin because the one before was
+    slower than the hedge delay (failures move on too, but are not counted here)."""
     peer_requests: int = 0
-    """Demand requests sent to a peer (the hedge budget is a fraction of these)."""
+    """Demand chunks asked of a peer first (the hedge budget is a fraction of these)."""
     hedge_wins: int = 0
-    """Hedged requests that the origin answered first."""
+    """Chunks answered first by a hedged request."""
+    origin_after_peers: int = 0
+    """Chunks asked of the origin after their peers failed or were slow."""
     timeouts: int = 0
     """Waits that ran past their deadline (a request with no answer, a read given up)."""
 
@@ -112,9 +118,12 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
 
 
 class _Pending:
-    __slots__ = ("event", "data", "payload", "error", "caching")
+    __slots__ = ("event", "data", "payload", "error", "caching", "queued")
 
-    def __init__(self) -> None:
+    def __init__(self, queued: bool = False) -> None:
+        self.queued = queued
+        """A background fetch that has not started yet (it waits for demand reads to end);
+        a demand reader or a peer that wants the chunk takes it over (see ``_wait``)."""
         self.event = trio.Event()
         self.data: bytes | memoryview | None = None
         self.payload: bytes | memoryview | None = None  # as stored in the blob (what peers are sent)
@@ -184,21 +193,30 @@ class ChunkFetcher:
             seen.add(c.digest)
             p = self._inflight.get(c.digest)
             if p is None:
-                p = self._inflight[c.digest] = _Pending()
+                p = self._inflight[c.digest] = _Pending(queued=background)
+                new.append(c)
+            elif p.queued and not background:
+                # A prefetch of it waits for demand reads to end: fetch it now instead. Never
+                # wait behind our own prefetch: a peer asking for this chunk may be what
+                # our demand reads wait on, while its prefetch waits for its own reads
+                # to end (a deadlock across nodes).
+                p.queued = False
                 new.append(c)
             waits.append((c, p))
         if self.peers is not None and use_peers and new:
             to_origin = []
+            peer_set = self.peers.peers
             for c in new:
-                owner = self.peers.peers.owner(c.digest)
-                if owner is not None:
-                    self._nursery.start_soon(self._fetch_from_peer, c, owner, background, False,
-                                             speculative)
-                elif background and (holder := self.peers.peers.runner_up(c.digest)):
+                owners = peer_set.owners(c.digest, peer_set.config.owners_asked)
+                if owners:
+                    asks = [(o, False) for o in owners]
+                elif background and (holder := peer_set.runner_up(c.digest)):
                     # this node owns it, but a node that prefetched before may hold it
-                    self._nursery.start_soon(self._fetch_from_peer, c, holder, background, True)
+                    asks = [(holder, True)]
                 else:
                     to_origin.append(c)
+                    continue
+                self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
             new = to_origin
         # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
         max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
@@ -245,11 +263,16 @@ class ChunkFetcher:
             self._idle.set()
 
     async def _fetch_range(self, rng: Range, background: bool) -> None:
-        pendings = [self._inflight[c.digest] for c in rng.chunks]
+        queued = {c.digest: self._inflight[c.digest] for c in rng.chunks}
+        fetching: Range | None = None if background else rng
         try:
             if background:
                 async with self._background:
                     await self.wait_demand_idle()
+                    fetching = _claim(rng, queued)
+                    if fetching is None:
+                        return  # every chunk was taken over by a demand fetch
+                    rng = fetching
                     data = await self._request(rng, self.config.background_deadline)
             else:
                 self._demand_started()
@@ -257,6 +280,7 @@ class ChunkFetcher:
                     data = await self._request(rng, self.config.deadline)
                 finally:
                     self._demand_done()
+            pendings = [queued[c.digest] for c in rng.chunks]
             # Verify (and, for the prefetcher, cache) the whole range in one worker thread
             # call: hashing and disk writes stay off the trio loop, and a range of many
             # chunks pays for one thread hop, not two per chunk.
@@ -289,20 +313,21 @@ class ChunkFetcher:
                         len(rng.chunks), rng.blob, rng.start, rng.end, self.source_name, exc)
             exc.about(blob=rng.blob, source=self.source_name,
                       chunk=rng.chunks[0].hexdigest if len(rng.chunks) == 1 else None)
-            for p in pendings:
-                p.error = exc
+            for c in fetching.chunks if fetching else ():
+                queued[c.digest].error = exc
         except Exception as exc:  # a bug must fail the read, never the whole mount
             self.stats.failed_requests += 1
             log.exception("unexpected error fetching blob %s [%d, %d)", rng.blob, rng.start, rng.end)
-            for p in pendings:
-                p.error = FetchError(f"unexpected error fetching blob {rng.blob}: {exc!r}")
+            for c in fetching.chunks if fetching else ():
+                queued[c.digest].error = FetchError(f"unexpected error fetching blob {rng.blob}: {exc!r}")
         finally:
-            for c, p in zip(rng.chunks, pendings, strict=True):
+            for c in fetching.chunks if fetching else ():  # the chunks this task fetched
+                p = queued[c.digest]
                 if p.data is None and p.error is None:
                     p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
                 p.event.set()
-                if not p.caching:
-                    self._inflight.pop(c.digest, None)
+                if not p.caching and self._inflight.get(c.digest) is p:
+                    del self._inflight[c.digest]
 
     async def _keep(self, c: Chunk, p: _Pending, background: bool) -> None:
         assert p.payload is not None
@@ -327,47 +352,24 @@ class ChunkFetcher:
             return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
         return decode_verified(c, payload)
 
-    async def _fetch_from_peer(self, c: Chunk, peer: str, background: bool,
-                               cache_only: bool = False, speculative: bool = False) -> None:
-        """One chunk from its owner; from the origin instead if the peer fails, sends
-        wrong bytes or (for a demand read) is slower than the hedge delay."""
+    async def _fetch_via_peers(self, c: Chunk, asks: list[tuple[str, bool]], background: bool,
+                               speculative: bool = False) -> None:
+        """One chunk from its owner; from the next owner if the owner fails, sends wrong
+        bytes or (for a demand read) is slower than the hedge delay; from the origin if
+        that one fails or is slow too. ``asks`` are the peers in order, each with whether
+        to ask it cache-only (it will not fetch from the origin for us)."""
         assert self.peers is not None
         tier = self.peers
         p = self._inflight[c.digest]
+        mine = not background  # a queued background fetch may be taken over (see _wait)
 
-        async def from_peer() -> tuple[bytes, bytes]:
-            started = time.monotonic()
-            try:
-                with trio.move_on_after(tier.peers.config.request_deadline) as scope:
-                    payload = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
-                if scope.cancelled_caught:
-                    self.stats.timeouts += 1
-                    raise DeadlineError(f"peer {peer} sent no answer within "
-                                        f"{tier.peers.config.request_deadline:g}s")
-            except (UnreachableError, AuthError) as exc:
-                self.stats.peer_failures += 1
-                tier.peers.mark_down(peer, exc)
-                raise
-            except FetchError as exc:  # busy, or a bad answer: no penalty, just the origin
-                self.stats.peer_failures += 1
-                log.log(logging.DEBUG if cache_only else logging.INFO, "chunk %s from peer: %s",
-                        c.hexdigest[:16], exc)
-                raise
-            try:
-                plain = await self._verify(c, payload)
-            except ChunkDecodeError as exc:
-                self.stats.peer_integrity_failures += 1
-                tier.peers.mark_bad(peer, c, exc)
-                raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}").about(
-                    chunk=c.hexdigest, blob=c.blob.digest, source=f"peer {peer}") from exc
-            tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
-            if self.on_request is not None:
-                self.on_request("peer", len(payload), time.monotonic() - started)
-            self.stats.peer_chunks += 1
-            return plain, bytes(payload)
+        def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[tuple[bytes, bytes]]]:
+            async def attempt() -> tuple[bytes, bytes]:
+                return await self._ask_peer(c, peer, cache_only)
+            return attempt
 
         async def from_origin() -> tuple[bytes, bytes]:
-            self.stats.hedged += 1
+            self.stats.origin_after_peers += 1
             rng = Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,))
             if background:
                 async with self._background:
@@ -385,22 +387,36 @@ class ChunkFetcher:
                     chunk=c.hexdigest, blob=c.blob.digest, source=self.source_name) from exc
             return plain, bytes(data)
 
+        attempts = [from_peer(peer, cache_only) for peer, cache_only in asks] + [from_origin]
+
+        def take_hedge() -> bool:
+            if not tier.peers.may_hedge(self.stats.hedged, self.stats.peer_requests):
+                return False
+            self.stats.hedged += 1
+            return True
+
         try:
             if background:
                 async with self._peer_background:
                     await self.wait_demand_idle()
-                    (plain, payload), by_origin = await hedge(from_peer, from_origin, float("inf"))
+                    if not p.queued:
+                        return  # a demand fetch took it over
+                    p.queued, mine = False, True
+                    # no hedging: a prefetch waits for its peers, but asks the origin by one
+                    # peer deadline at the latest (a reader may come to wait on it too)
+                    won = await race(attempts, math.inf, last_by=tier.peers.config.request_deadline)
             else:
                 self._demand_started()
                 try:
                     delay = tier.peers.hedge_delay() * (5 if speculative else 1)
                     self.stats.peer_requests += 1
-                    (plain, payload), by_origin = await hedge(
-                        from_peer, from_origin, delay,
-                        lambda: tier.peers.may_hedge(self.stats.hedged, self.stats.peer_requests))
+                    # the origin starts early enough to answer within the read's deadline
+                    last_by = min(tier.peers.config.request_deadline, self.config.deadline / 2)
+                    won = await race(attempts, delay, take_hedge=take_hedge, last_by=last_by)
                 finally:
                     self._demand_done()
-            self.stats.hedge_wins += by_origin
+            self.stats.hedge_wins += won.hedged
+            plain, payload = won.value
             p.data, p.payload = plain, payload
             self.stats.chunks_fetched += 1
             await self._keep(c, p, background)
@@ -413,11 +429,50 @@ class ChunkFetcher:
             log.exception("unexpected error fetching chunk %s", c.hexdigest)
             p.error = FetchError(f"unexpected error fetching chunk {c.hexdigest[:16]}: {exc!r}")
         finally:
-            if p.data is None and p.error is None:
-                p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
-            p.event.set()
-            if not p.caching:
-                self._inflight.pop(c.digest, None)
+            if mine:
+                if p.data is None and p.error is None:
+                    p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
+                p.event.set()
+                if not p.caching and self._inflight.get(c.digest) is p:
+                    del self._inflight[c.digest]
+
+    async def _ask_peer(self, c: Chunk, peer: str, cache_only: bool) -> tuple[bytes, bytes]:
+        """The verified chunk from one peer. A peer that is down is put on backoff; one
+        that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
+        assert self.peers is not None
+        tier = self.peers
+        started = time.monotonic()
+        try:
+            with trio.move_on_after(tier.peers.config.request_deadline) as scope:
+                payload = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
+            if scope.cancelled_caught:
+                self.stats.timeouts += 1
+                raise DeadlineError(f"peer {peer} sent no answer within "
+                                    f"{tier.peers.config.request_deadline:g}s")
+        except (UnreachableError, AuthError) as exc:
+            self.stats.peer_failures += 1
+            tier.peers.mark_down(peer, exc)
+            raise
+        except PeerIsSelf:
+            tier.peers.mark_self(peer)
+            raise
+        except FetchError as exc:  # busy, or a bad answer: no penalty, just the next one
+            self.stats.peer_failures += 1
+            log.log(logging.DEBUG if cache_only else logging.INFO, "chunk %s from peer: %s",
+                    c.hexdigest[:16], exc)
+            raise
+        try:
+            plain = await self._verify(c, payload)
+        except ChunkDecodeError as exc:
+            self.stats.peer_integrity_failures += 1
+            tier.peers.mark_bad(peer, c, exc)
+            raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}").about(
+                chunk=c.hexdigest, blob=c.blob.digest, source=f"peer {peer}") from exc
+        tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
+        if self.on_request is not None:
+            self.on_request("peer", len(payload), time.monotonic() - started)
+        self.stats.peer_chunks += 1
+        return plain, bytes(payload)
 
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
         length = rng.end - rng.start
@@ -442,6 +497,19 @@ class ChunkFetcher:
     async def _cache(self, chunk: Chunk, payload: bytes) -> None:
         assert self._store is not None
         await trio.to_thread.run_sync(self._store.put, chunk.digest, chunk.codec, chunk.size, payload)
+
+
+def _claim(rng: Range, pendings: dict[ChunkDigest, _Pending]) -> Range | None:
+    """The part of a queued background range that no demand fetch has taken over, now
+    marked as under way; None if nothing is left."""
+    mine = [c for c in rng.chunks if pendings[c.digest].queued]
+    for c in mine:
+        pendings[c.digest].queued = False
+    if not mine:
+        return None
+    if len(mine) == len(rng.chunks):
+        return rng
+    return Range(rng.blob, mine[0].offset, max(c.offset + c.stored_size for c in mine), tuple(mine))
 
 
 def _verify_range(

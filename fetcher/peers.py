@@ -7,8 +7,22 @@
     PeerSet                     the peer list (re-read from the peers file when it
                                 changes), which peers to avoid for now, bytes per peer
     PeerClient                  GET /v1/chunks/<blake3 hex> with the cluster token
-    hedge(primary, backup, d)   run ``primary``; if it has not answered within ``d``
-                                seconds (or failed), run ``backup`` too; first success wins
+    race(attempts, d)           run the first attempt; start the next one when every
+                                attempt started so far has failed, or (a hedge) when the
+                                last one started has not answered within ``d`` seconds;
+                                the first success wins and the others are cancelled
+    hedge(primary, backup, d)   ``race`` of two
+
+A chunk's attempts are its owner, the next owner in rendezvous order, then the origin.
+The next owner is what the whole cluster falls back to when the owner is down or slow,
+so it too fetches from the origin once for everyone; the origin comes last because it
+must always work.
+
+Requests that may wait only go up a chunk's rendezvous order (a node asks the peers that
+come before it; the prefetcher's cache-only questions to the next peer never wait), and a
+peer asked for a chunk fetches it from the origin, never from another peer;
+a node's server never waits behind that node's own queued prefetch (see
+``ChunkFetcher``). So nodes cannot wait on each other in a cycle.
 
 A peer is never trusted: the fetcher checks every payload against the chunk's digest and
 reports a peer that sends wrong bytes with ``PeerSet.mark_bad``. A peer that is down is
@@ -22,11 +36,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 import trio
@@ -42,6 +57,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHUNK_PATH = "/v1/chunks/"
+NODE_HEADER = "X-Lazyfs-Node"
+"""Sent with every peer request: the asking process's random id (see ``PeerClient``)."""
 
 
 def _weight(peer: str, digest: bytes) -> int:
@@ -63,6 +80,14 @@ def normalize_url(url: str) -> str:
         raise ValueError(f"not a peer URL (expected http://HOST:PORT): {url!r}")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return f"http://{host}:{parts.port}"
+
+
+def peer_url(host: str, port: int) -> str:
+    """The URL of a peer listening on ``host:port``."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def read_peers_file(path: Path) -> list[str]:
@@ -104,6 +129,8 @@ class PeerConfig:
     """Seconds a peer that sent wrong bytes is avoided."""
     background_concurrency: int = 8
     """Peer requests of the prefetcher in flight at once."""
+    owners_asked: int = 2
+    """Peers asked for one chunk before the origin: its owner, then the next owner."""
     reload_interval: float = 2.0
     """Seconds between checks of the peers file's mtime."""
 
@@ -133,6 +160,7 @@ class PeerSet:
         self.health: dict[str, PeerHealth] = {}
         self.latency = 0.0  # EWMA of successful peer requests, seconds
         self._recent: collections.deque[float] = collections.deque(maxlen=64)
+        self._also_self: set[str] = set()  # other URLs this node turned out to have
         self.set_peers(peers)
 
     def set_peers(self, peers: Sequence[str]) -> None:
@@ -140,16 +168,26 @@ class PeerSet:
         for p in self.peers:
             self.health.setdefault(p, PeerHealth())
 
-    def owner(self, digest: bytes) -> str | None:
-        """The peer to ask for ``digest``: its owner, or the next one when the owner is
-        being avoided; None when that is this node (or no peer is usable): use the origin."""
+    def owners(self, digest: bytes, limit: int = 2) -> list[str]:
+        """The peers to ask for ``digest`` before the origin, in order: its owner and the
+        next owners in rendezvous order (at most ``limit``), skipping peers being avoided
+        and stopping at this node, which fetches what it owns from the origin itself.
+        Every node computes the same list, so a failed owner's chunks all go to one next
+        owner, which asks the origin once for the whole cluster."""
         now = self._clock()
+        out: list[str] = []
         for p in rendezvous(digest, self.peers):
-            if p == self.self_url:
-                return None
+            if self._is_self(p) or len(out) == limit:
+                break
             if self.health[p].avoid_until <= now:
-                return p
-        return None
+                out.append(p)
+        return out
+
+    def owner(self, digest: bytes) -> str | None:
+        """The peer to ask first for ``digest``; None when that is this node (or no peer
+        is usable): use the origin."""
+        owners = self.owners(digest, 1)
+        return owners[0] if owners else None
 
     def runner_up(self, digest: bytes) -> str | None:
         """For a chunk ``owner`` sends to the origin (this node is first among the usable
@@ -158,7 +196,19 @@ class PeerSet:
         more: when the owner is down and this node comes next, another peer may have it."""
         now = self._clock()
         return next((p for p in rendezvous(digest, self.peers)
-                     if p != self.self_url and self.health[p].avoid_until <= now), None)
+                     if not self._is_self(p) and self.health[p].avoid_until <= now), None)
+
+    def mark_self(self, peer: str) -> None:
+        """``peer`` turned out to be this node: from now on it is treated as this node (and
+        is ``self_url`` if that was unknown)."""
+        if not self._is_self(peer):
+            log.warning("peer %s is this node (its --advertise URL is %s); treating it as this node",
+                        peer, self.self_url or "not set")
+            self._also_self.add(peer)
+            self.self_url = self.self_url or peer
+
+    def _is_self(self, peer: str) -> bool:
+        return peer == self.self_url or peer in self._also_self
 
     def hedge_delay(self) -> float:
         c = self.config
@@ -244,11 +294,20 @@ class PeersFileWatcher:
             await trio.to_thread.run_sync(self.load)
 
 
-class PeerClient:
-    """Asks peers for chunks: one keep-alive connection pool per peer."""
+class PeerIsSelf(ServerError):
+    """The peer asked is this very process (its chunk server said so): the peers file
+    names this node by an address other than its ``--advertise`` URL."""
 
-    def __init__(self, token: str, *, connect_timeout: float = 2.0) -> None:
+
+class PeerClient:
+    """Asks peers for chunks: one keep-alive connection pool per peer. ``node_id``
+    (shared with this process's chunk server) lets a server recognise a request from
+    its own process and say so, rather than wait on the very fetch that asked it."""
+
+    def __init__(self, token: str, *, connect_timeout: float = 2.0, node_id: str | None = None) -> None:
         self._auth = {"Authorization": f"Bearer {token}"}
+        if node_id:
+            self._auth[NODE_HEADER] = node_id
         self._clients: dict[str, RangeClient] = {}
         self._connect_timeout = connect_timeout
 
@@ -279,6 +338,8 @@ class PeerClient:
                 raise ServerError(f"peer {peer} has no chunk {chunk.hexdigest[:16]} (404)") from None
             if exc.status == 503:
                 raise ServerError(f"peer {peer} is busy (503)") from None
+            if exc.status == 508:
+                raise PeerIsSelf(f"peer {peer} is this node") from None
             raise ServerError(f"peer {peer}: unexpected status {exc.status}") from None
 
     async def aclose(self) -> None:
@@ -296,49 +357,87 @@ class PeerTier:
     """``registry/repository`` of the image, sent so that an owner can fetch from the origin."""
 
 
-async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaitable[T]],
-                delay: float, may_hedge: Callable[[], bool] | None = None) -> tuple[T, bool]:
-    """Run ``primary``; start ``backup`` when ``primary`` fails or has not answered in
-    ``delay`` seconds. Returns the first success and whether it was ``backup``'s; the
-    loser is cancelled. If both fail, ``backup``'s error is raised (``primary`` is the
-    optional, faster path; ``backup`` is the one that must work). When the delay passes
-    and ``may_hedge()`` says no (the hedge budget is spent), only a failure of
-    ``primary`` (which has a deadline of its own) brings in ``backup``."""
-    result: list[tuple[T, bool]] = []
-    backup_error: list[BaseException] = []
-    start_backup = trio.Event()
+@dataclasses.dataclass(frozen=True)
+class RaceResult(Generic[T]):
+    value: T
+    winner: int
+    """Index of the attempt that answered."""
+    hedged: bool
+    """Whether that attempt was started by a hedge (its predecessor was slow, not failed)."""
+
+
+async def race(attempts: Sequence[Callable[[], Awaitable[T]]], delay: float, *,
+               take_hedge: Callable[[], bool] | None = None,
+               last_by: float = math.inf) -> RaceResult[T]:
+    """Run ``attempts[0]``; start the next attempt when every attempt started so far has
+    failed (a ``FetchError``), or when the last one started has not answered within
+    ``delay`` seconds and ``take_hedge()`` grants a hedge (it counts it against a budget;
+    a refused hedge waits for failures only, and every attempt has a deadline of its own).
+    The last attempt (the origin: the one that must work) is started ``last_by`` seconds
+    after the first at the latest, whatever the budget says, so that slow peers never
+    make a read miss a deadline the origin alone would have met.
+
+    The first success wins and the others are cancelled. If all fail, the last attempt's
+    error is raised."""
+    if not attempts:
+        raise ValueError("race needs at least one attempt")
+    results: list[RaceResult[T]] = []
+    errors: dict[int, FetchError] = {}
+    hedged: set[int] = set()
+    changed = [trio.Event()]
+    last = len(attempts) - 1
+    began = trio.current_time()
 
     async with trio.open_nursery() as nursery:
 
-        async def run_primary() -> None:
+        async def run(i: int) -> None:
             try:
-                value = await primary()
-            except FetchError:
-                start_backup.set()
-                return
-            result.append((value, False))
-            nursery.cancel_scope.cancel()
-
-        async def run_backup() -> None:
-            with trio.move_on_after(delay):
-                await start_backup.wait()
-            if not start_backup.is_set() and may_hedge is not None and not may_hedge():
-                await start_backup.wait()
-            try:
-                value = await backup()
+                value = await attempts[i]()
             except FetchError as exc:
-                backup_error.append(exc)
+                errors[i] = exc
+                changed[0].set()
+                changed[0] = trio.Event()
                 return
-            result.append((value, True))
+            results.append(RaceResult(value, i, i in hedged))
             nursery.cancel_scope.cancel()
 
-        nursery.start_soon(run_primary)
-        nursery.start_soon(run_backup)
-    if result:
-        return result[0]
-    assert backup_error
-    raise backup_error[0]
+        async def all_failed(n: int) -> None:
+            while len(errors) < n:
+                await changed[0].wait()
+
+        async def drive() -> None:
+            give_up_at = began + last_by
+            for i in range(last):
+                nursery.start_soon(run, i)
+                with trio.move_on_at(min(give_up_at, trio.current_time() + delay)):
+                    await all_failed(i + 1)
+                if len(errors) <= i and trio.current_time() < give_up_at:
+                    if take_hedge is None or take_hedge():
+                        hedged.add(i + 1)
+                    else:  # no budget: the next attempt waits for these to fail
+                        with trio.move_on_at(give_up_at):
+                            await all_failed(i + 1)
+                if trio.current_time() >= give_up_at:
+                    if len(errors) <= i:
+                        hedged.add(last)
+                    break  # straight to the last attempt
+            nursery.start_soon(run, last)
+
+        nursery.start_soon(drive)
+    if results:
+        return results[0]
+    raise errors[last]
 
 
-__all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher", "hedge",
-           "normalize_url", "read_peers_file", "UnreachableError"]
+async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaitable[T]],
+                delay: float, may_hedge: Callable[[], bool] | None = None) -> tuple[T, bool]:
+    """``race`` of two: ``primary`` (a peer), then ``backup`` (the origin) when ``primary``
+    fails or is slower than ``delay``. Returns the first success and whether it was
+    ``backup``'s."""
+    r = await race([primary, backup], delay, take_hedge=may_hedge)
+    return r.value, r.winner == 1
+
+
+__all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher", "hedge", "race",
+           "RaceResult", "PeerIsSelf", "NODE_HEADER", "normalize_url", "peer_url", "read_peers_file",
+           "UnreachableError"]

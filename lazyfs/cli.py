@@ -273,24 +273,40 @@ def cmd_peer(args: argparse.Namespace) -> int:
 
     token = read_token(Path(args.token_file))
     host, port = args.listen
+    advertise = _advertise(args.advertise)
     trio.run(lambda: run_peer(Path(args.cache).absolute(), host, port, token, fetch_timeout=args.timeout,
                               insecure=True if args.insecure else None, cache_size=args.cache_size,
-                              metrics=args.metrics))
+                              metrics=args.metrics, advertise=advertise))
     return 0
 
 
 # -- mount / umount / status -------------------------------------------------------------
+
+def _advertise(url: str | None) -> str | None:
+    from fetcher.peers import normalize_url
+
+    if url is None:
+        return None
+    try:
+        return normalize_url(url)
+    except ValueError as exc:
+        raise UserError(f"--advertise: {exc}", ExitCode.USAGE) from None
+
 
 def _peer_options(args: argparse.Namespace) -> dict[str, Any]:
     """The mount's peer options, checked here so that a mistake is one line at once."""
     from .peer import read_token
 
     if args.peers_file is None and args.listen is None:
+        if args.advertise is not None:
+            raise UserError("--advertise needs --peers-file (it names this node there)", ExitCode.USAGE)
         if args.token_file is not None:
             raise UserError("--token-file needs --peers-file or --listen", ExitCode.USAGE)
         return {}
     if args.token_file is None:
         raise UserError("--peers-file and --listen need --token-file (the cluster token)", ExitCode.USAGE)
+    if args.advertise is not None and args.peers_file is None:
+        raise UserError("--advertise needs --peers-file (it names this node there)", ExitCode.USAGE)
     read_token(Path(args.token_file))
     if args.peers_file is not None and not Path(args.peers_file).is_file():
         raise UserError(f"peers file {args.peers_file} does not exist", ExitCode.USAGE)
@@ -299,6 +315,7 @@ def _peer_options(args: argparse.Namespace) -> dict[str, Any]:
         "listen": args.listen,
         "token_file": Path(args.token_file).absolute(),
         "hedge_delay": args.hedge_delay,
+        "advertise": _advertise(args.advertise),
     }
 
 
@@ -396,6 +413,8 @@ def _mount_background(args: argparse.Namespace) -> int:
         argv += ["--listen", f"[{args.listen[0]}]:{args.listen[1]}"]
     if args.token_file is not None:
         argv += ["--token-file", str(Path(args.token_file).absolute())]
+    if args.advertise is not None:
+        argv += ["--advertise", args.advertise]
     argv += ["--hedge-delay", str(args.hedge_delay), "--record-window", str(args.record_window),
              "--prefetch", args.prefetch, *(["--record"] if args.record else [])]
     if args.cache_size is not None:
@@ -453,6 +472,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                                           if p["state"] == "off" else ""))
     sources = ", ".join(f"{k} {_human(v)}" for k, v in status["bytes_by_source"].items())
     print(f"  fetched   {sources}")
+    peers = status.get("peers")
+    if peers:
+        bad = peers["bad_peers"]
+        print(f"  peers     {len(peers['peers'])}, this node {peers['self'] or '(not in the list)'}"
+              + (f", sent wrong bytes (avoided): {' '.join(bad)}" if bad else ""))
     r = status["reads"]
     print(f"  reads     {r['reads']} ({_human(r['bytes_read'])}), chunk hits: memory "
           f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}, misses {r['chunk_misses']}, "
@@ -603,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hedge-delay", type=float, default=0.08,
                    help="seconds to wait for a peer before asking the origin too (default 0.08; "
                         "raised to 3x the peers' observed latency)")
+    p.add_argument("--advertise", metavar="URL",
+                   help="this node's URL in the peers file (default http://LISTEN; needed with "
+                        "--listen 0.0.0.0, or when a `lazyfs peer` serves this node's cache)")
     p.add_argument("--record", action="store_true",
                    help="record the order of first reads until unmounted (default: --record-window)")
     p.add_argument("--record-window", type=float, default=30.0, metavar="SECONDS",
@@ -625,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=str(DEFAULT_CACHE),
                    help=f"node cache directory (default {DEFAULT_CACHE})")
     p.add_argument("--listen", type=_listen, required=True, metavar="HOST:PORT")
+    p.add_argument("--advertise", metavar="URL",
+                   help="this node's URL in the peers file (default http://LISTEN); logged, and "
+                        "what this node's mounts pass as their --advertise")
     p.add_argument("--token-file", required=True, help="file holding the cluster token")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to non-loopback registries")
     p.add_argument("--timeout", type=float, default=30.0,

@@ -37,7 +37,15 @@ from fetcher.errors import FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
 from fetcher.mirrors import MirroredClient
 from fetcher.options import RegistryOptions
-from fetcher.peers import PeerClient, PeerConfig, PeerSet, PeersFileWatcher, PeerTier
+from fetcher.peers import (
+    WILDCARD_HOSTS,
+    PeerClient,
+    PeerConfig,
+    PeerSet,
+    PeersFileWatcher,
+    PeerTier,
+    peer_url,
+)
 from fetcher.registry import RegistryClient, resolve_image_manifest
 
 from . import mountinfo
@@ -94,6 +102,9 @@ class MountOptions:
     """The cluster token, sent to peers and required of them."""
     hedge_delay: float = 0.08
     """Seconds to wait for a peer before asking the origin as well (see ``PeerConfig``)."""
+    advertise: str | None = None
+    """This node's URL in the peers file (default ``http://`` + ``listen``): what lets it
+    know itself when it listens on 0.0.0.0, or when a ``lazyfs peer`` serves its cache."""
     metrics: tuple[str, int] | None = None
     """Serve Prometheus metrics at ``(host, port)`` (port 0: any free port; see status)."""
     cache_size: int | None = None
@@ -292,15 +303,19 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             for listener in listeners:
                 stack.callback(listener.socket.close)
         tier = watcher = None
+        node_id = os.urandom(8).hex()  # lets this process's server recognise its own requests
         if opts.peers_file is not None and token is not None and client is not None:
-            self_url = None
-            if opts.listen is not None:
-                host = f"[{opts.listen[0]}]" if ":" in opts.listen[0] else opts.listen[0]
-                self_url = f"http://{host}:{opts.listen[1]}"
+            self_url = opts.advertise
+            if self_url is None and opts.listen is not None:
+                if opts.listen[0] in WILDCARD_HOSTS:
+                    log.warning("listening on %s without --advertise: this node learns its own "
+                                "address in the peers file only when it first asks itself", opts.listen[0])
+                else:
+                    self_url = peer_url(*opts.listen)
             peer_set = PeerSet(self_url=self_url, config=PeerConfig(hedge_delay=opts.hedge_delay))
             watcher = PeersFileWatcher(opts.peers_file, peer_set)
             watcher.load()
-            peer_client = PeerClient(token)
+            peer_client = PeerClient(token, node_id=node_id)
             stack.push_async_callback(peer_client.aclose)
             tier = PeerTier(peer_set, peer_client, f"{ref.registry}/{ref.repository}")
         async with trio.open_nursery() as nursery:
@@ -314,7 +329,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 origins = OriginPool(nursery, store, timeout=opts.timeout, insecure=opts.insecure,
                                      fetchers=own)
                 stack.push_async_callback(origins.aclose)
-                server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=opts.timeout))
+                server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=opts.timeout),
+                                     node_id=node_id)
                 nursery.start_soon(server.serve, listeners)
                 log.info("serving this node's cache to peers at %s:%d", *opts.listen)
             if watcher is not None:

@@ -7,6 +7,8 @@
         404      not cached, and the query does not say where it comes from
         502      the owner could not get it from the origin
         503      more than ``max_concurrent`` requests in progress
+        508      the request came from this very process (its ``X-Lazyfs-Node`` id): the
+                 caller's peers file names this node by another address
 
 A chunk that is not cached but whose request says where it lies (blob, offset, sizes,
 codec, ``registry/repository``) is fetched from the origin with this node's own
@@ -37,7 +39,7 @@ from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import FetchError
 from fetcher.imageref import ImageRef
-from fetcher.peers import CHUNK_PATH
+from fetcher.peers import CHUNK_PATH, NODE_HEADER, peer_url
 from fetcher.registry import RegistryClient
 
 from .errors import ExitCode, UserError
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 
 _MAX_HEAD = 16 << 10
 _REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized",
-            404: "Not Found", 405: "Method Not Allowed", 502: "Bad Gateway", 503: "Service Unavailable"}
+            404: "Not Found", 405: "Method Not Allowed", 502: "Bad Gateway", 503: "Service Unavailable",
+            508: "Loop Detected"}
 
 
 def read_token(path: Path) -> str:
@@ -87,6 +90,8 @@ class PeerServerStats:
     busy: int = 0
     not_found: int = 0
     errors: int = 0
+    from_self: int = 0
+    """Requests from this very process (answered 508)."""
 
 
 class OriginPool:
@@ -128,8 +133,9 @@ class ChunkServer:
     """Answers chunk requests from peers on keep-alive HTTP/1.1 connections."""
 
     def __init__(self, store: ChunkStore, token: str, origins: OriginPool | None = None,
-                 config: PeerServerConfig = PeerServerConfig()) -> None:
+                 config: PeerServerConfig = PeerServerConfig(), *, node_id: str | None = None) -> None:
         self.store = store
+        self.node_id = node_id
         self.config = config
         self.stats = PeerServerStats()
         self._expected = f"Bearer {token}".encode()
@@ -194,6 +200,10 @@ class ChunkServer:
             self.stats.unauthorized += 1
             await self._send(stream, 401, b"cluster token required\n", keep=keep,
                              extra={"WWW-Authenticate": 'Bearer realm="lazyfs-peers"'})
+            return keep
+        if self.node_id and hmac.compare_digest(headers.get(NODE_HEADER.lower(), ""), self.node_id):
+            self.stats.from_self += 1
+            await self._send(stream, 508, b"this request came from this node\n", keep=keep)
             return keep
         if self._active >= self.config.max_concurrent:
             self.stats.busy += 1
@@ -311,9 +321,11 @@ def _parse_range(header: str, n: int) -> tuple[int, int]:
 
 async def run_peer(cache_dir: Path, host: str, port: int, token: str, *, fetch_timeout: float = 30.0,
                    insecure: bool | None = None, ready: Callable[[str], object] | None = None,
-                   cache_size: int | None = None, metrics: tuple[str, int] | None = None) -> None:
+                   cache_size: int | None = None, metrics: tuple[str, int] | None = None,
+                   advertise: str | None = None) -> None:
     """``lazyfs peer``: serve ``cache_dir`` until SIGTERM or SIGINT (keeping it under
-    ``cache_size`` bytes when given)."""
+    ``cache_size`` bytes when given). ``advertise`` is the URL the peers file lists for
+    this node (default ``http://HOST:PORT`` as bound)."""
     store = ChunkStore(cache_dir)
     keeper = CacheKeeper(store, ImageStore(cache_dir), cache_size)
     async with trio.open_nursery() as nursery:
@@ -330,9 +342,10 @@ async def run_peer(cache_dir: Path, host: str, port: int, token: str, *, fetch_t
             m.serve(*metrics, trio_token=trio.lowlevel.current_trio_token())
         try:
             bound = listeners[0].socket.getsockname()
-            log.info("serving the chunks of %s to peers at %s:%d", cache_dir, bound[0], bound[1])
+            url = advertise or peer_url(bound[0], bound[1])
+            log.info("serving the chunks of %s to peers at %s:%d as %s", cache_dir, bound[0], bound[1], url)
             if ready is not None:
-                ready(f"http://{bound[0]}:{bound[1]}")
+                ready(url)
             nursery.start_soon(server.serve, listeners)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:

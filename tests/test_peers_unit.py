@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from functools import partial
 
 import pytest
 import trio
@@ -13,7 +14,7 @@ import trio.testing
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import ServerError, UnreachableError
-from fetcher.peers import PeerConfig, PeerSet, PeerTier, hedge, read_peers_file, rendezvous
+from fetcher.peers import PeerConfig, PeerSet, PeerTier, hedge, race, read_peers_file, rendezvous
 
 from .fakes import ScriptedSource, make_blob
 
@@ -216,3 +217,305 @@ def test_runner_up_skips_this_node_and_avoided_peers():
     ps.mark_down("http://c:1", "refused")  # the owner is down; this node comes next
     assert ps.owner(digest) is None
     assert ps.runner_up(digest) == "http://a:1"  # a prefetched before: ask it, cache-only
+
+
+# -- owner, next owner, origin ------------------------------------------------------------
+
+class ClusterPeers:
+    """A PeerClient with a script per peer: ``ok``, ``corrupt``, ``refused``, ``missing``
+    (404), ``stall``, or ``slow:<seconds>`` (answers right after that long)."""
+
+    def __init__(self, raw: bytes, scripts: dict[str, list[str]]) -> None:
+        self.raw = raw
+        self.scripts = {p: list(s) for p, s in scripts.items()}
+        self.asked: list[tuple[str, str | None, float]] = []  # peer, repository, when
+
+    async def fetch(self, peer, chunk, repository):
+        self.asked.append((peer, repository, trio.current_time()))
+        await trio.lowlevel.checkpoint()
+        script = self.scripts.get(peer, [])
+        outcome = script.pop(0) if script else "ok"
+        data = bytearray(self.raw[chunk.offset : chunk.offset + chunk.stored_size])
+        if outcome == "refused":
+            raise UnreachableError(f"cannot connect to {peer}")
+        if outcome == "missing":
+            raise ServerError(f"peer {peer} has no chunk (404)")
+        if outcome == "stall":
+            await trio.sleep_forever()
+        if outcome.startswith("slow:"):
+            await trio.sleep(float(outcome[5:]))
+        if outcome == "corrupt":
+            data[0] ^= 0xFF
+        return data
+
+
+class TimedSource(ScriptedSource):
+    """A ScriptedSource that notes when each request came."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.times: list[float] = []
+
+    async def read_range(self, digest, offset, length):
+        self.times.append(trio.current_time())
+        return await super().read_range(digest, offset, length)
+
+
+CLUSTER = ["http://10.0.1.1:7070", "http://10.0.1.2:7070", "http://10.0.1.3:7070"]
+ONE = [random.Random(41).randbytes(6000)]  # fixed: the roles below depend on its digest
+
+
+def _self_at(digest: bytes, position: int) -> str:
+    """A URL for this node that comes at ``position`` in ``digest``'s rendezvous order."""
+    return next(u for u in (f"http://10.9.{i // 250}.{i % 250 + 1}:7070" for i in range(100_000))
+                if rendezvous(digest, [*CLUSTER, u]).index(u) == position)
+
+
+def run_cluster(tmp_path, scripts, *, self_position=3, origin_script=(), deadline=5.0,
+                hedged_before=0, background=False):
+    """One chunk read on a node of a four-node cluster (three peers and this node at
+    ``self_position`` in the chunk's order). Returns (roles, origin, client, out):
+    ``roles`` are the peers in rendezvous order for the chunk."""
+    blob, chunks, raw = make_blob(ONE)
+    [chunk] = chunks
+    me = _self_at(chunk.digest, self_position)
+    roles = [u for u in rendezvous(chunk.digest, [*CLUSTER, me]) if u != me]
+    origin = TimedSource({blob.digest: raw}, origin_script)
+    peers = PeerSet([*CLUSTER, me], self_url=me, config=PeerConfig(hedge_delay=0.05))
+    client = ClusterPeers(raw, {roles[i]: s for i, s in enumerate(scripts)})
+    out = {"peers": peers, "digest": chunk.digest}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            # no store for a prefetch: its cache write runs in a thread, and the mock clock
+            # would jump to the prefetch's deadline while it does
+            store = None if background else ChunkStore(tmp_path)
+            fetcher = ChunkFetcher(nursery, origin, store, FetchConfig(deadline=deadline),
+                                   peers=PeerTier(peers, client, "reg/app"))  # type: ignore[arg-type]
+            fetcher.stats.hedged = hedged_before
+            try:
+                out["data"] = await fetcher.get(chunks, background=background)
+            except Exception as exc:  # noqa: BLE001 - the test looks at it
+                out["error"] = exc
+            out["stats"] = fetcher.stats
+            out["time"] = trio.current_time()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    if "data" in out:
+        assert out["data"][chunk.digest] == ONE[0]
+    return roles, origin, client, out
+
+
+def test_a_down_owner_is_followed_by_the_next_owner_not_the_origin(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["refused"], ["ok"]])
+    owner, nxt = roles[0], roles[1]
+    assert [(p, r) for p, r, _ in client.asked] == [(owner, "reg/app"), (nxt, "reg/app")]
+    assert origin.requests == [] and out["time"] < 0.01  # at once, no hedge delay
+    assert out["peers"].health[owner].avoid_until > 0  # down: on backoff
+    assert owner not in out["peers"].owners(out["digest"], 3)  # and not asked again for now
+
+
+def test_a_slow_owner_is_hedged_to_the_next_owner(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["slow:0.01"]])
+    assert [p for p, _, _ in client.asked] == roles[:2]
+    assert client.asked[1][2] == pytest.approx(0.05)  # the hedge delay
+    assert origin.requests == [] and out["time"] == pytest.approx(0.06)
+    st = out["stats"]
+    assert (st.hedged, st.hedge_wins, st.origin_after_peers) == (1, 1, 0)
+
+
+def test_two_slow_owners_are_hedged_to_the_origin(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["stall"], ["ok"]])
+    assert [p for p, _, _ in client.asked] == roles[:2]  # never a third peer
+    assert len(origin.requests) == 1 and out["time"] == pytest.approx(0.10)
+    assert out["stats"].hedged == 2 and out["stats"].origin_after_peers == 1
+
+
+def test_a_lying_owner_is_reported_and_the_next_owner_answers(tmp_path, caplog):
+    roles, origin, client, out = run_cluster(tmp_path, [["corrupt"], ["ok"]])
+    assert origin.requests == [] and [p for p, _, _ in client.asked] == roles[:2]
+    assert out["peers"].bad_peers() == [roles[0]]
+    assert f"peer {roles[0]} sent wrong bytes" in caplog.text
+    assert roles[0] not in out["peers"].owners(out["digest"], 3)
+
+
+def test_when_every_peer_fails_the_origin_answers(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["corrupt"], ["missing"]])
+    assert len(origin.requests) == 1 and out["time"] < 0.01
+    assert out["stats"].origin_after_peers == 1
+
+
+def test_when_the_origin_fails_too_the_read_fails_with_the_origins_error(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["refused"], ["refused"]], origin_script=["fail"])
+    assert isinstance(out["error"], ServerError) and "scripted failure" in str(out["error"])
+
+
+def test_when_this_node_is_next_a_failed_owner_goes_to_the_origin(tmp_path):
+    """This node is the next owner: it fetches from the origin itself (no third peer)."""
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["ok"]], self_position=1)
+    assert [p for p, _, _ in client.asked] == roles[:1]
+    assert len(origin.requests) == 1 and out["time"] == pytest.approx(0.05)
+
+
+def test_a_spent_hedge_budget_still_reaches_the_origin_within_the_deadline(tmp_path):
+    """Past the budget a slow peer is not hedged, but the origin is still asked at half
+    the read's deadline: peers never make a read fail that the origin would serve."""
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["stall"]], deadline=4.0,
+                                             hedged_before=10**6)
+    assert [p for p, _, _ in client.asked] == roles[:1]  # no hedge to the next owner
+    assert len(origin.requests) == 1 and out["time"] == pytest.approx(2.0)
+    assert "data" in out
+
+
+def test_prefetch_waits_for_a_slow_owner_and_falls_back_to_the_next_owner(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["slow:3"], ["ok"]], background=True)
+    assert [p for p, _, _ in client.asked] == roles[:1]  # no hedging in the background
+    assert origin.requests == [] and out["stats"].hedged == 0
+    roles, origin, client, out = run_cluster(tmp_path, [["refused"], ["missing"]], background=True)
+    assert [p for p, _, _ in client.asked] == roles[:2] and len(origin.requests) == 1
+
+
+def test_prefetch_of_a_chunk_this_node_owns_asks_the_runner_up_cache_only(tmp_path):
+    roles, origin, client, out = run_cluster(tmp_path, [["ok"]], self_position=0, background=True)
+    assert [(p, r) for p, r, _ in client.asked] == [(roles[0], None)] and origin.requests == []
+    # a demand read of a chunk this node owns goes straight to the origin
+    roles, origin, client, out = run_cluster(tmp_path / "d", [["ok"]], self_position=0)
+    assert client.asked == [] and len(origin.requests) == 1
+
+
+# -- race, on its own ------------------------------------------------------------------------
+
+def test_race_hedges_down_the_chain_and_the_first_success_wins():
+    async def main():
+        return await race([_after(10, "owner"), _after(10, "next"), _after(0.001, "origin")], 0.05)
+
+    won = _run(main)
+    assert won.value[0] == "origin" and won.winner == 2 and won.hedged
+    assert won.value[1] == pytest.approx(0.101)
+
+
+def test_race_without_budget_moves_on_at_failures_and_at_last_by():
+    async def main():
+        return await race([_after(1.0, "owner", fail=True), _after(100, "next"), _after(0.001, "origin")],
+                          0.05, take_hedge=lambda: False, last_by=5.0)
+
+    won = _run(main)
+    assert won.value == ("origin", pytest.approx(5.001)) and won.winner == 2
+
+    async def failing():
+        return await race([_after(1, "a", fail=True), _after(1, "b", fail=True),
+                           _after(1, "origin", fail=True)], 0.05)
+
+    with pytest.raises(ServerError, match="origin"):
+        _run(failing)
+
+
+def test_peers_file_watcher_reads_changes_and_keeps_the_last_good_list(tmp_path, caplog):
+    from fetcher.peers import PeersFileWatcher
+
+    f = tmp_path / "peers"
+    f.write_text("http://10.0.0.1:1\n")
+    peers = PeerSet()
+    w = PeersFileWatcher(f, peers)
+    assert w.load() and peers.peers == ["http://10.0.0.1:1"]
+    assert not w.load()  # unchanged
+    f.write_text("http://10.0.0.1:1\nhttp://10.0.0.2:1\n")
+    os.utime(f, ns=(1, 10**18))
+    assert w.load() and peers.peers == ["http://10.0.0.1:1", "http://10.0.0.2:1"]
+    f.write_text("not a url at all\n")
+    os.utime(f, ns=(1, 2 * 10**18))
+    assert not w.load() and peers.peers == ["http://10.0.0.1:1", "http://10.0.0.2:1"]
+    assert "unusable" in caplog.text
+
+
+# -- two fetchers asking each other ----------------------------------------------------------
+
+class DelaySource:
+    """An origin that answers each range after the delay given for its offset."""
+
+    def __init__(self, raw: bytes, digest: str, delays: dict[int, float]) -> None:
+        self.raw, self.digest, self.delays = raw, digest, delays
+        self.requests: list[int] = []
+
+    async def read_range(self, digest, offset, length):
+        assert digest == self.digest
+        self.requests.append(offset)
+        await trio.sleep(self.delays.get(offset, 0.0))
+        return self.raw[offset : offset + length]
+
+
+class Loopback:
+    """A PeerClient that asks the other fetcher as a node's chunk server does."""
+
+    def __init__(self) -> None:
+        self.servers: dict[str, ChunkFetcher] = {}
+
+    async def fetch(self, peer, chunk, repository):
+        if repository is None:
+            raise ServerError(f"peer {peer} has no chunk (404)")  # no cache in this test
+        return bytearray(await self.servers[peer].get_payload(chunk))
+
+
+def test_prefetches_waiting_for_reads_do_not_deadlock_two_nodes(tmp_path):
+    """Each node's prefetch of a chunk it owns waits for its own reads to end; each node's
+    read asks the other for the chunk that node's prefetch holds. A read (or a peer) that
+    finds a chunk queued for prefetch fetches it at once rather than waiting behind it."""
+    a, b = "http://10.0.2.1:7070", "http://10.0.2.2:7070"
+    pieces = [os.urandom(3000) for _ in range(24)]
+    blob, chunks, raw = make_blob(pieces)
+    owned = {u: [c for c in chunks if rendezvous(c.digest, [a, b])[0] == u] for u in (a, b)}
+    (busy_a, d), (busy_b, c) = owned[a][:2], owned[b][:2]  # d: a's, c: b's
+    origin = DelaySource(raw, blob.digest, {busy_a.offset: 1.0, busy_b.offset: 1.0})
+    client = Loopback()
+    done = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for me in (a, b):
+                client.servers[me] = ChunkFetcher(
+                    nursery, origin, None, FetchConfig(deadline=10),
+                    peers=PeerTier(PeerSet([a, b], self_url=me), client, "reg/app"))  # type: ignore[arg-type]
+            fa, fb = client.servers[a], client.servers[b]
+            fa.stats.hedged = fb.stats.hedged = 10**6  # hedge budget spent: no way round a wait
+
+            async def read(name, fetcher, chunk, **kw):
+                got = await fetcher.get([chunk], **kw)
+                assert got[chunk.digest] == pieces[chunks.index(chunk)]
+                done[name] = trio.current_time()
+
+            nursery.start_soon(read, "busy a", fa, busy_a)  # keeps a's reads going for 1 s
+            nursery.start_soon(read, "busy b", fb, busy_b)
+            await trio.sleep(0.01)
+            nursery.start_soon(partial(read, "prefetch a", fa, d, background=True))
+            nursery.start_soon(partial(read, "prefetch b", fb, c, background=True))
+            await trio.sleep(0.1)
+            nursery.start_soon(read, "a reads c", fa, c)
+            nursery.start_soon(read, "b reads d", fb, d)
+            await trio.sleep(20)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert done["a reads c"] == pytest.approx(0.11) and done["b reads d"] == pytest.approx(0.11)
+    assert done["prefetch a"] == pytest.approx(0.11) and done["prefetch b"] == pytest.approx(0.11)
+    assert sorted(origin.requests) == sorted([busy_a.offset, busy_b.offset, c.offset, d.offset])
+
+
+def test_a_peer_found_to_be_this_node_is_never_asked_again():
+    digest = next(d for d in _digests(200) if rendezvous(d, CLUSTER)[0] == CLUSTER[1])
+    ps = PeerSet(CLUSTER, self_url=CLUSTER[0])
+    assert ps.owners(digest, 2)[0] == CLUSTER[1]
+    ps.mark_self(CLUSTER[1])  # the same node under a second address
+    assert ps.owners(digest, 2) == [] and ps.owner(digest) is None
+    assert ps.self_url == CLUSTER[0]
+    unknown = PeerSet(CLUSTER)
+    unknown.mark_self(CLUSTER[2])
+    assert unknown.self_url == CLUSTER[2]
+
+
+def test_prefetch_asks_the_origin_by_one_peer_deadline_when_peers_hang(tmp_path):
+    """A reader may come to wait on a prefetch's chunk: two hanging owners must not hold
+    it for two peer deadlines (or more) before the origin is asked."""
+    roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["stall"]], background=True)
+    assert len(origin.requests) == 1 and "data" in out
+    assert origin.times[0] <= PeerConfig().request_deadline + 1e-6

@@ -1,0 +1,429 @@
+"""The peers benchmark (issue 4): 1, 2, 4 and 8 nodes start the same image at once, with
+and without peers.
+
+Each node is a ``lazyfs mount`` (background, prefetch on) with its own cache directory on
+loopback; with peers, each also serves its cache (``--listen``) and all share one peers
+file and token. All nodes are started at the same moment; as soon as a node's mount is
+there, it runs the program (``chroot MNT python3 -c 'import json, sqlite3, ssl'`` on the
+python image; in quick mode, reading every file of a tiny image). Measured per run:
+
+    program_s         start to the moment every node's program has finished
+    cache_complete_s  start to the moment every node's cache holds the whole image
+    origin_bytes      chunk bytes the origin sent (the sum of the ranges it answered;
+                      each node also fetches the manifest and the index, which are in
+                      ``origin_sent_bytes``, everything the proxy passed on)
+
+The origin (``lazyfs serve``'s server) sits behind a counting proxy that caps what it
+sends at ``--origin-mibps`` (25 MiB/s, about 200 Mbit/s, by default) for all nodes
+together: a registry's uplink is what a cluster starting one image runs out of, and what
+peers exist to spare. Every run gets a fresh origin process (so its counters start at
+zero), fresh caches and fresh ports; runs of the two modes alternate, so both see the
+same machine. Results are medians over ``runs``, written to ``peers.json`` with a plot,
+``peers.png`` (nodes on x, seconds on y, one line per mode and measure; origin bytes
+beside it).
+
+    python3 bench/peers_bench.py                 # 1, 2, 4, 8 nodes, 3 runs, python image
+    python3 bench/peers_bench.py --quick         # 1 and 2 nodes, 1 run, tiny image (CI)
+    python3 bench/peers_bench.py --out DIR --runs 5 --origin-delay 0.005
+
+``run(quick, outdir)`` is the entry point for the benchmark suite. Needs root (FUSE,
+chroot). Everything is on loopback; ``--origin-delay`` adds a per-response delay to stand
+in for a far registry, ``--origin-mibps 0`` lifts the cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import (  # noqa: E402
+    CACHE,
+    PROGRAM,
+    PYTHON,
+    _cached_convert,
+    free_port,
+    lazyfs,
+    log,
+    read_all,
+    source_key,
+    stats,
+)
+from bench.memfs import pseudo_random  # noqa: E402
+from lazyfs.mountinfo import STATUS_XATTR  # noqa: E402
+from lazyfs.process import wait_gone  # noqa: E402
+from tests import imagegen  # noqa: E402
+
+MODES = ("peers", "no_peers")
+ORIGIN_MIBPS = 25.0
+"""The origin's uplink, MiB/s, shared by every node (about 200 Mbit/s)."""
+TOKEN = "bench-cluster-token-" + "0" * 16
+
+
+# -- the origin: a registry behind a counting proxy that caps its bandwidth -----------------
+
+class CappedProxy:
+    """A TCP proxy in front of the origin: every byte the origin sends passes through one
+    token bucket of ``rate`` bytes per second shared by all connections (the registry's
+    uplink, which peers exist to spare), and is counted. ``rate`` 0: no cap."""
+
+    def __init__(self, upstream: int, rate: float) -> None:
+        self.upstream = upstream
+        self.rate = rate
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._next = time.monotonic()  # when the bucket may send again
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.sock.accept()
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _take(self, n: int) -> None:
+        with self._lock:
+            self.sent += n
+            if not self.rate:
+                return
+            now = time.monotonic()
+            self._next = max(self._next, now) + n / self.rate
+            wait = self._next - now
+        if wait > 0:
+            time.sleep(wait)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        try:
+            while data := src.recv(64 << 10):
+                if downstream:
+                    self._take(len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def serve_origin(root: Path, delay: float, rate: float) -> None:
+    """Serve ``root`` behind a ``CappedProxy`` on an ephemeral loopback port; print the
+    proxy's port, then on SIGTERM what was counted as JSON, and exit."""
+    from lazyfs.serve import make_server
+
+    server = make_server(root, "127.0.0.1", 0, delay=delay)
+    server.start()
+    proxy = CappedProxy(server.port, rate)
+    print(proxy.port, flush=True)
+    signal.sigwait({signal.SIGTERM})
+    ranges = 0
+    for _method, path, rng, status in list(server.requests):
+        if "/blobs/" in path and rng and status == 206:
+            first, last = rng.removeprefix("bytes=").split("-")
+            ranges += int(last) - int(first) + 1
+    print(json.dumps({"range_bytes": ranges, "sent_bytes": proxy.sent, "requests": len(server.requests)}),
+          flush=True)
+    os._exit(0)  # proxy threads may sit in recv on idle keep-alive connections
+
+
+class Origin:
+    def __init__(self, root: Path, delay: float, rate: float) -> None:
+        # SIGTERM is blocked before the child starts, so sigwait() sees it whatever the timing
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-origin", str(root), "--origin-delay", str(delay),
+             "--origin-mibps", str(rate / 2**20)],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def stop(self) -> dict[str, int]:
+        """Stop the origin; what it counted."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- the image and the program ---------------------------------------------------------------
+
+def prepare_image(quick: bool, work: Path) -> tuple[Path, str]:
+    """(directory of OCI layouts to serve, repository). The python image is converted once
+    and kept in the benchmark cache; the tiny one is made fresh."""
+    if quick:
+        images = work / "images"
+        rootfs = work / "tiny-rootfs"
+        (rootfs / "data").mkdir(parents=True)
+        for i in range(8):
+            (rootfs / "data" / f"f{i}").write_bytes(pseudo_random(256 << 10, seed=i))
+        lazyfs("convert", f"dir:{rootfs}", f"oci:{images / 'tiny'}:1", "--chunk-size", "64K")
+        return images, "tiny"
+    images = CACHE / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    tar = imagegen.build_python_image(work / "python.tar", cache_dir=CACHE / "inputs", with_pyc=True)
+    import hashlib
+
+    pykey = hashlib.sha256(tar.read_bytes()).hexdigest()[:12]
+    repo = _cached_convert(images, f"python-{pykey}-{source_key()}", f"docker-archive:{tar}")
+    tar.unlink()
+    return images, repo
+
+
+def program(quick: bool, mnt: Path) -> None:
+    """What each node runs once its image is mounted."""
+    if quick:
+        for f in sorted((mnt / "data").iterdir()):
+            read_all(f)
+        return
+    done = subprocess.run(["chroot", str(mnt), PYTHON, "-c", PROGRAM], capture_output=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"program failed on {mnt}: {done.stderr.decode(errors='replace')[-500:]}")
+
+
+# -- one run: n nodes started at once ------------------------------------------------------------
+
+def status_of(mnt: Path) -> dict[str, Any]:
+    return json.loads(os.getxattr(mnt, STATUS_XATTR))
+
+
+def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Path,
+            origin_delay: float, origin_rate: float) -> dict[str, Any]:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"n{n}-{'p' if peers else 'o'}-", dir=work))
+    origin = Origin(images, origin_delay, origin_rate)
+    ports = [free_port() for _ in range(n)]
+    peers_file, token_file = run_dir / "peers", run_dir / "token"
+    peers_file.write_text("".join(f"http://127.0.0.1:{p}\n" for p in ports))
+    token_file.write_text(TOKEN + "\n")
+    mnts = [run_dir / f"mnt{i}" for i in range(n)]
+    pids: dict[Path, int] = {}
+    try:
+        for m in mnts:
+            m.mkdir()
+
+        def node(i: int) -> tuple[float, float]:
+            """(mounted, program done) in seconds from the start."""
+            args = [sys.executable, "-m", "lazyfs", "mount", f"127.0.0.1:{origin.port}/{repo}:1",
+                    str(mnts[i]), "--cache", str(run_dir / f"cache{i}"), "--timeout", "60",
+                    "--log-file", str(run_dir / f"node{i}.log")]
+            if peers:
+                args += ["--peers-file", str(peers_file), "--listen", f"127.0.0.1:{ports[i]}",
+                         "--token-file", str(token_file)]
+            done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise RuntimeError(f"mount of node {i} failed: {done.stderr.strip()}")
+            pids[mnts[i]] = int(re.search(r"\(pid (\d+),", done.stdout)[1])  # type: ignore[index]
+            mounted = time.monotonic() - t0
+            program(quick, mnts[i])
+            return mounted, time.monotonic() - t0
+
+        complete: dict[Path, float] = {}
+
+        def watch() -> None:
+            """Note when each mounted node's cache is complete (while the programs run)."""
+            deadline = time.monotonic() + 900
+            while len(complete) < n:
+                if any(f.done() and f.exception() for f in nodes):
+                    return
+                for m in list(pids):
+                    if m not in complete and status_of(m)["prefetch"]["complete"]:
+                        complete[m] = time.monotonic() - t0
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{n - len(complete)} node(s) did not complete in 900 s")
+                time.sleep(0.02)
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(n + 1) as pool:
+            nodes = [pool.submit(node, i) for i in range(n)]
+            watcher = pool.submit(watch)
+            per_node = [f.result() for f in nodes]
+            watcher.result()
+        statuses = [status_of(m) for m in mnts]
+    finally:
+        for m in mnts:
+            subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
+        for pid in pids.values():
+            wait_gone(pid, 10, kill=True)
+        try:
+            counted = origin.stop()
+        finally:
+            origin.kill()
+    from_peers = sum(v for s in statuses for k, v in s["bytes_by_source"].items() if k.startswith("peer "))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "program_s": max(done for _, done in per_node),
+        "mounted_s": max(mounted for mounted, _ in per_node),
+        "cache_complete_s": max(complete.values()),
+        "origin_bytes": counted["range_bytes"],
+        "origin_sent_bytes": counted["sent_bytes"],
+        "peer_bytes": from_peers,
+        "stored_bytes": statuses[0]["image"]["stored_bytes"],
+    }
+
+
+# -- the whole benchmark ---------------------------------------------------------------------------
+
+def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: float = 0.0,
+        origin_mibps: float = ORIGIN_MIBPS) -> dict[str, Any]:
+    """Measure, write ``outdir/peers.json`` and ``outdir/peers.png``; return the results."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    counts = (1, 2) if quick else (1, 2, 4, 8)
+    runs = runs or (1 if quick else 3)
+    work = Path(tempfile.mkdtemp(prefix="lazyfs-peers-bench-"))
+    try:
+        images, repo = prepare_image(quick, work)
+        raw: dict[str, dict[int, list[dict[str, Any]]]] = {m: {n: [] for n in counts} for m in MODES}
+        for r in range(runs):
+            for n in counts:
+                for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                    res = one_run(quick, images, repo, n, mode == "peers", work, origin_delay,
+                                  origin_mibps * 2**20)
+                    raw[mode][n].append(res)
+                    log(f"run {r + 1}/{runs}: {n} node(s), {mode}: program {res['program_s']:.2f}s, "
+                        f"cache complete {res['cache_complete_s']:.2f}s, origin "
+                        f"{res['origin_bytes'] / 2**20:.1f} MiB, "
+                        f"from peers {res['peer_bytes'] / 2**20:.1f} MiB")
+    except BaseException:
+        log(f"failed: mount logs and caches kept in {work}")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    stored = next(iter(raw["peers"][counts[0]]))["stored_bytes"]
+    results: dict[str, Any] = {}
+    for mode in MODES:
+        results[mode] = {}
+        for n in counts:
+            rs = raw[mode][n]
+            origin = stats([float(x["origin_bytes"]) for x in rs])
+            results[mode][str(n)] = {
+                "program_s": stats([x["program_s"] for x in rs]),
+                "cache_complete_s": stats([x["cache_complete_s"] for x in rs]),
+                "mounted_s": stats([x["mounted_s"] for x in rs]),
+                "origin_bytes": origin,
+                "origin_sent_bytes": stats([float(x["origin_sent_bytes"]) for x in rs]),
+                "peer_bytes": stats([float(x["peer_bytes"]) for x in rs]),
+                "origin_vs_image": origin["median"] / stored,
+            }
+    ratios = {}
+    for n in counts:
+        p, o = results["peers"][str(n)], results["no_peers"][str(n)]
+        ratios[str(n)] = {
+            "program_peers_vs_no_peers": p["program_s"]["median"] / o["program_s"]["median"],
+            "cache_complete_peers_vs_no_peers":
+                p["cache_complete_s"]["median"] / o["cache_complete_s"]["median"],
+            "origin_bytes_peers_vs_no_peers":
+                p["origin_bytes"]["median"] / max(1.0, o["origin_bytes"]["median"]),
+        }
+    out = {
+        "scenario": "peers",
+        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": {"cpus": os.cpu_count(), "machine": platform.machine(),
+                    "python": platform.python_version()},
+        "params": {"quick": quick, "runs": runs, "nodes": list(counts), "origin_delay": origin_delay,
+                   "origin_mibps": origin_mibps,
+                   "image": repo, "image_stored_bytes": stored,
+                   "program": "read every file" if quick else f"chroot MNT {PYTHON} -c {PROGRAM!r}"},
+        "results": results,
+        "ratios": ratios,
+        "plot": "peers.png",
+    }
+    (outdir / "peers.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot(out, outdir / "peers.png")
+    return out
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    """Seconds against nodes, one line per mode and measure; origin MiB beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = out["params"]["nodes"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"peers": "tab:blue", "no_peers": "tab:orange"}
+    for mode in MODES:
+        res = out["results"][mode]
+        label = "peers" if mode == "peers" else "no peers"
+        for key, name, style in (("program_s", "every program done", "-o"),
+                                 ("cache_complete_s", "every cache complete", "--s")):
+            left.plot(counts, [res[str(n)][key]["median"] for n in counts], style, color=colors[mode],
+                      label=f"{name}, {label}")
+        right.plot(counts, [res[str(n)]["origin_bytes"]["median"] / 2**20 for n in counts], "-o",
+                   color=colors[mode], label=label)
+    right.axhline(out["params"]["image_stored_bytes"] / 2**20, color="grey", linewidth=0.8,
+                  label="image (stored)")
+    left.set(xlabel="nodes starting the image at once", ylabel="seconds (median)", xticks=counts,
+             title="time until every node is done")
+    right.set(xlabel="nodes starting the image at once", ylabel="MiB from the origin (median)",
+              xticks=counts, title="origin load")
+    left.set_ylim(bottom=0)
+    right.set_ylim(bottom=0)
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    cap = out["params"]["origin_mibps"]
+    fig.suptitle(f"lazyfs peers: {out['params']['image']}, origin "
+                 f"{f'capped at {cap:g} MiB/s' if cap else 'uncapped'}, loopback, "
+                 f"{out['params']['runs']} run(s), {out['when']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 and 2 nodes, 1 run, tiny image")
+    parser.add_argument("--runs", type=int, help="repetitions (default 3; 1 with --quick)")
+    parser.add_argument("--out", type=Path, help="directory for peers.json and peers.png "
+                                                 "(default bench/results/<UTC date-time>)")
+    parser.add_argument("--origin-delay", type=float, default=0.0,
+                        help="seconds the origin waits before each answer (default 0)")
+    parser.add_argument("--origin-mibps", type=float, default=ORIGIN_MIBPS,
+                        help=f"the origin's bandwidth, shared by all nodes (default {ORIGIN_MIBPS:g} MiB/s; "
+                             "0: uncapped)")
+    parser.add_argument("--serve-origin", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_origin:
+        serve_origin(args.serve_origin, args.origin_delay, args.origin_mibps * 2**20)
+        return 0
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on ^C: unmount everything
+    outdir = args.out or ROOT / "bench" / "results" / dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+    out = run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay,
+              origin_mibps=args.origin_mibps)
+    print(f"{'nodes':>5} {'mode':>9} {'program s':>10} {'complete s':>11} {'origin MiB':>11}")
+    for n in out["params"]["nodes"]:
+        for mode in MODES:
+            r = out["results"][mode][str(n)]
+            print(f"{n:>5} {mode:>9} {r['program_s']['median']:>10.2f} "
+                  f"{r['cache_complete_s']['median']:>11.2f} {r['origin_bytes']['median'] / 2**20:>11.1f}")
+    print(f"wrote {outdir / 'peers.json'} and {outdir / 'peers.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The peers benchmark's quick mode runs end to end: every figure is there for 1 and 2
+nodes in both modes, and the plot is drawn. Timings are not checked (they belong in
+bench/); what peers must do to the origin's load is, since it does not depend on speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.mount, pytest.mark.slow]
+
+FIGURES = ["program_s", "cache_complete_s", "mounted_s", "origin_bytes", "origin_sent_bytes"]
+RATIOS = ["program_peers_vs_no_peers", "cache_complete_peers_vs_no_peers", "origin_bytes_peers_vs_no_peers"]
+
+
+def test_quick_peers_benchmark_reports_every_figure_and_draws_the_plot(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "peers_bench.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "peers.json").read_text())
+    assert out["params"]["nodes"] == [1, 2]
+    stored = out["params"]["image_stored_bytes"]
+    assert stored > 0
+    for mode in ("peers", "no_peers"):
+        for n in ("1", "2"):
+            r = out["results"][mode][n]
+            for figure in FIGURES:
+                assert r[figure]["median"] > 0 and len(r[figure]["runs"]) == 1, (mode, n, figure, r)
+    for n in ("1", "2"):
+        assert all(out["ratios"][n][k] > 0 for k in RATIOS), out["ratios"][n]
+    # every node's cache was completed from a single copy at the origin with peers, two without
+    assert out["results"]["peers"]["2"]["origin_bytes"]["median"] <= 1.1 * stored
+    assert out["results"]["no_peers"]["2"]["origin_bytes"]["median"] >= 1.9 * stored
+    assert out["results"]["peers"]["2"]["peer_bytes"]["median"] > 0
+    png = tmp_path / out["plot"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert str(tmp_path / "peers.json") in done.stdout
