@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,8 +30,9 @@ from lazyfs.snapshotter.service import (
     image_of,
 )
 
+from . import containerdkit as kit
 from . import imagegen
-from .conftest import ROOT, lazyfs
+from .conftest import lazyfs
 
 
 def test_cli_errors_are_one_line_with_an_exit_code(tmp_path):
@@ -220,65 +220,13 @@ def test_grpc_round_trip(fake, tmp_path):
 
 # -- the real thing: Debian's containerd, runc, lazyfs snapshotter, lazyfs serve ---------------
 
-class Procs:
-    """Processes a test starts, stopped by pid at teardown (TERM, then KILL)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log: Path, **kw) -> subprocess.Popen:
-        f = open(log, "ab")  # noqa: SIM115 - the child holds it
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
-        f.close()
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-        if p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-
-    def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            self.stop(p)
-
-
-def _wait_socket(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not appear in {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-CONTAINERD_CONFIG = """version = 2
-root = "{tmp}/containerd/root"
-state = "{tmp}/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[proxy_plugins.lazyfs]
-  type = "snapshot"
-  address = "{snap_sock}"
-"""
-
-
 @dataclasses.dataclass
 class Node:
     tmp: Path
     sock: Path
     snap_sock: Path
     snap_root: Path
-    procs: Procs
+    procs: kit.Procs
     snapshotter: subprocess.Popen
     server: object
     ref: str
@@ -298,10 +246,8 @@ class Node:
 
     def start_snapshotter(self) -> subprocess.Popen:
         log = self.tmp / "snapshotter.log"
-        self.snapshotter = self.procs.start(
-            [sys.executable, "-m", "lazyfs", "-v", "snapshotter", "--address", str(self.snap_sock),
-             "--root", str(self.snap_root), "--no-prefetch", "--timeout", "10"], log, cwd=ROOT)
-        _wait_socket(self.snap_sock, self.snapshotter, log)
+        self.snapshotter = kit.start_snapshotter(self.procs, self.snap_sock, self.snap_root, log,
+                                                 "--no-prefetch", "--timeout", "10")
         return self.snapshotter
 
     def chunk_blob_requests(self) -> list:
@@ -316,7 +262,7 @@ def node(tmp_path_factory):
     if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
         pytest.skip("needs /dev/fuse and fusermount3")
     tmp = Path(tempfile.mkdtemp(prefix="lzc-"))  # short: unix socket paths are limited
-    procs = Procs()
+    procs = kit.Procs()
     server = None
     snap_root = tmp / "lazyfs"
     try:
@@ -328,22 +274,14 @@ def node(tmp_path_factory):
         n = Node(tmp, tmp / "c.sock", tmp / "s.sock", snap_root, procs, None, server,  # type: ignore[arg-type]
                  f"127.0.0.1:{server.port}/python:1", manifest)
         n.start_snapshotter()
-        config = tmp / "config.toml"
-        config.write_text(CONTAINERD_CONFIG.format(tmp=tmp, sock=n.sock, snap_sock=n.snap_sock))
-        log = tmp / "containerd.log"
-        cd = procs.start(["containerd", "--config", str(config)], log)
-        _wait_socket(n.sock, cd, log)
+        kit.start_containerd(procs, tmp, kit.containerd_config(tmp, n.sock, n.snap_sock))
         if n.ctr("plugins", "ls", check=False).returncode != 0:
-            pytest.skip(f"containerd does not answer here:\n{log.read_text()[-2000:]}")
+            pytest.skip(f"containerd does not answer here:\n{n.log('containerd')[-2000:]}")
         yield n
     finally:
-        procs.stop_all()
+        kit.teardown(tmp, procs)
         if server is not None:
             server.close()
-        for mnt in (snap_root / "mounts").glob("*") if snap_root.exists() else []:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        subprocess.run(["sh", "-c", f"grep -o ' {tmp}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l"],
-                       capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
