@@ -24,6 +24,7 @@ from lazyfs.snapshotter.errors import AlreadyExistsError, FailedPreconditionErro
 from lazyfs.snapshotter.metadata import Kind, MetadataStore
 from lazyfs.snapshotter.service import (
     LABEL_IMAGE_REF,
+    LABEL_LAYER,
     LABEL_MANIFEST,
     LABEL_TARGET,
     SnapshotService,
@@ -73,6 +74,9 @@ class FakeFileSystem:
         self.calls.append(("unmount", str(mountpoint)))
         self.mounted = {r for r in self.mounted if self.mountpoint(r) != mountpoint}
 
+    def usage(self, ref: str, layer: str) -> tuple[int, int]:
+        return {"sha256:l1": (4096, 1), "sha256:l2": (3 << 20, 3)}.get(layer, (0, 0))
+
 
 @pytest.fixture
 def fake(tmp_path):
@@ -80,8 +84,9 @@ def fake(tmp_path):
     return SnapshotService(tmp_path / "root", fs), fs
 
 
-def lazy_labels(target: str, ref: str = "reg/app:1") -> dict[str, str]:
-    return {LABEL_TARGET: target, LABEL_IMAGE_REF: ref, LABEL_MANIFEST: "sha256:m1"}
+def lazy_labels(target: str, ref: str = "reg/app:1", layer: str = "") -> dict[str, str]:
+    labels = {LABEL_TARGET: target, LABEL_IMAGE_REF: ref, LABEL_MANIFEST: "sha256:m1"}
+    return {**labels, LABEL_LAYER: layer} if layer else labels
 
 
 def test_metadata_survives_reopen_and_rolls_back(tmp_path):
@@ -163,6 +168,52 @@ def test_lazy_layers_are_remote_snapshots_sharing_one_mount(fake):
     assert fs.mounted
     svc.remove("c1")
     assert not fs.mounted and ("unmount", str(mnt)) in fs.calls
+
+
+def test_usage_of_lazy_layers_is_their_cache_share_and_of_containers_their_upper_dir(fake):
+    svc, _fs = fake
+    for target, parent, layer in (("c1", "", "sha256:l1"), ("c2", "c1", "sha256:l2")):
+        with pytest.raises(AlreadyExistsError):
+            svc.prepare(f"extract {target}", parent, lazy_labels(target, layer=layer))
+    assert svc.usage("c1") == (4096, 1) and svc.usage("c2") == (3 << 20, 3)
+    [m] = svc.prepare("ctr", "c2", {})
+    upper = Path(next(o for o in m.options if o.startswith("upperdir=")).removeprefix("upperdir="))
+    (upper / "written").write_bytes(b"x" * 100_000)
+    size, inodes = svc.usage("ctr")
+    assert size >= 100_000 and inodes == 1
+
+
+def test_cache_usage_counts_the_cached_entries_of_each_layer(rich, tmp_path):
+    from blockindex.reader import IndexReader
+    from cache.images import ImageStore
+    from cache.store import ChunkStore
+    from lazyfs.snapshotter.usage import CacheUsage
+
+    _image, images = rich
+    layout = Layout(images / "rich")
+    digest = layout.resolve("1")["digest"]
+    raw = layout.read_blob(digest)
+    index, *blobs = json.loads(raw)["layers"]
+    now = [0.0]
+    usage = CacheUsage(tmp_path / "cache", ttl=2.0, clock=lambda: now[0])
+    assert usage.image(digest) == {}  # the node has never seen the image
+    store = ImageStore(tmp_path / "cache")
+    store.save_manifest(None, digest, raw)
+    index_path = store.save_index(index["digest"], layout.read_blob(index["digest"]))
+    now[0] += 5
+    assert usage.image(digest) == {index["digest"]: (index_path.stat().st_blocks * 512, 1)}
+    chunks = ChunkStore(tmp_path / "cache")
+    reader = IndexReader(index_path)
+    first = [c for c in reader.all_chunks() if c.blob.digest == blobs[0]["digest"]]
+    reader.close()
+    data = layout.read_blob(blobs[0]["digest"])
+    for c in first:
+        chunks.put(c.digest, c.codec, c.size, data[c.offset:c.offset + c.stored_size])
+    assert usage.layer(digest, blobs[0]["digest"]) == (0, 0)  # one sweep's answer, kept for ttl
+    now[0] += 5
+    expected = sum(chunks.path(c.digest).stat().st_blocks * 512 for c in first)
+    assert expected > 0 and usage.layer(digest, blobs[0]["digest"]) == (expected, len(first))
+    assert all(usage.layer(digest, b["digest"]) == (0, 0) for b in blobs[1:])
 
 
 def test_an_ordinary_image_with_cri_labels_is_unpacked_as_usual(fake):
@@ -303,6 +354,24 @@ def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
                    "/usr/bin/python3", "-c", "print(1)")
     assert out.stdout.strip() == "1"
     assert node.chunk_blob_requests(), "the container read its files through the lazy mount"
+
+
+@pytest.mark.mount
+def test_usage_of_a_lazy_image_is_what_it_takes_in_the_node_cache(node):
+    from lazyfs.snapshotter.client import chain_ids
+
+    lazyfs("pull", "--address", str(node.sock), node.ref)
+    node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t-usage", "/usr/bin/python3", "-c", "1")
+    rows = [line.split() for line in node.ctr("snapshot", "--snapshotter", "lazyfs", "usage", "-b").stdout
+            .splitlines()[1:]]
+    usage = {key: (int(size), int(inodes)) for key, size, inodes in rows}
+    chains = chain_ids([layer["digest"] for layer in node.manifest["layers"]])
+    cache = node.snap_root / "cache"
+    entries = [p.stat() for p in (cache / "chunks").rglob("*") if p.is_file()]
+    index = (cache / "indexes" / node.manifest["layers"][0]["digest"].removeprefix("sha256:")).stat()
+    assert entries, "the container read chunks"
+    assert sum(usage[c][0] for c in chains) == sum(st.st_blocks * 512 for st in [index, *entries])
+    assert sum(usage[c][1] for c in chains) == len(entries) + 1
 
 
 @pytest.mark.mount

@@ -20,6 +20,7 @@ from typing import Protocol
 from .. import mountinfo
 from ..errors import ExitCode, MountError, NotLazyImageError, UserError
 from ..process import wait_gone
+from .usage import CacheUsage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ class FileSystem(Protocol):
         """Where ``ref`` is (or would be) mounted."""
         ...
 
+    def usage(self, ref: str, layer: str) -> tuple[int, int]:
+        """(bytes on disk, entries) that layer ``layer`` of image ``ref`` (pinned,
+        ``NAME@DIGEST``) takes in the node cache."""
+        ...
+
 
 class LazyFileSystem:
     """Images mounted by ``lazyfs mount`` processes under ``root``."""
@@ -53,6 +59,7 @@ class LazyFileSystem:
         self.cache = root / "cache"
         self.timeout = timeout
         self.prefetch = prefetch
+        self._usage = CacheUsage(self.cache)
 
     def mountpoint(self, ref: str) -> Path:
         return self.root / "mounts" / hashlib.sha256(ref.encode()).hexdigest()[:24]
@@ -82,6 +89,9 @@ class LazyFileSystem:
                             ExitCode(done.returncode) if done.returncode in set(ExitCode) else None)
         log.info("mounted %s at %s", ref, mnt)
         return mnt
+
+    def usage(self, ref: str, layer: str) -> tuple[int, int]:
+        return self._usage.layer(ref.rpartition("@")[2], layer)
 
     def status(self, mountpoint: Path) -> dict:
         return mountinfo.read_status(mountpoint)

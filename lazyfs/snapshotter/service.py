@@ -118,11 +118,19 @@ class SnapshotService:
             return self.store.set_labels(key, new)
 
     def usage(self, key: str) -> tuple[int, int]:
-        """(bytes, inodes) the snapshot itself holds on disk: its fs dir. A lazy
-        snapshot holds nothing of its own (its chunks are the node cache's)."""
+        """(bytes on disk, inodes) a snapshot accounts for, so kubelet's disk accounting
+        (CRI sums the usage of every snapshot) sees real bytes.
+
+        An ordinary snapshot, and every active one (a container, also over a lazy image),
+        reports its own fs (upper) dir, as containerd's overlayfs snapshotter does. A lazy
+        (remote) snapshot stands for one layer of its image and reports that layer's
+        entries in the node cache (the cached index file, or the cached chunks of a chunk
+        blob: see usage.py), so an image's snapshots together report what the image takes
+        in the cache, growing as its chunks arrive."""
         snap = self.store.get(key)
         if snap.image:
-            return 0, 0
+            layer = snap.labels.get(LABEL_LAYER, "")
+            return self.fs.usage(snap.image, layer) if layer else (0, 0)
         return _disk_usage(self._dir(snap) / "fs")
 
     def list(self) -> list[Snapshot]:
