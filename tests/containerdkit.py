@@ -113,6 +113,9 @@ def start_containerd(procs: Procs, tmp: Path, config_text: str) -> tuple[subproc
 
 
 def start_snapshotter(procs: Procs, sock: Path, root: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """The snapshotter, once it serves: its socket appears after it has restored its mounts
+    (a socket left by a killed one is removed first, so it cannot be taken for the new one)."""
+    sock.unlink(missing_ok=True)
     proc = procs.start([sys.executable, "-m", "lazyfs", "-v", "snapshotter", "--address", str(sock),
                         "--root", str(root), *extra], log, cwd=ROOT)
     wait_socket(sock, proc, log)

@@ -19,8 +19,14 @@ import pytest
 from blockindex.convert import convert
 from blockindex.oci import Layout
 from lazyfs.errors import NotLazyImageError
+from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
-from lazyfs.snapshotter.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from lazyfs.snapshotter.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    NotFoundError,
+    UnavailableError,
+)
 from lazyfs.snapshotter.metadata import Kind, MetadataStore
 from lazyfs.snapshotter.service import (
     LABEL_IMAGE_REF,
@@ -234,6 +240,22 @@ def test_restore_remounts_dead_mounts(tmp_path):
     assert fs.mounted == {"reg/app@sha256:m1"}
 
 
+def test_a_dead_mount_is_replaced_before_a_container_gets_it(fake):
+    svc, fs = fake
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("x", "", lazy_labels("c1"))
+    fs.mounted.clear()  # the mount process died; the snapshotter lives on
+    [m] = svc.prepare("ctr", "c1", {})
+    mnt = fs.mountpoint("reg/app@sha256:m1")
+    assert fs.mounted == {"reg/app@sha256:m1"} and f"lowerdir={mnt}" in m.options
+    fs.mounted.clear()
+    fs.lazy.clear()  # and now it cannot be mounted at all
+    with pytest.raises(UnavailableError, match="cannot be remounted"):
+        svc.prepare("ctr2", "c1", {})
+    with pytest.raises(NotFoundError):
+        svc.stat("ctr2")
+
+
 def test_image_of():
     assert image_of({LABEL_IMAGE_REF: "h:5000/a/b:1", LABEL_MANIFEST: "sha256:x"}) == "h:5000/a/b@sha256:x"
     assert image_of({LABEL_IMAGE_REF: "h:5000/a@sha256:y", LABEL_MANIFEST: "sha256:y"}) == "h:5000/a@sha256:y"
@@ -416,10 +438,60 @@ def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
 
 
 @pytest.mark.mount
+def test_restart_remounts_a_dead_mount_from_the_cache_alone_when_the_registry_is_gone(node):
+    """The node cache holds the whole image (a prefetch completed); the snapshotter and
+    the image's mount process are killed and the registry goes away: the restarted
+    snapshotter remounts the image from the cache and a new container starts from it."""
+    from lazyfs.snapshotter.filesystem import LazyFileSystem
+
+    # an image of its own (other chunks: other chain ids), on a registry of its own
+    images = node.tmp / "offline-images"
+    convert(f"docker-archive:{node.tmp / 'python.tar'}", f"oci:{images / 'python'}:1", chunk_size=256 << 10)
+    layout = Layout(images / "python")
+    digest = layout.resolve("1")["digest"]
+    registry = make_server(images, "127.0.0.1", 0).start()
+    try:
+        ref = f"127.0.0.1:{registry.port}/python:1"
+        warm = node.tmp / "warm"
+        warm.mkdir()
+        lazyfs("mount", ref, str(warm), "--cache", str(node.snap_root / "cache"), "--timeout", "10")
+        try:
+            deadline = time.monotonic() + 120
+            while not json.loads(lazyfs("status", str(warm), "--json").stdout)["prefetch"]["complete"]:
+                assert time.monotonic() < deadline, "the prefetch did not complete"
+                time.sleep(0.2)
+        finally:
+            lazyfs("umount", str(warm))
+        lazyfs("pull", "--address", str(node.sock), ref)
+        mnt = LazyFileSystem(node.snap_root).mountpoint(f"127.0.0.1:{registry.port}/python@{digest}")
+        pid = json.loads(lazyfs("status", str(mnt), "--json").stdout)["pid"]
+        node.procs.stop(node.snapshotter, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid, 10)
+    finally:
+        registry.close()
+    node.start_snapshotter()
+    done = lazyfs("status", str(mnt), "--json", check=False)
+    assert done.returncode == 0, f"{done.stderr}\n{node.log('snapshotter')[-3000:]}"
+    status = json.loads(done.stdout)
+    assert status["pid"] != pid and status["manifest"] == digest
+    assert "from the cache alone" in (node.snap_root / "logs" / f"{mnt.name}.log").read_text()
+    deadline = time.monotonic() + 30
+    while (out := node.ctr("run", "--rm", "--snapshotter", "lazyfs", ref, "t-offline", "/usr/bin/python3",
+                           "-c", "import json; print(4)", check=False)).returncode:
+        assert time.monotonic() < deadline, out.stderr  # containerd reconnects to the new socket
+        time.sleep(0.5)
+    assert out.stdout.strip() == "4"
+
+
+@pytest.mark.mount
 def test_removing_the_image_unmounts_its_lazyfs_mount(node):
+    from lazyfs.snapshotter.filesystem import LazyFileSystem
+
     lazyfs("pull", "--address", str(node.sock), node.ref)
-    mounts = [p for p in (node.snap_root / "mounts").iterdir() if os.path.ismount(p)]
-    assert len(mounts) == 1
+    digest = Layout(node.tmp / "images" / "python").resolve("1")["digest"]
+    mounts = [LazyFileSystem(node.snap_root).mountpoint(f"{node.ref.rsplit(':', 1)[0]}@{digest}")]
+    assert os.path.ismount(mounts[0])
     node.ctr("image", "rm", "--sync", node.ref)
     node.ctr("content", "prune", "references", check=False)
     deadline = time.monotonic() + 30

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NotLazyImageError, UserError
-from .errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError
+from .errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    SnapshotError,
+    UnavailableError,
+)
 from .filesystem import FileSystem
 from .metadata import Kind, MetadataStore, Snapshot
 
@@ -148,20 +154,23 @@ class SnapshotService:
     # -- restarts -----------------------------------------------------------------------
 
     def restore(self) -> None:
-        """After a (re)start: take back live image mounts, remount dead or missing ones."""
+        """After a (re)start: take back the image mounts that are alive (their processes
+        outlive the snapshotter), remount the dead or missing ones. A remount reads the
+        registry when it answers and the node cache alone when it does not, which is enough
+        for an image whose prefetch completed; an image that cannot be remounted now is
+        tried again when a container next needs it (``_ensure_mounted``)."""
         for image in sorted(self.store.images()):
             mnt = self.fs.mountpoint(image)
             try:
                 self.fs.check(mnt)
-                log.info("restore: %s is mounted at %s", image, mnt)
+                log.info("restore: took back the live mount of %s at %s", image, mnt)
                 continue
             except UserError:
                 pass
             try:
-                self.fs.mount(image, {})
-                log.info("restore: remounted %s at %s", image, mnt)
-            except UserError as exc:
-                log.error("restore: cannot remount %s: %s", image, exc)
+                self._ensure_mounted(image)
+            except UnavailableError as exc:
+                log.error("restore: %s", exc)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -179,10 +188,11 @@ class SnapshotService:
                 (d / "fs").mkdir(parents=True, exist_ok=True)
                 if kind == Kind.ACTIVE:
                     (d / "work").mkdir(exist_ok=True)
-            except OSError:
+                return self._mounts(snap)
+            except (OSError, SnapshotError):  # no half-made snapshot stays behind
                 self.store.remove(key)
+                shutil.rmtree(d, ignore_errors=True)
                 raise
-            return self._mounts(snap)
 
     def _prepare_remote(self, target: str, parent: str, labels: dict[str, str], image: str) -> None:
         existing = self.store.find(target)
@@ -205,10 +215,28 @@ class SnapshotService:
     def _dir(self, snap: Snapshot) -> Path:
         return self.root / "snapshots" / str(snap.id)
 
+    def _ensure_mounted(self, image: str) -> Path:
+        """The image's mountpoint, with a live mount on it: a mount whose process died (or
+        that a reboot took) is replaced before anything is handed the mountpoint."""
+        mnt = self.fs.mountpoint(image)
+        try:
+            self.fs.check(mnt)
+            return mnt
+        except UserError:
+            pass
+        with self._lock:
+            try:
+                self.fs.mount(image, {})
+            except UserError as exc:
+                raise UnavailableError(f"lazy image {image} is not mounted and cannot be remounted: {exc}"
+                                       ) from exc
+        log.info("remounted %s at %s", image, mnt)
+        return mnt
+
     def _lowers(self, snap: Snapshot) -> list[str]:
         lowers: list[str] = []
         for s in self.store.chain(snap.parent)[0:] if snap.parent else []:
-            path = str(self.fs.mountpoint(s.image)) if s.image else str(self._dir(s) / "fs")
+            path = str(self._ensure_mounted(s.image) if s.image else self._dir(s) / "fs")
             if not lowers or lowers[-1] != path:
                 lowers.append(path)
         return lowers
