@@ -412,6 +412,8 @@ def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
              "/usr/bin/python3", "-c", "import time; time.sleep(60)")
     try:
         before = node.ctr("snapshot", "--snapshotter", "lazyfs", "ls").stdout
+        [mnt] = [p for p in (node.snap_root / "mounts").iterdir() if os.path.ismount(p)]
+        pid = json.loads(lazyfs("status", str(mnt), "--json").stdout)["pid"]
         node.procs.stop(node.snapshotter, signal.SIGKILL)
         tasks = node.ctr("task", "ls").stdout
         assert "t-long" in tasks and "RUNNING" in tasks
@@ -425,6 +427,9 @@ def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
             assert time.monotonic() < deadline, after.stderr
             time.sleep(0.5)
         assert after.stdout == before
+        # the same mount process, taken back rather than replaced
+        assert json.loads(lazyfs("status", str(mnt), "--json").stdout)["pid"] == pid
+        assert f"took back the live mount of {node.ref.rsplit(':', 1)[0]}@" in node.log("snapshotter")
         out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t2",
                        "/usr/bin/python3", "-c", "print(3)")
         assert out.stdout.strip() == "3"
