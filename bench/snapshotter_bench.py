@@ -6,8 +6,9 @@ snapshotter, on the same machine from the same registry.
                 --snapshotter lazyfs REF python3 -c PROGRAM``: the program's chunks are
                 fetched as it reads them. The snapshotter runs with ``--no-prefetch``, so the
                 bytes are what the program needed.
-    lazy_prefetch  the same with the snapshotter's default background prefetch, which
-                competes with the program for the network and the CPU (full runs only).
+                (With the background prefetch on, a container that creates a file while
+                the prefetch writes the cache can deadlock the mount against overlayfs's
+                copy-up, see the README's containerd section, so it is not measured.)
     full_pull   ``ctr image pull --snapshotter overlayfs REF`` (every gzip layer downloaded
                 and unpacked) then ``ctr run --snapshotter overlayfs REF python3 -c PROGRAM``.
 
@@ -69,11 +70,11 @@ from tests import imagegen  # noqa: E402
 class Params:
     runs: int = 5
     """Repetitions of every mode."""
-    modes: tuple[str, ...] = ("lazy", "full_pull", "lazy_prefetch")
+    modes: tuple[str, ...] = ("lazy", "full_pull")
     """What is measured, in turn, in each run."""
 
 
-QUICK = Params(runs=1, modes=("lazy", "full_pull"))
+QUICK = Params(runs=1)
 
 
 def run(quick: bool, outdir: Path) -> dict[str, Any]:
@@ -177,12 +178,11 @@ def measure_once(mode: str, n: int, work: Path, ref_lazy: str, ref_plain: str, a
     d = work / f"{mode}-{n}"
     d.mkdir()
     procs = kit.Procs()
-    lazy = mode.startswith("lazy")
+    lazy = mode == "lazy"
     try:
         snap_sock = d / "s.sock"
         if lazy:
-            extra = ["--no-prefetch"] if mode == "lazy" else []
-            kit.start_snapshotter(procs, snap_sock, d / "lazyfs", d / "snapshotter.log", *extra)
+            kit.start_snapshotter(procs, snap_sock, d / "lazyfs", d / "snapshotter.log", "--no-prefetch")
         _proc, sock = kit.start_containerd(procs, d, kit.containerd_config(d, d / "c.sock", snap_sock))
         _wait_containerd(sock)
         drop_caches()
@@ -291,7 +291,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one run, lazy and full pull only")
+    parser.add_argument("--quick", action="store_true", help="one run of each mode")
     parser.add_argument("--runs", type=int, help="repetitions of each mode (default 5)")
     parser.add_argument("--out", type=Path, help="directory for snapshotter.json "
                         "(default bench/results/<UTC date-time>)")

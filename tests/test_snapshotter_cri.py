@@ -143,3 +143,14 @@ def test_a_pod_runs_from_a_lazy_image_pulled_through_cri(node):
     finally:
         node.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
         node.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
+
+
+def test_removing_the_image_through_cri_unmounts_it(node):
+    node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=node.ref)), timeout=120)
+    mounts = [p for p in (node.tmp / "lazyfs" / "mounts").iterdir() if os.path.ismount(p)]
+    assert len(mounts) == 1
+    node.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=node.ref)), timeout=60)
+    deadline = time.monotonic() + 30
+    while os.path.ismount(mounts[0]):
+        assert time.monotonic() < deadline, node.log("snapshotter")[-3000:]
+        time.sleep(0.2)
