@@ -33,14 +33,11 @@ from .errors import (
     UnavailableError,
 )
 from .filesystem import FileSystem
+from .labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 from .metadata import Kind, MetadataStore, Snapshot
 
 log = logging.getLogger(__name__)
 
-LABEL_TARGET = "containerd.io/snapshot.ref"
-LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-LABEL_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
-LABEL_LAYER = "containerd.io/snapshot/cri.layer-digest"
 
 
 @dataclass(frozen=True)
