@@ -256,6 +256,43 @@ def test_a_dead_mount_is_replaced_before_a_container_gets_it(fake):
         svc.stat("ctr2")
 
 
+def test_a_slow_mount_holds_up_only_its_own_image(tmp_path):
+    class SlowFileSystem(FakeFileSystem):
+        def __init__(self, *a) -> None:
+            super().__init__(*a)
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def mount(self, ref: str, labels: dict[str, str]) -> Path:
+            if ref.startswith("reg/slow"):
+                self.entered.set()
+                assert self.release.wait(30)
+            return super().mount(ref, labels)
+
+    fs = SlowFileSystem(tmp_path, {"reg/slow", "reg/app"})
+    svc = SnapshotService(tmp_path / "root", fs)
+    errors: list[BaseException] = []
+
+    def pull_slow() -> None:
+        try:
+            svc.prepare("extract s1", "", lazy_labels("s1", ref="reg/slow:1"))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=pull_slow)
+    t.start()
+    try:
+        assert fs.entered.wait(10)
+        with pytest.raises(AlreadyExistsError):  # another image: not held up
+            svc.prepare("extract c1", "", lazy_labels("c1"))
+        [m] = svc.prepare("plain", "", {})  # nor an ordinary snapshot
+        assert m.type == "bind"
+    finally:
+        fs.release.set()
+        t.join(10)
+    assert [type(e) for e in errors] == [AlreadyExistsError]
+    assert {s.key for s in svc.list()} == {"s1", "c1", "plain"}
+
+
 def test_image_of():
     assert image_of({LABEL_IMAGE_REF: "h:5000/a/b:1", LABEL_MANIFEST: "sha256:x"}) == "h:5000/a/b@sha256:x"
     assert image_of({LABEL_IMAGE_REF: "h:5000/a@sha256:y", LABEL_MANIFEST: "sha256:y"}) == "h:5000/a@sha256:y"
