@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import blake3
 import lz4.block
 
+from .errors import PrefetchListError
 from .format import (
     CODEC_LZ4,
     CODEC_RAW,
@@ -149,10 +152,14 @@ def write_image(
     *,
     chunk_size: int,
     blob_limit: int = BLOB_LIMIT,
+    prefetch_files: Sequence[bytes] = (),
 ) -> BuildStats:
     """Number the inodes, pack the chunks the tree uses into blobs, write the index.
 
-    Blobs and the index land in ``layout``; temp files go to ``tmpdir`` (inside it)."""
+    Blobs and the index land in ``layout``; temp files go to ``tmpdir`` (inside it).
+    ``prefetch_files`` (paths in the image, symlinks followed) are recorded in the index
+    meta entry ``prefetch_files`` as JSON ``[[inode, path], ...]``: a mount fetches their
+    chunks first. PrefetchListError if one is not a regular file of the image."""
     spool.flush()
     ino_of: dict[int, int] = {id(tree.root): ROOT_INO}
     order: list[Node] = [tree.root]
@@ -171,6 +178,15 @@ def write_image(
     used = {d for node in order if node.is_reg for d in node.chunks if d is not None}
     w = IndexWriter(chunk_size)
     w.set_meta("created_by", "lazyfs")
+    if prefetch_files:
+        first: dict[int, str] = {}
+        for path in prefetch_files:
+            node = resolve(tree, path)
+            if node is None or not node.is_reg:
+                raise PrefetchListError(f"prefetch list: {path.decode(errors='replace')} is not a "
+                                        "regular file of the image")
+            first.setdefault(ino_of[id(node)], path.decode(errors="surrogateescape").lstrip("/"))
+        w.set_meta("prefetch_files", json.dumps([[ino, p] for ino, p in first.items()]))
     packer = _Packer(spool, layout, tmpdir, w, blob_limit)
     image_bytes = files = 0
     try:
@@ -258,6 +274,34 @@ class _Packer:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def resolve(tree: Tree, path: bytes, hops: int = 40) -> Node | None:
+    """The node at ``path`` in the merged tree, following symlinks (absolute ones from the
+    image root, as inside a container) up to ``hops`` times; None if there is none."""
+    todo = [p for p in path.split(b"/") if p not in (b"", b".")]
+    trail: list[Node] = [tree.root]
+    while todo:
+        part = todo.pop(0)
+        if part == b"..":
+            if len(trail) > 1:
+                trail.pop()
+            continue
+        here = trail[-1]
+        node = here.children.get(part) if here.children is not None else None
+        if node is None:
+            return None
+        if stat.S_ISLNK(node.mode) and node.target is not None:
+            hops -= 1
+            if hops < 0:
+                return None
+            target = [p for p in node.target.split(b"/") if p not in (b"", b".")]
+            if node.target.startswith(b"/"):
+                trail = [tree.root]
+            todo = target + todo
+            continue
+        trail.append(node)
+    return trail[-1]
 
 
 def _store_file(layout: Layout, path: Path, media_type: str) -> dict:

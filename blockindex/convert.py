@@ -67,12 +67,15 @@ def convert(
     blob_limit: int = BLOB_LIMIT,
     registry: Any = None,
     platform: str | None = None,
+    prefetch_files: list[bytes] | None = None,
 ) -> ConvertResult:
     """Convert image ``src`` into lazyfs image ``dst`` (``oci:DIR[:TAG]``, tag ``latest``,
     or ``docker://HOST/REPO:TAG``: built in a temp layout, then pushed).
 
     ``registry`` (a ``fetcher.options.RegistryOptions``) says how to reach registries
     for ``docker://`` sources and destinations; ``platform`` picks from an image index.
+    ``prefetch_files`` are paths in the image that mounts fetch first (kept in the index:
+    see ``build.write_image``).
 
     Raises ImageError (or its UnsafeImageError / UnsupportedImageError) for a bad input,
     ValueError for a chunk size outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE] or not a power
@@ -84,7 +87,7 @@ def convert(
             f"to {MAX_CHUNK_SIZE}"
         )
     if dst.startswith("docker://"):
-        return _convert_and_push(src, dst, chunk_size, blob_limit, registry, platform)
+        return _convert_and_push(src, dst, chunk_size, blob_limit, registry, platform, prefetch_files)
     out_dir, tag = _parse_dst(dst)
     source = open_source(src, registry=registry, platform=platform)
     layout = Layout(out_dir)
@@ -98,7 +101,8 @@ def convert(
         try:
             tree = _merge(source, spool)
             stats = write_image(
-                tree, spool, layout, tmpdir, chunk_size=chunk_size, blob_limit=blob_limit
+                tree, spool, layout, tmpdir, chunk_size=chunk_size, blob_limit=blob_limit,
+                prefetch_files=prefetch_files or (),
             )
         finally:
             spool.close()
@@ -148,7 +152,7 @@ def lazy_config(original: bytes, layers: list[dict]) -> tuple[bytes, list[str]]:
 
 
 def _convert_and_push(src: str, dst: str, chunk_size: int, blob_limit: int, registry: Any,
-                      platform: str | None) -> ConvertResult:
+                      platform: str | None, prefetch_files: list[bytes] | None) -> ConvertResult:
     from fetcher.options import RegistryOptions
     from fetcher.push import push_image
 
@@ -165,7 +169,7 @@ def _convert_and_push(src: str, dst: str, chunk_size: int, blob_limit: int, regi
     try:
         result = convert(
             src, f"oci:{tmp}:{ref.tag}", chunk_size=chunk_size, blob_limit=blob_limit,
-            registry=options, platform=platform)
+            registry=options, platform=platform, prefetch_files=prefetch_files)
         stats = push_image(Layout(tmp), result.manifest_digest, ref, options, mount_from)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,7 +3,8 @@
     IndexFormatError            the index file is not one lazyfs can read
     ImageError                  an input image is missing, unreadable or not an image
       ├── UnsafeImageError      an entry would escape the tree or lies about itself
-      └── UnsupportedImageError a valid image that uses something lazyfs does not handle
+      ├── UnsupportedImageError a valid image that uses something lazyfs does not handle
+      └── PrefetchListError     a path of ``--prefetch-files`` is not a file of the image
 """
 
 from __future__ import annotations
@@ -23,3 +24,7 @@ class UnsafeImageError(ImageError):
 
 class UnsupportedImageError(ImageError):
     """A well-formed image that uses a feature lazyfs does not support."""
+
+
+class PrefetchListError(ImageError):
+    """A path given to prefetch first does not name a regular file of the image."""

@@ -95,6 +95,22 @@ class IndexReader:
         for row in cur:
             yield row[0], bytes(row[1]), Inode._make(row[2:])
 
+    def path_of(self, ino: InodeT) -> bytes | None:
+        """A path of ``ino`` from the root (one of them, for a hard link), for messages;
+        None if it is not linked. Slow (dirents are not indexed by inode): use it on
+        failures only."""
+        parts: list[bytes] = []
+        seen = set()
+        while ino != ROOT_INO and ino not in seen:
+            seen.add(ino)
+            row = self._db.execute("SELECT parent, name FROM dirents WHERE ino = ? LIMIT 1",
+                                   (ino,)).fetchone()
+            if row is None:
+                return None
+            ino, name = InodeT(row[0]), bytes(row[1])
+            parts.append(name)
+        return b"/" + b"/".join(reversed(parts))
+
     def readlink(self, ino: InodeT) -> bytes:
         row = self._db.execute("SELECT target FROM inodes WHERE ino = ?", (ino,)).fetchone()
         if row is None or row[0] is None:
@@ -186,3 +202,30 @@ class IndexReader:
             "chunk_bytes": raw,
             "stored_bytes": stored,
         }
+
+    # -- lookups for learned prefetch (not on the read path) ----------------------------
+
+    def chunk(self, digest: bytes) -> Chunk | None:
+        """The stored chunk with this BLAKE3 digest, or None (one indexed query)."""
+        row = self._db.execute(
+            "SELECT digest, blob, offset, stored_size, size, codec FROM chunks WHERE digest = ?",
+            (digest,),
+        ).fetchone()
+        return None if row is None else self._chunk(row)
+
+    def paths(self, inos: set[int]) -> dict[int, bytes]:
+        """A path (``a/b/c``, relative to the root) of each inode in ``inos``. Directory
+        entries are indexed by parent, not by inode, so this reads them all once: meant
+        for traces and status reports, never for a read."""
+        up: dict[int, tuple[int, bytes]] = {}
+        for parent, name, ino in self._db.execute("SELECT parent, name, ino FROM dirents"):
+            up.setdefault(ino, (parent, bytes(name)))
+        out: dict[int, bytes] = {}
+        for ino in inos:
+            parts: list[bytes] = []
+            cur = ino
+            while cur != ROOT_INO and cur in up and len(parts) < 4096:
+                cur, name = up[cur]
+                parts.append(name)
+            out[ino] = b"/".join(reversed(parts))
+        return out

@@ -11,6 +11,14 @@ the payload) followed by the payload exactly as it came from the blob. Entries a
 fsynced: a write torn by a crash fails its checksum when read back and is dropped and
 fetched again, so a wrong byte is never served (the s3ql / stargz idea of atomic cache
 files, with a checksum instead of a barrier).
+
+An entry's mtime is its last use, for least-recently-used eviction (``cache.evict``):
+set when it is written, and moved forward when it is read and is more than
+``TOUCH_AFTER`` seconds old, in batches (``flush_touches``), never once per read.
+
+A full disk (ENOSPC, EDQUOT) is a state, not an error per read: the first refusal is
+logged once, later chunks are served from memory without trying the disk again until
+``statvfs`` shows room, and the first write that succeeds logs that caching resumed.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import os
 import struct
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import xxhash
@@ -33,6 +43,15 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<4sB3xIIQ")
 _MAGIC = b"LZC1"
+HEADER_SIZE = _HEADER.size
+
+TOUCH_AFTER = 600.0
+"""Seconds after which reading an entry moves its mtime (its LRU position) forward."""
+
+_ROOM_MARGIN = 256 << 10
+"""Free bytes a full disk must show beyond one entry before writes are tried again."""
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ChunkStore:
@@ -51,6 +70,16 @@ class ChunkStore:
             raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
         self.write_errors = 0
         self.dropped = 0
+        self.written_bytes = 0
+        """Bytes of entries this process wrote (the evictor's estimate between scans)."""
+        self.full_since: float | None = None
+        """``time.time()`` when the disk last refused a write for lack of space; None when
+        writes succeed."""
+        self.full_events = 0
+        self.skipped_full = 0
+        """Chunks served without caching because the cache disk was full."""
+        self._state = threading.Lock()
+        self._touched: set[bytes] = set()
         self.swept = self._sweep_tmp()
 
     def _sweep_tmp(self) -> int:
@@ -101,6 +130,7 @@ class ChunkStore:
         try:
             with open(path, "rb") as f:
                 data = f.read()
+                mtime = os.fstat(f.fileno()).st_mtime
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -115,23 +145,81 @@ class ChunkStore:
             except OSError:
                 pass
             return None
+        if time.time() - mtime > TOUCH_AFTER:
+            self._touched.add(digest)
         _, codec, size, _, _ = _HEADER.unpack_from(data)
         return codec, size, memoryview(data)[_HEADER.size :]
+
+    def flush_touches(self) -> int:
+        """Move the mtime of entries read since the last flush (and not touched for
+        ``TOUCH_AFTER`` seconds) to now: one ``utime`` per entry, in a batch. Blocking."""
+        touched, self._touched = self._touched, set()
+        for digest in touched:
+            try:
+                os.utime(self.path(digest))
+            except OSError:
+                pass  # evicted meanwhile
+        return len(touched)
+
+    @property
+    def full(self) -> bool:
+        return self.full_since is not None
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether the cache's filesystem has ``nbytes`` free, with a margin (one statvfs)."""
+        try:
+            st = os.statvfs(self._tmp)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= nbytes + _ROOM_MARGIN
 
     def put(self, digest: bytes, codec: int, size: int, payload: bytes | memoryview) -> bool:
         """Store a verified chunk atomically. Returns False (and logs) when the disk
         refuses: a full cache must not fail a read that the network has served."""
         path = self.path(digest)
+        if self.full_since is not None and not self.has_room(_HEADER.size + len(payload)):
+            self.skipped_full += 1
+            return False
         header = _HEADER.pack(_MAGIC, codec, size, len(payload), xxhash.xxh3_64_intdigest(payload))
         try:
             write_atomic(self._tmp, path, [header, payload])
         except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                self._became_full(exc)
+                return False
             self.write_errors += 1
             level = logging.WARNING if self.write_errors < 10 else logging.DEBUG
-            reason = "cache disk full" if exc.errno == errno.ENOSPC else exc.strerror
-            log.log(level, "cannot cache chunk %s (%s); serving it from the network", path.name, reason)
+            log.log(level, "cannot cache chunk %s (%s); serving it from the network", path.name, exc.strerror)
             return False
+        self.written_bytes += _HEADER.size + len(payload)
+        if self.full_since is not None:
+            self._has_space_again()
         return True
+
+    def _became_full(self, exc: OSError) -> None:
+        with self._state:
+            self.skipped_full += 1
+            if self.full_since is not None:
+                return
+            self.full_since = time.time()
+            self.full_events += 1
+        log.warning("cache full: %s refused a write (%s); chunks are served from memory without "
+                    "being cached until space returns", self.root, os.strerror(exc.errno or errno.ENOSPC))
+
+    def _has_space_again(self) -> None:
+        with self._state:
+            if self.full_since is None:
+                return
+            took = time.time() - self.full_since
+            self.full_since = None
+        log.warning("cache has space again after %.0fs: caching resumed (%d chunks were served "
+                    "without caching)", took, self.skipped_full)
+
+    def cache_state(self) -> dict[str, object]:
+        """What ``lazyfs status`` shows about the cache disk."""
+        return {"dir": str(self.root), "full": self.full, "full_since": self.full_since,
+                "full_events": self.full_events, "served_uncached": self.skipped_full,
+                "write_errors": self.write_errors, "dropped_entries": self.dropped}
 
     def remove(self, digest: bytes) -> None:
         try:
@@ -139,14 +227,34 @@ class ChunkStore:
         except FileNotFoundError:
             pass
 
+    def entries(self) -> Iterator[tuple[bytes, os.stat_result]]:
+        """Every entry with its stat (size, mtime): ``(digest, stat)``. Entries removed
+        while the walk runs are skipped."""
+        try:
+            subs = list(os.scandir(self._chunks))
+        except OSError:
+            return
+        for sub in subs:
+            try:
+                it = os.scandir(sub.path)
+            except OSError:
+                continue
+            with it:
+                for entry in it:
+                    try:
+                        digest = bytes.fromhex(entry.name)
+                        st = entry.stat()
+                    except (ValueError, OSError):
+                        continue
+                    if len(digest) == 32:
+                        yield digest, st
+
     def usage(self) -> tuple[int, int]:
         """``(entries, bytes on disk)`` of the whole store."""
         count = total = 0
-        for sub in self._chunks.iterdir():
-            with os.scandir(sub) as it:
-                for entry in it:
-                    count += 1
-                    total += entry.stat().st_size
+        for _digest, st in self.entries():
+            count += 1
+            total += st.st_size
         return count, total
 
 
@@ -187,6 +295,17 @@ def write_atomic(tmp_dir: Path, path: Path, parts: list[bytes | memoryview]) -> 
         except OSError:
             pass
         raise
+
+
+def check_entry(data: bytes) -> str | None:
+    """What is wrong with the bytes of an entry file (header, length, xxh3), or None."""
+    return _check(data)
+
+
+def unpack_entry(data: bytes) -> tuple[int, int, memoryview]:
+    """``(codec, size, payload)`` of an entry that ``check_entry`` passed."""
+    _, codec, size, _, _ = _HEADER.unpack_from(data)
+    return codec, size, memoryview(data)[_HEADER.size :]
 
 
 def _check(data: bytes) -> str | None:

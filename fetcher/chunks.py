@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import trio
 
@@ -25,7 +25,7 @@ from blockindex.codec import ChunkDecodeError, decode_verified
 from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
-from .errors import AuthError, FetchError, IntegrityError, UnreachableError
+from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
 from .peers import PeerTier, hedge
 from .source import BlobSource
 
@@ -73,6 +73,8 @@ class FetchStats:
     """Demand requests sent to a peer (the hedge budget is a fraction of these)."""
     hedge_wins: int = 0
     """Hedged requests that the origin answered first."""
+    timeouts: int = 0
+    """Waits that ran past their deadline (a request with no answer, a read given up)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -140,6 +142,8 @@ class ChunkFetcher:
         self.config = config
         self.source_name = source_name
         self.stats = FetchStats()
+        self.on_request: Callable[[str, int, float], object] | None = None
+        """Called with (source, bytes, seconds) after each network request that answered."""
         self._inflight: dict[ChunkDigest, _Pending] = {}
         self._cpu = trio.CapacityLimiter(2)
         self._background = trio.CapacityLimiter(config.background_concurrency)
@@ -216,10 +220,11 @@ class ChunkFetcher:
                     raise p.error
             late = next((c for c, p in waits if not p.event.is_set()), None)
             if late is not None:
-                raise UnreachableError(
+                self.stats.timeouts += 1
+                raise DeadlineError(
                     f"chunk {late.hexdigest[:16]} of blob {late.blob.digest[:19]} "
                     f"not fetched within {deadline:g}s"
-                )
+                ).about(chunk=late.hexdigest, blob=late.blob.digest)
             # everything arrived just as the deadline passed
         return waits
 
@@ -270,7 +275,7 @@ class ChunkFetcher:
                     )
                     p.error = IntegrityError(
                         f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification"
-                    )
+                    ).about(chunk=c.hexdigest, blob=c.blob.digest, source=self.source_name)
                     continue
                 p.data = result
                 at = c.offset - rng.start
@@ -282,6 +287,8 @@ class ChunkFetcher:
             self.stats.failed_requests += 1
             log.warning("fetching %d chunk(s) of blob %s [%d, %d) from %s failed: %s",
                         len(rng.chunks), rng.blob, rng.start, rng.end, self.source_name, exc)
+            exc.about(blob=rng.blob, source=self.source_name,
+                      chunk=rng.chunks[0].hexdigest if len(rng.chunks) == 1 else None)
             for p in pendings:
                 p.error = exc
         except Exception as exc:  # a bug must fail the read, never the whole mount
@@ -334,8 +341,9 @@ class ChunkFetcher:
                 with trio.move_on_after(tier.peers.config.request_deadline) as scope:
                     payload = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
                 if scope.cancelled_caught:
-                    raise UnreachableError(f"peer {peer} sent no answer within "
-                                           f"{tier.peers.config.request_deadline:g}s")
+                    self.stats.timeouts += 1
+                    raise DeadlineError(f"peer {peer} sent no answer within "
+                                        f"{tier.peers.config.request_deadline:g}s")
             except (UnreachableError, AuthError) as exc:
                 self.stats.peer_failures += 1
                 tier.peers.mark_down(peer, exc)
@@ -350,8 +358,11 @@ class ChunkFetcher:
             except ChunkDecodeError as exc:
                 self.stats.peer_integrity_failures += 1
                 tier.peers.mark_bad(peer, c, exc)
-                raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}") from exc
+                raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}").about(
+                    chunk=c.hexdigest, blob=c.blob.digest, source=f"peer {peer}") from exc
             tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
+            if self.on_request is not None:
+                self.on_request("peer", len(payload), time.monotonic() - started)
             self.stats.peer_chunks += 1
             return plain, bytes(payload)
 
@@ -370,7 +381,8 @@ class ChunkFetcher:
                 log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
                           c.hexdigest, c.offset, c.blob.digest, self.source_name, exc)
                 raise IntegrityError(
-                    f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification") from exc
+                    f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification").about(
+                    chunk=c.hexdigest, blob=c.blob.digest, source=self.source_name) from exc
             return plain, bytes(data)
 
         try:
@@ -395,7 +407,7 @@ class ChunkFetcher:
         except FetchError as exc:
             self.stats.failed_requests += 1
             log.warning("fetching chunk %s of blob %s failed: %s", c.hexdigest[:16], c.blob.digest, exc)
-            p.error = exc
+            p.error = exc.about(chunk=c.hexdigest, blob=c.blob.digest)
         except Exception as exc:  # a bug must fail the read, never the whole mount
             self.stats.failed_requests += 1
             log.exception("unexpected error fetching chunk %s", c.hexdigest)
@@ -410,14 +422,21 @@ class ChunkFetcher:
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
         length = rng.end - rng.start
         self.stats.requests += 1
+        started = time.monotonic()
         with trio.move_on_after(deadline) as scope:
             data = await self._source.read_range(rng.blob, rng.start, length)
         if scope.cancelled_caught:
-            raise UnreachableError(f"{self.source_name} sent no answer for blob "
-                                   f"{rng.blob[:19]} within {deadline:g}s")
+            self.stats.timeouts += 1
+            raise DeadlineError(
+                f"{self.source_name} sent no answer for blob {rng.blob[:19]} within {deadline:g}s"
+            ).about(blob=rng.blob, source=self.source_name)
         if len(data) != length:
-            raise IntegrityError(f"{self.source_name} sent {len(data)} bytes for a {length}-byte range")
+            raise IntegrityError(
+                f"{self.source_name} sent {len(data)} bytes for a {length}-byte range"
+            ).about(blob=rng.blob, source=self.source_name)
         self.stats.bytes_received += length
+        if self.on_request is not None:
+            self.on_request(self.source_name, length, time.monotonic() - started)
         return data
 
     async def _cache(self, chunk: Chunk, payload: bytes) -> None:

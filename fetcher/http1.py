@@ -25,9 +25,10 @@ _MAX_HEAD = 64 << 10
 _RECV_STEP = 4 << 20
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class UnexpectedResponse(Exception):
-    """The server answered with something other than a plain 200/206 body."""
+    """The server answered with something other than a plain 200/206 body. (Not frozen:
+    Python sets ``__traceback__`` on an exception that passes through a ``with``.)"""
 
     status: int
     headers: dict[str, str]

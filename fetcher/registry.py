@@ -26,6 +26,7 @@ import random
 import re
 import ssl
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -50,6 +51,7 @@ from .errors import (
 )
 from .http1 import RangeClient, UnexpectedResponse
 from .imageref import DOCKER_HUB, ImageRef, is_digest
+from .redirects import RedirectCache
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class RegistryClient:
         self.origin = f"{'http' if plain else 'https'}://{host}"
         self.base_url = f"{self.origin}/v2/{ref.repository}"
         self._where = f"{ref.registry}/{ref.repository}"
+        self._proxy = proxy
         scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
         self._auth = Authenticator(ref.registry, scope, credentials)
         verify: ssl.SSLContext | bool = True
@@ -159,6 +162,11 @@ class RegistryClient:
             hostname, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
             self._fast = RangeClient(hostname.strip("[]") or host, int(port or 80),
                                      connect_timeout=timeout)
+        # Blob URLs the registry redirected to, reused for later ranges of the same blob;
+        # plain-HTTP ones are read with the lean client too when nothing is in between.
+        self.redirects = RedirectCache()
+        self._lean_redirects = transport is None and proxy is None
+        self._redirect_clients: dict[tuple[str, int], RangeClient] = {}
         self._blob_path = f"/v2/{ref.repository}/blobs/"
         self._tried_https = False
 
@@ -171,6 +179,8 @@ class RegistryClient:
     async def aclose(self) -> None:
         if self._fast is not None:
             await self._fast.aclose()
+        for client in self._redirect_clients.values():
+            await client.aclose()
         await self._client.aclose()
 
     async def __aenter__(self) -> RegistryClient:
@@ -220,7 +230,9 @@ class RegistryClient:
 
     async def read_range(self, digest: str, offset: int, length: int) -> bytes | bytearray:
         """Exactly ``length`` bytes of blob ``digest`` from ``offset`` (unverified: the
-        caller checks the chunks it cuts from them)."""
+        caller checks the chunks it cuts from them). A registry that redirects blob reads
+        is asked once per blob: later ranges go to the redirected URL while it works
+        (see ``redirects.py``)."""
         _check_digest(digest)
         if offset < 0 or length < 0:
             raise FetchError(f"bad range {offset}+{length} of blob {digest}")
@@ -229,28 +241,16 @@ class RegistryClient:
         last = offset + length - 1
         where = f"{self._where}: blob {digest} bytes {offset}-{last}"
 
-        async def consume(response: httpx.Response) -> bytearray:
-            status = response.status_code
-            if status == 416:
-                # Do not read the body: some registries send a wrong Content-Length here.
-                raise ServerError(f"{where}: past the end of the blob "
-                                  f"({response.headers.get('Content-Range', '?')})")
-            _check_identity(response, where)
-            if status == 206:
-                m = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range", ""))
-                if not m or int(m[1]) != offset or int(m[2]) != last:
-                    raise ServerError(f"{where}: answered with Content-Range "
-                                      f"{response.headers.get('Content-Range')!r}")
-                declared = response.headers.get("Content-Length")
-                if declared is not None and declared != str(length):
-                    raise ServerError(f"{where}: answered with Content-Length {declared}")
-                return await _read_exact(response, length, 0, where)
-            if status == 200:
-                if not self._warned_full_body:
-                    self._warned_full_body = True
-                    log.warning("%s ignores Range requests; reading whole blobs", self._where)
-                return await _read_exact(response, length, offset, where)
-            raise ServerError(f"{where}: unexpected status {status}")
+        kept = self.redirects.get(digest)
+        if kept is not None:
+            try:
+                data = await self._read_redirected(kept, offset, length, where)
+                self.redirects.reused += 1
+                return data
+            except FetchError as exc:
+                self.redirects.forget(digest, kept)
+                log.info("%s: the redirected URL stopped working (%s); asking the registry again",
+                         where, exc)
 
         if self._fast is not None:
             auth = self._auth.header()
@@ -258,15 +258,86 @@ class RegistryClient:
                 return await self._fast.get_range(self._blob_path + digest, offset, length,
                                                   {"Authorization": auth} if auth else None)
             except UnexpectedResponse as exc:
-                if 300 <= exc.status < 400:
-                    log.info("%s redirects blob reads; using the general client", self._where)
-                    self._fast = None
+                location = exc.headers.get("location")
+                if 300 <= exc.status < 400 and location:
+                    url = urllib.parse.urljoin(f"{self.origin}{self._blob_path}{digest}", location)
+                    try:
+                        data = await self._read_redirected(url, offset, length, where)
+                        self.redirects.remember(digest, url)
+                        return data
+                    except FetchError as exc2:
+                        log.info("%s: redirected to a URL that failed (%s); trying again with "
+                                 "the general client", where, exc2)
                 # anything else unusual: the general client below knows what to do with it
             except ServerError as exc:
                 log.info("%s; trying again with the general client", exc)
+
+        async def consume(response: httpx.Response) -> bytearray:
+            data = await self._take_range(response, offset, length, where)
+            if response.history:  # followed a redirect: keep where it led for the next range
+                self.redirects.remember(digest, str(response.url))
+            return data
+
         headers = {"Range": f"bytes={offset}-{last}", "Accept-Encoding": "identity"}
         return await self._call("GET", f"/blobs/{digest}", headers,
                                 f"{self._where}: no blob {digest}", consume)
+
+    async def _take_range(self, response: httpx.Response, offset: int, length: int,
+                          where: str) -> bytearray:
+        """The ``length`` bytes at ``offset`` from a response to a Range GET, checked
+        against what was asked (a whole-body 200 is sliced)."""
+        last = offset + length - 1
+        status = response.status_code
+        if status == 416:
+            # Do not read the body: some registries send a wrong Content-Length here.
+            raise ServerError(f"{where}: past the end of the blob "
+                              f"({response.headers.get('Content-Range', '?')})")
+        _check_identity(response, where)
+        if status == 206:
+            m = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range", ""))
+            if not m or int(m[1]) != offset or int(m[2]) != last:
+                raise ServerError(f"{where}: answered with Content-Range "
+                                  f"{response.headers.get('Content-Range')!r}")
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared != str(length):
+                raise ServerError(f"{where}: answered with Content-Length {declared}")
+            return await _read_exact(response, length, 0, where)
+        if status == 200:
+            if not self._warned_full_body:
+                self._warned_full_body = True
+                log.warning("%s ignores Range requests; reading whole blobs", self._where)
+            return await _read_exact(response, length, offset, where)
+        raise ServerError(f"{where}: unexpected status {status}")
+
+    async def _read_redirected(self, url: str, offset: int, length: int,
+                               where: str) -> bytes | bytearray:
+        """A range from a URL the registry redirected a blob GET to: no registry
+        credentials (they are not the storage's), no retries (the registry is the
+        fallback); any failure is a FetchError, and the caller goes back to the registry."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "http" and self._lean_redirects and parts.hostname:
+            key = (parts.hostname, parts.port or 80)
+            client = self._redirect_clients.get(key)
+            if client is None:
+                client = self._redirect_clients[key] = RangeClient(
+                    parts.hostname, parts.port or 80, connect_timeout=self.timeout)
+            target = parts.path + (f"?{parts.query}" if parts.query else "")
+            try:
+                with trio.fail_after(self.timeout):
+                    return await client.get_range(target or "/", offset, length)
+            except UnexpectedResponse as exc:
+                raise ServerError(f"{where}: the redirected URL answered {exc.status}") from None
+            except trio.TooSlowError:
+                raise UnreachableError(f"{where}: the redirected URL did not answer within "
+                                       f"{self.timeout} s") from None
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        try:
+            async with self._client.stream("GET", url, headers=headers) as response:
+                if response.status_code not in (200, 206, 416):
+                    raise ServerError(f"{where}: the redirected URL answered {response.status_code}")
+                return await self._take_range(response, offset, length, where)
+        except httpx.HTTPError as exc:
+            raise UnreachableError(f"{where}: the redirected URL failed: {_short(exc)}") from exc
 
     async def download_blob(self, digest: str, path: str, *, max_size: int = 1 << 40) -> int:
         """Stream blob ``digest`` into the file ``path`` (written whole or not at all),
@@ -348,7 +419,8 @@ class RegistryClient:
                 finally:
                     await response.aclose()
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise UnreachableError(f"cannot reach registry {self.ref.registry}: "
+                via = f" through the proxy {self._proxy}" if self._proxy else ""
+                raise UnreachableError(f"cannot reach registry {self.ref.registry}{via}: "
                                        f"{_short(exc)}") from exc
             except httpx.ProxyError as exc:
                 raise UnreachableError(f"the proxy to registry {self.ref.registry} failed: "

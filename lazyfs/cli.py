@@ -61,9 +61,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for ref in (args.source, args.dest):
         if ref.startswith("docker://"):
             _image_ref(ref.removeprefix("docker://"))
+    from blockindex.errors import PrefetchListError
+
+    first = _path_list(args.prefetch_files) if args.prefetch_files else None
     started = time.monotonic()
-    result = convert(args.source, args.dest, chunk_size=args.chunk_size,
-                     registry=_registry_options(args), platform=args.platform)
+    try:
+        result = convert(args.source, args.dest, chunk_size=args.chunk_size,
+                         registry=_registry_options(args), platform=args.platform, prefetch_files=first)
+    except PrefetchListError as exc:
+        raise UserError(str(exc), ExitCode.USAGE) from None
     took = time.monotonic() - started
     print(f"converted {args.source} -> {args.dest} in {took:.1f}s: {result.files} files, "
           f"{_human(result.image_bytes)} in {result.chunks} chunks, "
@@ -74,6 +80,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"{p.mounted} mounted from the source repository, {p.present} already there")
     print(f"manifest {result.manifest_digest}")
     return 0
+
+
+def _path_list(path: str) -> list[bytes]:
+    """The paths of a ``--prefetch-files`` file: one a line, ``#`` comments, blanks skipped."""
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read prefetch list {path}: {exc.strerror}", ExitCode.USAGE) from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith(b"#")]
 
 
 # -- images ------------------------------------------------------------------------------
@@ -247,7 +262,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not root.is_dir():
         raise UserError(f"{root} is not a directory", ExitCode.USAGE)
     host, port = args.listen
-    serve_forever(root, host, port)
+    serve_forever(root, host, port, metrics=args.metrics)
     return 0
 
 
@@ -259,7 +274,8 @@ def cmd_peer(args: argparse.Namespace) -> int:
     token = read_token(Path(args.token_file))
     host, port = args.listen
     trio.run(lambda: run_peer(Path(args.cache).absolute(), host, port, token, fetch_timeout=args.timeout,
-                              insecure=True if args.insecure else None))
+                              insecure=True if args.insecure else None, cache_size=args.cache_size,
+                              metrics=args.metrics))
     return 0
 
 
@@ -289,6 +305,8 @@ def _peer_options(args: argparse.Namespace) -> dict[str, Any]:
 def _mount_options(args: argparse.Namespace) -> Any:
     from .mount import MountOptions
 
+    if args.record_window < 0:
+        raise UserError("--record-window must be 0 (off) or more seconds", ExitCode.USAGE)
     return MountOptions(
         **_peer_options(args),
         ref=args.ref,
@@ -300,6 +318,10 @@ def _mount_options(args: argparse.Namespace) -> Any:
         insecure=True if args.insecure else None,
         timeout=args.timeout,
         registry=_registry_options(args),
+        cache_size=args.cache_size,
+        metrics=args.metrics,
+        record_window=None if args.record else args.record_window,
+        lead_only=args.prefetch == "trace",
     )
 
 
@@ -374,7 +396,12 @@ def _mount_background(args: argparse.Namespace) -> int:
         argv += ["--listen", f"[{args.listen[0]}]:{args.listen[1]}"]
     if args.token_file is not None:
         argv += ["--token-file", str(Path(args.token_file).absolute())]
-    argv += ["--hedge-delay", str(args.hedge_delay)]
+    argv += ["--hedge-delay", str(args.hedge_delay), "--record-window", str(args.record_window),
+             "--prefetch", args.prefetch, *(["--record"] if args.record else [])]
+    if args.cache_size is not None:
+        argv += ["--cache-size", str(args.cache_size)]
+    if args.metrics is not None:
+        argv += ["--metrics", f"[{args.metrics[0]}]:{args.metrics[1]}"]
     with logf:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                  pass_fds=(w,), start_new_session=True, env=env)
@@ -430,6 +457,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  reads     {r['reads']} ({_human(r['bytes_read'])}), chunk hits: memory "
           f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}, misses {r['chunk_misses']}, "
           f"failed reads {r['failed_reads']}")
+    c = status.get("cache_state") or {}
+    if c.get("limit") is not None:
+        over = (f"; OVER the limit: mounted images need {_human(c['pinned_bytes'])}"
+                if c.get("over_limit") else "")
+        print(f"  cache     {_human(c['size'])} of a {_human(c['limit'])} limit, "
+              f"{c['evicted_entries']} entries evicted{over}")
+    if c.get("full"):
+        print(f"  cache     FULL ({c['dir']}): {c['served_uncached']} chunks served without caching; "
+              "the prefetch waits for space")
+    from .tracecmd import print_slow, print_trace
+
+    print_trace(status)
+    if args.slow:
+        print_slow(status)
     return 0
 
 
@@ -467,8 +508,15 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
-    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch))
+    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch,
+                                                   cache_size=args.cache_size))
     service.restore()
+    if args.metrics is not None:
+        from .metrics import Metrics, snapshotter_samples
+
+        metrics = Metrics()
+        metrics.add_source(snapshotter_samples(service))
+        metrics.serve(*args.metrics)
     serve(service, Path(args.address).absolute())
     return 0
 
@@ -493,6 +541,17 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", type=_listen, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
+
+
+def _add_cache_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-size", type=_size, metavar="SIZE",
+                   help="limit the node cache to SIZE (e.g. 10G, 500M): least recently used chunks "
+                        "of images no mount needs are evicted past it (default: no limit)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from blockindex.format import DEFAULT_CHUNK_SIZE
 
@@ -510,12 +569,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform source (default: this machine's)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds one registry request may take")
+    p.add_argument("--prefetch-files", metavar="FILE",
+                   help="paths in the image (one a line) whose chunks mounts fetch first")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("serve", help="serve OCI layouts under DIR over the OCI distribution API")
     p.add_argument("root", metavar="DIR")
     p.add_argument("--listen", type=_listen, default=("127.0.0.1", 5000), metavar="HOST:PORT")
+    _add_metrics(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("mount", help="mount an image lazily")
@@ -536,9 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=_listen, metavar="HOST:PORT",
                    help="also serve this node's cache to peers here")
     p.add_argument("--token-file", help="the cluster token peers present (needed with either option)")
+    _add_cache_size(p)
+    _add_metrics(p)
     p.add_argument("--hedge-delay", type=float, default=0.08,
                    help="seconds to wait for a peer before asking the origin too (default 0.08; "
                         "raised to 3x the peers' observed latency)")
+    p.add_argument("--record", action="store_true",
+                   help="record the order of first reads until unmounted (default: --record-window)")
+    p.add_argument("--record-window", type=float, default=30.0, metavar="SECONDS",
+                   help="record first reads this long after mounting, into the image's trace (0: never)")
+    p.add_argument("--prefetch", choices=("all", "trace"), default="all",
+                   help="all: the learned order first, then the whole image (default); "
+                        "trace: the learned order only")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_mount)
 
@@ -558,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="plain HTTP to non-loopback registries")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds fetching a missing chunk from its registry may take (default 30)")
+    _add_cache_size(p)
+    _add_metrics(p)
     p.set_defaults(func=cmd_peer)
 
     p = sub.add_parser("umount", help="unmount a lazyfs mount and stop its process")
@@ -568,7 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what a mount has cached and fetched")
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--slow", action="store_true", help="also the reads that waited longest on the network")
     p.set_defaults(func=cmd_status)
+
+    from .tracecmd import register as register_trace
+
+    register_trace(sub, DEFAULT_CACHE, _add_registry_arguments)
 
     p = sub.add_parser("snapshotter", help="serve containerd's Snapshots API (a proxy plugin)")
     p.add_argument("--address", default="/run/lazyfs/snapshotter.sock", help="unix socket to serve on")
@@ -576,6 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snapshots, metadata, mounts and the node cache (default /var/lib/lazyfs)")
     p.add_argument("--timeout", type=float, default=30.0, help="network deadline of the image mounts")
     p.add_argument("--no-prefetch", action="store_true", help="image mounts fetch only what is read")
+    _add_cache_size(p)
+    _add_metrics(p)
     p.add_argument("--log-file", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_snapshotter)
 
@@ -587,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="containerd namespace ($CONTAINERD_NAMESPACE, default 'default')")
     p.add_argument("--snapshotter", default="lazyfs", help="the proxy plugin's name in containerd's config")
     p.set_defaults(func=cmd_pull)
+
+    from . import cachecmd
+    cachecmd.register(sub)
     return parser
 
 

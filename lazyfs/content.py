@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 import trio
@@ -15,6 +16,8 @@ from blockindex.reader import IndexReader
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
 from fetcher.errors import FetchError, UnreachableError
+
+from .readlog import ReadLog
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ class ReadStats:
     reads: int = 0
     bytes_read: int = 0
     chunk_hits_memory: int = 0
+    bytes_from_memory: int = 0
     chunk_hits_cache: int = 0
     bytes_from_cache: int = 0
     chunk_misses: int = 0
@@ -54,11 +58,17 @@ class ImageContent:
         readahead_chunks: int = 4,
         memory_chunks: int = 64,
         thread_above: int = 128 << 10,
+        readlog: ReadLog | None = None,
     ) -> None:
+        """``readlog`` is told of every read (first-read trace, network waits, sources)."""
         self.index = index
+        self.readlog = readlog
         self.store = store
         self.fetcher = fetcher
         self.stats = ReadStats()
+        self.observe_read: Callable[[str, float], object] | None = None
+        """Called with (slowest source: memory, cache or network, seconds) after each read
+        that succeeds."""
         self._on_cached = on_cached
         self._lru: collections.OrderedDict[ChunkDigest, bytes | memoryview] = collections.OrderedDict()
         self._lru_max = memory_chunks
@@ -74,18 +84,30 @@ class ImageContent:
         """Bytes ``[offset, offset + size)`` of file ``ino`` (short at end of file).
 
         Raises ``FetchError`` when a chunk cannot be had in time or fails verification."""
+        started = time.perf_counter()
         spans = self.index.chunks(ino, offset, size)
         self.stats.reads += 1
         if not spans:
+            if self.observe_read is not None:
+                self.observe_read("memory", time.perf_counter() - started)
             return b""
+        rlog = self.readlog
+        if rlog is not None:
+            rlog.first_reads(ino, spans)
         if self._readahead and self._is_sequential(ino, offset, size):
             self._read_ahead(ino, spans[-1].file_offset + spans[-1].length)
         chunks = [s.chunk for s in spans if s.chunk is not None]
+        tiers: set[str] = set()
+        sources: dict[ChunkDigest, int] | None = {} if rlog is not None else None
         try:
-            data = await self._chunks(chunks) if chunks else {}
+            data = await self._chunks(chunks, tiers=tiers, sources=sources,
+                                      read=(ino, offset, size)) if chunks else {}
         except FetchError:
             self.stats.failed_reads += 1
             raise
+        if self.observe_read is not None:
+            slowest = "network" if "network" in tiers else "cache" if "cache" in tiers else "memory"
+            self.observe_read(slowest, time.perf_counter() - started)
         parts: list[bytes | memoryview] = []
         for s in spans:
             if s.chunk is None:
@@ -93,6 +115,8 @@ class ImageContent:
             else:
                 parts.append(memoryview(data[s.chunk.digest])[s.chunk_offset : s.chunk_offset + s.length])
         self.stats.bytes_read += sum(s.length for s in spans)
+        if rlog is not None and sources is not None:
+            rlog.served(ino, spans, sources)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _is_sequential(self, ino: InodeT, offset: int, size: int) -> bool:
@@ -122,8 +146,11 @@ class ImageContent:
             self._ahead.difference_update(c.digest for c in chunks)
 
     async def _chunks(
-        self, chunks: list[Chunk], *, ahead: bool = False
+        self, chunks: list[Chunk], *, ahead: bool = False, tiers: set[str] | None = None,
+        sources: dict[ChunkDigest, int] | None = None, read: tuple[InodeT, int, int] | None = None,
     ) -> dict[ChunkDigest, bytes | memoryview]:
+        """The chunks' bytes; ``sources`` (when given) gets where each came from (see
+        ``readlog.SOURCES``), and a wait on the network for a ``read`` is reported."""
         out: dict[ChunkDigest, bytes | memoryview] = {}
         missing: list[Chunk] = []
         for c in chunks:
@@ -135,6 +162,9 @@ class ImageContent:
                 self._lru.move_to_end(c.digest)
                 if not ahead:
                     self.stats.chunk_hits_memory += 1
+                    self.stats.bytes_from_memory += c.size
+                if tiers is not None:
+                    tiers.add("memory")
                 out[c.digest] = hit
                 continue
             self._loading[c.digest] = event = trio.Event()
@@ -149,6 +179,10 @@ class ImageContent:
             if not ahead:
                 self.stats.chunk_hits_cache += 1
                 self.stats.bytes_from_cache += c.size
+                if sources is not None:
+                    sources[c.digest] = 1
+            if tiers is not None:
+                tiers.add("cache")
             if self._on_cached is not None:
                 self._on_cached(c)
             out[c.digest] = plain
@@ -156,11 +190,18 @@ class ImageContent:
         if missing:
             if not ahead:
                 self.stats.chunk_misses += len(missing)
+            if tiers is not None:
+                tiers.add("network")
             if self.fetcher is None:
                 raise UnreachableError(
                     f"chunk {missing[0].hexdigest[:16]} is not cached and the mount is offline"
                 )
+            started = time.monotonic()
             fetched = await self.fetcher.get(missing, speculative=ahead)
+            if sources is not None:
+                sources.update((c.digest, 2) for c in missing)
+            if read is not None and self.readlog is not None:
+                self.readlog.waited(*read, missing, time.monotonic() - started)
             for c in missing:
                 out[c.digest] = fetched[c.digest]
                 self._remember(c.digest, fetched[c.digest])

@@ -19,6 +19,7 @@ import enum
 
 from blockindex.errors import ImageError, IndexFormatError
 from cache.errors import CacheError
+from fetcher.credentials import HelperMissingError
 from fetcher.errors import FetchError, IntegrityError
 
 
@@ -58,6 +59,8 @@ def exit_code_for(exc: BaseException) -> ExitCode | None:
         return exc.exit_code
     if isinstance(exc, IntegrityError):
         return ExitCode.INTEGRITY
+    if isinstance(exc, HelperMissingError):  # the config names a program that is not there
+        return ExitCode.USAGE
     if isinstance(exc, FetchError):
         return ExitCode.NETWORK
     if isinstance(exc, (ImageError, IndexFormatError)):

@@ -21,10 +21,11 @@ import pyfuse3
 from blockindex.errors import IndexFormatError
 from blockindex.format import ROOT_INO, Inode, InodeT
 from blockindex.reader import IndexReader
-from fetcher.errors import FetchError, IntegrityError
+from fetcher.errors import FetchError
 
 from .content import ImageContent
-from .mountinfo import STATUS_XATTR
+from .failures import ReadFailures
+from .mountinfo import STATE_XATTR, STATUS_XATTR
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,14 @@ class LazyOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, index: IndexReader, content: ImageContent,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]], *, image: str | None = None,
+                 file_state: Callable[[int], dict[str, Any]] | None = None) -> None:
         super().__init__()
+        self._file_state = file_state
         self._index = index
         self._content = content
         self._status = status
+        self._failures = ReadFailures(index, image)
         self._statfs = self._make_statfs()
 
     # -- attributes ---------------------------------------------------------------------
@@ -131,14 +135,8 @@ class LazyOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             return await self._content.read(InodeT(fh), off, size)  # type: ignore[return-value]
-        except IntegrityError as exc:
-            log.error("read of inode %d at %d+%d: %s", fh, off, size, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except FetchError as exc:
-            log.error("read of inode %d at %d+%d failed: %s", fh, off, size, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except (IndexFormatError, KeyError) as exc:
-            log.error("read of inode %d: bad index: %s", fh, exc)
+        except (FetchError, IndexFormatError, KeyError) as exc:
+            self._failures.read_failed(fh, off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:
@@ -149,6 +147,14 @@ class LazyOperations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATUS_XATTR and inode == ROOT_INO:
             return json.dumps(self._status(), sort_keys=True).encode()
+        if name == STATE_XATTR and self._file_state is not None:
+            try:
+                return json.dumps(self._file_state(inode), sort_keys=True).encode()
+            except KeyError:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except (IndexFormatError, OSError) as exc:
+                log.error("state of inode %d: %s", inode, exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
         value = self._index.getxattr(InodeT(inode), name)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)

@@ -25,9 +25,13 @@ import trio
 from blockindex import format as fmt
 from blockindex.oci import MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX
 from blockindex.reader import IndexReader
+from cache import pins
+from cache.errors import CacheError
+from cache.evict import CacheKeeper, eviction_lock
 from cache.images import ImageStore
 from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
+from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
@@ -39,8 +43,12 @@ from fetcher.registry import RegistryClient, resolve_image_manifest
 from . import mountinfo
 from .content import ImageContent
 from .errors import ExitCode, MountError, NotLazyImageError, UserError
+from .failures import tag_warnings
 from .fs import LazyOperations
+from .learned import LearnedPrefetch
+from .metrics import Metrics, mount_samples
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
+from .readlog import ReadLog, file_state
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,16 @@ class MountOptions:
     """The cluster token, sent to peers and required of them."""
     hedge_delay: float = 0.08
     """Seconds to wait for a peer before asking the origin as well (see ``PeerConfig``)."""
+    metrics: tuple[str, int] | None = None
+    """Serve Prometheus metrics at ``(host, port)`` (port 0: any free port; see status)."""
+    cache_size: int | None = None
+    """Node-wide limit of the chunk cache in bytes (least recently used entries of images
+    no mount needs are evicted past it); None: no limit."""
+    record_window: float | None = DEFAULT_WINDOW
+    """Seconds after mounting during which first reads are recorded into the image's
+    trace (``cache.trace``); None records until unmounted (``--record``), 0 never."""
+    lead_only: bool = False
+    """Prefetch only the learned order (the trace), not the whole image."""
 
 
 @dataclasses.dataclass
@@ -145,7 +163,10 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
     desc = _index_descriptor(manifest, str(ref))
     index_digest = str(desc.get("digest"))
     if not from_cache:
-        images.save_manifest(str(ref), digest, manifest_bytes)
+        try:
+            images.save_manifest(str(ref), digest, manifest_bytes)
+        except CacheError as exc:  # a full cache disk: only an offline remount is lost
+            log.warning("%s; the image will not mount offline", exc)
     path = images.verified_index(index_digest)
     if path is None:
         if client is None or from_cache:
@@ -160,7 +181,9 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
 
 def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
             fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
-            server: ChunkServer | None = None) -> dict[str, Any]:
+            server: ChunkServer | None = None, keeper: CacheKeeper | None = None,
+            metrics: Metrics | None = None, learned: LearnedPrefetch | None = None,
+            slow: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     p = prefetcher.progress
     totals = index.totals()
     f = fetcher.stats if fetcher else None
@@ -189,7 +212,34 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
             "self": peers.self_url, "peers": peers.stats(), "bad_peers": peers.bad_peers(),
             "hedge_delay": round(peers.hedge_delay(), 4)},
         "peer_server": dataclasses.asdict(server.stats) if server else None,
+        "metrics": metrics.url if metrics else None,
+        "cache_state": {**content.store.cache_state(), **(keeper.state() if keeper else {})},
+        "trace": learned.status(p) if learned else None,
+        "slow": slow or [],
     }
+
+
+def _pin(images: ImageStore, opened: OpenedImage, opts: MountOptions) -> Path | None:
+    """Pin the image before anything counts what is cached (see ``cache.pins``). A cache
+    disk too full for the pin file costs only protection from eviction: go on."""
+    try:
+        with eviction_lock(images.root):
+            return pins.pin(images, opened.manifest_digest, opened.index_digest, opts.ref,
+                            str(opts.mountpoint))
+    except OSError as exc:
+        log.warning("cannot pin the image in %s (%s): other processes may evict its chunks",
+                    images.root, exc.strerror)
+        return None
+
+
+def _slow_reads(index: IndexReader, readlog: ReadLog) -> list[dict[str, Any]]:
+    """The slowest network waits, with the paths of their files (looked up once each)."""
+    slow = readlog.slowest()
+    known = readlog.paths
+    unknown = {r["ino"] for r in slow} - known.keys()
+    if unknown:
+        known.update((ino, p.decode(errors="replace")) for ino, p in index.paths(unknown).items())
+    return [{"file": known.get(r["ino"], "?"), **r} for r in slow]
 
 
 async def _raise_readahead(entry: mountinfo.MountEntry, kib: int) -> None:
@@ -228,8 +278,13 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             client = opts.registry_options().reader(ref)
             stack.push_async_callback(client.aclose)
         opened = await open_image(opts, ref, client, images)
+        tag_warnings(opened.manifest_digest)
         index = IndexReader(opened.index_path)
         stack.callback(index.close)
+        pin = await trio.to_thread.run_sync(_pin, images, opened, opts)
+        if pin is not None:
+            stack.callback(pins.unpin, pin)
+        keeper = CacheKeeper(store, images, opts.cache_size)
         token = read_token(opts.token_file) if opts.token_file else None
         listeners = None
         if opts.listen is not None and token is not None:
@@ -264,12 +319,30 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 log.info("serving this node's cache to peers at %s:%d", *opts.listen)
             if watcher is not None:
                 nursery.start_soon(watcher.run)
-            prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher)
+            nursery.start_soon(keeper.run)
+            readlog = ReadLog(None, started=started)
+            learned = LearnedPrefetch(opts.cache_dir, opened.manifest_digest, opened.index_path, readlog,
+                                      client=client if not opened.from_cache_only else None,
+                                      timeout=opts.timeout, record_window=opts.record_window)
+            prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher,
+                                    lead=learned.lead, lead_only=opts.lead_only)
             content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,
-                                   nursery=nursery)
+                                   nursery=nursery, readlog=readlog)
+            metrics = None
+            if opts.metrics is not None:
+                metrics = Metrics()
+                content.observe_read = metrics.observe_read
+                if fetcher is not None:
+                    fetcher.on_request = metrics.observe_fetch
+                keeper.measure = True
+                metrics.add_source(mount_samples(content, fetcher, prefetcher, store, keeper, server))
+                metrics.serve(*opts.metrics, trio_token=trio.lowlevel.current_trio_token())
             ops = LazyOperations(
                 index, content,
-                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server),
+                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server, keeper,
+                                metrics, learned, _slow_reads(index, readlog)),
+                image=opened.manifest_digest,
+                file_state=lambda ino: file_state(index, store, readlog, ino),
             )
             # before mounting (see mountinfo.find); nothing else runs on the loop yet
             target = os.path.realpath(opts.mountpoint)  # noqa: ASYNC240
@@ -288,6 +361,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                          opts.mountpoint, " from the cache alone" if opened.from_cache_only else "")
                 ready()
                 nursery.start_soon(_watch_signals, pyfuse3.terminate)
+                nursery.start_soon(learned.record)
                 if opts.prefetch or fetcher is None:
                     nursery.start_soon(prefetcher.run)
                 else:
@@ -296,6 +370,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             finally:
                 pyfuse3.close(unmount=True)
                 nursery.cancel_scope.cancel()
+                learned.save()  # a mount shorter than its window (or --record) saves here
     log.info("unmounted %s", opts.mountpoint)
 
 

@@ -19,6 +19,10 @@ FSTYPE = "fuse.lazyfs"
 STATUS_XATTR = b"user.lazyfs.status"
 """Read from a mount's root directory: the mount's status as JSON (``lazyfs status``)."""
 
+STATE_XATTR = b"user.lazyfs.state"
+"""Read from any file of a mount: how much of it is cached and where the bytes this mount
+served came from, as JSON (not listed by listxattr, so copies of the tree do not carry it)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class MountEntry:

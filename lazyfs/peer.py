@@ -31,6 +31,8 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 
 from blockindex.format import CODEC_LZ4, CODEC_RAW, Blob, Chunk, ChunkDigest
+from cache.evict import CacheKeeper
+from cache.images import ImageStore
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import FetchError
@@ -308,13 +310,24 @@ def _parse_range(header: str, n: int) -> tuple[int, int]:
 
 
 async def run_peer(cache_dir: Path, host: str, port: int, token: str, *, fetch_timeout: float = 30.0,
-                   insecure: bool | None = None, ready: Callable[[str], object] | None = None) -> None:
-    """``lazyfs peer``: serve ``cache_dir`` until SIGTERM or SIGINT."""
+                   insecure: bool | None = None, ready: Callable[[str], object] | None = None,
+                   cache_size: int | None = None, metrics: tuple[str, int] | None = None) -> None:
+    """``lazyfs peer``: serve ``cache_dir`` until SIGTERM or SIGINT (keeping it under
+    ``cache_size`` bytes when given)."""
     store = ChunkStore(cache_dir)
+    keeper = CacheKeeper(store, ImageStore(cache_dir), cache_size)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
         origins = OriginPool(nursery, store, timeout=fetch_timeout, insecure=insecure)
         server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=fetch_timeout))
         listeners = await server.listen_on(host, port)
+        if metrics is not None:
+            from .metrics import Metrics, peer_process_samples
+
+            m = Metrics()
+            keeper.measure = True
+            m.add_source(peer_process_samples(server, store, keeper))
+            m.serve(*metrics, trio_token=trio.lowlevel.current_trio_token())
         try:
             bound = listeners[0].socket.getsockname()
             log.info("serving the chunks of %s to peers at %s:%d", cache_dir, bound[0], bound[1])

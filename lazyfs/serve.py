@@ -70,6 +70,8 @@ class _Server(ThreadingHTTPServer):
         self.requests: list[RequestRecord] = []
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
+        self.status_counts: dict[int, int] = {}
+        self.bytes_sent = 0
         super().__init__(addr, _Handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -146,6 +148,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
 
     def _done(self, status: int, nbytes: int) -> None:
+        with self.server.lock:
+            self.server.status_counts[status] = self.server.status_counts.get(status, 0) + 1
+            self.server.bytes_sent += nbytes
         rng = self.headers.get("Range")
         log.debug("%s %s range=%s -> %d %d", self.command, self.path, rng, status, nbytes)
         if self.server.access_log is not None:
@@ -393,10 +398,16 @@ def make_server(
     return ServerHandle(_Server((host, port), root, delay, logf))
 
 
-def serve_forever(root: Path, host: str, port: int) -> None:
+def serve_forever(root: Path, host: str, port: int, *, metrics: tuple[str, int] | None = None) -> None:
     """``lazyfs serve DIR --listen HOST:PORT``: serve until interrupted."""
     handle = make_server(root, host, port)
     log.info("serving OCI layouts under %s at %s", root, handle.url)
+    if metrics is not None:
+        from .metrics import Metrics, serve_samples
+
+        m = Metrics()
+        m.add_source(serve_samples(handle._server))
+        m.serve(*metrics)
     try:
         handle.serve_forever()
     except KeyboardInterrupt:

@@ -32,6 +32,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="real mounts need root, /dev/fuse, fusermount3"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_state_dir(tmp_path_factory):
+    """Pushes record which repositories hold which blobs (fetcher/blobrepos.py) under
+    $XDG_STATE_HOME: keep this run's record in its own directory, not in ~."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+
+
 def lazyfs(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run the lazyfs command line as a user would."""
     done = subprocess.run([sys.executable, "-m", "lazyfs", *args], capture_output=True, text=True,

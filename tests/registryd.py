@@ -81,6 +81,12 @@ class Registry:
                 for method, uri, status in self.requests()
                 if method == "PUT" and "/blobs/uploads/" in uri and "digest=" in uri and status == 201]
 
+    def blob_mounts(self) -> list[str]:
+        """The digests of cross-repository mounts done (POST ...?mount=D&from=R answered 201)."""
+        return [re.search(r"mount=(sha256(?::|%3A)[0-9a-f]{64})", uri)[1].replace("%3A", ":")
+                for method, uri, status in self.requests()
+                if method == "POST" and "mount=" in uri and status == 201]
+
     def blob_reads(self) -> list[str]:
         return [uri for method, uri, status in self.requests()
                 if method == "GET" and "/blobs/sha256" in uri]

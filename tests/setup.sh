@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# containerd, runc and containerd's API .proto files (golang-...-dev) for the snapshotter and its tests
+# containerd, runc and containerd's API .proto files (golang-...-dev) for the snapshotter and its tests;
+# tinyproxy, the forward proxy the --proxy tests send registry traffic through
 APT_PACKAGES=(libfuse3-dev fuse3 pkg-config curl nginx-light skopeo umoci docker-registry
-              apache2-utils openssl zstd
+              apache2-utils openssl zstd tinyproxy
               containerd runc golang-github-containerd-containerd-dev)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

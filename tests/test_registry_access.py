@@ -83,3 +83,79 @@ def test_tls_registry_with_ca_file(tmp_path, rich, mounts):
         assert imagegen.compare_tree(mnt, rich.expected) == []
     finally:
         registry.stop()
+
+
+HELPER = """#!/bin/sh
+# docker-credential-{name}: the credential-helper protocol, as docker's helpers speak it
+[ "$1" = get ] || exit 3
+read -r server
+echo "$server" >> {log}
+{body}
+"""
+
+
+def _helper(bindir, name: str, log, body: str) -> None:
+    path = bindir / f"docker-credential-{name}"
+    path.write_text(HELPER.format(name=name, log=log, body=body))
+    path.chmod(0o755)
+
+
+@pytest.mark.mount
+def test_docker_credential_helpers(tmp_path, rich, mounts):
+    registry = Registry(tmp_path, htpasswd=make_htpasswd(tmp_path / "htpasswd", USER, PASSWORD))
+    try:
+        creds = f"{USER}:{PASSWORD}"
+        registry.skopeo_copy(f"docker-archive:{rich.path}", "app:1", creds=creds)
+        lazyfs("convert", f"docker://{registry.host}/app:1", f"docker://{registry.host}/app:1-lazy",
+               "--chunk-size", "64K", "--creds", creds)
+        bindir, asked = tmp_path / "bin", tmp_path / "asked.log"
+        bindir.mkdir()
+        answer = json.dumps({"ServerURL": registry.host, "Username": USER, "Secret": PASSWORD})
+        _helper(bindir, "fake", asked, f"""if [ "$server" = "{registry.host}" ]; then
+  echo '{answer}'
+else
+  echo "credentials not found in native keychain"; exit 1
+fi""")
+        _helper(bindir, "broken", asked, 'echo "keyring locked" >&2; exit 1')
+        _helper(bindir, "garbage", asked, "echo not-json")
+        _helper(bindir, "token", asked, """echo '{"Username": "<token>", "Secret": "abc"}'""")
+        conf = tmp_path / "docker"
+        conf.mkdir()
+        env = {**os.environ, "DOCKER_CONFIG": str(conf), "PATH": f"{bindir}:{os.environ['PATH']}"}
+        ref = f"{registry.host}/app:1-lazy"
+
+        def config(doc: dict) -> None:
+            (conf / "config.json").write_text(json.dumps(doc))
+
+        for doc in ({"credHelpers": {registry.host: "fake"}}, {"credsStore": "fake"},
+                    # a per-registry helper wins over the store
+                    {"credsStore": "broken", "credHelpers": {registry.host: "fake"}}):
+            config(doc)
+            info = json.loads(lazyfs("images", ref, "--json", env=env).stdout)
+            assert info["lazy"] is True
+        assert asked.read_text().splitlines()[-1] == registry.host  # the server, on stdin
+        # a helper with nothing for this registry: the auths entries are used next
+        auth = base64.b64encode(creds.encode()).decode()
+        _helper(bindir, "fake-elsewhere", asked, 'echo "credentials not found in native keychain"; exit 1')
+        config({"credsStore": "fake-elsewhere", "auths": {registry.host: {"auth": auth}}})
+        assert json.loads(lazyfs("images", ref, "--json", env=env).stdout)["lazy"] is True
+        # a mount (a background process) gets its credentials from the helper too
+        config({"credsStore": "fake"})
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        lazyfs("mount", ref, str(mnt), "--cache", str(tmp_path / "cache"), "--no-prefetch",
+               "--timeout", "10", "--log-file", str(tmp_path / "mnt.log"), env=env)
+        mounts.points.append(mnt)  # unmounted at teardown
+        assert imagegen.compare_tree(mnt, rich.expected) == []
+        # every way a helper can go wrong: one line, a documented code, no secret
+        for store, code, words in (("missing", 2, "docker-credential-missing"),
+                                   ("broken", 4, "keyring locked"),
+                                   ("garbage", 4, "docker-credential-garbage"),
+                                   ("token", 4, "identity token")):
+            config({"credsStore": store})
+            done = lazyfs("images", ref, env=env, check=False)
+            assert done.returncode == code, (store, done.stderr)
+            assert done.stderr.count("\n") == 1 and done.stderr.startswith("lazyfs: error:"), done.stderr
+            assert words in done.stderr and "abc" not in done.stderr
+    finally:
+        registry.stop()

@@ -80,6 +80,35 @@ def test_shared_base_layer_uploads_no_blob_twice(registry, rich, tmp_path):
     assert registry.blob_uploads()[before:] == uploads
 
 
+def test_second_repository_mounts_known_blobs_instead_of_uploading(registry, rich, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))  # this test's own blob record
+    _second_image(tmp_path / "two.tar", "app:2")
+    registry.skopeo_copy(f"docker-archive:{rich.path}", "app:1")
+    registry.skopeo_copy(f"docker-archive:{tmp_path / 'two.tar'}", "app:2")
+    host = registry.host
+    uploads0, mounts0 = len(registry.blob_uploads()), len(registry.blob_mounts())
+    r1 = convert(f"docker://{host}/app:1", f"docker://{host}/lazy-a:1", chunk_size=CS)
+    assert r1.pushed.mounted == 0 and r1.pushed.uploaded == r1.blobs + 2  # + config and index
+    uploads1 = registry.blob_uploads()[uploads0:]
+    # app:2 into another repository: the chunk blob of the shared base layer is mounted
+    # from lazy-a, the rest (its own top layer, index, config) uploaded
+    r2 = convert(f"docker://{host}/app:2", f"docker://{host}/lazy-b:2", chunk_size=CS)
+    uploads2 = registry.blob_uploads()[uploads0 + len(uploads1):]
+    mounts2 = registry.blob_mounts()[mounts0:]
+    assert r2.pushed.mounted == len(mounts2) >= 1 and r2.pushed.uploaded == len(uploads2) >= 1
+    assert set(mounts2) <= set(uploads1) and not set(uploads2) & set(uploads1)
+    # the same image into a third repository: every blob mounted, not one uploaded
+    r3 = convert(f"docker://{host}/app:1", f"docker://{host}/lazy-c:1", chunk_size=CS)
+    assert r3.pushed.uploaded == 0 and r3.pushed.mounted == r1.pushed.uploaded
+    assert len(registry.blob_uploads()) == uploads0 + len(uploads1) + len(uploads2)
+    assert sorted(registry.blob_mounts()[mounts0 + len(mounts2):]) == sorted(uploads1)
+    # and the result reads back as the same image
+    assert r3.manifest_digest == r1.manifest_digest
+    info = json.loads(lazyfs("images", f"{host}/lazy-c:1", "--json").stdout)
+    assert info["lazy"] is True and info["digest"] == r1.manifest_digest
+
+
 def test_zstd_layers_and_image_index_with_platform(registry, rich, tmp_path):
     # zstd layers, pushed by skopeo in an OCI manifest
     registry.skopeo_copy(f"docker-archive:{rich.path}", "z:1")

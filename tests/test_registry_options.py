@@ -69,3 +69,25 @@ def test_mirror_first_then_registry():
             await client.aclose()
 
     trio.run(main)
+
+
+def test_blob_record_merges_bounds_and_survives_a_bad_file(tmp_path, monkeypatch):
+    from fetcher import blobrepos
+
+    path = tmp_path / "state" / "blob-repos.json"
+    one = blobrepos.BlobRepos("reg:5000", path)
+    two = blobrepos.BlobRepos("reg:5000", path)  # another push, at the same time
+    one.add("sha256:a", "lazy-a")
+    two.add("sha256:b", "lazy-b")
+    one.save()
+    two.save()
+    again = blobrepos.BlobRepos("reg:5000", path)
+    assert again.holders("sha256:a", exclude="x") == ["lazy-a"]
+    assert again.holders("sha256:b", exclude="lazy-b") == []
+    assert blobrepos.BlobRepos("other:5000", path).holders("sha256:a", exclude="x") == []
+    monkeypatch.setattr(blobrepos, "REPOS_PER_BLOB", 2)
+    for repo in ("r1", "r2", "r3"):
+        again.add("sha256:a", repo)
+    assert again.holders("sha256:a", exclude="r3") == ["r2"]  # newest first, bounded
+    path.write_text("{not json")
+    assert blobrepos.BlobRepos("reg:5000", path).holders("sha256:a", exclude="x") == []

@@ -54,11 +54,14 @@ class FileSystem(Protocol):
 class LazyFileSystem:
     """Images mounted by ``lazyfs mount`` processes under ``root``."""
 
-    def __init__(self, root: Path, *, timeout: float = 30.0, prefetch: bool = True) -> None:
+    def __init__(self, root: Path, *, timeout: float = 30.0, prefetch: bool = True,
+                 cache_size: int | None = None) -> None:
         self.root = root
         self.cache = root / "cache"
         self.timeout = timeout
         self.prefetch = prefetch
+        self.cache_size = cache_size
+        """Passed to every image mount: the node-wide limit of the shared cache."""
         self._usage = CacheUsage(self.cache)
 
     def mountpoint(self, ref: str) -> Path:
@@ -77,7 +80,8 @@ class LazyFileSystem:
         logs.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "lazyfs", "mount", ref, str(mnt), "--cache", str(self.cache),
                 "--allow-other", "--timeout", str(self.timeout), "--log-file", str(logs / f"{mnt.name}.log"),
-                *([] if self.prefetch else ["--no-prefetch"])]
+                *([] if self.prefetch else ["--no-prefetch"]),
+                *([] if self.cache_size is None else ["--cache-size", str(self.cache_size)])]
         done = subprocess.run(argv, capture_output=True, text=True, cwd=PACKAGE_ROOT,
                               env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)})
         if done.returncode != 0:

@@ -1,0 +1,265 @@
+"""Learned prefetch traces: which chunks a workload reads first, and in what order.
+
+A mount records the first read of each chunk during its first seconds (``TraceRecorder``);
+one mount's recording is a *run*. ``TraceStore`` keeps an image's last ``KEEP_RUNS`` runs
+under the cache root, keyed by the image's manifest digest::
+
+    traces/<manifest hex>.json     {"mediaType": TRACE_MEDIA_TYPE, "version": 1,
+                                    "manifest": "sha256:...", "runs": [run, ...]}
+    run = {"recorded": "2026-11-22T07:00:00Z", "window": 30.0,
+           "entries": [{"chunk": "<blake3 hex>", "file": "usr/bin/x", "offset": 0,
+                        "t": 0.012, "bytes": 4096}, ...]}        # in first-read order
+
+``Trace.merged()`` is the order a replay uses: every chunk read by one of the kept runs,
+sorted by the median of its positions in the runs that read it (ties by its median time).
+A chunk that none of the last ``KEEP_RUNS`` runs read has dropped out with the run that
+last read it, so a workload that changes sheds the chunks it stopped reading.
+
+The same document is what ``lazyfs trace push`` attaches to an image in a registry, so a
+trace from anywhere (this node, another node, a registry) is parsed by ``Trace.parse``,
+which checks every field and size: a trace is a hint, and a bad one is dropped, never
+trusted with more than an order of chunks the index already names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from blockindex.format import Chunk
+
+from .errors import CacheError
+from .store import write_atomic
+
+log = logging.getLogger(__name__)
+
+TRACE_MEDIA_TYPE = "application/vnd.lazyfs.trace.v1+json"
+VERSION = 1
+KEEP_RUNS = 3
+"""Runs kept per image: a chunk none of the last three runs read drops out."""
+DEFAULT_WINDOW = 30.0
+"""Seconds after mounting during which first reads are recorded (``--record-window``)."""
+MAX_ENTRIES = 200_000
+"""Chunks one run records at most (1 MiB chunks: 200 GB of first reads)."""
+MAX_TRACE_BYTES = 32 << 20
+"""A trace document larger than this is refused (from disk or from a registry)."""
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class TraceError(ValueError):
+    """A trace document is malformed, too large, or for another image."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TraceEntry:
+    """The first read of one chunk in a run."""
+
+    chunk: str
+    """BLAKE3 digest of the chunk, hex."""
+    file: str
+    """A path (relative to the image root) of the file whose read asked for it."""
+    offset: int
+    """Where in that file the chunk starts."""
+    t: float
+    """Seconds from the mount to this first read."""
+    bytes: int
+    """Stored (network) size of the chunk."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    recorded: str
+    window: float | None
+    entries: tuple[TraceEntry, ...]
+
+
+@dataclasses.dataclass
+class Trace:
+    """The runs recorded for one image (oldest first)."""
+
+    manifest: str
+    runs: list[Run] = dataclasses.field(default_factory=list)
+
+    def add_run(self, run: Run, keep: int = KEEP_RUNS) -> None:
+        self.runs.append(run)
+        del self.runs[:-keep]
+
+    def merged(self) -> list[TraceEntry]:
+        """Every chunk of the kept runs once, in merged first-read order (see the module
+        docstring). The entry kept for a chunk is the latest run's, with the median time."""
+        positions: dict[str, list[int]] = {}
+        times: dict[str, list[float]] = {}
+        latest: dict[str, TraceEntry] = {}
+        for run in self.runs:
+            for pos, e in enumerate(run.entries):
+                positions.setdefault(e.chunk, []).append(pos)
+                times.setdefault(e.chunk, []).append(e.t)
+                latest[e.chunk] = e
+        order = sorted(latest, key=lambda c: (statistics.median(positions[c]), statistics.median(times[c])))
+        return [dataclasses.replace(latest[c], t=round(statistics.median(times[c]), 4)) for c in order]
+
+    def to_json(self) -> bytes:
+        doc = {
+            "mediaType": TRACE_MEDIA_TYPE, "version": VERSION, "manifest": self.manifest,
+            "runs": [{"recorded": r.recorded, "window": r.window,
+                      "entries": [dataclasses.asdict(e) for e in r.entries]} for r in self.runs],
+        }
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, data: bytes, manifest: str | None = None) -> Trace:
+        """A trace from its JSON bytes; TraceError if anything in it is off, or if it is
+        for another manifest than ``manifest`` (when given)."""
+        if len(data) > MAX_TRACE_BYTES:
+            raise TraceError(f"trace is {len(data)} bytes, over the {MAX_TRACE_BYTES}-byte limit")
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise TraceError(f"trace is not JSON ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("mediaType") != TRACE_MEDIA_TYPE:
+            raise TraceError("not a lazyfs trace (wrong mediaType)")
+        if doc.get("version") != VERSION:
+            raise TraceError(f"trace version {doc.get('version')!r} is not {VERSION}")
+        digest = doc.get("manifest")
+        if not isinstance(digest, str) or not _DIGEST.match(digest):
+            raise TraceError("trace names no valid manifest digest")
+        if manifest is not None and digest != manifest:
+            raise TraceError(f"trace is for image {digest[:19]}, not {manifest[:19]}")
+        runs = doc.get("runs")
+        if not isinstance(runs, list) or len(runs) > 64:
+            raise TraceError("trace runs are missing or too many")
+        return cls(digest, [_parse_run(r) for r in runs])
+
+
+def _parse_run(r: Any) -> Run:
+    if not isinstance(r, dict) or not isinstance(r.get("entries"), list):
+        raise TraceError("malformed trace run")
+    window = r.get("window")
+    if window is not None and not isinstance(window, (int, float)):
+        raise TraceError("malformed trace window")
+    if len(r["entries"]) > MAX_ENTRIES:
+        raise TraceError("trace run has too many entries")
+    entries = []
+    for e in r["entries"]:
+        try:
+            entry = TraceEntry(chunk=e["chunk"], file=e["file"], offset=e["offset"], t=e["t"],
+                               bytes=e["bytes"])
+        except (KeyError, TypeError):
+            raise TraceError("malformed trace entry") from None
+        if (not isinstance(entry.chunk, str) or not _HEX64.match(entry.chunk)
+                or not isinstance(entry.file, str) or len(entry.file) > 4096
+                or not isinstance(entry.offset, int) or entry.offset < 0
+                or not isinstance(entry.t, (int, float)) or not entry.t >= 0
+                or not isinstance(entry.bytes, int) or entry.bytes < 0):
+            raise TraceError("malformed trace entry")
+        entries.append(entry)
+    return Run(str(r.get("recorded", "")), None if window is None else float(window), tuple(entries))
+
+
+class TraceStore:
+    """The traces of a node cache: ``CACHE/traces/<manifest hex>.json``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._dir = self.root / "traces"
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            (self.root / "tmp").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
+
+    def path(self, manifest: str) -> Path:
+        if not _DIGEST.match(manifest):
+            raise ValueError(f"malformed manifest digest {manifest!r}")
+        return self._dir / (manifest.removeprefix("sha256:") + ".json")
+
+    def load(self, manifest: str) -> Trace | None:
+        """The trace kept for this image, or None (absent, or unreadable: logged)."""
+        path = self.path(manifest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("trace %s unreadable (%s); ignored", path, exc.strerror)
+            return None
+        try:
+            return Trace.parse(data, manifest)
+        except TraceError as exc:
+            log.warning("trace %s ignored: %s", path, exc)
+            return None
+
+    def save(self, trace: Trace) -> Path:
+        path = self.path(trace.manifest)
+        try:
+            write_atomic(self.root / "tmp", path, [trace.to_json()])
+        except OSError as exc:
+            raise CacheError(f"cannot write trace {path}: {exc.strerror}") from exc
+        return path
+
+    def add_run(self, manifest: str, run: Run) -> Trace:
+        """Merge one more run into the image's trace and write it back."""
+        trace = self.load(manifest) or Trace(manifest)
+        trace.add_run(run)
+        self.save(trace)
+        return trace
+
+
+class TraceRecorder:
+    """Notes the first read of each chunk by one mount, for ``window`` seconds after
+    ``started`` (None: until the mount ends). Plain and cheap: it is called on every read."""
+
+    def __init__(self, window: float | None, *, started: float | None = None,
+                 clock: Any = time.monotonic) -> None:
+        self.window = window
+        self._clock = clock
+        self.started = clock() if started is None else started
+        self._seen: set[bytes] = set()
+        self._entries: list[tuple[Chunk, int, int, float]] = []
+        self.active = window is None or window > 0
+
+    @property
+    def recorded(self) -> int:
+        return len(self._entries)
+
+    def read(self, ino: int, spans: Sequence[Any]) -> None:
+        """A read asked for ``spans`` (``blockindex.format.Span``) of file ``ino``."""
+        if not self.active:
+            return
+        t = self._clock() - self.started
+        if self.window is not None and t > self.window:
+            self.active = False
+            return
+        for s in spans:
+            c = s.chunk
+            if c is None or c.digest in self._seen:
+                continue
+            if len(self._entries) >= MAX_ENTRIES:
+                self.active = False
+                return
+            self._seen.add(c.digest)
+            self._entries.append((c, ino, s.file_offset - s.chunk_offset, t))
+
+    def stop(self) -> None:
+        self.active = False
+
+    def run(self, paths: dict[int, bytes]) -> Run:
+        """What was recorded, as a run; ``paths`` names the files (``IndexReader.paths``)."""
+        entries = tuple(
+            TraceEntry(chunk=c.hexdigest, file=paths.get(ino, b"").decode("utf-8", "surrogateescape"),
+                       offset=off, t=round(t, 4), bytes=c.stored_size)
+            for c, ino, off, t in self._entries)
+        recorded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return Run(recorded, self.window, entries)
+
+    def inodes(self) -> set[int]:
+        return {ino for _, ino, _, _ in self._entries}

@@ -1,0 +1,68 @@
+"""Small lazyfs images for the cache tests: files of random bytes, converted with 64 KiB
+chunks, and a way to put an image's manifest, index and chunks into a cache directly."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+from blockindex.convert import convert
+from blockindex.oci import Layout
+from blockindex.reader import IndexReader
+from cache.images import ImageStore
+from cache.store import ChunkStore
+
+CHUNK = 64 << 10
+
+
+def make_image(images_root: Path, name: str, sizes: dict[str, int], seed: int) -> dict[str, bytes]:
+    """Convert a rootfs of random files to ``images_root/name`` (tag 1); returns the files."""
+    rootfs = images_root.parent / f"rootfs-{name}"
+    rootfs.mkdir(parents=True)
+    rng = random.Random(seed)
+    files = {rel: rng.randbytes(size) for rel, size in sizes.items()}
+    for rel, data in files.items():
+        (rootfs / rel).write_bytes(data)
+    convert(f"dir:{rootfs}", f"oci:{images_root / name}:1", chunk_size=CHUNK)
+    shutil.rmtree(rootfs)
+    return files
+
+
+def manifest_of(images_root: Path, name: str) -> tuple[str, bytes, dict]:
+    layout = Layout(images_root / name)
+    digest = layout.resolve("1")["digest"]
+    data = layout.read_blob(digest)
+    return digest, data, json.loads(data)
+
+
+def install(images_root: Path, name: str, cache: Path, *, ref: str | None = None) -> tuple[str, str]:
+    """Put image ``name``'s manifest, index and every chunk into ``cache``, as a finished
+    prefetch would. Returns (manifest digest, index digest)."""
+    layout = Layout(images_root / name)
+    digest, data, manifest = manifest_of(images_root, name)
+    index_desc = manifest["layers"][0]
+    images = ImageStore(cache)
+    images.save_manifest(ref, digest, data)
+    path = images.save_index(index_desc["digest"], layout.read_blob(index_desc["digest"]))
+    store = ChunkStore(cache)
+    reader = IndexReader(path)
+    try:
+        for c in reader.all_chunks():
+            blob = layout.read_blob(c.blob.digest)
+            store.put(c.digest, c.codec, c.size, blob[c.offset : c.offset + c.stored_size])
+    finally:
+        reader.close()
+    images.mark_complete(digest)
+    return digest, index_desc["digest"]
+
+
+def chunk_digests(images_root: Path, name: str) -> set[bytes]:
+    layout = Layout(images_root / name)
+    _, _, manifest = manifest_of(images_root, name)
+    reader = IndexReader(layout.blob_path(manifest["layers"][0]["digest"]))
+    try:
+        return {c.digest for c in reader.all_chunks()}
+    finally:
+        reader.close()

@@ -1,0 +1,60 @@
+"""Debian's tinyproxy run by a test as an HTTP forward proxy on loopback, its log kept so
+tests can see which requests went through it; stopped by pid."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .registryd import free_port
+
+needs_tinyproxy = pytest.mark.skipif(not shutil.which("tinyproxy"), reason="needs tinyproxy")
+
+
+class Tinyproxy:
+    def __init__(self, tmp: Path, name: str = "tinyproxy") -> None:
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        conf = self.dir / "tinyproxy.conf"
+        conf.write_text(f"Port {self.port}\nListen 127.0.0.1\nTimeout 60\nLogLevel Info\n"
+                        "MaxClients 64\nAllow 127.0.0.1\nDisableViaHeader Yes\n")
+        self.log_path = self.dir / "tinyproxy.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)],
+                                     stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    text = self.log_path.read_text()[-2000:]
+                    raise RuntimeError(f"tinyproxy did not start: {text}") from None
+                time.sleep(0.05)
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, absolute URL) of every request the proxy forwarded so far."""
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace")
+        pattern = r"Request \(file descriptor \d+\): (\w+) (\S+) HTTP/"
+        return [(m[1], m[2]) for m in re.finditer(pattern, text)]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
