@@ -21,6 +21,8 @@ import pytest
 
 from blockindex.convert import convert
 from blockindex.oci import Layout
+from lazyfs.mountinfo import STATUS_XATTR
+from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
 
 from . import containerdkit as kit
@@ -149,8 +151,11 @@ def test_removing_the_image_through_cri_unmounts_it(node):
     node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=node.ref)), timeout=120)
     mounts = [p for p in (node.tmp / "lazyfs" / "mounts").iterdir() if os.path.ismount(p)]
     assert len(mounts) == 1
+    pid = json.loads(os.getxattr(mounts[0], STATUS_XATTR))["pid"]
     node.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=node.ref)), timeout=60)
     deadline = time.monotonic() + 30
     while os.path.ismount(mounts[0]):
         assert time.monotonic() < deadline, node.log("snapshotter")[-3000:]
         time.sleep(0.2)
+    # the mount process is gone, not left as a zombie child of the snapshotter
+    assert wait_gone(pid, 15), Path(f"/proc/{pid}/status").read_text()[:200]
