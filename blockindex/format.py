@@ -39,8 +39,9 @@ ChunkDigest = NewType("ChunkDigest", bytes)  # 32 raw bytes of BLAKE3
 # ours live in that family, the old ``application/vnd.`` names with ``oci.image.layer.``
 # inserted. The base type (before any ``+``) is deliberately not ``...layer.v1.tar`` and not
 # ``...layer.nondistributable...``: should containerd ever try to unpack one itself (a pull
-# without labels), its differ refuses it as an unrecognised media type instead of reading a
-# SQLite file or lz4 chunks as a tar, and it is never skipped as non-distributable.
+# without labels), its differ finds no stream processor for it ("no processor for
+# media-type") instead of reading a SQLite file or lz4 chunks as a tar; and it is never
+# skipped as non-distributable.
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.layer.lazyfs.index.v1.sqlite"
 MEDIA_TYPE_CHUNKS = "application/vnd.oci.image.layer.lazyfs.chunks.v1"
 # What images converted before that change carry; still read (mount, images).
