@@ -31,9 +31,24 @@ ROOT_INO = 1
 InodeT = NewType("InodeT", int)
 ChunkDigest = NewType("ChunkDigest", bytes)  # 32 raw bytes of BLAKE3
 
-# Media types in the OCI manifest of a converted image.
-MEDIA_TYPE_INDEX = "application/vnd.lazyfs.index.v1.sqlite"
-MEDIA_TYPE_CHUNKS = "application/vnd.lazyfs.chunks.v1"
+# Media types of the layers in the OCI manifest of a converted image. containerd (1.6,
+# images.IsLayerType) treats only ``application/vnd.oci.image.layer.*`` (and Docker's layer
+# types) as layers: only layers go to its unpacker, whose Prepare carries the remote-snapshot
+# labels (``containerd.io/snapshot.ref``, the CRI image and layer labels) that let the
+# snapshotter answer "already there"; anything else is downloaded whole as a plain blob. So
+# ours live in that family, the old ``application/vnd.`` names with ``oci.image.layer.``
+# inserted. The base type (before any ``+``) is deliberately not ``...layer.v1.tar`` and not
+# ``...layer.nondistributable...``: should containerd ever try to unpack one itself (a pull
+# without labels), its differ finds no stream processor for it ("no processor for
+# media-type") instead of reading a SQLite file or lz4 chunks as a tar; and it is never
+# skipped as non-distributable.
+MEDIA_TYPE_INDEX = "application/vnd.oci.image.layer.lazyfs.index.v1.sqlite"
+MEDIA_TYPE_CHUNKS = "application/vnd.oci.image.layer.lazyfs.chunks.v1"
+# What images converted before that change carry; still read (mount, images).
+LEGACY_MEDIA_TYPE_INDEX = "application/vnd.lazyfs.index.v1.sqlite"
+LEGACY_MEDIA_TYPE_CHUNKS = "application/vnd.lazyfs.chunks.v1"
+INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_INDEX, LEGACY_MEDIA_TYPE_INDEX})
+CHUNKS_MEDIA_TYPES = frozenset({MEDIA_TYPE_CHUNKS, LEGACY_MEDIA_TYPE_CHUNKS})
 ARTIFACT_ANNOTATION = "io.lazyfs.image"  # value: FORMAT_VERSION; marks a lazy image
 
 SCHEMA = """

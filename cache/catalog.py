@@ -66,7 +66,7 @@ def index_digest(manifest: bytes) -> str | None:
     try:
         doc = json.loads(manifest)
         for layer in doc.get("layers") or []:
-            if isinstance(layer, dict) and layer.get("mediaType") == fmt.MEDIA_TYPE_INDEX:
+            if isinstance(layer, dict) and layer.get("mediaType") in fmt.INDEX_MEDIA_TYPES:
                 return str(layer["digest"])
     except (ValueError, AttributeError, KeyError, TypeError):
         pass

@@ -140,7 +140,7 @@ async def _describe_image(ref: Any, options: Any, platform: str | None) -> dict[
                 info["config"] = None
         if not info["lazy"]:
             return info
-        index_desc = next((d for d in layers if d.get("mediaType") == fmt.MEDIA_TYPE_INDEX), None)
+        index_desc = next((d for d in layers if d.get("mediaType") in fmt.INDEX_MEDIA_TYPES), None)
         if index_desc is None:
             raise UserError(f"{ref}: lazyfs image manifest has no index layer", ExitCode.IMAGE)
         data = await client.read_blob(index_desc["digest"], max_size=1 << 30)

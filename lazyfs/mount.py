@@ -135,7 +135,7 @@ def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
             f"{ref} is not a lazyfs image (convert it first: lazyfs convert SRC oci:DIR)"
         )
     for layer in layers:
-        if isinstance(layer, dict) and layer.get("mediaType") == fmt.MEDIA_TYPE_INDEX:
+        if isinstance(layer, dict) and layer.get("mediaType") in fmt.INDEX_MEDIA_TYPES:
             return layer
     raise NotLazyImageError(f"{ref}: lazyfs image manifest has no index layer")
 

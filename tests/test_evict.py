@@ -169,14 +169,22 @@ def test_snapshotter_passes_the_cache_limit_to_its_image_mounts(tmp_path, monkey
 
     seen: list[list[str]] = []
 
-    def run(argv, **_kw):
-        seen.append(argv)
-        return subprocess.CompletedProcess(argv, 0, "", "")
+    class Started:
+        """A mount process that says it is mounted on its ready pipe at once."""
+
+        pid = 0
+
+        def __init__(self, argv, **_kw):
+            seen.append(argv)
+            os.write(int(argv[argv.index("--ready-fd") + 1]), b"ok\n")
+
+        def poll(self):
+            return None
 
     def not_mounted(self, mountpoint):
         raise filesystem.MountError("not mounted")
 
-    monkeypatch.setattr(filesystem.subprocess, "run", run)
+    monkeypatch.setattr(filesystem.subprocess, "Popen", Started)
     monkeypatch.setattr(filesystem.LazyFileSystem, "check", not_mounted)
     fs = filesystem.LazyFileSystem(tmp_path, cache_size=5 << 30)
     fs.mount("127.0.0.1:5000/app:1", {})

@@ -246,3 +246,24 @@ def test_sigterm_unmounts_cleanly(served, mounts):
     _wait_gone(pid)
     assert not os.path.ismount(mnt)
     mounts.points.remove(mnt)
+
+
+def test_an_image_with_the_media_types_of_earlier_versions_still_mounts(served, mounts):
+    """Images converted before the layer media types moved into the OCI layer family
+    (``application/vnd.lazyfs.*``) keep mounting and describing."""
+    from blockindex import format as fmt
+    from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, canonical_json
+
+    image, root, server = served
+    layout = Layout(root / "rich")
+    manifest = json.loads(layout.read_blob(layout.resolve("1")["digest"]))
+    assert manifest["layers"][0]["mediaType"] == fmt.MEDIA_TYPE_INDEX
+    legacy = {fmt.MEDIA_TYPE_INDEX: fmt.LEGACY_MEDIA_TYPE_INDEX,
+              fmt.MEDIA_TYPE_CHUNKS: fmt.LEGACY_MEDIA_TYPE_CHUNKS}
+    for layer in manifest["layers"]:
+        layer["mediaType"] = legacy[layer["mediaType"]]
+    layout.tag(layout.write_blob(canonical_json(manifest), MEDIA_TYPE_OCI_MANIFEST), "old")
+    mnt, _ = mounts.mount(ref(server, "rich:old"), "--no-prefetch")
+    assert imagegen.compare_tree(mnt, image.expected) == []
+    info = json.loads(lazyfs("images", ref(server, "rich:old"), "--json").stdout)
+    assert info["lazy"] and info["index"] == manifest["layers"][0]["digest"]

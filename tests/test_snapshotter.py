@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,19 +19,27 @@ import pytest
 from blockindex.convert import convert
 from blockindex.oci import Layout
 from lazyfs.errors import NotLazyImageError
+from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
-from lazyfs.snapshotter.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from lazyfs.snapshotter.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    NotFoundError,
+    UnavailableError,
+)
 from lazyfs.snapshotter.metadata import Kind, MetadataStore
 from lazyfs.snapshotter.service import (
     LABEL_IMAGE_REF,
+    LABEL_LAYER,
     LABEL_MANIFEST,
     LABEL_TARGET,
     SnapshotService,
     image_of,
 )
 
+from . import containerdkit as kit
 from . import imagegen
-from .conftest import ROOT, lazyfs
+from .conftest import lazyfs
 
 
 def test_cli_errors_are_one_line_with_an_exit_code(tmp_path):
@@ -73,6 +80,9 @@ class FakeFileSystem:
         self.calls.append(("unmount", str(mountpoint)))
         self.mounted = {r for r in self.mounted if self.mountpoint(r) != mountpoint}
 
+    def usage(self, ref: str, layer: str) -> tuple[int, int]:
+        return {"sha256:l1": (4096, 1), "sha256:l2": (3 << 20, 3)}.get(layer, (0, 0))
+
 
 @pytest.fixture
 def fake(tmp_path):
@@ -80,8 +90,9 @@ def fake(tmp_path):
     return SnapshotService(tmp_path / "root", fs), fs
 
 
-def lazy_labels(target: str, ref: str = "reg/app:1") -> dict[str, str]:
-    return {LABEL_TARGET: target, LABEL_IMAGE_REF: ref, LABEL_MANIFEST: "sha256:m1"}
+def lazy_labels(target: str, ref: str = "reg/app:1", layer: str = "") -> dict[str, str]:
+    labels = {LABEL_TARGET: target, LABEL_IMAGE_REF: ref, LABEL_MANIFEST: "sha256:m1"}
+    return {**labels, LABEL_LAYER: layer} if layer else labels
 
 
 def test_metadata_survives_reopen_and_rolls_back(tmp_path):
@@ -165,6 +176,52 @@ def test_lazy_layers_are_remote_snapshots_sharing_one_mount(fake):
     assert not fs.mounted and ("unmount", str(mnt)) in fs.calls
 
 
+def test_usage_of_lazy_layers_is_their_cache_share_and_of_containers_their_upper_dir(fake):
+    svc, _fs = fake
+    for target, parent, layer in (("c1", "", "sha256:l1"), ("c2", "c1", "sha256:l2")):
+        with pytest.raises(AlreadyExistsError):
+            svc.prepare(f"extract {target}", parent, lazy_labels(target, layer=layer))
+    assert svc.usage("c1") == (4096, 1) and svc.usage("c2") == (3 << 20, 3)
+    [m] = svc.prepare("ctr", "c2", {})
+    upper = Path(next(o for o in m.options if o.startswith("upperdir=")).removeprefix("upperdir="))
+    (upper / "written").write_bytes(b"x" * 100_000)
+    size, inodes = svc.usage("ctr")
+    assert size >= 100_000 and inodes == 1
+
+
+def test_cache_usage_counts_the_cached_entries_of_each_layer(rich, tmp_path):
+    from blockindex.reader import IndexReader
+    from cache.images import ImageStore
+    from cache.store import ChunkStore
+    from lazyfs.snapshotter.usage import CacheUsage
+
+    _image, images = rich
+    layout = Layout(images / "rich")
+    digest = layout.resolve("1")["digest"]
+    raw = layout.read_blob(digest)
+    index, *blobs = json.loads(raw)["layers"]
+    now = [0.0]
+    usage = CacheUsage(tmp_path / "cache", ttl=2.0, clock=lambda: now[0])
+    assert usage.image(digest) == {}  # the node has never seen the image
+    store = ImageStore(tmp_path / "cache")
+    store.save_manifest(None, digest, raw)
+    index_path = store.save_index(index["digest"], layout.read_blob(index["digest"]))
+    now[0] += 5
+    assert usage.image(digest) == {index["digest"]: (index_path.stat().st_blocks * 512, 1)}
+    chunks = ChunkStore(tmp_path / "cache")
+    reader = IndexReader(index_path)
+    first = [c for c in reader.all_chunks() if c.blob.digest == blobs[0]["digest"]]
+    reader.close()
+    data = layout.read_blob(blobs[0]["digest"])
+    for c in first:
+        chunks.put(c.digest, c.codec, c.size, data[c.offset:c.offset + c.stored_size])
+    assert usage.layer(digest, blobs[0]["digest"]) == (0, 0)  # one sweep's answer, kept for ttl
+    now[0] += 5
+    expected = sum(chunks.path(c.digest).stat().st_blocks * 512 for c in first)
+    assert expected > 0 and usage.layer(digest, blobs[0]["digest"]) == (expected, len(first))
+    assert all(usage.layer(digest, b["digest"]) == (0, 0) for b in blobs[1:])
+
+
 def test_an_ordinary_image_with_cri_labels_is_unpacked_as_usual(fake):
     svc, _fs = fake
     [m] = svc.prepare("extract-1 c1", "", lazy_labels("c1", ref="reg/plain:1"))
@@ -181,6 +238,59 @@ def test_restore_remounts_dead_mounts(tmp_path):
     fs.mounted.clear()  # the mount process died with the node
     SnapshotService(tmp_path / "root", fs).restore()
     assert fs.mounted == {"reg/app@sha256:m1"}
+
+
+def test_a_dead_mount_is_replaced_before_a_container_gets_it(fake):
+    svc, fs = fake
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("x", "", lazy_labels("c1"))
+    fs.mounted.clear()  # the mount process died; the snapshotter lives on
+    [m] = svc.prepare("ctr", "c1", {})
+    mnt = fs.mountpoint("reg/app@sha256:m1")
+    assert fs.mounted == {"reg/app@sha256:m1"} and f"lowerdir={mnt}" in m.options
+    fs.mounted.clear()
+    fs.lazy.clear()  # and now it cannot be mounted at all
+    with pytest.raises(UnavailableError, match="cannot be remounted"):
+        svc.prepare("ctr2", "c1", {})
+    with pytest.raises(NotFoundError):
+        svc.stat("ctr2")
+
+
+def test_a_slow_mount_holds_up_only_its_own_image(tmp_path):
+    class SlowFileSystem(FakeFileSystem):
+        def __init__(self, *a) -> None:
+            super().__init__(*a)
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def mount(self, ref: str, labels: dict[str, str]) -> Path:
+            if ref.startswith("reg/slow"):
+                self.entered.set()
+                assert self.release.wait(30)
+            return super().mount(ref, labels)
+
+    fs = SlowFileSystem(tmp_path, {"reg/slow", "reg/app"})
+    svc = SnapshotService(tmp_path / "root", fs)
+    errors: list[BaseException] = []
+
+    def pull_slow() -> None:
+        try:
+            svc.prepare("extract s1", "", lazy_labels("s1", ref="reg/slow:1"))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=pull_slow)
+    t.start()
+    try:
+        assert fs.entered.wait(10)
+        with pytest.raises(AlreadyExistsError):  # another image: not held up
+            svc.prepare("extract c1", "", lazy_labels("c1"))
+        [m] = svc.prepare("plain", "", {})  # nor an ordinary snapshot
+        assert m.type == "bind"
+    finally:
+        fs.release.set()
+        t.join(10)
+    assert [type(e) for e in errors] == [AlreadyExistsError]
+    assert {s.key for s in svc.list()} == {"s1", "c1", "plain"}
 
 
 def test_image_of():
@@ -220,65 +330,13 @@ def test_grpc_round_trip(fake, tmp_path):
 
 # -- the real thing: Debian's containerd, runc, lazyfs snapshotter, lazyfs serve ---------------
 
-class Procs:
-    """Processes a test starts, stopped by pid at teardown (TERM, then KILL)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log: Path, **kw) -> subprocess.Popen:
-        f = open(log, "ab")  # noqa: SIM115 - the child holds it
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
-        f.close()
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-        if p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-
-    def stop_all(self) -> None:
-        for p in reversed(self.procs):
-            self.stop(p)
-
-
-def _wait_socket(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not appear in {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-CONTAINERD_CONFIG = """version = 2
-root = "{tmp}/containerd/root"
-state = "{tmp}/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[proxy_plugins.lazyfs]
-  type = "snapshot"
-  address = "{snap_sock}"
-"""
-
-
 @dataclasses.dataclass
 class Node:
     tmp: Path
     sock: Path
     snap_sock: Path
     snap_root: Path
-    procs: Procs
+    procs: kit.Procs
     snapshotter: subprocess.Popen
     server: object
     ref: str
@@ -298,10 +356,8 @@ class Node:
 
     def start_snapshotter(self) -> subprocess.Popen:
         log = self.tmp / "snapshotter.log"
-        self.snapshotter = self.procs.start(
-            [sys.executable, "-m", "lazyfs", "-v", "snapshotter", "--address", str(self.snap_sock),
-             "--root", str(self.snap_root), "--no-prefetch", "--timeout", "10"], log, cwd=ROOT)
-        _wait_socket(self.snap_sock, self.snapshotter, log)
+        self.snapshotter = kit.start_snapshotter(self.procs, self.snap_sock, self.snap_root, log,
+                                                 "--no-prefetch", "--timeout", "10")
         return self.snapshotter
 
     def chunk_blob_requests(self) -> list:
@@ -316,7 +372,7 @@ def node(tmp_path_factory):
     if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
         pytest.skip("needs /dev/fuse and fusermount3")
     tmp = Path(tempfile.mkdtemp(prefix="lzc-"))  # short: unix socket paths are limited
-    procs = Procs()
+    procs = kit.Procs()
     server = None
     snap_root = tmp / "lazyfs"
     try:
@@ -328,22 +384,14 @@ def node(tmp_path_factory):
         n = Node(tmp, tmp / "c.sock", tmp / "s.sock", snap_root, procs, None, server,  # type: ignore[arg-type]
                  f"127.0.0.1:{server.port}/python:1", manifest)
         n.start_snapshotter()
-        config = tmp / "config.toml"
-        config.write_text(CONTAINERD_CONFIG.format(tmp=tmp, sock=n.sock, snap_sock=n.snap_sock))
-        log = tmp / "containerd.log"
-        cd = procs.start(["containerd", "--config", str(config)], log)
-        _wait_socket(n.sock, cd, log)
+        kit.start_containerd(procs, tmp, kit.containerd_config(tmp, n.sock, n.snap_sock))
         if n.ctr("plugins", "ls", check=False).returncode != 0:
-            pytest.skip(f"containerd does not answer here:\n{log.read_text()[-2000:]}")
+            pytest.skip(f"containerd does not answer here:\n{n.log('containerd')[-2000:]}")
         yield n
     finally:
-        procs.stop_all()
+        kit.teardown(tmp, procs)
         if server is not None:
             server.close()
-        for mnt in (snap_root / "mounts").glob("*") if snap_root.exists() else []:
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        subprocess.run(["sh", "-c", f"grep -o ' {tmp}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l"],
-                       capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -368,6 +416,24 @@ def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
 
 
 @pytest.mark.mount
+def test_usage_of_a_lazy_image_is_what_it_takes_in_the_node_cache(node):
+    from lazyfs.snapshotter.client import chain_ids
+
+    lazyfs("pull", "--address", str(node.sock), node.ref)
+    node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t-usage", "/usr/bin/python3", "-c", "1")
+    rows = [line.split() for line in node.ctr("snapshot", "--snapshotter", "lazyfs", "usage", "-b").stdout
+            .splitlines()[1:]]
+    usage = {key: (int(size), int(inodes)) for key, size, inodes in rows}
+    chains = chain_ids([layer["digest"] for layer in node.manifest["layers"]])
+    cache = node.snap_root / "cache"
+    entries = [p.stat() for p in (cache / "chunks").rglob("*") if p.is_file()]
+    index = (cache / "indexes" / node.manifest["layers"][0]["digest"].removeprefix("sha256:")).stat()
+    assert entries, "the container read chunks"
+    assert sum(usage[c][0] for c in chains) == sum(st.st_blocks * 512 for st in [index, *entries])
+    assert sum(usage[c][1] for c in chains) == len(entries) + 1
+
+
+@pytest.mark.mount
 def test_an_ordinary_image_runs_through_the_same_snapshotter(node):
     archive = node.tmp / "python.tar"
     node.ctr("image", "import", "--snapshotter", "lazyfs", "--index-name", "plain/python:1", str(archive))
@@ -383,6 +449,8 @@ def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
              "/usr/bin/python3", "-c", "import time; time.sleep(60)")
     try:
         before = node.ctr("snapshot", "--snapshotter", "lazyfs", "ls").stdout
+        [mnt] = [p for p in (node.snap_root / "mounts").iterdir() if os.path.ismount(p)]
+        pid = json.loads(lazyfs("status", str(mnt), "--json").stdout)["pid"]
         node.procs.stop(node.snapshotter, signal.SIGKILL)
         tasks = node.ctr("task", "ls").stdout
         assert "t-long" in tasks and "RUNNING" in tasks
@@ -396,6 +464,9 @@ def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
             assert time.monotonic() < deadline, after.stderr
             time.sleep(0.5)
         assert after.stdout == before
+        # the same mount process, taken back rather than replaced
+        assert json.loads(lazyfs("status", str(mnt), "--json").stdout)["pid"] == pid
+        assert f"took back the live mount of {node.ref.rsplit(':', 1)[0]}@" in node.log("snapshotter")
         out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t2",
                        "/usr/bin/python3", "-c", "print(3)")
         assert out.stdout.strip() == "3"
@@ -409,10 +480,60 @@ def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
 
 
 @pytest.mark.mount
+def test_restart_remounts_a_dead_mount_from_the_cache_alone_when_the_registry_is_gone(node):
+    """The node cache holds the whole image (a prefetch completed); the snapshotter and
+    the image's mount process are killed and the registry goes away: the restarted
+    snapshotter remounts the image from the cache and a new container starts from it."""
+    from lazyfs.snapshotter.filesystem import LazyFileSystem
+
+    # an image of its own (other chunks: other chain ids), on a registry of its own
+    images = node.tmp / "offline-images"
+    convert(f"docker-archive:{node.tmp / 'python.tar'}", f"oci:{images / 'python'}:1", chunk_size=256 << 10)
+    layout = Layout(images / "python")
+    digest = layout.resolve("1")["digest"]
+    registry = make_server(images, "127.0.0.1", 0).start()
+    try:
+        ref = f"127.0.0.1:{registry.port}/python:1"
+        warm = node.tmp / "warm"
+        warm.mkdir()
+        lazyfs("mount", ref, str(warm), "--cache", str(node.snap_root / "cache"), "--timeout", "10")
+        try:
+            deadline = time.monotonic() + 120
+            while not json.loads(lazyfs("status", str(warm), "--json").stdout)["prefetch"]["complete"]:
+                assert time.monotonic() < deadline, "the prefetch did not complete"
+                time.sleep(0.2)
+        finally:
+            lazyfs("umount", str(warm))
+        lazyfs("pull", "--address", str(node.sock), ref)
+        mnt = LazyFileSystem(node.snap_root).mountpoint(f"127.0.0.1:{registry.port}/python@{digest}")
+        pid = json.loads(lazyfs("status", str(mnt), "--json").stdout)["pid"]
+        node.procs.stop(node.snapshotter, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid, 10)
+    finally:
+        registry.close()
+    node.start_snapshotter()
+    done = lazyfs("status", str(mnt), "--json", check=False)
+    assert done.returncode == 0, f"{done.stderr}\n{node.log('snapshotter')[-3000:]}"
+    status = json.loads(done.stdout)
+    assert status["pid"] != pid and status["manifest"] == digest
+    assert "from the cache alone" in (node.snap_root / "logs" / f"{mnt.name}.log").read_text()
+    deadline = time.monotonic() + 30
+    while (out := node.ctr("run", "--rm", "--snapshotter", "lazyfs", ref, "t-offline", "/usr/bin/python3",
+                           "-c", "import json; print(4)", check=False)).returncode:
+        assert time.monotonic() < deadline, out.stderr  # containerd reconnects to the new socket
+        time.sleep(0.5)
+    assert out.stdout.strip() == "4"
+
+
+@pytest.mark.mount
 def test_removing_the_image_unmounts_its_lazyfs_mount(node):
+    from lazyfs.snapshotter.filesystem import LazyFileSystem
+
     lazyfs("pull", "--address", str(node.sock), node.ref)
-    mounts = [p for p in (node.snap_root / "mounts").iterdir() if os.path.ismount(p)]
-    assert len(mounts) == 1
+    digest = Layout(node.tmp / "images" / "python").resolve("1")["digest"]
+    mounts = [LazyFileSystem(node.snap_root).mountpoint(f"{node.ref.rsplit(':', 1)[0]}@{digest}")]
+    assert os.path.ismount(mounts[0])
     node.ctr("image", "rm", "--sync", node.ref)
     node.ctr("content", "prune", "references", check=False)
     deadline = time.monotonic() + 30

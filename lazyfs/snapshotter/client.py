@@ -26,7 +26,7 @@ from fetcher.imageref import ImageRef
 
 from ..errors import ExitCode, NotLazyImageError, UserError
 from . import protos
-from .service import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
+from .labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 
 protos.generate()
 from ._gen.containerd.services.content.v1 import content_pb2, content_pb2_grpc  # noqa: E402

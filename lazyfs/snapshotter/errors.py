@@ -5,6 +5,7 @@
      +-- AlreadyExistsError       ALREADY_EXISTS (also: a remote snapshot is ready)
      +-- FailedPreconditionError  FAILED_PRECONDITION (wrong kind, has children)
      +-- InvalidArgumentError     INVALID_ARGUMENT
+     +-- UnavailableError         UNAVAILABLE (a lazy image cannot be mounted now)
 """
 
 from __future__ import annotations
@@ -27,4 +28,8 @@ class FailedPreconditionError(SnapshotError):
 
 
 class InvalidArgumentError(SnapshotError):
+    pass
+
+
+class UnavailableError(SnapshotError):
     pass

@@ -12,14 +12,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Protocol
 
 from .. import mountinfo
 from ..errors import ExitCode, MountError, NotLazyImageError, UserError
 from ..process import wait_gone
+from .usage import CacheUsage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,11 @@ class FileSystem(Protocol):
         """Where ``ref`` is (or would be) mounted."""
         ...
 
+    def usage(self, ref: str, layer: str) -> tuple[int, int]:
+        """(bytes on disk, entries) that layer ``layer`` of image ``ref`` (pinned,
+        ``NAME@DIGEST``) takes in the node cache."""
+        ...
+
 
 class LazyFileSystem:
     """Images mounted by ``lazyfs mount`` processes under ``root``."""
@@ -56,11 +64,17 @@ class LazyFileSystem:
         self.prefetch = prefetch
         self.cache_size = cache_size
         """Passed to every image mount: the node-wide limit of the shared cache."""
+        self._usage = CacheUsage(self.cache)
+        self.ready_timeout = 300.0
+        self._children: dict[int, subprocess.Popen] = {}  # mount processes started here, to reap
+        """How long a mount process may take to say it is mounted (it has its own
+        network deadlines; this is the backstop against a hung one)."""
 
     def mountpoint(self, ref: str) -> Path:
         return self.root / "mounts" / hashlib.sha256(ref.encode()).hexdigest()[:24]
 
     def mount(self, ref: str, labels: dict[str, str]) -> Path:
+        self._reap()
         mnt = self.mountpoint(ref)
         try:
             self.check(mnt)
@@ -71,21 +85,46 @@ class LazyFileSystem:
         mnt.mkdir(parents=True, exist_ok=True)
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "lazyfs", "mount", ref, str(mnt), "--cache", str(self.cache),
-                "--allow-other", "--timeout", str(self.timeout), "--log-file", str(logs / f"{mnt.name}.log"),
-                *([] if self.prefetch else ["--no-prefetch"]),
+        log_file = logs / f"{mnt.name}.log"
+        # The mount process itself, started here rather than through ``lazyfs mount``'s
+        # launcher (one Python start less on every lazy pull): its own session, so it
+        # outlives the snapshotter, and it says "ok" or "error CODE MESSAGE" on the pipe.
+        r, w = os.pipe()
+        argv = [sys.executable, "-m", "lazyfs", "mount", ref, str(mnt), "--foreground", "--ready-fd", str(w),
+                "--cache", str(self.cache), "--allow-other", "--timeout", str(self.timeout),
+                "--log-file", str(log_file), *([] if self.prefetch else ["--no-prefetch"]),
                 *([] if self.cache_size is None else ["--cache-size", str(self.cache_size)])]
-        done = subprocess.run(argv, capture_output=True, text=True, cwd=PACKAGE_ROOT,
-                              env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)})
-        if done.returncode != 0:
-            message = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-            message = message.removeprefix("lazyfs: error: ")
-            if done.returncode == ExitCode.IMAGE:
+        try:
+            with open(log_file, "ab") as logf:
+                child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                         pass_fds=(w,), start_new_session=True, cwd=PACKAGE_ROOT,
+                                         env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)})
+        except OSError:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        answer = _read_answer(r, self.ready_timeout)
+        if answer == "ok":
+            self._children[child.pid] = child
+            log.info("mounted %s at %s (pid %d)", ref, mnt, child.pid)
+            return mnt
+        if answer.startswith("error "):
+            _, code, message = (answer.split(" ", 2) + [""])[:3]
+            child.wait(timeout=30)
+            if code == str(int(ExitCode.IMAGE)):
                 raise NotLazyImageError(message)
             raise UserError(f"cannot mount {ref}: {message}",
-                            ExitCode(done.returncode) if done.returncode in set(ExitCode) else None)
-        log.info("mounted %s at %s", ref, mnt)
-        return mnt
+                            ExitCode(int(code)) if code.isdigit() and int(code) in set(ExitCode) else None)
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+            raise MountError(f"cannot mount {ref}: not ready in {self.ready_timeout:g}s; see {log_file}")
+        raise UserError(f"cannot mount {ref}: its process exited with status {child.returncode}; "
+                        f"see {log_file}")
+
+    def usage(self, ref: str, layer: str) -> tuple[int, int]:
+        return self._usage.layer(ref.rpartition("@")[2], layer)
 
     def status(self, mountpoint: Path) -> dict:
         return mountinfo.read_status(mountpoint)
@@ -100,13 +139,27 @@ class LazyFileSystem:
         except MountError:
             pass
         self._detach(mountpoint)
-        if pid is not None:
+        child = self._children.pop(pid, None) if pid is not None else None
+        if child is not None:  # ours: wait for it, or it stays a zombie that looks alive
+            try:
+                child.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=10.0)
+        elif pid is not None:  # started by an earlier snapshotter: init reaps it
             wait_gone(pid, 10.0, kill=True)
         try:
             mountpoint.rmdir()
         except OSError:
             pass
         log.info("unmounted %s", mountpoint)
+
+    def _reap(self) -> None:
+        """Collect mount processes started here that have exited (died, or unmounted by
+        someone else)."""
+        for pid, child in list(self._children.items()):
+            if child.poll() is not None:
+                del self._children[pid]
 
     def _detach(self, mountpoint: Path) -> None:
         """Lazily detach whatever is at ``mountpoint`` (a live or a dead FUSE mount)."""
@@ -115,3 +168,19 @@ class LazyFileSystem:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
 
 
+
+
+def _read_answer(fd: int, timeout: float) -> str:
+    """The first line a mount process writes on its ready pipe ("" if it closes the pipe
+    or says nothing in ``timeout`` seconds)."""
+    message = b""
+    deadline = time.monotonic() + timeout
+    with os.fdopen(fd, "rb") as pipe:
+        while b"\n" not in message and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([pipe], [], [], min(left, 1.0))
+            if ready:
+                part = os.read(pipe.fileno(), 4096)
+                if not part:
+                    break
+                message += part
+    return message.decode(errors="replace").split("\n", 1)[0].strip()

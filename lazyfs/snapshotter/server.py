@@ -21,6 +21,7 @@ from .errors import (
     InvalidArgumentError,
     NotFoundError,
     SnapshotError,
+    UnavailableError,
 )
 from .metadata import Snapshot
 from .service import Mount, SnapshotService
@@ -37,6 +38,7 @@ _CODES = {
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
 }
 
 

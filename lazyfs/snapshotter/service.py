@@ -25,16 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NotLazyImageError, UserError
-from .errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError
+from .errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    SnapshotError,
+    UnavailableError,
+)
 from .filesystem import FileSystem
+from .labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 from .metadata import Kind, MetadataStore, Snapshot
 
 log = logging.getLogger(__name__)
 
-LABEL_TARGET = "containerd.io/snapshot.ref"
-LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-LABEL_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
-LABEL_LAYER = "containerd.io/snapshot/cri.layer-digest"
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,12 @@ class SnapshotService:
         self.fs = fs
         (root / "snapshots").mkdir(parents=True, exist_ok=True)
         self.store = store or MetadataStore(root / "metadata.db")
-        self._lock = threading.RLock()  # one change at a time: mounts are not transactional
+        # Locks, always taken in this order: an image's lock (its mount and unmount, and the
+        # creation of its remote snapshots), then the metadata lock (one change at a time).
+        # Mounting an image takes seconds; only that image's callers wait for it.
+        self._lock = threading.RLock()
+        self._image_locks: dict[str, threading.Lock] = {}
+        self._image_locks_guard = threading.Lock()
         self._not_lazy: set[str] = set()
 
     # -- containerd's methods -----------------------------------------------------------
@@ -81,6 +89,7 @@ class SnapshotService:
         snap = self.store.get(key)
         if snap.kind == Kind.COMMITTED:
             raise FailedPreconditionError(f"snapshot {key!r} is committed; mounts are for active or views")
+        self._ensure_chain_mounted(snap.parent)
         return self._mounts(snap)
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> Snapshot:
@@ -91,8 +100,10 @@ class SnapshotService:
         with self._lock:
             snap = self.store.remove(key)
             shutil.rmtree(self._dir(snap), ignore_errors=True)
-            if snap.image and self.store.uses_image(snap.image) == 0:
-                self.fs.unmount(self.fs.mountpoint(snap.image))
+        if snap.image:
+            with self._image_lock(snap.image):  # no remote snapshot of it is made meanwhile
+                if self.store.uses_image(snap.image) == 0:
+                    self.fs.unmount(self.fs.mountpoint(snap.image))
 
     def stat(self, key: str) -> Snapshot:
         return self.store.get(key)
@@ -118,11 +129,19 @@ class SnapshotService:
             return self.store.set_labels(key, new)
 
     def usage(self, key: str) -> tuple[int, int]:
-        """(bytes, inodes) the snapshot itself holds on disk: its fs dir. A lazy
-        snapshot holds nothing of its own (its chunks are the node cache's)."""
+        """(bytes on disk, inodes) a snapshot accounts for, so kubelet's disk accounting
+        (CRI sums the usage of every snapshot) sees real bytes.
+
+        An ordinary snapshot, and every active one (a container, also over a lazy image),
+        reports its own fs (upper) dir, as containerd's overlayfs snapshotter does. A lazy
+        (remote) snapshot stands for one layer of its image and reports that layer's
+        entries in the node cache (the cached index file, or the cached chunks of a chunk
+        blob: see usage.py), so an image's snapshots together report what the image takes
+        in the cache, growing as its chunks arrive."""
         snap = self.store.get(key)
         if snap.image:
-            return 0, 0
+            layer = snap.labels.get(LABEL_LAYER, "")
+            return self.fs.usage(snap.image, layer) if layer else (0, 0)
         return _disk_usage(self._dir(snap) / "fs")
 
     def list(self) -> list[Snapshot]:
@@ -140,67 +159,104 @@ class SnapshotService:
     # -- restarts -----------------------------------------------------------------------
 
     def restore(self) -> None:
-        """After a (re)start: take back live image mounts, remount dead or missing ones."""
+        """After a (re)start: take back the image mounts that are alive (their processes
+        outlive the snapshotter), remount the dead or missing ones. A remount reads the
+        registry when it answers and the node cache alone when it does not, which is enough
+        for an image whose prefetch completed; an image that cannot be remounted now is
+        tried again when a container next needs it (``_ensure_mounted``)."""
         for image in sorted(self.store.images()):
             mnt = self.fs.mountpoint(image)
             try:
                 self.fs.check(mnt)
-                log.info("restore: %s is mounted at %s", image, mnt)
+                log.info("restore: took back the live mount of %s at %s", image, mnt)
                 continue
             except UserError:
                 pass
             try:
-                self.fs.mount(image, {})
-                log.info("restore: remounted %s at %s", image, mnt)
-            except UserError as exc:
-                log.error("restore: cannot remount %s: %s", image, exc)
+                self._ensure_mounted(image)
+            except UnavailableError as exc:
+                log.error("restore: %s", exc)
 
     # -- internals ----------------------------------------------------------------------
 
     def _create(self, key: str, parent: str, labels: dict[str, str], kind: Kind) -> list[Mount]:
         if not key:
             raise InvalidArgumentError("a snapshot needs a key")
+        target = labels.get(LABEL_TARGET, "")
+        image = image_of(labels)
+        if target and image and image not in self._not_lazy:
+            self._prepare_remote(target, parent, labels, image)  # raises AlreadyExists
+        if parent:
+            self._ensure_chain_mounted(parent)
         with self._lock:
-            target = labels.get(LABEL_TARGET, "")
-            image = image_of(labels)
-            if target and image and image not in self._not_lazy:
-                self._prepare_remote(target, parent, labels, image)  # raises AlreadyExists
             snap = self.store.create(key, parent, kind, labels)
             d = self._dir(snap)
             try:
                 (d / "fs").mkdir(parents=True, exist_ok=True)
                 if kind == Kind.ACTIVE:
                     (d / "work").mkdir(exist_ok=True)
-            except OSError:
+                return self._mounts(snap)
+            except (OSError, SnapshotError):  # no half-made snapshot stays behind
                 self.store.remove(key)
+                shutil.rmtree(d, ignore_errors=True)
                 raise
-            return self._mounts(snap)
 
     def _prepare_remote(self, target: str, parent: str, labels: dict[str, str], image: str) -> None:
-        existing = self.store.find(target)
-        if existing is not None:
+        """Mount the image and record ``target`` as a committed snapshot of it, then raise
+        AlreadyExists (containerd downloads nothing); return when the layer must be
+        unpacked as usual instead."""
+        if self.store.find(target) is not None:
             raise AlreadyExistsError(f"target snapshot {target!r} already exists")
-        try:
-            self.fs.mount(image, labels)
-        except NotLazyImageError as exc:
-            log.info("%s is not a lazy image (%s): unpacking it as usual", image, exc)
-            self._not_lazy.add(image)
-            return
-        # Mounting failed otherwise: let containerd fall back to downloading the layer.
-        except UserError as exc:
-            log.warning("cannot mount %s (%s): unpacking it as usual", image, exc)
-            return
-        self.store.create(target, parent, Kind.COMMITTED, labels, image=image)
+        with self._image_lock(image):
+            try:
+                self.fs.mount(image, labels)
+            except NotLazyImageError as exc:
+                log.info("%s is not a lazy image (%s): unpacking it as usual", image, exc)
+                self._not_lazy.add(image)
+                return
+            # Mounting failed otherwise: let containerd fall back to downloading the layer.
+            except UserError as exc:
+                log.warning("cannot mount %s (%s): unpacking it as usual", image, exc)
+                return
+            with self._lock:
+                self.store.create(target, parent, Kind.COMMITTED, labels, image=image)
         log.info("remote snapshot %s of %s", target, image)
         raise AlreadyExistsError(f"target snapshot {target!r} already exists (remote)")
+
+    def _image_lock(self, image: str) -> threading.Lock:
+        with self._image_locks_guard:
+            return self._image_locks.setdefault(image, threading.Lock())
 
     def _dir(self, snap: Snapshot) -> Path:
         return self.root / "snapshots" / str(snap.id)
 
+    def _ensure_mounted(self, image: str) -> Path:
+        """The image's mountpoint, with a live mount on it: a mount whose process died (or
+        that a reboot took) is replaced before anything is handed the mountpoint."""
+        mnt = self.fs.mountpoint(image)
+        with self._image_lock(image):
+            try:
+                self.fs.check(mnt)
+                return mnt
+            except UserError:
+                pass
+            try:
+                self.fs.mount(image, {})
+            except UserError as exc:
+                raise UnavailableError(f"lazy image {image} is not mounted and cannot be remounted: {exc}"
+                                       ) from exc
+        log.info("remounted %s at %s", image, mnt)
+        return mnt
+
+    def _ensure_chain_mounted(self, key: str) -> None:
+        """Every lazy image under snapshot ``key`` is mounted (before the metadata lock)."""
+        for image in dict.fromkeys(s.image for s in self.store.chain(key) if s.image) if key else ():
+            self._ensure_mounted(image)
+
     def _lowers(self, snap: Snapshot) -> list[str]:
         lowers: list[str] = []
         for s in self.store.chain(snap.parent)[0:] if snap.parent else []:
-            path = str(self.fs.mountpoint(s.image)) if s.image else str(self._dir(s) / "fs")
+            path = str(self.fs.mountpoint(s.image) if s.image else self._dir(s) / "fs")
             if not lowers or lowers[-1] != path:
                 lowers.append(path)
         return lowers

@@ -1,0 +1,317 @@
+"""The snapshotter benchmark (issue 5): pull plus run of one program through containerd,
+lazily with the lazyfs snapshotter against a full pull with containerd's overlayfs
+snapshotter, on the same machine from the same registry.
+
+    lazy        ``lazyfs pull REF`` (manifest, config and index only) then ``ctr run
+                --snapshotter lazyfs REF python3 -c PROGRAM``: the program's chunks are
+                fetched as it reads them. The snapshotter runs with ``--no-prefetch``, so the
+                bytes are what the program needed.
+                (With the background prefetch on, a container that creates a file while
+                the prefetch writes the cache can deadlock the mount against overlayfs's
+                copy-up, see the README's containerd section, so it is not measured.)
+    full_pull   ``ctr image pull --snapshotter overlayfs REF`` (every gzip layer downloaded
+                and unpacked) then ``ctr run --snapshotter overlayfs REF python3 -c PROGRAM``.
+
+Both images hold the same files (the python image of ``bench/harness.py``, with .pyc files):
+the lazy one converted by lazyfs, the ordinary one as gzip -6 layers with its original
+config. Every measurement starts a fresh containerd (and snapshotter) with empty roots and
+a dropped page cache, so each pull is cold; the modes take turns within each run. Seconds
+are medians over the runs; bytes are what the registry (``lazyfs serve``, in this process)
+sent during the pull and the run, from its access log.
+
+    python3 bench/snapshotter_bench.py [--quick] [--runs N] [--out DIR]
+
+``run(quick, outdir)`` is the entry point for a suite. Results go to
+``bench/results/<UTC date-time>/snapshotter.json`` (or ``DIR``). Needs root, containerd,
+ctr and runc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import gzip
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import (  # noqa: E402
+    CACHE,
+    MEDIA_TYPE_GZIP_LAYER,
+    PROGRAM,
+    PYTHON,
+    _cached_convert,
+    drop_caches,
+    log,
+    source_key,
+    stats,
+)
+from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
+from lazyfs.serve import make_server  # noqa: E402
+from tests import containerdkit as kit  # noqa: E402
+from tests import imagegen  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Params:
+    runs: int = 5
+    """Repetitions of every mode."""
+    modes: tuple[str, ...] = ("lazy", "full_pull")
+    """What is measured, in turn, in each run."""
+
+
+QUICK = Params(runs=1)
+
+
+def run(quick: bool, outdir: Path) -> dict[str, Any]:
+    """Measure, write ``outdir/snapshotter.json`` and return what it holds."""
+    return measure(QUICK if quick else Params(), outdir)
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    images: Path
+    lazy: str
+    """Repository of the converted image."""
+    plain: str
+    """Repository of the same image as gzip layers with its real config."""
+    lazy_stored_bytes: int
+    gzip_layers_bytes: int
+
+
+def _plain_layout(archive: Path, images: Path, repo: str) -> None:
+    """The docker-archive as an ordinary OCI image with gzip -6 layers and its own config
+    (containerd checks the diff ids when it unpacks)."""
+    dest = images / repo
+    if (dest / "index.json").exists():
+        return
+    tmp = images / f".{repo}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    layout = Layout(tmp)
+    layout.init()
+    with tarfile.open(archive) as tf:
+        [entry] = json.loads(tf.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        config = layout.write_blob(tf.extractfile(entry["Config"]).read(),  # type: ignore[union-attr]
+                                   MEDIA_TYPE_OCI_CONFIG)
+        layers = []
+        for name in entry["Layers"]:
+            raw = tf.extractfile(name).read()  # type: ignore[union-attr]
+            if raw[:2] != b"\x1f\x8b":
+                raw = gzip.compress(raw, compresslevel=6, mtime=0)
+            layers.append(layout.write_blob(raw, MEDIA_TYPE_GZIP_LAYER))
+    manifest = canonical_json({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+                               "config": config, "layers": layers})
+    layout.tag(layout.write_blob(manifest, MEDIA_TYPE_OCI_MANIFEST), "1")
+    os.replace(tmp, dest)
+
+
+def _layer_bytes(images: Path, repo: str) -> int:
+    layout = Layout(images / repo)
+    manifest = json.loads(layout.read_blob(layout.resolve("1")["digest"]))
+    return sum(int(d["size"]) for d in manifest["layers"])
+
+
+def prepare_inputs(work: Path) -> Inputs:
+    images = CACHE / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    tar = imagegen.build_python_image(work / "python.tar", cache_dir=CACHE / "inputs", with_pyc=True)
+    pykey = hashlib.sha256(tar.read_bytes()).hexdigest()[:12]
+    lazy = _cached_convert(images, f"python-{pykey}-{source_key()}", f"docker-archive:{tar}")
+    plain = f"ctrd-python-{pykey}"
+    _plain_layout(tar, images, plain)
+    tar.unlink()
+    return Inputs(images, lazy, plain, _layer_bytes(images, lazy), _layer_bytes(images, plain))
+
+
+# -- one measurement ------------------------------------------------------------------------
+
+class AccessLog:
+    """Bytes the registry sent, from its access log (``time method path range status bytes``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def mark(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def since(self, mark: int) -> tuple[int, int]:
+        """(bytes sent, requests) since ``mark``."""
+        with open(self.path, "rb") as f:
+            f.seek(mark)
+            lines = f.read().decode().splitlines()
+        sent = sum(int(line.split()[5]) for line in lines if len(line.split()) == 6)
+        return sent, len(lines)
+
+
+def _ctr(sock: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run(["ctr", "-a", str(sock), *args], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"ctr {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
+    return done
+
+
+def _wait_containerd(sock: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["ctr", "-a", str(sock), "version"], capture_output=True).returncode:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"containerd on {sock} does not answer")
+        time.sleep(0.1)
+
+
+def measure_once(mode: str, n: int, work: Path, ref_lazy: str, ref_plain: str, access: AccessLog) -> dict:
+    d = work / f"{mode}-{n}"
+    d.mkdir()
+    procs = kit.Procs()
+    lazy = mode == "lazy"
+    try:
+        snap_sock = d / "s.sock"
+        if lazy:
+            kit.start_snapshotter(procs, snap_sock, d / "lazyfs", d / "snapshotter.log", "--no-prefetch")
+        _proc, sock = kit.start_containerd(procs, d, kit.containerd_config(d, d / "c.sock", snap_sock))
+        _wait_containerd(sock)
+        drop_caches()
+        mark = access.mark()
+        t0 = time.perf_counter()
+        if lazy:
+            done = subprocess.run([sys.executable, "-m", "lazyfs", "pull", "--address", str(sock), ref_lazy],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"lazyfs pull exited {done.returncode}: {done.stderr.strip()}")
+        else:
+            _ctr(sock, "image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref_plain)
+        t1 = time.perf_counter()
+        out = _ctr(sock, "run", "--rm", "--snapshotter", "lazyfs" if lazy else "overlayfs",
+                   ref_lazy if lazy else ref_plain, f"bench-{n}", PYTHON, "-c", f"{PROGRAM}; print('ok')")
+        t2 = time.perf_counter()
+        if out.stdout.strip() != "ok":
+            raise RuntimeError(f"the program printed {out.stdout!r}")
+        sent, requests = access.since(mark)
+        return {"pull_s": t1 - t0, "run_s": t2 - t1, "total_s": t2 - t0,
+                "registry_bytes": sent, "registry_requests": requests}
+    finally:
+        kit.teardown(d, procs)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def measure(params: Params, outdir: Path) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        raise RuntimeError("the snapshotter benchmark needs root (containerd, FUSE, drop_caches)")
+    for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"the snapshotter benchmark needs {tool} (tests/setup.sh installs it)")
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    Path("/var/tmp").mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="lzsb-", dir="/var/tmp"))  # short: socket paths
+    samples: dict[str, list[dict]] = {mode: [] for mode in params.modes}
+    try:
+        inputs = prepare_inputs(work)
+        access = AccessLog(work / "access.log")
+        with make_server(inputs.images, "127.0.0.1", 0, access_log=access.path) as server:
+            ref_lazy = f"127.0.0.1:{server.port}/{inputs.lazy}:1"
+            ref_plain = f"127.0.0.1:{server.port}/{inputs.plain}:1"
+            for n in range(1, params.runs + 1):
+                for mode in params.modes:
+                    sample = measure_once(mode, n, work, ref_lazy, ref_plain, access)
+                    log(f"run {n} {mode}: {sample['total_s']:.2f}s, "
+                        f"{sample['registry_bytes'] / (1 << 20):.1f} MiB from the registry")
+                    samples[mode].append(sample)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "meta": {
+            "utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ"), "host": platform.node(),
+            "kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "containerd": _version(["containerd", "--version"]), "params": dataclasses.asdict(params),
+            "program": f"{PYTHON} -c '{PROGRAM}'", "seconds": round(time.monotonic() - started, 1),
+            "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0],
+        },
+        "image": {"lazy_stored_bytes": inputs.lazy_stored_bytes,
+                  "gzip_layers_bytes": inputs.gzip_layers_bytes},
+        "modes": {mode: _summary(s) for mode, s in samples.items()},
+    }
+    modes = result["modes"]
+    if "lazy" in modes and "full_pull" in modes:
+        lazy, full = modes["lazy"], modes["full_pull"]
+        result["ratios"] = {
+            "total_lazy_vs_full_pull": lazy["total_s"]["median"] / full["total_s"]["median"],
+            "bytes_lazy_vs_full_pull": lazy["registry_bytes"]["median"] / full["registry_bytes"]["median"],
+        }
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "snapshotter.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _summary(samples: list[dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {key: stats([s[key] for s in samples]) for key in ("pull_s", "run_s", "total_s")}
+    for key in ("registry_bytes", "registry_requests"):
+        values = [s[key] for s in samples]
+        out[key] = {"median": statistics.median(values), "runs": values}
+    return out
+
+
+def _version(argv: list[str]) -> str | None:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = ["mode            pull s   run s   total s   MiB from registry   requests"]
+    for mode, m in result["modes"].items():
+        rows.append(f"{mode:<15} {m['pull_s']['median']:6.2f}  {m['run_s']['median']:6.2f}  "
+                    f"{m['total_s']['median']:8.2f}   {m['registry_bytes']['median'] / (1 << 20):17.1f}   "
+                    f"{m['registry_requests']['median']:8.0f}")
+    image = result["image"]
+    rows.append(f"image: {image['lazy_stored_bytes'] / (1 << 20):.1f} MiB lazy (index + chunk blobs), "
+                f"{image['gzip_layers_bytes'] / (1 << 20):.1f} MiB gzip layers")
+    for name, value in (result.get("ratios") or {}).items():
+        rows.append(f"{name}: {value:.2f}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one run of each mode")
+    parser.add_argument("--runs", type=int, help="repetitions of each mode (default 5)")
+    parser.add_argument("--out", type=Path, help="directory for snapshotter.json "
+                        "(default bench/results/<UTC date-time>)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("needs root (containerd, FUSE mounts, drop_caches)")
+    params = QUICK if args.quick else Params()
+    if args.runs:
+        params = dataclasses.replace(params, runs=args.runs)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+    outdir = args.out or ROOT / "bench" / "results" / stamp
+    try:
+        result = measure(params, outdir)
+    except RuntimeError as exc:
+        print(f"snapshotter_bench: error: {exc}", file=sys.stderr)
+        return 1
+    print(table(result))
+    print(f"\n{outdir / 'snapshotter.json'}  ({result['meta']['seconds']}s, {params.runs} run(s) each)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

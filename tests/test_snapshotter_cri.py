@@ -1,0 +1,161 @@
+"""The Kubernetes path: containerd's CRI plugin pulls a lazy image through the lazyfs
+snapshotter (labels on, ``snapshotter = "lazyfs"``), runs a pod sandbox and a container in
+it, and the container's output is read back from its CRI log, as kubelet would.
+
+The pod uses the host's network (no CNI plugin needed); its sandbox image is an ordinary
+image made from this machine's ``sleep``, pulled through CRI from the same test registry
+(``lazyfs serve``) and unpacked by the same snapshotter the usual way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from blockindex.convert import convert
+from blockindex.oci import Layout
+from lazyfs.mountinfo import STATUS_XATTR
+from lazyfs.process import wait_gone
+from lazyfs.serve import make_server
+
+from . import containerdkit as kit
+from . import imagegen
+
+pytestmark = pytest.mark.mount
+
+cri = pytest.importorskip("cri_api.v1.api_pb2", reason="needs PyPI's container-runtime-interface-api")
+cri_grpc = pytest.importorskip("cri_api.v1.api_pb2_grpc")
+
+
+@dataclasses.dataclass
+class CriNode:
+    tmp: Path
+    sock: Path
+    server: object
+    ref: str
+    manifest: dict
+    runtime: object
+    images: object
+
+    def log(self, name: str) -> str:
+        p = self.tmp / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def chunk_blob_requests(self) -> list:
+        blobs = {layer["digest"] for layer in self.manifest["layers"][1:]}
+        return [r for r in self.server.requests if any(r[1].endswith(b) for b in blobs)]
+
+
+@pytest.fixture(scope="module")
+def node():
+    tools = ("containerd", "runc", "containerd-shim-runc-v2")
+    if os.geteuid() != 0 or not all(shutil.which(c) for c in tools):
+        pytest.skip("needs root, containerd and runc (tests/setup.sh installs them)")
+    import grpc
+
+    tmp = Path(tempfile.mkdtemp(prefix="lzcri-"))  # short: unix socket paths are limited
+    procs = kit.Procs()
+    server = None
+    try:
+        image = imagegen.build_python_image(tmp / "python.tar", cache_dir=_python_cache())
+        convert(f"docker-archive:{image}", f"oci:{tmp / 'images' / 'python'}:1")
+        kit.build_pause_image(tmp / "images" / "pause")
+        server = make_server(tmp / "images", "127.0.0.1", 0, access_log=tmp / "access.log").start()
+        layout = Layout(tmp / "images" / "python")
+        manifest = json.loads(layout.read_blob(layout.resolve("1")["digest"]))
+        registry = f"127.0.0.1:{server.port}"
+        snap_sock = tmp / "s.sock"
+        kit.start_snapshotter(procs, snap_sock, tmp / "lazyfs", tmp / "snapshotter.log",
+                              "--no-prefetch", "--timeout", "10")
+        config = kit.containerd_config(tmp, tmp / "c.sock", snap_sock, sandbox_image=f"{registry}/pause:1")
+        _proc, sock = kit.start_containerd(procs, tmp, config)
+        channel = grpc.insecure_channel(f"unix://{sock}")
+        runtime = cri_grpc.RuntimeServiceStub(channel)
+        deadline = time.monotonic() + 60
+        while True:  # the CRI plugin answers once it has initialized
+            try:
+                runtime.Version(cri.VersionRequest(), timeout=5)
+                break
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline:
+                    log = (tmp / "containerd.log").read_text()[-3000:]
+                    raise AssertionError(f"CRI does not answer: {exc}\n{log}") from exc
+                time.sleep(0.5)
+        yield CriNode(tmp, sock, server, f"{registry}/python:1", manifest, runtime,
+                      cri_grpc.ImageServiceStub(channel))
+        channel.close()
+    finally:
+        kit.teardown(tmp, procs)
+        if server is not None:
+            server.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _python_cache() -> Path:
+    from .test_imagegen import _python_cache as cache
+
+    return cache()
+
+
+def _host_network() -> object:
+    return cri.NamespaceOption(network=cri.NODE)
+
+
+def test_a_pod_runs_from_a_lazy_image_pulled_through_cri(node):
+    pulled = node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=node.ref)), timeout=120)
+    assert pulled.image_ref
+    assert node.chunk_blob_requests() == [], "CRI's pull downloaded a chunk blob"
+    assert "remote snapshot" in node.log("snapshotter")
+    logs = node.tmp / "pods" / "lazy"
+    sandbox_config = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="lazy", namespace="default", uid="lazy-uid", attempt=0),
+        log_directory=str(logs),  # no hostname: a host-network pod shares the host's UTS namespace
+        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
+            namespace_options=_host_network())))
+    sandbox = node.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=sandbox_config),
+                                         timeout=120).pod_sandbox_id
+    try:
+        assert node.chunk_blob_requests() == [], "a chunk blob was downloaded before the container started"
+        config = cri.ContainerConfig(
+            metadata=cri.ContainerMetadata(name="py", attempt=0), image=cri.ImageSpec(image=node.ref),
+            command=["/usr/bin/python3"], args=["-c", "import sys; print('hello from', sys.version_info[0])"],
+            log_path="py.log",
+            linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+                namespace_options=_host_network())))
+        cid = node.runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=sandbox, config=config, sandbox_config=sandbox_config), timeout=120).container_id
+        node.runtime.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=120)
+        deadline = time.monotonic() + 120
+        while (status := node.runtime.ContainerStatus(
+                cri.ContainerStatusRequest(container_id=cid)).status).state != cri.CONTAINER_EXITED:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        assert status.exit_code == 0, (status.reason, status.message, (logs / "py.log").read_text())
+        # CRI's log format: "<time> <stream> <F|P> <text>" per line
+        lines = [line.split(" ", 3) for line in (logs / "py.log").read_text().splitlines()]
+        assert [(s, text) for _t, s, _tag, text in lines] == [("stdout", "hello from 3")]
+        assert node.chunk_blob_requests(), "the container read its files through the lazy mount"
+    finally:
+        node.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
+        node.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox), timeout=60)
+
+
+def test_removing_the_image_through_cri_unmounts_it(node):
+    node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=node.ref)), timeout=120)
+    mounts = [p for p in (node.tmp / "lazyfs" / "mounts").iterdir() if os.path.ismount(p)]
+    assert len(mounts) == 1
+    pid = json.loads(os.getxattr(mounts[0], STATUS_XATTR))["pid"]
+    node.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=node.ref)), timeout=60)
+    deadline = time.monotonic() + 30
+    while os.path.ismount(mounts[0]):
+        assert time.monotonic() < deadline, node.log("snapshotter")[-3000:]
+        time.sleep(0.2)
+    # the mount process is gone, not left as a zombie child of the snapshotter
+    assert wait_gone(pid, 15), Path(f"/proc/{pid}/status").read_text()[:200]
