@@ -39,6 +39,8 @@ def known_images(images: ImageStore) -> list[KnownImage]:
     names: dict[str, list[str]] = {}
     try:
         for quoted in os.listdir(images.root / "refs"):
+            if quoted.startswith("."):
+                continue  # a temp file being written
             ref = urllib.parse.unquote(quoted)
             digest = images.resolve(ref)
             if digest:
@@ -47,7 +49,7 @@ def known_images(images: ImageStore) -> list[KnownImage]:
         pass
     out = []
     try:
-        hexes = sorted(os.listdir(images.root / "manifests"))
+        hexes = sorted(n for n in os.listdir(images.root / "manifests") if not n.startswith("."))
     except OSError:
         hexes = []
     for hexd in hexes:

@@ -126,7 +126,7 @@ def unmark_complete(images: ImageStore, gone: set[bytes]) -> list[str]:
     """Drop the ``complete`` marker of each image that lost one of the ``gone`` chunks."""
     out = []
     try:
-        hexes = os.listdir(images.root / "complete")
+        hexes = [n for n in os.listdir(images.root / "complete") if not n.startswith(".")]
     except OSError:
         return out
     for hexd in hexes:

@@ -19,7 +19,7 @@ import urllib.parse
 from pathlib import Path
 
 from .errors import CacheError
-from .store import write_atomic
+from .store import sweep_dead_temps, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,17 @@ class ImageStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         try:
-            for sub in ("manifests", "indexes", "refs", "complete", "tmp"):
+            for sub in ("manifests", "indexes", "refs", "complete"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
+        # temp files of dead writers; these directories hold a few files per image
+        sweep_dead_temps([self.root / d for d in ("manifests", "indexes", "refs", "complete",
+                                                   "pins", "traces")])
 
     def _write(self, path: Path, data: bytes) -> None:
         try:
-            write_atomic(self.root / "tmp", path, [data])
+            write_atomic(path, [data])
         except OSError as exc:
             raise CacheError(f"cannot write {path}: {exc.strerror}") from exc
 

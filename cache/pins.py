@@ -60,7 +60,7 @@ def pin(images: ImageStore, manifest: str, index: str, ref: str, mountpoint: str
     path = directory / f"{pid}-{manifest.removeprefix('sha256:')}"
     doc = {"pid": pid, "start": start_time(pid), "manifest": manifest, "index": index,
            "ref": ref, "mountpoint": mountpoint}
-    write_atomic(images.root / "tmp", path, [json.dumps(doc).encode()])
+    write_atomic(path, [json.dumps(doc).encode()])
     return path
 
 
@@ -75,7 +75,7 @@ def live_pins(images: ImageStore) -> list[Pin]:
     """The pins of processes still running; stale pins are deleted on the way."""
     directory = images.root / "pins"
     try:
-        names = os.listdir(directory)
+        names = [n for n in os.listdir(directory) if not n.startswith(".")]  # not temp files
     except FileNotFoundError:
         return []
     out = []

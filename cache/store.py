@@ -3,8 +3,16 @@
 Layout under the cache root::
 
     chunks/ab/abcdef...    one entry per chunk, named by its BLAKE3 digest (hex)
-    tmp/                   entries being written; renamed into place when whole (those
-                           of writers that died are removed when a store is opened)
+    chunks/ab/.tmp.abcdef...PID.TID
+                           an entry being written, renamed into place when whole (those
+                           of writers that died are swept when a store is opened)
+
+Temp files live in their entry's own directory, never in a common tmp/: a rename across
+directories takes the filesystem's rename lock, which overlayfs holds while it copies a
+directory up from a lazyfs lower layer and asks this very mount for its attributes. A
+mount whose cache sits on the same filesystem as the containers' upper dirs (the
+snapshotter's layout) would deadlock against its own container; a rename within one
+directory takes only that directory's lock, which overlayfs never holds.
 
 An entry is a 24-byte header (magic, codec, uncompressed size, stored size, xxh3-64 of
 the payload) followed by the payload exactly as it came from the blob. Entries are never
@@ -60,11 +68,9 @@ class ChunkStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._chunks = self.root / "chunks"
-        self._tmp = self.root / "tmp"
         try:
             self._chunks.mkdir(parents=True, exist_ok=True)
-            self._tmp.mkdir(exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=self._tmp, prefix=".probe-")
+            probe = tempfile.NamedTemporaryFile(dir=self._chunks, prefix=".probe-")
             probe.close()
         except OSError as exc:
             raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
@@ -80,29 +86,26 @@ class ChunkStore:
         """Chunks served without caching because the cache disk was full."""
         self._state = threading.Lock()
         self._touched: set[bytes] = set()
-        self.swept = self._sweep_tmp()
+        self.swept = 0
+        """Temp entries of dead writers removed by ``sweep_temps``."""
+        self._sweeper = threading.Thread(target=self.sweep_temps, name="lazyfs-sweep", daemon=True)
+        self._sweeper.start()
 
-    def _sweep_tmp(self) -> int:
+    def sweep_temps(self) -> int:
         """Delete temp entries left by writers that died (a SIGKILLed mount leaves its
-        half-written entries in tmp/ forever otherwise). A temp name ends in
-        ``.PID.TID``; only entries whose process is gone are removed, so the mounts that
-        share this cache keep theirs."""
-        swept = 0
+        half-written entries behind forever otherwise), in every entry directory and in
+        the ``tmp/`` of earlier versions. A temp name ends in ``.PID.TID``; only those whose
+        process is gone are removed, so the mounts sharing this cache keep theirs. Runs in
+        a thread of its own when a store is opened: listing a big cache takes a while, and
+        nothing waits for it."""
+        dirs = [self.root / "tmp"]
         try:
-            names = os.listdir(self._tmp)
+            dirs += [Path(e.path) for e in os.scandir(self._chunks) if e.is_dir(follow_symlinks=False)]
         except OSError:
-            return 0
-        for name in names:
-            parts = name.rsplit(".", 2)
-            if len(parts) != 3 or not parts[1].isdigit():
-                continue
-            if _alive(int(parts[1])):
-                continue
-            try:
-                os.unlink(self._tmp / name)
-                swept += 1
-            except OSError:
-                pass
+            pass
+        swept = sweep_dead_temps(dirs)
+        with self._state:
+            self.swept += swept
         if swept:
             log.info("removed %d temp entries left by writers that died", swept)
         return swept
@@ -168,7 +171,7 @@ class ChunkStore:
     def has_room(self, nbytes: int) -> bool:
         """Whether the cache's filesystem has ``nbytes`` free, with a margin (one statvfs)."""
         try:
-            st = os.statvfs(self._tmp)
+            st = os.statvfs(self._chunks)
         except OSError:
             return False
         return st.f_bavail * st.f_frsize >= nbytes + _ROOM_MARGIN
@@ -182,7 +185,7 @@ class ChunkStore:
             return False
         header = _HEADER.pack(_MAGIC, codec, size, len(payload), xxhash.xxh3_64_intdigest(payload))
         try:
-            write_atomic(self._tmp, path, [header, payload])
+            write_atomic(path, [header, payload])
         except OSError as exc:
             if exc.errno in _FULL_ERRNOS:
                 self._became_full(exc)
@@ -270,31 +273,62 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_atomic(tmp_dir: Path, path: Path, parts: list[bytes | memoryview]) -> None:
-    """Write ``parts`` to ``path`` whole or not at all: into ``tmp_dir`` first, then
-    renamed into place (creating ``path``'s directory if needed). The temp name ends in
-    ``.PID.TID``, unique per writer without mkstemp's cost, and lets a later
-    ``ChunkStore`` sweep what a killed writer left. Raises OSError."""
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{threading.get_ident()}"
+TEMP_PREFIX = ".tmp."
+"""Names starting with a dot are never entries: listings skip them."""
+
+
+def temp_path(path: Path) -> Path:
+    """Where ``write_atomic`` writes ``path`` before renaming it: the same directory (see
+    the module docstring for why), a name unique per writer thread without mkstemp's
+    cost, ending in ``.PID.TID`` so that a sweep can tell a dead writer's."""
+    return path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}"
+
+
+def write_atomic(path: Path, parts: list[bytes | memoryview]) -> None:
+    """Write ``parts`` to ``path`` whole or not at all: into a temp file in ``path``'s own
+    directory (created if needed), then renamed into place. Raises OSError."""
+    tmp = temp_path(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             written = os.writev(fd, parts)
             if written != sum(len(p) for p in parts):
                 raise OSError(errno.EIO, f"short write ({written} bytes)")
         finally:
             os.close(fd)
-        try:
-            os.replace(tmp, path)
-        except FileNotFoundError:
-            path.parent.mkdir(exist_ok=True)
-            os.replace(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def sweep_dead_temps(dirs: list[Path]) -> int:
+    """Remove the temp files of writers whose process is gone from ``dirs``; their count."""
+    swept = 0
+    for directory in dirs:
+        try:
+            names = [n for n in os.listdir(directory) if not n.startswith(".probe-")]
+        except OSError:
+            continue
+        for name in names:
+            parts = name.rsplit(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit() or _alive(int(parts[1])):
+                continue
+            if directory.name != "tmp" and not name.startswith(TEMP_PREFIX):
+                continue
+            try:
+                os.unlink(directory / name)
+                swept += 1
+            except OSError:
+                pass
+    return swept
 
 
 def check_entry(data: bytes) -> str | None:

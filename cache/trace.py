@@ -173,7 +173,6 @@ class TraceStore:
         self._dir = self.root / "traces"
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
-            (self.root / "tmp").mkdir(exist_ok=True)
         except OSError as exc:
             raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
 
@@ -201,7 +200,7 @@ class TraceStore:
     def save(self, trace: Trace) -> Path:
         path = self.path(trace.manifest)
         try:
-            write_atomic(self.root / "tmp", path, [trace.to_json()])
+            write_atomic(path, [trace.to_json()])
         except OSError as exc:
             raise CacheError(f"cannot write trace {path}: {exc.strerror}") from exc
         return path

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +22,7 @@ def test_put_get_roundtrip(tmp_path):
     codec, size, payload = store.get(digest)
     assert (codec, size, bytes(payload)) == (CODEC_LZ4, 1000, b"payload")
     assert store.usage() == (1, 24 + 7)
-    assert os.listdir(tmp_path / "tmp") == []
+    assert os.listdir(store.path(digest).parent) == [digest.hex()]  # no temp file left
 
 
 def test_contains_with_stored_size_counts_only_whole_entries(tmp_path):
@@ -36,16 +38,43 @@ def test_contains_with_stored_size_counts_only_whole_entries(tmp_path):
 
 
 def test_temp_entries_of_dead_writers_are_swept_on_open(tmp_path):
-    ChunkStore(tmp_path)
+    store = ChunkStore(tmp_path)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    tmp = tmp_path / "tmp"
-    (tmp / f"{'ab' * 32}.{dead.pid}.7").write_bytes(b"LZC1 half")  # a SIGKILLed writer's
-    (tmp / f"{'cd' * 32}.{os.getpid()}.7").write_bytes(b"LZC1 half")  # a live writer's
-    (tmp / "not-ours").write_bytes(b"x")
+    sub = store.path(b"\xab" * 32).parent
+    sub.mkdir(parents=True, exist_ok=True)
+    (sub / f".tmp.{'ab' * 32}.{dead.pid}.7").write_bytes(b"LZC1 half")  # a SIGKILLed writer's
+    (sub / f".tmp.{'ab' * 31}cd.{os.getpid()}.7").write_bytes(b"LZC1 half")  # a live writer's
+    (sub / "not-ours").write_bytes(b"x")
+    legacy = tmp_path / "tmp"  # where earlier versions wrote
+    legacy.mkdir()
+    (legacy / f"{'cd' * 32}.{dead.pid}.3").write_bytes(b"LZC1 half")
     store = ChunkStore(tmp_path)
-    assert store.swept == 1
-    assert sorted(os.listdir(tmp)) == sorted([f"{'cd' * 32}.{os.getpid()}.7", "not-ours"])
+    store._sweeper.join(10)
+    assert store.swept == 2
+    assert sorted(os.listdir(sub)) == sorted([f".tmp.{'ab' * 31}cd.{os.getpid()}.7", "not-ours"])
+    assert os.listdir(legacy) == []
+
+
+def test_writes_rename_within_one_directory(tmp_path, monkeypatch):
+    """A rename across directories takes the filesystem's rename lock, which overlayfs
+    holds during copy-up while it asks the lazyfs mount below for attributes: the cache
+    must never need it (see cache.store), for chunks and image metadata alike."""
+    renames = []
+    real = os.replace
+
+    def replace(src, dst):
+        renames.append((Path(src).parent, Path(dst).parent))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    store = ChunkStore(tmp_path)
+    store.put(b"\x01" * 32, 0, 3, b"abc")
+    images = ImageStore(tmp_path)
+    images.save_manifest("reg/app:1", "sha256:" + hashlib.sha256(b"{}").hexdigest(), b"{}")
+    assert len(renames) >= 2
+    assert all(src == dst for src, dst in renames), renames
+    assert store.get(b"\x01" * 32) is not None
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage"])
@@ -72,8 +101,7 @@ def test_damaged_entry_is_dropped_not_served(tmp_path, damage, caplog):
 
 def test_put_failure_is_reported_not_raised(tmp_path, caplog):
     store = ChunkStore(tmp_path)
-    (tmp_path / "tmp").rmdir()
-    (tmp_path / "tmp").write_text("the disk refuses writes here")
+    store.path(b"\x02" * 32).parent.write_text("the disk refuses writes here")  # not a directory
     assert not store.put(b"\x02" * 32, CODEC_RAW, 1, b"x")
     assert store.write_errors == 1
     assert "serving it from the network" in caplog.text

@@ -231,7 +231,7 @@ def test_sigkill_during_prefetch_never_leaves_a_bad_entry(stress_image, slow_ser
         mounts.points.remove(mnt)
         at_kill = _cached_count(cache)
         assert before < at_kill, "nothing was cached in this round"
-        left = len(os.listdir(cache / "tmp"))
+        left = len(list(cache.glob("chunks/*/.tmp.*")))
         whole = _check_entries(cache, digests)
         rounds.append((before, at_kill, left, at_kill - whole))
 
@@ -258,11 +258,12 @@ def test_sigkill_during_prefetch_never_leaves_a_bad_entry(stress_image, slow_ser
     # leftovers: a half-written temp entry of a writer that died (this test's kills left
     # such entries too, swept by the ChunkStore opened to check them), and an entry torn
     # at its final name, as a filesystem without rename ordering could leave after a crash
-    tmpdir = cache / "tmp"
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that is surely not running (barring reuse in the next instants)
     some = [d for d in sorted(digests) if d != chunk.digest][:2]
-    (tmpdir / f"{some[0].hex()}.{dead.pid}.1").write_bytes(b"LZC1\x00 torn")
+    half = store.path(some[0]).parent / f".tmp.{some[0].hex()}.{dead.pid}.1"
+    half.parent.mkdir(parents=True, exist_ok=True)
+    half.write_bytes(b"LZC1\x00 torn")
     torn_path = store.path(some[1])
     torn_path.parent.mkdir(parents=True, exist_ok=True)
     torn_path.write_bytes(b"LZC1")
@@ -276,4 +277,4 @@ def test_sigkill_during_prefetch_never_leaves_a_bad_entry(stress_image, slow_ser
     assert ChunkStore(cache).get(some[1]) is not None
     _assert_all_bytes(mnt, files)
     assert _check_entries(cache, digests) == total
-    assert os.listdir(tmpdir) == [], "temp entries of dead writers were left behind"
+    assert not list(cache.glob("chunks/*/.tmp.*")), "temp entries of dead writers were left behind"

@@ -1,0 +1,104 @@
+"""A container writing into directories of a lazy image while the prefetch fills the cache.
+
+This is the snapshotter's layout: an overlay whose lower layer is the lazyfs mount and
+whose upper and work dirs sit on the same filesystem as the node cache. Creating a file in
+a directory of the image copies the directory up; overlayfs holds the filesystem's rename
+lock while it asks the lazyfs mount for the directory's attributes and xattrs. A cache that
+renamed its entries across directories (a common tmp/ dir) needed that same lock for every
+chunk the prefetch wrote, and the two waited on each other forever, freezing every
+cross-directory rename on the disk. Writes now rename within the entry's own directory
+(``cache.store``). The deadlock needed a cache write on the mount's loop thread at the
+moment of a copy-up, which this test makes likely but cannot force: the deterministic
+guard is ``test_writes_rename_within_one_directory`` in ``tests/test_store.py``, which
+fails on the old layout. This test checks the whole path with real mounts.
+
+Should the deadlock come back, the watchdog aborts the FUSE connection (fusectl), which
+frees the kernel, and the test fails instead of hanging the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from blockindex.convert import convert
+from lazyfs.serve import make_server
+
+pytestmark = pytest.mark.mount
+
+DIRS = 120
+CHUNK = 64 << 10
+#: seconds the copy-ups may take before the test calls it a deadlock (they take well
+#: under a second each when nothing is wrong, even on a loaded machine)
+WATCHDOG = 120
+
+
+@pytest.fixture
+def slow_many_dirs(tmp_path):
+    """An image of many directories, each with an incompressible file, served slowly so
+    that the prefetch is still writing chunks while the test copies directories up."""
+    rootfs = tmp_path / "rootfs"
+    rng = random.Random(5)
+    for i in range(DIRS):
+        d = rootfs / f"d{i:03d}"
+        d.mkdir(parents=True)
+        (d / "data.bin").write_bytes(rng.randbytes(3 * CHUNK))
+        (d / "small").write_bytes(rng.randbytes(2048))  # small ranges: cached on the loop thread
+    convert(f"dir:{rootfs}", f"oci:{tmp_path / 'images' / 'dirs'}:1", chunk_size=CHUNK)
+    shutil.rmtree(rootfs)
+    server = make_server(tmp_path / "images", "127.0.0.1", 0, delay=0.05)
+    server.start()
+    yield f"127.0.0.1:{server.port}/dirs:1"
+    server.close()
+
+
+def _fuse_abort(mnt: Path) -> None:
+    conns = Path("/sys/fs/fuse/connections")
+    if not conns.is_dir() or not any(conns.iterdir()):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(conns)], capture_output=True)
+    (conns / str(os.minor(os.stat(mnt).st_dev)) / "abort").write_text("1")
+
+
+def test_copy_up_while_prefetching_does_not_deadlock(slow_many_dirs, mounts, tmp_path):
+    mnt, _ = mounts.mount(slow_many_dirs)  # prefetch on: chunks are written all along
+    cache = tmp_path / "cache"
+    upper, work, merged = (tmp_path / n for n in ("upper", "work", "merged"))
+    for d in (upper, work, merged):
+        d.mkdir()
+    assert os.stat(upper).st_dev == os.stat(cache).st_dev, "cache and upper dir must share a filesystem"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={mnt},upperdir={upper},workdir={work}", str(merged)], check=True)
+    minor_before = os.minor(os.stat(mnt).st_dev)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def container() -> None:
+        try:
+            for i in range(DIRS):  # each create copies one directory of the image up
+                (merged / f"d{i:03d}" / "new.txt").write_text(str(i))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    try:
+        writer = threading.Thread(target=container, daemon=True)
+        writer.start()
+        if not done.wait(WATCHDOG):
+            _fuse_abort(mnt)
+            pytest.fail(f"copy-ups stuck for {WATCHDOG}s while the prefetch ran: deadlock "
+                        f"(FUSE connection {minor_before} aborted to free the kernel)")
+        assert not errors, errors
+        status = mounts.status(mnt)
+        assert status["prefetch"]["cached_chunks"] > 0, "the prefetch wrote nothing meanwhile"
+        for i in range(DIRS):
+            assert (merged / f"d{i:03d}" / "new.txt").read_text() == str(i)
+            assert len((merged / f"d{i:03d}" / "data.bin").read_bytes()) == 3 * CHUNK
+    finally:
+        subprocess.run(["umount", "-l", str(merged)], capture_output=True)
