@@ -5,10 +5,7 @@ snapshotter, on the same machine from the same registry.
     lazy        ``lazyfs pull REF`` (manifest, config and index only) then ``ctr run
                 --snapshotter lazyfs REF python3 -c PROGRAM``: the program's chunks are
                 fetched as it reads them. The snapshotter runs with ``--no-prefetch``, so the
-                bytes are what the program needed.
-                (With the background prefetch on, a container that creates a file while
-                the prefetch writes the cache can deadlock the mount against overlayfs's
-                copy-up, see the README's containerd section, so it is not measured.)
+                bytes are what the program needed, not what a background fill adds.
     full_pull   ``ctr image pull --snapshotter overlayfs REF`` (every gzip layer downloaded
                 and unpacked) then ``ctr run --snapshotter overlayfs REF python3 -c PROGRAM``.
 
