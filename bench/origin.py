@@ -14,6 +14,7 @@ the veth caps the bandwidth):
   tree), since plain HTTP has no symlinks; devices and sockets are left out.
 
 It prints one JSON line, ``{"oci": PORT, "files": PORT}``, and serves until stdin closes.
+With ``LAZYFS_BENCH_ORIGIN_DEBUG=1`` the web server prints each request and its Range.
 Only the round trip of each request is modelled: a new connection costs no extra round trip.
 """
 
