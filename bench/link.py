@@ -92,7 +92,11 @@ class Link:
         raise RuntimeError("no free /30 in 10.240.0.0/12")
 
     def __enter__(self) -> Link:
-        self.open()
+        try:
+            self.open()
+        except BaseException:
+            self.close()  # whatever part of the link was made
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="a line about the machine, kept in the results")
     ap.add_argument("--keep", action="store_true", help="leave the work directory behind")
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so mounts, the origin and the network namespace go too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         ap.error("needs root (FUSE mounts, chroot, network namespaces, drop_caches)")
     if args.only and (bad := set(args.only.split(",")) - set(SCENARIOS) - {"nodes"}):
