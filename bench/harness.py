@@ -241,9 +241,11 @@ def prepare_inputs(params: Params, work: Path) -> Inputs:
 # -- the harness: every process and mount it starts, torn down at the end -----------------
 
 class Harness:
-    def __init__(self, work: Path, inputs: Inputs) -> None:
+    def __init__(self, work: Path, inputs: Inputs | None, host: str = "127.0.0.1") -> None:
         self.work = work
-        self.inputs = inputs
+        self.inputs = inputs  # type: ignore[assignment]
+        self.host = host
+        """Where the origin listens: loopback, or the far end of a bench/link.py link."""
         self.port = 0
         self.procs: list[subprocess.Popen] = []
         self.mounts: dict[Path, int | None] = {}  # mountpoint -> mount process pid
@@ -264,13 +266,15 @@ class Harness:
         wait_port(self.port)
 
     def ref(self, repo: str) -> str:
-        return f"127.0.0.1:{self.port}/{repo}:1"
+        return f"{self.host}:{self.port}/{repo}:1"
 
     def blob_url(self, repo: str, digest: str) -> str:
-        return f"http://127.0.0.1:{self.port}/v2/{repo}/blobs/{digest}"
+        return f"http://{self.host}:{self.port}/v2/{repo}/blobs/{digest}"
 
     def mount(self, repo: str, cache: Path, *extra: str) -> Path:
         mnt = self.fresh("mnt")
+        if self.host != "127.0.0.1":
+            extra = ("--insecure-registry", f"{self.host}:{self.port}", *extra)
         out = lazyfs("mount", self.ref(repo), str(mnt), "--cache", str(cache),
                      "--log-file", str(mnt) + ".log", *extra)
         pid = int(out.stdout.split("(pid ", 1)[1].split(",", 1)[0]) if "(pid " in out.stdout \

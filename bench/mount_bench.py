@@ -1,4 +1,5 @@
-"""The mount benchmark (issue 2): lazyfs against a full pull, curl and a pyfuse3 ceiling.
+"""The mount benchmark (issue 2): lazyfs against a full pull, curl and a pyfuse3 ceiling, on
+loopback. (The full suite over a capped link is ``bench/run``, ``bench/suite.py``.)
 
 Every figure is measured side by side in one run on loopback, each scenario repeated
 (``--runs``, 5 by default), reported as median with min/max, and every ratio is taken
@@ -21,7 +22,7 @@ between medians of the same run:
 5. walk        ``find MNT -printf '%s'`` (an lstat of every entry) over a 50,000-file tree,
                fresh mount after dropping caches, against memfs serving the same shape.
 
-    bench/run                      # set-up, then this with the default runs
+    python3 bench/mount_bench.py   # after tests/setup.sh; on loopback, the default runs
     python3 bench/mount_bench.py --runs 3 --out /tmp/results
     python3 bench/mount_bench.py --quick      # tiny inputs, 1 run: for CI
 

@@ -6,10 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # containerd, runc and containerd's API .proto files (golang-...-dev) for the snapshotter and its tests;
-# tinyproxy, the forward proxy the --proxy tests send registry traffic through
+# tinyproxy, the forward proxy the --proxy tests send registry traffic through;
+# debootstrap (the benchmark's Debian image), rclone and httpdirfs (the lazy filesystems it compares)
 APT_PACKAGES=(libfuse3-dev fuse3 pkg-config curl nginx-light skopeo umoci docker-registry
               apache2-utils openssl zstd tinyproxy
-              containerd runc golang-github-containerd-containerd-dev)
+              containerd runc golang-github-containerd-containerd-dev
+              debootstrap rclone httpdirfs)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

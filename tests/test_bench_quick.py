@@ -57,3 +57,69 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
             assert isinstance(number, (int, float)) and number > 0, (scenario, dotted, value)
     assert missing == []
     assert "scenario" in done.stdout and str(tmp_path / "mount.json") in done.stdout
+
+
+#: the suite (bench/run): scenario -> figures it must report (dotted paths into suite.json)
+SUITE_FIGURES = {
+    "readiness": [f"modes.{mode}.{key}" for mode in ("full_pull", "lazy_cold", "lazy_cold_prefetch",
+                                                      "lazy_warm", "local_disk")
+                  for key in ("sh_s", "python_s")]
+    + ["ratios.cold_vs_full_pull", "ratios.warm_vs_local_disk"],
+    "bytes": ["lazy_cold_origin_bytes", "link_bytes.full_pull", "link_bytes.lazy_cold",
+              "image_stored_bytes", "gzip_layers_bytes", "image_file_bytes",
+              "ratios.cold_origin_vs_stored"],
+    "prefetch": ["fill_bytes_per_s", "curl_bytes_per_s", "link_nominal_bytes_per_s",
+                 "read_latency_s.idle_no_prefetch.p50", "read_latency_s.idle_no_prefetch.p99",
+                 "read_latency_s.cache_complete.p99", "ratios.fill_vs_link"],
+    "throughput": [f"{kind}.{mode}" for kind in ("seq_bytes_per_s", "random_4k_bytes_per_s")
+                   for mode in ("lazy_cold", "lazy_warm", "local_disk", "memfs")]
+    + [f"walk_s.{k}" for k in ("lazy_debian", "local_debian", "lazy_many", "memfs_many")]
+    + ["ratios.seq_warm_vs_memfs"],
+    "decompress": ["gunzip_cpu_s", "lz4_cpu_s", "ratios.gunzip_vs_lz4"],
+    "others": ["rclone.readiness.python_s", "rclone.readiness.link_bytes",
+               "rclone.seq_bytes_per_s.cold", "rclone.seq_bytes_per_s.warm",
+               "httpdirfs.seq_bytes_per_s.cold", "httpdirfs.seq_bytes_per_s.warm"],
+}
+
+
+def _positive(where: str, value) -> None:
+    number = value["median"] if isinstance(value, dict) and "median" in value else value
+    if isinstance(value, dict) and "median" in value:
+        assert value["min"] > 0 and value["max"] > 0, (where, value)
+    assert isinstance(number, (int, float)) and number > 0, (where, value)
+
+
+def test_quick_suite_reports_every_scenario(tmp_path):
+    """``bench/run --quick`` (the same code as the full suite, tiny inputs) runs every
+    scenario, reports each figure, writes the summary and the plots; a mode that cannot
+    run here says why instead of giving a number."""
+    done = subprocess.run([str(ROOT / "bench" / "run"), "--no-setup", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "suite.json").read_text())
+    scenarios = result["scenarios"]
+    missing = []
+    for scenario, figures in SUITE_FIGURES.items():
+        for dotted in figures:
+            try:
+                value = _get(scenarios[scenario], dotted)
+            except KeyError:
+                missing.append(f"{scenario}.{dotted}")
+                continue
+            _positive(f"{scenario}.{dotted}", value)
+    assert missing == []
+    recorded = scenarios["readiness"]["modes"]["lazy_recorded"]
+    assert "python_s" in recorded or recorded["status"].startswith("not available: "), recorded
+    hd = scenarios["others"]["httpdirfs"]["readiness"]
+    assert "python_s" in hd or hd["status"].startswith("cannot run programs: "), hd
+    for name, entry in scenarios["nodes"].items():
+        assert entry["status"] == "ok" or entry["status"].startswith("not present: "), (name, entry)
+    plots = ["readiness.png", "throughput.png", "prefetch.png"]
+    summary = (tmp_path / "summary.md").read_text()
+    if scenarios["nodes"].get("peers_bench", {}).get("status") == "ok" \
+            and "no concurrency rows" not in summary:
+        plots.append("concurrency.png")
+    for name in plots:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "## Goals" in summary and "readiness.png" in summary
+    assert result["meta"]["failed"] == [] and result["meta"]["link"]["mbit"] > 0
