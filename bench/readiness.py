@@ -9,8 +9,8 @@ taken turn about within each run so that every ratio compares figures of the sam
   (``curl | tar -xz``, download and unpacking overlapping per layer, as a pull does);
 - ``lazy_cold``: a fresh cache, ``--no-prefetch``: only what the programs read is fetched;
 - ``lazy_cold_prefetch``: a fresh cache with the default background prefetch competing;
-- ``lazy_recorded``: prefetch in a recorded order (``lazyfs mount --record``), when this
-  commit of lazyfs has it; "not available" otherwise;
+- ``lazy_recorded``: a fresh cache holding only the order recorded by one earlier mount
+  (``lazyfs mount --record``), with the default prefetch, which fetches that order first;
 - ``lazy_warm``: a complete cache (fresh mount, page cache dropped);
 - ``local_disk``: the image's tree on local disk.
 
@@ -81,7 +81,11 @@ def _recorded(b: Bench) -> dict[str, float]:
     chroot(mnt, SH)
     chroot(mnt, PY)
     b.h.umount(mnt)
-    out = _lazy(b, b.h.fresh("cache-recorded"))
+    # A node gets the learned order from its own cache or from the registry (`lazyfs trace
+    # push` attaches it as a referrer); here the trace alone is carried to a fresh cache.
+    fresh = b.h.fresh("cache-recorded")
+    shutil.copytree(cache / "traces", fresh / "traces")
+    out = _lazy(b, fresh)
     shutil.rmtree(cache)
     return out
 
