@@ -60,7 +60,8 @@ def test_round_trip_and_store(tmp_path):
     again = store.load(M)
     assert again is not None and len(again.runs) == 2
     assert Trace.parse(trace.to_json(), M).runs == trace.runs
-    assert not list((tmp_path / "tmp").iterdir())  # written through a temp file, renamed
+    # written through a temp file beside it and renamed: only the trace itself is left
+    assert [p.name for p in (tmp_path / "traces").iterdir()] == [M.removeprefix("sha256:") + ".json"]
 
 
 @pytest.mark.parametrize("mutate", [
