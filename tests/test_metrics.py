@@ -116,7 +116,11 @@ def test_serve_peer_and_snapshotter_metrics(metric_image, tmp_path):
     try:
         served = re.search(r"serving OCI layouts under \S+ at (http://\S+)", seen).group(1)
         assert urllib.request.urlopen(f"{served}/v2/", timeout=10).status == 200
-        m = scrape(url)
+        # the server counts a response once its body is sent, after the client has it
+        deadline = time.monotonic() + 10
+        while value(m := scrape(url), "lazyfs_serve_requests_total", status="200") == 0:
+            assert time.monotonic() < deadline, m
+            time.sleep(0.05)
         assert value(m, "lazyfs_serve_requests_total", status="200") == 1
         assert value(m, "lazyfs_serve_bytes_total") > 0
     finally:
