@@ -69,6 +69,12 @@ class ChunkStore:
         self.root = Path(root)
         self._chunks = self.root / "chunks"
         try:
+            if not self.root.exists():
+                # caches hold private images: a new one is its owner's alone
+                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            elif self.root.stat().st_mode & 0o022:
+                log.warning("cache directory %s is writable by other users, who could then make "
+                            "this process write elsewhere; make it 0700", self.root)
             self._chunks.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self._chunks, prefix=".probe-")
             probe.close()

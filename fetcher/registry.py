@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -104,7 +105,24 @@ def _is_loopback(registry: str) -> bool:
         host = registry[1 : registry.index("]")]
     else:
         host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # not "127.example.com"
+    except ValueError:
+        return False
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The system's trust store (what curl and skopeo trust here), plus ``ca_file``'s
+    certificates when given: a private CA is added to the public ones, not put in their place."""
+    ctx = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise UnreachableError(f"cannot use CA file {ca_file}: {exc}") from exc
+    return ctx
 
 
 class RegistryClient:
@@ -137,15 +155,9 @@ class RegistryClient:
         self._proxy = proxy
         scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
         self._auth = Authenticator(ref.registry, scope, credentials)
-        verify: ssl.SSLContext | bool = True
-        if ca_file is not None:
-            try:
-                verify = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise UnreachableError(f"cannot use CA file {ca_file}: {exc}") from exc
         self._client = httpx.AsyncClient(
             transport=transport,
-            verify=verify,
+            verify=tls_context(ca_file),
             proxy=proxy,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(

@@ -529,7 +529,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
 
     root = Path(args.root).absolute()
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as containerd's own snapshotters
     except OSError as exc:
         raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
     service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,7 +27,7 @@ from fetcher.errors import (
     UnreachableError,
 )
 from fetcher.imageref import ImageRef
-from fetcher.registry import RegistryClient, RetryPolicy, resolve_image_manifest
+from fetcher.registry import RegistryClient, RetryPolicy, resolve_image_manifest, tls_context
 from lazyfs.serve import ServerHandle
 
 from .conftest import Image
@@ -264,6 +266,23 @@ def test_https_for_remote_hosts_and_docker_hub() -> None:
     assert RegistryClient(ImageRef.parse("localhost:5000/a")).base_url.startswith("http://")
     assert RegistryClient(ImageRef.parse("h.example/a"), insecure=True).base_url.startswith(
         "http://")
+    for host in ("127.0.0.1:5000", "127.1.2.3", "[::1]:5000"):
+        assert RegistryClient(ImageRef.parse(f"{host}/a")).base_url.startswith("http://"), host
+    # a name that merely starts like a loopback address is a remote host
+    assert RegistryClient(ImageRef.parse("127.example.com/a")).base_url.startswith("https://")
+
+
+def test_ca_file_adds_to_the_system_trust_store(tmp_path) -> None:
+    system = len(tls_context(None).get_ca_certs())
+    assert system > 0  # the machine's store, not an empty context
+    assert tls_context(None).verify_mode == ssl.CERT_REQUIRED
+    ca = tmp_path / "ca.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=lazyfs test CA", "-keyout", str(tmp_path / "ca.key"), "-out", str(ca)],
+                   check=True, capture_output=True)
+    assert len(tls_context(str(ca)).get_ca_certs()) == system + 1
+    with pytest.raises(UnreachableError, match="cannot use CA file"):
+        tls_context(str(tmp_path / "missing.pem"))
 
 
 def test_5xx_then_success_is_retried() -> None:

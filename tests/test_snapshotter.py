@@ -312,6 +312,7 @@ def test_grpc_round_trip(fake, tmp_path):
     try:
         with grpc.insecure_channel(f"unix://{sock}") as ch:
             grpc.channel_ready_future(ch).result(timeout=10)
+            assert sock.stat().st_mode & 0o777 == 0o600  # containerd (root) only
             stub = pb_grpc.SnapshotsStub(ch)
             r = stub.Prepare(pb.PrepareSnapshotRequest(snapshotter="lazyfs", key="k"))
             assert r.mounts[0].type == "bind"

@@ -115,6 +115,17 @@ def test_unusable_cache_dir(tmp_path):
         ChunkStore(blocker / "cache")
 
 
+def test_a_new_cache_is_its_owners_alone_and_a_shared_one_is_warned_of(tmp_path, caplog):
+    ChunkStore(tmp_path / "new" / "cache")
+    assert (tmp_path / "new" / "cache").stat().st_mode & 0o777 == 0o700
+    assert "writable by other users" not in caplog.text
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    ChunkStore(shared)
+    assert f"cache directory {shared} is writable by other users" in caplog.text
+
+
 def test_image_store_verifies_what_it_reads(tmp_path):
     images = ImageStore(tmp_path)
     import hashlib

@@ -117,8 +117,12 @@ def serve(service: SnapshotService, address: Path, *, workers: int = 8,
         address.unlink()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(service), server)
-    server.add_insecure_port(f"unix://{address}")
-    server.start()
+    umask = os.umask(0o077)  # the socket is born 0600: no window in which others can connect
+    try:
+        server.add_insecure_port(f"unix://{address}")
+        server.start()
+    finally:
+        os.umask(umask)
     os.chmod(address, 0o600)
     log.info("snapshotter serving on %s", address)
     stop = stop or threading.Event()
