@@ -224,6 +224,10 @@ def test_killed_mount_process_is_reported_and_cleaned_up(served, mounts, tmp_pat
     pid = mounts.status(mnt)["pid"]
     os.kill(pid, 9)
     _wait_gone(pid)
+    # a reader of a dead mount gets an error at once, never a wait
+    with pytest.raises(OSError) as err:
+        os.listdir(mnt)
+    assert err.value.errno == errno.ENOTCONN
     again = lazyfs("mount", ref(server), str(mnt), "--cache", str(tmp_path / "c"), check=False)
     assert again.returncode == 5 and "process has died" in again.stderr, again.stderr
     done = lazyfs("umount", str(mnt))
