@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -271,3 +273,40 @@ def test_an_image_with_the_media_types_of_earlier_versions_still_mounts(served, 
     assert imagegen.compare_tree(mnt, image.expected) == []
     info = json.loads(lazyfs("images", ref(server, "rich:old"), "--json").stdout)
     assert info["lazy"] and info["index"] == manifest["layers"][0]["digest"]
+
+
+def test_a_registry_that_answers_byte_by_byte_fails_the_mount_within_its_deadline(mounts):
+    """Each wait for a byte is shorter than --timeout, so only the mount's own deadline on
+    the manifest ends it: one line and exit 4, not a mount that never becomes ready."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000\r\n\r\n")
+            while not stop.wait(0.2):
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        port = listener.getsockname()[1]
+        _mnt, done = mounts.mount(f"127.0.0.1:{port}/app:1", "--timeout", "1", "--foreground",
+                                  check=False)
+    finally:
+        stop.set()
+        listener.close()
+    assert done.returncode == 4, done.stderr
+    assert "did not arrive within 3 s" in done.stderr and done.stderr.count("\n") == 1, done.stderr
