@@ -51,8 +51,9 @@ PREFETCH_FILES_META = "prefetch_files"
 def checked_trace(data: bytes, manifest: str, index_path: Path, where: str) -> Trace:
     """A trace from elsewhere (``where``: ``registry``, ``peer URL``), parsed strictly and
     cut down to the chunks of the image whose index is at ``index_path``, its runs
-    labelled ``where``. TraceError if it is malformed, too large, for another image, or
-    names none of its chunks. (Its own index connection: this runs in a worker thread.)"""
+    labelled ``where``, runs left empty dropped. TraceError if it is malformed, too large,
+    for another image, or names none of its chunks. (Its own index connection: this runs
+    in a worker thread.)"""
     trace = Trace.parse(data, manifest)
     index = IndexReader(index_path)
     try:
@@ -62,6 +63,9 @@ def checked_trace(data: bytes, manifest: str, index_path: Path, where: str) -> T
     if dropped:
         log.warning("trace of %s from %s names %d chunks the image does not have; dropped them",
                     manifest, where, dropped)
+    trace.runs = [r for r in trace.runs if r.entries]  # an empty run would only push out others
+    if not trace.runs:
+        raise TraceError("it names no chunks")
     return trace.labelled(where)
 
 

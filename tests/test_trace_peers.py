@@ -93,6 +93,8 @@ def test_checked_trace_keeps_only_chunks_of_the_image(traced, tmp_path, caplog):
     assert "names 2 chunks the image does not have" in caplog.text
     with pytest.raises(TraceError, match="none of its 2 chunks"):
         checked_trace(_trace(digest, ["00" * 32, "11" * 32]).to_json(), digest, index_path, "peer x")
+    with pytest.raises(TraceError, match="names no chunks"):
+        checked_trace(Trace(digest, [Run("", None, ())]).to_json(), digest, index_path, "peer x")
     with pytest.raises(TraceError, match="for image"):
         checked_trace(_trace(M, mine).to_json(), digest, index_path, "peer x")
 
