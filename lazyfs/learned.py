@@ -233,8 +233,9 @@ class LearnedPrefetch:
                      self.manifest, self.timeout)
         if not found:
             return None, None
-        source = "+".join(sorted(found))  # "peer ..." sorts after "registry"
-        trace = Trace.merge(self.manifest, [found[k] for k in sorted(found)])
+        order = sorted(found, key=lambda k: k != "registry")  # the registry's first: it names shared runs
+        source = "+".join(order)
+        trace = Trace.merge(self.manifest, [found[k] for k in order])
         log.info("using the trace of %s from %s (%d runs)", self.manifest, source, len(trace.runs))
         try:
             await trio.to_thread.run_sync(self.traces.save, trace)

@@ -28,9 +28,10 @@ from lazyfs.learned import checked_trace
 from lazyfs.peer import ChunkServer
 
 from .conftest import ROOT, lazyfs
+from .registryd import Registry, needs_registry
 from .test_mount import index_of
 from .test_peers import free_ports
-from .test_trace_mount import read_all, wait_for
+from .test_trace_mount import make_rootfs, read_all, wait_for
 from .test_trace_mount import traced as _traced
 
 traced = _traced  # the fixture: an image of 60 files, served, and a workload of 20
@@ -229,9 +230,10 @@ def test_peers_that_serve_garbage_traces_are_ignored(traced, mounts, tmp_path):
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         liars[kind] = (f"http://127.0.0.1:{httpd.server_address[1]}", httpd)
+    [down] = free_ports(1)  # nothing listens there
     try:
         peers = tmp_path / "peers"
-        peers.write_text("".join(url + "\n" for url, _ in liars.values()))
+        peers.write_text("".join(url + "\n" for url, _ in liars.values()) + f"http://127.0.0.1:{down}\n")
         mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/app:1", "--prefetch", "trace", "--record-window", "0",
                               "--peers-file", str(peers), "--token-file", str(token_file))
         wait_for(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", "the learned order")
@@ -249,5 +251,54 @@ def test_peers_that_serve_garbage_traces_are_ignored(traced, mounts, tmp_path):
         else:
             assert f"peer {url} sent a trace of {digest} that is not usable" in log, kind
     assert "none of its 5 chunks is a chunk of this image" in log
+    assert f"peer http://127.0.0.1:{down}: cannot connect" in log  # down: skipped
     assert "Traceback" not in log
     assert not (tmp_path / "cache" / "traces" / (digest.removeprefix("sha256:") + ".json")).exists()
+
+
+@needs_registry
+def test_a_peer_trace_and_the_registry_trace_merge_by_run(mounts, tmp_path):
+    """The registry holds run 1 (pushed); peer A holds runs 1 and 2. A fresh node gets
+    both, keeps run 1 once (under the registry's name) and run 2 from A."""
+    registry = Registry(tmp_path, name="registry-peertrace")
+    try:
+        rootfs = tmp_path / "rootfs"
+        work = make_rootfs(rootfs)
+        ref = f"{registry.host}/app:1"
+        lazyfs("convert", f"dir:{rootfs}", f"docker://{ref}", "--chunk-size", "64K")
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN + "\n")
+        cache_a = tmp_path / "cache-a"
+        for i, files in enumerate((work[:8], work[4:])):
+            mnt, _ = mounts.mount(ref, "--no-prefetch", "--record", cache=cache_a, name=f"a{i}")
+            read_all(mnt, rootfs, files)
+            lazyfs("umount", str(mnt))
+            mounts.points.remove(mnt)
+            if i == 0:
+                lazyfs("trace", "push", ref, "--cache", str(cache_a))
+            time.sleep(1.1)  # runs recorded in different seconds
+        runs_a = json.loads(lazyfs("trace", "show", ref, "--cache", str(cache_a), "--json").stdout)["runs"]
+        assert len(runs_a) == 2
+        [port_a] = free_ports(1)
+        url_a = f"http://127.0.0.1:{port_a}"
+        peer = subprocess.Popen([sys.executable, "-m", "lazyfs", "peer", "--cache", str(cache_a),
+                                 "--listen", f"127.0.0.1:{port_a}", "--token-file", str(token_file)],
+                                cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_listening(port_a, peer)
+            (tmp_path / "peers").write_text(url_a + "\n")
+            mnt, _ = mounts.mount(ref, "--prefetch", "trace", "--record-window", "0", "--peers-file",
+                                  str(tmp_path / "peers"), "--token-file", str(token_file),
+                                  cache=tmp_path / "cache-b", name="b")
+            wait_for(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", "the learned order")
+            t = mounts.status(mnt)["trace"]
+        finally:
+            peer.send_signal(signal.SIGTERM)
+            peer.wait(timeout=10)
+    finally:
+        registry.stop()
+    assert t["lead_source"] == f"registry+peer {url_a}"
+    assert [(r["recorded"], r["source"]) for r in t["lead_runs"]] == [
+        (runs_a[0]["recorded"], "registry"), (runs_a[1]["recorded"], f"peer {url_a}")]
+    shown = json.loads(lazyfs("trace", "show", ref, "--cache", str(tmp_path / "cache-b"), "--json").stdout)
+    assert [r["source"] for r in shown["runs"]] == ["registry", f"peer {url_a}"]
