@@ -48,7 +48,7 @@ class Progress:
     started: float | None = None
     finished: float | None = None
     lead_state: str = "none"  # none, looking, replaying, done
-    lead_source: str | None = None  # where the lead came from: local, registry, index
+    lead_source: str | None = None  # where the lead came from: local, registry, peer URL, index
     lead_chunks: int = 0
     lead_bytes: int = 0
     lead_missing: int = 0  # of the lead's chunks, those the cache lacked at the start

@@ -6,9 +6,14 @@ under the cache root, keyed by the image's manifest digest::
 
     traces/<manifest hex>.json     {"mediaType": TRACE_MEDIA_TYPE, "version": 1,
                                     "manifest": "sha256:...", "runs": [run, ...]}
-    run = {"recorded": "2026-11-22T07:00:00Z", "window": 30.0,
+    run = {"recorded": "2026-11-22T07:00:00Z", "window": 30.0, "source": "recorded",
            "entries": [{"chunk": "<blake3 hex>", "file": "usr/bin/x", "offset": 0,
                         "t": 0.012, "bytes": 4096}, ...]}        # in first-read order
+
+A run's ``source`` says where this node got it: ``recorded`` (a mount here), ``registry``
+(an OCI referrer) or ``peer http://HOST:PORT``. It is kept in the cache only: a trace that
+leaves the node (``to_json(sources=False)``: pushed, or served to a peer) carries none,
+and whoever receives it labels the runs by where it got them.
 
 ``Trace.merged()`` is the order a replay uses: every chunk read by one of the kept runs,
 sorted by the median of its positions in the runs that read it (ties by its median time).
@@ -18,7 +23,12 @@ last read it, so a workload that changes sheds the chunks it stopped reading.
 The same document is what ``lazyfs trace push`` attaches to an image in a registry, so a
 trace from anywhere (this node, another node, a registry) is parsed by ``Trace.parse``,
 which checks every field and size: a trace is a hint, and a bad one is dropped, never
-trusted with more than an order of chunks the index already names.
+trusted with more than an order of chunks the index already names (``Trace.restrict``
+drops the chunks the image does not have).
+
+Traces from several places merge by run (``Trace.merge``): the runs of all of them, each
+once, and the newest ``KEEP_RUNS`` by their recording time are kept, so a node that gets
+the registry's trace and a peer's newer recordings replays the recent workload.
 """
 
 from __future__ import annotations
@@ -26,10 +36,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +64,8 @@ MAX_TRACE_BYTES = 32 << 20
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_RECORDED = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)?$")
+MAX_SOURCE = 300
 
 
 class TraceError(ValueError):
@@ -78,8 +91,15 @@ class TraceEntry:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Run:
     recorded: str
+    """When the run ended, ``YYYY-MM-DDTHH:MM:SSZ`` (UTC; sorts as text)."""
     window: float | None
     entries: tuple[TraceEntry, ...]
+    source: str | None = None
+    """Where this node got the run: ``recorded``, ``registry``, ``peer URL``; None: unknown."""
+
+    def same_run(self) -> tuple[str, float | None, tuple[TraceEntry, ...]]:
+        """What identifies a run wherever it travelled (its source aside)."""
+        return self.recorded, self.window, self.entries
 
 
 @dataclasses.dataclass
@@ -107,12 +127,54 @@ class Trace:
         order = sorted(latest, key=lambda c: (statistics.median(positions[c]), statistics.median(times[c])))
         return [dataclasses.replace(latest[c], t=round(statistics.median(times[c]), 4)) for c in order]
 
-    def to_json(self) -> bytes:
-        doc = {
-            "mediaType": TRACE_MEDIA_TYPE, "version": VERSION, "manifest": self.manifest,
-            "runs": [{"recorded": r.recorded, "window": r.window,
-                      "entries": [dataclasses.asdict(e) for e in r.entries]} for r in self.runs],
-        }
+    def labelled(self, source: str) -> Trace:
+        """The same runs, each labelled as got from ``source``."""
+        return Trace(self.manifest, [dataclasses.replace(r, source=source) for r in self.runs])
+
+    def restrict(self, known: Callable[[str], bool]) -> tuple[Trace, int]:
+        """The trace without the chunks for which ``known(hex digest)`` is false (chunks
+        of another image), and how many distinct chunks were dropped. TraceError if no
+        chunk is left: such a trace is not for this image, whatever it says."""
+        verdict: dict[str, bool] = {}
+        runs = []
+        for r in self.runs:
+            kept = []
+            for e in r.entries:
+                ok = verdict.get(e.chunk)
+                if ok is None:
+                    ok = verdict[e.chunk] = known(e.chunk)
+                if ok:
+                    kept.append(e)
+            runs.append(dataclasses.replace(r, entries=tuple(kept)))
+        if verdict and not any(verdict.values()):
+            raise TraceError(f"none of its {len(verdict)} chunks is a chunk of this image")
+        return Trace(self.manifest, runs), sum(not ok for ok in verdict.values())
+
+    @classmethod
+    def merge(cls, manifest: str, traces: Sequence[Trace], keep: int = KEEP_RUNS) -> Trace:
+        """The runs of ``traces`` (the same run from two places once: the first one's
+        label), the newest ``keep`` by recording time, oldest first."""
+        seen: set[tuple[str, float | None, tuple[TraceEntry, ...]]] = set()
+        runs = []
+        for t in traces:
+            for r in t.runs:
+                if r.same_run() not in seen:
+                    seen.add(r.same_run())
+                    runs.append(r)
+        runs.sort(key=lambda r: r.recorded)  # stable: ties keep the order given
+        return cls(manifest, runs[-keep:] if keep else [])
+
+    def to_json(self, *, sources: bool = True) -> bytes:
+        """The document; ``sources=False`` for a trace that leaves this node."""
+        def run(r: Run) -> dict[str, Any]:
+            out: dict[str, Any] = {"recorded": r.recorded, "window": r.window,
+                                   "entries": [dataclasses.asdict(e) for e in r.entries]}
+            if sources and r.source is not None:
+                out["source"] = r.source
+            return out
+
+        doc = {"mediaType": TRACE_MEDIA_TYPE, "version": VERSION, "manifest": self.manifest,
+               "runs": [run(r) for r in self.runs]}
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
@@ -144,8 +206,16 @@ def _parse_run(r: Any) -> Run:
     if not isinstance(r, dict) or not isinstance(r.get("entries"), list):
         raise TraceError("malformed trace run")
     window = r.get("window")
-    if window is not None and not isinstance(window, (int, float)):
+    if window is not None and (not isinstance(window, (int, float)) or isinstance(window, bool)
+                               or not window >= 0):
         raise TraceError("malformed trace window")
+    recorded = r.get("recorded", "")
+    if not isinstance(recorded, str) or not _RECORDED.match(recorded):
+        raise TraceError("malformed trace recording time")
+    source = r.get("source")
+    if source is not None and (not isinstance(source, str) or len(source) > MAX_SOURCE
+                               or not source.isprintable()):
+        raise TraceError("malformed trace run source")
     if len(r["entries"]) > MAX_ENTRIES:
         raise TraceError("trace run has too many entries")
     entries = []
@@ -158,11 +228,11 @@ def _parse_run(r: Any) -> Run:
         if (not isinstance(entry.chunk, str) or not _HEX64.match(entry.chunk)
                 or not isinstance(entry.file, str) or len(entry.file) > 4096
                 or not isinstance(entry.offset, int) or entry.offset < 0
-                or not isinstance(entry.t, (int, float)) or not entry.t >= 0
+                or not isinstance(entry.t, (int, float)) or not 0 <= entry.t < math.inf
                 or not isinstance(entry.bytes, int) or entry.bytes < 0):
             raise TraceError("malformed trace entry")
         entries.append(entry)
-    return Run(str(r.get("recorded", "")), None if window is None else float(window), tuple(entries))
+    return Run(recorded, None if window is None else float(window), tuple(entries), source)
 
 
 class TraceStore:
@@ -258,7 +328,7 @@ class TraceRecorder:
                        offset=off, t=round(t, 4), bytes=c.stored_size)
             for c, ino, off, t in self._entries)
         recorded = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return Run(recorded, self.window, entries)
+        return Run(recorded, self.window, entries, "recorded")
 
     def inodes(self) -> set[int]:
         return {ino for _, ino, _, _ in self._entries}

@@ -81,10 +81,19 @@ class RangeClient:
         Returns exactly ``length`` bytes (from a 206, or sliced from a 200); raises
         ``UnexpectedResponse`` for any other status, ``ServerError`` for a malformed or
         short answer, ``UnreachableError`` when the connection fails."""
+        return await self._get(path, offset, length, headers or {})
+
+    async def get(self, path: str, max_size: int, headers: dict[str, str] | None = None) -> bytearray:
+        """The whole body of ``GET path`` (a 200 with a Content-Length); ``ServerError``
+        when that length is over ``max_size`` (nothing of the body is read), otherwise
+        as ``get_range``."""
+        return await self._get(path, None, max_size, headers or {})
+
+    async def _get(self, path: str, offset: int | None, length: int, headers: dict[str, str]) -> bytearray:
         conn = await self._connect()
         reusable = False
         try:
-            body, reusable = await self._exchange(conn, path, offset, length, headers or {})
+            body, reusable = await self._exchange(conn, path, offset, length, headers)
             return body
         finally:
             if reusable and len(self._idle) < self._max_idle:
@@ -92,10 +101,14 @@ class RangeClient:
             else:
                 conn.sock.close()
 
-    async def _exchange(self, conn: _Conn, path: str, offset: int, length: int,
+    async def _exchange(self, conn: _Conn, path: str, offset: int | None, length: int,
                         headers: dict[str, str]) -> tuple[bytearray, bool]:
-        lines = [f"GET {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                 f"Range: bytes={offset}-{offset + length - 1}", "Accept-Encoding: identity"]
+        """One request on ``conn``: bytes ``offset``+``length`` (``offset`` None: the
+        whole body, at most ``length`` bytes)."""
+        lines = [f"GET {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        if offset is not None:
+            lines.append(f"Range: bytes={offset}-{offset + length - 1}")
+        lines.append("Accept-Encoding: identity")
         lines += [f"{k}: {v}" for k, v in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
@@ -108,9 +121,17 @@ class RangeClient:
             raise UnexpectedResponse(status, resp_headers)
         try:
             n = int(clen)
+            if n < 0:
+                raise ValueError(clen)
         except ValueError:
             raise ServerError(f"{self.host}:{self.port}: bad Content-Length {clen!r}") from None
-        if status == 206:
+        if offset is None:
+            if status != 200:
+                raise UnexpectedResponse(status, resp_headers)
+            if n > length:
+                raise ServerError(f"{self.host}:{self.port}{path}: {n}-byte body is over the "
+                                  f"{length}-byte limit")
+        elif status == 206:
             expected = f"bytes {offset}-{offset + length - 1}/"
             if n != length or not resp_headers.get("content-range", "").startswith(expected):
                 raise ServerError(f"{self.host}:{self.port}{path}: answered range "
@@ -132,7 +153,7 @@ class RangeClient:
         except OSError as exc:
             raise UnreachableError(f"{self.host}:{self.port}: {exc.strerror or exc}") from exc
         reusable = resp_headers.get("connection", "").lower() != "close"
-        if status == 200:
+        if status == 200 and offset is not None:
             log.debug("%s: server ignored Range; sliced %d bytes from a full body", path, length)
             return body[offset : offset + length], reusable
         return body, reusable

@@ -6,7 +6,8 @@
                                 leaves, only the chunks it owned move
     PeerSet                     the peer list (re-read from the peers file when it
                                 changes), which peers to avoid for now, bytes per peer
-    PeerClient                  GET /v1/chunks/<blake3 hex> with the cluster token
+    PeerClient                  GET /v1/chunks/<blake3 hex> with the cluster token; also
+                                GET /v1/traces/sha256:<hex>, an image's prefetch trace
     race(attempts, d)           run the first attempt; start the next one when every
                                 attempt started so far has failed, or (a hedge) when the
                                 last one started has not answered within ``d`` seconds;
@@ -49,7 +50,7 @@ import xxhash
 
 from blockindex.format import Chunk
 
-from .errors import AuthError, FetchError, ServerError, UnreachableError
+from .errors import AuthError, FetchError, NotFoundError, ServerError, UnreachableError
 from .http1 import RangeClient, UnexpectedResponse
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHUNK_PATH = "/v1/chunks/"
+TRACE_PATH = "/v1/traces/"
+"""``GET /v1/traces/sha256:<hex>``: the learned prefetch trace a peer keeps for an image."""
 NODE_HEADER = "X-Lazyfs-Node"
 """Sent with every peer request: the asking process's random id (see ``PeerClient``)."""
 
@@ -133,6 +136,12 @@ class PeerConfig:
     """Peers asked for one chunk before the origin: its owner, then the next owner."""
     reload_interval: float = 2.0
     """Seconds between checks of the peers file's mtime."""
+    trace_peers: int = 8
+    """Peers asked for an image's trace, in the rendezvous order of its manifest digest:
+    every node asks the same few, so traces gather there and a big cluster is not asked
+    one request per node."""
+    trace_hedge_delay: float = 1.0
+    """Seconds to wait for a peer's trace before asking the next peer as well."""
 
 
 @dataclasses.dataclass
@@ -182,6 +191,15 @@ class PeerSet:
             if self.health[p].avoid_until <= now:
                 out.append(p)
         return out
+
+    def trace_holders(self, manifest_digest: bytes) -> list[str]:
+        """The peers to ask for an image's trace, in order: the owner of its manifest
+        digest and the next ones in rendezvous order, at most ``config.trace_peers``,
+        without this node and peers being avoided."""
+        now = self._clock()
+        usable = [p for p in rendezvous(manifest_digest, self.peers)
+                  if not self._is_self(p) and self.health[p].avoid_until <= now]
+        return usable[:self.config.trace_peers]
 
     def owner(self, digest: bytes) -> str | None:
         """The peer to ask first for ``digest``; None when that is this node (or no peer
@@ -342,6 +360,21 @@ class PeerClient:
                 raise PeerIsSelf(f"peer {peer} is this node") from None
             raise ServerError(f"peer {peer}: unexpected status {exc.status}") from None
 
+    async def fetch_trace(self, peer: str, manifest: str, max_size: int) -> bytearray:
+        """The trace document ``peer`` keeps for image ``manifest`` (unchecked: see
+        ``lazyfs.learned``). ``NotFoundError`` when it has none; ``ServerError`` for one
+        over ``max_size`` bytes (not read)."""
+        try:
+            return await self._client(peer).get(f"{TRACE_PATH}{manifest}", max_size, self._auth)
+        except UnexpectedResponse as exc:
+            if exc.status == 401:
+                raise AuthError(f"peer {peer} refused the cluster token (401)") from None
+            if exc.status == 404:
+                raise NotFoundError(f"peer {peer} has no trace of {manifest} (404)") from None
+            if exc.status == 508:
+                raise PeerIsSelf(f"peer {peer} is this node") from None
+            raise ServerError(f"peer {peer}: unexpected status {exc.status} for a trace") from None
+
     async def aclose(self) -> None:
         for c in self._clients.values():
             await c.aclose()
@@ -439,5 +472,5 @@ async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaita
 
 
 __all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher", "hedge", "race",
-           "RaceResult", "PeerIsSelf", "NODE_HEADER", "normalize_url", "peer_url", "read_peers_file",
-           "UnreachableError"]
+           "RaceResult", "PeerIsSelf", "NODE_HEADER", "TRACE_PATH", "normalize_url", "peer_url",
+           "read_peers_file", "UnreachableError"]

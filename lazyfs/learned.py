@@ -3,14 +3,20 @@ prefetcher what to fetch first.
 
 The order to fetch first (the *lead*) is, in this order of preference:
 
-1. the trace this node's cache keeps for the image (``CACHE/traces/``, see ``cache.trace``);
-2. else a trace attached to the image in the registry as an OCI referrer (``lazyfs trace
-   push``), checked against its digests; it then seeds the local trace;
+1. the trace this node's cache keeps for the image (``CACHE/traces/``, see ``cache.trace``):
+   what this node recorded, and what it got before from the registry or a peer;
+2. else, asked at the same time and merged (``Trace.merge``: the newest runs of both):
+   a trace attached to the image in the registry as an OCI referrer (``lazyfs trace
+   push``), checked against its digests; and the trace a peer keeps (``peer_trace``),
+   from the owner of the image's manifest digest first. What arrives within the mount's
+   timeout seeds the local trace, so this node serves it to its peers in turn;
 3. then, after either, the chunks of the files named at conversion (``lazyfs convert
    --prefetch-files``, kept in the index's ``prefetch_files`` meta entry).
 
 A trace is a hint: one that is missing, malformed, for another image or unreachable is
-logged and ignored, and the prefetch goes on in blob order.
+logged and ignored, and the prefetch goes on in blob order. A trace is not
+content-addressed, so one from elsewhere is parsed strictly, bounded in size, and cut
+down to the chunks this image's index has (one that names none of them is refused).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +34,9 @@ from blockindex.format import ChunkDigest, InodeT
 from blockindex.reader import IndexReader
 from cache.errors import CacheError
 from cache.trace import MAX_TRACE_BYTES, TRACE_MEDIA_TYPE, Trace, TraceError, TraceRecorder, TraceStore
-from fetcher.errors import FetchError
+from fetcher.errors import FetchError, NotFoundError, ServerError, UnreachableError
 from fetcher.mirrors import MirroredClient
+from fetcher.peers import PeerIsSelf, PeerTier, race
 from fetcher.referrers import find_referrers, read_referrer
 from fetcher.registry import RegistryClient
 
@@ -40,7 +48,81 @@ PREFETCH_FILES_META = "prefetch_files"
 """Index meta key: JSON list of ``[inode, path]`` to prefetch first (``convert --prefetch-files``)."""
 
 
-async def remote_trace(client: RegistryClient | MirroredClient, manifest: str) -> Trace | None:
+def checked_trace(data: bytes, manifest: str, index_path: Path, where: str) -> Trace:
+    """A trace from elsewhere (``where``: ``registry``, ``peer URL``), parsed strictly and
+    cut down to the chunks of the image whose index is at ``index_path``, its runs
+    labelled ``where``, runs left empty dropped. TraceError if it is malformed, too large,
+    for another image, or names none of its chunks. (Its own index connection: this runs
+    in a worker thread.)"""
+    trace = Trace.parse(data, manifest)
+    index = IndexReader(index_path)
+    try:
+        trace, dropped = trace.restrict(lambda hexd: index.chunk(bytes.fromhex(hexd)) is not None)
+    finally:
+        index.close()
+    if dropped:
+        log.warning("trace of %s from %s names %d chunks the image does not have; dropped them",
+                    manifest, where, dropped)
+    trace.runs = [r for r in trace.runs if r.entries]  # an empty run would only push out others
+    if not trace.runs:
+        raise TraceError("it names no chunks")
+    return trace.labelled(where)
+
+
+async def peer_trace(tier: PeerTier, manifest: str, index_path: Path, *,
+                     before_ask: Callable[[], Awaitable[None]] | None = None) -> Trace | None:
+    """The trace of image ``manifest`` from the first peer that has a usable one, or None
+    (logged, never raised). Peers are asked in ``PeerSet.trace_holders`` order, the next
+    one when the one before fails or has not answered within ``trace_hedge_delay``; each
+    request has the peers' ``request_deadline``, and ``before_ask`` (the fetcher's
+    ``wait_demand_idle``) runs before each, so that demand reads go first. A peer that
+    sends garbage is logged and ignored (its chunks are still welcome: they are checked)."""
+    peers = tier.peers
+    order = peers.trace_holders(bytes.fromhex(manifest.removeprefix("sha256:")))
+    if not order:
+        return None
+
+    def ask(peer: str) -> Callable[[], Awaitable[Trace]]:
+        async def attempt() -> Trace:
+            if before_ask is not None:
+                await before_ask()
+            try:
+                with trio.fail_after(peers.config.request_deadline):
+                    data = await tier.client.fetch_trace(peer, manifest, MAX_TRACE_BYTES)
+            except trio.TooSlowError:
+                peers.mark_down(peer, "no trace within the deadline")
+                raise UnreachableError(f"peer {peer}: no answer in time") from None
+            except PeerIsSelf:
+                peers.mark_self(peer)
+                raise
+            except UnreachableError as exc:
+                peers.mark_down(peer, exc)
+                raise
+            except NotFoundError as exc:
+                log.debug("%s", exc)
+                raise
+            except FetchError as exc:
+                log.warning("could not get the trace of %s from peer %s: %s", manifest, peer, exc)
+                raise
+            try:
+                return await trio.to_thread.run_sync(checked_trace, bytes(data), manifest, index_path,
+                                                     f"peer {peer}")
+            except TraceError as exc:
+                log.warning("peer %s sent a trace of %s that is not usable (%s); ignored",
+                            peer, manifest, exc)
+                raise ServerError(f"peer {peer} sent a bad trace") from None
+        return attempt
+
+    try:
+        found = await race([ask(p) for p in order], peers.config.trace_hedge_delay)
+    except FetchError:
+        log.info("no peer has a usable trace of %s (asked %d)", manifest, len(order))
+        return None
+    return found.value
+
+
+async def remote_trace(client: RegistryClient | MirroredClient, manifest: str,
+                       index_path: Path | None = None) -> Trace | None:
     """The newest trace attached to image ``manifest`` in its registry, or None (absent,
     bad, or the registry failed: logged, never raised)."""
     origin = client.origin if isinstance(client, MirroredClient) else client
@@ -49,7 +131,9 @@ async def remote_trace(client: RegistryClient | MirroredClient, manifest: str) -
         for desc in reversed(found):  # newest first; an older good one beats a newer bad one
             try:
                 data = await read_referrer(origin, manifest, desc, TRACE_MEDIA_TYPE, MAX_TRACE_BYTES)
-                return Trace.parse(data, manifest)
+                if index_path is None:
+                    return Trace.parse(data, manifest).labelled("registry")
+                return await trio.to_thread.run_sync(checked_trace, data, manifest, index_path, "registry")
             except (FetchError, TraceError, ValueError) as exc:
                 log.warning("trace referrer %s of %s ignored: %s", desc.get("digest"), manifest, exc)
     except (FetchError, ValueError) as exc:
@@ -83,13 +167,20 @@ class LearnedPrefetch:
 
     def __init__(self, cache_dir: Path, manifest: str, index_path: Path, readlog: ReadLog, *,
                  client: RegistryClient | MirroredClient | None, timeout: float,
-                 record_window: float | None) -> None:
+                 record_window: float | None, peers: PeerTier | None = None,
+                 before_ask: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``peers``: ask them for a trace too; ``before_ask`` runs before each such
+        request (the fetcher's ``wait_demand_idle``)."""
         self.traces = TraceStore(cache_dir)
         self.manifest = manifest
         self.index_path = index_path
         self.readlog = readlog
         self.client = client
+        self.peers = peers
+        self.before_ask = before_ask
         self.timeout = timeout
+        self.runs: list[dict[str, Any]] = []
+        """The runs of the trace this mount replays: when recorded, from where, chunks."""
         self.recorder = TraceRecorder(record_window, started=readlog.started)
         readlog.recorder = self.recorder
         self.saved: Path | None = None
@@ -100,16 +191,11 @@ class LearnedPrefetch:
         """What the prefetcher fetches first (``Prefetcher``'s ``lead``), and its source."""
         trace = await trio.to_thread.run_sync(self.traces.load, self.manifest)
         source = "local" if trace is not None else None
-        if trace is None and self.client is not None:
-            with trio.move_on_after(self.timeout):
-                trace = await remote_trace(self.client, self.manifest)
-            if trace is not None:
-                source = "registry"
-                log.info("using the trace of %s from the registry (%d runs)", self.manifest, len(trace.runs))
-                try:
-                    await trio.to_thread.run_sync(self.traces.save, trace)
-                except CacheError as exc:
-                    log.warning("%s", exc)
+        if trace is None:
+            trace, source = await self._elsewhere()
+        if trace is not None:
+            self.runs = [{"recorded": r.recorded, "source": r.source, "chunks": len(r.entries)}
+                         for r in trace.runs]
         digests = [ChunkDigest(bytes.fromhex(e.chunk)) for e in trace.merged()] if trace else []
         files = await trio.to_thread.run_sync(prefetch_file_chunks, index)
         if files:
@@ -117,6 +203,45 @@ class LearnedPrefetch:
             source = f"{source}+index" if source else "index"
         self.readlog.lead = set(digests)
         return digests, source
+
+    async def _elsewhere(self) -> tuple[Trace | None, str | None]:
+        """The registry's trace and a peer's, asked at the same time within the mount's
+        timeout, merged; saved as this node's trace. The source names where it came
+        from (``registry``, ``peer URL``, or both joined by ``+``)."""
+        found: dict[str, Trace] = {}
+
+        async def from_registry() -> None:
+            assert self.client is not None
+            trace = await remote_trace(self.client, self.manifest, self.index_path)
+            if trace is not None:
+                found["registry"] = trace
+
+        async def from_peers() -> None:
+            assert self.peers is not None
+            trace = await peer_trace(self.peers, self.manifest, self.index_path, before_ask=self.before_ask)
+            if trace is not None and trace.runs:
+                found[str(trace.runs[0].source)] = trace
+
+        with trio.move_on_after(self.timeout) as scope:
+            async with trio.open_nursery() as nursery:
+                if self.client is not None:
+                    nursery.start_soon(from_registry)
+                if self.peers is not None:
+                    nursery.start_soon(from_peers)
+        if scope.cancelled_caught:
+            log.info("looking for a trace of %s took over %gs; using what arrived",
+                     self.manifest, self.timeout)
+        if not found:
+            return None, None
+        order = sorted(found, key=lambda k: k != "registry")  # the registry's first: it names shared runs
+        source = "+".join(order)
+        trace = Trace.merge(self.manifest, [found[k] for k in order])
+        log.info("using the trace of %s from %s (%d runs)", self.manifest, source, len(trace.runs))
+        try:
+            await trio.to_thread.run_sync(self.traces.save, trace)
+        except CacheError as exc:
+            log.warning("%s", exc)
+        return trace, source
 
     async def record(self) -> None:
         """Save the recording when the window closes (a task of the mount's nursery)."""
@@ -161,4 +286,5 @@ class LearnedPrefetch:
             "lead_fetched_bytes": progress.lead_fetched_bytes,
             "lead_seconds": progress.lead_seconds,
             "lead_misses": self.readlog.lead_misses,
+            "lead_runs": self.runs,
         }

@@ -339,7 +339,9 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             readlog = ReadLog(None, started=started)
             learned = LearnedPrefetch(opts.cache_dir, opened.manifest_digest, opened.index_path, readlog,
                                       client=client if not opened.from_cache_only else None,
-                                      timeout=opts.timeout, record_window=opts.record_window)
+                                      timeout=opts.timeout, record_window=opts.record_window,
+                                      peers=tier if not opened.from_cache_only else None,
+                                      before_ask=fetcher.wait_demand_idle if fetcher else None)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher,
                                     lead=learned.lead, lead_only=opts.lead_only)
             content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,

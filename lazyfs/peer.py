@@ -10,6 +10,12 @@
         508      the request came from this very process (its ``X-Lazyfs-Node`` id): the
                  caller's peers file names this node by another address
 
+    GET /v1/traces/sha256:<manifest hex>        the same token, limit and 508
+        200      the learned prefetch trace this node's cache keeps for that image
+                 (``cache.trace``, checked as it is read, without run sources), JSON
+                 of at most ``MAX_TRACE_BYTES``
+        404      no usable trace of that image here
+
 A chunk that is not cached but whose request says where it lies (blob, offset, sizes,
 codec, ``registry/repository``) is fetched from the origin with this node's own
 credentials, once however many peers ask at the same time (the ``ChunkFetcher``'s
@@ -25,6 +31,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -33,13 +40,15 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 
 from blockindex.format import CODEC_LZ4, CODEC_RAW, Blob, Chunk, ChunkDigest
+from cache.errors import CacheError
 from cache.evict import CacheKeeper
 from cache.images import ImageStore
 from cache.store import ChunkStore
+from cache.trace import MAX_TRACE_BYTES, TraceStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import FetchError
 from fetcher.imageref import ImageRef
-from fetcher.peers import CHUNK_PATH, NODE_HEADER, peer_url
+from fetcher.peers import CHUNK_PATH, NODE_HEADER, TRACE_PATH, peer_url
 from fetcher.registry import RegistryClient
 
 from .errors import ExitCode, UserError
@@ -47,6 +56,7 @@ from .errors import ExitCode, UserError
 log = logging.getLogger(__name__)
 
 _MAX_HEAD = 16 << 10
+_MANIFEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized",
             404: "Not Found", 405: "Method Not Allowed", 502: "Bad Gateway", 503: "Service Unavailable",
             508: "Loop Detected"}
@@ -92,6 +102,7 @@ class PeerServerStats:
     errors: int = 0
     from_self: int = 0
     """Requests from this very process (answered 508)."""
+    traces_served: int = 0
 
 
 class OriginPool:
@@ -142,6 +153,7 @@ class ChunkServer:
         self._origins = origins
         self._active = 0
         self._io = trio.CapacityLimiter(4)
+        self._traces: TraceStore | None = None  # made on first use (it creates CACHE/traces)
 
     @staticmethod
     async def listen_on(host: str, port: int) -> list[trio.SocketListener]:
@@ -209,6 +221,8 @@ class ChunkServer:
             self.stats.busy += 1
             await self._send(stream, 503, b"busy\n", keep=keep, extra={"Retry-After": "1"})
             return keep
+        if urlsplit(target).path.startswith(TRACE_PATH):
+            return await self._trace_request(stream, target, keep)
         self._active += 1
         try:
             codec, size, payload = await self._chunk(target)
@@ -236,6 +250,45 @@ class ChunkServer:
         self.stats.bytes_served += len(payload)
         await self._send(stream, status, payload, keep=keep, extra=extra)
         return keep
+
+    async def _trace_request(self, stream: trio.SocketStream, target: str, keep: bool) -> bool:
+        manifest = urlsplit(target).path[len(TRACE_PATH):]
+        if not _MANIFEST.match(manifest):
+            self.stats.errors += 1
+            await self._send(stream, 400, b"expected /v1/traces/sha256:<64 hex digits>\n", keep=keep)
+            return keep
+        self._active += 1
+        try:
+            body = await trio.to_thread.run_sync(self._trace_document, manifest, limiter=self._io)
+        finally:
+            self._active -= 1
+        if body is None:
+            self.stats.not_found += 1
+            await self._send(stream, 404, f"no trace of {manifest} here\n".encode(), keep=keep)
+            return keep
+        self.stats.traces_served += 1
+        self.stats.bytes_served += len(body)
+        await self._send(stream, 200, body, keep=keep, content_type="application/json")
+        return keep
+
+    def _trace_document(self, manifest: str) -> bytes | None:
+        """The trace kept for ``manifest``, as it leaves the node; None if there is no
+        usable one (read and checked in a worker thread: it may be megabytes)."""
+        try:
+            if self._traces is None:
+                self._traces = TraceStore(self.store.root)
+            trace = self._traces.load(manifest)
+        except CacheError as exc:
+            log.warning("cannot serve traces: %s", exc)
+            return None
+        if trace is None or not trace.runs:
+            return None
+        body = trace.to_json(sources=False)
+        if len(body) > MAX_TRACE_BYTES:
+            log.warning("trace of %s is %d bytes, over the %d-byte limit: not served",
+                        manifest, len(body), MAX_TRACE_BYTES)
+            return None
+        return body
 
     async def _chunk(self, target: str) -> tuple[int, int, bytes]:
         url = urlsplit(target)
@@ -278,9 +331,11 @@ class ChunkServer:
         return self.store.get(digest)
 
     async def _send(self, stream: trio.SocketStream, status: int, body: bytes, *, keep: bool,
-                    extra: dict[str, str] | None = None) -> None:
+                    extra: dict[str, str] | None = None, content_type: str | None = None) -> None:
+        if content_type is None:
+            content_type = "application/octet-stream" if status < 300 else "text/plain"
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Length: {len(body)}",
-                 "Content-Type: application/octet-stream" if status < 300 else "Content-Type: text/plain"]
+                 f"Content-Type: {content_type}"]
         lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
         if not keep:
             lines.append("Connection: close")

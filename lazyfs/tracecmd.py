@@ -66,7 +66,8 @@ def summary(trace: Any) -> dict[str, Any]:
         f["bytes"] += e.bytes
     return {
         "manifest": trace.manifest,
-        "runs": [{"recorded": r.recorded, "window": r.window, "chunks": len(r.entries)} for r in trace.runs],
+        "runs": [{"recorded": r.recorded, "window": r.window, "chunks": len(r.entries), "source": r.source}
+                 for r in trace.runs],
         "chunks": len(entries),
         "bytes": sum(e.bytes for e in entries),
         "last_read_s": max((e.t for e in entries), default=0.0),
@@ -98,7 +99,8 @@ def cmd_trace_show(args: argparse.Namespace) -> int:
         return 0
     print(f"{what}  ({info['manifest']})")
     print(f"  runs      {len(info['runs'])} merged: "
-          + ", ".join(f"{r['recorded']} ({r['chunks']} chunks)" for r in info["runs"]))
+          + ", ".join(f"{r['recorded']} ({r['chunks']} chunks, {_run_source(r['source'])})"
+                      for r in info["runs"]))
     print(f"  first     {len(info['files'])} files, {info['chunks']} chunks, {_human(info['bytes'])}, "
           f"read within {info['last_read_s']:.2f}s of the mount")
     by_file: dict[str, list[dict[str, Any]]] = {}
@@ -133,8 +135,15 @@ async def _push(ref: Any, options: Any, cache: Path) -> tuple[str, str]:
     async with options.client(ref, push=True) as client:
         manifest = await resolve_image_manifest(client, ref)
         trace = _load(cache, manifest.digest, f"{ref} ({manifest.digest})")
-        artifact = await push_referrer(client, manifest, TRACE_MEDIA_TYPE, trace.to_json())
+        artifact = await push_referrer(client, manifest, TRACE_MEDIA_TYPE, trace.to_json(sources=False))
     return manifest.digest, artifact
+
+
+def _run_source(source: str | None) -> str:
+    """Where a run came from, as ``show`` and ``status`` say it."""
+    if source is None:
+        return "source unknown"
+    return "recorded here" if source == "recorded" else f"from {source}"
 
 
 def print_trace(status: dict[str, Any]) -> None:
@@ -154,6 +163,10 @@ def print_trace(status: dict[str, Any]) -> None:
         print(f"  learned   {t['lead_state']}: {t['lead_chunks']} chunks ({_human(t['lead_bytes'])}) "
               f"from {t['lead_source'] or 'nowhere'}, {t['lead_missing']} were missing, "
               f"{t['lead_misses']} waited for by reads")
+        runs = t.get("lead_runs") or []
+        if runs:
+            print("  runs      " + ", ".join(
+                f"{r['recorded']} ({r['chunks']} chunks, {_run_source(r['source'])})" for r in runs))
 
 
 def print_slow(status: dict[str, Any]) -> None:

@@ -102,6 +102,7 @@ def test_recorder_keeps_first_reads_in_its_window():
     rec.read(9, [Span(0, 20, c3, 0)])  # past the window
     assert not rec.active
     r = rec.run({7: b"usr/bin/a", 8: b"etc/b"})
+    assert r.source == "recorded"
     assert [(e.chunk, e.file, e.offset, e.t) for e in r.entries] == [
         (c1.hexdigest, "usr/bin/a", 0, 0.0), (c2.hexdigest, "etc/b", 100, 1.0)]
 
@@ -113,3 +114,53 @@ def test_recorder_without_window_and_off():
     off = TraceRecorder(0, started=0.0, clock=lambda: 0.0)
     off.read(1, [Span(0, 1, _chunk(1), 0)])
     assert off.recorded == 0
+
+
+def _run_at(when: str, *names: str) -> Run:
+    return Run(when, 30.0, tuple(entry(n, i / 10) for i, n in enumerate(names)))
+
+
+def test_merge_keeps_each_run_once_and_the_newest():
+    shared = _run_at("2026-01-02T00:00:00Z", "a", "b")
+    registry = Trace(M, [_run_at("2026-01-01T00:00:00Z", "x"), shared]).labelled("registry")
+    peer = Trace(M, [shared, _run_at("2026-01-03T00:00:00Z", "b", "c"),
+                     _run_at("2026-01-04T00:00:00Z", "c", "d")]).labelled("peer http://10.0.0.5:7070")
+    merged = Trace.merge(M, [registry, peer])
+    assert [r.recorded[:10] for r in merged.runs] == ["2026-01-02", "2026-01-03", "2026-01-04"]
+    # the run both had is kept once, under the first one's label
+    assert [r.source for r in merged.runs] == ["registry", "peer http://10.0.0.5:7070",
+                                               "peer http://10.0.0.5:7070"]
+    assert "x" not in order(merged)  # the oldest run fell out
+    assert Trace.merge(M, [registry]).runs == registry.runs
+
+
+def test_restrict_drops_chunks_of_other_images():
+    trace = Trace(M, [run("a", "z", "b"), run("z", "b")])
+    kept, dropped = trace.restrict(lambda hexd: hexd[0] != "z")
+    assert dropped == 1 and order(kept) == ["a", "b"]
+    assert [len(r.entries) for r in kept.runs] == [2, 1]
+    with pytest.raises(TraceError, match="none of its 3 chunks"):
+        trace.restrict(lambda hexd: False)
+
+
+def test_sources_stay_in_the_cache_only():
+    trace = Trace(M, [run("a")]).labelled("peer http://10.0.0.5:7070")
+    assert Trace.parse(trace.to_json(), M).runs[0].source == "peer http://10.0.0.5:7070"
+    leaving = json.loads(trace.to_json(sources=False))
+    assert "source" not in leaving["runs"][0]
+    assert Trace.parse(trace.to_json(sources=False), M).runs[0].source is None
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d["runs"][0].update(recorded="9999"),
+    lambda d: d["runs"][0].update(recorded=5),
+    lambda d: d["runs"][0].update(source=["x"]),
+    lambda d: d["runs"][0].update(source="x" * 1000),
+    lambda d: d["runs"][0].update(window=-1),
+    lambda d: d["runs"][0]["entries"][0].update(t=float("inf")),
+])
+def test_bad_run_fields_are_refused(mutate):
+    doc = json.loads(Trace(M, [run("a")]).to_json())
+    mutate(doc)
+    with pytest.raises(TraceError):
+        Trace.parse(json.dumps(doc).encode(), M)
