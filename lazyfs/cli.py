@@ -295,16 +295,28 @@ def _advertise(url: str | None) -> str | None:
 
 def _peer_options(args: argparse.Namespace) -> dict[str, Any]:
     """The mount's peer options, checked here so that a mistake is one line at once."""
+    peers = _checked_peers(args, listen=args.listen)
+    return peers and {**peers, "listen": args.listen, "hedge_delay": args.hedge_delay}
+
+
+def _checked_peers(args: argparse.Namespace, *, listen: tuple[str, int] | None,
+                   can_listen: bool = True) -> dict[str, Any]:
+    """``--peers-file``, ``--token-file`` and ``--advertise`` of a mount (``listen`` its
+    ``--listen``) or of the snapshotter (``can_listen=False``: its mounts never listen),
+    checked: {} without peers, else ``peers_file`` (None when only listening),
+    ``token_file`` and ``advertise``, the files' paths absolute."""
     from .peer import read_token
 
-    if args.peers_file is None and args.listen is None:
+    if args.peers_file is None and listen is None:
         if args.advertise is not None:
             raise UserError("--advertise needs --peers-file (it names this node there)", ExitCode.USAGE)
         if args.token_file is not None:
-            raise UserError("--token-file needs --peers-file or --listen", ExitCode.USAGE)
+            raise UserError("--token-file needs --peers-file" + (" or --listen" if can_listen else ""),
+                            ExitCode.USAGE)
         return {}
     if args.token_file is None:
-        raise UserError("--peers-file and --listen need --token-file (the cluster token)", ExitCode.USAGE)
+        raise UserError(("--peers-file and --listen need" if can_listen else "--peers-file needs")
+                        + " --token-file (the cluster token)", ExitCode.USAGE)
     if args.advertise is not None and args.peers_file is None:
         raise UserError("--advertise needs --peers-file (it names this node there)", ExitCode.USAGE)
     read_token(Path(args.token_file))
@@ -312,9 +324,7 @@ def _peer_options(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"peers file {args.peers_file} does not exist", ExitCode.USAGE)
     return {
         "peers_file": Path(args.peers_file).absolute() if args.peers_file else None,
-        "listen": args.listen,
         "token_file": Path(args.token_file).absolute(),
-        "hedge_delay": args.hedge_delay,
         "advertise": _advertise(args.advertise),
     }
 
@@ -523,17 +533,22 @@ def cmd_umount(args: argparse.Namespace) -> int:
 # -- containerd: snapshotter / pull ---------------------------------------------------------
 
 def cmd_snapshotter(args: argparse.Namespace) -> int:
-    from .snapshotter.filesystem import LazyFileSystem
+    from .snapshotter.filesystem import LazyFileSystem, PeerOptions
     from .snapshotter.server import serve
     from .snapshotter.service import SnapshotService
 
+    checked = _checked_peers(args, listen=None, can_listen=False)
+    peers = PeerOptions(**checked) if checked else None
+    if peers is not None and peers.advertise is None:
+        log.warning("--peers-file without --advertise: the image mounts cannot tell which peer is "
+                    "this node, so they ask this node's `lazyfs peer` for the chunks it owns")
     root = Path(args.root).absolute()
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as containerd's own snapshotters
     except OSError as exc:
         raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
     service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch,
-                                                   cache_size=args.cache_size))
+                                                   cache_size=args.cache_size, peers=peers))
     service.restore()
     if args.metrics is not None:
         from .metrics import Metrics, snapshotter_samples
@@ -684,6 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snapshots, metadata, mounts and the node cache (default /var/lib/lazyfs)")
     p.add_argument("--timeout", type=float, default=30.0, help="network deadline of the image mounts")
     p.add_argument("--no-prefetch", action="store_true", help="image mounts fetch only what is read")
+    p.add_argument("--peers-file", help="image mounts ask these peers for chunks and traces "
+                                        "(one http://HOST:PORT a line; re-read on change)")
+    p.add_argument("--token-file", help="the cluster token the image mounts present to peers")
+    p.add_argument("--advertise", metavar="URL",
+                   help="this node's URL in the peers file: where its `lazyfs peer` serves ROOT/cache")
     _add_cache_size(p)
     _add_metrics(p)
     p.add_argument("--log-file", help=argparse.SUPPRESS)

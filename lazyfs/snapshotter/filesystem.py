@@ -16,6 +16,7 @@ import select
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -53,17 +54,38 @@ class FileSystem(Protocol):
         ...
 
 
+@dataclass(frozen=True, kw_only=True)
+class PeerOptions:
+    """How the image mounts reach the other nodes. Client side only: the mounts ask peers
+    and never listen; the node's ``lazyfs peer`` serves its cache (``ROOT/cache``)."""
+
+    peers_file: Path
+    """The cluster's peers, one ``http://HOST:PORT`` a line (each mount re-reads it when it
+    changes)."""
+    token_file: Path
+    """The file holding the cluster token (the mounts read it; it is never in an argv)."""
+    advertise: str | None = None
+    """This node's URL in the peers file, the one its ``lazyfs peer`` serves at, so that
+    rendezvous hashing knows which chunks this node owns (None: the mounts do not know)."""
+
+    def argv(self) -> list[str]:
+        return ["--peers-file", str(self.peers_file), "--token-file", str(self.token_file),
+                *([] if self.advertise is None else ["--advertise", self.advertise])]
+
+
 class LazyFileSystem:
     """Images mounted by ``lazyfs mount`` processes under ``root``."""
 
     def __init__(self, root: Path, *, timeout: float = 30.0, prefetch: bool = True,
-                 cache_size: int | None = None) -> None:
+                 cache_size: int | None = None, peers: PeerOptions | None = None) -> None:
         self.root = root
         self.cache = root / "cache"
         self.timeout = timeout
         self.prefetch = prefetch
         self.cache_size = cache_size
         """Passed to every image mount: the node-wide limit of the shared cache."""
+        self.peers = peers
+        """Passed to every image mount, remounts after a restart included (None: no peers)."""
         self._usage = CacheUsage(self.cache)
         self.ready_timeout = 300.0
         self._children: dict[int, subprocess.Popen] = {}  # mount processes started here, to reap
@@ -93,7 +115,8 @@ class LazyFileSystem:
         argv = [sys.executable, "-m", "lazyfs", "mount", ref, str(mnt), "--foreground", "--ready-fd", str(w),
                 "--cache", str(self.cache), "--allow-other", "--timeout", str(self.timeout),
                 "--log-file", str(log_file), *([] if self.prefetch else ["--no-prefetch"]),
-                *([] if self.cache_size is None else ["--cache-size", str(self.cache_size)])]
+                *([] if self.cache_size is None else ["--cache-size", str(self.cache_size)]),
+                *([] if self.peers is None else self.peers.argv())]
         try:
             with open(log_file, "ab") as logf:
                 child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
