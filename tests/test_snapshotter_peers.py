@@ -1,22 +1,39 @@
 """Peers on containerd nodes: ``lazyfs snapshotter --peers-file --token-file --advertise``
 hands the options to every image mount it starts, remounts after a restart included,
-while one ``lazyfs peer`` per node serves the node cache (``ROOT/cache``)."""
+while one ``lazyfs peer`` per node serves the node cache (``ROOT/cache``).
+
+First the argv of the mounts against a fake process, then two nodes for real (each its
+own root, socket, snapshotter and ``lazyfs peer``), driven over gRPC as containerd would."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 
+from blockindex.oci import Layout
+from lazyfs.process import wait_gone
 from lazyfs.snapshotter import filesystem
+from lazyfs.snapshotter.client import chain_ids
 from lazyfs.snapshotter.errors import AlreadyExistsError
 from lazyfs.snapshotter.filesystem import LazyFileSystem, PeerOptions
 from lazyfs.snapshotter.labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 from lazyfs.snapshotter.service import SnapshotService
 
-from .conftest import lazyfs
-from .test_peers import TOKEN
+from . import containerdkit as kit
+from .conftest import ROOT, lazyfs
+from .imagegen import compare_tree
+from .test_peers import TOKEN, free_ports, origin_range_bytes
 
 IMAGE = "127.0.0.1:5000/app@sha256:" + "ab" * 32
 
@@ -111,3 +128,154 @@ def test_snapshotter_peer_option_mistakes_are_one_line(tmp_path):
         assert "--listen" not in bad.stderr  # the snapshotter has none: its mounts never listen
     assert not (tmp_path / "root").exists()  # checked before anything is made
 
+
+# -- two nodes for real ---------------------------------------------------------------------
+
+
+class Node:
+    """One node: a snapshotter with its own root and socket, and the `lazyfs peer` that
+    serves its cache, started and stopped by pid."""
+
+    def __init__(self, tmp: Path, name: str, url: str, peers_file: Path, token_file: Path) -> None:
+        from lazyfs.snapshotter.server import pb, pb_grpc
+
+        self.pb, self.pb_grpc = pb, pb_grpc
+        self.dir = tmp / name
+        self.dir.mkdir()
+        self.root, self.sock, self.url = self.dir / "root", self.dir / "s.sock", url
+        self.procs = kit.Procs()
+        self.options = ["--timeout", "10", "--peers-file", str(peers_file), "--token-file", str(token_file),
+                        "--advertise", url]
+        self.peers_argv = ["-m", "lazyfs", "peer", "--cache", str(self.root / "cache"),
+                           "--listen", url.removeprefix("http://"), "--token-file", str(token_file)]
+        self.snapshotter: subprocess.Popen | None = None
+        self.channel: grpc.Channel | None = None
+
+    def start_peer(self) -> None:
+        peer = self.procs.start([sys.executable, *self.peers_argv], self.dir / "peer.log", cwd=ROOT)
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+                return
+            except OSError:
+                assert peer.poll() is None, (self.dir / "peer.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "lazyfs peer did not listen in 30 s"
+                time.sleep(0.05)
+
+    def start(self) -> None:
+        log = self.dir / "snapshotter.log"
+        self.snapshotter = kit.start_snapshotter(self.procs, self.sock, self.root, log, *self.options)
+        self.channel = grpc.insecure_channel(f"unix://{self.sock}")
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        self.stub = self.pb_grpc.SnapshotsStub(self.channel)
+
+    def kill(self) -> None:
+        assert self.snapshotter is not None and self.channel is not None
+        self.procs.stop(self.snapshotter, signal.SIGKILL)
+        self.channel.close()
+
+    def pull(self, ref: str, digest: str, layers: list[str]) -> None:
+        """What CRI asks: each layer prepared with the image labels, answered as there."""
+        parent = ""
+        for layer, chain in zip(layers, chain_ids(layers), strict=True):
+            labels = {LABEL_TARGET: chain, LABEL_IMAGE_REF: ref, LABEL_MANIFEST: digest, LABEL_LAYER: layer}
+            with pytest.raises(grpc.RpcError) as err:
+                self.stub.Prepare(self.pb.PrepareSnapshotRequest(
+                    snapshotter="lazyfs", key=f"extract-{chain}", parent=parent, labels=labels), timeout=120)
+            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+            parent = chain
+
+    def image_mount(self) -> Path:
+        [mnt] = [p for p in (self.root / "mounts").iterdir() if os.path.ismount(p)]
+        return mnt
+
+    def status(self) -> dict:
+        return json.loads(lazyfs("status", str(self.image_mount()), "--json").stdout)
+
+    def wait_complete(self, timeout: float = 180) -> dict:
+        deadline = time.monotonic() + timeout
+        while not (st := self.status())["prefetch"]["complete"]:
+            assert time.monotonic() < deadline, f"the prefetch did not complete: {st['prefetch']}"
+            time.sleep(0.3)
+        return st
+
+    def teardown(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        pids = []  # mount processes run in their own session: stop them by the pid they report
+        for mnt in (self.root / "mounts").glob("*") if (self.root / "mounts").exists() else []:
+            done = lazyfs("status", str(mnt), "--json", check=False)
+            if done.returncode == 0:
+                pids.append(json.loads(done.stdout)["pid"])
+        kit.teardown(self.dir, self.procs)
+        for pid in pids:
+            wait_gone(pid, 10, kill=True)
+
+
+def _chunk_requests(server, blobs: set[str]) -> int:
+    return sum(1 for _m, path, rng, _s in server.requests
+               if rng and path.rsplit("/", 1)[-1] in blobs)
+
+
+@pytest.mark.mount
+def test_a_second_node_gets_the_image_from_the_first_nodes_peer_not_the_origin(served):
+    """Node A pulls the image and its mount prefetches it all (asking B's `lazyfs peer` for
+    the chunks B owns, which fetches them once for the cluster); then node B pulls it, and
+    its mount takes every chunk from A's peer or its own cache: the origin sees no range
+    request after A is done. A restarted B remounts with the same peers."""
+    image, root, server = served
+    layout = Layout(root / "rich")
+    digest = layout.resolve("1")["digest"]
+    manifest = json.loads(layout.read_blob(digest))
+    layers = [d["digest"] for d in manifest["layers"]]
+    blobs = set(layers[1:])  # the chunk blobs (the index is layer 0)
+    ref = f"127.0.0.1:{server.port}/rich:1"
+    tmp = Path(tempfile.mkdtemp(prefix="lzp-"))  # short: unix socket paths are limited
+    token_file, peers_file = tmp / "token", tmp / "peers"
+    token_file.write_text(TOKEN + "\n")
+    url_a, url_b = (f"http://127.0.0.1:{port}" for port in free_ports(2))
+    peers_file.write_text(f"{url_a}\n{url_b}\n")
+    a = Node(tmp, "a", url_a, peers_file, token_file)
+    b = Node(tmp, "b", url_b, peers_file, token_file)
+    try:
+        for node in (a, b):
+            node.start_peer()
+            node.start()
+        a.pull(ref, digest, layers)
+        st_a = a.wait_complete()
+        assert st_a["peers"]["self"] == url_a
+        before = _chunk_requests(server, blobs)
+        assert before > 0 and origin_range_bytes(server) > 0
+
+        b.pull(ref, digest, layers)
+        st_b = b.wait_complete()
+        mnt_b = b.image_mount()
+        assert compare_tree(mnt_b, image.expected) == []
+        st_b = b.status()
+        assert st_b["peers"]["self"] == url_b
+        sources = st_b["bytes_by_source"]
+        assert sources["origin"] == 0, sources
+        assert sources.get(f"peer {url_a}", 0) > 0, sources
+        assert _chunk_requests(server, blobs) == before, "B's mount read chunks from the origin"
+        print(f"\nnode B's image mount fetched: {sources}; origin range requests: {before}, all A's")
+
+        # the whole node restarts (snapshotter and mount killed): the remount asks peers too
+        pid = st_b["pid"]
+        b.kill()
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid, 10), f"mount process {pid} survived SIGKILL"
+        b.start()
+        st_again = b.status()
+        assert st_again["pid"] != pid
+        assert st_again["peers"]["self"] == url_b
+        assert url_a in st_again["peers"]["peers"]
+        assert compare_tree(b.image_mount(), image.expected) == []
+        assert _chunk_requests(server, blobs) == before
+        for node in (a, b):
+            assert "Traceback" not in (node.dir / "snapshotter.log").read_text()
+    finally:
+        b.teardown()
+        a.teardown()
+        shutil.rmtree(tmp, ignore_errors=True)
