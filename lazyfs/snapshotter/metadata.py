@@ -15,7 +15,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -112,7 +112,11 @@ class MetadataStore:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT DISTINCT image FROM snapshots WHERE image != ''")}
 
-    def create(self, key: str, parent: str, kind: Kind, labels: dict[str, str], image: str = "") -> Snapshot:
+    def create(self, key: str, parent: str, kind: Kind, labels: dict[str, str], image: str = "",
+               prepare: Callable[[Snapshot], None] | None = None) -> Snapshot:
+        """Record a new snapshot. ``prepare`` runs inside the transaction, before it commits
+        (it makes the snapshot's directories): a crash before the commit leaves no record,
+        only a directory that ``Cleanup`` removes, never a record without its directory."""
         now = time.time()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone():
@@ -127,9 +131,11 @@ class MetadataStore:
                 "INSERT INTO snapshots (key, parent, kind, labels, created, updated, image) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (key, parent, int(kind), json.dumps(labels, sort_keys=True), now, now, image))
-            sid = cur.lastrowid
-        return Snapshot(id=int(sid or 0), key=key, parent=parent, kind=kind, labels=dict(labels),
-                        created=now, updated=now, image=image)
+            snap = Snapshot(id=int(cur.lastrowid or 0), key=key, parent=parent, kind=kind,
+                            labels=dict(labels), created=now, updated=now, image=image)
+            if prepare is not None:
+                prepare(snap)
+        return snap
 
     def commit(self, name: str, key: str, labels: dict[str, str]) -> Snapshot:
         """Turn active snapshot ``key`` into committed snapshot ``name`` (same id)."""

@@ -188,17 +188,25 @@ class SnapshotService:
             self._prepare_remote(target, parent, labels, image)  # raises AlreadyExists
         if parent:
             self._ensure_chain_mounted(parent)
-        with self._lock:
-            snap = self.store.create(key, parent, kind, labels)
+        def make_dirs(snap: Snapshot) -> None:
             d = self._dir(snap)
+            # an id whose record a crash rolled back can come again: start afresh
+            shutil.rmtree(d, ignore_errors=True)
             try:
-                (d / "fs").mkdir(parents=True, exist_ok=True)
+                (d / "fs").mkdir(parents=True)
                 if kind == Kind.ACTIVE:
-                    (d / "work").mkdir(exist_ok=True)
+                    (d / "work").mkdir()
+            except OSError:
+                shutil.rmtree(d, ignore_errors=True)
+                raise
+
+        with self._lock:
+            snap = self.store.create(key, parent, kind, labels, prepare=make_dirs)
+            try:
                 return self._mounts(snap)
             except (OSError, SnapshotError):  # no half-made snapshot stays behind
                 self.store.remove(key)
-                shutil.rmtree(d, ignore_errors=True)
+                shutil.rmtree(self._dir(snap), ignore_errors=True)
                 raise
 
     def _prepare_remote(self, target: str, parent: str, labels: dict[str, str], image: str) -> None:
