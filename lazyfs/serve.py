@@ -61,11 +61,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, addr: tuple[str, int], root: Path, delay: float, access_log: IO[str] | None):
+    def __init__(self, addr: tuple[str, int], root: Path, delay: float, access_log: IO[str] | None,
+                 rate: float = 0.0):
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
         self.root = root.resolve()
         self.delay = delay
+        self.rate = rate
         self.access_log = access_log
         self.requests: list[RequestRecord] = []
         self.connections: set[socket.socket] = set()
@@ -279,10 +281,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             sent = 0
             if not head and end > start:
-                sent = self.connection.sendfile(f, start, end - start)
+                sent = self._send_blob(f, start, end - start)
                 if sent != end - start:  # the file shrank under us: the framing is broken
                     self.close_connection = True
             self._done(status, sent)
+
+
+    def _send_blob(self, f: IO[bytes], start: int, length: int) -> int:
+        """Send a blob's bytes, at most ``rate`` bytes a second when the server has one
+        (tests and benchmarks stand in for a thin link with it)."""
+        rate = self.server.rate
+        if not rate:
+            return self.connection.sendfile(f, start, length)
+        sent, began = 0, time.monotonic()
+        while sent < length:
+            n = self.connection.sendfile(f, start + sent, min(length - sent, 64 << 10))
+            if n == 0:
+                break
+            sent += n
+            ahead = began + sent / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+        return sent
 
 
 def _digest(ref: str) -> str:
@@ -386,16 +406,18 @@ class ServerHandle:
 
 
 def make_server(
-    root: Path, host: str, port: int, *, delay: float = 0.0, access_log: Path | None = None
+    root: Path, host: str, port: int, *, delay: float = 0.0, access_log: Path | None = None,
+    rate: float = 0.0,
 ) -> ServerHandle:
     """Bind a server for the layouts under ``root`` (port 0: an ephemeral port); it
     answers nothing until ``start()`` or ``serve_forever()``. ``delay`` seconds are
-    slept before each response, to stand in for a link's round trip."""
+    slept before each response, to stand in for a link's round trip, and blob bodies go
+    out at ``rate`` bytes a second at most (0: as fast as they can)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
     logf = open(access_log, "a", encoding="utf-8") if access_log is not None else None  # noqa: SIM115
-    return ServerHandle(_Server((host, port), root, delay, logf))
+    return ServerHandle(_Server((host, port), root, delay, logf, rate))
 
 
 def serve_forever(root: Path, host: str, port: int, *, metrics: tuple[str, int] | None = None) -> None:
