@@ -194,7 +194,7 @@ class ChunkFetcher:
 
     async def _wait(self, chunks: Sequence[Chunk], background: bool,
                     use_peers: bool, speculative: bool = False) -> list[tuple[Chunk, _Pending]]:
-        started = time.monotonic()
+        started = trio.current_time()
         deadline = self.config.background_deadline if background else self.config.deadline
         budget = deadline
         if not background and self._failed:
@@ -283,7 +283,7 @@ class ChunkFetcher:
 
     def _note_failed(self, waits: list[tuple[Chunk, _Pending]], started: float,
                      error: FetchError) -> None:
-        now = time.monotonic()
+        now = trio.current_time()
         if len(self._failed) > 4096:  # forget what is past the window
             self._failed = {d: f for d, f in self._failed.items()
                             if now - f[0] <= self.config.reread_window}
