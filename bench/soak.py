@@ -10,10 +10,10 @@ An image of random files (64 KiB chunks) is served by ``lazyfs serve`` behind
 - reader threads read random ranges (1 byte to 256 KiB) of random files and compare every
   byte with the source; each read is one ``pread`` after ``POSIX_FADV_DONTNEED`` on the
   file, so the kernel's page cache does not answer for the mount;
-- a fault driver alternates healthy spells (1-3 s) with fault episodes (1-4 s) of one
-  kind drawn from a seeded generator: a share (30-100%) of chunk requests reset, stalled,
-  dripped, answered 5xx or 429, cut short, given a wrong range or altered bytes, or the
-  proxy refusing connections;
+- a fault driver alternates healthy spells (1-3 s) with fault episodes (1-4 s; stalls
+  and drips up to twice the deadline) of one kind drawn from a seeded generator: a share
+  (30-100%) of chunk requests reset, stalled, dripped, answered 5xx or 429, cut short,
+  given a wrong range or altered bytes, or the proxy refusing connections;
 - a churner deletes half the node cache's entries twice a second, as eviction would, so
   that reads keep going to the network.
 
@@ -157,11 +157,13 @@ class Readers:
 
 
 class FaultDriver(threading.Thread):
-    """Healthy spells and fault episodes, drawn from a seeded generator."""
+    """Healthy spells and fault episodes, drawn from a seeded generator. Stalls and drips
+    last up to twice the mount's deadline, so that reads run into it."""
 
-    def __init__(self, proxy: FaultProxy, seed: int) -> None:
+    def __init__(self, proxy: FaultProxy, seed: int, deadline: float) -> None:
         super().__init__(daemon=True)
         self.proxy = proxy
+        self.deadline = deadline
         self.rng = random.Random(seed)
         self.stop = threading.Event()
         self.episodes: dict[str, int] = {}
@@ -175,7 +177,8 @@ class FaultDriver(threading.Thread):
                 self.proxy.refuse()
             else:
                 self.proxy.mix({kind: 1}, rate=self.rng.uniform(0.3, 1.0), seed=self.rng.randrange(1 << 30))
-            self.stop.wait(self.rng.uniform(1, 4))
+            longest = 2 * self.deadline if kind in ("stall", "drip") else 4
+            self.stop.wait(self.rng.uniform(1, longest))
             self.proxy.clear()
         self.proxy.clear()
 
@@ -241,7 +244,7 @@ def run(quick: bool, outdir: Path, *, minutes: float | None = None, seed: int = 
             f"--timeout {timeout:g}, seed {seed}")
 
         overdue_after = timeout + SLACK
-        driver, churner = FaultDriver(proxy, seed), Churner(cache, seed)
+        driver, churner = FaultDriver(proxy, seed, timeout), Churner(cache, seed)
         started = time.monotonic()
         rd = Readers(mnt, files, readers, seed, overdue_after)
         driver.start()
