@@ -202,49 +202,26 @@ class ChunkFetcher:
             if began is not None:  # a re-read of what just failed: the same deadline
                 budget = max(began + deadline - started, min(self.config.reread_try, deadline))
                 started = began
-        waits: list[tuple[Chunk, _Pending]] = []
-        new: list[Chunk] = []
-        seen: set[bytes] = set()
-        for c in chunks:
-            if c.digest in seen:
-                continue
-            seen.add(c.digest)
-            p = self._inflight.get(c.digest)
-            if p is None:
-                p = self._inflight[c.digest] = _Pending(queued=background)
-                new.append(c)
-            elif p.queued and not background:
-                # A prefetch of it waits for demand reads to end: fetch it now instead. Never
-                # wait behind our own prefetch: a peer asking for this chunk may be what
-                # our demand reads wait on, while its prefetch waits for its own reads
-                # to end (a deadlock across nodes).
-                p.queued = False
-                new.append(c)
-            waits.append((c, p))
-        if self.peers is not None and use_peers and new:
-            to_origin = []
-            peer_set = self.peers.peers
-            for c in new:
-                owners = peer_set.owners(c.digest, peer_set.config.owners_asked)
-                if owners:
-                    asks = [(o, False) for o in owners]
-                elif background and (holder := peer_set.runner_up(c.digest)):
-                    # this node owns it, but a node that prefetched before may hold it
-                    asks = [(holder, True)]
-                else:
-                    to_origin.append(c)
-                    continue
-                self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
-            new = to_origin
-        # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
-        max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
-        for rng in plan_ranges(new, max_request=self.config.max_request, max_gap=max_gap):
-            self._nursery.start_soon(self._fetch_range, rng, background)
+        waits, mine = self._start(chunks, background, use_peers, speculative)
         waited = time.monotonic()
         try:
             with trio.move_on_after(budget) as scope:
-                for _, p in waits:
+                for i in range(len(waits)):
+                    c, p = waits[i]
                     await p.event.wait()
+                    if p.error is not None and not background and c.digest not in mine:
+                        # It joined a fetch begun before this read, which failed (perhaps
+                        # in an outage since over): one fresh try in the time left, for
+                        # every chunk of it so far in that case (merged as usual).
+                        again = [j for j, (cj, pj) in enumerate(waits) if cj.digest not in mine
+                                 and pj.event.is_set() and pj.error is not None]
+                        fresh, _ = self._start([waits[j][0] for j in again], background, use_peers,
+                                               speculative)
+                        for j, pair in zip(again, fresh, strict=True):
+                            waits[j] = pair
+                            mine.add(pair[0].digest)
+                        c, p = waits[i]
+                        await p.event.wait()
                     if p.error is not None:
                         raise p.error
                     assert p.data is not None
@@ -270,6 +247,51 @@ class ChunkFetcher:
             for c, _ in waits:
                 self._failed.pop(c.digest, None)
         return waits
+
+    def _start(self, chunks: Sequence[Chunk], background: bool, use_peers: bool,
+               speculative: bool) -> tuple[list[tuple[Chunk, _Pending]], set[ChunkDigest]]:
+        """The pending fetch of each chunk, joined if one is in flight, else started;
+        and the digests of those this call started (or took over from the prefetch)."""
+        waits: list[tuple[Chunk, _Pending]] = []
+        new: list[Chunk] = []
+        seen: set[bytes] = set()
+        for c in chunks:
+            if c.digest in seen:
+                continue
+            seen.add(c.digest)
+            p = self._inflight.get(c.digest)
+            if p is None:
+                p = self._inflight[c.digest] = _Pending(queued=background)
+                new.append(c)
+            elif p.queued and not background:
+                # A prefetch of it waits for demand reads to end: fetch it now instead. Never
+                # wait behind our own prefetch: a peer asking for this chunk may be what
+                # our demand reads wait on, while its prefetch waits for its own reads
+                # to end (a deadlock across nodes).
+                p.queued = False
+                new.append(c)
+            waits.append((c, p))
+        started = {c.digest for c in new}
+        if self.peers is not None and use_peers and new:
+            to_origin = []
+            peer_set = self.peers.peers
+            for c in new:
+                owners = peer_set.owners(c.digest, peer_set.config.owners_asked)
+                if owners:
+                    asks = [(o, False) for o in owners]
+                elif background and (holder := peer_set.runner_up(c.digest)):
+                    # this node owns it, but a node that prefetched before may hold it
+                    asks = [(holder, True)]
+                else:
+                    to_origin.append(c)
+                    continue
+                self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
+            new = to_origin
+        # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
+        max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
+        for rng in plan_ranges(new, max_request=self.config.max_request, max_gap=max_gap):
+            self._nursery.start_soon(self._fetch_range, rng, background)
+        return waits, started
 
     def _continues(self, chunks: Sequence[Chunk], now: float) -> float | None:
         """When the earliest failed wait began, of those that failed for one of ``chunks``

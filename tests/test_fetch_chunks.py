@@ -144,7 +144,30 @@ def test_source_error_reaches_every_waiter(tmp_path):
             n.start_soon(reader)
         assert len(errors) == 2
 
-    run_fetch(tmp_path, ["fail"], body)
+    # the reader that joined the first one's fetch tries once more on its own
+    source, _, _ = run_fetch(tmp_path, ["fail", "fail"], body)
+    assert len(source.requests) == 2
+
+
+def test_a_reader_that_joined_a_failed_fetch_tries_once_more(tmp_path):
+    """A fetch begun during an outage fails; a read that only joined it has had no try
+    of its own, and gets one in the time it has left."""
+    async def body(fetcher, chunks):
+        outcomes = []
+
+        async def reader():
+            try:
+                outcomes.append((await fetcher.get(chunks))[chunks[0].digest] == PIECES[0])
+            except ServerError:
+                outcomes.append("error")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            n.start_soon(reader)
+        assert sorted(outcomes, key=str) == [True, "error"]
+
+    source, _, _ = run_fetch(tmp_path, ["fail"], body)
+    assert len(source.requests) == 2
 
 
 def test_background_waits_for_demand(tmp_path):
