@@ -135,6 +135,12 @@ def table(r: dict[str, Any]) -> str:
     nd = s.get("nodes", {})
     for name, d in nd.items() if isinstance(nd, dict) else []:
         rows.append((f"nodes: {name}", str(d.get("status"))[:120], "", ""))
+        if name == "soak" and d.get("status") == "ok":
+            sk, lat = d["result"], d["result"]["latency"]["all"]
+            rows.append(("soak under faults: reads, EIO, wrong bytes, overdue reads",
+                         f"{sk['reads']}, {sk['eio']}, {sk['wrong_bytes']}, {sk['overdue_reads']}", "",
+                         f"p50/p99 {lat['p50_s'] * 1000:.0f}/{lat['p99_s'] * 1000:.0f} ms, "
+                         f"{sum(sk['faults_injected'].values())} faults"))
     head = ("scenario", "median", "spread", "notes")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -53,6 +53,14 @@ class FetchConfig:
     thread_above: int = 128 << 10
     """Chunks larger than this are decoded and hashed in a worker thread, so that the
     trio loop (and every other reader of the mount) is not held up."""
+    reread_window: float = 1.0
+    """Seconds after a demand wait for a chunk failed during which a new demand wait for
+    it continues the failed one's deadline instead of starting its own: the kernel reads
+    a page again at once when its readahead failed, and without this one read(2) would
+    wait two deadlines. A failure that came quickly leaves the re-read nearly all of it."""
+    reread_try: float = 0.5
+    """Seconds a re-read gets when the failed wait left it less: one more short try, so
+    that a read just after a source came back is not failed for the one before it."""
 
 
 @dataclasses.dataclass
@@ -162,6 +170,8 @@ class ChunkFetcher:
         self._demand = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._failed: dict[ChunkDigest, tuple[float, float, FetchError]] = {}
+        """Chunks whose demand wait failed lately: (failed at, that wait's start, error)."""
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
                   use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
@@ -184,6 +194,64 @@ class ChunkFetcher:
 
     async def _wait(self, chunks: Sequence[Chunk], background: bool,
                     use_peers: bool, speculative: bool = False) -> list[tuple[Chunk, _Pending]]:
+        started = trio.current_time()
+        deadline = self.config.background_deadline if background else self.config.deadline
+        budget = deadline
+        if not background and self._failed:
+            began = self._continues(chunks, started)
+            if began is not None:  # a re-read of what just failed: the same deadline
+                budget = max(began + deadline - started, min(self.config.reread_try, deadline))
+                started = began
+        waits, mine = self._start(chunks, background, use_peers, speculative)
+        waited = time.monotonic()
+        try:
+            with trio.move_on_after(budget) as scope:
+                for i in range(len(waits)):
+                    c, p = waits[i]
+                    await p.event.wait()
+                    if p.error is not None and not background and c.digest not in mine:
+                        # It joined a fetch begun before this read, which failed (perhaps
+                        # in an outage since over): one fresh try in the time left, for
+                        # every chunk of it so far in that case (merged as usual).
+                        again = [j for j, (cj, pj) in enumerate(waits) if cj.digest not in mine
+                                 and pj.event.is_set() and pj.error is not None]
+                        fresh, _ = self._start([waits[j][0] for j in again], background, use_peers,
+                                               speculative)
+                        for j, pair in zip(again, fresh, strict=True):
+                            waits[j] = pair
+                            mine.add(pair[0].digest)
+                        c, p = waits[i]
+                        await p.event.wait()
+                    if p.error is not None:
+                        raise p.error
+                    assert p.data is not None
+            if not background:
+                self.stats.demand_wait_seconds += time.monotonic() - waited
+            if scope.cancelled_caught:
+                for _, p in waits:
+                    if p.error is not None:
+                        raise p.error
+                late = next((c for c, p in waits if not p.event.is_set()), None)
+                if late is not None:
+                    self.stats.timeouts += 1
+                    raise DeadlineError(
+                        f"chunk {late.hexdigest[:16]} of blob {late.blob.digest[:19]} "
+                        f"not fetched within {deadline:g}s"
+                    ).about(chunk=late.hexdigest, blob=late.blob.digest)
+                # everything arrived just as the deadline passed
+        except FetchError as exc:
+            if not background and not speculative:
+                self._note_failed(waits, started, exc)
+            raise
+        if self._failed:
+            for c, _ in waits:
+                self._failed.pop(c.digest, None)
+        return waits
+
+    def _start(self, chunks: Sequence[Chunk], background: bool, use_peers: bool,
+               speculative: bool) -> tuple[list[tuple[Chunk, _Pending]], set[ChunkDigest]]:
+        """The pending fetch of each chunk, joined if one is in flight, else started;
+        and the digests of those this call started (or took over from the prefetch)."""
         waits: list[tuple[Chunk, _Pending]] = []
         new: list[Chunk] = []
         seen: set[bytes] = set()
@@ -203,6 +271,7 @@ class ChunkFetcher:
                 p.queued = False
                 new.append(c)
             waits.append((c, p))
+        started = {c.digest for c in new}
         if self.peers is not None and use_peers and new:
             to_origin = []
             peer_set = self.peers.peers
@@ -222,29 +291,27 @@ class ChunkFetcher:
         max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
         for rng in plan_ranges(new, max_request=self.config.max_request, max_gap=max_gap):
             self._nursery.start_soon(self._fetch_range, rng, background)
-        deadline = self.config.background_deadline if background else self.config.deadline
-        started = time.monotonic()
-        with trio.move_on_after(deadline) as scope:
-            for _, p in waits:
-                await p.event.wait()
-                if p.error is not None:
-                    raise p.error
-                assert p.data is not None
-        if not background:
-            self.stats.demand_wait_seconds += time.monotonic() - started
-        if scope.cancelled_caught:
-            for _, p in waits:
-                if p.error is not None:
-                    raise p.error
-            late = next((c for c, p in waits if not p.event.is_set()), None)
-            if late is not None:
-                self.stats.timeouts += 1
-                raise DeadlineError(
-                    f"chunk {late.hexdigest[:16]} of blob {late.blob.digest[:19]} "
-                    f"not fetched within {deadline:g}s"
-                ).about(chunk=late.hexdigest, blob=late.blob.digest)
-            # everything arrived just as the deadline passed
-        return waits
+        return waits, started
+
+    def _continues(self, chunks: Sequence[Chunk], now: float) -> float | None:
+        """When the earliest failed wait began, of those that failed for one of ``chunks``
+        within the re-read window; None if none did."""
+        began = None
+        for c in chunks:
+            failed = self._failed.get(c.digest)
+            if failed is not None and now - failed[0] <= self.config.reread_window:
+                began = failed[1] if began is None else min(began, failed[1])
+        return began
+
+    def _note_failed(self, waits: list[tuple[Chunk, _Pending]], started: float,
+                     error: FetchError) -> None:
+        now = trio.current_time()
+        if len(self._failed) > 4096:  # forget what is past the window
+            self._failed = {d: f for d, f in self._failed.items()
+                            if now - f[0] <= self.config.reread_window}
+        for c, p in waits:
+            if p.data is None:
+                self._failed[c.digest] = (now, started, error)
 
     async def wait_demand_idle(self) -> None:
         """Return once no demand fetch is in flight (background work calls this first)."""

@@ -80,7 +80,8 @@ class RangeClient:
 
         Returns exactly ``length`` bytes (from a 206, or sliced from a 200); raises
         ``UnexpectedResponse`` for any other status, ``ServerError`` for a malformed or
-        short answer, ``UnreachableError`` when the connection fails."""
+        short answer or a connection dropped in the middle of the exchange (worth another
+        try), ``UnreachableError`` when connecting fails."""
         return await self._get(path, offset, length, headers or {})
 
     async def get(self, path: str, max_size: int, headers: dict[str, str] | None = None) -> bytearray:
@@ -115,7 +116,8 @@ class RangeClient:
             await _send_all(conn.sock, request)
             status, resp_headers, rest = await self._read_head(conn)
         except OSError as exc:
-            raise UnreachableError(f"{self.host}:{self.port}: {exc.strerror or exc}") from exc
+            raise ServerError(f"{self.host}:{self.port}: connection dropped before the "
+                              f"answer: {exc.strerror or exc}") from exc
         clen = resp_headers.get("content-length")
         if status not in (200, 206) or clen is None or "transfer-encoding" in resp_headers:
             raise UnexpectedResponse(status, resp_headers)
@@ -151,7 +153,8 @@ class RangeClient:
                                       f"{pos} of {n} body bytes")
                 pos += got
         except OSError as exc:
-            raise UnreachableError(f"{self.host}:{self.port}: {exc.strerror or exc}") from exc
+            raise ServerError(f"{self.host}:{self.port}{path}: connection dropped after {pos} "
+                              f"of {n} body bytes: {exc.strerror or exc}") from exc
         reusable = resp_headers.get("connection", "").lower() != "close"
         if status == 200 and offset is not None:
             log.debug("%s: server ignored Range; sliced %d bytes from a full body", path, length)

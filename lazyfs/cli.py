@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import select
 import subprocess
@@ -24,6 +25,8 @@ from .process import wait_gone
 log = logging.getLogger("lazyfs")
 
 DEFAULT_CACHE = Path(os.environ.get("LAZYFS_CACHE", "/var/cache/lazyfs"))
+DEFAULT_TIMEOUT = 30.0
+"""Seconds a read (or one registry request) may wait on the network: ``--timeout``."""
 MOUNT_READY_TIMEOUT = 300.0
 
 
@@ -44,6 +47,16 @@ def _chunk_size(text: str) -> int:
     if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE or n & (n - 1):
         raise argparse.ArgumentTypeError(f"chunk size must be a power of two from 4K to 64M, not {text}")
     return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -217,8 +230,14 @@ def _registry_options(args: argparse.Namespace) -> Any:
     for url in mirrors:
         if not url.startswith(("http://", "https://")):
             raise UserError(f"mirror {url!r}: expected an http:// or https:// URL", ExitCode.USAGE)
+    timeout = getattr(args, "timeout", None)
+    if timeout is None:
+        timeout = conf.get("timeout", DEFAULT_TIMEOUT)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < math.inf:
+            raise UserError(f"config file: timeout must be a positive number of seconds, not {timeout!r}",
+                            ExitCode.USAGE)
     return RegistryOptions(
-        timeout=float(getattr(args, "timeout", None) or conf.get("timeout") or 30.0),
+        timeout=float(timeout),
         insecure_hosts=frozenset([*(args.insecure_registry or []), *conf.get("insecure_registries", [])]),
         ca_file=args.ca_file or conf.get("ca_file"),
         credentials=creds,
@@ -334,6 +353,7 @@ def _mount_options(args: argparse.Namespace) -> Any:
 
     if args.record_window < 0:
         raise UserError("--record-window must be 0 (off) or more seconds", ExitCode.USAGE)
+    registry = _registry_options(args)
     return MountOptions(
         **_peer_options(args),
         ref=args.ref,
@@ -343,8 +363,8 @@ def _mount_options(args: argparse.Namespace) -> Any:
         offline=args.offline,
         allow_other=args.allow_other,
         insecure=True if args.insecure else None,
-        timeout=args.timeout,
-        registry=_registry_options(args),
+        timeout=registry.timeout,
+        registry=registry,
         cache_size=args.cache_size,
         metrics=args.metrics,
         record_window=None if args.record else args.record_window,
@@ -410,7 +430,8 @@ def _mount_background(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "lazyfs", *(["-v"] if args.verbose else []),
             "mount", args.ref, str(mountpoint), "--cache", str(cache_dir),
             "--foreground", "--ready-fd", str(w), "--log-file", str(log_file),
-            "--timeout", str(args.timeout), *_registry_argv(args)]
+            *(["--timeout", str(args.timeout)] if args.timeout is not None else []),
+            *_registry_argv(args)]
     for flag in ("no_prefetch", "offline", "allow_other", "insecure"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
@@ -607,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunk size (default 1M; 4K..64M)")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform source (default: this machine's)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds one registry request may take")
+    p.add_argument("--timeout", type=_seconds,
+                   help="seconds one registry request may take (default: the config file's, else 30)")
     p.add_argument("--prefetch-files", metavar="FILE",
                    help="paths in the image (one a line) whose chunks mounts fetch first")
     _add_registry_arguments(p)
@@ -629,8 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="use the cache alone, no network")
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to a non-loopback registry")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds a network wait may take before a read fails with EIO (default 30)")
+    p.add_argument("--timeout", type=_seconds,
+                   help="seconds a read may wait on the network before it fails with EIO "
+                        "(default: the config file's, else 30)")
     p.add_argument("--log-file", help="where a background mount logs (default in the cache dir)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--peers-file", help="ask these peers (one http://HOST:PORT a line; re-read on change)")
@@ -659,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="HOST[:PORT]/REPO[:TAG|@DIGEST]")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="which image of an index")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds one registry request may take")
+    p.add_argument("--timeout", type=_seconds,
+                   help="seconds one registry request may take (default: the config file's, else 30)")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_images)
 
@@ -672,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "what this node's mounts pass as their --advertise")
     p.add_argument("--token-file", required=True, help="file holding the cluster token")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to non-loopback registries")
-    p.add_argument("--timeout", type=float, default=30.0,
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
                    help="seconds fetching a missing chunk from its registry may take (default 30)")
     _add_cache_size(p)
     _add_metrics(p)
@@ -697,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="/run/lazyfs/snapshotter.sock", help="unix socket to serve on")
     p.add_argument("--root", default="/var/lib/lazyfs",
                    help="snapshots, metadata, mounts and the node cache (default /var/lib/lazyfs)")
-    p.add_argument("--timeout", type=float, default=30.0, help="network deadline of the image mounts")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+                   help="network deadline of the image mounts (default 30)")
     p.add_argument("--no-prefetch", action="store_true", help="image mounts fetch only what is read")
     p.add_argument("--peers-file", help="image mounts ask these peers for chunks and traces "
                                         "(one http://HOST:PORT a line; re-read on change)")

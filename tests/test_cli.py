@@ -89,3 +89,27 @@ def test_usage_errors_exit_2(tmp_path):
 def test_status_and_umount_of_something_else(tmp_path):
     one_line_error(lazyfs("status", str(tmp_path), check=False), 5)
     one_line_error(lazyfs("umount", str(tmp_path), check=False), 5)
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_a_timeout_must_be_positive_seconds(tmp_path, value):
+    for command in (["mount", "127.0.0.1:1/app:1", str(tmp_path)], ["images", "127.0.0.1:1/app:1"],
+                    ["peer", "--listen", "127.0.0.1:0", "--token-file", str(tmp_path / "t")]):
+        done = lazyfs(*command, "--timeout", value, check=False)
+        assert done.returncode == 2, done.stderr
+        assert "positive number of seconds" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_config_files_timeout_is_used_and_checked(tmp_path):
+    import socket
+
+    config = tmp_path / "config.toml"
+    config.write_text("[registry]\ntimeout = -3\n")
+    one_line_error(lazyfs("images", "127.0.0.1:1/app:1", "--config", str(config), check=False), 2)
+    # a registry that accepts connections and never answers: the config's 1 s applies
+    # (the default 30 s would outlast the bound here, which only catches that)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        config.write_text("[registry]\ntimeout = 1\n")
+        ref = f"127.0.0.1:{silent.getsockname()[1]}/app:1"
+        done = lazyfs("images", ref, "--config", str(config), check=False, timeout=25)
+    one_line_error(done, 4)

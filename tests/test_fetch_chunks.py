@@ -97,6 +97,38 @@ def test_stalled_source_fails_within_deadline(tmp_path):
     assert not store.contains(chunks[0].digest)
 
 
+def test_a_reread_right_after_a_timeout_continues_its_deadline(tmp_path):
+    """The kernel reads a page again at once when its readahead failed: that second
+    request gets what is left of the first one's deadline (at least ``reread_try``), not
+    a deadline of its own; a read after the re-read window gets a whole one again."""
+    async def body(fetcher, chunks):
+        start = trio.current_time()
+        with pytest.raises(UnreachableError):
+            await fetcher.get(chunks[:1])
+        assert trio.current_time() - start == pytest.approx(5, abs=0.1)
+        await trio.sleep(0.1)  # the request itself has given up too
+        start = trio.current_time()
+        with pytest.raises(UnreachableError):
+            await fetcher.get(chunks[:1])  # the re-read: one short try
+        assert trio.current_time() - start == pytest.approx(0.5, abs=0.1)
+        await trio.sleep(6)  # past the window (and the re-read's request): a whole deadline
+        start = trio.current_time()
+        with pytest.raises(UnreachableError):
+            await fetcher.get(chunks[:1])
+        assert trio.current_time() - start == pytest.approx(5, abs=0.1)
+        # a failure that came quickly leaves the re-read nearly all of the deadline
+        start = trio.current_time()
+        with pytest.raises(ServerError):
+            await fetcher.get(chunks[1:2])
+        got = await fetcher.get(chunks[1:2])
+        assert got[chunks[1].digest] == PIECES[1]
+        assert trio.current_time() - start < 0.1
+
+    source, _, _ = run_fetch(tmp_path, ["stall", "stall", "stall", "fail"], body,
+                             clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(source.requests) == 5
+
+
 def test_source_error_reaches_every_waiter(tmp_path):
     async def body(fetcher, chunks):
         errors = []
@@ -112,7 +144,30 @@ def test_source_error_reaches_every_waiter(tmp_path):
             n.start_soon(reader)
         assert len(errors) == 2
 
-    run_fetch(tmp_path, ["fail"], body)
+    # the reader that joined the first one's fetch tries once more on its own
+    source, _, _ = run_fetch(tmp_path, ["fail", "fail"], body)
+    assert len(source.requests) == 2
+
+
+def test_a_reader_that_joined_a_failed_fetch_tries_once_more(tmp_path):
+    """A fetch begun during an outage fails; a read that only joined it has had no try
+    of its own, and gets one in the time it has left."""
+    async def body(fetcher, chunks):
+        outcomes = []
+
+        async def reader():
+            try:
+                outcomes.append((await fetcher.get(chunks))[chunks[0].digest] == PIECES[0])
+            except ServerError:
+                outcomes.append("error")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            n.start_soon(reader)
+        assert sorted(outcomes, key=str) == [True, "error"]
+
+    source, _, _ = run_fetch(tmp_path, ["fail"], body)
+    assert len(source.requests) == 2
 
 
 def test_background_waits_for_demand(tmp_path):
