@@ -226,10 +226,12 @@ class ChunkFetcher:
         started = time.monotonic()
         with trio.move_on_after(deadline) as scope:
             for _, p in waits:
-                await p.event.wait()
+                if not p.event.is_set():  # a set event's wait is still a trip through the
+                    await p.event.wait()  # scheduler: one per chunk adds up over an image
                 if p.error is not None:
                     raise p.error
                 assert p.data is not None
+            await trio.lowlevel.checkpoint()
         if not background:
             self.stats.demand_wait_seconds += time.monotonic() - started
         if scope.cancelled_caught:
