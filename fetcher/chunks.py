@@ -4,7 +4,9 @@ Missing chunks of one blob that lie close together are merged into one range req
 every chunk is decoded and checked against its BLAKE3 digest before anyone sees it or
 it is cached; a chunk that fails the check is never cached and its readers get an
 ``IntegrityError``. Demand reads always go first: background (prefetch) requests wait
-while any demand fetch is in flight, and are limited in number.
+while any demand fetch is in flight, are limited in number and in size (what a read may
+find ahead of it on the link), and the checking and caching of what they brought pauses
+between chunks while a demand fetch runs, so that the reader gets the CPU.
 
 With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
 that node first, then of the next owner in rendezvous order, then of the origin: each
@@ -17,8 +19,10 @@ enough to answer within the read's deadline.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -29,6 +33,7 @@ from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
+from .lowprio import BACKGROUND
 from .peers import PeerIsSelf, PeerTier, race
 from .source import BlobSource
 
@@ -50,6 +55,12 @@ class FetchConfig:
     (the gap's bytes are read and discarded: cheaper than another round trip)."""
     background_concurrency: int = 2
     """Background requests in flight at once."""
+    background_max_request: int = 4 << 20
+    """Largest background range request, in bytes: with ``background_concurrency`` it
+    bounds the prefetch's bytes in flight, which a demand read's answer queues behind."""
+    background_pause: float = 0.1
+    """While a demand fetch is in flight, the background's checking and caching waits up
+    to this many seconds before each chunk (then does that one chunk, and asks again)."""
     thread_above: int = 128 << 10
     """Chunks larger than this are decoded and hashed in a worker thread, so that the
     trio loop (and every other reader of the mount) is not held up."""
@@ -117,8 +128,17 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
     return out
 
 
+class _Wanted:
+    """Whether a reader waits for a background range under way (it stops giving way)."""
+
+    __slots__ = ("wanted",)
+
+    def __init__(self) -> None:
+        self.wanted = False
+
+
 class _Pending:
-    __slots__ = ("event", "data", "payload", "error", "caching", "queued")
+    __slots__ = ("event", "data", "payload", "error", "caching", "queued", "range")
 
     def __init__(self, queued: bool = False) -> None:
         self.queued = queued
@@ -129,6 +149,7 @@ class _Pending:
         self.payload: bytes | memoryview | None = None  # as stored in the blob (what peers are sent)
         self.error: FetchError | None = None
         self.caching = False  # stays in the in-flight map until the cache has it
+        self.range: _Wanted | None = None  # the background range fetching it, once under way
 
 
 class ChunkFetcher:
@@ -162,6 +183,8 @@ class ChunkFetcher:
         self._demand = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._quiet = threading.Event()  # the same, for the background's worker threads
+        self._quiet.set()
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
                   use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
@@ -202,6 +225,8 @@ class ChunkFetcher:
                 # to end (a deadlock across nodes).
                 p.queued = False
                 new.append(c)
+            elif not background and p.range is not None:
+                p.range.wanted = True
             waits.append((c, p))
         if self.peers is not None and use_peers and new:
             to_origin = []
@@ -220,7 +245,8 @@ class ChunkFetcher:
             new = to_origin
         # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
         max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
-        for rng in plan_ranges(new, max_request=self.config.max_request, max_gap=max_gap):
+        max_request = self.config.background_max_request if background else self.config.max_request
+        for rng in plan_ranges(new, max_request=max_request, max_gap=max_gap):
             self._nursery.start_soon(self._fetch_range, rng, background)
         deadline = self.config.background_deadline if background else self.config.deadline
         started = time.monotonic()
@@ -257,16 +283,32 @@ class ChunkFetcher:
         self._demand += 1
         if self._demand == 1:
             self._idle = trio.Event()
+            self._quiet.clear()
         self.stats.demand_requests += 1
 
     def _demand_done(self) -> None:
         self._demand -= 1
         if self._demand == 0:
             self._idle.set()
+            self._quiet.set()
+
+    def _give_way(self, work: _Wanted) -> None:
+        """In a background worker thread, before each chunk: wait while a demand fetch is
+        in flight, unless a reader waits for this range itself; at most
+        ``background_pause`` seconds, so that the range always moves on."""
+        deadline = None
+        while not work.wanted and not self._quiet.is_set():
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.config.background_pause
+            elif now >= deadline:
+                return
+            self._quiet.wait(min(deadline - now, 0.01))
 
     async def _fetch_range(self, rng: Range, background: bool) -> None:
         queued = {c.digest: self._inflight[c.digest] for c in rng.chunks}
         fetching: Range | None = None if background else rng
+        work = _Wanted()
         try:
             if background:
                 async with self._background:
@@ -275,6 +317,8 @@ class ChunkFetcher:
                     if fetching is None:
                         return  # every chunk was taken over by a demand fetch
                     rng = fetching
+                    for c in rng.chunks:
+                        queued[c.digest].range = work
                     data = await self._request(rng, self.config.background_deadline)
             else:
                 self._demand_started()
@@ -286,11 +330,17 @@ class ChunkFetcher:
             # Verify (and, for the prefetcher, cache) the whole range in one worker thread
             # call: hashing and disk writes stay off the trio loop, and a range of many
             # chunks pays for one thread hop, not two per chunk.
-            store = self._store if background else None
-            if rng.end - rng.start > self.config.thread_above:
-                results = await trio.to_thread.run_sync(_verify_range, rng, data, store, limiter=self._cpu)
+            if not background:
+                if rng.end - rng.start > self.config.thread_above:
+                    results = await trio.to_thread.run_sync(_verify_range, rng, data, limiter=self._cpu)
+                else:
+                    results = _verify_range(rng, data)
+            elif rng.end - rng.start > self.config.thread_above:
+                # at a low CPU priority, in threads that never serve a read (lowprio.py)
+                results = await BACKGROUND.run_sync(
+                    _verify_range, rng, data, self._store, functools.partial(self._give_way, work))
             else:
-                results = _verify_range(rng, data, store)
+                results = _verify_range(rng, data, self._store)
             view = memoryview(data)
             for c, p, result in zip(rng.chunks, pendings, results, strict=True):
                 if isinstance(result, ChunkDecodeError):
@@ -515,13 +565,17 @@ def _claim(rng: Range, pendings: dict[ChunkDigest, _Pending]) -> Range | None:
 
 
 def _verify_range(
-    rng: Range, data: bytes | bytearray, store: ChunkStore | None
+    rng: Range, data: bytes | bytearray, store: ChunkStore | None = None,
+    give_way: Callable[[], object] | None = None,
 ) -> list[bytes | memoryview | ChunkDecodeError]:
     """Decode and check every chunk of a fetched range; cache the good ones in ``store``
-    when given. Runs in a worker thread for large ranges."""
+    when given. Runs in a worker thread for large ranges, calling ``give_way`` (which may
+    block) before each chunk."""
     view = memoryview(data)
     out: list[bytes | memoryview | ChunkDecodeError] = []
     for c in rng.chunks:
+        if give_way is not None:
+            give_way()
         payload = view[c.offset - rng.start : c.offset - rng.start + c.stored_size]
         try:
             plain = decode_verified(c, payload)

@@ -1,0 +1,130 @@
+"""Background (prefetch) work gives way to demand reads: its threads run at a lower CPU
+priority, and checking and caching a fetched range waits while a demand fetch is in
+flight, unless a reader waits for that range itself."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import trio
+
+from cache.store import ChunkStore
+from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.lowprio import LowPriorityThreads
+
+from .fakes import make_blob
+
+PIECES = [os.urandom(5000), b"a" * 7000, os.urandom(3000), b"b" * 9000]
+HANG = 20  # seconds: only catches a hang
+
+
+def test_low_priority_threads_run_the_call_at_a_lower_priority():
+    pool = LowPriorityThreads(1, nice=5)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def where() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return tid, os.getpriority(os.PRIO_PROCESS, tid)
+
+    def fail() -> None:
+        raise ValueError("from the thread")
+
+    async def main() -> None:
+        tid, nice = await pool.run_sync(where)
+        assert tid != threading.get_native_id()
+        assert nice == min(base + 5, 19)
+        with pytest.raises(ValueError, match="from the thread"):
+            await pool.run_sync(fail)
+        assert await pool.run_sync(sum, [1, 2, 3]) == 6
+
+    trio.run(main)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is kept
+
+
+class GatedSource:
+    """The first chunk's range (a demand read's) waits for ``release``; any other range
+    (the background's) is answered once that demand request has been made, so that the
+    background's bytes arrive while the demand fetch is in flight."""
+
+    def __init__(self, blob: str, raw: bytes) -> None:
+        self.blob, self.raw = blob, raw
+        self.demand_asked = trio.Event()
+        self.release = trio.Event()
+
+    async def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        if offset == 0:
+            self.demand_asked.set()
+            await self.release.wait()
+        else:
+            await self.demand_asked.wait()
+        return self.raw[offset : offset + length]
+
+
+def run_gated(tmp_path, body) -> list[str]:
+    blob, chunks, raw = make_blob(PIECES)
+    source = GatedSource(blob.digest, raw)
+    # every range checked in a worker thread; a pause long enough that only giving way
+    # (or a reader waiting for the range) explains the order below
+    config = FetchConfig(deadline=HANG, thread_above=0, background_pause=HANG)
+    order: list[str] = []
+
+    async def main() -> None:
+        with trio.fail_after(HANG * 2):
+            async with trio.open_nursery() as nursery:
+                fetcher = ChunkFetcher(nursery, source, ChunkStore(tmp_path), config)
+                await body(fetcher, chunks, source, order)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return order
+
+
+def test_background_range_waits_while_a_demand_fetch_is_in_flight(tmp_path):
+    async def body(fetcher, chunks, source, order):
+        async def background() -> None:
+            await fetcher.get(chunks[1:], background=True)
+            order.append("background")
+
+        async def demand() -> None:
+            await fetcher.get(chunks[:1])
+            order.append("demand")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(background)
+            await trio.sleep(0.05)  # the background request is under way
+            n.start_soon(demand)
+            await source.demand_asked.wait()
+            await trio.sleep(0.5)  # the background's bytes are here; it is giving way
+            assert order == []
+            source.release.set()  # then both finish, in either order
+
+    assert sorted(run_gated(tmp_path, body)) == ["background", "demand"]
+
+
+def test_a_reader_waiting_for_the_background_range_stops_it_giving_way(tmp_path):
+    async def body(fetcher, chunks, source, order):
+        async def background() -> None:
+            await fetcher.get(chunks[1:], background=True)
+            order.append("background")
+
+        async def demand() -> None:
+            await fetcher.get(chunks[:1])
+            order.append("demand")
+
+        async def reader() -> None:
+            got = await fetcher.get(chunks[2:3])  # under way in the background range
+            assert got[chunks[2].digest] == PIECES[2]
+            order.append("reader")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(background)
+            await trio.sleep(0.05)
+            n.start_soon(demand)
+            await source.demand_asked.wait()
+            await reader()  # within the hang bound only if the range stopped giving way
+            source.release.set()
+
+    order = run_gated(tmp_path, body)
+    assert order.index("reader") < order.index("demand")  # its range was whole before
