@@ -88,14 +88,17 @@ class Prefetcher:
         manifest_digest: str,
         fetcher: ChunkFetcher | None,
         *,
-        batch_bytes: int = 8 << 20,
-        concurrency: int = 2,
+        batch_bytes: int = 4 << 20,
+        concurrency: int = 4,
         retry_delay: float = 5.0,
         lead: Callable[[IndexReader], Awaitable[tuple[list[ChunkDigest], str | None]]] | None = None,
         lead_only: bool = False,
         lead_wave_bytes: int = 16 << 20,
     ) -> None:
-        """``lead(index)`` returns the digests to fetch first and where they came from."""
+        """``lead(index)`` returns the digests to fetch first and where they came from.
+        ``concurrency`` batches are under way at once: the fetcher's limit on background
+        requests keeps two of them on the network, while the others are checked and
+        written, so the link is never idle waiting for the disk."""
         self._index_path = index_path
         self._index: IndexReader | None = None  # its own connection: it is used from threads
         self._store = store
