@@ -4,13 +4,16 @@
 On a shared machine wall time swings with the neighbours' load; the CPU time of the
 mount process (``utime + stime`` from ``/proc/PID/stat``) from mounted to ``prefetch
 complete`` does not, so it is the figure to compare. Every run mounts a fresh cache
-from ``lazyfs serve`` on loopback; the trees alternate run by run, so both see the same
-load. Each tree runs as the user runs it (``python3 -m lazyfs`` with the tree as its
-working directory), the baseline from ``git archive REV``.
+from ``lazyfs serve`` on loopback, or with ``--link default`` (1 Gbit/s, 2 ms) or ``wan``
+from the suite's origin behind a capped veth (``bench/link.py``), where curl fetching
+the same blobs one after another gives what the link carries; the trees alternate run
+by run, so both see the same load. Each tree runs as the user runs it (``python3 -m
+lazyfs`` with the tree as its working directory), the baseline from ``git archive REV``.
 
     python3 bench/prefetch_cpu.py                      # this tree against where it left main
     python3 bench/prefetch_cpu.py --baseline HEAD~3 --runs 5 --mib 300
     python3 bench/prefetch_cpu.py --no-baseline --runs 1 --mib 40
+    python3 bench/prefetch_cpu.py --link default    # over the suite's 1 Gbit/s link
 
 The image is generated (seeded, cached in ``/var/tmp/lazyfs-bench-cache``): files with
 sizes drawn like a distribution's (many small files, a long tail of large ones), about
@@ -40,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.context import percentiles  # noqa: E402
 from bench.harness import free_port, log, wait_port  # noqa: E402
+from bench.link import PROFILES, Link  # noqa: E402
 from lazyfs.mountinfo import STATUS_XATTR  # noqa: E402
 
 CACHE = Path("/var/tmp/lazyfs-bench-cache")
@@ -117,6 +121,9 @@ class Tree:
         return done.stdout
 
     def mount(self, ref: str, mnt: Path, cache: Path, *extra: str) -> int:
+        host = ref.split("/", 1)[0]
+        if not host.startswith("127."):
+            extra = ("--insecure-registry", host, *extra)
         out = self.lazyfs("mount", ref, str(mnt), "--cache", str(cache),
                           "--log-file", f"{mnt}.log", *extra)
         return int(out.split("(pid ", 1)[1].split(",", 1)[0])
@@ -204,6 +211,8 @@ def main() -> None:
     ap.add_argument("--baseline", help="git revision to compare with (default: the merge base "
                     "of HEAD and main)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--link", choices=["loopback", *PROFILES], default="loopback",
+                    help="where the origin is: lazyfs serve on loopback, or behind a capped link")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -212,7 +221,10 @@ def main() -> None:
     mdesc = layout["manifests"][0]["digest"].split(":", 1)
     manifest = json.loads((images / repo / "blobs" / mdesc[0] / mdesc[1]).read_bytes())
     blob_bytes = sum(int(x["size"]) for x in manifest["layers"][1:])
-    work = Path(tempfile.mkdtemp(prefix="lazyfs-prefetch-cpu-"))
+    # not in /tmp: on this machine's ext4 (no journal) creating a file scans past the
+    # inodes freed in its block group in the last 30 s, and every test run's /tmp churn
+    # lands in the same groups, so the caches' system time would measure the neighbours
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=images))
     trees = [Tree("this", ROOT)]
     if not args.no_baseline:
         base = work / "baseline"
@@ -224,14 +236,25 @@ def main() -> None:
         archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
         trees.insert(0, Tree(f"baseline {rev}", base))
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "lazyfs", "serve", str(images), "--listen",
-                               f"127.0.0.1:{port}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    link: Link | None = None
+    server: subprocess.Popen | None = None
     results: dict[str, dict[str, list]] = {t.name: {"fill": [], "busy": [], "idle": []} for t in trees}
+    curls: list[float] = []
     try:
-        wait_port(port)
-        ref = f"127.0.0.1:{port}/{repo}:1"
+        if args.link == "loopback":
+            host, port = "127.0.0.1", free_port()
+            server = subprocess.Popen([sys.executable, "-m", "lazyfs", "serve", str(images), "--listen",
+                                       f"{host}:{port}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            wait_port(port)
+        else:
+            link = Link(PROFILES[args.link])
+            link.open()
+            host, port = link.peer_ip, link.start_origin(images, {}).oci
+        ref = f"{host}:{port}/{repo}:1"
+        curl = ["curl", "-sSf"]
+        for layer in manifest["layers"][1:]:
+            curl += [f"http://{host}:{port}/v2/{repo}/blobs/{layer['digest']}", "-o", "/dev/null"]
         n = 0
 
         def fresh() -> Path:
@@ -252,6 +275,9 @@ def main() -> None:
             trees[-1].lazyfs("umount", str(d / "mnt"))
         shutil.rmtree(d)
         for i in range(args.runs):
+            t = time.perf_counter()
+            subprocess.run(curl, check=True, timeout=600)
+            curls.append(blob_bytes / (time.perf_counter() - t) / 1e6)
             for tree in trees:
                 log(f"run {i + 1}/{args.runs}: {tree.name}")
                 for kind, fn in (("fill", lambda d, t=tree: fill_run(t, ref, d, blob_bytes)),
@@ -266,12 +292,17 @@ def main() -> None:
                     f"{f['mb_per_s']:.0f} MB/s, "
                     f"{len(results[tree.name]['busy'][-1])} reads while prefetching")
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
+        if link is not None:
+            link.close()
         for t in trees[:-1]:
             shutil.rmtree(t.root, ignore_errors=True)
 
     out: dict[str, Any] = {"image_mib": args.mib, "blob_bytes": blob_bytes, "runs": args.runs,
+                           "link": link.describe() if link else "loopback, lazyfs serve",
+                           "curl_mb_per_s": statistics.median(curls),
                            "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "trees": {}}
     for name, r in results.items():
         fills = r["fill"]
@@ -288,13 +319,16 @@ def main() -> None:
     dest = args.out or ROOT / "bench" / "results" / stamp
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "prefetch_cpu.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"image: {args.mib} MiB of files, {blob_bytes / 1e6:.0f} MB stored; medians of {args.runs} runs")
-    print("| tree | CPU s/GiB stored | MB/s stored | 4 KiB read p50 / p99 while prefetching | idle |")
+    print(f"image: {args.mib} MiB of files, {blob_bytes / 1e6:.0f} MB stored; {args.link}; "
+          f"curl {out['curl_mb_per_s']:.0f} MB/s; medians of {args.runs} runs")
+    print("| tree | CPU s/GiB stored (user + system) | MB/s stored | "
+          "4 KiB read p50 / p99 while prefetching | idle |")
     print("| --- | --- | --- | --- | --- |")
     for name, t in out["trees"].items():
         b, i = t["read_ms_while_prefetching"], t["read_ms_idle_no_prefetch"]
         busy_s = f"{b['p50']:.1f} / {b['p99']:.1f} ms (n={b['n']})" if b else "prefetch finished first"
-        print(f"| {name} | {t['cpu_s_per_gib']:.1f} | {t['mb_per_s']:.0f} | {busy_s} | "
+        print(f"| {name} | {t['cpu_s_per_gib']:.1f} ({t['user_s_per_gib']:.1f} + "
+              f"{t['system_s_per_gib']:.1f}) | {t['mb_per_s']:.0f} | {busy_s} | "
               f"{i['p50']:.1f} / {i['p99']:.1f} ms |")
     print(f"-> {dest / 'prefetch_cpu.json'}")
     shutil.rmtree(work, ignore_errors=True)
