@@ -129,12 +129,14 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
 
 
 class _Wanted:
-    """Whether a reader waits for a background range under way (it stops giving way)."""
+    """A background range under way: whether its bytes have arrived, and whether a reader
+    waits for it (it stops giving way)."""
 
-    __slots__ = ("wanted",)
+    __slots__ = ("wanted", "arrived")
 
     def __init__(self) -> None:
         self.wanted = False
+        self.arrived = False
 
 
 class _Pending:
@@ -209,6 +211,7 @@ class ChunkFetcher:
                     use_peers: bool, speculative: bool = False) -> list[tuple[Chunk, _Pending]]:
         waits: list[tuple[Chunk, _Pending]] = []
         new: list[Chunk] = []
+        own: dict[ChunkDigest, _Pending] = {}
         seen: set[bytes] = set()
         for c in chunks:
             if c.digest in seen:
@@ -226,7 +229,13 @@ class ChunkFetcher:
                 p.queued = False
                 new.append(c)
             elif not background and p.range is not None:
-                p.range.wanted = True
+                if p.range.arrived or speculative:
+                    p.range.wanted = True  # checked next, at once
+                else:
+                    # its background range is still on the network, up to
+                    # background_max_request bytes of it: fetch this one chunk alone
+                    # rather than wait for them (its bytes come twice)
+                    p = own[c.digest] = _Pending()
             waits.append((c, p))
         if self.peers is not None and use_peers and new:
             to_origin = []
@@ -248,6 +257,10 @@ class ChunkFetcher:
         max_request = self.config.background_max_request if background else self.config.max_request
         for rng in plan_ranges(new, max_request=max_request, max_gap=max_gap):
             self._nursery.start_soon(self._fetch_range, rng, background)
+        if own:
+            for rng in plan_ranges([c for c, _ in waits if c.digest in own],
+                                   max_request=max_request, max_gap=max_gap):
+                self._nursery.start_soon(self._fetch_range, rng, False, own)
         deadline = self.config.background_deadline if background else self.config.deadline
         started = time.monotonic()
         with trio.move_on_after(deadline) as scope:
@@ -305,8 +318,11 @@ class ChunkFetcher:
                 return
             self._quiet.wait(min(deadline - now, 0.01))
 
-    async def _fetch_range(self, rng: Range, background: bool) -> None:
-        queued = {c.digest: self._inflight[c.digest] for c in rng.chunks}
+    async def _fetch_range(self, rng: Range, background: bool,
+                           pendings: dict[ChunkDigest, _Pending] | None = None) -> None:
+        """Fetch, check and hand over one range; ``pendings`` (a demand fetch of chunks
+        that a background range is fetching too) instead of the in-flight map's."""
+        queued = {c.digest: (pendings or self._inflight)[c.digest] for c in rng.chunks}
         fetching: Range | None = None if background else rng
         work = _Wanted()
         try:
@@ -320,6 +336,7 @@ class ChunkFetcher:
                     for c in rng.chunks:
                         queued[c.digest].range = work
                     data = await self._request(rng, self.config.background_deadline)
+                    work.arrived = True
             else:
                 self._demand_started()
                 try:

@@ -128,3 +128,45 @@ def test_a_reader_waiting_for_the_background_range_stops_it_giving_way(tmp_path)
 
     order = run_gated(tmp_path, body)
     assert order.index("reader") < order.index("demand")  # its range was whole before
+
+
+class StalledBackground:
+    """Ranges with more than one chunk (the background's) never answer; single chunks do."""
+
+    def __init__(self, raw: bytes, chunks) -> None:
+        self.raw = raw
+        self.sizes = {c.offset: c.stored_size for c in chunks}
+        self.requests: list[tuple[int, int]] = []
+        self.asked = trio.Event()
+
+    async def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        self.requests.append((offset, length))
+        self.asked.set()
+        if self.sizes.get(offset) != length:
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+        return self.raw[offset : offset + length]
+
+
+def test_a_reader_does_not_wait_for_a_background_range_still_on_the_network(tmp_path):
+    blob, chunks, raw = make_blob(PIECES)
+    source = StalledBackground(raw, chunks)
+    got: dict = {}
+
+    async def main() -> None:
+        with trio.fail_after(HANG):
+            async with trio.open_nursery() as nursery:
+                fetcher = ChunkFetcher(nursery, source, ChunkStore(tmp_path),
+                                       FetchConfig(deadline=HANG))
+
+                async def background() -> None:
+                    await fetcher.get(chunks, background=True)
+
+                nursery.start_soon(background)
+                await source.asked.wait()  # the background range is under way
+                got.update(await fetcher.get(chunks[2:3]))
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert got[chunks[2].digest] == PIECES[2]
+    assert source.requests[1] == (chunks[2].offset, chunks[2].stored_size)  # that chunk alone
