@@ -128,15 +128,16 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
     return out
 
 
-class _Wanted:
-    """A background range under way: whether its bytes have arrived, and whether a reader
-    waits for it (it stops giving way)."""
+class _Underway:
+    """A background range under way: its bytes once they have arrived, and whether a
+    reader (readahead) waits for it, so that it stops giving way."""
 
-    __slots__ = ("wanted", "arrived")
+    __slots__ = ("wanted", "data", "start")
 
-    def __init__(self) -> None:
+    def __init__(self, start: int) -> None:
         self.wanted = False
-        self.arrived = False
+        self.data: bytes | bytearray | None = None
+        self.start = start
 
 
 class _Pending:
@@ -151,7 +152,7 @@ class _Pending:
         self.payload: bytes | memoryview | None = None  # as stored in the blob (what peers are sent)
         self.error: FetchError | None = None
         self.caching = False  # stays in the in-flight map until the cache has it
-        self.range: _Wanted | None = None  # the background range fetching it, once under way
+        self.range: _Underway | None = None  # the background range fetching it, once under way
 
 
 class ChunkFetcher:
@@ -212,6 +213,7 @@ class ChunkFetcher:
         waits: list[tuple[Chunk, _Pending]] = []
         new: list[Chunk] = []
         own: dict[ChunkDigest, _Pending] = {}
+        taken: list[tuple[Chunk, _Pending, _Underway]] = []
         seen: set[bytes] = set()
         for c in chunks:
             if c.digest in seen:
@@ -229,12 +231,15 @@ class ChunkFetcher:
                 p.queued = False
                 new.append(c)
             elif not background and p.range is not None:
-                if p.range.arrived or speculative:
-                    p.range.wanted = True  # checked next, at once
-                else:
-                    # its background range is still on the network, up to
-                    # background_max_request bytes of it: fetch this one chunk alone
-                    # rather than wait for them (its bytes come twice)
+                # A background range has it under way, and checks and writes its chunks
+                # at a low priority: a reader does not wait for that.
+                if p.range.data is not None:  # its bytes are here: check this chunk now
+                    under, p = p.range, _Pending()
+                    taken.append((c, p, under))
+                elif speculative:
+                    p.range.wanted = True
+                else:  # still on the network, up to background_max_request bytes of it:
+                    # fetch this one chunk alone (its bytes come twice)
                     p = own[c.digest] = _Pending()
             waits.append((c, p))
         if self.peers is not None and use_peers and new:
@@ -257,6 +262,8 @@ class ChunkFetcher:
         max_request = self.config.background_max_request if background else self.config.max_request
         for rng in plan_ranges(new, max_request=max_request, max_gap=max_gap):
             self._nursery.start_soon(self._fetch_range, rng, background)
+        for c, p, under in taken:
+            self._nursery.start_soon(self._take_checked, c, p, under)
         if own:
             for rng in plan_ranges([c for c, _ in waits if c.digest in own],
                                    max_request=max_request, max_gap=max_gap):
@@ -305,7 +312,7 @@ class ChunkFetcher:
             self._idle.set()
             self._quiet.set()
 
-    def _give_way(self, work: _Wanted) -> None:
+    def _give_way(self, work: _Underway) -> None:
         """In a background worker thread, before each chunk: wait while a demand fetch is
         in flight, unless a reader waits for this range itself; at most
         ``background_pause`` seconds, so that the range always moves on."""
@@ -324,7 +331,7 @@ class ChunkFetcher:
         that a background range is fetching too) instead of the in-flight map's."""
         queued = {c.digest: (pendings or self._inflight)[c.digest] for c in rng.chunks}
         fetching: Range | None = None if background else rng
-        work = _Wanted()
+        work = _Underway(rng.start)
         try:
             if background:
                 async with self._background:
@@ -333,10 +340,10 @@ class ChunkFetcher:
                     if fetching is None:
                         return  # every chunk was taken over by a demand fetch
                     rng = fetching
+                    work.start = rng.start
                     for c in rng.chunks:
                         queued[c.digest].range = work
-                    data = await self._request(rng, self.config.background_deadline)
-                    work.arrived = True
+                    data = work.data = await self._request(rng, self.config.background_deadline)
             else:
                 self._demand_started()
                 try:
@@ -408,6 +415,25 @@ class ChunkFetcher:
             # in-flight map answers for it (else a peer asking just then fetches it again)
             p.caching = True
             self._nursery.start_soon(self._cache_then_forget, c, p)
+
+    async def _take_checked(self, c: Chunk, p: _Pending, under: _Underway) -> None:
+        """Check one chunk from the bytes of a background range under way, for a reader
+        (the range itself caches it)."""
+        assert under.data is not None
+        at = c.offset - under.start
+        payload = memoryview(under.data)[at : at + c.stored_size]
+        try:
+            p.data = await self._verify(c, payload)
+            p.payload = payload
+        except ChunkDecodeError:  # the range logs it and counts it, once
+            p.error = IntegrityError(f"chunk {c.hexdigest[:16]} from {self.source_name} failed "
+                                     "verification").about(chunk=c.hexdigest, blob=c.blob.digest,
+                                                           source=self.source_name)
+        except Exception as exc:  # a bug must fail the read, never the whole mount
+            log.exception("unexpected error checking chunk %s", c.hexdigest)
+            p.error = FetchError(f"unexpected error checking chunk {c.hexdigest[:16]}: {exc!r}")
+        finally:
+            p.event.set()
 
     async def _cache_then_forget(self, c: Chunk, p: _Pending) -> None:
         try:

@@ -52,8 +52,10 @@ class GatedSource:
         self.blob, self.raw = blob, raw
         self.demand_asked = trio.Event()
         self.release = trio.Event()
+        self.requests: list[tuple[int, int]] = []
 
     async def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        self.requests.append((offset, length))
         if offset == 0:
             self.demand_asked.set()
             await self.release.wait()
@@ -103,7 +105,7 @@ def test_background_range_waits_while_a_demand_fetch_is_in_flight(tmp_path):
     assert sorted(run_gated(tmp_path, body)) == ["background", "demand"]
 
 
-def test_a_reader_waiting_for_the_background_range_stops_it_giving_way(tmp_path):
+def test_a_reader_checks_its_chunk_from_a_background_range_giving_way(tmp_path):
     async def body(fetcher, chunks, source, order):
         async def background() -> None:
             await fetcher.get(chunks[1:], background=True)
@@ -113,21 +115,44 @@ def test_a_reader_waiting_for_the_background_range_stops_it_giving_way(tmp_path)
             await fetcher.get(chunks[:1])
             order.append("demand")
 
-        async def reader() -> None:
-            got = await fetcher.get(chunks[2:3])  # under way in the background range
-            assert got[chunks[2].digest] == PIECES[2]
-            order.append("reader")
-
         async with trio.open_nursery() as n:
             n.start_soon(background)
             await trio.sleep(0.05)
             n.start_soon(demand)
             await source.demand_asked.wait()
-            await reader()  # within the hang bound only if the range stopped giving way
+            await trio.sleep(0.2)  # the range's bytes are here; it is giving way
+            asked = len(source.requests)
+            got = await fetcher.get(chunks[2:3])  # within the hang bound: not behind the range
+            assert got[chunks[2].digest] == PIECES[2]
+            assert len(source.requests) == asked  # from the bytes that came, not fetched again
+            order.append("reader")
             source.release.set()
 
     order = run_gated(tmp_path, body)
-    assert order.index("reader") < order.index("demand")  # its range was whole before
+    assert order.index("reader") < order.index("demand")
+
+
+def test_readahead_waiting_for_a_background_range_stops_it_giving_way(tmp_path):
+    async def body(fetcher, chunks, source, order):
+        async def background() -> None:
+            await fetcher.get(chunks[1:], background=True)
+            order.append("background")
+
+        async def demand() -> None:
+            await fetcher.get(chunks[:1])
+            order.append("demand")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(background)
+            await trio.sleep(0.05)  # its request is under way, its bytes not here yet
+            n.start_soon(demand)
+            got = await fetcher.get(chunks[3:4], speculative=True)  # within the hang bound
+            assert got[chunks[3].digest] == PIECES[3]
+            order.append("readahead")
+            source.release.set()
+
+    order = run_gated(tmp_path, body)
+    assert order.index("readahead") < order.index("demand")
 
 
 class StalledBackground:
