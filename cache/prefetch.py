@@ -88,14 +88,17 @@ class Prefetcher:
         manifest_digest: str,
         fetcher: ChunkFetcher | None,
         *,
-        batch_bytes: int = 8 << 20,
-        concurrency: int = 2,
+        batch_bytes: int = 4 << 20,
+        concurrency: int = 4,
         retry_delay: float = 5.0,
         lead: Callable[[IndexReader], Awaitable[tuple[list[ChunkDigest], str | None]]] | None = None,
         lead_only: bool = False,
         lead_wave_bytes: int = 16 << 20,
     ) -> None:
-        """``lead(index)`` returns the digests to fetch first and where they came from."""
+        """``lead(index)`` returns the digests to fetch first and where they came from.
+        ``concurrency`` batches are under way at once: the fetcher's limit on background
+        requests keeps two of them on the network, while the others are checked and
+        written, so the link is never idle waiting for the disk."""
         self._index_path = index_path
         self._index: IndexReader | None = None  # its own connection: it is used from threads
         self._store = store
@@ -110,6 +113,9 @@ class Prefetcher:
         self._lead_wave = lead_wave_bytes
         self.progress = Progress()
         self._pausing = 0
+        self._chunks: list[Chunk] | None = None
+        """Every chunk of the image while ``run`` goes on: each scan after the first checks
+        the cache for these rather than reading the index again."""
 
     async def scan(self) -> list[Chunk]:
         """Count what is cached; return what is missing, in blob order."""
@@ -119,9 +125,8 @@ class Prefetcher:
         p = self.progress
         p.reset()
         missing = []
-        if self._index is None:
-            self._index = IndexReader(self._index_path)
-        for c in self._index.all_chunks():
+        chunks = self._chunks if self._chunks is not None else self._open_index().all_chunks()
+        for c in chunks:
             p.total_chunks += 1
             p.total_bytes += c.size
             if self._store.contains(c.digest, c.stored_size):  # a short (torn) entry is refetched
@@ -129,6 +134,11 @@ class Prefetcher:
             else:
                 missing.append(c)
         return missing
+
+    def _open_index(self) -> IndexReader:
+        if self._index is None:
+            self._index = IndexReader(self._index_path)
+        return self._index
 
     def count_totals(self, index: IndexReader) -> None:
         """Without a prefetch, fill in the image's totals from the index alone (one SQL
@@ -144,6 +154,14 @@ class Prefetcher:
         every chunk is cached (or, without a fetcher, after counting)."""
         p = self.progress
         p.started = time.monotonic()
+        try:
+            await self._run()
+        finally:
+            self._chunks = None
+
+    async def _run(self) -> None:
+        p = self.progress
+        self._chunks = await trio.to_thread.run_sync(lambda: list(self._open_index().all_chunks()))
         missing = await self.scan()
         if self._fetcher is None:
             p.state = "complete" if not missing else "off"

@@ -68,6 +68,8 @@ class ChunkStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._chunks = self.root / "chunks"
+        self._prefix = str(self._chunks) + "/"  # entry names are built as strings: pathlib
+        # costs more than the stat or the write itself on the prefetch's path
         try:
             if not self.root.exists():
                 # caches hold private images: a new one is its owner's alone
@@ -117,25 +119,27 @@ class ChunkStore:
         return swept
 
     def path(self, digest: bytes) -> Path:
+        return Path(self._entry(digest))
+
+    def _entry(self, digest: bytes) -> str:
         hexd = digest.hex()
-        return self._chunks / hexd[:2] / hexd
+        return f"{self._prefix}{hexd[:2]}/{hexd}"
 
     def contains(self, digest: bytes, stored_size: int | None = None) -> bool:
         """Whether an entry exists; given the chunk's ``stored_size``, also whether the
         entry has the length a whole entry has (one stat, no read): a write torn by a
         crash is most often short, and must not count as cached."""
-        if stored_size is None:
-            return self.path(digest).exists()
         try:
-            return self.path(digest).stat().st_size == _HEADER.size + stored_size
-        except FileNotFoundError:
+            st = os.stat(self._entry(digest))
+        except (FileNotFoundError, NotADirectoryError):
             return False
+        return stored_size is None or st.st_size == _HEADER.size + stored_size
 
     def get(self, digest: bytes) -> tuple[int, int, memoryview] | None:
         """``(codec, size, payload)`` of a whole, intact entry, or None.
 
         A torn or rotten entry is logged, deleted and reported as missing."""
-        path = self.path(digest)
+        path = self._entry(digest)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -143,14 +147,14 @@ class ChunkStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("cache entry %s unreadable (%s); fetching it again", path.name, exc)
+            log.warning("cache entry %s unreadable (%s); fetching it again", digest.hex(), exc)
             return None
         problem = _check(data)
         if problem:
-            log.warning("cache entry %s is %s; dropped, it will be fetched again", path.name, problem)
+            log.warning("cache entry %s is %s; dropped, it will be fetched again", digest.hex(), problem)
             self.dropped += 1
             try:
-                path.unlink()
+                os.unlink(path)
             except OSError:
                 pass
             return None
@@ -165,7 +169,7 @@ class ChunkStore:
         touched, self._touched = self._touched, set()
         for digest in touched:
             try:
-                os.utime(self.path(digest))
+                os.utime(self._entry(digest))
             except OSError:
                 pass  # evicted meanwhile
         return len(touched)
@@ -185,7 +189,7 @@ class ChunkStore:
     def put(self, digest: bytes, codec: int, size: int, payload: bytes | memoryview) -> bool:
         """Store a verified chunk atomically. Returns False (and logs) when the disk
         refuses: a full cache must not fail a read that the network has served."""
-        path = self.path(digest)
+        path = self._entry(digest)
         if self.full_since is not None and not self.has_room(_HEADER.size + len(payload)):
             self.skipped_full += 1
             return False
@@ -198,7 +202,8 @@ class ChunkStore:
                 return False
             self.write_errors += 1
             level = logging.WARNING if self.write_errors < 10 else logging.DEBUG
-            log.log(level, "cannot cache chunk %s (%s); serving it from the network", path.name, exc.strerror)
+            log.log(level, "cannot cache chunk %s (%s); serving it from the network", digest.hex(),
+                    exc.strerror)
             return False
         self.written_bytes += _HEADER.size + len(payload)
         if self.full_since is not None:
@@ -232,7 +237,7 @@ class ChunkStore:
 
     def remove(self, digest: bytes) -> None:
         try:
-            self.path(digest).unlink()
+            os.unlink(self._entry(digest))
         except FileNotFoundError:
             pass
 
@@ -283,14 +288,15 @@ TEMP_PREFIX = ".tmp."
 """Names starting with a dot are never entries: listings skip them."""
 
 
-def temp_path(path: Path) -> Path:
+def temp_path(path: str | Path) -> str:
     """Where ``write_atomic`` writes ``path`` before renaming it: the same directory (see
     the module docstring for why), a name unique per writer thread without mkstemp's
     cost, ending in ``.PID.TID`` so that a sweep can tell a dead writer's."""
-    return path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{threading.get_ident()}"
+    parent, name = os.path.split(path)
+    return f"{parent}/{TEMP_PREFIX}{name}.{os.getpid()}.{threading.get_ident()}"
 
 
-def write_atomic(path: Path, parts: list[bytes | memoryview]) -> None:
+def write_atomic(path: str | Path, parts: list[bytes | memoryview]) -> None:
     """Write ``parts`` to ``path`` whole or not at all: into a temp file in ``path``'s own
     directory (created if needed), then renamed into place. Raises OSError."""
     tmp = temp_path(path)
@@ -298,11 +304,11 @@ def write_atomic(path: Path, parts: list[bytes | memoryview]) -> None:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             written = os.writev(fd, parts)
-            if written != sum(len(p) for p in parts):
+            if written != sum(map(len, parts)):
                 raise OSError(errno.EIO, f"short write ({written} bytes)")
         finally:
             os.close(fd)

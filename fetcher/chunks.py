@@ -4,7 +4,9 @@ Missing chunks of one blob that lie close together are merged into one range req
 every chunk is decoded and checked against its BLAKE3 digest before anyone sees it or
 it is cached; a chunk that fails the check is never cached and its readers get an
 ``IntegrityError``. Demand reads always go first: background (prefetch) requests wait
-while any demand fetch is in flight, and are limited in number.
+while any demand fetch is in flight, are limited in number and in size (what a read may
+find ahead of it on the link), and the checking and caching of what they brought pauses
+between chunks while a demand fetch runs, so that the reader gets the CPU.
 
 With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
 that node first, then of the next owner in rendezvous order, then of the origin: each
@@ -17,8 +19,10 @@ enough to answer within the read's deadline.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
@@ -29,6 +33,7 @@ from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
+from .lowprio import BACKGROUND
 from .peers import PeerIsSelf, PeerTier, race
 from .source import BlobSource
 
@@ -50,6 +55,12 @@ class FetchConfig:
     (the gap's bytes are read and discarded: cheaper than another round trip)."""
     background_concurrency: int = 2
     """Background requests in flight at once."""
+    background_max_request: int = 4 << 20
+    """Largest background range request, in bytes: with ``background_concurrency`` it
+    bounds the prefetch's bytes in flight, which a demand read's answer queues behind."""
+    background_pause: float = 0.1
+    """While a demand fetch is in flight, the background's checking and caching waits up
+    to this many seconds before each chunk (then does that one chunk, and asks again)."""
     thread_above: int = 128 << 10
     """Chunks larger than this are decoded and hashed in a worker thread, so that the
     trio loop (and every other reader of the mount) is not held up."""
@@ -125,8 +136,20 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
     return out
 
 
+class _Underway:
+    """A background range under way: its bytes once they have arrived, and whether a
+    reader (readahead) waits for it, so that it stops giving way."""
+
+    __slots__ = ("wanted", "data", "start")
+
+    def __init__(self, start: int) -> None:
+        self.wanted = False
+        self.data: bytes | bytearray | None = None
+        self.start = start
+
+
 class _Pending:
-    __slots__ = ("event", "data", "payload", "error", "caching", "queued")
+    __slots__ = ("event", "data", "payload", "error", "caching", "queued", "range")
 
     def __init__(self, queued: bool = False) -> None:
         self.queued = queued
@@ -137,6 +160,7 @@ class _Pending:
         self.payload: bytes | memoryview | None = None  # as stored in the blob (what peers are sent)
         self.error: FetchError | None = None
         self.caching = False  # stays in the in-flight map until the cache has it
+        self.range: _Underway | None = None  # the background range fetching it, once under way
 
 
 class ChunkFetcher:
@@ -170,6 +194,8 @@ class ChunkFetcher:
         self._demand = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._quiet = threading.Event()  # the same, for the background's worker threads
+        self._quiet.set()
         self._failed: dict[ChunkDigest, tuple[float, float, FetchError]] = {}
         """Chunks whose demand wait failed lately: (failed at, that wait's start, error)."""
 
@@ -208,7 +234,8 @@ class ChunkFetcher:
             with trio.move_on_after(budget) as scope:
                 for i in range(len(waits)):
                     c, p = waits[i]
-                    await p.event.wait()
+                    if not p.event.is_set():  # a set event's wait is still a trip through the
+                        await p.event.wait()  # scheduler: one per chunk adds up over an image
                     if p.error is not None and not background and c.digest not in mine:
                         # It joined a fetch begun before this read, which failed (perhaps
                         # in an outage since over): one fresh try in the time left, for
@@ -225,6 +252,7 @@ class ChunkFetcher:
                     if p.error is not None:
                         raise p.error
                     assert p.data is not None
+                await trio.lowlevel.checkpoint()
             if not background:
                 self.stats.demand_wait_seconds += time.monotonic() - waited
             if scope.cancelled_caught:
@@ -254,6 +282,8 @@ class ChunkFetcher:
         and the digests of those this call started (or took over from the prefetch)."""
         waits: list[tuple[Chunk, _Pending]] = []
         new: list[Chunk] = []
+        own: dict[ChunkDigest, _Pending] = {}
+        taken: list[tuple[Chunk, _Pending, _Underway]] = []
         seen: set[bytes] = set()
         for c in chunks:
             if c.digest in seen:
@@ -270,8 +300,19 @@ class ChunkFetcher:
                 # to end (a deadlock across nodes).
                 p.queued = False
                 new.append(c)
+            elif not background and p.range is not None:
+                # A background range has it under way, and checks and writes its chunks
+                # at a low priority: a reader does not wait for that.
+                if p.range.data is not None:  # its bytes are here: check this chunk now
+                    under, p = p.range, _Pending()
+                    taken.append((c, p, under))
+                elif speculative:
+                    p.range.wanted = True
+                else:  # still on the network, up to background_max_request bytes of it:
+                    # fetch this one chunk alone (its bytes come twice)
+                    p = own[c.digest] = _Pending()
             waits.append((c, p))
-        started = {c.digest for c in new}
+        started = {c.digest for c in new} | own.keys() | {c.digest for c, _, _ in taken}
         if self.peers is not None and use_peers and new:
             to_origin = []
             peer_set = self.peers.peers
@@ -289,8 +330,15 @@ class ChunkFetcher:
             new = to_origin
         # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
         max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
-        for rng in plan_ranges(new, max_request=self.config.max_request, max_gap=max_gap):
+        max_request = self.config.background_max_request if background else self.config.max_request
+        for rng in plan_ranges(new, max_request=max_request, max_gap=max_gap):
             self._nursery.start_soon(self._fetch_range, rng, background)
+        for c, p, under in taken:
+            self._nursery.start_soon(self._take_checked, c, p, under)
+        if own:
+            for rng in plan_ranges([c for c, _ in waits if c.digest in own],
+                                   max_request=max_request, max_gap=max_gap):
+                self._nursery.start_soon(self._fetch_range, rng, False, own)
         return waits, started
 
     def _continues(self, chunks: Sequence[Chunk], now: float) -> float | None:
@@ -322,16 +370,35 @@ class ChunkFetcher:
         self._demand += 1
         if self._demand == 1:
             self._idle = trio.Event()
+            self._quiet.clear()
         self.stats.demand_requests += 1
 
     def _demand_done(self) -> None:
         self._demand -= 1
         if self._demand == 0:
             self._idle.set()
+            self._quiet.set()
 
-    async def _fetch_range(self, rng: Range, background: bool) -> None:
-        queued = {c.digest: self._inflight[c.digest] for c in rng.chunks}
+    def _give_way(self, work: _Underway) -> None:
+        """In a background worker thread, before each chunk: wait while a demand fetch is
+        in flight, unless a reader waits for this range itself; at most
+        ``background_pause`` seconds, so that the range always moves on."""
+        deadline = None
+        while not work.wanted and not self._quiet.is_set():
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.config.background_pause
+            elif now >= deadline:
+                return
+            self._quiet.wait(min(deadline - now, 0.01))
+
+    async def _fetch_range(self, rng: Range, background: bool,
+                           pendings: dict[ChunkDigest, _Pending] | None = None) -> None:
+        """Fetch, check and hand over one range; ``pendings`` (a demand fetch of chunks
+        that a background range is fetching too) instead of the in-flight map's."""
+        queued = {c.digest: (pendings or self._inflight)[c.digest] for c in rng.chunks}
         fetching: Range | None = None if background else rng
+        work = _Underway(rng.start)
         try:
             if background:
                 async with self._background:
@@ -340,7 +407,10 @@ class ChunkFetcher:
                     if fetching is None:
                         return  # every chunk was taken over by a demand fetch
                     rng = fetching
-                    data = await self._request(rng, self.config.background_deadline)
+                    work.start = rng.start
+                    for c in rng.chunks:
+                        queued[c.digest].range = work
+                    data = work.data = await self._request(rng, self.config.background_deadline)
             else:
                 self._demand_started()
                 try:
@@ -351,11 +421,17 @@ class ChunkFetcher:
             # Verify (and, for the prefetcher, cache) the whole range in one worker thread
             # call: hashing and disk writes stay off the trio loop, and a range of many
             # chunks pays for one thread hop, not two per chunk.
-            store = self._store if background else None
-            if rng.end - rng.start > self.config.thread_above:
-                results = await trio.to_thread.run_sync(_verify_range, rng, data, store, limiter=self._cpu)
+            if not background:
+                if rng.end - rng.start > self.config.thread_above:
+                    results = await trio.to_thread.run_sync(_verify_range, rng, data, limiter=self._cpu)
+                else:
+                    results = _verify_range(rng, data)
+            elif rng.end - rng.start > self.config.thread_above:
+                # at a low CPU priority, in threads that never serve a read (lowprio.py)
+                results = await BACKGROUND.run_sync(
+                    _verify_range, rng, data, self._store, functools.partial(self._give_way, work))
             else:
-                results = _verify_range(rng, data, store)
+                results = _verify_range(rng, data, self._store)
             view = memoryview(data)
             for c, p, result in zip(rng.chunks, pendings, results, strict=True):
                 if isinstance(result, ChunkDecodeError):
@@ -406,6 +482,25 @@ class ChunkFetcher:
             # in-flight map answers for it (else a peer asking just then fetches it again)
             p.caching = True
             self._nursery.start_soon(self._cache_then_forget, c, p)
+
+    async def _take_checked(self, c: Chunk, p: _Pending, under: _Underway) -> None:
+        """Check one chunk from the bytes of a background range under way, for a reader
+        (the range itself caches it)."""
+        assert under.data is not None
+        at = c.offset - under.start
+        payload = memoryview(under.data)[at : at + c.stored_size]
+        try:
+            p.data = await self._verify(c, payload)
+            p.payload = payload
+        except ChunkDecodeError:  # the range logs it and counts it, once
+            p.error = IntegrityError(f"chunk {c.hexdigest[:16]} from {self.source_name} failed "
+                                     "verification").about(chunk=c.hexdigest, blob=c.blob.digest,
+                                                           source=self.source_name)
+        except Exception as exc:  # a bug must fail the read, never the whole mount
+            log.exception("unexpected error checking chunk %s", c.hexdigest)
+            p.error = FetchError(f"unexpected error checking chunk {c.hexdigest[:16]}: {exc!r}")
+        finally:
+            p.event.set()
 
     async def _cache_then_forget(self, c: Chunk, p: _Pending) -> None:
         try:
@@ -580,13 +675,17 @@ def _claim(rng: Range, pendings: dict[ChunkDigest, _Pending]) -> Range | None:
 
 
 def _verify_range(
-    rng: Range, data: bytes | bytearray, store: ChunkStore | None
+    rng: Range, data: bytes | bytearray, store: ChunkStore | None = None,
+    give_way: Callable[[], object] | None = None,
 ) -> list[bytes | memoryview | ChunkDecodeError]:
     """Decode and check every chunk of a fetched range; cache the good ones in ``store``
-    when given. Runs in a worker thread for large ranges."""
+    when given. Runs in a worker thread for large ranges, calling ``give_way`` (which may
+    block) before each chunk."""
     view = memoryview(data)
     out: list[bytes | memoryview | ChunkDecodeError] = []
     for c in rng.chunks:
+        if give_way is not None:
+            give_way()
         payload = view[c.offset - rng.start : c.offset - rng.start + c.stored_size]
         try:
             plain = decode_verified(c, payload)
