@@ -433,6 +433,10 @@ class ChunkFetcher:
             else:
                 results = _verify_range(rng, data, self._store)
             view = memoryview(data)
+            # bytes from a mirror that fail their check are asked for again from the next
+            # source (the registry last), once: the mirror is skipped from now on
+            again = any(isinstance(r, ChunkDecodeError) for r in results) and self._blame(rng)
+            retry: list[Chunk] = []
             for c, p, result in zip(rng.chunks, pendings, results, strict=True):
                 if isinstance(result, ChunkDecodeError):
                     self.stats.integrity_failures += 1
@@ -440,6 +444,9 @@ class ChunkFetcher:
                         "chunk %s at %d in blob %s from %s failed verification (%s); not cached",
                         c.hexdigest, c.offset, c.blob.digest, self.source_name, result,
                     )
+                    if again:
+                        retry.append(c)
+                        continue
                     p.error = IntegrityError(
                         f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification"
                     ).about(chunk=c.hexdigest, blob=c.blob.digest, source=self.source_name)
@@ -450,6 +457,8 @@ class ChunkFetcher:
                 self.stats.chunks_fetched += 1
                 if not background:  # the prefetcher's chunks were cached with their check
                     await self._keep(c, p, background)
+            for sub in plan_ranges(retry, max_request=self.config.max_request, max_gap=0):
+                await self._fetch_range(sub, False, {c.digest: queued[c.digest] for c in sub.chunks})
         except FetchError as exc:
             self.stats.failed_requests += 1
             log.warning("fetching %d chunk(s) of blob %s [%d, %d) from %s failed: %s",
@@ -635,6 +644,11 @@ class ChunkFetcher:
             self.on_request("peer", len(payload), time.monotonic() - started)
         self.stats.peer_chunks += 1
         return plain, bytes(payload)
+
+    def _blame(self, rng: Range) -> bool:
+        """Whether the range's bytes came from a mirror, now skipped (see ``mirrors.py``)."""
+        blame = getattr(self._source, "blame", None)
+        return blame is not None and blame(rng.blob, rng.start, rng.end - rng.start)
 
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
         length = rng.end - rng.start

@@ -190,3 +190,35 @@ def test_background_waits_for_demand(tmp_path):
     source, _, chunks = run_fetch(tmp_path, [], body)
     assert order == ["demand", "background"]
     assert source.requests[0][1] == 0
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_wrong_bytes_from_a_mirror_are_fetched_again_from_the_registry(tmp_path, caplog, background):
+    """A mirror (a cache in front of the registry) whose copy went bad: the read gets the
+    right bytes from the registry, not EIO, and the mirror is skipped from then on."""
+    from fetcher.mirrors import MirroredClient
+
+    blob, chunks, raw = make_blob(PIECES)
+    mirror = ScriptedSource({blob.digest: raw}, ["corrupt"])
+    mirror.origin = "http://mirror.example"
+    registry = ScriptedSource({blob.digest: raw})
+    registry.ref = None
+    store = ChunkStore(tmp_path)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fetcher = ChunkFetcher(nursery, MirroredClient(registry, [mirror]), store, FIVE_SECONDS)
+            got = await fetcher.get(chunks[:2], background=background)
+            assert [got[c.digest] for c in chunks[:2]] == PIECES[:2]
+            got = await fetcher.get(chunks[2:])
+            assert [got[c.digest] for c in chunks[2:]] == PIECES[2:]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    first = chunks[0]
+    assert mirror.requests == [(blob.digest, 0, chunks[1].offset + chunks[1].stored_size)]
+    # the bad chunk alone again, then the rest: from the registry
+    assert registry.requests[0] == (blob.digest, first.offset, first.stored_size)
+    assert len(registry.requests) == 2
+    assert "mirror http://mirror.example sent wrong bytes" in caplog.text
+    assert all(store.get(c.digest) is not None for c in chunks[:2])
