@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,6 +62,15 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that goes away mid-request (a killed mount, a cancelled hedge) is
+        ordinary: one debug line, not a traceback on the console."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug("client %s went away: %s", client_address, exc)
+            return
+        super().handle_error(request, client_address)
+
     def __init__(self, addr: tuple[str, int], root: Path, delay: float, access_log: IO[str] | None,
                  rate: float = 0.0):
         if ":" in addr[0]:
@@ -68,6 +78,7 @@ class _Server(ThreadingHTTPServer):
         self.root = root.resolve()
         self.delay = delay
         self.rate = rate
+        self.link_free = 0.0  # with a rate: when the link has sent what it was given
         self.access_log = access_log
         self.requests: list[RequestRecord] = []
         self.connections: set[socket.socket] = set()
@@ -288,20 +299,23 @@ class _Handler(BaseHTTPRequestHandler):
 
 
     def _send_blob(self, f: IO[bytes], start: int, length: int) -> int:
-        """Send a blob's bytes, at most ``rate`` bytes a second when the server has one
-        (tests and benchmarks stand in for a thin link with it)."""
+        """Send a blob's bytes, at most ``rate`` bytes a second over all connections when
+        the server has one (tests stand in for a thin link with it)."""
         rate = self.server.rate
         if not rate:
             return self.connection.sendfile(f, start, length)
-        sent, began = 0, time.monotonic()
+        sent = 0
         while sent < length:
-            n = self.connection.sendfile(f, start + sent, min(length - sent, 64 << 10))
+            n = min(length - sent, 64 << 10)
+            with self.server.lock:  # the link is shared: each piece takes its turn on it
+                now = time.monotonic()
+                done_at = max(now, self.server.link_free) + n / rate
+                self.server.link_free = done_at
+            time.sleep(done_at - now)
+            n = self.connection.sendfile(f, start + sent, n)
             if n == 0:
                 break
             sent += n
-            ahead = began + sent / rate - time.monotonic()
-            if ahead > 0:
-                time.sleep(ahead)
         return sent
 
 
