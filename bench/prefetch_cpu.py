@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.context import percentiles  # noqa: E402
+from bench.context import percentiles, timed_pread  # noqa: E402
 from bench.harness import free_port, log, wait_port  # noqa: E402
 from bench.link import PROFILES, Link  # noqa: E402
 from lazyfs.mountinfo import STATUS_XATTR  # noqa: E402
@@ -151,17 +151,6 @@ def image_files(mnt: Path) -> list[tuple[str, int]]:
     return out
 
 
-def pread_time(path: str, offset: int) -> float:
-    t = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if len(os.pread(fd, 4096, offset)) == 0:
-            raise RuntimeError(f"{path}: empty read at {offset}")
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t
-
-
 def fill_run(tree: Tree, ref: str, work: Path, blob_bytes: int) -> dict[str, float]:
     """Mount a fresh cache, prefetch to completion, nothing else reading."""
     cache, mnt = work / "cache", work / "mnt"
@@ -194,7 +183,7 @@ def busy_run(tree: Tree, ref: str, work: Path, reads: list[tuple[str, int]],
     out: list[float] = []
     try:
         for rel, off in reads:
-            took = pread_time(str(mnt / rel), off)
+            took = timed_pread(mnt, rel, off)
             if not extra and status(mnt)["prefetch"]["complete"]:
                 break
             out.append(took)

@@ -350,15 +350,9 @@ class PeerClient:
         try:
             return await self._client(peer).get_range(path, 0, chunk.stored_size, self._auth)
         except UnexpectedResponse as exc:
-            if exc.status == 401:
-                raise AuthError(f"peer {peer} refused the cluster token (401)") from None
             if exc.status == 404:
                 raise ServerError(f"peer {peer} has no chunk {chunk.hexdigest[:16]} (404)") from None
-            if exc.status == 503:
-                raise ServerError(f"peer {peer} is busy (503)") from None
-            if exc.status == 508:
-                raise PeerIsSelf(f"peer {peer} is this node") from None
-            raise ServerError(f"peer {peer}: unexpected status {exc.status}") from None
+            raise _refusal(peer, exc.status, "") from None
 
     async def fetch_trace(self, peer: str, manifest: str, max_size: int) -> bytearray:
         """The trace document ``peer`` keeps for image ``manifest`` (unchecked: see
@@ -367,13 +361,9 @@ class PeerClient:
         try:
             return await self._client(peer).get(f"{TRACE_PATH}{manifest}", max_size, self._auth)
         except UnexpectedResponse as exc:
-            if exc.status == 401:
-                raise AuthError(f"peer {peer} refused the cluster token (401)") from None
             if exc.status == 404:
                 raise NotFoundError(f"peer {peer} has no trace of {manifest} (404)") from None
-            if exc.status == 508:
-                raise PeerIsSelf(f"peer {peer} is this node") from None
-            raise ServerError(f"peer {peer}: unexpected status {exc.status} for a trace") from None
+            raise _refusal(peer, exc.status, " for a trace") from None
 
     async def aclose(self) -> None:
         for c in self._clients.values():
@@ -474,3 +464,14 @@ async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaita
 __all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher", "hedge", "race",
            "RaceResult", "PeerIsSelf", "NODE_HEADER", "TRACE_PATH", "normalize_url", "peer_url",
            "read_peers_file", "UnreachableError"]
+
+
+def _refusal(peer: str, status: int, what: str) -> FetchError:
+    """The error for a peer's answer other than the bytes or a 404."""
+    if status == 401:
+        return AuthError(f"peer {peer} refused the cluster token (401)")
+    if status == 503:
+        return ServerError(f"peer {peer} is busy (503)")
+    if status == 508:
+        return PeerIsSelf(f"peer {peer} is this node")
+    return ServerError(f"peer {peer}: unexpected status {status}{what}")
