@@ -292,6 +292,9 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
         tag_warnings(opened.manifest_digest)
         index = IndexReader(opened.index_path)
         stack.callback(index.close)
+        # The digest pins the index to its author, who may be hostile: one scan of every
+        # row before the kernel sees any of it (IndexFormatError: exit 3, one line).
+        await trio.to_thread.run_sync(index.check)
         pin = await trio.to_thread.run_sync(_pin, images, opened, opts)
         if pin is not None:
             stack.callback(pins.unpin, pin)
