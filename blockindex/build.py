@@ -90,15 +90,14 @@ class ChunkSpool:
             self._end += len(packed)
         return digest
 
-    def add_stream(self, f: BinaryIO, size: int) -> list[ChunkDigest | None]:
-        """Chunk ``size`` bytes read from ``f``; EOFError if ``f`` ends early."""
-        out: list[ChunkDigest | None] = []
-        left = size
-        while left > 0:
-            want = min(self.chunk_size, left)
-            data = read_exactly(f, want)
-            out.append(self.add_chunk(data))
-            left -= want
+    def add_stream(self, f: BinaryIO, size: int) -> dict[int, ChunkDigest]:
+        """Chunk ``size`` bytes read from ``f``: the digests of the chunks that are not
+        zeros, by chunk number; EOFError if ``f`` ends early."""
+        out: dict[int, ChunkDigest] = {}
+        for idx, pos in enumerate(range(0, size, self.chunk_size)):
+            digest = self.add_chunk(read_exactly(f, min(self.chunk_size, size - pos)))
+            if digest is not None:
+                out[idx] = digest
         return out
 
     def read(self, chunk: SpooledChunk) -> bytes:
@@ -175,7 +174,7 @@ def write_image(
             nlinks[ino] = nlinks.get(ino, 0) + 1
             dirents.append((parent_ino, pos, name, ino))
 
-    used = {d for node in order if node.is_reg for d in node.chunks if d is not None}
+    used = {d for node in order if node.is_reg for d in node.chunks.values()}
     w = IndexWriter(chunk_size)
     w.set_meta("created_by", "lazyfs")
     if prefetch_files:
@@ -207,9 +206,8 @@ def write_image(
             if node.is_reg:
                 files += 1
                 image_bytes += node.size
-                for idx, digest in enumerate(node.chunks):
-                    if digest is not None:
-                        w.add_extent(ino, idx, ids[digest])
+                for idx, digest in sorted(node.chunks.items()):
+                    w.add_extent(ino, idx, ids[digest])
         for dirent in dirents:
             w.add_dirent(*dirent)
         index_path = tmpdir / "index.sqlite"

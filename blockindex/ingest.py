@@ -115,25 +115,25 @@ def _symlink_target(name: bytes, target: bytes) -> bytes:
 
 
 def _add_sparse(spool: ChunkSpool, raw: BinaryIO, size: int,
-                segments: list[tuple[int, int]]) -> list[ChunkDigest | None]:
-    """Chunk a GNU sparse member from its map: a chunk no data segment touches is a hole
-    and is never read, so a file that claims a terabyte of holes costs nothing. ``raw`` is
+                segments: list[tuple[int, int]]) -> dict[int, ChunkDigest]:
+    """Chunk a GNU sparse member from its map: only the chunks a data segment touches are
+    read, so a file that claims a terabyte of holes costs what its data costs. ``raw`` is
     tarfile's unbuffered member reader, which seeks forward by reading (holes read as
     zeros, so a chunk partly in a hole still reads right); a map that would make it go
     back fails as a corrupt tar."""
-    data = sorted((off, off + n) for off, n in segments if n > 0 and off < size)
     cs = spool.chunk_size
-    out: list[ChunkDigest | None] = []
-    i = 0
-    for pos in range(0, size, cs):
-        end = min(pos + cs, size)
-        while i < len(data) and data[i][1] <= pos:
-            i += 1
-        if i == len(data) or data[i][0] >= end:
-            out.append(None)
-            continue
+    touched: set[int] = set()
+    for off, n in segments:
+        off, end = max(off, 0), min(off + n, size)
+        if end > off:
+            touched.update(range(off // cs, (end - 1) // cs + 1))
+    out: dict[int, ChunkDigest] = {}
+    for idx in sorted(touched):
+        pos = idx * cs
         raw.seek(pos)
-        out.append(spool.add_chunk(read_exactly(raw, end - pos)))
+        digest = spool.add_chunk(read_exactly(raw, min(cs, size - pos)))
+        if digest is not None:
+            out[idx] = digest
     return out
 
 
@@ -247,10 +247,10 @@ def _listxattrs(path: bytes) -> dict[bytes, bytes]:
     }
 
 
-def _chunk_disk_file(spool: ChunkSpool, path: bytes, size: int) -> list[ChunkDigest | None]:
+def _chunk_disk_file(spool: ChunkSpool, path: bytes, size: int) -> dict[int, ChunkDigest]:
     """Chunk a file on disk, skipping ranges the filesystem reports as holes."""
     cs = spool.chunk_size
-    out: list[ChunkDigest | None] = []
+    out: dict[int, ChunkDigest] = {}
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         next_data = -1
@@ -264,12 +264,13 @@ def _chunk_disk_file(spool: ChunkSpool, path: bytes, size: int) -> list[ChunkDig
                         raise
                     next_data = size
             if next_data >= pos + want:
-                out.append(None)
                 continue
             data = os.pread(fd, want, pos)
             if len(data) != want:
                 raise ImageError(f"{os.fsdecode(path)}: file changed while it was read")
-            out.append(spool.add_chunk(data))
+            digest = spool.add_chunk(data)
+            if digest is not None:
+                out[pos // cs] = digest
     finally:
         os.close(fd)
     return out

@@ -9,8 +9,9 @@ Layers are applied in order, as docker and containerd apply them to a directory:
 * a hard link is a second name for the inode its target names *now*; if the target is
   later deleted or replaced, the link keeps the old inode and its content.
 
-Nodes hold no file contents: a regular file carries the digests of its chunks (computed
-while its layer is read) so memory stays bounded by the number of chunks, not bytes.
+Nodes hold no file contents: a regular file carries the digests of its stored chunks
+(computed while its layer is read; chunks of zeros are holes and take no entry), so memory
+stays bounded by the number of stored chunks, not by bytes or by the size a file claims.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class Node:
     size: int = 0
     target: bytes | None = None  # symlink target
     xattrs: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
-    # Regular files: one entry per chunk, a digest or None for a chunk of zeros.
-    chunks: list[ChunkDigest | None] = dataclasses.field(default_factory=list)
+    # Regular files: chunk number -> digest, for the chunks that are not all zeros.
+    chunks: dict[int, ChunkDigest] = dataclasses.field(default_factory=dict)
     # Directories: name -> node, and name -> the layer that put the name there.
     children: dict[bytes, Node] | None = None
     layer_of: dict[bytes, int] | None = None
