@@ -14,7 +14,7 @@ import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
@@ -22,7 +22,7 @@ from urllib.parse import unquote_to_bytes
 from .build import ChunkSpool, read_exactly
 from .errors import ImageError, UnsafeImageError
 from .format import ChunkDigest
-from .tree import Node, Tree, is_whiteout, split_path
+from .tree import NO_XATTRS, Node, Tree, is_whiteout, split_path
 
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: a size above this is a lie or an attack, not an image
 MAX_ID = (1 << 32) - 1  # uid and gid are 32-bit on Linux
@@ -52,8 +52,11 @@ def apply_tar(tree: Tree, spool: ChunkSpool, f: BinaryIO, name: str, layer: int)
         with tarfile.open(
             fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape"
         ) as tf:
-            for ti in tf:
+            while (ti := tf.next()) is not None:
                 _apply_member(tree, spool, tf, ti)
+                # tarfile keeps every member it has read (about 0.5 KiB each), even in
+                # stream mode where nothing can go back to them: drop them as we go.
+                tf.members.clear()
     except ImageError as exc:
         raise type(exc)(f"{name}: {exc}") from exc
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
@@ -115,7 +118,7 @@ def _symlink_target(name: bytes, target: bytes) -> bytes:
 
 
 def _add_sparse(spool: ChunkSpool, raw: BinaryIO, size: int,
-                segments: list[tuple[int, int]]) -> dict[int, ChunkDigest]:
+                segments: list[tuple[int, int]]) -> tuple[tuple[int, ChunkDigest], ...]:
     """Chunk a GNU sparse member from its map: only the chunks a data segment touches are
     read, so a file that claims a terabyte of holes costs what its data costs. ``raw`` is
     tarfile's unbuffered member reader, which seeks forward by reading (holes read as
@@ -127,14 +130,14 @@ def _add_sparse(spool: ChunkSpool, raw: BinaryIO, size: int,
         off, end = max(off, 0), min(off + n, size)
         if end > off:
             touched.update(range(off // cs, (end - 1) // cs + 1))
-    out: dict[int, ChunkDigest] = {}
+    out: list[tuple[int, ChunkDigest]] = []
     for idx in sorted(touched):
         pos = idx * cs
         raw.seek(pos)
         digest = spool.add_chunk(read_exactly(raw, min(cs, size - pos)))
         if digest is not None:
-            out[idx] = digest
-    return out
+            out.append((idx, digest))
+    return tuple(out)
 
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:
@@ -153,7 +156,9 @@ def _mtime_ns(ti: tarfile.TarInfo) -> int:
     return ns
 
 
-def _xattrs(ti: tarfile.TarInfo) -> dict[bytes, bytes]:
+def _xattrs(ti: tarfile.TarInfo) -> Mapping[bytes, bytes]:
+    if not ti.pax_headers:
+        return NO_XATTRS
     out: dict[bytes, bytes] = {}
     for key, value in ti.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
@@ -168,7 +173,7 @@ def _xattrs(ti: tarfile.TarInfo) -> dict[bytes, bytes]:
     for name, value in out.items():
         if not name or b"\0" in name or len(name) > MAX_XATTR_NAME or len(value) > MAX_XATTR_VALUE:
             raise UnsafeImageError(f"entry {ti.name!r}: an impossible xattr {name[:64]!r}")
-    return out
+    return out or NO_XATTRS
 
 
 # -- a root filesystem directory on disk ---------------------------------------------------
@@ -247,10 +252,11 @@ def _listxattrs(path: bytes) -> dict[bytes, bytes]:
     }
 
 
-def _chunk_disk_file(spool: ChunkSpool, path: bytes, size: int) -> dict[int, ChunkDigest]:
+def _chunk_disk_file(spool: ChunkSpool, path: bytes,
+                     size: int) -> tuple[tuple[int, ChunkDigest], ...]:
     """Chunk a file on disk, skipping ranges the filesystem reports as holes."""
     cs = spool.chunk_size
-    out: dict[int, ChunkDigest] = {}
+    out: list[tuple[int, ChunkDigest]] = []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         next_data = -1
@@ -270,7 +276,7 @@ def _chunk_disk_file(spool: ChunkSpool, path: bytes, size: int) -> dict[int, Chu
                 raise ImageError(f"{os.fsdecode(path)}: file changed while it was read")
             digest = spool.add_chunk(data)
             if digest is not None:
-                out[pos // cs] = digest
+                out.append((pos // cs, digest))
     finally:
         os.close(fd)
-    return out
+    return tuple(out)
