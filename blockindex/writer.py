@@ -23,7 +23,7 @@ class IndexWriter:
         if spill is not None:
             self._db.execute("PRAGMA journal_mode = OFF")
             self._db.execute("PRAGMA synchronous = OFF")
-            self._db.execute("PRAGMA cache_size = -16384")  # KiB: 16 MiB of pages
+            self._db.execute("PRAGMA cache_size = -4096")  # KiB: 4 MiB of pages
         self._db.executescript(SCHEMA)
         self.set_meta("format", FORMAT_VERSION)
         self.set_meta("chunk_size", str(chunk_size))

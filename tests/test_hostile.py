@@ -310,3 +310,55 @@ def test_malformed_manifest_is_refused_by_the_mount(served, mounts, change):
     assert done.returncode in (3, 4), done.stderr
     assert done.stderr.startswith("lazyfs: error:") and done.stderr.count("\n") == 1, done.stderr
     assert not os.path.ismount(mnt)
+
+
+# -- many entries -----------------------------------------------------------------------------
+
+PER_ENTRY_LIMIT = 1536  # bytes of peak RSS per entry; measured about 900 (README, convert)
+
+
+def _write_many(path: Path, n: int, per_dir: int = 1000) -> None:
+    """A layer of ``n`` entries: directories of ``per_dir`` small files with contents of
+    their own (one stored chunk each). Headers go straight to the file, since tarfile's
+    writer keeps every member in memory."""
+    with open(path, "wb") as f:
+        made = d = 0
+        while made < n:
+            ti = tarfile.TarInfo(f"d{d:05d}")
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            f.write(ti.tobuf(tarfile.USTAR_FORMAT))
+            made += 1
+            for i in range(min(per_dir, n - made)):
+                data = b"%d/%d\n" % (d, i)
+                ti = tarfile.TarInfo(f"d{d:05d}/f{i:05d}")
+                ti.size = len(data)
+                f.write(ti.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512))
+                made += 1
+            d += 1
+        f.write(bytes(1024))
+
+
+def test_many_entries_cost_a_bounded_amount_of_memory_each(tmp_path):
+    """Peak RSS of a convert at two sizes (LAZYFS_MANY_ENTRIES sets the larger, e.g.
+    1000000): the merged tree stays in memory until the index is written, so memory grows
+    with entries; what is bounded, and asserted, is the cost of each one."""
+    small, big = 50_000, int(os.environ.get("LAZYFS_MANY_ENTRIES", "150000"))
+    rss = {}
+    for n in (small, big):
+        _write_many(tmp_path / f"{n}.tar", n)
+        with no_hang(1800):
+            code, rss[n], err = _run_measured([
+                sys.executable, "-m", "lazyfs", "convert", f"tar:{tmp_path / f'{n}.tar'}",
+                f"oci:{tmp_path / str(n)}"])
+        assert code == 0, err
+        (tmp_path / f"{n}.tar").unlink()
+        layout = Layout(tmp_path / str(n))
+        manifest = json.loads(layout.read_blob(layout.resolve("latest")["digest"]))
+        img = Image(tmp_path / str(n), manifest["layers"][0]["digest"])
+        assert img.r.totals()["inodes"] == n + 1
+        img.r.close()
+        shutil.rmtree(tmp_path / str(n))
+    per_entry = (rss[big] - rss[small]) / (big - small)
+    print(f"peak RSS {rss[small] >> 20} MiB for {small} entries, {rss[big] >> 20} MiB for "
+          f"{big}: {per_entry:.0f} bytes per entry")
+    assert per_entry < PER_ENTRY_LIMIT
