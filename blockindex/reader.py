@@ -50,25 +50,26 @@ MAX_BLOB_SIZE = 1 << 42
 _S = "(mode & 61440)"  # the file type bits (S_IFMT)
 _DIR, _REG, _LNK, _CHR, _BLK, _FIFO = 16384, 32768, 40960, 8192, 24576, 4096
 _U32 = (1 << 32) - 1
-_RULES: list[tuple[str, str]] = [
+_INODE_RULES: list[tuple[str, str]] = [  # one scan of inodes answers all four
     ("an inode column that is not an integer",
-     "SELECT count(*) FROM inodes WHERE typeof(ino) != 'integer' OR typeof(mode) != 'integer' "
-     "OR typeof(uid) != 'integer' OR typeof(gid) != 'integer' OR typeof(size) != 'integer' "
+     "typeof(ino) != 'integer' OR typeof(mode) != 'integer' OR typeof(uid) != 'integer' "
+     "OR typeof(gid) != 'integer' OR typeof(size) != 'integer' "
      "OR typeof(mtime_ns) != 'integer' OR typeof(nlink) != 'integer' "
      "OR typeof(rdev) != 'integer'"),
     ("an inode with an impossible mode, owner, link count or device number",
-     f"SELECT count(*) FROM inodes WHERE ino < 1 OR mode < 0 OR mode > 65535 "
+     f"ino < 1 OR mode < 0 OR mode > 65535 "
      f"OR {_S} NOT IN ({_DIR}, {_REG}, {_LNK}, {_CHR}, {_BLK}, {_FIFO}) "
      f"OR uid < 0 OR uid > {_U32} OR gid < 0 OR gid > {_U32} OR nlink < 1 OR nlink > {_U32} "
      f"OR rdev < 0 OR rdev > {_U32} OR (rdev != 0 AND {_S} NOT IN ({_CHR}, {_BLK}))"),
     ("an inode whose size is negative, absurd, or does not fit its type",
-     f"SELECT count(*) FROM inodes WHERE size < 0 OR size > {MAX_FILE_SIZE} "
-     f"OR ({_S} NOT IN ({_REG}, {_LNK}) AND size != 0)"),
+     f"size < 0 OR size > {MAX_FILE_SIZE} OR ({_S} NOT IN ({_REG}, {_LNK}) AND size != 0)"),
     ("a symlink target that is missing, empty, too long or holds a NUL, or a target on "
      "something that is not a symlink",
-     f"SELECT count(*) FROM inodes WHERE ({_S} = {_LNK} AND (typeof(target) != 'blob' "
+     f"({_S} = {_LNK} AND (typeof(target) != 'blob' "
      f"OR length(target) NOT BETWEEN 1 AND 4095 OR size != length(target) "
      f"OR instr(target, x'00') > 0)) OR ({_S} != {_LNK} AND target IS NOT NULL)"),
+]
+_RULES: list[tuple[str, str]] = [
     ("a root inode that is not a directory",
      f"SELECT count(*) FROM inodes WHERE ino = 1 AND {_S} != {_DIR}"),
     ("a directory entry with a bad name (empty, '.', '..', over 255 bytes, holding '/' or "
@@ -83,9 +84,10 @@ _RULES: list[tuple[str, str]] = [
      f"WHERE p.ino IS NULL OR (p.mode & 61440) != {_DIR} OR i.ino IS NULL"),
     ("a name listed twice in one directory",
      "SELECT count(*) FROM (SELECT 1 FROM dirents GROUP BY parent, name HAVING count(*) > 1)"),
-    ("a directory with no name or more than one (a hard link to a directory, or a cycle)",
-     f"SELECT count(*) FROM inodes i WHERE (i.mode & 61440) = {_DIR} AND (SELECT count(*) "
-     f"FROM dirents d WHERE d.ino = i.ino) != (CASE WHEN i.ino = 1 THEN 0 ELSE 1 END)"),
+    ("a directory with more than one name, or a name for the root (a hard link to a "
+     "directory, or a cycle)",
+     f"SELECT count(*) FROM (SELECT 1 FROM dirents d JOIN inodes i ON i.ino = d.ino "
+     f"WHERE (i.mode & 61440) = {_DIR} GROUP BY d.ino HAVING count(*) > 1 OR d.ino = 1)"),
     ("a blob row that is malformed",
      "SELECT count(*) FROM blobs WHERE typeof(id) != 'integer' OR typeof(size) != 'integer' "
      f"OR size < 0 OR size > {MAX_BLOB_SIZE} OR typeof(digest) != 'text'"),
@@ -219,6 +221,11 @@ class IndexReader:
         problems = [row[0] for row in self._q("PRAGMA quick_check(1)")]
         if problems != ["ok"]:
             raise IndexFormatError(f"{self.path}: corrupt index ({str(problems[0])[:200]})")
+        counts = self._one("SELECT " + ", ".join(
+            f"coalesce(sum({cond}), 0)" for _, cond in _INODE_RULES) + " FROM inodes")
+        for (what, _), bad in zip(_INODE_RULES, counts, strict=True):
+            if bad:
+                raise IndexFormatError(f"{self.path}: hostile or corrupt index: {what}")
         for what, sql in _RULES:
             (bad,) = self._one(sql, {"cs": self.chunk_size} if ":cs" in sql else ())
             if bad:

@@ -284,6 +284,18 @@ def test_signed_hostile_index_is_refused_by_the_mount(served, mounts, sql):
     assert done.stderr.startswith("lazyfs: error:") and done.stderr.count("\n") == 1, done.stderr
     assert "index" in done.stderr and "Traceback" not in done.stderr
     assert not os.path.ismount(mnt)
+    assert list((mounts.tmp / "cache" / "checked").iterdir()) == []  # never marked as good
+
+
+@pytest.mark.mount
+def test_an_index_is_checked_once_per_node(served, mounts):
+    _image, root, server = served
+    mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/rich:1", "--no-prefetch")
+    layout = Layout(root / "rich")
+    index_hex = json.loads(layout.read_blob(layout.resolve("1")["digest"]))["layers"][0][
+        "digest"].removeprefix("sha256:")
+    assert [p.name for p in (mounts.tmp / "cache" / "checked").iterdir()] == [index_hex]
+    assert os.listdir(mnt)
 
 
 @pytest.mark.mount
