@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import stat
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -218,10 +219,14 @@ def test_hostile_rows_are_refused_or_walk_cleanly(good_index, tmp_path_factory, 
     shutil.copy(good_index, path)
     db = sqlite3.connect(path)
     for e in edits:
+        # An edit after the endless view would read it forever: give each one a deadline.
+        deadline = time.monotonic() + 10
+        db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)  # noqa: B023
         try:
             apply_edit(db, e)
         except sqlite3.Error:  # the edit does not apply to what earlier ones left
             pass
+    db.set_progress_handler(None, 0)
     db.commit()
     db.close()
     with no_hang():
