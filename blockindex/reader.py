@@ -217,8 +217,11 @@ class IndexReader:
         them are reached from the root, so there is no cycle); chunks lie inside their
         blob, are at most one chunk long, and are exactly as long as the part of the file
         each extent covers; codecs are known; xattrs have sane names and values. SQLite's
-        own b-tree check (``quick_check``) runs first. Linear in the size of the index."""
-        problems = [row[0] for row in self._q("PRAGMA quick_check(1)")]
+        own check of the file (``integrity_check``: b-trees, and every index agreeing with
+        its table, so a lookup by name cannot find what readdir does not list) runs first.
+        Linear in the size of the index, plus a sort of the directory entries: about 0.7 s
+        per 100,000 entries."""
+        problems = [row[0] for row in self._q("PRAGMA integrity_check(1)")]
         if problems != ["ok"]:
             raise IndexFormatError(f"{self.path}: corrupt index ({str(problems[0])[:200]})")
         counts = self._one("SELECT " + ", ".join(

@@ -299,7 +299,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
         stack.callback(index.close)
         # The digest pins the index to its author, who may be hostile: one scan of every
         # row before the kernel sees any of it (IndexFormatError: exit 3, one line), once
-        # per index and node (about 0.6 s per 100,000 entries).
+        # per index and node (about 0.7 s per 100,000 entries).
         if not images.index_checked(opened.index_digest):
             await trio.to_thread.run_sync(index.check)
             try:
