@@ -90,16 +90,15 @@ class ChunkSpool:
             self._end += len(packed)
         return digest
 
-    def add_stream(self, f: BinaryIO, size: int) -> list[ChunkDigest | None]:
-        """Chunk ``size`` bytes read from ``f``; EOFError if ``f`` ends early."""
-        out: list[ChunkDigest | None] = []
-        left = size
-        while left > 0:
-            want = min(self.chunk_size, left)
-            data = read_exactly(f, want)
-            out.append(self.add_chunk(data))
-            left -= want
-        return out
+    def add_stream(self, f: BinaryIO, size: int) -> tuple[tuple[int, ChunkDigest], ...]:
+        """Chunk ``size`` bytes read from ``f``: (chunk number, digest) of the chunks that
+        are not zeros; EOFError if ``f`` ends early."""
+        out: list[tuple[int, ChunkDigest]] = []
+        for idx, pos in enumerate(range(0, size, self.chunk_size)):
+            digest = self.add_chunk(read_exactly(f, min(self.chunk_size, size - pos)))
+            if digest is not None:
+                out.append((idx, digest))
+        return tuple(out)
 
     def read(self, chunk: SpooledChunk) -> bytes:
         return os.pread(self._file.fileno(), chunk.stored_size, chunk.offset)
@@ -161,42 +160,43 @@ def write_image(
     meta entry ``prefetch_files`` as JSON ``[[inode, path], ...]``: a mount fetches their
     chunks first. PrefetchListError if one is not a regular file of the image."""
     spool.flush()
-    ino_of: dict[int, int] = {id(tree.root): ROOT_INO}
-    order: list[Node] = [tree.root]
-    nlinks: dict[int, int] = {}
-    dirents: list[tuple[int, int, bytes, int]] = []
-    for d, kids in walk(tree):
-        parent_ino = ino_of[id(d)]
-        for pos, (name, node) in enumerate(kids):
-            ino = ino_of.get(id(node))
-            if ino is None:
-                ino = ino_of[id(node)] = len(order) + 1
-                order.append(node)
-            nlinks[ino] = nlinks.get(ino, 0) + 1
-            dirents.append((parent_ino, pos, name, ino))
-
-    used = {d for node in order if node.is_reg for d in node.chunks if d is not None}
-    w = IndexWriter(chunk_size)
-    w.set_meta("created_by", "lazyfs")
-    if prefetch_files:
-        first: dict[int, str] = {}
-        for path in prefetch_files:
-            node = resolve(tree, path)
-            if node is None or not node.is_reg:
-                raise PrefetchListError(f"prefetch list: {path.decode(errors='replace')} is not a "
-                                        "regular file of the image")
-            first.setdefault(ino_of[id(node)], path.decode(errors="surrogateescape").lstrip("/"))
-        w.set_meta("prefetch_files", json.dumps([[ino, p] for ino, p in first.items()]))
+    # The rows go to a work file beside the output, not memory (see IndexWriter).
+    w = IndexWriter(chunk_size, spill=tmpdir / "index.work")
     packer = _Packer(spool, layout, tmpdir, w, blob_limit)
-    image_bytes = files = 0
     try:
+        # Number the inodes in walk order (kept on the nodes: a map would cost more per
+        # entry than the number) and write the directory entries as they come.
+        tree.root.ino = ROOT_INO
+        order: list[Node] = [tree.root]
+        more_names: dict[int, int] = {}  # hard links: names of an inode past its first
+        for d, kids in walk(tree):
+            for pos, (name, node) in enumerate(kids):
+                if node.ino == 0:
+                    order.append(node)
+                    node.ino = len(order)
+                else:
+                    more_names[node.ino] = more_names.get(node.ino, 0) + 1
+                w.add_dirent(d.ino, pos, name, node.ino)
+
+        used = {d for node in order if node.is_reg for _, d in node.chunks}
+        w.set_meta("created_by", "lazyfs")
+        if prefetch_files:
+            first: dict[int, str] = {}
+            for path in prefetch_files:
+                found = resolve(tree, path)
+                if found is None or not found.is_reg:
+                    raise PrefetchListError(f"prefetch list: {path.decode(errors='replace')} is "
+                                            "not a regular file of the image")
+                first.setdefault(found.ino, path.decode(errors="surrogateescape").lstrip("/"))
+            w.set_meta("prefetch_files", json.dumps([[ino, p] for ino, p in first.items()]))
+        image_bytes = files = 0
         ids = packer.pack(used)
         for ino, node in enumerate(order, start=ROOT_INO):
             if node.is_dir:
                 assert node.children is not None
                 nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
             else:
-                nlink = nlinks[ino]
+                nlink = 1 + more_names.get(ino, 0)
             size = node.size if node.is_reg else len(node.target or b"")
             w.add_inode(
                 ino, mode=node.mode, uid=node.uid, gid=node.gid, size=size,
@@ -207,11 +207,8 @@ def write_image(
             if node.is_reg:
                 files += 1
                 image_bytes += node.size
-                for idx, digest in enumerate(node.chunks):
-                    if digest is not None:
-                        w.add_extent(ino, idx, ids[digest])
-        for dirent in dirents:
-            w.add_dirent(*dirent)
+                for idx, digest in node.chunks:
+                    w.add_extent(ino, idx, ids[digest])
         index_path = tmpdir / "index.sqlite"
         w.write(index_path)
     finally:

@@ -140,7 +140,7 @@ def lazy_config(original: bytes, layers: list[dict]) -> tuple[bytes, list[str]]:
     lazy ``layers`` (see the module docstring); also the original diff ids."""
     try:
         config = json.loads(original)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ImageError(f"the image config is not JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise ImageError("the image config is not a JSON object")

@@ -14,17 +14,22 @@ import os
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
 
-from .build import ChunkSpool
+from .build import ChunkSpool, read_exactly
 from .errors import ImageError, UnsafeImageError
 from .format import ChunkDigest
-from .tree import Node, Tree, is_whiteout, split_path
+from .tree import NO_XATTRS, Node, Tree, is_whiteout, split_path
 
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: a size above this is a lie or an attack, not an image
+MAX_ID = (1 << 32) - 1  # uid and gid are 32-bit on Linux
+MAX_MTIME_NS = (1 << 63) - 1  # what the index (a SQLite INTEGER) and stat can hold
+MAX_MAJOR, MAX_MINOR = (1 << 12) - 1, (1 << 20) - 1  # what Linux's dev_t encodes
+MAX_TARGET = 4095  # PATH_MAX less its NUL: readlink cannot return a longer target
+MAX_XATTR_NAME, MAX_XATTR_VALUE = 255, 65536  # Linux's XATTR_NAME_MAX, XATTR_SIZE_MAX
 
 _TYPE_BITS = {
     tarfile.DIRTYPE: stat.S_IFDIR,
@@ -47,8 +52,11 @@ def apply_tar(tree: Tree, spool: ChunkSpool, f: BinaryIO, name: str, layer: int)
         with tarfile.open(
             fileobj=f, mode="r|", encoding="utf-8", errors="surrogateescape"
         ) as tf:
-            for ti in tf:
+            while (ti := tf.next()) is not None:
                 _apply_member(tree, spool, tf, ti)
+                # tarfile keeps every member it has read (about 0.5 KiB each), even in
+                # stream mode where nothing can go back to them: drop them as we go.
+                tf.members.clear()
     except ImageError as exc:
         raise type(exc)(f"{name}: {exc}") from exc
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
@@ -57,17 +65,24 @@ def apply_tar(tree: Tree, spool: ChunkSpool, f: BinaryIO, name: str, layer: int)
 
 def _apply_member(tree: Tree, spool: ChunkSpool, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
     raw_name = _b(ti.name)
+    if b"\0" in raw_name:
+        raise UnsafeImageError(f"entry {raw_name!r} has a NUL byte in its name")
     parts = split_path(raw_name)
     if is_whiteout(parts):
         tree.whiteout(parts)
         return
     if ti.islnk():
+        if not parts:
+            raise UnsafeImageError(f"hard link {raw_name!r} names the root")
         tree.link(parts, split_path(_b(ti.linkname), what="hard link target"))
         return
     if not parts and not ti.isdir():
         raise UnsafeImageError(f"entry {raw_name!r} names the root but is not a directory")
     if ti.size < 0 or ti.size > MAX_FILE_SIZE:
         raise UnsafeImageError(f"entry {raw_name!r} claims an absurd size {ti.size}")
+    for what, value in (("uid", ti.uid), ("gid", ti.gid)):
+        if not 0 <= value <= MAX_ID:
+            raise UnsafeImageError(f"entry {raw_name!r} has an impossible {what} {value}")
     type_bits = _TYPE_BITS.get(ti.type, stat.S_IFREG)
     node = Node(
         mode=type_bits | (ti.mode & 0o7777),
@@ -77,28 +92,73 @@ def _apply_member(tree: Tree, spool: ChunkSpool, tf: tarfile.TarFile, ti: tarfil
         xattrs=_xattrs(ti),
     )
     if ti.issym():
-        node.target = _b(ti.linkname)
+        node.target = _symlink_target(raw_name, _b(ti.linkname))
     elif ti.ischr() or ti.isblk():
+        # Kept as metadata only: nothing is ever created on this host.
+        if not (0 <= ti.devmajor <= MAX_MAJOR and 0 <= ti.devminor <= MAX_MINOR):
+            raise UnsafeImageError(
+                f"device {raw_name!r} has an impossible number {ti.devmajor}:{ti.devminor}")
         node.rdev = os.makedev(ti.devmajor, ti.devminor)
     elif type_bits == stat.S_IFREG:
         node.size = ti.size
         data = tf.extractfile(ti)
         assert data is not None
-        node.chunks = spool.add_stream(data, ti.size)
+        if ti.sparse is not None:
+            node.chunks = _add_sparse(spool, data.raw, ti.size, ti.sparse)  # type: ignore[attr-defined]
+        else:
+            node.chunks = spool.add_stream(data, ti.size)
     tree.add(parts, node)
+
+
+def _symlink_target(name: bytes, target: bytes) -> bytes:
+    if not target or b"\0" in target or len(target) > MAX_TARGET:
+        raise UnsafeImageError(
+            f"symlink {name!r}: a target that is empty, holds a NUL or is over {MAX_TARGET} bytes")
+    return target
+
+
+def _add_sparse(spool: ChunkSpool, raw: BinaryIO, size: int,
+                segments: list[tuple[int, int]]) -> tuple[tuple[int, ChunkDigest], ...]:
+    """Chunk a GNU sparse member from its map: only the chunks a data segment touches are
+    read, so a file that claims a terabyte of holes costs what its data costs. ``raw`` is
+    tarfile's unbuffered member reader, which seeks forward by reading (holes read as
+    zeros, so a chunk partly in a hole still reads right); a map that would make it go
+    back fails as a corrupt tar."""
+    cs = spool.chunk_size
+    touched: set[int] = set()
+    for off, n in segments:
+        off, end = max(off, 0), min(off + n, size)
+        if end > off:
+            touched.update(range(off // cs, (end - 1) // cs + 1))
+    out: list[tuple[int, ChunkDigest]] = []
+    for idx in sorted(touched):
+        pos = idx * cs
+        raw.seek(pos)
+        digest = spool.add_chunk(read_exactly(raw, min(cs, size - pos)))
+        if digest is not None:
+            out.append((idx, digest))
+    return tuple(out)
 
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:
     text = ti.pax_headers.get("mtime")
     if text is not None:
         try:
-            return int(decimal.Decimal(text).scaleb(9).to_integral_value(decimal.ROUND_FLOOR))
-        except decimal.InvalidOperation:
+            value = decimal.Decimal(text).scaleb(9).to_integral_value(decimal.ROUND_FLOOR)
+            ns = int(value)
+        except (decimal.InvalidOperation, ValueError, OverflowError):  # NaN, Infinity
             raise ImageError(f"entry {ti.name!r}: malformed PAX mtime {text!r}") from None
-    return int(ti.mtime) * 1_000_000_000
+    else:
+        ns = int(ti.mtime) * 1_000_000_000
+    if not -MAX_MTIME_NS <= ns <= MAX_MTIME_NS:
+        shown = text if text is not None else str(ti.mtime)
+        raise UnsafeImageError(f"entry {ti.name!r} has an impossible mtime {shown[:40]!r}")
+    return ns
 
 
-def _xattrs(ti: tarfile.TarInfo) -> dict[bytes, bytes]:
+def _xattrs(ti: tarfile.TarInfo) -> Mapping[bytes, bytes]:
+    if not ti.pax_headers:
+        return NO_XATTRS
     out: dict[bytes, bytes] = {}
     for key, value in ti.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
@@ -110,7 +170,10 @@ def _xattrs(ti: tarfile.TarInfo) -> dict[bytes, bytes]:
             except (binascii.Error, ValueError):
                 raise ImageError(f"entry {ti.name!r}: malformed xattr {key!r}") from None
             out[unquote_to_bytes(key.removeprefix("LIBARCHIVE.xattr."))] = decoded
-    return out
+    for name, value in out.items():
+        if not name or b"\0" in name or len(name) > MAX_XATTR_NAME or len(value) > MAX_XATTR_VALUE:
+            raise UnsafeImageError(f"entry {ti.name!r}: an impossible xattr {name[:64]!r}")
+    return out or NO_XATTRS
 
 
 # -- a root filesystem directory on disk ---------------------------------------------------
@@ -189,10 +252,11 @@ def _listxattrs(path: bytes) -> dict[bytes, bytes]:
     }
 
 
-def _chunk_disk_file(spool: ChunkSpool, path: bytes, size: int) -> list[ChunkDigest | None]:
+def _chunk_disk_file(spool: ChunkSpool, path: bytes,
+                     size: int) -> tuple[tuple[int, ChunkDigest], ...]:
     """Chunk a file on disk, skipping ranges the filesystem reports as holes."""
     cs = spool.chunk_size
-    out: list[ChunkDigest | None] = []
+    out: list[tuple[int, ChunkDigest]] = []
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         next_data = -1
@@ -206,12 +270,13 @@ def _chunk_disk_file(spool: ChunkSpool, path: bytes, size: int) -> list[ChunkDig
                         raise
                     next_data = size
             if next_data >= pos + want:
-                out.append(None)
                 continue
             data = os.pread(fd, want, pos)
             if len(data) != want:
                 raise ImageError(f"{os.fsdecode(path)}: file changed while it was read")
-            out.append(spool.add_chunk(data))
+            digest = spool.add_chunk(data)
+            if digest is not None:
+                out.append((pos // cs, digest))
     finally:
         os.close(fd)
-    return out
+    return tuple(out)

@@ -71,18 +71,21 @@ class Layout:
             index = json.loads((self.root / "index.json").read_bytes())
         except FileNotFoundError as exc:
             raise ImageError(f"{self.root}: not an OCI image layout (no index.json)") from exc
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # too deep: RecursionError
             raise ImageError(f"{self.root}/index.json: malformed JSON ({exc})") from exc
         if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
             raise ImageError(f"{self.root}/index.json: not an OCI image index")
+        if not all(isinstance(d, dict) for d in index.get("manifests", [])):
+            raise ImageError(f"{self.root}/index.json: a manifest entry that is not a JSON object")
         return index
 
     def tags(self) -> dict[str, Descriptor]:
         """Tag name to manifest descriptor."""
         out: dict[str, Descriptor] = {}
         for desc in self.index().get("manifests", []):
-            name = (desc.get("annotations") or {}).get(REF_NAME)
-            if name:
+            annotations = desc.get("annotations")
+            name = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
+            if isinstance(name, str) and name:
                 out[name] = desc
         return out
 
@@ -133,7 +136,7 @@ class Layout:
         index = self.index()
         kept = [
             d for d in index.get("manifests", [])
-            if (d.get("annotations") or {}).get(REF_NAME) != tag
+            if not isinstance(d.get("annotations"), dict) or d["annotations"].get(REF_NAME) != tag
         ]
         kept.append({**desc, "annotations": {REF_NAME: tag}})
         index["manifests"] = kept

@@ -254,8 +254,8 @@ def _pick_platform(manifests: list[Any], where: str) -> dict[str, Any]:
     if len(manifests) == 1:
         return manifests[0]
     for m in manifests:
-        p = m.get("platform") or {}
-        if p.get("os") == "linux" and p.get("architecture") == "amd64":
+        p = m.get("platform")
+        if isinstance(p, dict) and p.get("os") == "linux" and p.get("architecture") == "amd64":
             return m
     raise ImageError(f"{where}: an image index with {len(manifests)} images and none linux/amd64")
 
@@ -281,17 +281,21 @@ def _oci_source(layout: Layout, tag: str | None) -> Source:
 
 
 def _oci_manifest_source(layout: Layout, manifest: dict[str, Any], digest: str) -> Source:
-    if ARTIFACT_ANNOTATION in (manifest.get("annotations") or {}):
+    annotations = manifest.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise ImageError(f"{layout.root}: manifest {digest}: annotations are not a JSON object")
+    if ARTIFACT_ANNOTATION in annotations:
         raise UnsupportedImageError(f"{layout.root}: {digest} is already a lazyfs image")
     config = manifest.get("config")
     layers = manifest.get("layers")
-    if not isinstance(config, dict) or not isinstance(layers, list):
+    if not isinstance(config, dict) or not isinstance(layers, list) or not all(
+            isinstance(desc, dict) for desc in layers):
         raise ImageError(f"{layout.root}: manifest {digest} has no config or layers")
     config_bytes = layout.read_blob(check_digest(config.get("digest", "")))
     _check_json(config_bytes, f"{layout.root}: config {config.get('digest')}")
     out = []
     for desc in layers:
-        ldigest = check_digest((desc or {}).get("digest", ""))
+        ldigest = check_digest(desc.get("digest", ""))
         path = layout.blob_path(ldigest)
         if not path.is_file():
             raise ImageError(f"{layout.root}: layer blob {ldigest} is missing")
@@ -317,7 +321,7 @@ def _oci_layer_opener(path: Path, digest: str) -> OpenLayer:
 def _check_json(data: bytes, what: str) -> Any:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # too deep: RecursionError
         raise ImageError(f"{what}: malformed JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise ImageError(f"{what}: not a JSON object")
@@ -414,7 +418,7 @@ def _docker_archive_source(path: str, tag: str | None) -> Source:
 def _parse_json_list(data: bytes, what: str) -> list[Any]:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # too deep: RecursionError
         raise ImageError(f"{what}: malformed JSON ({exc})") from exc
     if not isinstance(obj, list) or not obj or not all(isinstance(e, dict) for e in obj):
         raise ImageError(f"{what}: expected a non-empty list of images")

@@ -9,14 +9,17 @@ Layers are applied in order, as docker and containerd apply them to a directory:
 * a hard link is a second name for the inode its target names *now*; if the target is
   later deleted or replaced, the link keeps the old inode and its content.
 
-Nodes hold no file contents: a regular file carries the digests of its chunks (computed
-while its layer is read) so memory stays bounded by the number of chunks, not bytes.
+Nodes hold no file contents: a regular file carries the digests of its stored chunks
+(computed while its layer is read; chunks of zeros are holes and take no entry), so memory
+stays bounded by the number of stored chunks, not by bytes or by the size a file claims.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import stat
+import types
+from collections.abc import Mapping
 
 from .errors import UnsafeImageError, UnsupportedImageError
 from .format import ChunkDigest
@@ -26,6 +29,7 @@ OPAQUE_MARKER = b".wh..wh..opq"
 NAME_MAX = 255
 
 DEFAULT_DIR_MODE = stat.S_IFDIR | 0o755
+NO_XATTRS: Mapping[bytes, bytes] = types.MappingProxyType({})
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -39,12 +43,15 @@ class Node:
     rdev: int = 0
     size: int = 0
     target: bytes | None = None  # symlink target
-    xattrs: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
-    # Regular files: one entry per chunk, a digest or None for a chunk of zeros.
-    chunks: list[ChunkDigest | None] = dataclasses.field(default_factory=list)
+    # Nodes are never changed in place but replaced, so the empty defaults are shared:
+    # a million entries would otherwise carry a million empty containers.
+    xattrs: Mapping[bytes, bytes] = dataclasses.field(default_factory=lambda: NO_XATTRS)
+    # Regular files: (chunk number, digest) of the chunks that are not all zeros, in order.
+    chunks: tuple[tuple[int, ChunkDigest], ...] = ()
     # Directories: name -> node, and name -> the layer that put the name there.
     children: dict[bytes, Node] | None = None
     layer_of: dict[bytes, int] | None = None
+    ino: int = 0  # the inode number, given when the index is written
 
     @property
     def is_dir(self) -> bool:
@@ -192,4 +199,4 @@ def is_whiteout(parts: tuple[bytes, ...]) -> bool:
 
 def _copy_meta(src: Node, dst: Node) -> None:
     dst.mode, dst.uid, dst.gid, dst.mtime_ns = src.mode, src.uid, src.gid, src.mtime_ns
-    dst.xattrs = dict(src.xattrs)
+    dst.xattrs = src.xattrs

@@ -10,14 +10,20 @@ from .format import FORMAT_VERSION, SCHEMA
 
 
 class IndexWriter:
-    """Collects the rows of an index in memory and writes them as one compact file.
+    """Collects the rows of an index and writes them as one compact file.
 
     The caller chooses inode numbers, directory positions and chunk ids; the same calls
-    in the same order give a byte-identical file.
+    in the same order give a byte-identical file. Rows collect in memory, or in the work
+    file ``spill`` when given (what a conversion does: memory then stays at SQLite's page
+    cache however many entries the image has; the file is a scratch copy, never synced).
     """
 
-    def __init__(self, chunk_size: int) -> None:
-        self._db = sqlite3.connect(":memory:")
+    def __init__(self, chunk_size: int, spill: str | Path | None = None) -> None:
+        self._db = sqlite3.connect(":memory:" if spill is None else str(spill))
+        if spill is not None:
+            self._db.execute("PRAGMA journal_mode = OFF")
+            self._db.execute("PRAGMA synchronous = OFF")
+            self._db.execute("PRAGMA cache_size = -4096")  # KiB: 4 MiB of pages
         self._db.executescript(SCHEMA)
         self.set_meta("format", FORMAT_VERSION)
         self.set_meta("chunk_size", str(chunk_size))

@@ -37,13 +37,13 @@ class ImageStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         try:
-            for sub in ("manifests", "indexes", "refs", "complete"):
+            for sub in ("manifests", "indexes", "refs", "complete", "checked"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
         # temp files of dead writers; these directories hold a few files per image
         sweep_dead_temps([self.root / d for d in ("manifests", "indexes", "refs", "complete",
-                                                   "pins", "traces")])
+                                                   "checked", "pins", "traces")])
 
     def _write(self, path: Path, data: bytes) -> None:
         try:
@@ -100,6 +100,14 @@ class ImageStore:
         path = self.index_path(digest)
         self._write(path, data)
         return path
+
+    def index_checked(self, digest: str) -> bool:
+        """Whether the index with this digest passed ``IndexReader.check`` here before
+        (the index itself is verified against the digest at every use)."""
+        return (self.root / "checked" / _hex(digest)).exists()
+
+    def mark_index_checked(self, digest: str) -> None:
+        self._write(self.root / "checked" / _hex(digest), b"")
 
     # -- completion -----------------------------------------------------------------------
 

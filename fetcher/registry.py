@@ -93,7 +93,7 @@ class Manifest:
     def json(self) -> dict:
         try:
             doc = json.loads(self.data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ServerError(f"manifest {self.digest} is not JSON") from exc
         if not isinstance(doc, dict):
             raise ServerError(f"manifest {self.digest} is not a JSON object")
@@ -564,7 +564,7 @@ def _digest_of(data: bytes, like: str) -> str:
 def _embedded_media_type(data: bytes) -> str | None:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     value = doc.get("mediaType") if isinstance(doc, dict) else None
     return value if isinstance(value, str) else None

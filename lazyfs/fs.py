@@ -93,17 +93,25 @@ class LazyOperations(pyfuse3.Operations):
             return self._entry(self._attr(parent_inode))
         if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves '..' itself
-        node = self._index.lookup(InodeT(parent_inode), name)
+        node = self._ask(self._index.lookup, InodeT(parent_inode), name)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._entry(node)
+
+    def _ask(self, question: Callable[..., Any], *args: Any) -> Any:
+        """``question(*args)`` of the index; EIO (logged) if the index is corrupt."""
+        try:
+            return question(*args)
+        except IndexFormatError as exc:
+            log.error("%s: %s", question.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         pass  # inodes are rows in the index; nothing to release
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         try:
-            return self._index.readlink(InodeT(inode))
+            return self._ask(self._index.readlink, InodeT(inode))  # type: ignore[no-any-return]
         except KeyError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
 
@@ -115,9 +123,13 @@ class LazyOperations(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for pos, name, node in self._index.children(InodeT(fh), start_id):
-            if not pyfuse3.readdir_reply(token, name, self._entry(node), pos + 1):
-                return
+        try:
+            for pos, name, node in self._index.children(InodeT(fh), start_id):
+                if not pyfuse3.readdir_reply(token, name, self._entry(node), pos + 1):
+                    return
+        except IndexFormatError as exc:
+            log.error("directory inode %d: %s", fh, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def releasedir(self, fh: int) -> None:
         pass
@@ -155,13 +167,13 @@ class LazyOperations(pyfuse3.Operations):
             except (IndexFormatError, OSError) as exc:
                 log.error("state of inode %d: %s", inode, exc)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-        value = self._index.getxattr(InodeT(inode), name)
+        value = self._ask(self._index.getxattr, InodeT(inode), name)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return sorted(self._index.xattrs(InodeT(inode)))
+        return sorted(self._ask(self._index.xattrs, InodeT(inode)))
 
     # -- the filesystem -----------------------------------------------------------------
 

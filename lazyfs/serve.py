@@ -349,7 +349,7 @@ def _media_type(desc: dict[str, Any] | None, data: bytes) -> str:
             return doc["mediaType"]
         if isinstance(doc, dict) and "manifests" in doc:
             return MEDIA_TYPE_OCI_INDEX
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep: RecursionError
         pass
     return MEDIA_TYPE_OCI_MANIFEST
 

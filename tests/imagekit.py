@@ -124,9 +124,12 @@ class Image:
         return [name for _, name, _ in self.r.children(self.path(path).ino)]
 
     def read(self, path: str | bytes) -> bytes:
+        return self.read_range(path, 0, self.path(path).size)
+
+    def read_range(self, path: str | bytes, offset: int, size: int) -> bytes:
         ino = self.path(path)
         out = bytearray()
-        for span in self.r.chunks(ino.ino, 0, ino.size):
+        for span in self.r.chunks(ino.ino, offset, size):
             if span.chunk is None:
                 out += bytes(span.length)
                 continue

@@ -11,7 +11,7 @@ from blockindex.tree import Node, Tree, new_dir, split_path
 
 
 def f(content: str = "") -> Node:
-    return Node(mode=stat.S_IFREG | 0o644, size=len(content), chunks=[content.encode()])  # type: ignore[list-item]
+    return Node(mode=stat.S_IFREG | 0o644, size=len(content), chunks=((0, content.encode()),))  # type: ignore[arg-type]
 
 
 def names(tree: Tree, *parts: bytes) -> list[bytes]:
