@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
 from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher, FetchConfig
-from fetcher.errors import FetchError, IntegrityError, UnreachableError
+from fetcher.errors import DeadlineError, FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
 from fetcher.mirrors import MirroredClient
 from fetcher.options import RegistryOptions
@@ -145,6 +145,19 @@ def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
     raise NotLazyImageError(f"{ref}: lazyfs image manifest has no index layer")
 
 
+INDEX_MIN_RATE = 256 << 10
+"""Bytes a second below which fetching the index at mount counts as stalled (2 Mbit/s)."""
+
+
+@contextlib.contextmanager
+def _within(seconds: float, what: str) -> Iterator[None]:
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError as exc:
+        raise DeadlineError(f"{what} did not arrive within {seconds:.0f} s") from exc
+
+
 async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient | MirroredClient | None,
                      images: ImageStore) -> OpenedImage:
     """Resolve ``ref`` to a manifest and a verified index file, from the registry or,
@@ -154,9 +167,11 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
     digest: str | None = None
     if client is not None:
         try:
-            m = await client.get_manifest(ref.reference)
-            if m.media_type in (MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST):
-                m = await resolve_image_manifest(client, ref)
+            # each wait has its own timeout; this bounds a server that answers byte by byte
+            with _within(3 * opts.timeout, f"the manifest of {ref}"):
+                m = await client.get_manifest(ref.reference)
+                if m.media_type in (MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST):
+                    m = await resolve_image_manifest(client, ref)
             manifest_bytes, digest = m.data, m.digest
         except UnreachableError as exc:
             log.warning("registry unreachable (%s); trying the cache", exc)
@@ -190,7 +205,8 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
         size = desc.get("size", 0)
         if type(size) is not int or not 0 < size <= MAX_INDEX_SIZE:
             raise NotLazyImageError(f"{ref}: index size {size} is out of range")
-        data = await client.read_blob(index_digest, max_size=MAX_INDEX_SIZE)
+        with _within(opts.timeout + size / INDEX_MIN_RATE, f"the index of {ref} ({size} bytes)"):
+            data = await client.read_blob(index_digest, max_size=MAX_INDEX_SIZE)
         path = images.save_index(index_digest, data)
     return OpenedImage(digest, index_digest, path, from_cache)
 
