@@ -60,7 +60,10 @@ class FetchConfig:
     bounds the prefetch's bytes in flight, which a demand read's answer queues behind."""
     background_pause: float = 0.1
     """While a demand fetch is in flight, the background's checking and caching waits up
-    to this many seconds before each chunk (then does that one chunk, and asks again)."""
+    to this many seconds before each chunk (then does that one chunk, and asks again).
+    Not in a cluster, nor at a low CPU priority: there a node's background ranges hold the
+    chunks it owns, which its peers wait for, and a peer that waits too long asks the
+    origin a second time."""
     thread_above: int = 128 << 10
     """Chunks larger than this are decoded and hashed in a worker thread, so that the
     trio loop (and every other reader of the mount) is not held up."""
@@ -306,7 +309,11 @@ class ChunkFetcher:
                 if p.range.data is not None:  # its bytes are here: check this chunk now
                     under, p = p.range, _Pending()
                     taken.append((c, p, under))
-                elif speculative:
+                elif speculative or self.peers is not None or not use_peers:
+                    # readahead, or a node in a cluster (its reads, or a peer's for a chunk
+                    # it owns): join the range, which stops giving way. Fetching the chunk
+                    # alone would make the origin send it twice, and a cluster's point is
+                    # that the origin sends each chunk about once.
                     p.range.wanted = True
                 else:  # still on the network, up to background_max_request bytes of it:
                     # fetch this one chunk alone (its bytes come twice)
@@ -426,6 +433,10 @@ class ChunkFetcher:
                     results = await trio.to_thread.run_sync(_verify_range, rng, data, limiter=self._cpu)
                 else:
                     results = _verify_range(rng, data)
+            elif rng.end - rng.start > self.config.thread_above and self.peers is not None:
+                # in a cluster, peers wait for these chunks (see ``background_pause``)
+                results = await trio.to_thread.run_sync(_verify_range, rng, data, self._store,
+                                                        limiter=self._cpu)
             elif rng.end - rng.start > self.config.thread_above:
                 # at a low CPU priority, in threads that never serve a read (lowprio.py)
                 results = await BACKGROUND.run_sync(
