@@ -7,7 +7,7 @@ An image of random files (64 KiB chunks) is served by ``lazyfs serve`` behind
 ``bench/faultproxy.py`` and mounted (``--no-prefetch``, ``--timeout``, 5 s here). Then, for
 ``--minutes``:
 
-- reader threads read random ranges (1 byte to 256 KiB) of random files and compare every
+- reader threads read random ranges (1 byte to 128 KiB) of random files and compare every
   byte with the source; each read is one ``pread`` after ``POSIX_FADV_DONTNEED`` on the
   file, so the kernel's page cache does not answer for the mount;
 - a fault driver alternates healthy spells (1-3 s) with fault episodes (1-4 s; stalls
@@ -57,7 +57,9 @@ TIMEOUT = 5.0
 SLACK = 2.0
 """A read that takes longer than the deadline plus this is overdue (FUSE queues and two
 shared cores; the kernel's re-read of a failed page gets one more try of 0.5 s)."""
-MAX_READ = 256 << 10
+MAX_READ = 128 << 10
+"""The largest read: one FUSE request (the kernel splits a larger read(2) into requests of
+128 KiB, and each has its own deadline, so such a read can take one deadline per request)."""
 FAULTS = {"reset": 2, "stall": 1, "drip": 1, "503": 2, "500": 1, "429": 2, "short": 2,
           "content-range": 1, "altered": 2, "refused": 1}
 """Episode kinds and their weights."""
