@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 
@@ -120,6 +121,38 @@ def start_snapshotter(procs: Procs, sock: Path, root: Path, log: Path, *extra: s
                         "--root", str(root), *extra], log, cwd=ROOT)
     wait_socket(sock, proc, log)
     return proc
+
+
+def snapshots_stub(sock: Path) -> tuple[Any, Any]:
+    """A channel to the snapshotter at ``sock``, once ready, and a Snapshots stub on it:
+    containerd's side of the API, played by a test."""
+    import grpc
+
+    from lazyfs.snapshotter.server import pb_grpc
+
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    return channel, pb_grpc.SnapshotsStub(channel)
+
+
+def pull_remote(stub: Any, ref: str, digest: str, layers: list[str]) -> None:
+    """What ``lazyfs pull`` (or CRI) asks of the snapshotter: each layer prepared with the
+    remote-snapshot labels, and each answered as already there."""
+    import grpc
+    import pytest
+
+    from lazyfs.snapshotter.client import chain_ids
+    from lazyfs.snapshotter.labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
+    from lazyfs.snapshotter.server import pb
+
+    parent = ""
+    for layer, chain in zip(layers, chain_ids(layers), strict=True):
+        labels = {LABEL_TARGET: chain, LABEL_IMAGE_REF: ref, LABEL_MANIFEST: digest, LABEL_LAYER: layer}
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Prepare(pb.PrepareSnapshotRequest(snapshotter="lazyfs", key=f"extract-{chain}",
+                                                   parent=parent, labels=labels), timeout=120)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+        parent = chain
 
 
 def ctr(sock: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -33,7 +33,6 @@ from cache.store import ChunkStore
 from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
 from lazyfs.snapshotter.client import chain_ids
-from lazyfs.snapshotter.labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 
 from . import containerdkit as kit
 from .conftest import lazyfs
@@ -68,9 +67,9 @@ class Node:
     """A lazyfs snapshotter on its own socket and root, driven as containerd drives it."""
 
     def __init__(self, tmp: Path, ref: str, manifest: dict, digest: str) -> None:
-        from lazyfs.snapshotter.server import pb, pb_grpc
+        from lazyfs.snapshotter.server import pb
 
-        self.pb, self.pb_grpc = pb, pb_grpc
+        self.pb = pb
         self.tmp = tmp
         self.sock = tmp / "s.sock"
         self.root = tmp / "lazyfs"
@@ -84,9 +83,7 @@ class Node:
 
     def start(self) -> None:
         self.proc = kit.start_snapshotter(self.procs, self.sock, self.root, self.log, "--timeout", "10")
-        self.channel = grpc.insecure_channel(f"unix://{self.sock}")
-        grpc.channel_ready_future(self.channel).result(timeout=30)
-        self.stub = self.pb_grpc.SnapshotsStub(self.channel)
+        self.channel, self.stub = kit.snapshots_stub(self.sock)
 
     def kill(self) -> None:
         assert self.proc is not None and self.channel is not None
@@ -94,17 +91,7 @@ class Node:
         self.channel.close()
 
     def pull(self) -> None:
-        """What ``lazyfs pull`` (or CRI) asks: each layer prepared with the labels, answered
-        as already there."""
-        parent = ""
-        for layer, chain in zip(self.layers, self.chains, strict=True):
-            labels = {LABEL_TARGET: chain, LABEL_IMAGE_REF: self.ref, LABEL_MANIFEST: self.digest,
-                      LABEL_LAYER: layer}
-            with pytest.raises(grpc.RpcError) as err:
-                self.stub.Prepare(self.pb.PrepareSnapshotRequest(
-                    snapshotter="lazyfs", key=f"extract-{chain}", parent=parent, labels=labels), timeout=120)
-            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
-            parent = chain
+        kit.pull_remote(self.stub, self.ref, self.digest, self.layers)
 
     def prepare(self, key: str) -> list:
         return list(self.stub.Prepare(self.pb.PrepareSnapshotRequest(

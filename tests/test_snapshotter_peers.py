@@ -24,7 +24,6 @@ import pytest
 from blockindex.oci import Layout
 from lazyfs.process import wait_gone
 from lazyfs.snapshotter import filesystem
-from lazyfs.snapshotter.client import chain_ids
 from lazyfs.snapshotter.errors import AlreadyExistsError
 from lazyfs.snapshotter.filesystem import LazyFileSystem, PeerOptions
 from lazyfs.snapshotter.labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
@@ -137,9 +136,9 @@ class Node:
     serves its cache, started and stopped by pid."""
 
     def __init__(self, tmp: Path, name: str, url: str, peers_file: Path, token_file: Path) -> None:
-        from lazyfs.snapshotter.server import pb, pb_grpc
+        from lazyfs.snapshotter.server import pb
 
-        self.pb, self.pb_grpc = pb, pb_grpc
+        self.pb = pb
         self.dir = tmp / name
         self.dir.mkdir()
         self.root, self.sock, self.url = self.dir / "root", self.dir / "s.sock", url
@@ -167,9 +166,7 @@ class Node:
     def start(self) -> None:
         log = self.dir / "snapshotter.log"
         self.snapshotter = kit.start_snapshotter(self.procs, self.sock, self.root, log, *self.options)
-        self.channel = grpc.insecure_channel(f"unix://{self.sock}")
-        grpc.channel_ready_future(self.channel).result(timeout=30)
-        self.stub = self.pb_grpc.SnapshotsStub(self.channel)
+        self.channel, self.stub = kit.snapshots_stub(self.sock)
 
     def kill(self) -> None:
         assert self.snapshotter is not None and self.channel is not None
@@ -177,15 +174,7 @@ class Node:
         self.channel.close()
 
     def pull(self, ref: str, digest: str, layers: list[str]) -> None:
-        """What CRI asks: each layer prepared with the image labels, answered as there."""
-        parent = ""
-        for layer, chain in zip(layers, chain_ids(layers), strict=True):
-            labels = {LABEL_TARGET: chain, LABEL_IMAGE_REF: ref, LABEL_MANIFEST: digest, LABEL_LAYER: layer}
-            with pytest.raises(grpc.RpcError) as err:
-                self.stub.Prepare(self.pb.PrepareSnapshotRequest(
-                    snapshotter="lazyfs", key=f"extract-{chain}", parent=parent, labels=labels), timeout=120)
-            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
-            parent = chain
+        kit.pull_remote(self.stub, ref, digest, layers)
 
     def image_mount(self) -> Path:
         [mnt] = [p for p in (self.root / "mounts").iterdir() if os.path.ismount(p)]
