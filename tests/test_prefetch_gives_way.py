@@ -64,6 +64,20 @@ class GatedSource:
         return self.raw[offset : offset + length]
 
 
+async def background_then_demand(nursery: trio.Nursery, fetcher: ChunkFetcher, chunks,
+                                 order: list[str]) -> None:
+    """A background fetch of every chunk but the first, then, once its request is under
+    way, a demand read of the first; each notes in ``order`` when it is done."""
+
+    async def fetch(name: str, wanted, background: bool = False) -> None:
+        await fetcher.get(wanted, background=background)
+        order.append(name)
+
+    nursery.start_soon(fetch, "background", chunks[1:], True)
+    await trio.sleep(0.05)
+    nursery.start_soon(fetch, "demand", chunks[:1])
+
+
 def run_gated(tmp_path, body) -> list[str]:
     blob, chunks, raw = make_blob(PIECES)
     source = GatedSource(blob.digest, raw)
@@ -85,18 +99,8 @@ def run_gated(tmp_path, body) -> list[str]:
 
 def test_background_range_waits_while_a_demand_fetch_is_in_flight(tmp_path):
     async def body(fetcher, chunks, source, order):
-        async def background() -> None:
-            await fetcher.get(chunks[1:], background=True)
-            order.append("background")
-
-        async def demand() -> None:
-            await fetcher.get(chunks[:1])
-            order.append("demand")
-
         async with trio.open_nursery() as n:
-            n.start_soon(background)
-            await trio.sleep(0.05)  # the background request is under way
-            n.start_soon(demand)
+            await background_then_demand(n, fetcher, chunks, order)
             await source.demand_asked.wait()
             await trio.sleep(0.5)  # the background's bytes are here; it is giving way
             assert order == []
@@ -107,18 +111,8 @@ def test_background_range_waits_while_a_demand_fetch_is_in_flight(tmp_path):
 
 def test_a_reader_checks_its_chunk_from_a_background_range_giving_way(tmp_path):
     async def body(fetcher, chunks, source, order):
-        async def background() -> None:
-            await fetcher.get(chunks[1:], background=True)
-            order.append("background")
-
-        async def demand() -> None:
-            await fetcher.get(chunks[:1])
-            order.append("demand")
-
         async with trio.open_nursery() as n:
-            n.start_soon(background)
-            await trio.sleep(0.05)
-            n.start_soon(demand)
+            await background_then_demand(n, fetcher, chunks, order)
             await source.demand_asked.wait()
             await trio.sleep(0.2)  # the range's bytes are here; it is giving way
             asked = len(source.requests)
@@ -134,18 +128,9 @@ def test_a_reader_checks_its_chunk_from_a_background_range_giving_way(tmp_path):
 
 def test_readahead_waiting_for_a_background_range_stops_it_giving_way(tmp_path):
     async def body(fetcher, chunks, source, order):
-        async def background() -> None:
-            await fetcher.get(chunks[1:], background=True)
-            order.append("background")
-
-        async def demand() -> None:
-            await fetcher.get(chunks[:1])
-            order.append("demand")
-
         async with trio.open_nursery() as n:
-            n.start_soon(background)
-            await trio.sleep(0.05)  # its request is under way, its bytes not here yet
-            n.start_soon(demand)
+            # the background's request is under way, its bytes not here yet
+            await background_then_demand(n, fetcher, chunks, order)
             got = await fetcher.get(chunks[3:4], speculative=True)  # within the hang bound
             assert got[chunks[3].digest] == PIECES[3]
             order.append("readahead")
