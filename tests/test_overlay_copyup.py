@@ -23,6 +23,7 @@ import random
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,10 @@ from lazyfs.serve import make_server
 pytestmark = pytest.mark.mount
 
 DIRS = 120
+SUBDIRS = 4
+#: seconds between two copy-ups: spreads the 600 of them over several of the prefetch's
+#: batches, so that chunks are written while directories are copied up
+PACE = 0.01
 CHUNK = 64 << 10
 #: seconds the copy-ups may take before the test calls it a deadlock (they take well
 #: under a second each when nothing is wrong, even on a loaded machine)
@@ -41,8 +46,9 @@ WATCHDOG = 120
 
 @pytest.fixture
 def slow_many_dirs(tmp_path):
-    """An image of many directories, each with an incompressible file, served slowly so
-    that the prefetch is still writing chunks while the test copies directories up."""
+    """An image of many directories, each with an incompressible file (22.5 MiB in all),
+    served over a 2 MiB/s link so that the prefetch is still writing chunks, for about ten
+    seconds, while the test copies directories up."""
     rootfs = tmp_path / "rootfs"
     rng = random.Random(5)
     for i in range(DIRS):
@@ -50,9 +56,11 @@ def slow_many_dirs(tmp_path):
         d.mkdir(parents=True)
         (d / "data.bin").write_bytes(rng.randbytes(3 * CHUNK))
         (d / "small").write_bytes(rng.randbytes(2048))  # small ranges: cached on the loop thread
+        for j in range(SUBDIRS):
+            (d / f"e{j}").mkdir()
     convert(f"dir:{rootfs}", f"oci:{tmp_path / 'images' / 'dirs'}:1", chunk_size=CHUNK)
     shutil.rmtree(rootfs)
-    server = make_server(tmp_path / "images", "127.0.0.1", 0, delay=0.05)
+    server = make_server(tmp_path / "images", "127.0.0.1", 0, delay=0.05, rate=2 << 20)
     server.start()
     yield f"127.0.0.1:{server.port}/dirs:1"
     server.close()
@@ -75,13 +83,24 @@ def test_copy_up_while_prefetching_does_not_deadlock(slow_many_dirs, mounts, tmp
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                     f"lowerdir={mnt},upperdir={upper},workdir={work}", str(merged)], check=True)
     minor_before = os.minor(os.stat(mnt).st_dev)
+    # The copy-ups start once the prefetch is writing chunks: started at once, they could
+    # all be over before its first batch lands (a fast machine did that).
+    deadline = time.monotonic() + 60
+    while (before := mounts.status(mnt)["prefetch"])["cached_chunks"] == 0:
+        assert time.monotonic() < deadline, f"the prefetch wrote nothing in 60 s: {before}"
+        time.sleep(0.05)
+    assert not before["complete"], "the prefetch finished before the copy-ups began: slow the link"
     done = threading.Event()
     errors: list[BaseException] = []
 
+    targets = [Path(f"d{i:03d}", *sub)
+               for i in range(DIRS) for sub in [(), *[(f"e{j}",) for j in range(SUBDIRS)]]]
+
     def container() -> None:
         try:
-            for i in range(DIRS):  # each create copies one directory of the image up
-                (merged / f"d{i:03d}" / "new.txt").write_text(str(i))
+            for n, target in enumerate(targets):  # each create copies one directory of the image up
+                (merged / target / "new.txt").write_text(str(n))
+                time.sleep(PACE)
         except BaseException as exc:  # reported below
             errors.append(exc)
         finally:
@@ -95,10 +114,11 @@ def test_copy_up_while_prefetching_does_not_deadlock(slow_many_dirs, mounts, tmp
             pytest.fail(f"copy-ups stuck for {WATCHDOG}s while the prefetch ran: deadlock "
                         f"(FUSE connection {minor_before} aborted to free the kernel)")
         assert not errors, errors
-        status = mounts.status(mnt)
-        assert status["prefetch"]["cached_chunks"] > 0, "the prefetch wrote nothing meanwhile"
+        after = mounts.status(mnt)["prefetch"]
+        assert after["cached_chunks"] > before["cached_chunks"], "the prefetch wrote nothing meanwhile"
+        for n, target in enumerate(targets):
+            assert (merged / target / "new.txt").read_text() == str(n)
         for i in range(DIRS):
-            assert (merged / f"d{i:03d}" / "new.txt").read_text() == str(i)
             assert len((merged / f"d{i:03d}" / "data.bin").read_bytes()) == 3 * CHUNK
     finally:
         subprocess.run(["umount", "-l", str(merged)], capture_output=True)
