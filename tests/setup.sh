@@ -32,3 +32,8 @@ fi
 
 # containerd's gRPC stubs, generated from its .proto files (a no-op when up to date)
 python3 -m lazyfs.snapshotter.protos >/dev/null
+
+# Byte-compile the package: an editable install leaves that to each interpreter, and where
+# PYTHONDONTWRITEBYTECODE is set every `lazyfs mount` would compile some fifty modules again
+# (about a tenth of a second of each mount's start). Up-to-date files are skipped.
+python3 -m compileall -q lazyfs blockindex fetcher cache >/dev/null
