@@ -254,6 +254,40 @@ def test_sigterm_unmounts_cleanly(served, mounts):
     mounts.points.remove(mnt)
 
 
+def test_the_mount_process_is_detached_from_its_caller(served, mounts, tmp_path):
+    """`lazyfs mount` forks its mount process: that process must keep none of the caller's
+    descriptors (a pipe held open would hang a shell's `$(...)` or a supervisor reading the
+    command's output), read nothing from its terminal, and lead a session of its own."""
+    import select
+    import sys
+
+    _image, _root, server = served
+    mnt = tmp_path / "detached"
+    mnt.mkdir()
+    r, w = os.pipe()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "lazyfs", "mount", ref(server), str(mnt), "--no-prefetch",
+             "--cache", str(tmp_path / "cache"), "--log-file", str(tmp_path / "detached.log")],
+            capture_output=True, text=True, timeout=60, pass_fds=(w,),
+            cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr
+        mounts.points.append(mnt)
+        os.close(w)
+        w = -1
+        readable, _, _ = select.select([r], [], [], 10)
+        assert readable and os.read(r, 1) == b"", "the mount process kept the caller's pipe open"
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    pid = mounts.status(mnt)["pid"]
+    assert os.getsid(pid) == pid
+    assert os.readlink(f"/proc/{pid}/fd/0") == os.devnull
+    assert os.path.samefile(f"/proc/{pid}/fd/2", tmp_path / "detached.log")
+    assert sorted(os.listdir(mnt)) != []
+
+
 def test_an_image_with_the_media_types_of_earlier_versions_still_mounts(served, mounts):
     """Images converted before the layer media types moved into the OCI layer family
     (``application/vnd.lazyfs.*``) keep mounting and describing."""
