@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -55,9 +55,11 @@ from .errors import ExitCode, MountError, NotLazyImageError, UserError
 from .failures import tag_warnings
 from .fs import LazyOperations
 from .learned import LearnedPrefetch
-from .metrics import Metrics, mount_samples
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
 from .readlog import ReadLog, file_state
+
+if TYPE_CHECKING:  # imported when asked for: prometheus_client is a fiftieth of every mount's start
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +380,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                                    nursery=nursery, readlog=readlog)
             metrics = None
             if opts.metrics is not None:
+                from .metrics import Metrics, mount_samples
+
                 metrics = Metrics()
                 content.observe_read = metrics.observe_read
                 if fetcher is not None:
