@@ -62,9 +62,10 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
 #: the suite (bench/run): scenario -> figures it must report (dotted paths into suite.json)
 SUITE_FIGURES = {
     "readiness": [f"modes.{mode}.{key}" for mode in ("full_pull", "lazy_cold", "lazy_cold_prefetch",
-                                                      "lazy_warm", "local_disk")
+                                                      "lazy_warm", "lazy_warm_mounted", "local_disk")
                   for key in ("sh_s", "python_s")]
-    + ["ratios.cold_vs_full_pull", "ratios.warm_vs_local_disk"],
+    + ["ratios.cold_vs_full_pull", "ratios.warm_vs_local_disk", "ratios.warm_mounted_vs_local_disk",
+       "ratios.mount_s"],
     "bytes": ["lazy_cold_origin_bytes", "link_bytes.full_pull", "link_bytes.lazy_cold",
               "image_stored_bytes", "gzip_layers_bytes", "image_file_bytes",
               "ratios.cold_origin_vs_stored"],
