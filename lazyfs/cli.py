@@ -581,16 +581,21 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as containerd's own snapshotters
     except OSError as exc:
         raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
-    service = SnapshotService(root, LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch,
-                                                   cache_size=args.cache_size, peers=peers))
+    fs = LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch,
+                        cache_size=args.cache_size, peers=peers, spare=not args.no_spare)
+    service = SnapshotService(root, fs)
     service.restore()
+    fs.start_spare()
     if args.metrics is not None:
         from .metrics import Metrics, snapshotter_samples
 
         metrics = Metrics()
         metrics.add_source(snapshotter_samples(service))
         metrics.serve(*args.metrics)
-    serve(service, Path(args.address).absolute())
+    try:
+        serve(service, Path(args.address).absolute())
+    finally:
+        fs.close()
     return 0
 
 
@@ -737,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
                    help="network deadline of the image mounts (default 30)")
     p.add_argument("--no-prefetch", action="store_true", help="image mounts fetch only what is read")
+    p.add_argument("--no-spare", action="store_true",
+                   help="start each image's mount process when it is needed, rather than keeping one "
+                        "started ahead (Python and lazyfs loaded: about 40 MB, saves ~0.3 s a mount)")
     p.add_argument("--peers-file", help="image mounts ask these peers for chunks and traces "
                                         "(one http://HOST:PORT a line; re-read on change)")
     p.add_argument("--token-file", help="the cluster token the image mounts present to peers")

@@ -5,29 +5,33 @@ The snapshot service depends on the three-method ``FileSystem`` interface (starg
 one: one ``lazyfs mount`` process per image, at ``ROOT/mounts/<hash of the ref>``, with
 the node's shared cache at ``ROOT/cache``. Mount processes run in their own session, so
 they outlive a snapshotter that dies; a restarted snapshotter finds them by mountpoint.
+With ``spare``, one mount process waits ready, Python started and lazyfs imported
+(``lazyfs.spare``), for the next image to mount.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import select
 import subprocess
 import sys
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from .. import mountinfo
 from ..errors import ExitCode, MountError, NotLazyImageError, UserError
-from ..process import wait_gone
+from ..process import read_ready, wait_gone
 from .usage import CacheUsage
 
 log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
+#: how mount processes start: from this tree, whatever the snapshotter's working directory
+_ENV = {"cwd": PACKAGE_ROOT, "env": {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}}
 
 
 class FileSystem(Protocol):
@@ -77,7 +81,8 @@ class LazyFileSystem:
     """Images mounted by ``lazyfs mount`` processes under ``root``."""
 
     def __init__(self, root: Path, *, timeout: float = 30.0, prefetch: bool = True,
-                 cache_size: int | None = None, peers: PeerOptions | None = None) -> None:
+                 cache_size: int | None = None, peers: PeerOptions | None = None,
+                 spare: bool = False) -> None:
         self.root = root
         self.cache = root / "cache"
         self.timeout = timeout
@@ -88,9 +93,13 @@ class LazyFileSystem:
         """Passed to every image mount, remounts after a restart included (None: no peers)."""
         self._usage = CacheUsage(self.cache)
         self.ready_timeout = 300.0
-        self._children: dict[int, subprocess.Popen] = {}  # mount processes started here, to reap
         """How long a mount process may take to say it is mounted (it has its own
         network deadlines; this is the backstop against a hung one)."""
+        self._children: dict[int, subprocess.Popen] = {}  # mount processes started here, to reap
+        self.keep_spare = spare
+        """Keep one mount process started ahead of need (see ``start_spare``)."""
+        self._spare: tuple[subprocess.Popen, int] | None = None  # the process, its ready pipe
+        self._spare_lock = threading.Lock()
 
     def mountpoint(self, ref: str) -> Path:
         return self.root / "mounts" / hashlib.sha256(ref.encode()).hexdigest()[:24]
@@ -108,26 +117,15 @@ class LazyFileSystem:
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_file = logs / f"{mnt.name}.log"
-        # The mount process itself, started here rather than through ``lazyfs mount``'s
-        # launcher (one Python start less on every lazy pull): its own session, so it
-        # outlives the snapshotter, and it says "ok" or "error CODE MESSAGE" on the pipe.
-        r, w = os.pipe()
-        argv = [sys.executable, "-m", "lazyfs", "mount", ref, str(mnt), "--foreground", "--ready-fd", str(w),
-                "--cache", str(self.cache), "--allow-other", "--timeout", str(self.timeout),
-                "--log-file", str(log_file), *([] if self.prefetch else ["--no-prefetch"]),
+        args = [ref, str(mnt), "--cache", str(self.cache), "--allow-other", "--timeout", str(self.timeout),
+                *([] if self.prefetch else ["--no-prefetch"]),
                 *([] if self.cache_size is None else ["--cache-size", str(self.cache_size)]),
                 *([] if self.peers is None else self.peers.argv())]
+        child, r = self._hand_to_spare(args, log_file) or self._start(args, log_file)
         try:
-            with open(log_file, "ab") as logf:
-                child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                         pass_fds=(w,), start_new_session=True, cwd=PACKAGE_ROOT,
-                                         env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)})
-        except OSError:
-            os.close(r)
-            raise
+            answer = read_ready(r, self.ready_timeout)
         finally:
-            os.close(w)
-        answer = _read_answer(r, self.ready_timeout)
+            self.start_spare()
         if answer == "ok":
             self._children[child.pid] = child
             log.info("mounted %s at %s (pid %d)", ref, mnt, child.pid)
@@ -145,6 +143,93 @@ class LazyFileSystem:
             raise MountError(f"cannot mount {ref}: not ready in {self.ready_timeout:g}s; see {log_file}")
         raise UserError(f"cannot mount {ref}: its process exited with status {child.returncode}; "
                         f"see {log_file}")
+
+    def _start(self, args: list[str], log_file: Path) -> tuple[subprocess.Popen, int]:
+        """Start a mount process for ``lazyfs mount ARGS``: its own session, so that it
+        outlives the snapshotter; it says "ok" or "error CODE MESSAGE" on the pipe whose
+        read end is returned. Started here rather than through ``lazyfs mount``'s launcher:
+        one Python start less on every lazy pull."""
+        r, w = os.pipe()
+        argv = [sys.executable, "-m", "lazyfs", "mount", *args, "--foreground", "--ready-fd", str(w),
+                "--log-file", str(log_file)]
+        try:
+            with open(log_file, "ab") as logf:
+                child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                         pass_fds=(w,), start_new_session=True, **_ENV)
+        except OSError:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        return child, r
+
+    def start_spare(self) -> None:
+        """Start a spare mount process (``lazyfs.spare``) unless one is waiting already or
+        spares are off. Its output goes to ``ROOT/logs/spare.log`` until it is given an
+        image; it exits when the snapshotter closes its input, or dies."""
+        if not self.keep_spare:
+            return
+        with self._spare_lock:
+            if self._spare is not None and self._spare[0].poll() is None:
+                return
+            self._drop_spare()
+            logs = self.root / "logs"
+            r, w = os.pipe()
+            try:
+                logs.mkdir(parents=True, exist_ok=True)
+                with open(logs / "spare.log", "ab") as logf:
+                    proc = subprocess.Popen([sys.executable, "-m", "lazyfs.spare", str(w)],
+                                            stdin=subprocess.PIPE, stdout=logf, stderr=logf,
+                                            pass_fds=(w,), start_new_session=True, **_ENV)
+            except OSError as exc:  # no spare: the next mount starts cold
+                os.close(r)
+                log.warning("cannot start a spare mount process: %s", exc)
+                return
+            finally:
+                os.close(w)
+            self._spare = (proc, r)
+
+    def _hand_to_spare(self, args: list[str], log_file: Path) -> tuple[subprocess.Popen, int] | None:
+        """Give the spare mount process its image; None when there is no live spare."""
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        proc, r = spare
+        request = json.dumps({"argv": args, "log_file": str(log_file)}).encode() + b"\n"
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(request)
+            proc.stdin.close()
+        except OSError:  # it died waiting: start one the ordinary way
+            os.close(r)
+            proc.kill()
+            proc.wait(timeout=10)
+            return None
+        return proc, r
+
+    def _drop_spare(self) -> None:
+        if self._spare is None:
+            return
+        proc, r = self._spare
+        self._spare = None
+        os.close(r)
+        if proc.stdin is not None:
+            try:
+                proc.stdin.close()  # end of input: the spare exits without mounting
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def close(self) -> None:
+        """Stop the spare mount process (image mounts keep running)."""
+        with self._spare_lock:
+            self.keep_spare = False
+            self._drop_spare()
 
     def usage(self, ref: str, layer: str) -> tuple[int, int]:
         return self._usage.layer(ref.rpartition("@")[2], layer)
@@ -189,21 +274,3 @@ class LazyFileSystem:
         if mountinfo.find(mountpoint) is not None:
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
-
-
-
-
-def _read_answer(fd: int, timeout: float) -> str:
-    """The first line a mount process writes on its ready pipe ("" if it closes the pipe
-    or says nothing in ``timeout`` seconds)."""
-    message = b""
-    deadline = time.monotonic() + timeout
-    with os.fdopen(fd, "rb") as pipe:
-        while b"\n" not in message and (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([pipe], [], [], min(left, 1.0))
-            if ready:
-                part = os.read(pipe.fileno(), 4096)
-                if not part:
-                    break
-                message += part
-    return message.decode(errors="replace").split("\n", 1)[0].strip()

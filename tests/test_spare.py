@@ -1,0 +1,94 @@
+"""The snapshotter's spare mount process (``lazyfs.spare``): started ahead of need, it
+becomes the next image's mount; a new spare follows; a dead spare costs only its speed;
+ending its input ends it without a mount."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lazyfs.errors import ExitCode, UserError
+from lazyfs.process import alive, read_ready, wait_gone
+from lazyfs.snapshotter.filesystem import LazyFileSystem
+
+from .conftest import ROOT
+from .imagegen import compare_tree
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def fs(tmp_path):
+    fs = LazyFileSystem(tmp_path / "root", timeout=10, prefetch=False, spare=True)
+    yield fs
+    fs.close()
+    for mnt in (tmp_path / "root" / "mounts").glob("*"):
+        fs.unmount(mnt)
+
+
+def _spare_pid(fs: LazyFileSystem) -> int:
+    assert fs._spare is not None, "no spare mount process"
+    return fs._spare[0].pid
+
+
+def _nice(pid: int) -> int:
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16])
+
+
+def test_the_spare_becomes_the_mount_and_another_follows(served, fs):
+    image, _root, server = served
+    fs.start_spare()
+    first = _spare_pid(fs)
+    deadline = time.monotonic() + 30
+    while _nice(first) == 0 and time.monotonic() < deadline:  # it lowers its priority first thing
+        time.sleep(0.01)
+    assert _nice(first) == 10, "a waiting spare should not compete with containers for the CPU"
+    mnt = fs.mount(f"127.0.0.1:{server.port}/rich:1", {})
+    assert fs.status(mnt)["pid"] == first
+    assert _nice(first) == 0, "given an image, the spare runs at the priority it was started with"
+    assert compare_tree(mnt, image.expected) == []
+    log = (fs.root / "logs" / f"{mnt.name}.log").read_text()
+    assert "mounted 127.0.0.1" in log  # the image's own log, not the spare's
+    second = _spare_pid(fs)
+    assert second != first and alive(second)
+    fs.close()
+    assert wait_gone(second, 10), "the spare did not end when its input closed"
+    assert alive(first), "closing the spare took the image's mount with it"
+
+
+def test_a_dead_spare_means_a_cold_start_not_a_failure(served, fs):
+    image, _root, server = served
+    fs.start_spare()
+    dead = _spare_pid(fs)
+    fs._spare[0].kill()
+    fs._spare[0].wait(10)
+    mnt = fs.mount(f"127.0.0.1:{server.port}/rich:1", {})
+    assert fs.status(mnt)["pid"] != dead
+    assert compare_tree(mnt, image.expected) == []
+
+
+def test_errors_come_back_through_the_spare(served, fs, tmp_path):
+    _image, _root, server = served
+    fs.start_spare()
+    taken = _spare_pid(fs)
+    with pytest.raises(UserError) as err:
+        fs.mount(f"127.0.0.1:{server.port}/missing:1", {})
+    assert str(err.value).endswith("/missing: no manifest 1"), err.value
+    assert err.value.exit_code == ExitCode.NETWORK
+    assert not alive(taken) and _spare_pid(fs) != taken
+
+
+def test_a_spare_without_a_request_exits_quietly_and_a_bad_one_is_one_line(tmp_path):
+    for stdin, want_code, want_answer in ((b"", 0, ""), (b"{not json\n", 2, "error 2 ")):
+        r, w = os.pipe()
+        proc = subprocess.Popen([sys.executable, "-m", "lazyfs.spare", str(w)], stdin=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=(w,), cwd=ROOT)
+        os.close(w)
+        _, err = proc.communicate(stdin, timeout=60)
+        assert proc.returncode == want_code, err
+        assert read_ready(r, 10).startswith(want_answer) if want_answer else read_ready(r, 10) == ""
+        assert err == b""
