@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ExitCode, MountError, UserError, exit_code_for
-from .process import wait_gone
+from .process import read_ready, wait_gone
 
 log = logging.getLogger("lazyfs")
 
@@ -428,17 +427,7 @@ def _mount_background(args: argparse.Namespace) -> int:
         _mount_child(args, logf, r, w)
     os.close(w)
     logf.close()
-    message = b""
-    deadline = time.monotonic() + MOUNT_READY_TIMEOUT
-    with os.fdopen(r, "rb") as pipe:
-        while b"\n" not in message and time.monotonic() < deadline:
-            ready, _, _ = select.select([pipe], [], [], 1.0)
-            if ready:
-                part = os.read(pipe.fileno(), 4096)
-                if not part:
-                    break
-                message += part
-    text = message.decode(errors="replace").strip()
+    text = read_ready(r, MOUNT_READY_TIMEOUT)
     if text == "ok":
         print(f"mounted {args.ref} at {mountpoint} (pid {pid}, log {log_file})", flush=True)
         # Done: tearing down an interpreter with trio and httpx loaded would add about a
