@@ -16,27 +16,31 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 
-#: the spare starts at this much lower priority, so that it does not take the CPU from the
-#: container whose mount has just made room for it; it is restored once given an image
+#: the imports run at this much lower priority, so that a spare does not take the CPU from
+#: the container whose mount has just made room for it
 SPARE_NICE = 10
+
+
+def _import_for_mount() -> None:
+    """Import what a mount runs on, in a thread of its own at lower priority (nice is per
+    thread on Linux: the mount itself, on the main thread, keeps its priority)."""
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + SPARE_NICE, 19))
+    import trio  # noqa: F401 - the point of a spare: imported before the request comes
+
+    from . import mount  # noqa: F401
 
 
 def main(argv: list[str]) -> int:
     ready_fd = int(argv[0])
-    priority = os.getpriority(os.PRIO_PROCESS, 0)
-    os.setpriority(os.PRIO_PROCESS, 0, min(priority + SPARE_NICE, 19))
-    import trio  # noqa: F401 - the point of a spare: imported before the request comes
-
-    from . import cli, mount  # noqa: F401
-
+    imports = threading.Thread(target=_import_for_mount, name="spare-imports")
+    imports.start()
     line = sys.stdin.buffer.readline()
+    imports.join()
     if not line.strip():
         return 0
-    try:  # one thread so far: the mount's threads inherit this (root may raise priority)
-        os.setpriority(os.PRIO_PROCESS, 0, priority)
-    except PermissionError:
-        pass
     try:
         request = json.loads(line)
         args = [str(a) for a in request["argv"]]
@@ -54,6 +58,8 @@ def main(argv: list[str]) -> int:
         os.dup2(source, target)
     os.close(null)
     os.close(fd)
+    from . import cli
+
     return cli.main(["mount", *args, "--foreground", "--ready-fd", str(ready_fd), "--log-file", log_file])
 
 
