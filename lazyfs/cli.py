@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ExitCode, MountError, UserError, exit_code_for
-from .process import read_ready, wait_gone
+from .process import hide_in_cmdline, read_ready, wait_gone
 
 log = logging.getLogger("lazyfs")
 
@@ -776,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
+    if getattr(args, "creds", None) and not hide_in_cmdline(args.creds):
+        log.warning("--creds stays visible in this process's command line; $%s or --creds-file "
+                    "keep credentials out of it", CREDS_ENV)
     return _run(args)
 
 

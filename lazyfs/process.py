@@ -49,3 +49,28 @@ def read_ready(fd: int, timeout: float) -> str:
                     break
                 message += part
     return message.decode(errors="replace").split("\n", 1)[0].strip()
+
+
+def hide_in_cmdline(secret: str) -> bool:
+    """Overwrite every copy of ``secret`` in this process's command line (what ``ps`` and
+    ``/proc/PID/cmdline`` show) with ``*``, as database clients do with a password given
+    as an argument; True if the command line no longer holds it. The memory is the
+    argument area the kernel names in ``/proc/self/stat`` (arg_start, arg_end), written
+    through ``/proc/self/mem``. A process forked afterwards inherits the clean copy."""
+    needle = secret.encode()
+    if not needle:
+        return True
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # fields 48 and 49 of proc(5)
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            area = mem.read(end - start)
+            if needle in area:
+                mem.seek(start)
+                mem.write(area.replace(needle, b"*" * len(needle)))
+        with open("/proc/self/cmdline", "rb") as f:
+            return needle not in f.read()
+    except (OSError, ValueError, IndexError):
+        return False

@@ -113,3 +113,20 @@ def test_the_config_files_timeout_is_used_and_checked(tmp_path):
         ref = f"127.0.0.1:{silent.getsockname()[1]}/app:1"
         done = lazyfs("images", ref, "--config", str(config), check=False, timeout=25)
     one_line_error(done, 4)
+
+
+def test_credentials_are_overwritten_in_the_command_line():
+    """`--creds` on the command line is in ps's view only until lazyfs starts: it overwrites
+    the argument memory, which a background mount then inherits (see test_registry_access)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    code = ("import sys; from lazyfs.process import hide_in_cmdline; "
+            "ok = hide_in_cmdline('Pa55' + 'word'); "
+            "print(ok, open('/proc/self/cmdline', 'rb').read().split(b'\\0')[-4:-1], sys.argv[-1])")
+    done = subprocess.run([sys.executable, "-c", code, "--creds", "bob:Pa55word", "bob:Pa55word"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True [b'--creds', b'bob:********', b'bob:********'] bob:Pa55word"
