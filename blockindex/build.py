@@ -28,7 +28,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import blake3
 import lz4.block
@@ -90,7 +90,7 @@ class ChunkSpool:
             self._end += len(packed)
         return digest
 
-    def add_stream(self, f: BinaryIO, size: int) -> tuple[tuple[int, ChunkDigest], ...]:
+    def add_stream(self, f: IO[bytes], size: int) -> tuple[tuple[int, ChunkDigest], ...]:
         """Chunk ``size`` bytes read from ``f``: (chunk number, digest) of the chunks that
         are not zeros; EOFError if ``f`` ends early."""
         out: list[tuple[int, ChunkDigest]] = []
@@ -107,7 +107,7 @@ class ChunkSpool:
         self._file.flush()
 
 
-def read_exactly(f: BinaryIO, n: int) -> bytes:
+def read_exactly(f: IO[bytes], n: int) -> bytes:
     data = f.read(n)
     if len(data) == n:
         return data

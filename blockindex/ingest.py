@@ -56,7 +56,7 @@ def apply_tar(tree: Tree, spool: ChunkSpool, f: BinaryIO, name: str, layer: int)
                 _apply_member(tree, spool, tf, ti)
                 # tarfile keeps every member it has read (about 0.5 KiB each), even in
                 # stream mode where nothing can go back to them: drop them as we go.
-                tf.members.clear()
+                tf.members.clear()  # type: ignore[attr-defined]  # typeshed lacks TarFile.members
     except ImageError as exc:
         raise type(exc)(f"{name}: {exc}") from exc
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
@@ -104,7 +104,10 @@ def _apply_member(tree: Tree, spool: ChunkSpool, tf: tarfile.TarFile, ti: tarfil
         data = tf.extractfile(ti)
         assert data is not None
         if ti.sparse is not None:
-            node.chunks = _add_sparse(spool, data.raw, ti.size, ti.sparse)  # type: ignore[attr-defined]
+            # typeshed has extractfile() return IO[bytes] (it is an ExFileObject, a
+            # BufferedReader over the raw reader) and TarInfo.sparse as bytes (it is the
+            # list of (offset, size) data segments)
+            node.chunks = _add_sparse(spool, data.raw, ti.size, ti.sparse)  # type: ignore[attr-defined,arg-type]
         else:
             node.chunks = spool.add_stream(data, ti.size)
     tree.add(parts, node)
@@ -170,9 +173,9 @@ def _xattrs(ti: tarfile.TarInfo) -> Mapping[bytes, bytes]:
             except (binascii.Error, ValueError):
                 raise ImageError(f"entry {ti.name!r}: malformed xattr {key!r}") from None
             out[unquote_to_bytes(key.removeprefix("LIBARCHIVE.xattr."))] = decoded
-    for name, value in out.items():
-        if not name or b"\0" in name or len(name) > MAX_XATTR_NAME or len(value) > MAX_XATTR_VALUE:
-            raise UnsafeImageError(f"entry {ti.name!r}: an impossible xattr {name[:64]!r}")
+    for xname, xvalue in out.items():
+        if not xname or b"\0" in xname or len(xname) > MAX_XATTR_NAME or len(xvalue) > MAX_XATTR_VALUE:
+            raise UnsafeImageError(f"entry {ti.name!r}: an impossible xattr {xname[:64]!r}")
     return out or NO_XATTRS
 
 

@@ -94,10 +94,10 @@ def open_source(ref: str, *, registry: Any = None, platform: str | None = None) 
     if scheme == "docker":
         return _registry_source(rest, registry, platform)
     if scheme == "dir":
-        path = Path(rest)
-        if not path.is_dir():
+        directory = Path(rest)
+        if not directory.is_dir():
             raise ImageError(f"{rest}: no such directory")
-        return Source(ROOTFS_CONFIG, directory=path)
+        return Source(ROOTFS_CONFIG, directory=directory)
     if scheme == "tar":
         if not os.path.isfile(rest):
             raise ImageError(f"{rest}: no such file")
@@ -368,11 +368,11 @@ class _Archive:
             member = self._members.get(norm)
             if member is None:
                 raise ImageError(f"{self.path}: {name!r} is missing from the archive")
-            f = self._tar.extractfile(member)
-            if f is None:
+            extracted = self._tar.extractfile(member)
+            if extracted is None:
                 raise ImageError(f"{self.path}: {name!r} is not a file")
-            with f:
-                yield f  # type: ignore[misc]
+            with extracted:
+                yield extracted  # type: ignore[misc]
         except (tarfile.TarError, KeyError, EOFError, OSError) as exc:
             raise ImageError(f"{self.path}: cannot read {name!r} ({exc})") from exc
 

@@ -28,7 +28,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from pathlib import Path
 
 import trio
@@ -85,7 +85,7 @@ def pinned_digests(images: ImageStore) -> set[bytes] | None:
     return out
 
 
-def evict(store: ChunkStore, images: ImageStore, target: int, *, only: set[bytes] | None = None,
+def evict(store: ChunkStore, images: ImageStore, target: int, *, only: Set[bytes] | None = None,
           wait: bool = True) -> EvictionResult:
     """Delete unpinned entries, least recently used first, until the cache holds at most
     ``target`` bytes (``only``: consider just these digests). Blocking: run it in a
@@ -124,7 +124,7 @@ def evict(store: ChunkStore, images: ImageStore, target: int, *, only: set[bytes
 
 def unmark_complete(images: ImageStore, gone: set[bytes]) -> list[str]:
     """Drop the ``complete`` marker of each image that lost one of the ``gone`` chunks."""
-    out = []
+    out: list[str] = []
     try:
         hexes = [n for n in os.listdir(images.root / "complete") if not n.startswith(".")]
     except OSError:

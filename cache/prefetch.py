@@ -196,6 +196,7 @@ class Prefetcher:
                 p.state = "running"
         p.state = "complete"
         p.finished = time.monotonic()
+        assert p.started is not None  # run(), _run's only caller, set it
         try:
             self._images.mark_complete(self._manifest)
         except CacheError as exc:  # the image is complete; only an offline remount is lost

@@ -151,6 +151,10 @@ class _Underway:
         self.start = start
 
 
+_Verified = tuple[bytes | memoryview, bytes]
+"""A chunk fetched and checked: its plain bytes, and its payload as stored in the blob."""
+
+
 class _Pending:
     __slots__ = ("event", "data", "payload", "error", "caching", "queued", "range")
 
@@ -303,18 +307,18 @@ class ChunkFetcher:
                 # to end (a deadlock across nodes).
                 p.queued = False
                 new.append(c)
-            elif not background and p.range is not None:
+            elif not background and (under := p.range) is not None:
                 # A background range has it under way, and checks and writes its chunks
                 # at a low priority: a reader does not wait for that.
-                if p.range.data is not None:  # its bytes are here: check this chunk now
-                    under, p = p.range, _Pending()
+                if under.data is not None:  # its bytes are here: check this chunk now
+                    p = _Pending()
                     taken.append((c, p, under))
                 elif speculative or self.peers is not None or not use_peers:
                     # readahead, or a node in a cluster (its reads, or a peer's for a chunk
                     # it owns): join the range, which stops giving way. Fetching the chunk
                     # alone would make the origin send it twice, and a cluster's point is
                     # that the origin sends each chunk about once.
-                    p.range.wanted = True
+                    under.wanted = True
                 else:  # still on the network, up to background_max_request bytes of it:
                     # fetch this one chunk alone (its bytes come twice)
                     p = own[c.digest] = _Pending()
@@ -424,7 +428,7 @@ class ChunkFetcher:
                     data = await self._request(rng, self.config.deadline)
                 finally:
                     self._demand_done()
-            pendings = [queued[c.digest] for c in rng.chunks]
+            in_order = [queued[c.digest] for c in rng.chunks]
             # Verify (and, for the prefetcher, cache) the whole range in one worker thread
             # call: hashing and disk writes stay off the trio loop, and a range of many
             # chunks pays for one thread hop, not two per chunk.
@@ -448,7 +452,7 @@ class ChunkFetcher:
             # source (the registry last), once: the mirror is skipped from now on
             again = any(isinstance(r, ChunkDecodeError) for r in results) and self._blame(rng)
             retry: list[Chunk] = []
-            for c, p, result in zip(rng.chunks, pendings, results, strict=True):
+            for c, p, result in zip(rng.chunks, in_order, results, strict=True):
                 if isinstance(result, ChunkDecodeError):
                     self.stats.integrity_failures += 1
                     log.error(
@@ -485,11 +489,11 @@ class ChunkFetcher:
                 queued[c.digest].error = FetchError(f"unexpected error fetching blob {rng.blob}: {exc!r}")
         finally:
             for c in fetching.chunks if fetching else ():  # the chunks this task fetched
-                p = queued[c.digest]
-                if p.data is None and p.error is None:
-                    p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
-                p.event.set()
-                if not p.caching and self._inflight.get(c.digest) is p:
+                done = queued[c.digest]
+                if done.data is None and done.error is None:
+                    done.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
+                done.event.set()
+                if not done.caching and self._inflight.get(c.digest) is done:
                     del self._inflight[c.digest]
 
     async def _keep(self, c: Chunk, p: _Pending, background: bool) -> None:
@@ -529,7 +533,7 @@ class ChunkFetcher:
             if self._inflight.get(c.digest) is p:
                 del self._inflight[c.digest]
 
-    async def _verify(self, c: Chunk, payload: bytes | bytearray | memoryview) -> bytes:
+    async def _verify(self, c: Chunk, payload: bytes | memoryview) -> bytes | memoryview:
         if c.size > self.config.thread_above:
             return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
         return decode_verified(c, payload)
@@ -545,12 +549,12 @@ class ChunkFetcher:
         p = self._inflight[c.digest]
         mine = not background  # a queued background fetch may be taken over (see _wait)
 
-        def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[tuple[bytes, bytes]]]:
-            async def attempt() -> tuple[bytes, bytes]:
+        def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[_Verified]]:
+            async def attempt() -> _Verified:
                 return await self._ask_peer(c, peer, cache_only)
             return attempt
 
-        async def from_origin() -> tuple[bytes, bytes]:
+        async def from_origin() -> _Verified:
             self.stats.origin_after_peers += 1
             rng = Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,))
             if background:
@@ -558,8 +562,9 @@ class ChunkFetcher:
                     data = await self._request(rng, self.config.background_deadline)
             else:
                 data = await self._request(rng, self.config.deadline)
+            payload = bytes(data)  # what is kept; a raw chunk's plain bytes are the same object
             try:
-                plain = await self._verify(c, data)
+                plain = await self._verify(c, payload)
             except ChunkDecodeError as exc:
                 self.stats.integrity_failures += 1
                 log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
@@ -567,7 +572,7 @@ class ChunkFetcher:
                 raise IntegrityError(
                     f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification").about(
                     chunk=c.hexdigest, blob=c.blob.digest, source=self.source_name) from exc
-            return plain, bytes(data)
+            return plain, payload
 
         attempts = [from_peer(peer, cache_only) for peer, cache_only in asks] + [from_origin]
 
@@ -618,7 +623,7 @@ class ChunkFetcher:
                 if not p.caching and self._inflight.get(c.digest) is p:
                     del self._inflight[c.digest]
 
-    async def _ask_peer(self, c: Chunk, peer: str, cache_only: bool) -> tuple[bytes, bytes]:
+    async def _ask_peer(self, c: Chunk, peer: str, cache_only: bool) -> _Verified:
         """The verified chunk from one peer. A peer that is down is put on backoff; one
         that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
         assert self.peers is not None
@@ -626,7 +631,7 @@ class ChunkFetcher:
         started = time.monotonic()
         try:
             with trio.move_on_after(tier.peers.config.request_deadline) as scope:
-                payload = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
+                received = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
             if scope.cancelled_caught:
                 self.stats.timeouts += 1
                 raise DeadlineError(f"peer {peer} sent no answer within "
@@ -643,6 +648,7 @@ class ChunkFetcher:
             log.log(logging.DEBUG if cache_only else logging.INFO, "chunk %s from peer: %s",
                     c.hexdigest[:16], exc)
             raise
+        payload = bytes(received)  # what is kept; a raw chunk's plain bytes are the same object
         try:
             plain = await self._verify(c, payload)
         except ChunkDecodeError as exc:
@@ -654,7 +660,7 @@ class ChunkFetcher:
         if self.on_request is not None:
             self.on_request("peer", len(payload), time.monotonic() - started)
         self.stats.peer_chunks += 1
-        return plain, bytes(payload)
+        return plain, payload
 
     def _blame(self, rng: Range) -> bool:
         """Whether the range's bytes came from a mirror, now skipped (see ``mirrors.py``)."""
@@ -681,7 +687,7 @@ class ChunkFetcher:
             self.on_request(self.source_name, length, time.monotonic() - started)
         return data
 
-    async def _cache(self, chunk: Chunk, payload: bytes) -> None:
+    async def _cache(self, chunk: Chunk, payload: bytes | memoryview) -> None:
         assert self._store is not None
         await trio.to_thread.run_sync(self._store.put, chunk.digest, chunk.codec, chunk.size, payload)
 

@@ -42,7 +42,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, TypedDict, TypeVar
 from urllib.parse import urlencode, urlsplit
 
 import trio
@@ -152,6 +152,16 @@ class PeerHealth:
     bytes: int = 0
     chunks: int = 0
     errors: int = 0
+
+
+class PeerStats(TypedDict):
+    """What ``lazyfs status`` shows of one peer."""
+
+    bytes: int
+    chunks: int
+    errors: int
+    bad_chunks: int
+    avoided_for: float
 
 
 class PeerSet:
@@ -269,7 +279,7 @@ class PeerSet:
         log.error("peer %s sent wrong bytes for chunk %s (%s); avoiding it for %gs",
                   peer, chunk.hexdigest, reason, self.config.bad_peer_penalty)
 
-    def stats(self) -> dict[str, dict[str, object]]:
+    def stats(self) -> dict[str, PeerStats]:
         now = self._clock()
         return {p: {"bytes": h.bytes, "chunks": h.chunks, "errors": h.errors, "bad_chunks": h.bad_chunks,
                     "avoided_for": round(max(0.0, h.avoid_until - now), 1)}

@@ -116,19 +116,21 @@ async def _push_blob(client: RegistryClient, layout: Layout, digest: str, source
             raise ServerError(f"{client.ref}: starting an upload answered {response.status_code}")
         return 202, location
 
-    location = None
+    location: str | None = None  # of the upload session to send the blob to
     for i, source in enumerate(sources):
-        status, location = await client.request(
+        status, opened = await client.request(
             "POST", f"/blobs/uploads/?mount={digest}&from={source}", started)
         if status == 201:
             stats.mounted += 1
             log.debug("%s: mounted %s from %s", client.ref, digest, source)
             return
         if i + 1 < len(sources):  # not there: drop the upload session it opened, try the next
-            await _cancel(client, location)
-            location = None
+            await _cancel(client, opened)
+        else:
+            location = opened
     if location is None:
-        _status, location = await client.request("POST", "/blobs/uploads/", started)
+        _status, opened = await client.request("POST", "/blobs/uploads/", started)
+        location = opened
     data = await trio.Path(layout.blob_path(digest)).read_bytes()
     await _upload(client, location, digest, data)
     stats.uploaded += 1

@@ -29,7 +29,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import httpx
 import trio
@@ -508,8 +508,14 @@ def host_platform() -> str:
     return f"linux/{_ARCHES.get(machine, machine)}"
 
 
+class ManifestSource(Protocol):
+    """What resolving an image asks of a client (a RegistryClient, or a MirroredClient)."""
+
+    async def get_manifest(self, reference: str | None = None) -> Manifest: ...
+
+
 async def resolve_image_manifest(
-    client: RegistryClient, ref: ImageRef, platform: str | None = None
+    client: ManifestSource, ref: ImageRef, platform: str | None = None
 ) -> Manifest:
     """The image manifest for ``ref``: the manifest itself, or, if ``ref`` names an
     index, the entry for ``platform`` (``os/arch[/variant]``; this host's by default)."""

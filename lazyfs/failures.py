@@ -72,12 +72,12 @@ class ReadFailures:
         blob = getattr(exc, "blob", None)
         if chunk is None:
             try:
-                spans = [s for s in self._index.chunks(InodeT(ino), offset, size) if s.chunk is not None]
+                hits = [s.chunk for s in self._index.chunks(InodeT(ino), offset, size) if s.chunk is not None]
             except Exception:  # noqa: BLE001 - as above
-                spans = []
-            if len(spans) == 1:
-                chunk = spans[0].chunk.hexdigest
-                blob = blob or spans[0].chunk.blob.digest
+                hits = []
+            if len(hits) == 1:
+                chunk = hits[0].hexdigest
+                blob = blob or hits[0].blob.digest
         out: dict[str, object] = {"kind": kind_of(exc), "image": self._image or "?", "path": self.path(ino),
                                   "inode": ino, "range": f"{offset}+{size}"}
         for key, value in (("chunk", chunk), ("blob", blob), ("source", getattr(exc, "source", None))):

@@ -82,9 +82,11 @@ class Metrics:
         except OSError as exc:
             raise UserError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}",
                             ExitCode.USAGE) from exc
-        bound = server.server_address
-        shown = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
-        self.url = f"http://{shown}:{bound[1]}/metrics"
+        bound_host, bound_port = server.server_address[:2]
+        # server_bind() stored the socket's getsockname(): an AF_INET(6) host is a str
+        assert isinstance(bound_host, str)
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self.url = f"http://{shown}:{bound_port}/metrics"
         log.info("metrics at %s", self.url)
         return self.url
 

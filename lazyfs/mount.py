@@ -364,6 +364,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=opts.timeout),
                                      node_id=node_id)
                 nursery.start_soon(server.serve, listeners)
+                assert opts.listen is not None  # what the listeners listen on
                 log.info("serving this node's cache to peers at %s:%d", *opts.listen)
             if watcher is not None:
                 nursery.start_soon(watcher.run)

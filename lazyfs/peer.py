@@ -290,7 +290,7 @@ class ChunkServer:
             return None
         return body
 
-    async def _chunk(self, target: str) -> tuple[int, int, bytes]:
+    async def _chunk(self, target: str) -> tuple[int, int, bytes | memoryview]:
         url = urlsplit(target)
         if not url.path.startswith(CHUNK_PATH):
             raise _BadRequest(404, f"no such path {url.path[:100]}")
@@ -320,7 +320,7 @@ class ChunkServer:
             return chunk.codec, chunk.size, payload
         raise _BadRequest(502, f"chunk {digest.hex()[:16]} not fetched in {self.config.fetch_deadline:g}s")
 
-    async def _load(self, digest: bytes) -> tuple[int, int, bytes] | None:
+    async def _load(self, digest: bytes) -> tuple[int, int, memoryview] | None:
         path = self.store.path(digest)
         try:
             size = os.stat(path).st_size  # noqa: ASYNC240 - one stat of a cached inode, like open()
@@ -330,7 +330,7 @@ class ChunkServer:
             return await trio.to_thread.run_sync(self.store.get, digest, limiter=self._io)
         return self.store.get(digest)
 
-    async def _send(self, stream: trio.SocketStream, status: int, body: bytes, *, keep: bool,
+    async def _send(self, stream: trio.SocketStream, status: int, body: bytes | memoryview, *, keep: bool,
                     extra: dict[str, str] | None = None, content_type: str | None = None) -> None:
         if content_type is None:
             content_type = "application/octet-stream" if status < 300 else "text/plain"

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cache.store import ChunkStore
+from lazyfs.metrics import Metrics
 from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
 from tests.cachekit import install, make_image
@@ -151,3 +152,15 @@ def test_serve_peer_and_snapshotter_metrics(metric_image, tmp_path):
         _stop(proc)
     done = lazyfs("serve", str(root), "--listen", "127.0.0.1:0", "--metrics", "nonsense", check=False)
     assert done.returncode == 2 and "HOST:PORT" in done.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_metrics_url_names_the_bound_address(host):
+    """The URL is the address the endpoint bound (a text host, IPv6 in brackets, the port
+    the kernel chose), and it answers."""
+    metrics = Metrics()
+    metrics.add_source(lambda: [("gauge", "up", "always 1", {"host": host}, 1.0)])
+    url = metrics.serve(host, 0)
+    shown = f"[{host}]" if ":" in host else host
+    assert re.fullmatch(rf"http://{re.escape(shown)}:[1-9][0-9]*/metrics", url), url
+    assert value(scrape(url), "lazyfs_up", host=host) == 1.0

@@ -30,8 +30,9 @@ from .usage import CacheUsage
 log = logging.getLogger(__name__)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
-#: how mount processes start: from this tree, whatever the snapshotter's working directory
-_ENV = {"cwd": PACKAGE_ROOT, "env": {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}}
+#: how mount processes start (with cwd=PACKAGE_ROOT): from this tree, whatever the
+#: snapshotter's working directory
+_ENV = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
 
 
 class FileSystem(Protocol):
@@ -155,7 +156,8 @@ class LazyFileSystem:
         try:
             with open(log_file, "ab") as logf:
                 child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                         pass_fds=(w,), start_new_session=True, **_ENV)
+                                         pass_fds=(w,), start_new_session=True, cwd=PACKAGE_ROOT,
+                                         env=_ENV)
         except OSError:
             os.close(r)
             raise
@@ -180,7 +182,8 @@ class LazyFileSystem:
                 with open(logs / "spare.log", "ab") as logf:
                     proc = subprocess.Popen([sys.executable, "-m", "lazyfs.spare", str(w)],
                                             stdin=subprocess.PIPE, stdout=logf, stderr=logf,
-                                            pass_fds=(w,), start_new_session=True, **_ENV)
+                                            pass_fds=(w,), start_new_session=True, cwd=PACKAGE_ROOT,
+                                            env=_ENV)
             except OSError as exc:  # no spare: the next mount starts cold
                 os.close(r)
                 log.warning("cannot start a spare mount process: %s", exc)

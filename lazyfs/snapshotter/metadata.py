@@ -9,6 +9,7 @@ and has no directories.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import enum
 import json
@@ -97,11 +98,11 @@ class MetadataStore:
         except NotFoundError:
             return None
 
-    def list(self) -> list[Snapshot]:
+    def list(self) -> builtins.list[Snapshot]:
         with self._lock:
             return [_snapshot(r) for r in self._db.execute("SELECT * FROM snapshots ORDER BY id")]
 
-    def chain(self, key: str) -> list[Snapshot]:
+    def chain(self, key: str) -> builtins.list[Snapshot]:
         """The snapshot and its ancestors, nearest first."""
         out = [self.get(key)]
         while out[-1].parent:

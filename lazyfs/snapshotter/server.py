@@ -43,7 +43,8 @@ _CODES = {
 
 
 def _info(s: Snapshot) -> Any:
-    info = pb.Info(name=s.key, parent=s.parent, kind=int(s.kind), labels=s.labels)
+    # protobuf takes an enum field's number; the generated stub allows only Kind or its name
+    info = pb.Info(name=s.key, parent=s.parent, kind=int(s.kind), labels=s.labels)  # type: ignore[arg-type]
     info.created_at.FromNanoseconds(int(s.created * 1e9))
     info.updated_at.FromNanoseconds(int(s.updated * 1e9))
     return info

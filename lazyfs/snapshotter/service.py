@@ -17,6 +17,7 @@ get the mount as their lower dir and their own upper and work dirs.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import shutil
@@ -144,7 +145,7 @@ class SnapshotService:
             return self.fs.usage(snap.image, layer) if layer else (0, 0)
         return _disk_usage(self._dir(snap) / "fs")
 
-    def list(self) -> list[Snapshot]:
+    def list(self) -> builtins.list[Snapshot]:
         return self.store.list()
 
     def cleanup(self) -> None:
@@ -179,7 +180,7 @@ class SnapshotService:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _create(self, key: str, parent: str, labels: dict[str, str], kind: Kind) -> list[Mount]:
+    def _create(self, key: str, parent: str, labels: dict[str, str], kind: Kind) -> builtins.list[Mount]:
         if not key:
             raise InvalidArgumentError("a snapshot needs a key")
         target = labels.get(LABEL_TARGET, "")
@@ -261,7 +262,7 @@ class SnapshotService:
         for image in dict.fromkeys(s.image for s in self.store.chain(key) if s.image) if key else ():
             self._ensure_mounted(image)
 
-    def _lowers(self, snap: Snapshot) -> list[str]:
+    def _lowers(self, snap: Snapshot) -> builtins.list[str]:
         lowers: list[str] = []
         for s in self.store.chain(snap.parent)[0:] if snap.parent else []:
             path = str(self.fs.mountpoint(s.image) if s.image else self._dir(s) / "fs")
@@ -269,7 +270,7 @@ class SnapshotService:
                 lowers.append(path)
         return lowers
 
-    def _mounts(self, snap: Snapshot) -> list[Mount]:
+    def _mounts(self, snap: Snapshot) -> builtins.list[Mount]:
         if snap.image:
             return [Mount("bind", str(self.fs.mountpoint(snap.image)), ["ro", "rbind"])]
         lowers = self._lowers(snap)
