@@ -17,14 +17,17 @@ def test_quick_soak_reports_every_figure_and_no_wrong_byte(tmp_path):
     report = soak.run(True, tmp_path)
     assert json.loads((tmp_path / "soak.json").read_text()) == report
     for key in ("reads", "reads_ok", "eio", "short_reads", "wrong_reads", "wrong_bytes", "overdue_reads",
-                "other_errors", "faults_injected", "chunk_requests", "latency", "after_clear"):
+                "overdue_detail", "other_errors", "faults_injected", "chunk_requests", "latency",
+                "after_clear"):
         assert key in report, key
     for side in ("all", "ok", "eio"):
         assert set(report["latency"][side]) == {"count", "p50_s", "p99_s", "max_s"}
     assert report["reads"] > 0 and report["reads_ok"] > 0
     assert report["chunk_requests"] > 0 and sum(report["faults_injected"].values()) > 0
     assert report["wrong_bytes"] == 0 and report["wrong_reads"] == 0, report
-    assert report["overdue_reads"] == 0 and report["stuck_readers"] == 0, report
+    assert report["overdue_reads"] == 0 and report["stuck_readers"] == 0, (
+        f"overdue {report['overdue_reads']}, stuck {report['stuck_readers']}: "
+        f"{report['overdue_detail']}; latency {report['latency']}")
     assert report["other_errors"] == {}, report
     assert report["after_clear"] == {"files": report["params"]["files"], "wrong": 0, "failed": 0}
     assert report["mount_alive"]
