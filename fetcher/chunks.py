@@ -230,11 +230,13 @@ class ChunkFetcher:
         started = trio.current_time()
         deadline = self.config.background_deadline if background else self.config.deadline
         budget = deadline
+        began = None
         if not background and self._failed:
             began = self._continues(chunks, started)
             if began is not None:  # a re-read of what just failed: the same deadline
                 budget = max(began + deadline - started, min(self.config.reread_try, deadline))
                 started = began
+                self._keep_rereading(began)
         waits, mine = self._start(chunks, background, use_peers, speculative)
         waited = time.monotonic()
         try:
@@ -281,6 +283,8 @@ class ChunkFetcher:
         if self._failed:
             for c, _ in waits:
                 self._failed.pop(c.digest, None)
+            if began is not None:
+                self._keep_rereading(began)
         return waits
 
     def _start(self, chunks: Sequence[Chunk], background: bool, use_peers: bool,
@@ -361,6 +365,16 @@ class ChunkFetcher:
             if failed is not None and now - failed[0] <= self.config.reread_window:
                 began = failed[1] if began is None else min(began, failed[1])
         return began
+
+    def _keep_rereading(self, began: float) -> None:
+        """Restart the re-read window of every chunk whose failed wait began at ``began``:
+        the kernel re-reads a failed read a page at a time, one chunk after another, and
+        the last chunk's turn may come well after the failure. It continues that read's
+        deadline all the same (each chunk then gets at most ``reread_try``)."""
+        now = trio.current_time()
+        for digest, (_, b, error) in self._failed.items():
+            if b == began:
+                self._failed[digest] = (now, b, error)
 
     def _note_failed(self, waits: list[tuple[Chunk, _Pending]], started: float,
                      error: FetchError) -> None:

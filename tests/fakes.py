@@ -16,7 +16,7 @@ from fetcher.errors import ServerError
 class ScriptedSource:
     """Serves ranges of in-memory blobs. ``script`` is consumed one outcome per request:
     ``"ok"``, ``"fail"`` (ServerError), ``"corrupt"`` (one byte flipped), ``"stall"``
-    (never answers); when it runs out, requests succeed."""
+    (never answers), ``"slow"`` (answers after 0.4 s); when it runs out, requests succeed."""
 
     def __init__(self, blobs: dict[str, bytes], script: Iterable[str] = ()) -> None:
         self.blobs = blobs
@@ -32,6 +32,8 @@ class ScriptedSource:
             raise ServerError("scripted failure")
         if outcome == "stall":
             await trio.sleep_forever()
+        if outcome == "slow":
+            await trio.sleep(0.4)
         if outcome == "corrupt":
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         return data

@@ -129,6 +129,31 @@ def test_a_reread_right_after_a_timeout_continues_its_deadline(tmp_path):
     assert len(source.requests) == 5
 
 
+def test_a_page_by_page_reread_continues_the_deadline_for_every_chunk_of_the_read(tmp_path):
+    """A read over two chunks whose readahead failed is re-read by the kernel a page at a
+    time: the first chunk's pages, then the second's. The second chunk's re-read can come
+    later than the re-read window after the failure (the first one's took its short try),
+    and must still continue the read's deadline: with a whole deadline of its own, the
+    read took 8.5 s against a 5 s deadline in a soak."""
+    async def body(fetcher, chunks):
+        with pytest.raises(UnreachableError):
+            await fetcher.get(chunks[:2])  # the readahead: one request, no answer
+        await trio.sleep(0.1)
+        start = trio.current_time()
+        got = await fetcher.get(chunks[:1])  # the first page again: answered in 0.4 s
+        assert got[chunks[0].digest] == PIECES[0]
+        assert trio.current_time() - start == pytest.approx(0.4, abs=0.1)
+        await trio.sleep(0.7)  # the rest of the first chunk's pages (1.2 s since the failure)
+        start = trio.current_time()
+        with pytest.raises(UnreachableError):
+            await fetcher.get(chunks[1:2])  # the second chunk's first page: a short try
+        assert trio.current_time() - start == pytest.approx(0.5, abs=0.1)
+
+    source, _, _ = run_fetch(tmp_path, ["stall", "slow", "stall"], body,
+                             clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(source.requests) == 3
+
+
 def test_source_error_reaches_every_waiter(tmp_path):
     async def body(fetcher, chunks):
         errors = []
