@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ExitCode, MountError, UserError, exit_code_for
-from .process import hide_in_cmdline, read_ready, wait_gone
+from .process import hide_in_cmdline, read_ready, reap_child, wait_gone
 
 log = logging.getLogger("lazyfs")
 
@@ -436,12 +436,12 @@ def _mount_background(args: argparse.Namespace) -> int:
         os._exit(0)
     if text.startswith("error "):
         _, code, msg = text.split(" ", 2)
-        _reap(pid, 30)
+        reap_child(pid, 30)
         raise UserError(msg, ExitCode(int(code)))
-    status = _reap(pid, 0)
+    status = reap_child(pid, 0)
     if status is None:
         os.kill(pid, signal.SIGKILL)
-        _reap(pid, 10)
+        reap_child(pid, 10)
         raise MountError(f"mount did not become ready in {MOUNT_READY_TIMEOUT:g}s; see {log_file}")
     raise UserError(f"mount process exited with status {status}; see {log_file}")
 
@@ -467,19 +467,6 @@ def _mount_child(args: argparse.Namespace, logf: Any, r: int, w: int) -> NoRetur
     finally:
         logging.shutdown()
         os._exit(code)
-
-
-def _reap(pid: int, timeout: float) -> int | None:
-    """The exit status of child ``pid`` once it has exited (waiting up to ``timeout``
-    seconds), else None."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.05)
 
 
 def _read_status(mountpoint: Path) -> dict[str, Any]:

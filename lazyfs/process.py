@@ -34,6 +34,19 @@ def wait_gone(pid: int, timeout: float, *, kill: bool = False) -> bool:
     return not alive(pid)
 
 
+def reap_child(pid: int, timeout: float) -> int | None:
+    """The exit status of child ``pid`` once it has exited (waiting up to ``timeout``
+    seconds), else None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
 def read_ready(fd: int, timeout: float) -> str:
     """The first line a mount process writes on its ready pipe, read end ``fd`` (closed
     here): "ok" or "error CODE MESSAGE"; "" if it closes the pipe or says nothing in
