@@ -284,8 +284,9 @@ async def _raise_readahead(entry: mountinfo.MountEntry, kib: int) -> None:
         if await trio.to_thread.run_sync(mountinfo.set_readahead, entry, kib):
             await trio.sleep(0.2)  # make sure a late INIT reply did not undo it
             if await trio.to_thread.run_sync(mountinfo.set_readahead, entry, kib):
-                return
-    log.warning("could not raise the readahead of %s to %d KiB", entry.mountpoint, kib)
+                break
+    else:
+        log.warning("could not raise the readahead of %s to %d KiB", entry.mountpoint, kib)
 
 
 async def _watch_signals(on_signal: Callable[[], None]) -> None:
@@ -410,6 +411,13 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 entry = mountinfo.find(target, resolved=True)
                 if entry is not None:
                     nursery.start_soon(_raise_readahead, entry, opts.readahead_kib)
+                    # before the first read can reach the mount: no read waits in the kernel
+                    if not mountinfo.set_max_background(entry):
+                        log.warning("could not raise the FUSE requests in flight of %s to %d (is "
+                                    "fusectl mounted at %s?): with more reads waiting on the "
+                                    "network than the kernel's 12, a read may take up to twice "
+                                    "--timeout", opts.mountpoint, mountinfo.MAX_BACKGROUND,
+                                    mountinfo.FUSECTL)
                 log.info("mounted %s (%s) at %s%s", opts.ref, opened.manifest_digest,
                          opts.mountpoint, " from the cache alone" if opened.from_cache_only else "")
                 ready()
@@ -419,7 +427,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                     nursery.start_soon(prefetcher.run)
                 else:
                     prefetcher.count_totals(index)
-                await pyfuse3.main()
+                await pyfuse3.main(max_tasks=mountinfo.WORKERS)
             finally:
                 pyfuse3.close(unmount=True)
                 nursery.cancel_scope.cancel()

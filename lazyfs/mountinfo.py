@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,58 @@ def set_readahead(entry: MountEntry, kib: int) -> bool:
         path.write_text(str(kib))
         return int(path.read_text()) == kib
     except (OSError, ValueError):
+        return False
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+"""The FUSE control filesystem: a directory per FUSE connection with its kernel limits."""
+
+MAX_BACKGROUND = 128
+"""Readahead requests the kernel lets a lazyfs mount have in flight at once (its default
+is 12). A read's pages are fetched by readahead requests, and past that limit the kernel
+holds them back until earlier ones end; with the origin stalled, a held-back read reaches
+the mount only when earlier reads fail, and its deadline starts then: a read would take
+nearly two deadlines. Each request in flight costs the mount a waiting task and its
+request buffer (132 KiB), not a fetch (requests for the same chunks share one); the
+mount's main loop runs up to ``WORKERS`` of them."""
+
+WORKERS = MAX_BACKGROUND + 64
+"""Requests the mount works on at once (pyfuse3's worker tasks, 99 by default): every
+readahead request the kernel may send, and room for lookups and other reads beside them."""
+
+
+def connection_dir(entry: MountEntry) -> Path:
+    """The mount's directory in the FUSE control filesystem, named by the kernel's own
+    encoding of the mount's device number."""
+    return FUSECTL / str((entry.major << 20) | entry.minor)
+
+
+def _mount_fusectl() -> bool:
+    """Mount the FUSE control filesystem if it is not (systemd mounts it at boot; a
+    minimal system or a container may not have). True if it is mounted now."""
+    if any(m.fstype == "fusectl" for m in mounts()):
+        return True
+    if not FUSECTL.is_dir():
+        return False
+    done = subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)],
+                          capture_output=True, timeout=10)
+    return done.returncode == 0
+
+
+def set_max_background(entry: MountEntry, requests: int = MAX_BACKGROUND) -> bool:
+    """Let the mount have ``requests`` readahead requests in flight (see ``MAX_BACKGROUND``),
+    and mark it congested (the kernel then skips speculative readahead) at three quarters
+    of that, the kernel's own ratio. Needs root. Call it before the kernel's INIT request is
+    answered, so that no read queues behind the default: the answer leaves both as they
+    are (libfuse sends zero for them). False if it could not be done."""
+    d = connection_dir(entry)
+    try:
+        if not d.is_dir() and not (_mount_fusectl() and d.is_dir()):
+            return False
+        (d / "max_background").write_text(str(requests))
+        (d / "congestion_threshold").write_text(str(requests * 3 // 4))
+        return int((d / "max_background").read_text()) == requests
+    except (OSError, ValueError, subprocess.SubprocessError):
         return False
 
 

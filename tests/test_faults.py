@@ -201,3 +201,20 @@ def _wait_port(port: int, timeout: float = 30) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_many_reads_at_once_in_a_stall_all_end_within_their_deadline(fault_image, proxy, mounts):
+    """More reads at once than the kernel lets a FUSE mount have in flight by default (12
+    background requests; each read's readahead is one or more of them): a read queued in
+    the kernel behind stalled ones would start its deadline only when the mount saw it,
+    and take nearly two. The mount raises that limit (``mountinfo.set_max_background``)."""
+    _, files = fault_image
+    mnt = mount_through(mounts, proxy)
+    names = sorted(files)
+    right(mnt, files, names[0], CHUNK, 100)
+    proxy.inject("stall")
+    during = [Read(mnt / name, offset) for name in names for offset in (0, 2 * CHUNK)]
+    for r in during:
+        r.check(files)
+    assert all(r.errno == errno.EIO for r in during), [r.errno for r in during]
+    print("slowest read in the stall:", max(r.seconds for r in during))
