@@ -39,7 +39,7 @@ from .format import (
 from .ingest import apply_tar, scan_dir
 from .oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 from .sources import Source, open_source, parse_registry_ref, split_tag
-from .tree import Tree
+from .tree import MAX_ENTRIES, Tree
 
 CHUNK_SIZE_ANNOTATION = "io.lazyfs.chunk-size"
 SOURCE_DIFF_IDS_ANNOTATION = "io.lazyfs.source-diff-ids"
@@ -68,6 +68,7 @@ def convert(
     registry: Any = None,
     platform: str | None = None,
     prefetch_files: list[bytes] | None = None,
+    max_entries: int = MAX_ENTRIES,
 ) -> ConvertResult:
     """Convert image ``src`` into lazyfs image ``dst`` (``oci:DIR[:TAG]``, tag ``latest``,
     or ``docker://HOST/REPO:TAG``: built in a temp layout, then pushed).
@@ -75,7 +76,8 @@ def convert(
     ``registry`` (a ``fetcher.options.RegistryOptions``) says how to reach registries
     for ``docker://`` sources and destinations; ``platform`` picks from an image index.
     ``prefetch_files`` are paths in the image that mounts fetch first (kept in the index:
-    see ``build.write_image``).
+    see ``build.write_image``). ``max_entries`` bounds the merged tree (``tree.MAX_ENTRIES``):
+    past it the image is refused as unsafe.
 
     Raises ImageError (or its UnsafeImageError / UnsupportedImageError) for a bad input,
     ValueError for a chunk size outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE] or not a power
@@ -87,7 +89,8 @@ def convert(
             f"to {MAX_CHUNK_SIZE}"
         )
     if dst.startswith("docker://"):
-        return _convert_and_push(src, dst, chunk_size, blob_limit, registry, platform, prefetch_files)
+        return _convert_and_push(src, dst, chunk_size, blob_limit, registry, platform, prefetch_files,
+                                 max_entries)
     out_dir, tag = _parse_dst(dst)
     source = open_source(src, registry=registry, platform=platform)
     layout = Layout(out_dir)
@@ -99,7 +102,7 @@ def convert(
     try:
         spool = ChunkSpool(tmpdir / "spool", chunk_size)
         try:
-            tree = _merge(source, spool)
+            tree = _merge(source, spool, max_entries)
             stats = write_image(
                 tree, spool, layout, tmpdir, chunk_size=chunk_size, blob_limit=blob_limit,
                 prefetch_files=prefetch_files or (),
@@ -152,7 +155,8 @@ def lazy_config(original: bytes, layers: list[dict]) -> tuple[bytes, list[str]]:
 
 
 def _convert_and_push(src: str, dst: str, chunk_size: int, blob_limit: int, registry: Any,
-                      platform: str | None, prefetch_files: list[bytes] | None) -> ConvertResult:
+                      platform: str | None, prefetch_files: list[bytes] | None,
+                      max_entries: int) -> ConvertResult:
     from fetcher.options import RegistryOptions
     from fetcher.push import push_image
 
@@ -169,7 +173,7 @@ def _convert_and_push(src: str, dst: str, chunk_size: int, blob_limit: int, regi
     try:
         result = convert(
             src, f"oci:{tmp}:{ref.tag}", chunk_size=chunk_size, blob_limit=blob_limit,
-            registry=options, platform=platform, prefetch_files=prefetch_files)
+            registry=options, platform=platform, prefetch_files=prefetch_files, max_entries=max_entries)
         stats = push_image(Layout(tmp), result.manifest_digest, ref, options, mount_from)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -184,8 +188,8 @@ def _parse_dst(dst: str) -> tuple[str, str]:
     return path, tag or "latest"
 
 
-def _merge(source: Source, spool: ChunkSpool) -> Tree:
-    tree = Tree()
+def _merge(source: Source, spool: ChunkSpool, max_entries: int) -> Tree:
+    tree = Tree(max_entries)
     if source.directory is not None:
         scan_dir(tree, spool, source.directory)
         return tree

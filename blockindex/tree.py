@@ -86,12 +86,28 @@ def split_path(path: bytes, *, what: str = "entry") -> tuple[bytes, ...]:
     return tuple(parts)
 
 
+MAX_ENTRIES = 1_000_000
+"""Entries the merged tree may hold (``convert --max-entries``): the tree is in memory until
+the index is written, at under 1.5 KiB an entry, so this bounds a convert's memory
+(about 1.5 GB); the largest real images hold a few hundred thousand."""
+
+
 class Tree:
     """The merge model. Call ``begin_layer`` before the entries of each layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.root = new_dir()
         self.layer = 0
+        self.entries = 0
+        """Names added so far (removals by whiteouts not subtracted)."""
+        self.max_entries = max_entries
+
+    def _count(self, parts: tuple[bytes, ...]) -> None:
+        self.entries += 1
+        if self.entries > self.max_entries:
+            raise UnsafeImageError(
+                f"the image has more than {self.max_entries:,} entries (at {b'/'.join(parts)!r}); "
+                "convert --max-entries N allows more (each costs convert about 1.5 KiB of memory)")
 
     def begin_layer(self, layer: int) -> None:
         self.layer = layer
@@ -116,6 +132,7 @@ class Tree:
             assert node.children is not None and node.layer_of is not None
             child = node.children.get(part)
             if child is None:
+                self._count(parts[: i + 1])
                 child = new_dir()
                 node.children[part] = child
                 node.layer_of[part] = self.layer
@@ -143,6 +160,8 @@ class Tree:
             _copy_meta(node, old)
             parent.layer_of[name] = self.layer
             return old
+        if old is None:
+            self._count(parts)
         if node.is_dir and node.children is None:
             node.children, node.layer_of = {}, {}
         parent.children[name] = node

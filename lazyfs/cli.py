@@ -49,6 +49,16 @@ def _chunk_size(text: str) -> int:
     return n
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -80,7 +90,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         result = convert(args.source, args.dest, chunk_size=args.chunk_size,
-                         registry=_registry_options(args), platform=args.platform, prefetch_files=first)
+                         registry=_registry_options(args), platform=args.platform, prefetch_files=first,
+                         max_entries=args.max_entries)
     except PrefetchListError as exc:
         raise UserError(str(exc), ExitCode.USAGE) from None
     took = time.monotonic() - started
@@ -608,6 +619,7 @@ def _add_cache_size(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from blockindex.format import DEFAULT_CHUNK_SIZE
+    from blockindex.tree import MAX_ENTRIES
 
     parser = argparse.ArgumentParser(
         prog="lazyfs", description="Mount container images lazily: fetch on read, verify, cache.")
@@ -626,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds one registry request may take (default: the config file's, else 30)")
     p.add_argument("--prefetch-files", metavar="FILE",
                    help="paths in the image (one a line) whose chunks mounts fetch first")
+    p.add_argument("--max-entries", type=_positive_int, default=MAX_ENTRIES, metavar="N",
+                   help="refuse an image with more files, directories and links than this "
+                        "(default 1000000; convert holds them in memory, about 1.5 KiB each)")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_convert)
 

@@ -374,3 +374,30 @@ def test_many_entries_cost_a_bounded_amount_of_memory_each(tmp_path):
     print(f"peak RSS {rss[small] >> 20} MiB for {small} entries, {rss[big] >> 20} MiB for "
           f"{big}: {per_entry:.0f} bytes per entry")
     assert per_entry < PER_ENTRY_LIMIT
+
+
+def test_an_image_with_more_entries_than_the_limit_is_refused_in_one_line(tmp_path):
+    """The merged tree's size is capped (``--max-entries``, a million by default), so that
+    memory is bounded whatever an image holds; the limit is the user's to raise."""
+    _write_many(tmp_path / "many.tar", 250, per_dir=100)  # 3 directories and 247 files
+    done = lazyfs("convert", f"tar:{tmp_path / 'many.tar'}", f"oci:{tmp_path / 'out'}",
+                  "--max-entries", "200", check=False)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.startswith("lazyfs: error:") and done.stderr.count("\n") == 1, done.stderr
+    assert "more than 200 entries" in done.stderr and "--max-entries" in done.stderr
+    lazyfs("convert", f"tar:{tmp_path / 'many.tar'}", f"oci:{tmp_path / 'out'}", "--max-entries", "250")
+    for bad in ("0", "-5", "lots"):
+        done = lazyfs("convert", f"tar:{tmp_path / 'many.tar'}", f"oci:{tmp_path / 'o2'}",
+                      "--max-entries", bad, check=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    # a whited-out name does not give its place back: entries are counted as they come
+    with pytest.raises(ImageError, match="more than 2 entries"):
+        from blockindex.tree import Tree, new_dir
+
+        tree = Tree(max_entries=2)
+        tree.add((b"a",), new_dir())
+        tree.begin_layer(1)
+        tree.whiteout((b".wh.a",))
+        assert tree.get((b"a",)) is None
+        tree.add((b"b",), new_dir())
+        tree.add((b"c",), new_dir())
