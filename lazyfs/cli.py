@@ -352,6 +352,8 @@ def _mount_options(args: argparse.Namespace) -> Any:
 
     if args.record_window < 0:
         raise UserError("--record-window must be 0 (off) or more seconds", ExitCode.USAGE)
+    if args.refresh_trace_after < 0:
+        raise UserError("--refresh-trace-after must be 0 (never) or more seconds", ExitCode.USAGE)
     registry = _registry_options(args)
     return MountOptions(
         **_peer_options(args),
@@ -368,6 +370,7 @@ def _mount_options(args: argparse.Namespace) -> Any:
         metrics=args.metrics,
         record_window=None if args.record else args.record_window,
         lead_only=args.prefetch == "trace",
+        refresh_trace_after=args.refresh_trace_after,
     )
 
 
@@ -681,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the order of first reads until unmounted (default: --record-window)")
     p.add_argument("--record-window", type=float, default=30.0, metavar="SECONDS",
                    help="record first reads this long after mounting, into the image's trace (0: never)")
+    p.add_argument("--refresh-trace-after", type=float, default=10.0, metavar="SECONDS",
+                   help="with a trace of its own, ask the registry and peers for newer runs this long "
+                        "after mounting, for the next mount (default 10; 0: never)")
     p.add_argument("--prefetch", choices=("all", "trace"), default="all",
                    help="all: the learned order first, then the whole image (default); "
                         "trace: the learned order only")

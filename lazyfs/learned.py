@@ -13,6 +13,11 @@ The order to fetch first (the *lead*) is, in this order of preference:
 3. then, after either, the chunks of the files named at conversion (``lazyfs convert
    --prefetch-files``, kept in the index's ``prefetch_files`` meta entry).
 
+A mount that starts from its node's own trace asks the registry and the peers all the
+same, ``refresh_after`` seconds after it starts and once no read waits on the network,
+and merges the runs they have that this node has not into the node's trace: runs
+recorded elsewhere after this node got its trace reach it for its next mount.
+
 A trace is a hint: one that is missing, malformed, for another image or unreachable is
 logged and ignored, and the prefetch goes on in blob order. A trace is not
 content-addressed, so one from elsewhere is parsed strictly, bounded in size, and cut
@@ -168,9 +173,11 @@ class LearnedPrefetch:
     def __init__(self, cache_dir: Path, manifest: str, index_path: Path, readlog: ReadLog, *,
                  client: RegistryClient | MirroredClient | None, timeout: float,
                  record_window: float | None, peers: PeerTier | None = None,
-                 before_ask: Callable[[], Awaitable[None]] | None = None) -> None:
+                 before_ask: Callable[[], Awaitable[None]] | None = None,
+                 refresh_after: float = 10.0) -> None:
         """``peers``: ask them for a trace too; ``before_ask`` runs before each such
-        request (the fetcher's ``wait_demand_idle``)."""
+        request (the fetcher's ``wait_demand_idle``); ``refresh_after``: seconds after the
+        start to look elsewhere for runs the node's own trace lacks (0: never)."""
         self.traces = TraceStore(cache_dir)
         self.manifest = manifest
         self.index_path = index_path
@@ -186,6 +193,10 @@ class LearnedPrefetch:
         self.saved: Path | None = None
         self._saving = threading.Lock()
         self._save_started = False
+        self._store_lock = threading.Lock()  # the recording and the refresh both rewrite the trace
+        self.refresh_after = refresh_after
+        self.refreshed: str | None = None
+        """What the refresh did (for status): None until it has run."""
 
     async def lead(self, index: IndexReader) -> tuple[list[ChunkDigest], str | None]:
         """What the prefetcher fetches first (``Prefetcher``'s ``lead``), and its source."""
@@ -208,6 +219,54 @@ class LearnedPrefetch:
         """The registry's trace and a peer's, asked at the same time within the mount's
         timeout, merged; saved as this node's trace. The source names where it came
         from (``registry``, ``peer URL``, or both joined by ``+``)."""
+        trace, source = await self._gather()
+        if trace is None:
+            return None, None
+        log.info("using the trace of %s from %s (%d runs)", self.manifest, source, len(trace.runs))
+        try:
+            await trio.to_thread.run_sync(self._merge_into_store, trace)
+        except CacheError as exc:
+            log.warning("%s", exc)
+        return trace, source
+
+    def _merge_into_store(self, trace: Trace) -> int:
+        """Merge ``trace``'s runs into the node's trace of the image; how many were new."""
+        with self._store_lock:
+            local = self.traces.load(self.manifest)
+            merged = Trace.merge(self.manifest, [local, trace] if local else [trace])
+            before = {r.same_run() for r in local.runs} if local else set()
+            new = sum(r.same_run() not in before for r in merged.runs)
+            if new:
+                self.traces.save(merged)
+            return new
+
+    async def refresh(self) -> None:
+        """Merge the runs the registry and the peers have into the node's own trace, if the
+        mount started with one (a task of the mount's nursery; see the module docstring)."""
+        if self.refresh_after <= 0 or (self.client is None and self.peers is None):
+            return
+        await trio.sleep(self.refresh_after)
+        if await trio.to_thread.run_sync(self.traces.load, self.manifest) is None:
+            return  # no trace of its own: the lead asked elsewhere, or nothing is read ahead
+        if self.before_ask is not None:
+            await self.before_ask()
+        trace, source = await self._gather()
+        if trace is None:
+            self.refreshed = "nothing elsewhere"
+            return
+        try:
+            new = await trio.to_thread.run_sync(self._merge_into_store, trace)
+        except CacheError as exc:
+            log.warning("%s", exc)
+            return
+        self.refreshed = f"{new} new runs from {source}"
+        if new:
+            log.info("merged %d runs of the trace of %s from %s into this node's, for its next mount",
+                     new, self.manifest, source)
+
+    async def _gather(self) -> tuple[Trace | None, str | None]:
+        """The registry's trace and a peer's, asked at the same time within the mount's
+        timeout, merged, and where they came from."""
         found: dict[str, Trace] = {}
 
         async def from_registry() -> None:
@@ -234,14 +293,7 @@ class LearnedPrefetch:
         if not found:
             return None, None
         order = sorted(found, key=lambda k: k != "registry")  # the registry's first: it names shared runs
-        source = "+".join(order)
-        trace = Trace.merge(self.manifest, [found[k] for k in order])
-        log.info("using the trace of %s from %s (%d runs)", self.manifest, source, len(trace.runs))
-        try:
-            await trio.to_thread.run_sync(self.traces.save, trace)
-        except CacheError as exc:
-            log.warning("%s", exc)
-        return trace, source
+        return Trace.merge(self.manifest, [found[k] for k in order]), "+".join(order)
 
     async def record(self) -> None:
         """Save the recording when the window closes (a task of the mount's nursery)."""
@@ -266,7 +318,8 @@ class LearnedPrefetch:
             finally:
                 index.close()
             run = self.recorder.run(paths)
-            self.traces.add_run(self.manifest, run)
+            with self._store_lock:
+                self.traces.add_run(self.manifest, run)
             self.saved = self.traces.path(self.manifest)
             log.info("recorded the first reads of %d chunks into %s", len(run.entries), self.saved)
         except (CacheError, OSError) as exc:
@@ -287,4 +340,5 @@ class LearnedPrefetch:
             "lead_seconds": progress.lead_seconds,
             "lead_misses": self.readlog.lead_misses,
             "lead_runs": self.runs,
+            "refreshed": self.refreshed,
         }

@@ -118,6 +118,9 @@ class MountOptions:
     trace (``cache.trace``); None records until unmounted (``--record``), 0 never."""
     lead_only: bool = False
     """Prefetch only the learned order (the trace), not the whole image."""
+    refresh_trace_after: float = 10.0
+    """Seconds after the start at which a mount that has its node's trace asks the registry
+    and the peers for newer runs (``LearnedPrefetch.refresh``); 0: never."""
 
 
 @dataclasses.dataclass
@@ -375,7 +378,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                                       client=client if not opened.from_cache_only else None,
                                       timeout=opts.timeout, record_window=opts.record_window,
                                       peers=tier if not opened.from_cache_only else None,
-                                      before_ask=fetcher.wait_demand_idle if fetcher else None)
+                                      before_ask=fetcher.wait_demand_idle if fetcher else None,
+                                      refresh_after=opts.refresh_trace_after)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher,
                                     lead=learned.lead, lead_only=opts.lead_only)
             content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,
@@ -423,6 +427,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 ready()
                 nursery.start_soon(_watch_signals, pyfuse3.terminate)
                 nursery.start_soon(learned.record)
+                nursery.start_soon(learned.refresh)
                 if opts.prefetch or fetcher is None:
                     nursery.start_soon(prefetcher.run)
                 else:

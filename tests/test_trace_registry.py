@@ -5,6 +5,7 @@ a bad one is ignored, never fatal."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import trio
@@ -107,3 +108,51 @@ def test_trace_push_without_a_trace_is_one_line(registry, tmp_path):
     assert done.returncode == 3 and "never mounted" in done.stderr
     done = lazyfs("trace", "show", "--cache", str(tmp_path / "empty"), check=False)
     assert done.returncode == 2
+
+
+def test_a_node_with_a_trace_merges_runs_recorded_elsewhere_after_it_got_it(registry, mounts, tmp_path):
+    """Node 2 got node 1's first run from the registry. Node 1 then records a second run
+    and pushes again: node 2's next mount starts from its own trace at once and, a moment
+    later, merges the new run into it; with --refresh-trace-after 0 it never asks."""
+    rootfs = tmp_path / "rootfs"
+    work = make_rootfs(rootfs)
+    ref = f"{registry.host}/app:1"
+    lazyfs("convert", f"dir:{rootfs}", f"docker://{ref}", "--chunk-size", "64K")
+    cache1, cache2 = tmp_path / "cache1", tmp_path / "cache2"
+
+    def record(name: str, files: list[str]) -> None:
+        mnt, _ = mounts.mount(ref, "--no-prefetch", "--record", cache=cache1, name=name)
+        read_all(mnt, rootfs, files)
+        lazyfs("umount", str(mnt))
+        mounts.points.remove(mnt)
+        lazyfs("trace", "push", ref, "--cache", str(cache1))
+
+    def runs(cache) -> int:
+        return len(json.loads(lazyfs("trace", "show", ref, "--cache", str(cache), "--json").stdout)["runs"])
+
+    record("one", work[:5])
+    mnt2, _ = mounts.mount(ref, "--prefetch", "trace", cache=cache2, name="two")
+    wait_for(lambda: mounts.status(mnt2)["trace"]["lead_state"] == "done", "the learned order")
+    assert mounts.status(mnt2)["trace"]["lead_source"] == "registry"
+    lazyfs("umount", str(mnt2))
+    mounts.points.remove(mnt2)
+    assert runs(cache2) == 1
+
+    record("three", work[5:])
+    assert runs(cache1) == 2
+    # never: the trace stays as it was
+    mnt4, _ = mounts.mount(ref, "--no-prefetch", "--record-window", "0", "--refresh-trace-after", "0",
+                           cache=cache2, name="four")
+    time.sleep(2)
+    assert mounts.status(mnt4)["trace"]["refreshed"] is None and runs(cache2) == 1
+    lazyfs("umount", str(mnt4))
+    mounts.points.remove(mnt4)
+    # soon after the start: the run recorded since is merged in, for the next mount
+    mnt5, _ = mounts.mount(ref, "--prefetch", "trace", "--record-window", "0", "--refresh-trace-after", "1",
+                           cache=cache2, name="five")
+    st = wait_for(lambda: (t := mounts.status(mnt5)["trace"])["lead_state"] == "done" and t, "the lead")
+    assert st["lead_source"] == "local" and len(st["lead_runs"]) == 1  # its own trace, at once
+    wait_for(lambda: mounts.status(mnt5)["trace"]["refreshed"], "the refresh")
+    assert mounts.status(mnt5)["trace"]["refreshed"] == "1 new runs from registry"
+    assert runs(cache2) == 2
+    assert "merged 1 runs of the trace" in mounts.log("five")
