@@ -571,11 +571,25 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as containerd's own snapshotters
     except OSError as exc:
         raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
+    proxy = None
+    keychain = None
+    if args.cri_keychain is not None:
+        from .snapshotter.keychain import ImageServiceProxy, Keychain
+
+        keychain = Keychain()
+        proxy = ImageServiceProxy(keychain, Path(args.cri_keychain).absolute(), args.containerd)
     fs = LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch,
-                        cache_size=args.cache_size, peers=peers, spare=not args.no_spare)
+                        cache_size=args.cache_size, peers=peers, spare=not args.no_spare,
+                        keychain=keychain)
     service = SnapshotService(root, fs)
     service.restore()
     fs.start_spare()
+    if proxy is not None:
+        try:
+            proxy.start()
+        except RuntimeError as exc:  # grpcio: the socket cannot be bound
+            raise UserError(f"cannot serve the CRI image service on {args.cri_keychain}: {exc}",
+                            ExitCode.USAGE) from exc
     if args.metrics is not None:
         from .metrics import Metrics, snapshotter_samples
 
@@ -585,6 +599,8 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     try:
         serve(service, Path(args.address).absolute())
     finally:
+        if proxy is not None:
+            proxy.stop()
         fs.close()
     return 0
 
@@ -747,6 +763,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="the cluster token the image mounts present to peers")
     p.add_argument("--advertise", metavar="URL",
                    help="this node's URL in the peers file: where its `lazyfs peer` serves ROOT/cache")
+    p.add_argument("--cri-keychain", metavar="SOCKET",
+                   help="serve the CRI image service on SOCKET (kubelet's --image-service-endpoint), "
+                        "forwarding to containerd's and keeping each pull's credentials for the "
+                        "image's lazy mount (pods' imagePullSecrets)")
+    p.add_argument("--containerd", metavar="SOCKET", default="/run/containerd/containerd.sock",
+                   help="containerd's socket, where --cri-keychain forwards (default %(default)s)")
     _add_cache_size(p)
     _add_metrics(p)
     p.add_argument("--log-file", help=argparse.SUPPRESS)

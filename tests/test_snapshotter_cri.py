@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from blockindex.convert import convert
@@ -27,6 +28,10 @@ from lazyfs.serve import make_server
 
 from . import containerdkit as kit
 from . import imagegen
+from .conftest import lazyfs
+from .registryd import Registry, make_htpasswd, needs_registry
+
+PASSWORD = "Pw-9f3c-private"
 
 pytestmark = pytest.mark.mount
 
@@ -43,6 +48,9 @@ class CriNode:
     manifest: dict
     runtime: object
     images: object
+    keychain_images: object
+    """The image service as kubelet sees it with ``--image-service-endpoint`` pointed at
+    the snapshotter's ``--cri-keychain`` socket."""
 
     def log(self, name: str) -> str:
         p = self.tmp / f"{name}.log"
@@ -58,7 +66,6 @@ def node():
     tools = ("containerd", "runc", "containerd-shim-runc-v2")
     if os.geteuid() != 0 or not all(shutil.which(c) for c in tools):
         pytest.skip("needs root, containerd and runc (tests/setup.sh installs them)")
-    import grpc
 
     tmp = Path(tempfile.mkdtemp(prefix="lzcri-"))  # short: unix socket paths are limited
     procs = kit.Procs()
@@ -73,7 +80,8 @@ def node():
         registry = f"127.0.0.1:{server.port}"
         snap_sock = tmp / "s.sock"
         kit.start_snapshotter(procs, snap_sock, tmp / "lazyfs", tmp / "snapshotter.log",
-                              "--no-prefetch", "--timeout", "10")
+                              "--no-prefetch", "--timeout", "10",
+                              "--cri-keychain", str(tmp / "k.sock"), "--containerd", str(tmp / "c.sock"))
         config = kit.containerd_config(tmp, tmp / "c.sock", snap_sock, sandbox_image=f"{registry}/pause:1")
         _proc, sock = kit.start_containerd(procs, tmp, config)
         channel = grpc.insecure_channel(f"unix://{sock}")
@@ -88,8 +96,10 @@ def node():
                     log = (tmp / "containerd.log").read_text()[-3000:]
                     raise AssertionError(f"CRI does not answer: {exc}\n{log}") from exc
                 time.sleep(0.5)
+        keychain = grpc.insecure_channel(f"unix://{tmp / 'k.sock'}")
         yield CriNode(tmp, sock, server, f"{registry}/python:1", manifest, runtime,
-                      cri_grpc.ImageServiceStub(channel))
+                      cri_grpc.ImageServiceStub(channel), cri_grpc.ImageServiceStub(keychain))
+        keychain.close()
         channel.close()
     finally:
         kit.teardown(tmp, procs)
@@ -159,3 +169,58 @@ def test_removing_the_image_through_cri_unmounts_it(node):
         time.sleep(0.2)
     # the mount process is gone, not left as a zombie child of the snapshotter
     assert wait_gone(pid, 15), Path(f"/proc/{pid}/status").read_text()[:200]
+
+
+@needs_registry
+def test_a_private_lazy_image_is_mounted_with_the_credentials_kubelet_pulled_it_with(node):
+    """A registry that wants a password, which the node has not got: kubelet's pull
+    through the keychain socket carries the pod's pull secret, containerd gets the pull
+    unchanged, and the lazy mount made for it uses the same credentials. The same image
+    pulled from containerd directly (no keychain) cannot be mounted lazily."""
+    tmp = node.tmp / "private"
+    rootfs = tmp / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    files = {"etc/motd": b"hello from a private image\n", "data.bin": os.urandom(300_000)}
+    for rel, data in files.items():
+        (rootfs / rel).write_bytes(data)
+    registry = Registry(tmp, htpasswd=make_htpasswd(tmp / "htpasswd", "puller", PASSWORD))
+    try:
+        for repo in ("private/app", "private/other"):  # different layers: containerd unpacks both
+            (rootfs / "which").write_text(repo)
+            lazyfs("convert", f"dir:{rootfs}", f"docker://{registry.host}/{repo}:1", "--creds",
+                   f"puller:{PASSWORD}")
+        (rootfs / "which").unlink()
+        auth = cri.AuthConfig(username="puller", password=PASSWORD, server_address=f"https://{registry.host}")
+        ref = f"{registry.host}/private/app:1"
+        node.keychain_images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref), auth=auth),
+                                       timeout=120)
+        status = node.images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=ref)), timeout=30)
+        assert status.image.id, "containerd did not get the pull the keychain passed on"
+        mnt = _mount_of(node, f"{registry.host}/private/app")
+        chunk_reads_before = len(registry.blob_reads())
+        for rel, data in files.items():
+            assert (mnt / rel).read_bytes() == data
+        assert len(registry.blob_reads()) > chunk_reads_before, "the files came through the mount"
+        creds = node.tmp / "lazyfs" / "creds" / f"{mnt.name}.json"
+        assert creds.stat().st_mode & 0o077 == 0
+
+        other = f"{registry.host}/private/other:1"
+        try:  # containerd has the credentials; the snapshotter does not
+            node.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=other), auth=auth),
+                                  timeout=120)
+        except grpc.RpcError:
+            pass  # containerd may fail to unpack what it then downloads: not our concern here
+        refused = [x for x in node.log("snapshotter").splitlines()
+                   if f"cannot mount {registry.host}/private/other" in x]
+        assert refused and "requires a user name and password" in refused[0], node.log("snapshotter")[-2000:]
+        for path in [node.tmp / "snapshotter.log", *(node.tmp / "lazyfs" / "logs").iterdir()]:
+            assert PASSWORD not in path.read_text(errors="replace"), f"the password is in {path}"
+    finally:
+        registry.stop()
+
+
+def _mount_of(node: CriNode, repository: str) -> Path:
+    for p in (node.tmp / "lazyfs" / "mounts").iterdir():
+        if os.path.ismount(p) and json.loads(os.getxattr(p, STATUS_XATTR))["ref"].startswith(repository):
+            return p
+    raise AssertionError(f"no lazy mount of {repository}:\n{node.log('snapshotter')[-3000:]}")

@@ -20,12 +20,15 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .. import mountinfo
 from ..errors import ExitCode, MountError, NotLazyImageError, UserError
 from ..process import read_ready, wait_gone
 from .usage import CacheUsage
+
+if TYPE_CHECKING:
+    from .keychain import Keychain
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ class LazyFileSystem:
 
     def __init__(self, root: Path, *, timeout: float = 30.0, prefetch: bool = True,
                  cache_size: int | None = None, peers: PeerOptions | None = None,
-                 spare: bool = False) -> None:
+                 spare: bool = False, keychain: Keychain | None = None) -> None:
         self.root = root
         self.cache = root / "cache"
         self.timeout = timeout
@@ -101,9 +104,27 @@ class LazyFileSystem:
         """Keep one mount process started ahead of need (see ``start_spare``)."""
         self._spare: tuple[subprocess.Popen, int] | None = None  # the process, its ready pipe
         self._spare_lock = threading.Lock()
+        self.keychain = keychain
+        """Pods' pull credentials (``--cri-keychain``): an image pulled with them is mounted
+        with them, from a credentials file of its own (``creds_file``)."""
 
     def mountpoint(self, ref: str) -> Path:
         return self.root / "mounts" / hashlib.sha256(ref.encode()).hexdigest()[:24]
+
+    def creds_file(self, mountpoint: Path) -> Path:
+        """The credentials an image's mount was given by a pull (0600; kept while it is
+        mounted, so that a remount after a crash has them too)."""
+        return self.root / "creds" / f"{mountpoint.name}.json"
+
+    def _creds_args(self, ref: str, mnt: Path) -> list[str]:
+        path = self.creds_file(mnt)
+        found = self.keychain.lookup(ref) if self.keychain is not None else None
+        if found is not None:
+            from .keychain import write_creds_file
+
+            write_creds_file(path, *found)
+            log.info("mounting %s with the credentials of its pull", ref)
+        return ["--creds-file", str(path)] if path.exists() else []
 
     def mount(self, ref: str, labels: dict[str, str]) -> Path:
         self._reap()
@@ -121,7 +142,7 @@ class LazyFileSystem:
         args = [ref, str(mnt), "--cache", str(self.cache), "--allow-other", "--timeout", str(self.timeout),
                 *([] if self.prefetch else ["--no-prefetch"]),
                 *([] if self.cache_size is None else ["--cache-size", str(self.cache_size)]),
-                *([] if self.peers is None else self.peers.argv())]
+                *([] if self.peers is None else self.peers.argv()), *self._creds_args(ref, mnt)]
         child, r = self._hand_to_spare(args, log_file) or self._start(args, log_file)
         try:
             answer = read_ready(r, self.ready_timeout)
@@ -263,6 +284,7 @@ class LazyFileSystem:
             mountpoint.rmdir()
         except OSError:
             pass
+        self.creds_file(mountpoint).unlink(missing_ok=True)
         log.info("unmounted %s", mountpoint)
 
     def _reap(self) -> None:
