@@ -350,9 +350,9 @@ def _checked_peers(args: argparse.Namespace, *, listen: tuple[str, int] | None,
 def _mount_options(args: argparse.Namespace) -> Any:
     from .mount import MountOptions
 
-    if args.record_window < 0:
+    if not 0 <= args.record_window < math.inf:  # NaN fails this too
         raise UserError("--record-window must be 0 (off) or more seconds", ExitCode.USAGE)
-    if args.refresh_trace_after < 0:
+    if not 0 <= args.refresh_trace_after < math.inf:
         raise UserError("--refresh-trace-after must be 0 (never) or more seconds", ExitCode.USAGE)
     registry = _registry_options(args)
     return MountOptions(

@@ -100,6 +100,14 @@ def test_a_timeout_must_be_positive_seconds(tmp_path, value):
         assert "positive number of seconds" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_the_trace_windows_must_be_seconds(tmp_path, value):
+    for option in ("--record-window", "--refresh-trace-after"):
+        done = lazyfs("mount", "127.0.0.1:1/app:1", str(tmp_path), option, value, check=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (option, done.stderr)
+        assert option in done.stderr.splitlines()[-1], done.stderr
+
+
 def test_the_config_files_timeout_is_used_and_checked(tmp_path):
     import socket
 
