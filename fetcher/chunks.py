@@ -379,12 +379,36 @@ class ChunkFetcher:
     def _note_failed(self, waits: list[tuple[Chunk, _Pending]], started: float,
                      error: FetchError) -> None:
         now = trio.current_time()
-        if len(self._failed) > 4096:  # forget what is past the window
-            self._failed = {d: f for d, f in self._failed.items()
-                            if now - f[0] <= self.config.reread_window}
+        self._forget_failed(now)
         for c, p in waits:
             if p.data is None:
                 self._failed[c.digest] = (now, started, error)
+
+    def _forget_failed(self, now: float) -> None:
+        if len(self._failed) > 4096:  # forget what is past the window
+            self._failed = {d: f for d, f in self._failed.items()
+                            if now - f[0] <= self.config.reread_window}
+
+    def note_failed_read(self, chunks: Sequence[Chunk], began: float, error: FetchError) -> None:
+        """A demand read over ``chunks`` (begun at ``began``, trio time) failed: a re-read of
+        any of them continues its deadline, those it had from the cache included. The
+        kernel re-reads a failed read a page at a time, and a chunk that came from the
+        cache may have left it (evicted) by its page's turn; fetching it again is part of
+        the failed read, not a read of its own."""
+        now = trio.current_time()
+        self._forget_failed(now)
+        window = self.config.reread_window
+        noted = [f[1] for c in chunks
+                 if (f := self._failed.get(c.digest)) is not None and now - f[0] <= window]
+        first = min([began, *noted])
+        for c in chunks:
+            f = self._failed.get(c.digest)
+            if f is None or now - f[0] > window:
+                self._failed[c.digest] = (now, first, error)
+        if noted and first < max(noted):
+            for digest, (_, b, e) in list(self._failed.items()):
+                if b in noted:  # one read, one start: _keep_rereading moves them together
+                    self._failed[digest] = (now, first, e)
 
     async def wait_demand_idle(self) -> None:
         """Return once no demand fetch is in flight (background work calls this first)."""

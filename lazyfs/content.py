@@ -85,6 +85,7 @@ class ImageContent:
 
         Raises ``FetchError`` when a chunk cannot be had in time or fails verification."""
         started = time.perf_counter()
+        began = trio.current_time()
         spans = self.index.chunks(ino, offset, size)
         self.stats.reads += 1
         if not spans:
@@ -102,8 +103,10 @@ class ImageContent:
         try:
             data = await self._chunks(chunks, tiers=tiers, sources=sources,
                                       read=(ino, offset, size)) if chunks else {}
-        except FetchError:
+        except FetchError as exc:
             self.stats.failed_reads += 1
+            if self.fetcher is not None:  # the kernel re-reads it: the same deadline for all of it
+                self.fetcher.note_failed_read(chunks, began, exc)
             raise
         if self.observe_read is not None:
             slowest = "network" if "network" in tiers else "cache" if "cache" in tiers else "memory"

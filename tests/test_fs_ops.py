@@ -10,6 +10,7 @@ import stat
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from blockindex.format import ROOT_INO
 from blockindex.reader import IndexReader
@@ -50,7 +51,7 @@ def image(tmp_path):
     return IndexReader(tmp_path / "index"), ScriptedSource({blob.digest: raw}), size
 
 
-def run(tmp_path, image, body, script=()):
+def run(tmp_path, image, body, script=(), clock=None, with_content=False):
     index, source, size = image
     source.script = list(script)
 
@@ -60,10 +61,10 @@ def run(tmp_path, image, body, script=()):
                                    FetchConfig(deadline=2))
             content = ImageContent(index, ChunkStore(tmp_path / "cache"), fetcher)
             ops = LazyOperations(index, content, lambda: {"pid": 1})
-            await body(ops, size)
+            await (body(ops, size, content) if with_content else body(ops, size))
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    trio.run(main, clock=clock)
     return source
 
 
@@ -111,6 +112,33 @@ def test_bad_bytes_are_eio_never_served(tmp_path, image):
         assert bytes(await ops.read(2, 0, 100)) == A[:100]  # a retry fetches good bytes
 
     run(tmp_path, image, body, script=["corrupt"])
+
+
+def test_a_reread_of_a_failed_read_continues_its_deadline_for_chunks_it_had(tmp_path, image):
+    """A read over chunks A and B: A comes from the cache, B's fetch stalls, the read fails
+    at its deadline, and the kernel re-reads it a page at a time. If A left the cache in
+    between (evicted), its re-read is part of the failed read and gets a short try, not a
+    deadline of its own (a soak saw 6.7 s for a 5 s deadline)."""
+    async def body(ops, size, content):
+        assert bytes(await ops.read(2, 0, 100)) == A[:100]
+        a = content.index.chunks(2, 0, 1)[0].chunk.digest
+        store = ChunkStore(tmp_path / "cache")
+        while not store.contains(a):  # noqa: ASYNC110 - A's cache write is a thread's
+            await trio.sleep(0.01)
+        start = trio.current_time()
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.read(2, 0, size)  # B stalls: the read fails at its 2 s deadline
+        assert trio.current_time() - start == pytest.approx(2, abs=0.1)
+        content._lru.clear()  # A leaves memory and the cache, as an eviction would take it
+        store.remove(a)
+        start = trio.current_time()
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.read(2, 0, 4096)  # the kernel's re-read of the first page: a short try
+        assert trio.current_time() - start == pytest.approx(0.5, abs=0.1)
+
+    source = run(tmp_path, image, body, script=["ok", "stall", "stall"],
+                 clock=trio.testing.MockClock(autojump_threshold=0), with_content=True)
+    assert len(source.requests) == 3
 
 
 def test_writes_are_refused(tmp_path, image):
