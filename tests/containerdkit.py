@@ -219,3 +219,33 @@ def build_pause_image(layout_dir: Path, tag: str = "1") -> str:
     }), MEDIA_TYPE_OCI_MANIFEST)
     layout.tag(manifest, tag)
     return str(manifest["digest"])
+
+
+def registry_with(tmp: Path, images: Path) -> Any:
+    """Debian's docker-registry on loopback, holding every OCI layout under ``images``
+    (``images/NAME`` tagged ``1``) as ``NAME:1``, pushed by lazyfs's own push: the
+    origin a node pulls from. Its ``requests()`` are (method, uri, status) from its
+    access log; ``stop()`` ends it. Skips the test without docker-registry."""
+    import shutil
+
+    import pytest
+
+    from fetcher.imageref import ImageRef
+    from fetcher.options import RegistryOptions
+    from fetcher.push import push_image
+
+    from .registryd import Registry
+
+    if not shutil.which("docker-registry"):
+        pytest.skip("needs docker-registry (tests/setup.sh installs it)")
+    registry = Registry(tmp, name="origin")
+    try:
+        for layout_dir in sorted(p for p in images.iterdir() if p.is_dir()):
+            layout = Layout(layout_dir)
+            digest = layout.resolve("1")["digest"]
+            ref = ImageRef.parse(f"{registry.host}/{layout_dir.name}:1")
+            push_image(layout, digest, ref, RegistryOptions())
+    except BaseException:
+        registry.stop()
+        raise
+    return registry

@@ -329,7 +329,7 @@ def test_grpc_round_trip(fake, tmp_path):
         t.join(10)
 
 
-# -- the real thing: Debian's containerd, runc, lazyfs snapshotter, lazyfs serve ---------------
+# -- the real thing: Debian's containerd, runc and docker-registry, the lazyfs snapshotter -------
 
 @dataclasses.dataclass
 class Node:
@@ -363,7 +363,8 @@ class Node:
 
     def chunk_blob_requests(self) -> list:
         blobs = {layer["digest"] for layer in self.manifest["layers"][1:]}
-        return [r for r in self.server.requests if any(r[1].endswith(b) for b in blobs)]
+        return [r for r in self.server.requests()  # downloads: not the push's HEADs and PUTs
+                if r[0] == "GET" and any(r[1].endswith(b) for b in blobs)]
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +380,7 @@ def node(tmp_path_factory):
     try:
         image = imagegen.build_python_image(tmp / "python.tar", cache_dir=_python_cache())
         convert(f"docker-archive:{image}", f"oci:{tmp / 'images' / 'python'}:1")
-        server = make_server(tmp / "images", "127.0.0.1", 0, access_log=tmp / "access.log").start()
+        server = kit.registry_with(tmp, tmp / "images")
         layout = Layout(tmp / "images" / "python")
         manifest = json.loads(layout.read_blob(layout.resolve("1")["digest"]))
         n = Node(tmp, tmp / "c.sock", tmp / "s.sock", snap_root, procs, None, server,  # type: ignore[arg-type]
@@ -392,7 +393,7 @@ def node(tmp_path_factory):
     finally:
         kit.teardown(tmp, procs)
         if server is not None:
-            server.close()
+            server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -406,7 +407,7 @@ def _python_cache() -> Path:
 def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
     done = lazyfs("pull", "--address", str(node.sock), node.ref)
     assert "lazily" in done.stdout
-    paths = [r[1] for r in node.server.requests]
+    paths = [r[1] for r in node.server.requests() if r[0] == "GET"]
     assert any("/manifests/" in p for p in paths)
     assert node.chunk_blob_requests() == [], "a chunk blob was downloaded before the container started"
     assert any(node.manifest["layers"][0]["digest"] in p for p in paths)  # the index

@@ -4,7 +4,7 @@ it, and the container's output is read back from its CRI log, as kubelet would.
 
 The pod uses the host's network (no CNI plugin needed); its sandbox image is an ordinary
 image made from this machine's ``sleep``, pulled through CRI from the same test registry
-(``lazyfs serve``) and unpacked by the same snapshotter the usual way.
+(Debian's docker-registry) and unpacked by the same snapshotter the usual way.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from blockindex.convert import convert
 from blockindex.oci import Layout
 from lazyfs.mountinfo import STATUS_XATTR
 from lazyfs.process import wait_gone
-from lazyfs.serve import make_server
 
 from . import containerdkit as kit
 from . import imagegen
@@ -58,7 +57,8 @@ class CriNode:
 
     def chunk_blob_requests(self) -> list:
         blobs = {layer["digest"] for layer in self.manifest["layers"][1:]}
-        return [r for r in self.server.requests if any(r[1].endswith(b) for b in blobs)]
+        return [r for r in self.server.requests()  # downloads: not the push's HEADs and PUTs
+                if r[0] == "GET" and any(r[1].endswith(b) for b in blobs)]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def node():
         image = imagegen.build_python_image(tmp / "python.tar", cache_dir=_python_cache())
         convert(f"docker-archive:{image}", f"oci:{tmp / 'images' / 'python'}:1")
         kit.build_pause_image(tmp / "images" / "pause")
-        server = make_server(tmp / "images", "127.0.0.1", 0, access_log=tmp / "access.log").start()
+        server = kit.registry_with(tmp, tmp / "images")
         layout = Layout(tmp / "images" / "python")
         manifest = json.loads(layout.read_blob(layout.resolve("1")["digest"]))
         registry = f"127.0.0.1:{server.port}"
@@ -104,7 +104,7 @@ def node():
     finally:
         kit.teardown(tmp, procs)
         if server is not None:
-            server.close()
+            server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
