@@ -90,6 +90,7 @@ class Upstream:
 
     def __init__(self, sock: Path) -> None:
         self.calls: list[tuple[str, bytes]] = []
+        self.many = False
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[self])
         self.server.add_insecure_port(f"unix://{sock}")
         self.server.start()
@@ -103,6 +104,9 @@ class Upstream:
                 context.abort(grpc.StatusCode.NOT_FOUND, "no such image")
             if method.endswith("/PullImage"):
                 return cri.PullImageResponse(image_ref="sha256:" + "c" * 64).SerializeToString()
+            if method.endswith("/ListImages") and self.many:
+                return cri.ListImagesResponse(images=[cri.Image(id=f"sha256:{i:064x}", repo_tags=[
+                    f"registry.example/team/image-{i}:tag"]) for i in range(60_000)]).SerializeToString()
             return cri.ListImagesResponse(images=[cri.Image(id="x")]).SerializeToString()
 
         return grpc.unary_unary_rpc_method_handler(answer)
@@ -137,6 +141,20 @@ def test_every_image_call_reaches_containerd_unchanged_and_pulls_leave_their_cre
         cri_grpc.RuntimeServiceStub(channel).Version(cri.VersionRequest(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert stat.S_IMODE((tmp / "cri.sock").stat().st_mode) == 0o600
+
+
+def test_answers_larger_than_grpcs_default_limit_pass_as_kubelet_allows(proxied):
+    """kubelet and containerd allow 16 MiB messages; a node with many images answers
+    ListImages with more than gRPC's default 4 MiB."""
+    _, upstream, _, tmp = proxied
+    upstream.many = True
+    channel = grpc.insecure_channel(f"unix://{tmp / 'cri.sock'}",
+                                    options=[("grpc.max_receive_message_length", 16 << 20)])
+    try:
+        images = cri_grpc.ImageServiceStub(channel).ListImages(cri.ListImagesRequest(), timeout=30).images
+        assert len(images) == 60_000 and images[-1].id == f"sha256:{59_999:064x}"
+    finally:
+        channel.close()
 
 
 def test_a_pull_that_containerd_does_not_answer_in_time_fails_with_its_deadline(proxied):

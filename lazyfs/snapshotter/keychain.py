@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 SERVICES = ("runtime.v1.ImageService", "runtime.v1alpha2.ImageService")
 """The CRI image services forwarded (kubelet speaks v1; v1alpha2 for older kubelets)."""
 
+MAX_MESSAGE = 16 << 20
+"""The largest message passed either way: kubelet's and containerd's CRI limit (gRPC's
+default of 4 MiB is less than a node with many images answers ListImages with)."""
+
 MAX_ENTRIES = 4096
 """Credentials kept at most (the least recently pulled go first): a node pulls far fewer
 distinct repositories than this between a pull and its mount."""
@@ -171,9 +175,12 @@ class ImageServiceProxy:
         self.keychain = keychain
         self.address = address
         self.upstream = upstream
-        self._channel = grpc.insecure_channel(upstream if "://" in upstream else f"unix://{upstream}")
+        limits = [("grpc.max_receive_message_length", MAX_MESSAGE),
+                  ("grpc.max_send_message_length", MAX_MESSAGE)]
+        self._channel = grpc.insecure_channel(upstream if "://" in upstream else f"unix://{upstream}",
+                                              options=limits)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                                   handlers=[_Forward(self)])
+                                   handlers=[_Forward(self)], options=limits)
 
     def start(self) -> ImageServiceProxy:
         self.address.parent.mkdir(parents=True, exist_ok=True)
