@@ -483,14 +483,14 @@ def _mount_child(args: argparse.Namespace, logf: Any, r: int, w: int) -> NoRetur
         os._exit(code)
 
 
-def _read_status(mountpoint: Path) -> dict[str, Any]:
-    from .mountinfo import read_status
+def _read_status(mountpoint: Path, timeout: float | None = None) -> dict[str, Any]:
+    from .mountinfo import STATUS_TIMEOUT, read_status
 
-    return read_status(mountpoint)
+    return read_status(mountpoint, STATUS_TIMEOUT if timeout is None else timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _read_status(Path(args.mountpoint).absolute())
+    status = _read_status(Path(args.mountpoint).absolute(), args.timeout)
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -536,13 +536,15 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from . import mountinfo
 
     mountpoint = Path(args.mountpoint).absolute()
+    stuck = False
     try:
         pid: int | None = int(_read_status(mountpoint)["pid"])
-    except MountError:
+    except MountError as exc:
         entry = mountinfo.find(mountpoint, resolved=True)
         if entry is None or entry.fstype != mountinfo.FSTYPE:
             raise
-        pid = None  # a lazyfs mount whose process has died: detach what is left
+        # a lazyfs mount whose process has died, or is stuck: detach what is left
+        pid, stuck = None, isinstance(exc, mountinfo.NotAnsweringError)
     cmd = ["fusermount3", "-u", *(["-z"] if args.lazy or pid is None else []), str(mountpoint)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -550,7 +552,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         raise MountError(f"cannot unmount {mountpoint}: {reason} (--lazy detaches it anyway)")
     if pid is not None and not wait_gone(pid, 30):
         raise MountError(f"unmounted {mountpoint}, but mount process {pid} is still running")
-    print(f"unmounted {mountpoint}" + (" (its process had died)" if pid is None else ""))
+    if stuck:
+        print(f"detached {mountpoint}: its process did not answer within {mountinfo.STATUS_TIMEOUT:g}s "
+              "and is still running (find it with: pgrep -af 'lazyfs')")
+    else:
+        print(f"unmounted {mountpoint}" + (" (its process had died)" if pid is None else ""))
     return 0
 
 
@@ -742,6 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--slow", action="store_true", help="also the reads that waited longest on the network")
+    p.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                   help="how long to wait for the mount to answer (default 10): a stuck one answers nothing")
     p.set_defaults(func=cmd_status)
 
     from .tracecmd import register as register_trace

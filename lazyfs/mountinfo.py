@@ -10,6 +10,8 @@ import dataclasses
 import json
 import os
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +138,8 @@ def set_max_background(entry: MountEntry, requests: int = MAX_BACKGROUND) -> boo
 def check_mountpoint(path: Path) -> None:
     entry = find(os.path.abspath(path), resolved=True)
     if entry is not None and entry.fstype == FSTYPE and not _answers(path):
-        raise MountError(f"mountpoint {path} holds a lazyfs mount whose process has died; "
-                         f"run 'lazyfs umount {path}' first")
+        raise MountError(f"mountpoint {path} holds a lazyfs mount whose process has died or does "
+                         f"not answer; run 'lazyfs umount {path}' first")
     if not path.exists():
         raise MountError(f"mountpoint {path} does not exist")
     if not path.is_dir():
@@ -150,19 +152,55 @@ def check_mountpoint(path: Path) -> None:
 
 def _answers(path: Path) -> bool:
     try:
-        os.statvfs(path)  # not stat: the kernel answers that from its cache
-    except OSError:
+        _bounded(lambda: os.statvfs(path), STATUS_TIMEOUT)  # not stat: the kernel answers that from its cache
+    except (OSError, TimeoutError):
         return False
     return True
 
 
-def read_status(mountpoint: Path) -> dict[str, Any]:
+STATUS_TIMEOUT = 10.0
+"""Seconds to wait for a mount to answer its status (``lazyfs status``, ``umount``, the
+snapshotter's check): a mount process that is alive but stuck (stopped, or wedged)
+answers nothing, and the kernel makes the asker wait for as long as that lasts."""
+
+
+class NotAnsweringError(MountError):
+    """The mount exists and its process is alive, but it does not answer in time."""
+
+
+def _bounded(fn: Callable[[], Any], timeout: float) -> Any:
+    """``fn()`` in a daemon thread, waited for at most ``timeout`` seconds: a call into a
+    stuck FUSE mount cannot be interrupted, so the thread is left behind (blocked in the
+    kernel until the mount answers or goes) and TimeoutError raised."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=call, name="lazyfs-mount-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def read_status(mountpoint: Path, timeout: float = STATUS_TIMEOUT) -> dict[str, Any]:
     """The status a lazyfs mount reports about itself; MountError if it is not one or
-    its process does not answer."""
+    its process does not answer (``NotAnsweringError`` if it is alive but answers nothing
+    within ``timeout`` seconds)."""
     entry = find(mountpoint)
     if entry is None or entry.fstype != FSTYPE:
         raise MountError(f"{mountpoint} is not a lazyfs mount")
     try:
-        return json.loads(os.getxattr(mountpoint, STATUS_XATTR))
+        return json.loads(_bounded(lambda: os.getxattr(mountpoint, STATUS_XATTR), timeout))
+    except TimeoutError:
+        raise NotAnsweringError(f"{mountpoint}: the mount's process is alive but does not answer "
+                                f"within {timeout:g}s (stopped or stuck)") from None
     except OSError as exc:
         raise MountError(f"{mountpoint}: the mount does not answer ({exc.strerror})") from exc

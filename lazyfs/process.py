@@ -6,6 +6,7 @@ import os
 import select
 import signal
 import time
+from pathlib import Path
 
 
 def alive(pid: int) -> bool:
@@ -16,6 +17,16 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def exited(pid: int) -> bool:
+    """Whether ``pid`` has stopped running: gone, or a zombie its parent has not reaped
+    (``alive`` counts those: it is for processes this one must reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return not alive(pid)
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] in (b"Z", b"X")
 
 
 def wait_gone(pid: int, timeout: float, *, kill: bool = False) -> bool:

@@ -240,6 +240,36 @@ def test_killed_mount_process_is_reported_and_cleaned_up(served, mounts, tmp_pat
     mounts.mount(ref(server), "--no-prefetch")
 
 
+def test_a_stopped_mount_process_is_reported_and_detached_without_hanging(served, mounts, tmp_path):
+    """A mount whose process is alive but answers nothing (here SIGSTOPped: a wedged one
+    looks the same) must not hang the commands that ask it: status says so within its
+    --timeout, umount detaches it, and the mountpoint is usable again."""
+    import signal
+    import time
+
+    _image, _root, server = served
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
+    pid = mounts.status(mnt)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        done = lazyfs("status", str(mnt), "--timeout", "1", check=False, timeout=30)
+        assert done.returncode == 5, done.stderr
+        assert done.stderr.count("\n") == 1 and "does not answer within 1s" in done.stderr, done.stderr
+        assert time.monotonic() - started < 15  # not the kernel's forever
+        again = lazyfs("mount", ref(server), str(mnt), "--cache", str(tmp_path / "c"), check=False,
+                       timeout=60)
+        assert again.returncode == 5 and "does not answer" in again.stderr, again.stderr
+        done = lazyfs("umount", str(mnt), timeout=60)
+        assert "did not answer" in done.stdout and "still running" in done.stdout, done.stdout
+        assert not os.path.ismount(mnt)
+        mounts.points.remove(mnt)
+        mounts.mount(ref(server), "--no-prefetch")  # the mountpoint is usable again
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+
+
 def _wait_gone(pid: int) -> None:
     assert wait_gone(pid, 10), f"process {pid} is still running"
 

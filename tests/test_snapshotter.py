@@ -546,3 +546,37 @@ def test_removing_the_image_unmounts_its_lazyfs_mount(node):
 
     listed = node.ctr("snapshot", "--snapshotter", "lazyfs", "ls").stdout
     assert not [c for c in chain_ids([x["digest"] for x in node.manifest["layers"]]) if c in listed]
+
+
+@pytest.mark.mount
+def test_a_stuck_mount_is_killed_and_replaced_not_waited_on(node):
+    """An image's mount process alive but answering nothing (SIGSTOPped here) must not
+    hang the snapshotter's calls: its check gives up after the status timeout, the stuck
+    process is killed and the image mounted again."""
+    from lazyfs.mountinfo import NotAnsweringError
+    from lazyfs.process import exited
+    from lazyfs.snapshotter.filesystem import LazyFileSystem
+
+    lazyfs("pull", "--address", str(node.sock), node.ref)
+    mounts = [p for p in (node.snap_root / "mounts").iterdir() if os.path.ismount(p)]
+    fs = LazyFileSystem(node.snap_root)  # the snapshotter's view of the same root
+    fs.status_timeout = 1.0
+    status = next(st for m in mounts if (st := fs.status(m))["ref"].startswith(node.ref.split(":1")[0]))
+    mnt, pid = Path(status["mountpoint"]), int(status["pid"])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(NotAnsweringError):
+            fs.check(mnt)
+        assert time.monotonic() - started < 5
+        assert fs.mount(status["ref"], {}) == mnt  # kills the stuck one, mounts anew
+        assert exited(pid), "the stuck mount process was left running"
+        assert fs.status(mnt)["pid"] != pid
+        out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t-stuck",
+                       "/usr/bin/python3", "-c", "print(2)")
+        assert out.stdout.strip() == "2"
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -15,16 +15,18 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from .. import mountinfo
 from ..errors import ExitCode, MountError, NotLazyImageError, UserError
-from ..process import read_ready, wait_gone
+from ..process import exited, read_ready, wait_gone
 from .usage import CacheUsage
 
 if TYPE_CHECKING:
@@ -104,6 +106,10 @@ class LazyFileSystem:
         """Keep one mount process started ahead of need (see ``start_spare``)."""
         self._spare: tuple[subprocess.Popen, int] | None = None  # the process, its ready pipe
         self._spare_lock = threading.Lock()
+        self._pids: dict[str, int] = {}
+        """The mount process of each mountpoint (by name) seen answering: what a stuck one is
+        killed by."""
+        self.status_timeout = mountinfo.STATUS_TIMEOUT
         self.keychain = keychain
         """Pods' pull credentials (``--cri-keychain``): an image pulled with them is mounted
         with them, from a credentials file of its own (``creds_file``)."""
@@ -132,6 +138,9 @@ class LazyFileSystem:
         try:
             self.check(mnt)
             return mnt
+        except mountinfo.NotAnsweringError as exc:
+            log.warning("%s: replacing it", exc)
+            self._kill_stuck(mnt)
         except MountError:
             pass
         self._detach(mnt)
@@ -150,6 +159,7 @@ class LazyFileSystem:
             self.start_spare()
         if answer == "ok":
             self._children[child.pid] = child
+            self._pids[mnt.name] = child.pid
             log.info("mounted %s at %s (pid %d)", ref, mnt, child.pid)
             return mnt
         if answer.startswith("error "):
@@ -259,7 +269,39 @@ class LazyFileSystem:
         return self._usage.layer(ref.rpartition("@")[2], layer)
 
     def status(self, mountpoint: Path) -> dict:
-        return mountinfo.read_status(mountpoint)
+        status = mountinfo.read_status(mountpoint, self.status_timeout)
+        self._pids[mountpoint.name] = int(status["pid"])
+        return status
+
+    def _kill_stuck(self, mountpoint: Path) -> None:
+        """Kill the process of a mount that is alive but does not answer (its readers get
+        ENOTCONN instead of waiting forever), if this snapshotter has seen which it is."""
+        pid = self._pids.pop(mountpoint.name, None)
+        if pid is None:
+            log.warning("the process of the stuck mount at %s is unknown here: left running", mountpoint)
+            return
+        child = self._children.pop(pid, None)
+        if child is not None:
+            log.warning("killing mount process %d of %s, which does not answer", pid, mountpoint)
+            child.kill()
+            child.wait(timeout=10.0)
+            return
+        try:  # started by an earlier snapshotter: make sure the pid is still a lazyfs process
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return  # gone already
+        if b"lazyfs" not in cmdline:
+            return
+        log.warning("killing mount process %d of %s, which does not answer", pid, mountpoint)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10.0  # its parent (an earlier snapshotter, or init) reaps it
+        while not exited(pid) and time.monotonic() < deadline:
+            time.sleep(0.025)
+        if not exited(pid):
+            log.warning("mount process %d did not end after SIGKILL", pid)
 
     def check(self, mountpoint: Path) -> None:
         self.status(mountpoint)
@@ -268,8 +310,11 @@ class LazyFileSystem:
         pid = None
         try:
             pid = int(self.status(mountpoint)["pid"])
+        except mountinfo.NotAnsweringError:
+            self._kill_stuck(mountpoint)
         except MountError:
             pass
+        self._pids.pop(mountpoint.name, None)
         self._detach(mountpoint)
         child = self._children.pop(pid, None) if pid is not None else None
         if child is not None:  # ours: wait for it, or it stays a zombie that looks alive
