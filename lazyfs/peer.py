@@ -76,6 +76,9 @@ def read_token(path: Path) -> str:
     return token
 
 
+_SEND_PIECE = 1 << 20
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PeerServerConfig:
     """How the chunk server treats its callers."""
@@ -84,6 +87,12 @@ class PeerServerConfig:
     """Requests in progress at once; more are answered 503 (the caller goes to the origin)."""
     idle_timeout: float = 30.0
     """Seconds a keep-alive connection may sit idle, or take to send a request head."""
+    max_connections: int = 256
+    """Connections open at once; more are closed as they come (a caller, token or not,
+    cannot take the process's file descriptors)."""
+    send_timeout: float = 30.0
+    """Seconds the caller may take to take each MiB of an answer; then the connection is
+    closed (one that stops reading holds a chunk's bytes no longer than this)."""
     fetch_deadline: float = 30.0
     """Seconds fetching a missing chunk from the origin may take before answering 502."""
     thread_above: int = 128 << 10
@@ -98,6 +107,10 @@ class PeerServerStats:
     fetched_for_peers: int = 0
     unauthorized: int = 0
     busy: int = 0
+    refused_connections: int = 0
+    """Connections closed at once: ``max_connections`` were open."""
+    send_timeouts: int = 0
+    """Connections closed because the caller did not take an answer in time."""
     not_found: int = 0
     errors: int = 0
     from_self: int = 0
@@ -152,6 +165,7 @@ class ChunkServer:
         self._expected = f"Bearer {token}".encode()
         self._origins = origins
         self._active = 0
+        self._connections = 0
         self._io = trio.CapacityLimiter(4)
         self._traces: TraceStore | None = None  # made on first use (it creates CACHE/traces)
 
@@ -168,6 +182,12 @@ class ChunkServer:
         await trio.serve_listeners(self._connection, listeners)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
+        if self._connections >= self.config.max_connections:
+            self.stats.refused_connections += 1
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await trio.aclose_forcefully(stream)
+            return
+        self._connections += 1
         buf = b""
         try:
             while True:
@@ -187,7 +207,11 @@ class ChunkServer:
                     return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
+        except trio.TooSlowError:  # the caller stopped taking an answer
+            self.stats.send_timeouts += 1
+            await trio.aclose_forcefully(stream)
         finally:
+            self._connections -= 1
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await stream.aclose()
 
@@ -340,11 +364,17 @@ class ChunkServer:
         if not keep:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        # each piece must be taken within send_timeout (TooSlowError: _connection closes it)
         if len(body) <= 64 << 10:
-            await stream.send_all(head + body)
-        else:
+            with trio.fail_after(self.config.send_timeout):
+                await stream.send_all(head + body)
+            return
+        with trio.fail_after(self.config.send_timeout):
             await stream.send_all(head)
-            await stream.send_all(body)
+        view = memoryview(body)
+        for at in range(0, len(view), _SEND_PIECE):
+            with trio.fail_after(self.config.send_timeout):
+                await stream.send_all(view[at : at + _SEND_PIECE])
 
 
 def _chunk_from_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, str | None]:

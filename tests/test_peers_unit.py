@@ -519,3 +519,64 @@ def test_prefetch_asks_the_origin_by_one_peer_deadline_when_peers_hang(tmp_path)
     roles, origin, client, out = run_cluster(tmp_path, [["stall"], ["stall"]], background=True)
     assert len(origin.requests) == 1 and "data" in out
     assert origin.times[0] <= PeerConfig().request_deadline + 1e-6
+
+
+# -- the chunk server's limits on its callers -------------------------------------------------
+
+PEER_TOKEN = "s3cret-cluster-token-0123456789"
+
+
+def test_the_peer_server_caps_connections_and_drops_callers_that_stop_reading(tmp_path):
+    """Past ``max_connections`` a connection is closed as it comes; a token holder that
+    asks for a chunk and never reads the answer loses the connection after
+    ``send_timeout``, and the server serves others all along."""
+    from blockindex.format import CODEC_RAW
+    from lazyfs.peer import ChunkServer, PeerServerConfig
+
+    store = ChunkStore(tmp_path / "cache")
+    big = os.urandom(48 << 20)  # more than loopback's socket buffers hold
+    digest = bytes(range(32))
+    assert store.put(digest, CODEC_RAW, len(big), big)
+    config = PeerServerConfig(max_connections=3, send_timeout=1.0)
+    request = (f"GET /v1/chunks/{digest.hex()} HTTP/1.1\r\nHost: x\r\n"
+               f"Authorization: Bearer {PEER_TOKEN}\r\n\r\n").encode()
+
+    async def receive_all(stream: trio.SocketStream) -> bytes:
+        out = bytearray()
+        while part := await stream.receive_some(1 << 20):
+            out += part
+        return bytes(out)
+
+    async def main() -> None:
+        server = ChunkServer(store, PEER_TOKEN, config=config)
+        listeners = await ChunkServer.listen_on("127.0.0.1", 0)
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve, listeners)
+            idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+            await trio.sleep(0.2)
+            extra = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(5):
+                assert await receive_all(extra) == b""  # closed at once, no answer
+            assert server.stats.refused_connections == 1
+            await idle.pop().aclose()
+            await trio.sleep(0.2)
+            # a caller that asks and never reads: cut off after the send timeout
+            stalled = await trio.open_tcp_stream("127.0.0.1", port)
+            await stalled.send_all(request)
+            with trio.fail_after(10):
+                while server.stats.send_timeouts == 0:  # noqa: ASYNC110 - a counter, no event
+                    await trio.sleep(0.1)
+            got = await receive_all(stalled)  # what the buffers held, then the end
+            assert 0 < len(got) < len(big)
+            # and the server still answers a caller that reads
+            reader = await trio.open_tcp_stream("127.0.0.1", port)
+            await reader.send_all(request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+            with trio.fail_after(10):
+                answer = await receive_all(reader)
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(big[-1000:])
+            for s in (*idle, extra, stalled, reader):
+                await s.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
