@@ -596,12 +596,28 @@ def _retry_after(response: httpx.Response, cap: float) -> float | None:
     return min(max(seconds, 0.0), cap)
 
 
+LOW_SPEED = (64 << 10, 60.0)
+"""A body that brings fewer than this many bytes in this many seconds is given up
+(``UnreachableError``), as curl's ``--speed-limit`` does: each wait for bytes has its own
+timeout, but a server that trickles a byte at a time would hold a download forever."""
+
+
 async def _body(response: httpx.Response) -> AsyncIterator[bytes]:
     """The body as it arrives; in one piece if it is already in memory (MockTransport)."""
     if response.is_stream_consumed:
         yield response.content
         return
+    floor, window = LOW_SPEED
+    since, got = trio.current_time(), 0
     async for piece in response.aiter_raw():
+        got += len(piece)
+        now = trio.current_time()
+        if now - since >= window:
+            if got < floor:
+                raise UnreachableError(
+                    f"{response.url.host}: {response.request.method} {response.url.path} sent "
+                    f"{got} bytes in {now - since:.0f} s, under {floor >> 10} KiB in {window:g} s; given up")
+            since, got = now, 0
         yield piece
 
 

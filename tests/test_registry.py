@@ -9,7 +9,9 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -214,6 +216,40 @@ def test_silent_server_is_unreachable_within_timeout(raw_server: Any) -> None:
     with pytest.raises(UnreachableError, match="did not answer"):
         run(f"127.0.0.1:{port}", "app", lambda c: c.get_manifest(), timing, timeout=0.5)
     assert timing["elapsed"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_a_server_that_trickles_a_blob_is_given_up(tmp_path: Path, monkeypatch: Any) -> None:
+    """Each wait for bytes is short, but a byte every 50 ms would hold a download (convert
+    from a registry) forever: under LOW_SPEED's floor for its window, it is given up."""
+    import fetcher.registry as registry
+
+    monkeypatch.setattr(registry, "LOW_SPEED", (1000, 1.0))
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        until = time.monotonic() + 8  # then a cut-off body: without the guard the test fails, not hangs
+        while not stop.wait(0.05) and time.monotonic() < until:
+            try:
+                conn.sendall(b"x")
+            except OSError:
+                return
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(UnreachableError, match="under 0 KiB in 1 s; given up"):
+            run(f"127.0.0.1:{listener.getsockname()[1]}", "app",
+                lambda c: c.download_blob("sha256:" + "0" * 64, str(tmp_path / "blob")), timeout=5)
+    finally:
+        stop.set()
+        listener.close()
+    assert time.monotonic() - started < 5
+    assert not list(tmp_path.iterdir())  # no partial file left
 
 
 def test_416_with_a_lying_content_length_fails_fast(raw_server: Any) -> None:
