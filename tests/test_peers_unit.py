@@ -541,6 +541,11 @@ def test_the_peer_server_caps_connections_and_drops_callers_that_stop_reading(tm
     request = (f"GET /v1/chunks/{digest.hex()} HTTP/1.1\r\nHost: x\r\n"
                f"Authorization: Bearer {PEER_TOKEN}\r\n\r\n").encode()
 
+    async def until(condition) -> None:
+        with trio.fail_after(10):
+            while not condition():  # noqa: ASYNC110 - the server's counters, no event to wait on
+                await trio.sleep(0.02)
+
     async def receive_all(stream: trio.SocketStream) -> bytes:
         out = bytearray()
         while part := await stream.receive_some(1 << 20):
@@ -554,19 +559,17 @@ def test_the_peer_server_caps_connections_and_drops_callers_that_stop_reading(tm
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve, listeners)
             idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
-            await trio.sleep(0.2)
+            await until(lambda: server._connections == 3)
             extra = await trio.open_tcp_stream("127.0.0.1", port)
             with trio.fail_after(5):
                 assert await receive_all(extra) == b""  # closed at once, no answer
             assert server.stats.refused_connections == 1
             await idle.pop().aclose()
-            await trio.sleep(0.2)
+            await until(lambda: server._connections == 2)
             # a caller that asks and never reads: cut off after the send timeout
             stalled = await trio.open_tcp_stream("127.0.0.1", port)
             await stalled.send_all(request)
-            with trio.fail_after(10):
-                while server.stats.send_timeouts == 0:  # noqa: ASYNC110 - a counter, no event
-                    await trio.sleep(0.1)
+            await until(lambda: server.stats.send_timeouts == 1)
             got = await receive_all(stalled)  # what the buffers held, then the end
             assert 0 < len(got) < len(big)
             # and the server still answers a caller that reads
