@@ -31,6 +31,7 @@ Metric names (all prefixed ``lazyfs_``)::
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -88,6 +89,9 @@ class Metrics:
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.url = f"http://{shown}:{bound_port}/metrics"
         log.info("metrics at %s", self.url)
+        if not ipaddress.ip_address(bound_host.split("%", 1)[0]).is_loopback:
+            log.warning("metrics at %s answer anyone who can reach that address, without "
+                        "authentication or TLS (counters only: no image, path or secret)", self.url)
         return self.url
 
     def samples(self) -> list[Sample]:

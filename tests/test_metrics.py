@@ -164,3 +164,11 @@ def test_metrics_url_names_the_bound_address(host):
     shown = f"[{host}]" if ":" in host else host
     assert re.fullmatch(rf"http://{re.escape(shown)}:[1-9][0-9]*/metrics", url), url
     assert value(scrape(url), "lazyfs_up", host=host) == 1.0
+
+
+@pytest.mark.parametrize(("host", "warned"), [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_a_metrics_endpoint_open_beyond_loopback_is_warned_of(host, warned, caplog):
+    metrics = Metrics()
+    with caplog.at_level("WARNING", logger="lazyfs.metrics"):
+        metrics.serve(host, 0)
+    assert ("without authentication or TLS" in caplog.text) == warned, caplog.text
