@@ -577,6 +577,13 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as containerd's own snapshotters
     except OSError as exc:
         raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
+    for option, value in (("--address", args.address), ("--cri-keychain", args.cri_keychain)):
+        if value is not None:  # before anything starts: a bad path is a usage error
+            try:
+                Path(value).absolute().parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"{option} {value}: cannot make its directory ({exc.strerror})",
+                                ExitCode.USAGE) from None
     proxy = None
     keychain = None
     if args.cri_keychain is not None:
@@ -589,13 +596,13 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
                         keychain=keychain)
     service = SnapshotService(root, fs)
     service.restore()
-    fs.start_spare()
     if proxy is not None:
         try:
             proxy.start()
-        except RuntimeError as exc:  # grpcio: the socket cannot be bound
+        except (RuntimeError, OSError) as exc:  # grpcio: the socket cannot be bound
             raise UserError(f"cannot serve the CRI image service on {args.cri_keychain}: {exc}",
-                            ExitCode.USAGE) from exc
+                            ExitCode.USAGE) from None
+    fs.start_spare()
     if args.metrics is not None:
         from .metrics import Metrics, snapshotter_samples
 

@@ -138,3 +138,13 @@ def test_credentials_are_overwritten_in_the_command_line():
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True [b'--creds', b'bob:********', b'bob:********'] bob:Pa55word"
+
+
+def test_snapshotter_sockets_in_a_place_it_cannot_use_are_one_line_errors(tmp_path):
+    root = str(tmp_path / "root")
+    for extra in (["--address", "/proc/nope/s.sock"],
+                  ["--address", str(tmp_path / "s.sock"), "--cri-keychain", "/proc/nope/k.sock"],
+                  ["--address", str(tmp_path / "s2.sock"), "--cri-keychain", "/proc/k.sock"]):
+        done = lazyfs("snapshotter", *extra, "--root", root, "--no-spare", check=False, timeout=30)
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr and done.stderr.splitlines()[-1].startswith("lazyfs: error:")

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
+from ..errors import ExitCode, UserError
 from . import protos
 from .errors import (
     AlreadyExistsError,
@@ -122,6 +123,8 @@ def serve(service: SnapshotService, address: Path, *, workers: int = 8,
     try:
         server.add_insecure_port(f"unix://{address}")
         server.start()
+    except RuntimeError as exc:  # grpcio cannot bind it
+        raise UserError(f"cannot serve on {address}: {exc}", ExitCode.USAGE) from None
     finally:
         os.umask(umask)
     os.chmod(address, 0o600)
