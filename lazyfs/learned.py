@@ -197,6 +197,7 @@ class LearnedPrefetch:
         self.refresh_after = refresh_after
         self.refreshed: str | None = None
         """What the refresh did (for status): None until it has run."""
+        self._asked_elsewhere = False  # the lead did: the refresh would only ask again
 
     async def lead(self, index: IndexReader) -> tuple[list[ChunkDigest], str | None]:
         """What the prefetcher fetches first (``Prefetcher``'s ``lead``), and its source."""
@@ -219,6 +220,7 @@ class LearnedPrefetch:
         """The registry's trace and a peer's, asked at the same time within the mount's
         timeout, merged; saved as this node's trace. The source names where it came
         from (``registry``, ``peer URL``, or both joined by ``+``)."""
+        self._asked_elsewhere = True
         trace, source = await self._gather()
         if trace is None:
             return None, None
@@ -246,8 +248,8 @@ class LearnedPrefetch:
         if self.refresh_after <= 0 or (self.client is None and self.peers is None):
             return
         await trio.sleep(self.refresh_after)
-        if await trio.to_thread.run_sync(self.traces.load, self.manifest) is None:
-            return  # no trace of its own: the lead asked elsewhere, or nothing is read ahead
+        if self._asked_elsewhere or await trio.to_thread.run_sync(self.traces.load, self.manifest) is None:
+            return  # the lead asked elsewhere already, or there is no trace of its own
         if self.before_ask is not None:
             await self.before_ask()
         trace, source = await self._gather()
