@@ -157,8 +157,9 @@ class ImageContent:
         out: dict[ChunkDigest, bytes | memoryview] = {}
         missing: list[Chunk] = []
         for c in chunks:
-            loading = self._loading.get(c.digest)
-            if loading is not None:  # another reader (or the readahead) is on it
+            # another reader (or the readahead) is loading it: wait for that load; one more
+            # may have begun by the time this task runs again, so look until there is none
+            while (loading := self._loading.get(c.digest)) is not None:
                 await loading.wait()
             hit = self._lru.get(c.digest)
             if hit is not None:
@@ -174,7 +175,8 @@ class ImageContent:
             try:
                 plain = await self._from_store(c)
             finally:
-                del self._loading[c.digest]
+                if self._loading.get(c.digest) is event:
+                    del self._loading[c.digest]
                 event.set()
             if plain is None:
                 missing.append(c)

@@ -17,6 +17,7 @@ from blockindex.reader import IndexReader
 from blockindex.writer import IndexWriter
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.errors import UnreachableError
 from lazyfs.content import ImageContent
 from lazyfs.fs import STATUS_XATTR, LazyOperations
 
@@ -152,3 +153,41 @@ def test_writes_are_refused(tmp_path, image):
             assert e.value.errno == errno.EROFS
 
     run(tmp_path, image, body)
+
+
+def test_many_readers_of_a_chunk_being_loaded_never_trip_over_each_other(tmp_path):
+    """Readers that find a chunk being loaded from the cache wait for that load; one that
+    arrives just as it ends starts its own. Readers keep coming while loads end: each
+    load's bookkeeping must stay its own (a reader that deleted another's crashed the
+    mount with a KeyError, which a benchmark's mount hit)."""
+    big = os.urandom(300 << 10)  # loaded in a worker thread: the loads overlap
+    blob, (chunk,), raw = make_blob([big])
+    w = IndexWriter(512 << 10)
+    w.add_inode(1, mode=0o40755, uid=0, gid=0, size=0, mtime_ns=0, nlink=2)
+    w.add_inode(2, mode=0o100644, uid=0, gid=0, size=len(big), mtime_ns=0, nlink=1)
+    w.add_dirent(1, 0, b"f", 2)
+    w.add_blob(1, blob.digest, blob.size)
+    w.add_chunk(1, chunk.digest, blob=1, offset=chunk.offset, stored_size=chunk.stored_size,
+                size=chunk.size, codec=chunk.codec)
+    w.add_extent(2, 0, 1)
+    w.write(tmp_path / "index")
+    index = IndexReader(tmp_path / "index")
+    outcomes: list[str] = []
+
+    async def main():
+        content = ImageContent(index, ChunkStore(tmp_path / "cache"), None, memory_chunks=0)
+
+        async def reader(delay: float) -> None:
+            await trio.sleep(delay)
+            try:
+                await content.read(2, 0, 4096)  # not cached, and offline: UnreachableError
+                outcomes.append("read")
+            except UnreachableError:
+                outcomes.append("offline")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(300):
+                nursery.start_soon(reader, (i % 30) * 0.0005)
+
+    trio.run(main)
+    assert outcomes == ["offline"] * 300
