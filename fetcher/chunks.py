@@ -380,9 +380,14 @@ class ChunkFetcher:
                      error: FetchError) -> None:
         now = trio.current_time()
         self._forget_failed(now)
+        window = self.config.reread_window
         for c, p in waits:
             if p.data is None:
-                self._failed[c.digest] = (now, started, error)
+                # a fresh failure of it by a read that began earlier keeps that start: a
+                # re-read continues the earliest deadline it may belong to, never a later one
+                f = self._failed.get(c.digest)
+                began = min(started, f[1]) if f is not None and now - f[0] <= window else started
+                self._failed[c.digest] = (now, began, error)
 
     def _forget_failed(self, now: float) -> None:
         if len(self._failed) > 4096:  # forget what is past the window
