@@ -380,14 +380,18 @@ class ChunkFetcher:
                      error: FetchError) -> None:
         now = trio.current_time()
         self._forget_failed(now)
-        window = self.config.reread_window
         for c, p in waits:
             if p.data is None:
-                # a fresh failure of it by a read that began earlier keeps that start: a
-                # re-read continues the earliest deadline it may belong to, never a later one
-                f = self._failed.get(c.digest)
-                began = min(started, f[1]) if f is not None and now - f[0] <= window else started
-                self._failed[c.digest] = (now, began, error)
+                self._mark_failed(c.digest, now, started, error)
+
+    def _mark_failed(self, digest: ChunkDigest, now: float, began: float, error: FetchError) -> None:
+        """Note that a demand wait begun at ``began`` failed for ``digest``. A fresh failure
+        of it by a read that began earlier keeps that start: a re-read continues the
+        earliest deadline it may belong to, never a later one."""
+        f = self._failed.get(digest)
+        if f is not None and now - f[0] <= self.config.reread_window:
+            began = min(began, f[1])
+        self._failed[digest] = (now, began, error)
 
     def _forget_failed(self, now: float) -> None:
         if len(self._failed) > 4096:  # forget what is past the window
@@ -407,9 +411,7 @@ class ChunkFetcher:
                  if (f := self._failed.get(c.digest)) is not None and now - f[0] <= window]
         first = min([began, *noted])
         for c in chunks:
-            f = self._failed.get(c.digest)
-            if f is None or now - f[0] > window:
-                self._failed[c.digest] = (now, first, error)
+            self._mark_failed(c.digest, now, first, error)
         if noted and first < max(noted):
             for digest, (_, b, e) in list(self._failed.items()):
                 if b in noted:  # one read, one start: _keep_rereading moves them together
