@@ -210,7 +210,8 @@ def peer_server_samples(server: Any) -> Callable[[], list[Sample]]:
         s = server.stats
         results = {"ok": s.chunks_served, "unauthorized": s.unauthorized, "busy": s.busy,
                    "not_found": s.not_found, "error": s.errors, "from_self": s.from_self,
-                   "trace": s.traces_served}
+                   "trace": s.traces_served, "malformed": s.malformed,
+                   "failed_connection": s.failed_connections}
         out: list[Sample] = [("counter", "peer_server_requests_total", "peer requests by result",
                               {"result": k}, v) for k, v in results.items()]
         out.append(("counter", "peer_server_bytes_total", "bytes sent to peers", {}, s.bytes_served))

@@ -4,6 +4,7 @@
     GET /v1/chunks/<blake3 hex>[?blob=&offset=&stored=&size=&codec=&repo=]
         Authorization: Bearer <cluster token>      401 without it (compared in constant time)
         200/206  the payload as stored in the blob; X-Lazyfs-Codec, X-Lazyfs-Size headers
+        400      a head that cannot be parsed (the connection is then closed)
         404      not cached, and the query does not say where it comes from
         502      the owner could not get it from the origin
         503      more than ``max_concurrent`` requests in progress
@@ -22,6 +23,10 @@ credentials, once however many peers ask at the same time (the ``ChunkFetcher``'
 in-flight map), verified, cached and sent. The server never asks another peer, so
 requests cannot loop. It runs on the trio loop of its process (with FUSE in a mount):
 reading an entry larger than ``thread_above`` from disk goes to a worker thread.
+
+Nothing a caller sends can end that process: each connection is handled on its own, a
+head ``httphead.parse_head`` refuses is answered 400 and the connection closed, and an
+unexpected error while answering one is logged and closes that connection only.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import trio
 
@@ -47,11 +52,12 @@ from cache.store import ChunkStore
 from cache.trace import MAX_TRACE_BYTES, TraceStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import FetchError
-from fetcher.imageref import ImageRef
+from fetcher.imageref import ImageRef, is_digest
 from fetcher.peers import CHUNK_PATH, NODE_HEADER, TRACE_PATH, peer_url
 from fetcher.registry import RegistryClient
 
 from .errors import ExitCode, UserError
+from .httphead import MalformedRequest, RequestHead, parse_head
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +122,10 @@ class PeerServerStats:
     from_self: int = 0
     """Requests from this very process (answered 508)."""
     traces_served: int = 0
+    malformed: int = 0
+    """Heads that could not be parsed (answered 400, connection closed)."""
+    failed_connections: int = 0
+    """Connections closed by an unexpected error in the server (each logged)."""
 
 
 class OriginPool:
@@ -163,6 +173,7 @@ class ChunkServer:
         self.config = config
         self.stats = PeerServerStats()
         self._expected = f"Bearer {token}".encode()
+        self._node = node_id.encode() if node_id else None
         self._origins = origins
         self._active = 0
         self._connections = 0
@@ -188,56 +199,63 @@ class ChunkServer:
                 await trio.aclose_forcefully(stream)
             return
         self._connections += 1
-        buf = b""
         try:
-            while True:
-                with trio.move_on_after(self.config.idle_timeout):
-                    while b"\r\n\r\n" not in buf:
-                        if len(buf) > _MAX_HEAD:
-                            return
-                        part = await stream.receive_some(65536)
-                        if not part:
-                            return
-                        buf += part
-                if b"\r\n\r\n" not in buf:
-                    return  # idle too long
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                keep = await self._request(stream, head)
-                if not keep:
-                    return
+            await self._exchange(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
         except trio.TooSlowError:  # the caller stopped taking an answer
             self.stats.send_timeouts += 1
             await trio.aclose_forcefully(stream)
+        except Exception:  # a bug met by one caller must not end the mount or `lazyfs peer`
+            self.stats.failed_connections += 1
+            log.exception("peer server: unexpected error answering a caller; closing its connection")
         finally:
             self._connections -= 1
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await stream.aclose()
 
-    async def _request(self, stream: trio.SocketStream, head: bytes) -> bool:
+    async def _exchange(self, stream: trio.SocketStream) -> None:
+        """Answer the requests of one keep-alive connection until either side ends it."""
+        buf = b""
+        while True:
+            with trio.move_on_after(self.config.idle_timeout):
+                while b"\r\n\r\n" not in buf and len(buf) <= _MAX_HEAD:
+                    part = await stream.receive_some(65536)
+                    if not part:
+                        return
+                    buf += part
+            head, sep, rest = buf.partition(b"\r\n\r\n")
+            if not sep and len(buf) <= _MAX_HEAD:
+                return  # idle too long
+            if len(head) > _MAX_HEAD:
+                await self._refuse(stream, f"request head over {_MAX_HEAD} bytes")
+                return
+            buf = rest
+            try:
+                request = parse_head(head)
+            except MalformedRequest as exc:
+                await self._refuse(stream, str(exc))
+                return
+            if not await self._request(stream, request):
+                return
+
+    async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
         self.stats.requests += 1
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            k, sep, v = line.partition(":")
-            if sep:
-                headers[k.strip().lower()] = v.strip()
-        keep = headers.get("connection", "").lower() != "close"
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            await self._send(stream, 400, b"malformed request\n", keep=False)
-            return False
-        method, target = parts[0], parts[1]
-        if method != "GET":
+        self.stats.malformed += 1
+        await self._send(stream, 400, f"{reason}\n".encode(), keep=False)
+
+    async def _request(self, stream: trio.SocketStream, request: RequestHead) -> bool:
+        self.stats.requests += 1
+        keep = request.keep_alive
+        if request.method != "GET":
             await self._send(stream, 405, b"only GET\n", keep=keep)
             return keep
-        if not hmac.compare_digest(headers.get("authorization", "").encode("latin-1"), self._expected):
+        if not hmac.compare_digest(request.headers.get("authorization", b""), self._expected):
             self.stats.unauthorized += 1
             await self._send(stream, 401, b"cluster token required\n", keep=keep,
                              extra={"WWW-Authenticate": 'Bearer realm="lazyfs-peers"'})
             return keep
-        if self.node_id and hmac.compare_digest(headers.get(NODE_HEADER.lower(), ""), self.node_id):
+        if self._node and hmac.compare_digest(request.headers.get(NODE_HEADER.lower(), b""), self._node):
             self.stats.from_self += 1
             await self._send(stream, 508, b"this request came from this node\n", keep=keep)
             return keep
@@ -245,11 +263,11 @@ class ChunkServer:
             self.stats.busy += 1
             await self._send(stream, 503, b"busy\n", keep=keep, extra={"Retry-After": "1"})
             return keep
-        if urlsplit(target).path.startswith(TRACE_PATH):
-            return await self._trace_request(stream, target, keep)
+        if request.path.startswith(TRACE_PATH):
+            return await self._trace_request(stream, request.path, keep)
         self._active += 1
         try:
-            codec, size, payload = await self._chunk(target)
+            codec, size, payload = await self._chunk(request.path, request.query)
         except _BadRequest as exc:
             if exc.status == 404:
                 self.stats.not_found += 1
@@ -260,7 +278,7 @@ class ChunkServer:
         finally:
             self._active -= 1
         status, extra = 200, {"X-Lazyfs-Codec": str(codec), "X-Lazyfs-Size": str(size)}
-        rng = headers.get("range")
+        rng = request.header("range")
         if rng:
             try:
                 start, end = _parse_range(rng, len(payload))
@@ -275,8 +293,8 @@ class ChunkServer:
         await self._send(stream, status, payload, keep=keep, extra=extra)
         return keep
 
-    async def _trace_request(self, stream: trio.SocketStream, target: str, keep: bool) -> bool:
-        manifest = urlsplit(target).path[len(TRACE_PATH):]
+    async def _trace_request(self, stream: trio.SocketStream, path: str, keep: bool) -> bool:
+        manifest = path[len(TRACE_PATH):]
         if not _MANIFEST.match(manifest):
             self.stats.errors += 1
             await self._send(stream, 400, b"expected /v1/traces/sha256:<64 hex digits>\n", keep=keep)
@@ -314,17 +332,16 @@ class ChunkServer:
             return None
         return body
 
-    async def _chunk(self, target: str) -> tuple[int, int, bytes | memoryview]:
-        url = urlsplit(target)
-        if not url.path.startswith(CHUNK_PATH):
-            raise _BadRequest(404, f"no such path {url.path[:100]}")
+    async def _chunk(self, path: str, query: str) -> tuple[int, int, bytes | memoryview]:
+        if not path.startswith(CHUNK_PATH):
+            raise _BadRequest(404, f"no such path {path[:100]}")
         try:
-            digest = ChunkDigest(bytes.fromhex(url.path[len(CHUNK_PATH):]))
+            digest = ChunkDigest(bytes.fromhex(path[len(CHUNK_PATH):]))
             if len(digest) != 32:
                 raise ValueError
         except ValueError:
             raise _BadRequest(400, "expected /v1/chunks/<64 hex digits>") from None
-        chunk, repo = _chunk_from_query(digest, url.query)
+        chunk, repo = _chunk_from_query(digest, query)
         entry = await self._load(digest)
         if entry is not None and (chunk is None or entry[:2] == (chunk.codec, chunk.size)
                                   and len(entry[2]) == chunk.stored_size):
@@ -384,7 +401,7 @@ def _chunk_from_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, st
     try:
         blob = q["blob"]
         offset, stored, size, codec = (int(q[k]) for k in ("offset", "stored", "size", "codec"))
-        if not blob.startswith("sha256:") or len(blob) != 71 or offset < 0 or not 0 < stored <= 1 << 27 \
+        if not blob.startswith("sha256:") or not is_digest(blob) or offset < 0 or not 0 < stored <= 1 << 27 \
                 or not 0 < size <= 1 << 27 or codec not in (CODEC_RAW, CODEC_LZ4):
             raise ValueError
     except (KeyError, ValueError):
