@@ -12,6 +12,8 @@ any depth) is a repository named by its path relative to ``root``: ``root/team/a
 Errors use the distribution-spec JSON form. Names are checked component by component and
 the resolved directory must lie inside ``root``, so neither ``..`` nor ``%2e%2e`` nor a
 symlink leads out. Blob bodies go out with ``sendfile``: no blob is read into Python.
+A request the stdlib parses but these routes cannot (a target that is no URL path, numbers
+no int holds) is answered 400, never 500.
 This is a test and benchmark origin, not a registry: it verifies nothing it serves.
 """
 
@@ -46,7 +48,7 @@ _COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _ROUTE_RE = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/]+)$")
 _TAGS_RE = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"^bytes=([0-9]{0,18})-([0-9]{0,18})$")  # longer: ignored (RFC 9110 allows it)
 _MAX_MANIFEST = 4 << 20
 
 
@@ -205,7 +207,10 @@ class _Handler(BaseHTTPRequestHandler):
     # -- routes -------------------------------------------------------------------------
 
     def _route(self, head: bool) -> None:
-        url = urlsplit(self.path)
+        try:
+            url = urlsplit(self.path)
+        except ValueError:  # e.g. http://[::1/ : an unclosed IPv6 address
+            raise _HTTPError(400, "UNSUPPORTED", "malformed request target") from None
         path = unquote(url.path)
         if path in ("/v2", "/v2/"):
             self._send(200, {"Content-Type": "application/json",
@@ -230,7 +235,7 @@ class _Handler(BaseHTTPRequestHandler):
         if last := query.get("last", [""])[0]:
             tags = [t for t in tags if t > last]
         if n := query.get("n", [""])[0]:
-            if not n.isdigit():
+            if not (n.isascii() and n.isdigit() and len(n) <= 18):
                 raise _HTTPError(400, "PAGINATION_NUMBER_INVALID", f"bad n={n!r}")
             tags = tags[: int(n)]
         body = json.dumps({"name": name, "tags": tags}).encode()

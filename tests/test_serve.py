@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST
 from lazyfs.serve import ServerHandle, make_server
 
 from .conftest import Image
+from .test_peer_requests import exchange
 
 
 def request(
@@ -202,3 +207,50 @@ def test_close_cuts_idle_keep_alive_connections(tmp_path: Path, images: dict[str
     conn.getresponse().read()
     handle.close()  # must not hang on the idle connection
     conn.close()
+
+
+# -- any bytes a client sends -------------------------------------------------------------------
+
+_junk = st.binary(max_size=40)
+_targets = st.one_of(
+    st.sampled_from([b"/v2/", b"/v2/app/manifests/1", b"/v2/app/blobs/BIG", b"/v2/app/tags/list",
+                     b"http://[::1/v2/", b"//[::1/x", b"/v2/%zz/blobs/x", b"/v2/%ff%fe/manifests/1", b"*",
+                     b"/v2/app/tags/list?n=" + b"9" * 5000, b"/v2/app/tags/list?n=\xd9\xa3&last=%ff"]),
+    st.builds(lambda a, b: a + b, st.sampled_from([b"/v2/", b"/v2/app/tags/list?n=", b"/v2/app/blobs/"]),
+              _junk),
+    _junk)
+_ranges = st.one_of(st.sampled_from([b"bytes=0-", b"bytes=" + b"9" * 5000 + b"-", b"bytes=-" + b"9" * 5000,
+                                     b"bytes=\xd9\xa3-", b"bytes=5-2", b"bytes=0-1,3-4", b"chars=0-1"]),
+                    _junk)
+
+
+@st.composite
+def _client_bytes(draw: st.DrawFn) -> bytes:
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=300))
+    method = draw(st.sampled_from([b"GET"] * 6 + [b"HEAD", b"POST", b"BREW", b""]))
+    version = draw(st.sampled_from([b"HTTP/1.1"] * 6 + [b"HTTP/1.0", b"HTTP/9", b""]))
+    lines = [method + b" " + draw(_targets) + b" " + version]
+    if draw(st.booleans()):
+        lines.append(b"Range: " + draw(_ranges))
+    if draw(st.integers(0, 3)) == 0:
+        lines += [name + b": " + value for name, value in draw(st.lists(st.tuples(_junk, _junk), max_size=3))]
+    return b"\r\n".join(lines) + draw(st.sampled_from([b"\r\n\r\n", b"\r\n", b""]))
+
+
+def test_no_request_gets_a_500_or_stops_the_server(server: ServerHandle, images: dict[str, Image], caplog):
+    """The stdlib parses the head (and answers 400 to what it cannot); whatever reaches
+    the routes is answered 4xx, never 500 with a traceback in the log."""
+    big = images["app"].big.encode()
+
+    @settings(max_examples=int(os.environ.get("LAZYFS_FUZZ_EXAMPLES", "200")), deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(_client_bytes())
+    def check(data: bytes) -> None:
+        answer = exchange(server.port, data.replace(b"/BIG", b"/" + big))
+        assert not answer.startswith(b"HTTP/1.1 500"), answer[:300]
+        assert request(server, "GET", "/v2/")[0].status == 200
+
+    with caplog.at_level(logging.ERROR, logger="lazyfs.serve"):
+        check()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
