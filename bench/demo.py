@@ -2,7 +2,9 @@
 and show what was fetched against the image size.
 
 Run it through ``bench/demo`` (which installs what it needs first). Everything happens
-under a temporary directory on loopback and is torn down at the end.
+under a temporary directory on loopback and is torn down at the end; with ``--keep`` the
+converted image and the cache stay there, and the demo prints the commands that serve and
+mount them again by hand. The sample image is cached in ``/var/tmp/lazyfs-demo-images``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -38,9 +41,20 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def by_hand(work: Path) -> str:
+    """The commands that serve and mount what --keep left in work, as the README shows them."""
+    mnt = work / "mnt"
+    return (f"lazyfs serve {work / 'images'} --listen 127.0.0.1:5000 &\n"
+            f"lazyfs mount 127.0.0.1:5000/python:1 {mnt} --cache {work / 'cache'}\n"
+            f"chroot {mnt} /usr/bin/python3 -c 'print(\"hello\")'\n"
+            f"lazyfs status {mnt}\n"
+            f"lazyfs umount {mnt}; kill %1\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", action="store_true", help="leave the work directory behind")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the image and its cache behind, to mount by hand")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lazyfs-demo-"))
     cache_images = Path("/var/tmp/lazyfs-demo-images")
@@ -83,12 +97,18 @@ def main() -> int:
 
         status = json.loads(lazyfs("status", str(mnt), "--json").stdout)
         fetched = status["bytes_by_source"]["origin"]
-        image = status["image"]
-        print("6. what it cost:")
-        print(f"   fetched {human(fetched)} of a {human(image['stored_bytes'])} image "
-              f"({image['files']} files, {human(image['file_bytes'])} uncompressed): "
-              f"{fetched / image['stored_bytes']:.1%} of the image")
-        print(lazyfs("status", str(mnt)).stdout.rstrip())
+        image, cached = status["image"], status["prefetch"]
+        print("6. what it cost (the image stores its files as lz4-compressed chunks):")
+        print(f"   fetched  {human(fetched)} compressed: {fetched / image['stored_bytes']:.1%} "
+              f"of the {human(image['stored_bytes'])} the image stores")
+        print(f"   cached   {human(cached['cached_bytes'])} uncompressed: "
+              f"{cached['cached_bytes'] / cached['total_bytes']:.1%} of the "
+              f"{human(cached['total_bytes'])} in its {image['files']} files")
+        print("7. `lazyfs status` of the mount: cached counts uncompressed bytes, fetched compressed ones")
+        print(textwrap.indent(lazyfs("status", str(mnt)).stdout.rstrip(), "   "))
+        if args.keep:
+            print(f"kept {work}: the image, its cache and a mountpoint. To try lazyfs by hand:\n"
+                  + textwrap.indent(by_hand(work), "   "))
         return 0
     finally:
         if mnt is not None and os.path.ismount(mnt):
