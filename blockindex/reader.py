@@ -1,15 +1,18 @@
 """Read a block index: a synchronous, network-free API over one SQLite file.
 
 The index is pinned by its digest, but a hostile image author signs their own: the
-reader treats its content as untrusted. Opening checks the schema (the tables lazyfs
-reads, as tables: no views or triggers to run), the meta entries and every blob digest
-(they end up in URLs and cache paths); ``check`` scans every row once for what would
-break a mount (see its docstring). Any SQLite error on a corrupt file becomes
-``IndexFormatError``, never a bare ``sqlite3`` exception.
+reader treats its content as untrusted. Opening checks the schema (exactly the tables
+and indexes the writer creates: no views or triggers to run, no statistics to steer the
+query planner, and every index the reader's queries need, so that no question a FUSE
+handler asks scans a table), the meta entries and every blob digest (they end up in URLs
+and cache paths); ``check`` scans every row once for what would break a mount (see its
+docstring). Any SQLite error on a corrupt file becomes ``IndexFormatError``, never a
+bare ``sqlite3`` exception.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ from .format import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     ROOT_INO,
+    SCHEMA,
     Blob,
     Chunk,
     ChunkDigest,
@@ -33,15 +37,6 @@ from .format import (
 )
 
 _INODE_COLS = "ino, mode, uid, gid, size, mtime_ns, nlink, rdev"
-_TABLES = {
-    "meta": {"key", "value"},
-    "inodes": {"ino", "mode", "uid", "gid", "size", "mtime_ns", "nlink", "rdev", "target"},
-    "dirents": {"parent", "pos", "name", "ino"},
-    "xattrs": {"ino", "name", "value"},
-    "blobs": {"id", "digest", "size"},
-    "chunks": {"id", "digest", "blob", "offset", "stored_size", "size", "codec"},
-    "extents": {"ino", "idx", "chunk"},
-}
 _BLOB_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_FILE_SIZE = 1 << 40  # as the converter (ingest.MAX_FILE_SIZE)
 MAX_BLOB_SIZE = 1 << 42
@@ -50,6 +45,15 @@ MAX_BLOB_SIZE = 1 << 42
 _S = "(mode & 61440)"  # the file type bits (S_IFMT)
 _DIR, _REG, _LNK, _CHR, _BLK, _FIFO = 16384, 32768, 40960, 8192, 24576, 4096
 _U32 = (1 << 32) - 1
+# The kernel resumes a listing at the position readdir handed it, ``pos + 1``, an off_t:
+# a larger one ends pyfuse3.readdir_reply in OverflowError.
+MAX_DIRENT_POS = (1 << 63) - 2
+# Two integer columns have no upper bound in the rules below, since any 64-bit value fits
+# where they go: ``ino`` (a fuse_ino_t, uint64; >= 1 as the rowid entries name) and
+# ``mtime_ns`` (EntryAttributes splits it into a time_t and nanoseconds).
+# Check rules change with the reader: a node that checked an index under older rules
+# checks it again (cache.images keeps the version a check passed under).
+CHECK_RULES = "2"
 _INODE_RULES: list[tuple[str, str]] = [  # one scan of inodes answers all four
     ("an inode column that is not an integer",
      "typeof(ino) != 'integer' OR typeof(mode) != 'integer' OR typeof(uid) != 'integer' "
@@ -76,7 +80,8 @@ _RULES: list[tuple[str, str]] = [
      "NUL) or a bad position",
      "SELECT count(*) FROM dirents WHERE typeof(name) != 'blob' OR length(name) NOT BETWEEN 1 "
      "AND 255 OR name IN (x'2e', x'2e2e') OR instr(name, x'2f') > 0 OR instr(name, x'00') > 0 "
-     "OR typeof(pos) != 'integer' OR pos < 0 OR typeof(parent) != 'integer' "
+     f"OR typeof(pos) != 'integer' OR pos < 0 OR pos > {MAX_DIRENT_POS} "
+     "OR typeof(parent) != 'integer' "
      "OR typeof(ino) != 'integer'"),
     ("a directory entry in something that is not a directory, or naming a missing inode",
      f"SELECT count(*) FROM dirents d LEFT JOIN inodes p ON p.ino = d.parent "
@@ -110,6 +115,25 @@ _RULES: list[tuple[str, str]] = [
      "OR typeof(x.name) != 'blob' OR length(x.name) NOT BETWEEN 1 AND 255 "
      "OR instr(x.name, x'00') > 0 OR typeof(x.value) != 'blob' OR length(x.value) > 65536"),
 ]
+
+
+def _schema_of(rows: list[Any]) -> dict[str, tuple[str, str, str]]:
+    """``sqlite_master`` rows as ``{name: (type, table, definition)}``, whitespace folded."""
+    return {str(name): (str(kind), str(table), " ".join(str(sql).split()))
+            for kind, name, table, sql in rows}
+
+
+@functools.cache
+def _writer_schema() -> dict[str, tuple[str, str, str]]:
+    """What ``IndexWriter`` creates, read back from SQLite itself (so the unnamed indexes
+    of UNIQUE constraints are there as SQLite names them)."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        return _schema_of(db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
+                          .fetchall())
+    finally:
+        db.close()
 
 
 def _inode(row: tuple) -> Inode:
@@ -171,21 +195,20 @@ class IndexReader:
             raise IndexFormatError(f"{self.path}: the root of the index is not a directory")
 
     def _check_schema(self) -> None:
-        """The tables lazyfs reads exist as tables with their columns; nothing else runs
-        SQL of the file's own (views, triggers) when they are read."""
-        kinds: dict[str, str] = {}
-        for kind, name in self._q("SELECT type, name FROM sqlite_master"):
-            if kind in ("view", "trigger"):
-                raise IndexFormatError(f"{self.path}: not a lazyfs index (it has a {kind})")
-            kinds[name] = kind
-        for table, columns in _TABLES.items():
-            if kinds.get(table) != "table":
-                raise IndexFormatError(f"{self.path}: not a lazyfs index (no table {table})")
-            have = {row[1] for row in self._q(f"PRAGMA table_info({table})")}
-            if not columns <= have:
-                raise IndexFormatError(
-                    f"{self.path}: not a lazyfs index (table {table} lacks "
-                    f"{', '.join(sorted(columns - have))})")
+        """The schema is exactly the writer's, item by item (definitions compared with
+        whitespace folded): the tables with their columns and constraints, and the
+        indexes the queries rely on (a missing ``dirents_by_name`` makes every lookup
+        scan its directory: 40 minutes of one event loop for ``ls -l`` of 200,000
+        entries). Nothing else, so no SQL of the file's own runs (views, triggers) and
+        no ``sqlite_stat1`` steers the query planner away from an index."""
+        have = _schema_of(self._q("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+        want = _writer_schema()
+        problems = [f"no {want[n][0]} {n}" for n in sorted(want.keys() - have.keys())]
+        problems += [f"an unexpected {have[n][0]} {n}" for n in sorted(have.keys() - want.keys())]
+        problems += [f"{want[n][0]} {n} is not defined as lazyfs writes it"
+                     for n in sorted(want.keys() & have.keys()) if want[n] != have[n]]
+        if problems:
+            raise IndexFormatError(f"{self.path}: not a lazyfs index ({problems[0]})")
 
     def _q(self, sql: str, args: tuple | dict = ()) -> list[Any]:
         """All rows of one query; IndexFormatError if SQLite finds the file corrupt."""
@@ -213,7 +236,8 @@ class IndexReader:
         lazyfs serves with permission bits, owners and link counts are 32-bit, device
         numbers only on devices; sizes are within the converter's limit and fit the type;
         symlink targets are 1-4095 bytes without NUL; names are 1-255 bytes without '/',
-        NUL, and are not '.' or '..', once per directory, in directories, of inodes that
+        NUL, and are not '.' or '..', at positions whose successor is an off_t (what
+        readdir hands the kernel), once per directory, in directories, of inodes that
         exist; the directories form a tree (each but the root has one name, and all of
         them are reached from the root, so there is no cycle); chunks lie inside their
         blob, are at most one chunk long, and are exactly as long as the part of the file

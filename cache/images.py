@@ -6,6 +6,7 @@ Under the cache root::
     indexes/<hex>          block index files, named by their sha256
     refs/<quoted ref>      the manifest digest a reference last resolved to
     complete/<hex>         present once every chunk of that manifest's image is cached
+    checked/<hex>          the version of the check that index passed here
 
 With these an image whose prefetch completed mounts again with no network at all.
 Everything read back is checked against its digest first.
@@ -101,13 +102,18 @@ class ImageStore:
         self._write(path, data)
         return path
 
-    def index_checked(self, digest: str) -> bool:
-        """Whether the index with this digest passed ``IndexReader.check`` here before
-        (the index itself is verified against the digest at every use)."""
-        return (self.root / "checked" / _hex(digest)).exists()
+    def index_checked(self, digest: str, rules: str) -> bool:
+        """Whether the index with this digest passed ``IndexReader.check`` here before,
+        under the check's version ``rules`` (an older check may have let through what
+        the current one refuses; the index itself is verified against the digest at
+        every use)."""
+        try:
+            return (self.root / "checked" / _hex(digest)).read_bytes() == rules.encode()
+        except OSError:  # never checked here, or the mark is unreadable: check again
+            return False
 
-    def mark_index_checked(self, digest: str) -> None:
-        self._write(self.root / "checked" / _hex(digest), b"")
+    def mark_index_checked(self, digest: str, rules: str) -> None:
+        self._write(self.root / "checked" / _hex(digest), rules.encode())
 
     # -- completion -----------------------------------------------------------------------
 

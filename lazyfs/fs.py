@@ -3,18 +3,23 @@
 Each handler asks ``IndexReader`` or ``ImageContent`` one question and maps typed errors
 to one errno (borg's ``fuse.py`` shape). Content is immutable, so entries and attributes
 are cached by the kernel for a day and open files keep the page cache. Anything that
-escapes a handler would end the whole mount, so every handler catches at the edge.
+escapes a handler would end the whole mount (pyfuse3 ends ``main()`` with it), so every
+handler is wrapped in ``_at_the_edge``: an error no handler expected (a bug, or an index
+the check let through) answers that request with EIO and is logged, never ending the
+mount.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
+import functools
 import json
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 
@@ -34,8 +39,53 @@ TIMEOUT = 86400.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
+def entry_attributes(node: Inode) -> pyfuse3.EntryAttributes:
+    """What the kernel is told of an inode (every value a checked index holds fits)."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = node.ino
+    a.generation = 0
+    a.entry_timeout = TIMEOUT
+    a.attr_timeout = TIMEOUT
+    a.st_mode = node.mode
+    a.st_nlink = node.nlink
+    a.st_uid = node.uid
+    a.st_gid = node.gid
+    a.st_rdev = node.rdev
+    a.st_size = node.size
+    a.st_blksize = 4096
+    a.st_blocks = (node.size + 511) // 512
+    a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+    return a
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
 def _erofs(*_args: Any) -> None:
     raise pyfuse3.FUSEError(errno.EROFS)
+
+
+def _at_the_edge(handler: Callable[Concatenate[LazyOperations, _P], Coroutine[Any, Any, _R]]
+                 ) -> Callable[Concatenate[LazyOperations, _P], Coroutine[Any, Any, _R]]:
+    """The handler, answering EIO for any ``Exception`` it did not map itself.
+
+    ``FUSEError`` is the handler's answer and passes through; ``trio.Cancelled`` and
+    the other ``BaseException``s (a shutdown, an interrupt) are not ``Exception`` and
+    are never caught here."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def edge(self: LazyOperations, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place a bug meets the kernel
+            self._unexpected(name, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return edge
 
 
 class LazyOperations(pyfuse3.Operations):
@@ -55,25 +105,18 @@ class LazyOperations(pyfuse3.Operations):
         self._status = status
         self._failures = ReadFailures(index, image)
         self._statfs = self._make_statfs()
+        self._bugs: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def _unexpected(self, handler: str, exc: Exception) -> None:
+        """Log an error no handler expected: one record per failed request, the first
+        of each kind (handler and exception type) with its traceback, so that ``ls -l``
+        of 200,000 entries whose every lookup fails does not write 200,000 tracebacks."""
+        kind = (handler, type(exc).__name__)
+        self._bugs[kind] += 1
+        log.error("%s failed (EIO), an unexpected error (%d of this kind so far): %s: %s",
+                  handler, self._bugs[kind], kind[1], exc, exc_info=self._bugs[kind] == 1)
 
     # -- attributes ---------------------------------------------------------------------
-
-    def _entry(self, node: Inode) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.generation = 0
-        a.entry_timeout = TIMEOUT
-        a.attr_timeout = TIMEOUT
-        a.st_mode = node.mode
-        a.st_nlink = node.nlink
-        a.st_uid = node.uid
-        a.st_gid = node.gid
-        a.st_rdev = node.rdev
-        a.st_size = node.size
-        a.st_blksize = 4096
-        a.st_blocks = (node.size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
-        return a
 
     def _attr(self, ino: int) -> Inode:
         try:
@@ -84,19 +127,21 @@ class LazyOperations(pyfuse3.Operations):
             log.error("inode %d: %s", ino, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    @_at_the_edge
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(self._attr(inode))
+        return entry_attributes(self._attr(inode))
 
+    @_at_the_edge
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if name == b".":
-            return self._entry(self._attr(parent_inode))
+            return entry_attributes(self._attr(parent_inode))
         if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOENT)  # the kernel resolves '..' itself
         node = self._ask(self._index.lookup, InodeT(parent_inode), name)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._entry(node)
+        return entry_attributes(node)
 
     def _ask(self, question: Callable[..., Any], *args: Any) -> Any:
         """``question(*args)`` of the index; EIO (logged) if the index is corrupt."""
@@ -106,9 +151,11 @@ class LazyOperations(pyfuse3.Operations):
             log.error("%s: %s", question.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    @_at_the_edge
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         pass  # inodes are rows in the index; nothing to release
 
+    @_at_the_edge
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         try:
             return self._ask(self._index.readlink, InodeT(inode))  # type: ignore[no-any-return]
@@ -117,25 +164,29 @@ class LazyOperations(pyfuse3.Operations):
 
     # -- directories --------------------------------------------------------------------
 
+    @_at_the_edge
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if not stat.S_ISDIR(self._attr(inode).mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_at_the_edge
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         try:
             for pos, name, node in self._index.children(InodeT(fh), start_id):
-                if not pyfuse3.readdir_reply(token, name, self._entry(node), pos + 1):
+                if not pyfuse3.readdir_reply(token, name, entry_attributes(node), pos + 1):
                     return
         except IndexFormatError as exc:
             log.error("directory inode %d: %s", fh, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    @_at_the_edge
     async def releasedir(self, fh: int) -> None:
         pass
 
     # -- files --------------------------------------------------------------------------
 
+    @_at_the_edge
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -144,6 +195,7 @@ class LazyOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    @_at_the_edge
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             return await self._content.read(InodeT(fh), off, size)  # type: ignore[return-value]
@@ -151,11 +203,13 @@ class LazyOperations(pyfuse3.Operations):
             self._failures.read_failed(fh, off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    @_at_the_edge
     async def release(self, fh: int) -> None:
         pass
 
     # -- extended attributes ------------------------------------------------------------
 
+    @_at_the_edge
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == STATUS_XATTR and inode == ROOT_INO:
             return json.dumps(self._status(), sort_keys=True).encode()
@@ -172,6 +226,7 @@ class LazyOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value
 
+    @_at_the_edge
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return sorted(self._ask(self._index.xattrs, InodeT(inode)))
 
@@ -188,6 +243,7 @@ class LazyOperations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
+    @_at_the_edge
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         return self._statfs
 

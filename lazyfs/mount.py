@@ -25,7 +25,7 @@ import trio
 from blockindex import format as fmt
 from blockindex.errors import ImageError
 from blockindex.oci import MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX, check_digest
-from blockindex.reader import IndexReader
+from blockindex.reader import CHECK_RULES, IndexReader
 from cache import pins
 from cache.errors import CacheError
 from cache.evict import CacheKeeper, eviction_lock
@@ -322,10 +322,10 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
         # The digest pins the index to its author, who may be hostile: one scan of every
         # row before the kernel sees any of it (IndexFormatError: exit 3, one line), once
         # per index and node (about 0.7 s per 100,000 entries).
-        if not images.index_checked(opened.index_digest):
+        if not images.index_checked(opened.index_digest, CHECK_RULES):
             await trio.to_thread.run_sync(index.check)
             try:
-                images.mark_index_checked(opened.index_digest)
+                images.mark_index_checked(opened.index_digest, CHECK_RULES)
             except CacheError as exc:  # a full disk: the next mount checks again
                 log.warning("%s", exc)
         pin = await trio.to_thread.run_sync(_pin, images, opened, opts)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import json
+import logging
 import os
+import shutil
+import sqlite3
 import stat
 
 import pyfuse3
@@ -12,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from blockindex.errors import IndexFormatError
 from blockindex.format import ROOT_INO
 from blockindex.reader import IndexReader
 from blockindex.writer import IndexWriter
@@ -153,6 +158,59 @@ def test_writes_are_refused(tmp_path, image):
             assert e.value.errno == errno.EROFS
 
     run(tmp_path, image, body)
+
+
+def test_an_unexpected_error_in_a_handler_is_eio_and_the_mount_serves_on(tmp_path, image, caplog):
+    """A hand-made index that ``check`` refuses, served without that check (as a node
+    that checked it under older rules would): an entry at position 2**63 - 1, whose
+    successor pyfuse3.readdir_reply cannot take (OverflowError). That listing answers
+    EIO, logged once with its traceback, and the next requests are served."""
+    _index, source, size = image
+    path = tmp_path / "hostile"
+    shutil.copy(tmp_path / "index", path)
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO inodes VALUES (4, ?, 0, 0, 0, 0, 2, 0, NULL)", (0o40755,))
+        db.execute("INSERT INTO dirents VALUES (1, 2, x'646972', 4)")
+        db.execute("INSERT INTO dirents VALUES (4, ?, x'78', 2)", ((1 << 63) - 1,))
+    index = IndexReader(path)
+    with pytest.raises(IndexFormatError, match="bad position"):
+        index.check()
+
+    async def body(ops, size):
+        fh = await ops.opendir((await ops.lookup(ROOT_INO, b"dir", None)).st_ino, None)
+        for _ in range(2):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                # the lone entry fails readdir_reply's arguments: the token is never used
+                await ops.readdir(fh, 0, pyfuse3.ReaddirToken())
+            assert e.value.errno == errno.EIO
+        assert (await ops.getattr(2, None)).st_size == size
+        assert bytes(await ops.read(2, 0, 100)) == A[:100]
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.lookup(ROOT_INO, b"missing", None)
+        assert e.value.errno == errno.ENOENT  # a handler's own answer passes as it is
+
+    with caplog.at_level(logging.ERROR, logger="lazyfs.fs"):
+        run(tmp_path, (index, source, size), body)
+    logged = [r for r in caplog.records if r.name == "lazyfs.fs"]
+    assert [bool(r.exc_info) for r in logged] == [True, False]  # one traceback
+    assert logged[0].exc_info[0] is OverflowError
+    assert all(r.getMessage().startswith("readdir failed (EIO)") for r in logged)
+
+
+def test_a_cancelled_handler_is_cancelled_never_eio(tmp_path, image):
+    async def body(ops, size):
+        with trio.move_on_after(1) as scope:
+            await ops.read(2, 0, 100)  # the fetch stalls; the deadline is 2 s
+        assert scope.cancelled_caught
+
+    run(tmp_path, image, body, script=["stall"], clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_every_handler_answers_at_the_edge():
+    handlers = {name: h for name, h in vars(LazyOperations).items()
+                if name in vars(pyfuse3.Operations) and inspect.iscoroutinefunction(h)}
+    assert {"lookup", "getattr", "readdir", "read", "getxattr"} <= handlers.keys()
+    assert [n for n, h in handlers.items() if not hasattr(h, "__wrapped__")] == []
 
 
 def test_many_readers_of_a_chunk_being_loaded_never_trip_over_each_other(tmp_path):

@@ -7,11 +7,14 @@ views, triggers added, the format version changed. Opening it, ``check`` and wal
 (attr, lookup, children, readlink, xattrs, chunks, all_chunks, totals, paths) either work
 or raise ``IndexFormatError``; never another exception, never a hang. And whatever
 ``check`` accepts walks as a tree whose every answer has the types and ranges the FUSE
-adapter hands the kernel.
+adapter hands the kernel (its EntryAttributes build, the next readdir position fits).
+Opening demands the writer's schema exactly, so every question a handler asks is
+answered from an index: the query plans of those questions are checked here too.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 import stat
@@ -27,6 +30,7 @@ from blockindex.convert import convert
 from blockindex.errors import IndexFormatError
 from blockindex.format import ROOT_INO, InodeT
 from blockindex.reader import IndexReader
+from lazyfs.fs import entry_attributes
 
 from .imagekit import d, entry, make_tar
 from .test_fuzz_tar import SETTINGS, no_hang
@@ -85,7 +89,8 @@ def _walk_checked(r: IndexReader) -> None:
         seen.add(ino)
         assert len(seen) <= inodes
         for pos, name, node in r.children(InodeT(ino)):
-            assert type(pos) is int and pos >= 0
+            assert type(pos) is int and 0 <= pos and pos + 1 < 1 << 63  # readdir's off_t
+            entry_attributes(node)  # what the kernel is told: every value fits its C type
             assert 1 <= len(name) <= 255 and b"/" not in name and b"\0" not in name
             assert name not in (b".", b"..")
             assert all(type(v) is int for v in node)
@@ -194,6 +199,8 @@ STRUCTURAL = st.sampled_from([
 def apply_edit(db: sqlite3.Connection, edit: tuple) -> None:
     if edit[0] == "sql":
         db.execute(edit[1])
+    elif edit[0] == "script":
+        db.executescript(edit[1])
     elif edit[0] == "cycle":  # a directory made its own grandparent, away from the root
         row = db.execute("SELECT d.ino, d.parent FROM dirents d JOIN inodes i ON i.ino = d.ino "
                          "WHERE (i.mode & 61440) = 16384 AND d.parent != 1 LIMIT 1").fetchone()
@@ -240,6 +247,7 @@ def test_hostile_rows_are_refused_or_walk_cleanly(good_index, tmp_path_factory, 
     ("set", "dirents", "name", 0, b"a/b"),
     ("set", "dirents", "name", 0, b".."),
     ("set", "dirents", "name", 1, b"a\0b"),
+    ("set", "dirents", "pos", 0, (1 << 63) - 1),
     ("set", "chunks", "offset", 0, 1 << 40),
     ("set", "chunks", "size", 0, CS + 1),
     ("set", "chunks", "codec", 0, 7),
@@ -265,6 +273,131 @@ def test_each_hostile_kind_is_refused_with_a_clear_error(good_index, tmp_path, e
         r = IndexReader(path)
         r.check()
     assert "\n" not in str(info.value)
+
+
+def test_a_position_whose_successor_is_an_off_t_is_accepted(good_index, tmp_path):
+    path = tmp_path / "i.sqlite"
+    shutil.copy(good_index, path)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE dirents SET pos = ? WHERE (parent, pos) = "
+                   "(SELECT parent, max(pos) FROM dirents WHERE parent = 1)", ((1 << 63) - 2,))
+    assert explore(path) == "accepted"
+
+
+# -- the schema, and the plans of the reader's queries ---------------------------------------
+
+NO_UNIQUE_DIGEST = (  # chunks as written, less the UNIQUE that indexes chunk(digest)
+    "PRAGMA legacy_alter_table = ON; ALTER TABLE chunks RENAME TO c0; "
+    "CREATE TABLE chunks (id INTEGER PRIMARY KEY, digest BLOB NOT NULL, "
+    "blob INTEGER NOT NULL REFERENCES blobs (id), offset INTEGER NOT NULL, "
+    "stored_size INTEGER NOT NULL, size INTEGER NOT NULL, codec INTEGER NOT NULL); "
+    "INSERT INTO chunks SELECT * FROM c0; DROP TABLE c0")
+
+
+@pytest.mark.parametrize(("script", "problem"), [
+    ("DROP INDEX dirents_by_name", "no index dirents_by_name"),
+    ("DROP INDEX dirents_by_name; CREATE INDEX dirents_by_name ON dirents (name)",
+     "index dirents_by_name is not defined as lazyfs writes it"),
+    (NO_UNIQUE_DIGEST, "no index sqlite_autoindex_chunks_1"),
+    ("ANALYZE", "an unexpected table sqlite_stat1"),  # statistics that steer the planner
+    ("CREATE INDEX extra ON inodes (mode)", "an unexpected index extra"),
+    ("CREATE VIEW v AS SELECT 1", "an unexpected view v"),
+], ids=["no-dirents_by_name", "other-dirents_by_name", "no-chunk-digest-index", "statistics",
+        "extra-index", "view"])
+def test_an_index_without_the_writers_schema_is_refused_at_open(good_index, tmp_path, script,
+                                                                 problem):
+    path = tmp_path / "i.sqlite"
+    shutil.copy(good_index, path)
+    db = sqlite3.connect(path)
+    apply_edit(db, ("script", script))
+    db.close()
+    with pytest.raises(IndexFormatError, match=re.escape(f"{path}: not a lazyfs index ({problem})")):
+        IndexReader(path)
+
+
+class _Recorder:
+    """An sqlite3 connection that remembers the SQL of every statement run on it."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.asked: dict[str, tuple | dict] = {}  # SQL: the arguments it was last run with
+
+    def execute(self, sql: str, args=()):
+        self.asked[sql] = args
+        return self.db.execute(sql, args)
+
+
+# Reader methods that read whole tables on purpose, never for a FUSE request: the check,
+# counts for statfs and status (once per reader), the prefetch's list of all chunks, path
+# finding for traces and failure messages (dirents have no index by inode).
+WHOLE_INDEX = {"check", "totals", "all_chunks", "paths", "path_of", "close", "blobs"}
+_SMALL_TABLES = {"meta", "blobs", "sqlite_master"}  # read once, at open
+
+
+def unindexed(db: sqlite3.Connection, sql: str, args: tuple | dict) -> list[str]:
+    """What in the plan of ``sql`` reads more than the rows it answers: a scan of a big
+    table, a sort, or a search that leaves a compared column to be filtered row by row
+    (``lookup`` without ``dirents_by_name`` searches the whole directory by parent)."""
+    alias = {a or t: t for t, a in re.findall(
+        r"(?:FROM|JOIN) (\w+)(?: (?!WHERE|ORDER|JOIN|ON|LIMIT|GROUP)(\w+))?", sql)}
+    equal = re.findall(r"(?:(\w+)\.)?(\w+) = [?:]", sql)
+    found = []
+    plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, args)]
+    for step in plan:
+        scan = re.match(r"SCAN (\w+)", step)
+        if scan and alias.get(scan[1], scan[1]) not in _SMALL_TABLES and scan[1] != "CONSTANT":
+            found.append(step)
+        if "TEMP B-TREE" in step:
+            found.append(step)
+        search = re.match(r"SEARCH (\w+) USING (.*)\((.*)\)$", step)
+        if search:
+            used = set(re.findall(r"(\w+)[=<>]", search[3]))
+            for who, column in equal:
+                if (who or search[1]) == search[1] and column not in used and not (
+                        "INTEGER PRIMARY KEY" in search[2] and used == {"rowid"}):
+                    found.append(f"{step} (filters {column} row by row)")
+    return found
+
+
+def test_every_question_a_handler_asks_is_answered_from_an_index(good_index, tmp_path):
+    # Every public method of the reader is either asked per FUSE request, and walked
+    # here, or listed in WHOLE_INDEX: a new one must be placed.
+    public = {n for n in dir(IndexReader) if not n.startswith("_") and callable(getattr(
+        IndexReader, n))}
+    asked = {"attr", "lookup", "children", "readlink", "xattrs", "getxattr", "chunks",
+             "chunks_of", "chunk"}
+    assert public == asked | WHOLE_INDEX
+    r = IndexReader(good_index)
+    rec = _Recorder(r._db)
+    r._db = rec  # type: ignore[assignment]
+    f = r.lookup(InodeT(ROOT_INO), b"etc")
+    f = r.lookup(f.ino, b"f")
+    s = r.lookup(r.lookup(InodeT(ROOT_INO), b"etc").ino, b"s")
+    r.attr(f.ino)
+    list(r.children(InodeT(ROOT_INO), 1))
+    r.readlink(s.ino)
+    r.xattrs(f.ino)
+    r.getxattr(f.ino, b"user.k")
+    spans = r.chunks(f.ino, 0, 3 * CS)
+    r.chunks_of(f.ino)
+    r.chunk(spans[0].chunk.digest)
+    assert len(rec.asked) >= len(asked)
+    assert {sql: unindexed(rec.db, sql, args) for sql, args in rec.asked.items()} == {
+        sql: [] for sql in rec.asked}
+    r._db = rec.db
+    r.close()
+    # The rule sees a missing index: without dirents_by_name, lookup reads its directory.
+    path = tmp_path / "i.sqlite"
+    shutil.copy(good_index, path)
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX dirents_by_name")
+        lookup, children = (next(q for q in rec.asked.items() if part in q[0])
+                            for part in ("d.name = ?", "d.pos >= ?"))
+        assert unindexed(db, *lookup) and not unindexed(db, *children)
+        db.execute("DROP TABLE chunks")
+        db.execute("CREATE TABLE chunks (id INTEGER PRIMARY KEY, digest BLOB, blob, offset, "
+                   "stored_size, size, codec)")
+        assert unindexed(db, *next(q for q in rec.asked.items() if "WHERE digest = ?" in q[0]))
 
 
 def test_settings_are_shared():

@@ -3,7 +3,9 @@ malformed JSON, and an index whose digest matches but whose content is hostile."
 
 from __future__ import annotations
 
+import errno
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -19,7 +21,10 @@ import pytest
 
 from blockindex.convert import convert
 from blockindex.errors import ImageError
+from blockindex.format import InodeT
 from blockindex.oci import Layout, canonical_json
+from blockindex.reader import CHECK_RULES, IndexReader
+from cache.images import ImageStore
 from lazyfs.serve import make_server
 
 from .conftest import ROOT, lazyfs
@@ -252,9 +257,10 @@ def _retag(layout: Layout, manifest: dict, tag: str = "1") -> None:
     layout.tag(desc, tag)
 
 
-def _hostile_index(layout: Layout, tag: str, sql: str) -> None:
+def _hostile_index(layout: Layout, tag: str, sql: str) -> str:
     """Replace the image's index with one changed by ``sql``, signed as its own: the
-    manifest names the new index's digest and size, as a hostile author would."""
+    manifest names the new index's digest and size, as a hostile author would. Returns
+    that digest."""
     manifest = json.loads(layout.read_blob(layout.resolve(tag)["digest"]))
     old = layout.blob_path(manifest["layers"][0]["digest"])
     work = layout.root.parent / "work.sqlite"
@@ -266,6 +272,7 @@ def _hostile_index(layout: Layout, tag: str, sql: str) -> None:
     desc = layout.write_blob(work.read_bytes(), manifest["layers"][0]["mediaType"])
     manifest["layers"][0] = desc
     _retag(layout, manifest, tag)
+    return desc["digest"]
 
 
 @pytest.mark.mount
@@ -274,7 +281,10 @@ def _hostile_index(layout: Layout, tag: str, sql: str) -> None:
     "INSERT INTO dirents VALUES (1, 999, x'6c6f6f70', 1)",
     "UPDATE chunks SET offset = 1 << 40 WHERE id = 1",
     "UPDATE blobs SET digest = 'sha256:../../../../etc/passwd' WHERE id = 1",
-], ids=["dotdot-name", "root-in-itself", "chunk-outside-blob", "blob-digest-path"])
+    f"UPDATE dirents SET pos = {(1 << 63) - 1} WHERE pos = 0",
+    "DROP INDEX dirents_by_name",
+], ids=["dotdot-name", "root-in-itself", "chunk-outside-blob", "blob-digest-path",
+        "position-beyond-off_t", "no-name-index"])
 def test_signed_hostile_index_is_refused_by_the_mount(served, mounts, sql):
     _image, root, server = served
     _hostile_index(Layout(root / "rich"), "1", sql.replace("rowid IN (SELECT rowid FROM "
@@ -285,6 +295,57 @@ def test_signed_hostile_index_is_refused_by_the_mount(served, mounts, sql):
     assert "index" in done.stderr and "Traceback" not in done.stderr
     assert not os.path.ismount(mnt)
     assert list((mounts.tmp / "cache" / "checked").iterdir()) == []  # never marked as good
+
+
+# The last entry of the first directory below the root with two or more: its successor
+# position, 2**63, is no off_t (pyfuse3.readdir_reply raised OverflowError).
+_LAST_AT_2_63 = (
+    f"UPDATE dirents SET pos = {(1 << 63) - 1} WHERE (parent, pos) = (SELECT parent, max(pos) "
+    "FROM dirents WHERE parent = (SELECT parent FROM dirents WHERE parent != 1 GROUP BY parent "
+    "HAVING count(*) > 1 ORDER BY parent LIMIT 1))")
+
+
+@pytest.mark.mount
+def test_an_index_checked_under_older_rules_is_checked_again(served, mounts):
+    _image, root, server = served
+    digest = _hostile_index(Layout(root / "rich"), "1", _LAST_AT_2_63)
+    # what a node that checked this index before positions were bounded has kept
+    (mounts.tmp / "cache" / "checked").mkdir(parents=True)
+    (mounts.tmp / "cache" / "checked" / digest.removeprefix("sha256:")).write_bytes(b"")
+    mnt, done = mounts.mount(f"127.0.0.1:{server.port}/rich:1", check=False)
+    assert done.returncode == 3, done.stderr
+    assert "bad position" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert not os.path.ismount(mnt)
+
+
+@pytest.mark.mount
+def test_a_failing_request_is_eio_and_the_mount_serves_on(served, mounts):
+    """The same index mounted with the check skipped (a node marked it checked under the
+    current rules, so the check has a gap): listing that directory answers EIO, logged
+    once with a traceback, and the mount serves everything else."""
+    image, root, server = served
+    layout = Layout(root / "rich")
+    digest = _hostile_index(layout, "1", _LAST_AT_2_63)
+    reader = IndexReader(layout.blob_path(digest))
+    (parent,) = reader._one(f"SELECT parent FROM dirents WHERE pos = {(1 << 63) - 1}")
+    bad = reader.path_of(InodeT(parent)).decode().lstrip("/")
+    reader.close()
+    ImageStore(mounts.tmp / "cache").mark_index_checked(digest, CHECK_RULES)
+    mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/rich:1", "--no-prefetch")
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            os.listdir(mnt / bad)
+        assert info.value.errno == errno.EIO
+    files = sorted(p for p, e in image.expected.items() if e.kind == "file" and e.size < 1 << 20
+                   and not p.startswith(bad.encode() + b"/"))[:20]
+    assert files
+    for p in files:
+        with open(os.path.join(os.fsencode(mnt), p), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == image.expected[p].sha256
+    assert sorted(os.listdir(os.fsencode(mnt))) == sorted({p.split(b"/")[0] for p in image.expected})
+    assert os.path.ismount(mnt)
+    log = (mounts.tmp / "mnt.log").read_text()
+    assert "readdir failed (EIO)" in log and log.count("Traceback") == 1, log
 
 
 @pytest.mark.mount
