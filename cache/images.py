@@ -20,6 +20,7 @@ import urllib.parse
 from pathlib import Path
 
 from .errors import CacheError
+from .private import claim
 from .store import sweep_dead_temps, write_atomic
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ImageStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        claim(self.root)
         try:
             for sub in ("manifests", "indexes", "refs", "complete", "checked"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)

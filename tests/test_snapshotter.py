@@ -48,7 +48,7 @@ def test_cli_errors_are_one_line_with_an_exit_code(tmp_path):
     (tmp_path / "file").write_text("")
     done = lazyfs("snapshotter", "--root", str(tmp_path / "file" / "root"), "--address",
                   str(tmp_path / "s.sock"), check=False)
-    assert done.returncode == 7 and done.stderr.startswith("lazyfs: error: cannot use root")
+    assert done.returncode == 7 and done.stderr.startswith("lazyfs: error: snapshotter root")
 
 
 class FakeFileSystem:
