@@ -17,6 +17,7 @@ import pytest
 from blockindex.convert import convert
 from lazyfs.serve import make_server
 from tests.conftest import lazyfs
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -50,16 +51,6 @@ def small_cache(tmp_path):
     subprocess.run(["umount", "-l", str(cache)], capture_output=True)
 
 
-def _wait(predicate, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = predicate()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen in {timeout}s")
-
-
 def test_full_cache_disk_serves_from_network_pauses_prefetch_and_resumes(
         disk_image, small_cache, mounts, tmp_path):
     files, root = disk_image
@@ -67,8 +58,8 @@ def test_full_cache_disk_serves_from_network_pauses_prefetch_and_resumes(
     server.start()
     try:
         mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/disk:1", cache=small_cache)
-        st = _wait(lambda: (s := mounts.status(mnt))["prefetch"]["state"] == "paused-cache-full" and s,
-                   "a paused prefetch")
+        st = wait_until(lambda: (s := mounts.status(mnt))["prefetch"]["state"] == "paused-cache-full" and s,
+                        60, "a paused prefetch")
         assert st["cache_state"]["full"] and st["cache_state"]["full_events"] == 1
 
         # every byte still right, though most chunks cannot be cached
