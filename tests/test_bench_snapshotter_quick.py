@@ -12,6 +12,7 @@ import pytest
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 
+@pytest.mark.timeout(600)  # containerd pulls and runs of each mode
 def test_quick_snapshotter_benchmark_reports_every_figure(tmp_path):
     if not all(shutil.which(t) for t in ("containerd", "ctr", "runc", "containerd-shim-runc-v2")):
         pytest.skip("needs containerd, ctr and runc (tests/setup.sh installs them)")
