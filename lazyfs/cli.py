@@ -169,20 +169,22 @@ async def _describe_image(ref: Any, options: Any, platform: str | None) -> dict[
         index_desc = next((d for d in layers if d.get("mediaType") in fmt.INDEX_MEDIA_TYPES), None)
         if index_desc is None:
             raise UserError(f"{ref}: lazyfs image manifest has no index layer", ExitCode.IMAGE)
-        data = await client.read_blob(index_desc["digest"], max_size=1 << 30)
-    with tempfile.NamedTemporaryFile(suffix=".sqlite") as f:
-        f.write(data)
-        f.flush()
-        reader = IndexReader(Path(f.name))
-        try:
-            totals = reader.totals()
-        finally:
-            reader.close()
+        size = index_desc.get("size")
+        if type(size) is not int or not 0 < size <= 1 << 30:
+            raise UserError(f"{ref}: index size {size!r} is out of range", ExitCode.IMAGE)
+        with tempfile.TemporaryDirectory() as tmp:  # never more than its declared size
+            path = Path(tmp) / "index.sqlite"
+            await client.download_blob(index_desc["digest"], str(path), size=size)
+            reader = IndexReader(path)
+            try:
+                totals = reader.totals()
+            finally:
+                reader.close()
     info.update(
         format=annotations.get(fmt.ARTIFACT_ANNOTATION),
         chunk_size=int(annotations.get(CHUNK_SIZE_ANNOTATION, 0)),
         files=totals["files"], file_bytes=totals["file_bytes"], chunks=totals["chunks"],
-        blobs=len(layers) - 1, index=index_desc["digest"], index_size=len(data),
+        blobs=len(layers) - 1, index=index_desc["digest"], index_size=size,
         stored_bytes=sum(int(d.get("size", 0)) for d in layers if d is not index_desc),
     )
     return info
