@@ -100,8 +100,9 @@ def read_peers_file(path: Path) -> list[str]:
             continue
         try:
             url = normalize_url(line)
-        except ValueError as exc:
-            raise ValueError(f"{path}:{n}: {exc}") from None
+        except ValueError:  # the line is not repeated: a file named by mistake may hold a secret
+            raise ValueError(f"{path}:{n}: not a peer URL (expected http://HOST:PORT, "
+                             "port 1-65535)") from None
         if url not in out:
             out.append(url)
     return out

@@ -379,12 +379,13 @@ def _checked_peers(args: argparse.Namespace, *, listen: tuple[str, int] | None,
     if args.advertise is not None and args.peers_file is None:
         raise UserError("--advertise needs --peers-file (it names this node there)", ExitCode.USAGE)
     read_token(Path(args.token_file))
+    advertise = _advertise(args.advertise)
     if args.peers_file is not None:
         _check_peers_file(Path(args.peers_file))
     return {
         "peers_file": Path(args.peers_file).absolute() if args.peers_file else None,
         "token_file": Path(args.token_file).absolute(),
-        "advertise": _advertise(args.advertise),
+        "advertise": advertise,
     }
 
 
