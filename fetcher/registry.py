@@ -42,6 +42,7 @@ from blockindex.oci import (
 )
 from cache.store import temp_path
 
+from .address import split_host_port
 from .auth import Authenticator
 from .bodies import check_identity, read_span, read_whole, whole_body
 from .errors import (
@@ -103,10 +104,10 @@ class Manifest:
 
 
 def _is_loopback(registry: str) -> bool:
-    if registry.startswith("["):
-        host = registry[1 : registry.index("]")]
-    else:
-        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    try:
+        host, _ = split_host_port(registry)
+    except ValueError:
+        return False
     if host == "localhost":
         return True
     try:
@@ -173,9 +174,8 @@ class RegistryClient:
         # httpx answers everything it does not expect (redirects, auth challenges, errors).
         self._fast: RangeClient | None = None
         if plain and transport is None and proxy is None:
-            hostname, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
-            self._fast = RangeClient(hostname.strip("[]") or host, int(port or 80),
-                                     connect_timeout=timeout)
+            hostname, port = split_host_port(host)
+            self._fast = RangeClient(hostname, port or 80, connect_timeout=timeout)
         # Blob URLs the registry redirected to, reused for later ranges of the same blob;
         # plain-HTTP ones are read with the lean client too when nothing is in between.
         self.redirects = RedirectCache()
@@ -330,11 +330,14 @@ class RegistryClient:
         fallback); any failure is a FetchError, and the caller goes back to the registry."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme == "http" and self._lean_redirects and parts.hostname:
-            key = (parts.hostname, parts.port or 80)
+            try:
+                host, port = split_host_port(parts.netloc.rpartition("@")[2])
+            except ValueError as exc:  # the server's Location, not ours: its mistake
+                raise ServerError(f"{where}: redirected to a bad URL: {exc}") from None
+            key = (host, port or 80)
             client = self._redirect_clients.get(key)
             if client is None:
-                client = self._redirect_clients[key] = RangeClient(
-                    parts.hostname, parts.port or 80, connect_timeout=self.timeout)
+                client = self._redirect_clients[key] = RangeClient(*key, connect_timeout=self.timeout)
             target = parts.path + (f"?{parts.query}" if parts.query else "")
             try:
                 with trio.fail_after(self.timeout):

@@ -131,13 +131,6 @@ class _Collector:
         return list(families.values())
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UserError(f"--metrics: expected HOST:PORT, got {text!r}", ExitCode.USAGE)
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 # -- what each kind of process reports ---------------------------------------------------
 
 def mount_samples(content: Any, fetcher: Any, prefetcher: Any, store: Any, keeper: Any,
