@@ -47,6 +47,7 @@ from blockindex.format import CODEC_LZ4, CODEC_RAW
 
 from .errors import CacheError
 from .pids import alive
+from .private import claim
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,8 @@ class ChunkStore:
         self._chunks = self.root / "chunks"
         self._prefix = str(self._chunks) + "/"  # entry names are built as strings: pathlib
         # costs more than the stat or the write itself on the prefetch's path
+        claim(self.root)  # caches hold private images: its owner's alone
         try:
-            if not self.root.exists():
-                # caches hold private images: a new one is its owner's alone
-                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            elif self.root.stat().st_mode & 0o022:
-                log.warning("cache directory %s is writable by other users, who could then make "
-                            "this process write elsewhere; make it 0700", self.root)
             self._chunks.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self._chunks, prefix=".probe-")
             probe.close()

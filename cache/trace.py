@@ -47,6 +47,7 @@ from typing import Any
 from blockindex.format import Chunk, Span
 
 from .errors import CacheError
+from .private import claim
 from .store import write_atomic
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ class TraceStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._dir = self.root / "traces"
+        claim(self.root)
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

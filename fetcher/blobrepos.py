@@ -11,8 +11,9 @@ kind of record for the same reason).
 
 The record is a hint, never trusted: a mount the registry refuses (202) becomes an
 ordinary upload. It lives in ``$XDG_STATE_HOME/lazyfs/blob-repos.json`` (by default
-``~/.local/state/lazyfs/``), is bounded, written atomically and merged with what other
-processes wrote meanwhile; a record that cannot be read or written is logged and ignored.
+``~/.local/state/lazyfs/``; the directory 0700, the file 0600), is bounded, written
+atomically and merged with what other processes wrote meanwhile; a record that cannot be
+read or written is logged and ignored.
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ REGISTRIES = 64
 def default_path() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "lazyfs" / "blob-repos.json"
+
+
+def _private_dir(path: Path) -> None:
+    """Make lazyfs's state directory 0700, or tighten it to that: it names the registries
+    and repositories this user pushed to. ``convert`` runs with the user's umask (its output
+    is the user's), so this directory, its own state, is made private here. Raises OSError."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
 
 
 class BlobRepos:
@@ -86,7 +96,7 @@ class BlobRepos:
                 blobs[digest] = merged[-REPOS_PER_BLOB:]
             for digest in list(blobs)[: max(0, len(blobs) - BLOBS_PER_REGISTRY)]:
                 del blobs[digest]
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private_dir(self.path.parent)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".blob-repos.")
             try:
                 with os.fdopen(fd, "w") as f:

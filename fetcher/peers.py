@@ -358,7 +358,9 @@ class PeerClient:
                                      "stored": chunk.stored_size, "size": chunk.size,
                                      "codec": chunk.codec, "repo": repository})
         try:
-            return await self._client(peer).get_range(path, 0, chunk.stored_size, self._auth)
+            # a peer's answer is the chunk, no more: anything longer is a failed source
+            return await self._client(peer).get_range(path, 0, chunk.stored_size, self._auth,
+                                                      whole_ok=False)
         except UnexpectedResponse as exc:
             if exc.status == 404:
                 raise ServerError(f"peer {peer} has no chunk {chunk.hexdigest[:16]} (404)") from None

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cache.private import PRIVATE_UMASK, claim
+
 from .errors import ExitCode, MountError, UserError, exit_code_for
 from .process import hide_in_cmdline, read_ready, reap_child, wait_gone
 
@@ -170,20 +172,22 @@ async def _describe_image(ref: Any, options: Any, platform: str | None) -> dict[
         index_desc = next((d for d in layers if d.get("mediaType") in fmt.INDEX_MEDIA_TYPES), None)
         if index_desc is None:
             raise UserError(f"{ref}: lazyfs image manifest has no index layer", ExitCode.IMAGE)
-        data = await client.read_blob(index_desc["digest"], max_size=1 << 30)
-    with tempfile.NamedTemporaryFile(suffix=".sqlite") as f:
-        f.write(data)
-        f.flush()
-        reader = IndexReader(Path(f.name))
-        try:
-            totals = reader.totals()
-        finally:
-            reader.close()
+        size = index_desc.get("size")
+        if type(size) is not int or not 0 < size <= 1 << 30:
+            raise UserError(f"{ref}: index size {size!r} is out of range", ExitCode.IMAGE)
+        with tempfile.TemporaryDirectory() as tmp:  # never more than its declared size
+            path = Path(tmp) / "index.sqlite"
+            await client.download_blob(index_desc["digest"], str(path), size=size)
+            reader = IndexReader(path)
+            try:
+                totals = reader.totals()
+            finally:
+                reader.close()
     info.update(
         format=annotations.get(fmt.ARTIFACT_ANNOTATION),
         chunk_size=int(annotations.get(CHUNK_SIZE_ANNOTATION, 0)),
         files=totals["files"], file_bytes=totals["file_bytes"], chunks=totals["chunks"],
-        blobs=len(layers) - 1, index=index_desc["digest"], index_size=len(data),
+        blobs=len(layers) - 1, index=index_desc["digest"], index_size=size,
         stored_bytes=sum(int(d.get("size", 0)) for d in layers if d is not index_desc),
     )
     return info
@@ -427,6 +431,7 @@ def _mount_background(args: argparse.Namespace) -> int:
     check_mountpoint(mountpoint)
     log_file = Path(args.log_file) if args.log_file else (
         cache_dir / "logs" / (str(mountpoint).strip("/").replace("/", "_") + ".log"))
+    claim(cache_dir)  # before CACHE/logs: an open cache is tightened or refused first
     try:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         logf = open(log_file, "ab")
@@ -576,10 +581,8 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         log.warning("--peers-file without --advertise: the image mounts cannot tell which peer is "
                     "this node, so they ask this node's `lazyfs peer` for the chunks it owns")
     root = Path(args.root).absolute()
-    try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)  # as containerd's own snapshotters
-    except OSError as exc:
-        raise UserError(f"cannot use root {root}: {exc.strerror}", ExitCode.CACHE) from exc
+    # 0700 as containerd's own snapshotters; what is inside (snapshots' contents) keeps its modes
+    claim(root, holds="snapshots", what="snapshotter root", inner=False)
     for option, value in (("--address", args.address), ("--cri-keychain", args.cri_keychain)):
         if value is not None:  # before anything starts: a bad path is a usage error
             try:
@@ -823,6 +826,8 @@ def _setup_logging(args: argparse.Namespace, force: bool = False) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "convert":  # its output layout is the user's, made as the user's umask says
+        os.umask(PRIVATE_UMASK)  # caches and state: 0700 and 0600 (see cache/private.py)
     _setup_logging(args)
     if getattr(args, "creds", None) and not hide_in_cmdline(args.creds):
         log.warning("--creds stays visible in this process's command line; $%s or --creds-file "

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # no
 from lazyfs.process import wait_gone  # noqa: E402
 from lazyfs.serve import ServerHandle, make_server  # noqa: E402
 from tests import imagegen  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -70,13 +70,9 @@ class Mounts:
         return json.loads(lazyfs("status", str(mnt), "--json").stdout)
 
     def wait_complete(self, mnt: Path, timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self.status(mnt)
-            if st["prefetch"]["complete"]:
-                return st
-            time.sleep(0.2)
-        raise AssertionError(f"prefetch did not complete in {timeout}s: {st['prefetch']}")
+        return wait_until(lambda: (st := self.status(mnt))["prefetch"]["complete"] and st, timeout,
+                          "the prefetch completing", interval=0.2,
+                          detail=lambda: self.status(mnt)["prefetch"])
 
     def log(self, name: str = "mnt") -> str:
         path = self.tmp / f"{name}.log"

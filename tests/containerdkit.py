@@ -14,13 +14,13 @@ import platform
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 
 from . import imagegen
+from .waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,14 +53,7 @@ class Procs:
 
 
 def wait_socket(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not appear in {timeout}s:\n{log.read_text()[-3000:]}")
+    wait_until(path.exists, timeout, f"{path} appearing", alive=proc, detail=lambda: log.read_text()[-3000:])
 
 
 _BASE = """version = 2

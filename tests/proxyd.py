@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from .registryd import free_port
+from .waiting import listening, wait_until
 
 needs_tinyproxy = pytest.mark.skipif(not shutil.which("tinyproxy"), reason="needs tinyproxy")
 
@@ -30,17 +29,11 @@ class Tinyproxy:
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)],
                                      stdout=self._log, stderr=self._log)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    text = self.log_path.read_text()[-2000:]
-                    raise RuntimeError(f"tinyproxy did not start: {text}") from None
-                time.sleep(0.05)
+        try:
+            wait_until(lambda: listening(self.port), 10, "tinyproxy listening", alive=self.proc)
+        except AssertionError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}: {self.log_path.read_text()[-2000:]}") from None
 
     def requests(self) -> list[tuple[str, str]]:
         """(method, absolute URL) of every request the proxy forwarded so far."""

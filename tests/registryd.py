@@ -11,11 +11,12 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from .waiting import listening, wait_until
 
 needs_registry = pytest.mark.skipif(
     not (shutil.which("docker-registry") and shutil.which("skopeo")),
@@ -54,17 +55,12 @@ class Registry:
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(["docker-registry", "serve", str(config)],
                                      stdout=self._log, stderr=self._log)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    text = self.log()[-2000:]
-                    self.stop()
-                    raise RuntimeError(f"docker-registry did not start: {text}") from None
-                time.sleep(0.05)
+        try:
+            wait_until(lambda: listening(self.port), 15, "docker-registry listening", alive=self.proc)
+        except AssertionError as exc:
+            text = self.log()[-2000:]
+            self.stop()
+            raise RuntimeError(f"{exc}: {text}") from None
 
     def log(self) -> str:
         self._log.flush()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import nodes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
@@ -36,6 +38,7 @@ def _get(tree: dict, dotted: str):
     return tree
 
 
+@pytest.mark.timeout(400)  # its subprocess may take 300 s
 def test_quick_benchmark_reports_every_figure(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "mount_bench.py"), "--quick",
                            "--out", str(tmp_path)], capture_output=True, text=True,
@@ -90,10 +93,31 @@ def _positive(where: str, value) -> None:
     assert isinstance(number, (int, float)) and number > 0, (where, value)
 
 
+#: what may report a status other than "ok" in a quick run, and how that status starts.
+#: Anything else that says "not available", "not present", "cannot run" or "failed" is
+#: a scenario the run skipped: the test fails (the README's Measured section says why
+#: these are expected).
+INTENDED = {
+    # httpdirfs presents every file with mode 0444, so /bin/sh cannot be executed in its
+    # mount: its readiness cannot be measured (its sequential reads are)
+    "others.httpdirfs.readiness": "cannot run programs: ",
+}
+
+
+def _statuses(tree, where: str = ""):
+    """(dotted path, status) of every entry of the results that reports one."""
+    if isinstance(tree, dict):
+        if isinstance(tree.get("status"), str):
+            yield where, tree["status"]
+        for key, value in tree.items():
+            yield from _statuses(value, f"{where}.{key}" if where else key)
+
+
+@pytest.mark.timeout(1300)  # its subprocess may take 1200 s
 def test_quick_suite_reports_every_scenario(tmp_path):
     """``bench/run --quick`` (the same code as the full suite, tiny inputs) runs every
-    scenario, reports each figure, writes the summary and the plots; a mode that cannot
-    run here says why instead of giving a number."""
+    scenario, reports each figure, writes the summary and the plots; nothing is skipped
+    but what ``INTENDED`` lists."""
     done = subprocess.run([str(ROOT / "bench" / "run"), "--no-setup", "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -109,12 +133,11 @@ def test_quick_suite_reports_every_scenario(tmp_path):
                 continue
             _positive(f"{scenario}.{dotted}", value)
     assert missing == []
-    recorded = scenarios["readiness"]["modes"]["lazy_recorded"]
-    assert "python_s" in recorded or recorded["status"].startswith("not available: "), recorded
-    hd = scenarios["others"]["httpdirfs"]["readiness"]
-    assert "python_s" in hd or hd["status"].startswith("cannot run programs: "), hd
-    for name, entry in scenarios["nodes"].items():
-        assert entry["status"] == "ok" or entry["status"].startswith("not present: "), (name, entry)
+    assert "python_s" in scenarios["readiness"]["modes"]["lazy_recorded"]
+    assert set(scenarios["nodes"]) == set(nodes.MODULES)
+    not_run = {where: status for where, status in _statuses(scenarios)
+               if status != "ok" and not status.startswith(INTENDED.get(where, "\0"))}
+    assert not_run == {}, "scenarios that did not run"
     plots = ["readiness.png", "throughput.png", "prefetch.png"]
     summary = (tmp_path / "summary.md").read_text()
     if scenarios["nodes"].get("peers_bench", {}).get("status") == "ok" \

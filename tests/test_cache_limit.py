@@ -4,14 +4,13 @@ limit (the log and status say so, and reading goes on)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from cache.images import ImageStore
 from cache.store import HEADER_SIZE, ChunkStore
 from lazyfs.serve import make_server
 from tests.cachekit import chunk_digests, make_image, manifest_of
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -44,15 +43,6 @@ def _entry_bytes(root, name: str) -> int:
         reader.close()
 
 
-def _wait(predicate, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen in {timeout}s")
-
-
 def test_cache_size_evicts_unmounted_images_lru_and_keeps_mounted_ones(limit_images, limit_server, mounts,
                                                                      tmp_path):
     root, files = limit_images
@@ -72,7 +62,7 @@ def test_cache_size_evicts_unmounted_images_lru_and_keeps_mounted_ones(limit_ima
     assert _entry_bytes(root, "a") + _entry_bytes(root, "b") > limit
     mnt_b, _ = mounts.mount(f"{ref}/b:1", "--cache-size", str(limit), name="b", cache=cache)
     mounts.wait_complete(mnt_b)
-    _wait(lambda: store.usage()[1] <= limit, "eviction below the limit")
+    wait_until(lambda: store.usage()[1] <= limit, 60, "eviction below the limit")
     assert all(store.contains(d) for d in b), "a chunk of the mounted image was evicted"
     assert not all(store.contains(d) for d in a)
     assert not images.is_complete(ma), "an image that lost chunks is still marked complete"
@@ -85,7 +75,7 @@ def test_cache_size_evicts_unmounted_images_lru_and_keeps_mounted_ones(limit_ima
     # a second image mounted while b is: both pinned, together over a tiny limit
     mnt_a, _ = mounts.mount(f"{ref}/a:1", "--cache-size", "100K", name="a2", cache=cache)
     mounts.wait_complete(mnt_a)
-    _wait(lambda: mounts.status(mnt_a)["cache_state"]["over_limit"], "the over-limit report")
+    wait_until(lambda: mounts.status(mnt_a)["cache_state"]["over_limit"], 60, "the over-limit report")
     assert all(store.contains(d) for d in a | b)
     for rel, data in files["a"].items():
         assert (mnt_a / rel).read_bytes() == data

@@ -13,6 +13,7 @@ from bench import chunk_size
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 
+@pytest.mark.timeout(600)  # a conversion and mounts per chunk size
 def test_quick_chunk_size_benchmark_reports_every_figure(tmp_path):
     report = chunk_size.run(True, tmp_path)
     assert json.loads((tmp_path / "chunk_size.json").read_text()) == report

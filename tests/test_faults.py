@@ -24,6 +24,7 @@ from lazyfs.serve import make_server
 from .cachekit import CHUNK, install, make_image
 from .conftest import ROOT
 from .registryd import free_port
+from .waiting import listening, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -168,7 +169,7 @@ def test_a_lying_peer_fails_no_read_and_is_reported(fault_image, origin, mounts,
                              "--listen", f"127.0.0.1:{port}", "--token-file", str(token)],
                             cwd=ROOT, stdout=log, stderr=log)
     try:
-        _wait_port(port)
+        wait_until(lambda: listening(port), 30, "lazyfs peer listening", alive=peer)
         with FaultProxy(port) as liar, FaultProxy(origin.port) as front:
             peers = tmp_path / "peers"
             peers.write_text(liar.url + "\n")
@@ -187,20 +188,6 @@ def test_a_lying_peer_fails_no_read_and_is_reported(fault_image, origin, mounts,
         peer.terminate()
         wait_gone(peer.pid, 10, kill=True)
         log.close()
-
-
-def _wait_port(port: int, timeout: float = 30) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def test_many_reads_at_once_in_a_stall_all_end_within_their_deadline(fault_image, proxy, mounts):

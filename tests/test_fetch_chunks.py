@@ -12,6 +12,7 @@ from fetcher.chunks import ChunkFetcher, FetchConfig, plan_ranges
 from fetcher.errors import IntegrityError, ServerError, UnreachableError
 
 from .fakes import ScriptedSource, make_blob
+from .waiting import wait_until
 
 PIECES = [os.urandom(5000), b"a" * 7000, os.urandom(3000), b"b" * 9000]
 
@@ -62,11 +63,13 @@ def test_concurrent_readers_share_one_request(tmp_path):
                 n.start_soon(reader)
         assert len(outs) == 5
         assert all([o[c.digest] for c in chunks] == PIECES for o in outs)
-        await trio.sleep(1)  # let the cache writes finish
+        # a reader does not wait for the disk: the writes finish after it has its bytes
+        store = ChunkStore(tmp_path)
+        await trio.to_thread.run_sync(wait_until, lambda: all(store.contains(c.digest) for c in chunks),
+                                      10, "every chunk cached")
 
-    source, store, chunks = run_fetch(tmp_path, [], body2)
+    source, _store, chunks = run_fetch(tmp_path, [], body2)
     assert len(source.requests) == 1
-    assert all(store.contains(c.digest) for c in chunks)
 
 
 def test_altered_bytes_fail_and_are_not_cached(tmp_path, caplog):

@@ -20,6 +20,7 @@ import signal
 import stat
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,16 +45,23 @@ HANG = 120  # seconds: only catches a hang, a conversion here takes milliseconds
 
 @contextlib.contextmanager
 def no_hang(seconds: int = HANG) -> Iterator[None]:
+    """One example's own limit (hypothesis replays a failing example while shrinking: the
+    test's limit would be spent by then). It borrows the SIGALRM timer of pytest-timeout's
+    limit for the test, and gives back what is left of it."""
     def fail(*_: object) -> None:
         raise AssertionError(f"no answer in {seconds} s: a hang")
 
+    outer, _ = signal.getitimer(signal.ITIMER_REAL)
+    started = time.monotonic()
     old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer) if outer else seconds)
     try:
         yield
     finally:
-        signal.alarm(0)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 0.001))
 
 
 @contextlib.contextmanager

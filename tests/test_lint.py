@@ -23,6 +23,7 @@ def test_ruff_finds_nothing():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="needs mypy (pip install -e '.[test]')")
+@pytest.mark.timeout(700)  # its subprocess may take 600 s
 def test_mypy_finds_nothing():
     # this interpreter's mypy, so that it sees the packages the tests run with; no cache
     # written into the tree

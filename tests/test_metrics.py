@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -19,6 +18,7 @@ from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
 from tests.cachekit import install, make_image
 from tests.conftest import ROOT, lazyfs
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +118,8 @@ def test_serve_peer_and_snapshotter_metrics(metric_image, tmp_path):
         served = re.search(r"serving OCI layouts under \S+ at (http://\S+)", seen).group(1)
         assert urllib.request.urlopen(f"{served}/v2/", timeout=10).status == 200
         # the server counts a response once its body is sent, after the client has it
-        deadline = time.monotonic() + 10
-        while value(m := scrape(url), "lazyfs_serve_requests_total", status="200") == 0:
-            assert time.monotonic() < deadline, m
-            time.sleep(0.05)
+        m = wait_until(lambda: value(got := scrape(url), "lazyfs_serve_requests_total", status="200") and got,
+                       10, "the request counted", detail=lambda: scrape(url))
         assert value(m, "lazyfs_serve_requests_total", status="200") == 1
         assert value(m, "lazyfs_serve_bytes_total") > 0
     finally:
@@ -134,10 +132,8 @@ def test_serve_peer_and_snapshotter_metrics(metric_image, tmp_path):
     proc, url, _ = _started(["peer", "--cache", str(cache), "--listen", "127.0.0.1:0",
                              "--token-file", str(token), "--metrics", "127.0.0.1:0", "--cache-size", "100K"])
     try:
-        deadline = time.monotonic() + 60
-        while value(m := scrape(url), "lazyfs_cache_evicted_entries_total") == 0:
-            assert time.monotonic() < deadline, "the peer did not evict"
-            time.sleep(0.2)
+        m = wait_until(lambda: value(got := scrape(url), "lazyfs_cache_evicted_entries_total") and got,
+                       60, "the peer evicting", interval=0.2)
         assert value(m, "lazyfs_peer_server_requests_total", result="ok") == 0
         assert value(m, "lazyfs_cache_limit_bytes") == 100 << 10
         assert value(m, "lazyfs_cache_size_bytes") <= 90 << 10

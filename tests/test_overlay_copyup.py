@@ -31,6 +31,8 @@ import pytest
 from blockindex.convert import convert
 from lazyfs.serve import make_server
 
+from .waiting import wait_until
+
 pytestmark = pytest.mark.mount
 
 DIRS = 120
@@ -85,10 +87,8 @@ def test_copy_up_while_prefetching_does_not_deadlock(slow_many_dirs, mounts, tmp
     minor_before = os.minor(os.stat(mnt).st_dev)
     # The copy-ups start once the prefetch is writing chunks: started at once, they could
     # all be over before its first batch lands (a fast machine did that).
-    deadline = time.monotonic() + 60
-    while (before := mounts.status(mnt)["prefetch"])["cached_chunks"] == 0:
-        assert time.monotonic() < deadline, f"the prefetch wrote nothing in 60 s: {before}"
-        time.sleep(0.05)
+    before = wait_until(lambda: (p := mounts.status(mnt)["prefetch"])["cached_chunks"] and p, 60,
+                        "the prefetch writing chunks", detail=lambda: mounts.status(mnt)["prefetch"])
     assert not before["complete"], "the prefetch finished before the copy-ups began: slow the link"
     done = threading.Event()
     errors: list[BaseException] = []

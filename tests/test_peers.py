@@ -27,6 +27,7 @@ from lazyfs.process import wait_gone
 from .conftest import ROOT, lazyfs
 from .imagegen import compare_tree
 from .test_mount import index_of
+from .waiting import listening, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -242,14 +243,7 @@ def test_lazyfs_peer_serves_only_with_the_token(origin, tmp_path, token_file):
                f"&offset={chunk.offset}&stored={chunk.stored_size}&size={chunk.size}"
                f"&codec={chunk.codec}&repo=127.0.0.1:{server.port}/rich")
         before = origin_range_bytes(server)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
+        wait_until(lambda: listening(port), 20, "lazyfs peer listening", alive=proc)
         for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token-0"}):
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5)
@@ -412,10 +406,7 @@ def test_a_changed_peers_file_is_read_again(origin, mounts, cluster, tmp_path, t
                "--listen", f"127.0.0.1:{ports[1]}", "--token-file", str(token_file))
     assert list(status(b)["peers"]["peers"]) == [urls[1]]
     peers_b.write_text(f"# a joined\n{urls[1]}\n{urls[0]}\n")
-    deadline = time.monotonic() + 30
-    while urls[0] not in status(b)["peers"]["peers"]:
-        assert time.monotonic() < deadline, "peers file not read again"
-        time.sleep(0.2)
+    wait_until(lambda: urls[0] in status(b)["peers"]["peers"], 30, "the peers file read again", interval=0.2)
     assert read_all(b, image, files_of(image)) == []
     st = status(b)
     # b's own chunks come from the origin (it owns them); a's come from a

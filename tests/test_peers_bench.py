@@ -19,6 +19,7 @@ FIGURES = ["program_s", "cache_complete_s", "mounted_s", "origin_bytes", "origin
 RATIOS = ["program_peers_vs_no_peers", "cache_complete_peers_vs_no_peers", "origin_bytes_peers_vs_no_peers"]
 
 
+@pytest.mark.timeout(700)  # its subprocess may take 600 s
 def test_quick_peers_benchmark_reports_every_figure_and_draws_the_plot(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "peers_bench.py"), "--quick",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)

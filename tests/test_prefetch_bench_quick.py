@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 
+@pytest.mark.timeout(700)  # its subprocess may take 600 s
 def test_prefetch_cpu_benchmark_measures_both_trees(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "prefetch_cpu.py"), "--mib", "24",
                            "--runs", "1", "--reads", "20", "--baseline", "HEAD", "--out", str(tmp_path)],

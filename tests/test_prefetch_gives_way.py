@@ -50,6 +50,7 @@ class GatedSource:
 
     def __init__(self, blob: str, raw: bytes) -> None:
         self.blob, self.raw = blob, raw
+        self.background_asked = trio.Event()
         self.demand_asked = trio.Event()
         self.release = trio.Event()
         self.requests: list[tuple[int, int]] = []
@@ -60,12 +61,33 @@ class GatedSource:
             self.demand_asked.set()
             await self.release.wait()
         else:
+            self.background_asked.set()
             await self.demand_asked.wait()
         return self.raw[offset : offset + length]
 
 
-async def background_then_demand(nursery: trio.Nursery, fetcher: ChunkFetcher, chunks,
-                                 order: list[str]) -> None:
+class WatchedFetcher(ChunkFetcher):
+    """Says when the background's checking of a range has its bytes and has come to
+    giving way (in its worker thread), and whether each wait ended with no demand fetch
+    in flight, as giving way should."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.giving_way = threading.Event()
+        self.ended_quiet: list[bool] = []
+
+    def _give_way(self, work) -> None:
+        self.giving_way.set()
+        super()._give_way(work)
+        self.ended_quiet.append(self._quiet.is_set())
+
+    async def wait_giving_way(self) -> None:
+        """Return once the background is at its first give-way (its bytes are here)."""
+        assert await trio.to_thread.run_sync(self.giving_way.wait, HANG), "the background never gave way"
+
+
+async def background_then_demand(nursery: trio.Nursery, fetcher: ChunkFetcher, source: GatedSource,
+                                 chunks, order: list[str]) -> None:
     """A background fetch of every chunk but the first, then, once its request is under
     way, a demand read of the first; each notes in ``order`` when it is done."""
 
@@ -74,7 +96,7 @@ async def background_then_demand(nursery: trio.Nursery, fetcher: ChunkFetcher, c
         order.append(name)
 
     nursery.start_soon(fetch, "background", chunks[1:], True)
-    await trio.sleep(0.05)
+    await source.background_asked.wait()
     nursery.start_soon(fetch, "demand", chunks[:1])
 
 
@@ -89,7 +111,7 @@ def run_gated(tmp_path, body) -> list[str]:
     async def main() -> None:
         with trio.fail_after(HANG * 2):
             async with trio.open_nursery() as nursery:
-                fetcher = ChunkFetcher(nursery, source, ChunkStore(tmp_path), config)
+                fetcher = WatchedFetcher(nursery, source, ChunkStore(tmp_path), config)
                 await body(fetcher, chunks, source, order)
                 nursery.cancel_scope.cancel()
 
@@ -100,11 +122,12 @@ def run_gated(tmp_path, body) -> list[str]:
 def test_background_range_waits_while_a_demand_fetch_is_in_flight(tmp_path):
     async def body(fetcher, chunks, source, order):
         async with trio.open_nursery() as n:
-            await background_then_demand(n, fetcher, chunks, order)
-            await source.demand_asked.wait()
-            await trio.sleep(0.5)  # the background's bytes are here; it is giving way
+            await background_then_demand(n, fetcher, source, chunks, order)
+            await fetcher.wait_giving_way()  # the background's bytes are here
             assert order == []
-            source.release.set()  # then both finish, in either order
+            source.release.set()
+        # it waited for the demand fetch to end, not for its pause to run out
+        assert fetcher.ended_quiet and all(fetcher.ended_quiet), fetcher.ended_quiet
 
     assert sorted(run_gated(tmp_path, body)) == ["background", "demand"]
 
@@ -112,9 +135,8 @@ def test_background_range_waits_while_a_demand_fetch_is_in_flight(tmp_path):
 def test_a_reader_checks_its_chunk_from_a_background_range_giving_way(tmp_path):
     async def body(fetcher, chunks, source, order):
         async with trio.open_nursery() as n:
-            await background_then_demand(n, fetcher, chunks, order)
-            await source.demand_asked.wait()
-            await trio.sleep(0.2)  # the range's bytes are here; it is giving way
+            await background_then_demand(n, fetcher, source, chunks, order)
+            await fetcher.wait_giving_way()  # the range's bytes are here
             asked = len(source.requests)
             got = await fetcher.get(chunks[2:3])  # within the hang bound: not behind the range
             assert got[chunks[2].digest] == PIECES[2]
@@ -130,7 +152,7 @@ def test_readahead_waiting_for_a_background_range_stops_it_giving_way(tmp_path):
     async def body(fetcher, chunks, source, order):
         async with trio.open_nursery() as n:
             # the background's request is under way, its bytes not here yet
-            await background_then_demand(n, fetcher, chunks, order)
+            await background_then_demand(n, fetcher, source, chunks, order)
             got = await fetcher.get(chunks[3:4], speculative=True)  # within the hang bound
             assert got[chunks[3].digest] == PIECES[3]
             order.append("readahead")

@@ -221,9 +221,9 @@ def test_silent_server_is_unreachable_within_timeout(raw_server: Any) -> None:
 def test_a_server_that_trickles_a_blob_is_given_up(tmp_path: Path, monkeypatch: Any) -> None:
     """Each wait for bytes is short, but a byte every 50 ms would hold a download (convert
     from a registry) forever: under LOW_SPEED's floor for its window, it is given up."""
-    import fetcher.registry as registry
+    import fetcher.bodies as bodies
 
-    monkeypatch.setattr(registry, "LOW_SPEED", (1000, 1.0))
+    monkeypatch.setattr(bodies, "LOW_SPEED", (1000, 1.0))
     stop = threading.Event()
     listener = socket.create_server(("127.0.0.1", 0))
 

@@ -25,6 +25,7 @@ FIGURES = {
 }
 
 
+@pytest.mark.timeout(400)  # its subprocess may take 300 s
 def test_quick_registry_benchmark_reports_every_figure(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "registry_bench.py"), "--quick",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from fetcher.imageref import ImageRef
 from fetcher.registry import RegistryClient
 
 from .conftest import Image, build_image
+from .waiting import listening, wait_until
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("docker-registry") and shutil.which("skopeo")),
@@ -40,14 +40,7 @@ def registry(tmp_path: Path) -> Iterator[tuple[str, Image]]:
     proc = subprocess.Popen(["docker-registry", "serve", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "docker-registry did not start"
-                time.sleep(0.05)
+        wait_until(lambda: listening(port), 10, "docker-registry listening", alive=proc)
         image = build_image(tmp_path / "src")
         subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
                         f"oci:{tmp_path / 'src'}:1", f"docker://127.0.0.1:{port}/team/app:1"],

@@ -4,15 +4,14 @@ has read the image through it, another node reads it with no blob read at the re
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 
 import pytest
 
 from . import imagegen
 from .conftest import lazyfs
 from .registryd import Registry, free_port, needs_registry
+from .waiting import listening, wait_until
 
 pytestmark = [needs_registry, pytest.mark.mount,
               pytest.mark.skipif(not shutil.which("nginx"), reason="needs nginx")]
@@ -67,14 +66,9 @@ def nginx_mirror(tmp_path):
         proc = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(proc)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                return f"http://127.0.0.1:{port}"
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, (d / "error.log").read_text()
-                time.sleep(0.05)
+        wait_until(lambda: listening(port), 10, "nginx listening", alive=proc,
+                   detail=lambda: (d / "error.log").read_text())
+        return f"http://127.0.0.1:{port}"
 
     procs: list[subprocess.Popen] = []
     yield start

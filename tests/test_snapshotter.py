@@ -3,6 +3,7 @@ the gRPC service in-process, then the real thing with Debian's containerd."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,6 +41,7 @@ from lazyfs.snapshotter.service import (
 from . import containerdkit as kit
 from . import imagegen
 from .conftest import lazyfs
+from .waiting import wait_until
 
 
 def test_cli_errors_are_one_line_with_an_exit_code(tmp_path):
@@ -48,7 +50,7 @@ def test_cli_errors_are_one_line_with_an_exit_code(tmp_path):
     (tmp_path / "file").write_text("")
     done = lazyfs("snapshotter", "--root", str(tmp_path / "file" / "root"), "--address",
                   str(tmp_path / "s.sock"), check=False)
-    assert done.returncode == 7 and done.stderr.startswith("lazyfs: error: cannot use root")
+    assert done.returncode == 7 and done.stderr.startswith("lazyfs: error: snapshotter root")
 
 
 class FakeFileSystem:
@@ -329,6 +331,10 @@ def test_grpc_round_trip(fake, tmp_path):
         t.join(10)
 
 
+#: containerd started (by the first test), pulls, runs and restarts, each step with a 120 s deadline
+CONTAINERD = pytest.mark.timeout(600)
+
+
 # -- the real thing: Debian's containerd, runc and docker-registry, the lazyfs snapshotter -------
 
 @dataclasses.dataclass
@@ -404,6 +410,7 @@ def _python_cache() -> Path:
 
 
 @pytest.mark.mount
+@CONTAINERD
 def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
     done = lazyfs("pull", "--address", str(node.sock), node.ref)
     assert "lazily" in done.stdout
@@ -418,6 +425,7 @@ def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
 
 
 @pytest.mark.mount
+@CONTAINERD
 def test_usage_of_a_lazy_image_is_what_it_takes_in_the_node_cache(node):
     from lazyfs.snapshotter.client import chain_ids
 
@@ -436,6 +444,7 @@ def test_usage_of_a_lazy_image_is_what_it_takes_in_the_node_cache(node):
 
 
 @pytest.mark.mount
+@CONTAINERD
 def test_an_ordinary_image_runs_through_the_same_snapshotter(node):
     archive = node.tmp / "python.tar"
     node.ctr("image", "import", "--snapshotter", "lazyfs", "--index-name", "plain/python:1", str(archive))
@@ -445,6 +454,7 @@ def test_an_ordinary_image_runs_through_the_same_snapshotter(node):
 
 
 @pytest.mark.mount
+@CONTAINERD
 def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
     lazyfs("pull", "--address", str(node.sock), node.ref)
     node.ctr("run", "-d", "--snapshotter", "lazyfs", node.ref, "t-long",
@@ -461,10 +471,11 @@ def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
         assert exec_.stdout.strip() == "True"
         node.start_snapshotter()
         # containerd's proxy reconnects to the new socket with gRPC's backoff
-        deadline = time.monotonic() + 30
-        while (after := node.ctr("snapshot", "--snapshotter", "lazyfs", "ls", check=False)).returncode:
-            assert time.monotonic() < deadline, after.stderr
-            time.sleep(0.5)
+        def listed() -> subprocess.CompletedProcess | None:
+            done = node.ctr("snapshot", "--snapshotter", "lazyfs", "ls", check=False)
+            return done if done.returncode == 0 else None
+
+        after = wait_until(listed, 30, "containerd listing the snapshots again", interval=0.5)
         assert after.stdout == before
         # the same mount process, taken back rather than replaced
         assert json.loads(lazyfs("status", str(mnt), "--json").stdout)["pid"] == pid
@@ -474,14 +485,15 @@ def test_kill_9_keeps_containers_running_and_restart_takes_mounts_back(node):
         assert out.stdout.strip() == "3"
     finally:
         node.ctr("task", "kill", "-s", "SIGKILL", "t-long", check=False)
-        deadline = time.monotonic() + 20
-        while "t-long" in node.ctr("task", "ls", check=False).stdout and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with contextlib.suppress(AssertionError):  # then deleted all the same
+            wait_until(lambda: "t-long" not in node.ctr("task", "ls", check=False).stdout, 20,
+                       "the task killed", interval=0.2)
         node.ctr("task", "delete", "t-long", check=False)
         node.ctr("container", "delete", "t-long", check=False)
 
 
 @pytest.mark.mount
+@CONTAINERD
 def test_restart_remounts_a_dead_mount_from_the_cache_alone_when_the_registry_is_gone(node):
     """The node cache holds the whole image (a prefetch completed); the snapshotter and
     the image's mount process are killed and the registry goes away: the restarted
@@ -500,10 +512,8 @@ def test_restart_remounts_a_dead_mount_from_the_cache_alone_when_the_registry_is
         warm.mkdir()
         lazyfs("mount", ref, str(warm), "--cache", str(node.snap_root / "cache"), "--timeout", "10")
         try:
-            deadline = time.monotonic() + 120
-            while not json.loads(lazyfs("status", str(warm), "--json").stdout)["prefetch"]["complete"]:
-                assert time.monotonic() < deadline, "the prefetch did not complete"
-                time.sleep(0.2)
+            wait_until(lambda: json.loads(lazyfs("status", str(warm), "--json").stdout)["prefetch"]
+                       ["complete"], 120, "the prefetch completing", interval=0.2)
         finally:
             lazyfs("umount", str(warm))
         lazyfs("pull", "--address", str(node.sock), ref)
@@ -520,15 +530,18 @@ def test_restart_remounts_a_dead_mount_from_the_cache_alone_when_the_registry_is
     status = json.loads(done.stdout)
     assert status["pid"] != pid and status["manifest"] == digest
     assert "from the cache alone" in (node.snap_root / "logs" / f"{mnt.name}.log").read_text()
-    deadline = time.monotonic() + 30
-    while (out := node.ctr("run", "--rm", "--snapshotter", "lazyfs", ref, "t-offline", "/usr/bin/python3",
-                           "-c", "import json; print(4)", check=False)).returncode:
-        assert time.monotonic() < deadline, out.stderr  # containerd reconnects to the new socket
-        time.sleep(0.5)
+    def ran() -> subprocess.CompletedProcess | None:
+        done = node.ctr("run", "--rm", "--snapshotter", "lazyfs", ref, "t-offline", "/usr/bin/python3",
+                        "-c", "import json; print(4)", check=False)
+        return done if done.returncode == 0 else None
+
+    # containerd reconnects to the new socket
+    out = wait_until(ran, 30, "a container run from the remounted image", interval=0.5)
     assert out.stdout.strip() == "4"
 
 
 @pytest.mark.mount
+@CONTAINERD
 def test_removing_the_image_unmounts_its_lazyfs_mount(node):
     from lazyfs.snapshotter.filesystem import LazyFileSystem
 
@@ -538,10 +551,8 @@ def test_removing_the_image_unmounts_its_lazyfs_mount(node):
     assert os.path.ismount(mounts[0])
     node.ctr("image", "rm", "--sync", node.ref)
     node.ctr("content", "prune", "references", check=False)
-    deadline = time.monotonic() + 30
-    while os.path.ismount(mounts[0]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not os.path.ismount(mounts[0]), node.log("snapshotter")[-3000:]
+    wait_until(lambda: not os.path.ismount(mounts[0]), 30, "the image unmounted", interval=0.2,
+               detail=lambda: node.log("snapshotter")[-3000:])
     from lazyfs.snapshotter.client import chain_ids
 
     listed = node.ctr("snapshot", "--snapshotter", "lazyfs", "ls").stdout
@@ -549,6 +560,7 @@ def test_removing_the_image_unmounts_its_lazyfs_mount(node):
 
 
 @pytest.mark.mount
+@CONTAINERD
 def test_a_stuck_mount_is_killed_and_replaced_not_waited_on(node):
     """An image's mount process alive but answering nothing (SIGSTOPped here) must not
     hang the snapshotter's calls: its check gives up after the status timeout, the stuck

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
@@ -29,10 +28,11 @@ from . import containerdkit as kit
 from . import imagegen
 from .conftest import lazyfs
 from .registryd import Registry, make_htpasswd, needs_registry
+from .waiting import wait_until
 
 PASSWORD = "Pw-9f3c-private"
 
-pytestmark = pytest.mark.mount
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(600)]  # containerd: steps of up to 120 s each
 
 cri = pytest.importorskip("cri_api.v1.api_pb2", reason="needs PyPI's container-runtime-interface-api")
 cri_grpc = pytest.importorskip("cri_api.v1.api_pb2_grpc")
@@ -86,16 +86,16 @@ def node():
         _proc, sock = kit.start_containerd(procs, tmp, config)
         channel = grpc.insecure_channel(f"unix://{sock}")
         runtime = cri_grpc.RuntimeServiceStub(channel)
-        deadline = time.monotonic() + 60
-        while True:  # the CRI plugin answers once it has initialized
+        def answers() -> bool:
             try:
                 runtime.Version(cri.VersionRequest(), timeout=5)
-                break
-            except grpc.RpcError as exc:
-                if time.monotonic() > deadline:
-                    log = (tmp / "containerd.log").read_text()[-3000:]
-                    raise AssertionError(f"CRI does not answer: {exc}\n{log}") from exc
-                time.sleep(0.5)
+            except grpc.RpcError:
+                return False
+            return True
+
+        # the CRI plugin answers once it has initialized
+        wait_until(answers, 60, "CRI answering", interval=0.5,
+                   detail=lambda: (tmp / "containerd.log").read_text()[-3000:])
         keychain = grpc.insecure_channel(f"unix://{tmp / 'k.sock'}")
         yield CriNode(tmp, sock, server, f"{registry}/python:1", manifest, runtime,
                       cri_grpc.ImageServiceStub(channel), cri_grpc.ImageServiceStub(keychain))
@@ -142,11 +142,9 @@ def test_a_pod_runs_from_a_lazy_image_pulled_through_cri(node):
         cid = node.runtime.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=sandbox, config=config, sandbox_config=sandbox_config), timeout=120).container_id
         node.runtime.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=120)
-        deadline = time.monotonic() + 120
-        while (status := node.runtime.ContainerStatus(
-                cri.ContainerStatusRequest(container_id=cid)).status).state != cri.CONTAINER_EXITED:
-            assert time.monotonic() < deadline, status
-            time.sleep(0.2)
+        status = wait_until(
+            lambda: (s := node.runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=cid)).status)
+            .state == cri.CONTAINER_EXITED and s, 120, "the container exiting", interval=0.2)
         assert status.exit_code == 0, (status.reason, status.message, (logs / "py.log").read_text())
         # CRI's log format: "<time> <stream> <F|P> <text>" per line
         lines = [line.split(" ", 3) for line in (logs / "py.log").read_text().splitlines()]
@@ -163,10 +161,8 @@ def test_removing_the_image_through_cri_unmounts_it(node):
     assert len(mounts) == 1
     pid = json.loads(os.getxattr(mounts[0], STATUS_XATTR))["pid"]
     node.images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=node.ref)), timeout=60)
-    deadline = time.monotonic() + 30
-    while os.path.ismount(mounts[0]):
-        assert time.monotonic() < deadline, node.log("snapshotter")[-3000:]
-        time.sleep(0.2)
+    wait_until(lambda: not os.path.ismount(mounts[0]), 30, "the image unmounted", interval=0.2,
+               detail=lambda: node.log("snapshotter")[-3000:])
     # the mount process is gone, not left as a zombie child of the snapshotter
     assert wait_gone(pid, 15), Path(f"/proc/{pid}/status").read_text()[:200]
 

@@ -11,11 +11,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
@@ -33,6 +31,7 @@ from . import containerdkit as kit
 from .conftest import ROOT, lazyfs
 from .imagegen import compare_tree
 from .test_peers import TOKEN, free_ports, origin_range_bytes
+from .waiting import listening, wait_until
 
 IMAGE = "127.0.0.1:5000/app@sha256:" + "ab" * 32
 
@@ -153,15 +152,8 @@ class Node:
     def start_peer(self) -> None:
         peer = self.procs.start([sys.executable, *self.peers_argv], self.dir / "peer.log", cwd=ROOT)
         host, port = self.url.removeprefix("http://").rsplit(":", 1)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection((host, int(port)), timeout=1).close()
-                return
-            except OSError:
-                assert peer.poll() is None, (self.dir / "peer.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "lazyfs peer did not listen in 30 s"
-                time.sleep(0.05)
+        wait_until(lambda: listening(int(port), host), 30, "lazyfs peer listening", alive=peer,
+                   detail=lambda: (self.dir / "peer.log").read_text()[-2000:])
 
     def start(self) -> None:
         log = self.dir / "snapshotter.log"
@@ -184,11 +176,8 @@ class Node:
         return json.loads(lazyfs("status", str(self.image_mount()), "--json").stdout)
 
     def wait_complete(self, timeout: float = 180) -> dict:
-        deadline = time.monotonic() + timeout
-        while not (st := self.status())["prefetch"]["complete"]:
-            assert time.monotonic() < deadline, f"the prefetch did not complete: {st['prefetch']}"
-            time.sleep(0.3)
-        return st
+        return wait_until(lambda: (st := self.status())["prefetch"]["complete"] and st, timeout,
+                          "the prefetch completing", interval=0.3, detail=lambda: self.status()["prefetch"])
 
     def teardown(self) -> None:
         if self.channel is not None:
@@ -209,6 +198,7 @@ def _chunk_requests(server, blobs: set[str]) -> int:
 
 
 @pytest.mark.mount
+@pytest.mark.timeout(600)  # two nodes' snapshotters and a 180 s prefetch wait
 def test_a_second_node_gets_the_image_from_the_first_nodes_peer_not_the_origin(served):
     """Node A pulls the image and its mount prefetches it all (asking B's `lazyfs peer` for
     the chunks B owns, which fetches them once for the cluster); then node B pulls it, and

@@ -13,6 +13,7 @@ from bench import soak
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 
+@pytest.mark.timeout(600)  # 35 s of soak, then clearing and checking, on a loaded machine
 def test_quick_soak_reports_every_figure_and_no_wrong_byte(tmp_path):
     report = soak.run(True, tmp_path)
     assert json.loads((tmp_path / "soak.json").read_text()) == report

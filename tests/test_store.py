@@ -115,15 +115,32 @@ def test_unusable_cache_dir(tmp_path):
         ChunkStore(blocker / "cache")
 
 
-def test_a_new_cache_is_its_owners_alone_and_a_shared_one_is_warned_of(tmp_path, caplog):
+def test_a_new_cache_is_its_owners_alone_and_an_open_one_is_tightened(tmp_path, caplog):
     ChunkStore(tmp_path / "new" / "cache")
     assert (tmp_path / "new" / "cache").stat().st_mode & 0o777 == 0o700
-    assert "writable by other users" not in caplog.text
+    assert "open to other users" not in caplog.text
     shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
+    (shared / "chunks" / "ab").mkdir(parents=True)
+    for d in (shared, shared / "chunks", shared / "chunks" / "ab"):
+        d.chmod(0o777)
     ChunkStore(shared)
-    assert f"cache directory {shared} is writable by other users" in caplog.text
+    assert f"cache directory {shared} was mode 0777, open to other users: made it 0700" in caplog.text
+    for d in (shared, shared / "chunks", shared / "chunks" / "ab"):
+        assert d.stat().st_mode & 0o777 == 0o700, d
+    caplog.clear()
+    ChunkStore(shared)  # once: the next process finds it tight
+    assert "open to other users" not in caplog.text
+
+
+def test_an_open_directory_that_is_not_a_cache_is_refused_and_left_alone(tmp_path):
+    other = tmp_path / "var-cache"
+    (other / "apt").mkdir(parents=True)
+    other.chmod(0o755)
+    with pytest.raises(CacheError, match=r"open to other users \(mode 0755\) and holds files that are not"):
+        ChunkStore(other)
+    with pytest.raises(CacheError):
+        ImageStore(other)
+    assert other.stat().st_mode & 0o777 == 0o755 and sorted(os.listdir(other)) == ["apt"]
 
 
 def test_image_store_verifies_what_it_reads(tmp_path):

@@ -24,6 +24,7 @@ from lazyfs import serve
 from lazyfs.serve import make_server
 
 from . import imagegen
+from .waiting import wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -48,6 +49,11 @@ class Tokens:
             self.live[token] = time.monotonic() + self.ttl
             self.issued += 1
         return token
+
+    def all_dead(self) -> bool:
+        """Whether every token issued so far has expired."""
+        with self.lock:
+            return all(time.monotonic() >= until for until in self.live.values())
 
     def good(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer "):
@@ -146,7 +152,7 @@ def test_reads_after_the_token_expires_renew_it(token_registry, mounts, advertis
     _read_half(mnt, files, 0)
     first, lean = tokens.issued, tokens.lean_reads
     assert first >= 1
-    time.sleep(tokens.ttl + 0.3)  # every token issued so far is dead now
+    wait_until(tokens.all_dead, tokens.ttl + 5, "every token issued so far dead", interval=0.1)
     _read_half(mnt, files, 1)  # their chunks have not been fetched yet
     assert tokens.issued > first
     # the fast plain-HTTP path carries the renewed token too (it is not given up for httpx)

@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.mount, pytest.mark.slow]
 FIGURES = ("ready_s", "mount_s", "workload_s", "requests", "mean_request_bytes", "demand_misses")
 
 
+@pytest.mark.timeout(600)  # mounts and runs of each mode
 def test_quick_trace_benchmark_reports_every_figure(tmp_path):
     report = trace_bench.run(True, tmp_path)
     assert json.loads((tmp_path / "trace.json").read_text()) == report

@@ -10,7 +10,6 @@ import os
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from blockindex.convert import convert
 from lazyfs.serve import make_server
 
 from .conftest import lazyfs
+from .waiting import wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -68,16 +68,6 @@ def chunk_requests(server, since: int) -> list[int]:
     return sizes
 
 
-def wait_for(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_recorded_trace_replays_ahead_of_reads_in_fewer_larger_requests(traced, mounts, tmp_path):
     rootfs, work, server, digest = traced
     ref = f"127.0.0.1:{server.port}/app:1"
@@ -111,7 +101,7 @@ def test_recorded_trace_replays_ahead_of_reads_in_fewer_larger_requests(traced, 
     shutil.copy(trace_file, cache2 / "traces")
     before = len(server.requests)
     mnt2, _ = mounts.mount(ref, "--prefetch", "trace", cache=cache2, name="two")
-    wait_for(lambda: mounts.status(mnt2)["trace"]["lead_state"] == "done", "the learned order")
+    wait_until(lambda: mounts.status(mnt2)["trace"]["lead_state"] == "done", 60, "the learned order")
     read_all(mnt2, rootfs, work)
     st2 = mounts.status(mnt2)
     second = chunk_requests(server, before)
@@ -160,7 +150,7 @@ def test_a_trace_for_another_image_is_ignored(traced, mounts, tmp_path):
         {"mediaType": "application/vnd.lazyfs.trace.v1+json", "version": 1,
          "manifest": "sha256:" + "0" * 64, "runs": []}))
     mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/app:1", "--prefetch", "trace", cache=cache)
-    wait_for(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", "the learned order")
+    wait_until(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", 60, "the learned order")
     read_all(mnt, rootfs, work[:2])
     assert mounts.status(mnt)["trace"]["lead_source"] is None
     assert "ignored" in mounts.log()
@@ -186,7 +176,7 @@ def test_convert_prefetch_files_are_fetched_first(tmp_path, mounts):
     server.start()
     try:
         mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/app:1", "--prefetch", "trace")
-        wait_for(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", "the learned order")
+        wait_until(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", 60, "the learned order")
         first = ["bin/file03", "share/file05"]
         chunks = sum(-(-(rootfs / n).stat().st_size // CHUNK) for n in first)
         t = mounts.status(mnt)["trace"]
@@ -204,7 +194,7 @@ def test_recording_window_closes_and_saves_without_unmount(traced, mounts, tmp_p
     mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/app:1", "--no-prefetch", "--record-window", "10",
                           cache=cache)
     read_all(mnt, rootfs, work[:1])
-    st = wait_for(lambda: (s := mounts.status(mnt))["trace"]["saved"] and s, "the window to close", 120)
+    st = wait_until(lambda: (s := mounts.status(mnt))["trace"]["saved"] and s, 120, "the window to close")
     assert not st["trace"]["recording"]
     read_all(mnt, rootfs, work[1:3])  # after the window: not recorded
     doc = json.loads((cache / "traces" / (digest.removeprefix("sha256:") + ".json")).read_text())

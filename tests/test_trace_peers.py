@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,8 +30,9 @@ from .conftest import ROOT, lazyfs
 from .registryd import Registry, needs_registry
 from .test_mount import index_of
 from .test_peers import free_ports
-from .test_trace_mount import make_rootfs, read_all, wait_for
+from .test_trace_mount import make_rootfs, read_all
 from .test_trace_mount import traced as _traced
+from .waiting import listening, wait_until
 
 traced = _traced  # the fixture: an image of 60 files, served, and a workload of 20
 
@@ -100,17 +100,6 @@ def test_checked_trace_keeps_only_chunks_of_the_image(traced, tmp_path, caplog):
         checked_trace(_trace(M, mine).to_json(), digest, index_path, "peer x")
 
 
-def _wait_listening(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, "peer did not start"
-            time.sleep(0.05)
-
-
 def _get(url: str, token: str | None) -> tuple[int, bytes]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
@@ -144,7 +133,7 @@ def test_a_trace_recorded_on_one_node_leads_the_cold_mount_of_another(traced, mo
                              "--listen", f"127.0.0.1:{port_a}", "--token-file", str(token_file)],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_listening(port_a, peer)
+        wait_until(lambda: listening(port_a), 30, "lazyfs peer listening", alive=peer)
         # no token (or a wrong one): 401 and no trace
         for token in (None, "wrong-token-wrong-token-0"):
             status, body = _get(f"{url_a}/v1/traces/{digest}", token)
@@ -159,7 +148,7 @@ def test_a_trace_recorded_on_one_node_leads_the_cold_mount_of_another(traced, mo
         mnt_b, _ = mounts.mount(ref, "--prefetch", "trace", "--peers-file", str(peers_b),
                                 "--listen", f"127.0.0.1:{port_b}", "--token-file", str(token_file),
                                 cache=cache_b, name="b")
-        wait_for(lambda: mounts.status(mnt_b)["trace"]["lead_state"] == "done", "the learned order")
+        wait_until(lambda: mounts.status(mnt_b)["trace"]["lead_state"] == "done", 60, "the learned order")
         read_all(mnt_b, rootfs, work)
         st = mounts.status(mnt_b)
     finally:
@@ -182,7 +171,7 @@ def test_a_trace_recorded_on_one_node_leads_the_cold_mount_of_another(traced, mo
     peers_c.write_text(f"{url_b}\n")
     mnt_c, _ = mounts.mount(ref, "--prefetch", "trace", "--peers-file", str(peers_c),
                             "--token-file", str(token_file), cache=tmp_path / "cache-c", name="c")
-    wait_for(lambda: mounts.status(mnt_c)["trace"]["lead_state"] == "done", "the learned order")
+    wait_until(lambda: mounts.status(mnt_c)["trace"]["lead_state"] == "done", 60, "the learned order")
     tc = mounts.status(mnt_c)["trace"]
     assert tc["lead_source"] == f"peer {url_b}" and tc["lead_chunks"] == recorded["chunks"]
     assert mounts.status(mnt_b)["peer_server"]["traces_served"] == 1
@@ -236,7 +225,7 @@ def test_peers_that_serve_garbage_traces_are_ignored(traced, mounts, tmp_path):
         peers.write_text("".join(url + "\n" for url, _ in liars.values()) + f"http://127.0.0.1:{down}\n")
         mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/app:1", "--prefetch", "trace", "--record-window", "0",
                               "--peers-file", str(peers), "--token-file", str(token_file))
-        wait_for(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", "the learned order")
+        wait_until(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", 60, "the learned order")
         read_all(mnt, rootfs, work[:4])  # reads work (from the origin)
         st = mounts.status(mnt)
     finally:
@@ -276,7 +265,10 @@ def test_a_peer_trace_and_the_registry_trace_merge_by_run(mounts, tmp_path):
             mounts.points.remove(mnt)
             if i == 0:
                 lazyfs("trace", "push", ref, "--cache", str(cache_a))
-            time.sleep(1.1)  # runs recorded in different seconds
+            # runs are told apart by the second they were recorded in (the one just
+            # unmounted was recorded by now): the next one is recorded in a later second
+            done_at = int(time.time())
+            wait_until(lambda: int(time.time()) > done_at, 5, "the next second")  # noqa: B023
         runs_a = json.loads(lazyfs("trace", "show", ref, "--cache", str(cache_a), "--json").stdout)["runs"]
         assert len(runs_a) == 2
         [port_a] = free_ports(1)
@@ -285,12 +277,12 @@ def test_a_peer_trace_and_the_registry_trace_merge_by_run(mounts, tmp_path):
                                  "--listen", f"127.0.0.1:{port_a}", "--token-file", str(token_file)],
                                 cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:
-            _wait_listening(port_a, peer)
+            wait_until(lambda: listening(port_a), 30, "lazyfs peer listening", alive=peer)
             (tmp_path / "peers").write_text(url_a + "\n")
             mnt, _ = mounts.mount(ref, "--prefetch", "trace", "--record-window", "0", "--peers-file",
                                   str(tmp_path / "peers"), "--token-file", str(token_file),
                                   cache=tmp_path / "cache-b", name="b")
-            wait_for(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", "the learned order")
+            wait_until(lambda: mounts.status(mnt)["trace"]["lead_state"] == "done", 60, "the learned order")
             t = mounts.status(mnt)["trace"]
         finally:
             peer.send_signal(signal.SIGTERM)

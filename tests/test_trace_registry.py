@@ -18,7 +18,8 @@ from fetcher.registry import resolve_image_manifest
 
 from .conftest import lazyfs
 from .registryd import Registry, needs_registry
-from .test_trace_mount import make_rootfs, read_all, wait_for
+from .test_trace_mount import make_rootfs, read_all
+from .waiting import wait_until
 
 pytestmark = [needs_registry, pytest.mark.mount]
 
@@ -68,7 +69,7 @@ def test_pushed_trace_is_found_and_used_on_another_cache(registry, mounts, tmp_p
     cache2 = tmp_path / "cache2"
     before = len(registry.requests())
     mnt2, _ = mounts.mount(ref, "--prefetch", "trace", cache=cache2, name="two")
-    wait_for(lambda: mounts.status(mnt2)["trace"]["lead_state"] == "done", "the learned order")
+    wait_until(lambda: mounts.status(mnt2)["trace"]["lead_state"] == "done", 60, "the learned order")
     looked = registry.requests()[before:]
     assert any(m == "GET" and "/referrers/" in u and s == 404 for m, u, s in looked)  # the API first
     assert any(m == "GET" and u.endswith(f"/manifests/{referrers_tag(digest)}") and s == 200
@@ -89,7 +90,7 @@ def test_pushed_trace_is_found_and_used_on_another_cache(registry, mounts, tmp_p
     trio.run(push_bad)
     cache3 = tmp_path / "cache3"
     mnt3, _ = mounts.mount(ref, "--prefetch", "trace", cache=cache3, name="three")
-    wait_for(lambda: mounts.status(mnt3)["trace"]["lead_state"] == "done", "the learned order")
+    wait_until(lambda: mounts.status(mnt3)["trace"]["lead_state"] == "done", 60, "the learned order")
     read_all(mnt3, rootfs, work[:3])
     assert mounts.status(mnt3)["trace"]["lead_source"] is None
     assert "trace referrer" in mounts.log("three") and "ignored" in mounts.log("three")
@@ -132,7 +133,7 @@ def test_a_node_with_a_trace_merges_runs_recorded_elsewhere_after_it_got_it(regi
 
     record("one", work[:5])
     mnt2, _ = mounts.mount(ref, "--prefetch", "trace", cache=cache2, name="two")
-    wait_for(lambda: mounts.status(mnt2)["trace"]["lead_state"] == "done", "the learned order")
+    wait_until(lambda: mounts.status(mnt2)["trace"]["lead_state"] == "done", 60, "the learned order")
     assert mounts.status(mnt2)["trace"]["lead_source"] == "registry"
     lazyfs("umount", str(mnt2))
     mounts.points.remove(mnt2)
@@ -150,9 +151,9 @@ def test_a_node_with_a_trace_merges_runs_recorded_elsewhere_after_it_got_it(regi
     # soon after the start: the run recorded since is merged in, for the next mount
     mnt5, _ = mounts.mount(ref, "--prefetch", "trace", "--record-window", "0", "--refresh-trace-after", "1",
                            cache=cache2, name="five")
-    st = wait_for(lambda: (t := mounts.status(mnt5)["trace"])["lead_state"] == "done" and t, "the lead")
+    st = wait_until(lambda: (t := mounts.status(mnt5)["trace"])["lead_state"] == "done" and t, 60, "the lead")
     assert st["lead_source"] == "local" and len(st["lead_runs"]) == 1  # its own trace, at once
-    wait_for(lambda: mounts.status(mnt5)["trace"]["refreshed"], "the refresh")
+    wait_until(lambda: mounts.status(mnt5)["trace"]["refreshed"], 60, "the refresh")
     assert mounts.status(mnt5)["trace"]["refreshed"] == "1 new runs from registry"
     assert runs(cache2) == 2
     assert "merged 1 runs of the trace" in mounts.log("five")

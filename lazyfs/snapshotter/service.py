@@ -195,6 +195,10 @@ class SnapshotService:
             shutil.rmtree(d, ignore_errors=True)
             try:
                 (d / "fs").mkdir(parents=True)
+                # a layer's or container's root directory: 0755 as containerd's overlay
+                # snapshotter makes it, whatever the umask (077 here), or no non-root user
+                # in a container could reach its own files
+                (d / "fs").chmod(0o755)
                 if kind == Kind.ACTIVE:
                     (d / "work").mkdir()
             except OSError:
