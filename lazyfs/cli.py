@@ -24,6 +24,9 @@ from cache.private import PRIVATE_UMASK, claim
 from .errors import ExitCode, MountError, UserError, exit_code_for
 from .process import hide_in_cmdline, read_ready, reap_child, wait_gone
 
+# Commands import what they use (the packages below lazyfs, trio, httpx, pyfuse3) inside
+# themselves, for start-up time: `lazyfs --help` and a small command load none of it.
+
 log = logging.getLogger("lazyfs")
 
 DEFAULT_CACHE = Path(os.environ.get("LAZYFS_CACHE", "/var/cache/lazyfs"))
@@ -90,7 +93,7 @@ def _listen_addresses(args: argparse.Namespace) -> None:
 # -- convert / serve ---------------------------------------------------------------------
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from blockindex.convert import convert
+    from .convert import convert
 
     for ref in (args.source, args.dest):
         if ref.startswith("docker://"):

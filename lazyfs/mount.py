@@ -30,7 +30,6 @@ from cache import pins
 from cache.errors import CacheError
 from cache.evict import CacheKeeper, eviction_lock
 from cache.images import ImageStore
-from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
 from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher, FetchConfig
@@ -56,6 +55,7 @@ from .failures import tag_warnings
 from .fs import LazyOperations
 from .learned import LearnedPrefetch
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
+from .prefetch import Prefetcher
 from .readlog import ReadLog, file_state
 
 if TYPE_CHECKING:  # imported when asked for: prometheus_client is a fiftieth of every mount's start
