@@ -167,7 +167,7 @@ def _zstd_reader(raw: BinaryIO, name: str) -> Iterator[BinaryIO]:
     try:
         import zstandard  # type: ignore[import-not-found]
     except ImportError:
-        zstandard = None
+        zstandard = None  # type: ignore[assignment]  # a module when installed
     if zstandard is not None:
         with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as z:
             yield z
