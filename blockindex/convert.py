@@ -63,6 +63,7 @@ def convert(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     blob_limit: int = BLOB_LIMIT,
+    platform: str | None = None,
     prefetch_files: list[bytes] | None = None,
     max_entries: int = MAX_ENTRIES,
 ) -> ConvertResult:
@@ -70,6 +71,7 @@ def convert(
     (``oci:DIR[:TAG]``, tag ``latest``). Images in registries are pulled and pushed
     above the format, by ``lazyfs.convert``.
 
+    ``platform`` picks from an ``oci:`` source's image index (this machine's by default).
     ``prefetch_files`` are paths in the image that mounts fetch first (kept in the index:
     see ``build.write_image``). ``max_entries`` bounds the merged tree (``tree.MAX_ENTRIES``):
     past it the image is refused as unsafe.
@@ -80,7 +82,7 @@ def convert(
     """
     check_chunk_size(chunk_size)
     out_dir, tag = _parse_dst(dst)
-    source = open_source(src)
+    source = open_source(src, platform=platform)
     layout = Layout(out_dir)
     try:
         layout.init()

@@ -1,7 +1,7 @@
 """Image inputs: parse a source reference and open its layers as uncompressed tar streams.
 
     docker-archive:PATH[:TAG]   what ``docker save`` writes (a tar, or that tar unpacked)
-    oci:DIR[:TAG]               an OCI image layout (image indexes are followed to linux/amd64)
+    oci:DIR[:TAG]               an OCI image layout (an image index: --platform's image, or this machine's)
     dir:PATH                    a root filesystem directory
     tar:PATH                    a root filesystem tar (plain, gzip or zstd)
 
@@ -38,6 +38,7 @@ from .oci import (
     Layout,
     canonical_json,
     check_digest,
+    pick_platform,
 )
 
 SCHEMES = ("docker-archive", "oci", "dir", "tar")
@@ -85,8 +86,9 @@ def split_tag(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
-def open_source(ref: str) -> Source:
-    """Open image ``ref`` (one of the forms in the module docstring)."""
+def open_source(ref: str, *, platform: str | None = None) -> Source:
+    """Open image ``ref`` (one of the forms in the module docstring); for ``oci:`` sources
+    ``platform`` picks from an image index (``blockindex.oci.pick_platform``)."""
     scheme, sep, rest = ref.partition(":")
     if not sep or scheme not in SCHEMES or not rest:
         raise ImageError(f"unknown source {ref!r}: expected one of docker-archive:, oci:, dir:, tar:")
@@ -104,7 +106,7 @@ def open_source(ref: str) -> Source:
     if not os.path.exists(path):
         raise ImageError(f"{path}: no such file or directory")
     if scheme == "oci":
-        return _oci_source(Layout(path), tag)
+        return _oci_source(Layout(path), tag, platform)
     return _docker_archive_source(path, tag)
 
 
@@ -133,7 +135,7 @@ def _zstd_reader(raw: BinaryIO, name: str) -> Iterator[BinaryIO]:
     try:
         import zstandard  # type: ignore[import-not-found]
     except ImportError:
-        zstandard = None
+        zstandard = None  # type: ignore[assignment]  # a module when installed
     if zstandard is not None:
         with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as z:
             yield z
@@ -218,17 +220,7 @@ def _json_blob(layout: Layout, digest: str, what: str) -> dict[str, Any]:
     return _check_json(layout.read_blob(digest), f"{layout.root}: {what} {digest}")
 
 
-def _pick_platform(manifests: list[Any], where: str) -> dict[str, Any]:
-    if len(manifests) == 1:
-        return manifests[0]
-    for m in manifests:
-        p = m.get("platform")
-        if isinstance(p, dict) and p.get("os") == "linux" and p.get("architecture") == "amd64":
-            return m
-    raise ImageError(f"{where}: an image index with {len(manifests)} images and none linux/amd64")
-
-
-def _oci_source(layout: Layout, tag: str | None) -> Source:
+def _oci_source(layout: Layout, tag: str | None, platform: str | None = None) -> Source:
     if not layout.is_layout():
         raise ImageError(f"{layout.root}: not an OCI image layout (no oci-layout or index.json)")
     desc = layout.resolve(tag)
@@ -242,7 +234,8 @@ def _oci_source(layout: Layout, tag: str | None) -> Source:
             manifests = [m for m in obj.get("manifests") or [] if isinstance(m, dict)]
             if not manifests:
                 raise ImageError(f"{layout.root}: image index {digest} lists no images")
-            desc = _pick_platform(manifests, f"{layout.root}: {digest}")
+            desc = pick_platform({"manifests": manifests}, platform,
+                                 where=f"{layout.root}: image index {digest}")
             continue
         return _oci_manifest_source(layout, obj, digest)
     raise ImageError(f"{layout.root}: image indexes nest too deeply")

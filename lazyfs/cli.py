@@ -158,7 +158,7 @@ async def _describe_image(ref: Any, options: Any, platform: str | None) -> dict[
     from blockindex import format as fmt
     from blockindex.convert import CHUNK_SIZE_ANNOTATION
     from blockindex.reader import IndexReader
-    from fetcher.registry import resolve_image_manifest
+    from fetcher.manifests import resolve_image_manifest
 
     async with options.client(ref) as client:
         manifest = await resolve_image_manifest(client, ref, platform)

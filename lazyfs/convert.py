@@ -57,7 +57,7 @@ def convert(
     ``docker://HOST/REPO:TAG``).
 
     ``registry`` says how to reach registries (default: anonymous, no mirrors);
-    ``platform`` picks from an image index in a registry. The other arguments, and the
+    ``platform`` picks from an image index, in a registry or an ``oci:`` layout. The other arguments, and the
     errors raised, are those of ``blockindex.convert.convert``; a registry that cannot be
     reached or refuses raises ``fetcher.errors.FetchError``. Everything the arguments
     say is checked before any network request.
@@ -77,7 +77,7 @@ def convert(
             built = cleanup.enter_context(_temp_layout("lazyfs-push-"))
             local_dst = f"oci:{built}:{push_to.tag}"
         result = convert_local(local_src, local_dst, chunk_size=chunk_size, blob_limit=blob_limit,
-                               prefetch_files=prefetch_files, max_entries=max_entries)
+                               platform=platform, prefetch_files=prefetch_files, max_entries=max_entries)
         pushed = None
         if push_to is not None:
             mount_from = None  # blobs the registry may link from the source, not upload again

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from blockindex.convert import convert
-from blockindex.errors import ImageError, UnsafeImageError
+from blockindex.errors import ImageError, NoPlatformError, UnsafeImageError
 from blockindex.format import ARTIFACT_ANNOTATION, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_INDEX
 from blockindex.oci import Layout, canonical_json
 
@@ -225,6 +225,21 @@ def test_oci_layout_with_nested_index_picks_linux_amd64(tmp_path: Path) -> None:
     lay.tag(idesc, "multi")
     res = convert(f"oci:{tmp_path}/src:multi", f"oci:{tmp_path}/out", chunk_size=CS)
     assert Image(tmp_path / "out", res.index_digest).read("arch") == b"amd64"
+
+
+def test_oci_layout_with_an_index_honours_platform(tmp_path: Path) -> None:
+    lay, amd = oci_layout(tmp_path / "src", [make_tar([entry("arch", b"amd64")])])
+    _, arm = oci_layout(tmp_path / "src", [make_tar([entry("arch", b"arm64")])])
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [{**amd, "platform": {"os": "linux", "architecture": "amd64"}},
+                           {**arm, "platform": {"os": "linux", "architecture": "arm64"}}]}
+    lay.tag(lay.write_blob(json.dumps(index).encode(), index["mediaType"]), "multi")
+    for arch in ("arm64", "amd64"):
+        res = convert(f"oci:{tmp_path}/src:multi", f"oci:{tmp_path}/{arch}", chunk_size=CS,
+                      platform=f"linux/{arch}")
+        assert Image(tmp_path / arch, res.index_digest).read("arch") == arch.encode()
+    with pytest.raises(NoPlatformError, match="linux/s390x"):
+        convert(f"oci:{tmp_path}/src:multi", f"oci:{tmp_path}/x", platform="linux/s390x")
 
 
 def test_tag_is_replaced_not_duplicated(tmp_path: Path) -> None:
