@@ -33,7 +33,8 @@ from cache.images import ImageStore
 from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
 from cache.trace import DEFAULT_WINDOW
-from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.errors import DeadlineError, FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
 from fetcher.mirrors import MirroredClient

@@ -8,7 +8,8 @@ import trio.lowlevel
 import trio.testing
 
 from cache.store import ChunkStore
-from fetcher.chunks import ChunkFetcher, FetchConfig, plan_ranges
+from fetcher.chunks import ChunkFetcher, plan_ranges
+from fetcher.config import FetchConfig
 from fetcher.errors import IntegrityError, ServerError, UnreachableError
 
 from .fakes import ScriptedSource, make_blob

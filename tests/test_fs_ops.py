@@ -21,7 +21,8 @@ from blockindex.format import ROOT_INO
 from blockindex.reader import IndexReader
 from blockindex.writer import IndexWriter
 from cache.store import ChunkStore
-from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.errors import UnreachableError
 from lazyfs.content import ImageContent
 from lazyfs.fs import STATUS_XATTR, LazyOperations

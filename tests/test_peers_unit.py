@@ -12,7 +12,8 @@ import trio
 import trio.testing
 
 from cache.store import ChunkStore
-from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.errors import ServerError, UnreachableError
 from fetcher.peers import PeerConfig, PeerSet, PeerTier, hedge, race, read_peers_file, rendezvous
 

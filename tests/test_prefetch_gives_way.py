@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from cache.store import ChunkStore
-from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.lowprio import LowPriorityThreads
 
 from .fakes import make_blob
