@@ -18,13 +18,12 @@ enough to answer within the read's deadline.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -36,43 +35,10 @@ from .config import FetchConfig, FetchStats
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
 from .lowprio import BACKGROUND
 from .peers import PeerIsSelf, PeerTier, race
+from .plan import Range, claim, plan_ranges
 from .source import BlobSource
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Range:
-    """One request: chunks of one blob lying within ``[start, end)``."""
-
-    blob: str
-    start: int
-    end: int
-    chunks: tuple[Chunk, ...]
-
-
-def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> list[Range]:
-    """Group chunks into as few range requests as the limits allow."""
-    by_blob: dict[str, list[Chunk]] = {}
-    for c in chunks:
-        by_blob.setdefault(c.blob.digest, []).append(c)
-    out: list[Range] = []
-    for blob, group in by_blob.items():
-        group.sort(key=lambda c: c.offset)
-        cur: list[Chunk] = []
-        start = end = 0
-        for c in group:
-            c_end = c.offset + c.stored_size
-            if cur and c.offset - end <= max_gap and c_end - start <= max_request:
-                cur.append(c)
-                end = max(end, c_end)
-                continue
-            if cur:
-                out.append(Range(blob, start, end, tuple(cur)))
-            cur, start, end = [c], c.offset, c_end
-        if cur:
-            out.append(Range(blob, start, end, tuple(cur)))
-    return out
 
 
 class _Underway:
@@ -395,7 +361,7 @@ class ChunkFetcher:
             if background:
                 async with self._background:
                     await self.wait_demand_idle()
-                    fetching = _claim(rng, queued)
+                    fetching = claim(rng, queued)
                     if fetching is None:
                         return  # every chunk was taken over by a demand fetch
                     rng = fetching
@@ -671,19 +637,6 @@ class ChunkFetcher:
     async def _cache(self, chunk: Chunk, payload: bytes | memoryview) -> None:
         assert self._store is not None
         await trio.to_thread.run_sync(self._store.put, chunk.digest, chunk.codec, chunk.size, payload)
-
-
-def _claim(rng: Range, pendings: dict[ChunkDigest, _Pending]) -> Range | None:
-    """The part of a queued background range that no demand fetch has taken over, now
-    marked as under way; None if nothing is left."""
-    mine = [c for c in rng.chunks if pendings[c.digest].queued]
-    for c in mine:
-        pendings[c.digest].queued = False
-    if not mine:
-        return None
-    if len(mine) == len(rng.chunks):
-        return rng
-    return Range(rng.blob, mine[0].offset, max(c.offset + c.stored_size for c in mine), tuple(mine))
 
 
 def _verify_range(
