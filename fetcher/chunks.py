@@ -36,6 +36,7 @@ from .errors import AuthError, DeadlineError, FetchError, IntegrityError, Unreac
 from .lowprio import BACKGROUND
 from .peers import PeerIsSelf, PeerTier, race
 from .plan import Range, claim, plan_ranges
+from .rereads import RereadDeadlines
 from .source import BlobSource
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,7 @@ class ChunkFetcher:
         self._idle.set()
         self._quiet = threading.Event()  # the same, for the background's worker threads
         self._quiet.set()
-        self._failed: dict[ChunkDigest, tuple[float, float, FetchError]] = {}
-        """Chunks whose demand wait failed lately: (failed at, that wait's start, error)."""
+        self._rereads = RereadDeadlines(window=config.reread_window, short_try=config.reread_try)
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
                   use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
@@ -131,14 +131,12 @@ class ChunkFetcher:
                     use_peers: bool, speculative: bool = False) -> list[tuple[Chunk, _Pending]]:
         started = trio.current_time()
         deadline = self.config.background_deadline if background else self.config.deadline
-        budget = deadline
         began = None
-        if not background and self._failed:
-            began = self._continues(chunks, started)
-            if began is not None:  # a re-read of what just failed: the same deadline
-                budget = max(began + deadline - started, min(self.config.reread_try, deadline))
-                started = began
-                self._keep_rereading(began)
+        if not background and self._rereads:
+            began = self._rereads.continues(c.digest for c in chunks)
+        budget = self._rereads.budget(began, started, deadline)
+        if began is not None:  # a re-read of what just failed: the same deadline
+            started = began
         waits, mine = self._start(chunks, background, use_peers, speculative)
         waited = time.monotonic()
         try:
@@ -178,15 +176,11 @@ class ChunkFetcher:
                         f"not fetched within {deadline:g}s"
                     ).about(chunk=late.hexdigest, blob=late.blob.digest)
                 # everything arrived just as the deadline passed
-        except FetchError as exc:
+        except FetchError:
             if not background and not speculative:
-                self._note_failed(waits, started, exc)
+                self._rereads.failed((c.digest for c, p in waits if p.data is None), started)
             raise
-        if self._failed:
-            for c, _ in waits:
-                self._failed.pop(c.digest, None)
-            if began is not None:
-                self._keep_rereading(began)
+        self._rereads.served((c.digest for c, _ in waits), began)
         return waits
 
     def _start(self, chunks: Sequence[Chunk], background: bool, use_peers: bool,
@@ -258,66 +252,10 @@ class ChunkFetcher:
                 self._nursery.start_soon(self._fetch_range, rng, False, own)
         return waits, started
 
-    def _continues(self, chunks: Sequence[Chunk], now: float) -> float | None:
-        """When the earliest failed wait began, of those that failed for one of ``chunks``
-        within the re-read window; None if none did."""
-        began = None
-        for c in chunks:
-            failed = self._failed.get(c.digest)
-            if failed is not None and now - failed[0] <= self.config.reread_window:
-                began = failed[1] if began is None else min(began, failed[1])
-        return began
-
-    def _keep_rereading(self, began: float) -> None:
-        """Restart the re-read window of every chunk whose failed wait began at ``began``:
-        the kernel re-reads a failed read a page at a time, one chunk after another, and
-        the last chunk's turn may come well after the failure. It continues that read's
-        deadline all the same (each chunk then gets at most ``reread_try``)."""
-        now = trio.current_time()
-        for digest, (_, b, error) in self._failed.items():
-            if b == began:
-                self._failed[digest] = (now, b, error)
-
-    def _note_failed(self, waits: list[tuple[Chunk, _Pending]], started: float,
-                     error: FetchError) -> None:
-        now = trio.current_time()
-        self._forget_failed(now)
-        for c, p in waits:
-            if p.data is None:
-                self._mark_failed(c.digest, now, started, error)
-
-    def _mark_failed(self, digest: ChunkDigest, now: float, began: float, error: FetchError) -> None:
-        """Note that a demand wait begun at ``began`` failed for ``digest``. A fresh failure
-        of it by a read that began earlier keeps that start: a re-read continues the
-        earliest deadline it may belong to, never a later one."""
-        f = self._failed.get(digest)
-        if f is not None and now - f[0] <= self.config.reread_window:
-            began = min(began, f[1])
-        self._failed[digest] = (now, began, error)
-
-    def _forget_failed(self, now: float) -> None:
-        if len(self._failed) > 4096:  # forget what is past the window
-            self._failed = {d: f for d, f in self._failed.items()
-                            if now - f[0] <= self.config.reread_window}
-
-    def note_failed_read(self, chunks: Sequence[Chunk], began: float, error: FetchError) -> None:
+    def note_failed_read(self, chunks: Sequence[Chunk], began: float) -> None:
         """A demand read over ``chunks`` (begun at ``began``, trio time) failed: a re-read of
-        any of them continues its deadline, those it had from the cache included. The
-        kernel re-reads a failed read a page at a time, and a chunk that came from the
-        cache may have left it (evicted) by its page's turn; fetching it again is part of
-        the failed read, not a read of its own."""
-        now = trio.current_time()
-        self._forget_failed(now)
-        window = self.config.reread_window
-        noted = [f[1] for c in chunks
-                 if (f := self._failed.get(c.digest)) is not None and now - f[0] <= window]
-        first = min([began, *noted])
-        for c in chunks:
-            self._mark_failed(c.digest, now, first, error)
-        if noted and first < max(noted):
-            for digest, (_, b, e) in list(self._failed.items()):
-                if b in noted:  # one read, one start: _keep_rereading moves them together
-                    self._failed[digest] = (now, first, e)
+        any of them continues its deadline (see ``RereadDeadlines.failed_read``)."""
+        self._rereads.failed_read((c.digest for c in chunks), began)
 
     async def wait_demand_idle(self) -> None:
         """Return once no demand fetch is in flight (background work calls this first)."""

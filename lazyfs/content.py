@@ -103,10 +103,10 @@ class ImageContent:
         try:
             data = await self._chunks(chunks, tiers=tiers, sources=sources,
                                       read=(ino, offset, size)) if chunks else {}
-        except FetchError as exc:
+        except FetchError:
             self.stats.failed_reads += 1
             if self.fetcher is not None:  # the kernel re-reads it: the same deadline for all of it
-                self.fetcher.note_failed_read(chunks, began, exc)
+                self.fetcher.note_failed_read(chunks, began)
             raise
         if self.observe_read is not None:
             slowest = "network" if "network" in tiers else "cache" if "cache" in tiers else "memory"
