@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -33,6 +32,7 @@ from cache.store import ChunkStore
 
 from .config import FetchConfig, FetchStats
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
+from .gate import DemandGate
 from .lowprio import BACKGROUND
 from .peers import PeerIsSelf, PeerTier, race
 from .plan import Range, claim, plan_ranges
@@ -101,11 +101,8 @@ class ChunkFetcher:
         self.peers = peers
         self._peer_background = trio.CapacityLimiter(
             peers.peers.config.background_concurrency if peers else 1)
-        self._demand = 0
-        self._idle = trio.Event()
-        self._idle.set()
-        self._quiet = threading.Event()  # the same, for the background's worker threads
-        self._quiet.set()
+        self.gate = DemandGate(pause=config.background_pause)
+        """Demand fetches in flight, which background work waits for (``wait_idle``)."""
         self._rereads = RereadDeadlines(window=config.reread_window, short_try=config.reread_try)
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
@@ -257,37 +254,6 @@ class ChunkFetcher:
         any of them continues its deadline (see ``RereadDeadlines.failed_read``)."""
         self._rereads.failed_read((c.digest for c in chunks), began)
 
-    async def wait_demand_idle(self) -> None:
-        """Return once no demand fetch is in flight (background work calls this first)."""
-        while self._demand:
-            await self._idle.wait()
-
-    def _demand_started(self) -> None:
-        self._demand += 1
-        if self._demand == 1:
-            self._idle = trio.Event()
-            self._quiet.clear()
-        self.stats.demand_requests += 1
-
-    def _demand_done(self) -> None:
-        self._demand -= 1
-        if self._demand == 0:
-            self._idle.set()
-            self._quiet.set()
-
-    def _give_way(self, work: _Underway) -> None:
-        """In a background worker thread, before each chunk: wait while a demand fetch is
-        in flight, unless a reader waits for this range itself; at most
-        ``background_pause`` seconds, so that the range always moves on."""
-        deadline = None
-        while not work.wanted and not self._quiet.is_set():
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + self.config.background_pause
-            elif now >= deadline:
-                return
-            self._quiet.wait(min(deadline - now, 0.01))
-
     async def _fetch_range(self, rng: Range, background: bool,
                            pendings: dict[ChunkDigest, _Pending] | None = None) -> None:
         """Fetch, check and hand over one range; ``pendings`` (a demand fetch of chunks
@@ -298,7 +264,7 @@ class ChunkFetcher:
         try:
             if background:
                 async with self._background:
-                    await self.wait_demand_idle()
+                    await self.gate.wait_idle()
                     fetching = claim(rng, queued)
                     if fetching is None:
                         return  # every chunk was taken over by a demand fetch
@@ -308,11 +274,9 @@ class ChunkFetcher:
                         queued[c.digest].range = work
                     data = work.data = await self._request(rng, self.config.background_deadline)
             else:
-                self._demand_started()
-                try:
+                self.stats.demand_requests += 1
+                with self.gate.demand():
                     data = await self._request(rng, self.config.deadline)
-                finally:
-                    self._demand_done()
             in_order = [queued[c.digest] for c in rng.chunks]
             # Verify (and, for the prefetcher, cache) the whole range in one worker thread
             # call: hashing and disk writes stay off the trio loop, and a range of many
@@ -329,7 +293,7 @@ class ChunkFetcher:
             elif rng.end - rng.start > self.config.thread_above:
                 # at a low CPU priority, in threads that never serve a read (lowprio.py)
                 results = await BACKGROUND.run_sync(
-                    _verify_range, rng, data, self._store, functools.partial(self._give_way, work))
+                    _verify_range, rng, data, self._store, functools.partial(self.gate.give_way, work))
             else:
                 results = _verify_range(rng, data, self._store)
             view = memoryview(data)
@@ -470,7 +434,7 @@ class ChunkFetcher:
         try:
             if background:
                 async with self._peer_background:
-                    await self.wait_demand_idle()
+                    await self.gate.wait_idle()
                     if not p.queued:
                         return  # a demand fetch took it over
                     p.queued, mine = False, True
@@ -478,15 +442,13 @@ class ChunkFetcher:
                     # peer deadline at the latest (a reader may come to wait on it too)
                     won = await race(attempts, math.inf, last_by=tier.peers.config.request_deadline)
             else:
-                self._demand_started()
-                try:
+                self.stats.demand_requests += 1
+                with self.gate.demand():
                     delay = tier.peers.hedge_delay() * (5 if speculative else 1)
                     self.stats.peer_requests += 1
                     # the origin starts early enough to answer within the read's deadline
                     last_by = min(tier.peers.config.request_deadline, self.config.deadline / 2)
                     won = await race(attempts, delay, take_hedge=take_hedge, last_by=last_by)
-                finally:
-                    self._demand_done()
             self.stats.hedge_wins += won.hedged
             plain, payload = won.value
             p.data, p.payload = plain, payload

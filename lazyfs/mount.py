@@ -379,7 +379,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                                       client=client if not opened.from_cache_only else None,
                                       timeout=opts.timeout, record_window=opts.record_window,
                                       peers=tier if not opened.from_cache_only else None,
-                                      before_ask=fetcher.wait_demand_idle if fetcher else None,
+                                      before_ask=fetcher.gate.wait_idle if fetcher else None,
                                       refresh_after=opts.refresh_trace_after)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher,
                                     lead=learned.lead, lead_only=opts.lead_only)
