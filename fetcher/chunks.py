@@ -34,8 +34,9 @@ from .config import FetchConfig, FetchStats
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
 from .gate import DemandGate
 from .lowprio import BACKGROUND
-from .peers import PeerIsSelf, PeerTier, race
+from .peers import PeerIsSelf, PeerTier
 from .plan import Range, claim, plan_ranges
+from .race import race
 from .rereads import RereadDeadlines
 from .source import BlobSource
 

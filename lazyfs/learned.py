@@ -41,7 +41,8 @@ from cache.errors import CacheError
 from cache.trace import MAX_TRACE_BYTES, TRACE_MEDIA_TYPE, Trace, TraceError, TraceRecorder, TraceStore
 from fetcher.errors import FetchError, NotFoundError, ServerError, UnreachableError
 from fetcher.mirrors import MirroredClient
-from fetcher.peers import PeerIsSelf, PeerTier, race
+from fetcher.peers import PeerIsSelf, PeerTier
+from fetcher.race import race
 from fetcher.referrers import find_referrers, read_referrer
 from fetcher.registry import RegistryClient
 
