@@ -300,7 +300,8 @@ class ChunkFetcher:
             view = memoryview(data)
             # bytes from a mirror that fail their check are asked for again from the next
             # source (the registry last), once: the mirror is skipped from now on
-            again = any(isinstance(r, ChunkDecodeError) for r in results) and self._blame(rng)
+            again = (any(isinstance(r, ChunkDecodeError) for r in results)
+                     and self._source.blame(rng.blob, rng.start, rng.end - rng.start))
             retry: list[Chunk] = []
             for c, p, result in zip(rng.chunks, in_order, results, strict=True):
                 if isinstance(result, ChunkDecodeError):
@@ -509,11 +510,6 @@ class ChunkFetcher:
             self.on_request("peer", len(payload), time.monotonic() - started)
         self.stats.peer_chunks += 1
         return plain, payload
-
-    def _blame(self, rng: Range) -> bool:
-        """Whether the range's bytes came from a mirror, now skipped (see ``mirrors.py``)."""
-        blame = getattr(self._source, "blame", None)
-        return blame is not None and blame(rng.blob, rng.start, rng.end - rng.start)
 
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
         length = rng.end - rng.start

@@ -55,6 +55,9 @@ class GatedSource:
         self.release = trio.Event()
         self.requests: list[tuple[int, int]] = []
 
+    def blame(self, digest: str, offset: int, length: int) -> bool:
+        return False  # the only sender
+
     async def read_range(self, digest: str, offset: int, length: int) -> bytes:
         self.requests.append((offset, length))
         if offset == 0:
@@ -149,6 +152,9 @@ class StalledBackground:
         self.sizes = {c.offset: c.stored_size for c in chunks}
         self.requests: list[tuple[int, int]] = []
         self.asked = trio.Event()
+
+    def blame(self, digest: str, offset: int, length: int) -> bool:
+        return False  # the only sender
 
     async def read_range(self, digest: str, offset: int, length: int) -> bytes:
         self.requests.append((offset, length))
