@@ -26,19 +26,19 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from blockindex.codec import ChunkDecodeError, decode_verified
+from blockindex.codec import ChunkDecodeError
 from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
 from .config import FetchConfig, FetchStats
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
 from .gate import DemandGate
-from .lowprio import BACKGROUND
 from .peers import PeerIsSelf, PeerTier
 from .plan import Range, claim, plan_ranges
 from .race import race
 from .rereads import RereadDeadlines
 from .source import BlobSource
+from .verify import Verified, Verifier, integrity_error
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ class _Underway:
         self.wanted = False
         self.data: bytes | bytearray | None = None
         self.start = start
-
-
-_Verified = tuple[bytes | memoryview, bytes]
-"""A chunk fetched and checked: its plain bytes, and its payload as stored in the blob."""
 
 
 class _Pending:
@@ -97,7 +93,7 @@ class ChunkFetcher:
         self.on_request: Callable[[str, int, float], object] | None = None
         """Called with (source, bytes, seconds) after each network request that answered."""
         self._inflight: dict[ChunkDigest, _Pending] = {}
-        self._cpu = trio.CapacityLimiter(2)
+        self._verifier = Verifier(thread_above=config.thread_above)
         self._background = trio.CapacityLimiter(config.background_concurrency)
         self.peers = peers
         self._peer_background = trio.CapacityLimiter(
@@ -279,24 +275,15 @@ class ChunkFetcher:
                 with self.gate.demand():
                     data = await self._request(rng, self.config.deadline)
             in_order = [queued[c.digest] for c in rng.chunks]
-            # Verify (and, for the prefetcher, cache) the whole range in one worker thread
-            # call: hashing and disk writes stay off the trio loop, and a range of many
-            # chunks pays for one thread hop, not two per chunk.
+            # the prefetcher's chunks are cached with their check
             if not background:
-                if rng.end - rng.start > self.config.thread_above:
-                    results = await trio.to_thread.run_sync(_verify_range, rng, data, limiter=self._cpu)
-                else:
-                    results = _verify_range(rng, data)
-            elif rng.end - rng.start > self.config.thread_above and self.peers is not None:
+                results = await self._verifier.range(rng, data)
+            elif self.peers is not None:
                 # in a cluster, peers wait for these chunks (see ``background_pause``)
-                results = await trio.to_thread.run_sync(_verify_range, rng, data, self._store,
-                                                        limiter=self._cpu)
-            elif rng.end - rng.start > self.config.thread_above:
-                # at a low CPU priority, in threads that never serve a read (lowprio.py)
-                results = await BACKGROUND.run_sync(
-                    _verify_range, rng, data, self._store, functools.partial(self.gate.give_way, work))
+                results = await self._verifier.range(rng, data, self._store)
             else:
-                results = _verify_range(rng, data, self._store)
+                results = await self._verifier.range(
+                    rng, data, self._store, functools.partial(self.gate.give_way, work))
             view = memoryview(data)
             # bytes from a mirror that fail their check are asked for again from the next
             # source (the registry last), once: the mirror is skipped from now on
@@ -313,9 +300,7 @@ class ChunkFetcher:
                     if again:
                         retry.append(c)
                         continue
-                    p.error = IntegrityError(
-                        f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification"
-                    ).about(chunk=c.hexdigest, blob=c.blob.digest, source=self.source_name)
+                    p.error = integrity_error(c, self.source_name)
                     continue
                 p.data = result
                 at = c.offset - rng.start
@@ -365,12 +350,10 @@ class ChunkFetcher:
         at = c.offset - under.start
         payload = memoryview(under.data)[at : at + c.stored_size]
         try:
-            p.data = await self._verify(c, payload)
+            p.data = await self._verifier.chunk(c, payload)
             p.payload = payload
         except ChunkDecodeError:  # the range logs it and counts it, once
-            p.error = IntegrityError(f"chunk {c.hexdigest[:16]} from {self.source_name} failed "
-                                     "verification").about(chunk=c.hexdigest, blob=c.blob.digest,
-                                                           source=self.source_name)
+            p.error = integrity_error(c, self.source_name)
         except Exception as exc:  # a bug must fail the read, never the whole mount
             log.exception("unexpected error checking chunk %s", c.hexdigest)
             p.error = FetchError(f"unexpected error checking chunk {c.hexdigest[:16]}: {exc!r}")
@@ -384,11 +367,6 @@ class ChunkFetcher:
             if self._inflight.get(c.digest) is p:
                 del self._inflight[c.digest]
 
-    async def _verify(self, c: Chunk, payload: bytes | memoryview) -> bytes | memoryview:
-        if c.size > self.config.thread_above:
-            return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
-        return decode_verified(c, payload)
-
     async def _fetch_via_peers(self, c: Chunk, asks: list[tuple[str, bool]], background: bool,
                                speculative: bool = False) -> None:
         """One chunk from its owner; from the next owner if the owner fails, sends wrong
@@ -400,12 +378,12 @@ class ChunkFetcher:
         p = self._inflight[c.digest]
         mine = not background  # a queued background fetch may be taken over (see _wait)
 
-        def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[_Verified]]:
-            async def attempt() -> _Verified:
+        def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[Verified]]:
+            async def attempt() -> Verified:
                 return await self._ask_peer(c, peer, cache_only)
             return attempt
 
-        async def from_origin() -> _Verified:
+        async def from_origin() -> Verified:
             self.stats.origin_after_peers += 1
             rng = Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,))
             if background:
@@ -415,14 +393,12 @@ class ChunkFetcher:
                 data = await self._request(rng, self.config.deadline)
             payload = bytes(data)  # what is kept; a raw chunk's plain bytes are the same object
             try:
-                plain = await self._verify(c, payload)
+                plain = await self._verifier.chunk(c, payload)
             except ChunkDecodeError as exc:
                 self.stats.integrity_failures += 1
                 log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
                           c.hexdigest, c.offset, c.blob.digest, self.source_name, exc)
-                raise IntegrityError(
-                    f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification").about(
-                    chunk=c.hexdigest, blob=c.blob.digest, source=self.source_name) from exc
+                raise integrity_error(c, self.source_name) from exc
             return plain, payload
 
         attempts = [from_peer(peer, cache_only) for peer, cache_only in asks] + [from_origin]
@@ -472,7 +448,7 @@ class ChunkFetcher:
                 if not p.caching and self._inflight.get(c.digest) is p:
                     del self._inflight[c.digest]
 
-    async def _ask_peer(self, c: Chunk, peer: str, cache_only: bool) -> _Verified:
+    async def _ask_peer(self, c: Chunk, peer: str, cache_only: bool) -> Verified:
         """The verified chunk from one peer. A peer that is down is put on backoff; one
         that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
         assert self.peers is not None
@@ -499,7 +475,7 @@ class ChunkFetcher:
             raise
         payload = bytes(received)  # what is kept; a raw chunk's plain bytes are the same object
         try:
-            plain = await self._verify(c, payload)
+            plain = await self._verifier.chunk(c, payload)
         except ChunkDecodeError as exc:
             self.stats.peer_integrity_failures += 1
             tier.peers.mark_bad(peer, c, exc)
@@ -534,27 +510,3 @@ class ChunkFetcher:
     async def _cache(self, chunk: Chunk, payload: bytes | memoryview) -> None:
         assert self._store is not None
         await trio.to_thread.run_sync(self._store.put, chunk.digest, chunk.codec, chunk.size, payload)
-
-
-def _verify_range(
-    rng: Range, data: bytes | bytearray, store: ChunkStore | None = None,
-    give_way: Callable[[], object] | None = None,
-) -> list[bytes | memoryview | ChunkDecodeError]:
-    """Decode and check every chunk of a fetched range; cache the good ones in ``store``
-    when given. Runs in a worker thread for large ranges, calling ``give_way`` (which may
-    block) before each chunk."""
-    view = memoryview(data)
-    out: list[bytes | memoryview | ChunkDecodeError] = []
-    for c in rng.chunks:
-        if give_way is not None:
-            give_way()
-        payload = view[c.offset - rng.start : c.offset - rng.start + c.stored_size]
-        try:
-            plain = decode_verified(c, payload)
-        except ChunkDecodeError as exc:
-            out.append(exc)
-            continue
-        if store is not None:
-            store.put(c.digest, c.codec, c.size, payload)
-        out.append(plain)
-    return out
