@@ -9,20 +9,20 @@ find ahead of it on the link), and the checking and caching of what they brought
 between chunks while a demand fetch runs, so that the reader gets the CPU.
 
 With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
-that node first, then of the next owner in rendezvous order, then of the origin: each
-one when the ones before have failed (down, busy, wrong bytes) or, for a demand read,
-have not answered within the hedge delay (a hedged request, within a budget); the first
-verified answer wins. A peer never fails a read: the origin is always asked last, early
-enough to answer within the read's deadline.
+that node first, then of the next owner, then of the origin (``peerroute.py``).
+
+The parts, one job each: ``plan.py`` (which range requests), ``gate.py`` (background
+gives way to demand), ``verify.py`` (checking, off the loop when large), ``rereads.py``
+(a re-read continues a failed read's deadline), ``peerroute.py`` (peers and hedging).
+This module holds them together: one in-flight entry per chunk, joined by every reader.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -31,11 +31,11 @@ from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
 from .config import FetchConfig, FetchStats
-from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
+from .errors import DeadlineError, FetchError, IntegrityError
 from .gate import DemandGate
-from .peers import PeerIsSelf, PeerTier
+from .peerroute import Asks, PeerRoute
+from .peers import PeerTier
 from .plan import Range, claim, plan_ranges
-from .race import race
 from .rereads import RereadDeadlines
 from .source import BlobSource
 from .verify import Verified, Verifier, integrity_error
@@ -100,6 +100,8 @@ class ChunkFetcher:
             peers.peers.config.background_concurrency if peers else 1)
         self.gate = DemandGate(pause=config.background_pause)
         """Demand fetches in flight, which background work waits for (``wait_idle``)."""
+        self._route = PeerRoute(peers, self.stats, self._verifier, self.gate, self._from_origin,
+                                deadline=config.deadline, on_answer=self._answered) if peers else None
         self._rereads = RereadDeadlines(window=config.reread_window, short_try=config.reread_try)
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
@@ -367,48 +369,13 @@ class ChunkFetcher:
             if self._inflight.get(c.digest) is p:
                 del self._inflight[c.digest]
 
-    async def _fetch_via_peers(self, c: Chunk, asks: list[tuple[str, bool]], background: bool,
+    async def _fetch_via_peers(self, c: Chunk, asks: Asks, background: bool,
                                speculative: bool = False) -> None:
-        """One chunk from its owner; from the next owner if the owner fails, sends wrong
-        bytes or (for a demand read) is slower than the hedge delay; from the origin if
-        that one fails or is slow too. ``asks`` are the peers in order, each with whether
-        to ask it cache-only (it will not fetch from the origin for us)."""
-        assert self.peers is not None
-        tier = self.peers
+        """One chunk by the peer route (``peerroute.py``): its owner, the next owner, then
+        the origin; a background one waits its turn and may be taken over meanwhile."""
+        assert self._route is not None
         p = self._inflight[c.digest]
         mine = not background  # a queued background fetch may be taken over (see _wait)
-
-        def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[Verified]]:
-            async def attempt() -> Verified:
-                return await self._ask_peer(c, peer, cache_only)
-            return attempt
-
-        async def from_origin() -> Verified:
-            self.stats.origin_after_peers += 1
-            rng = Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,))
-            if background:
-                async with self._background:
-                    data = await self._request(rng, self.config.background_deadline)
-            else:
-                data = await self._request(rng, self.config.deadline)
-            payload = bytes(data)  # what is kept; a raw chunk's plain bytes are the same object
-            try:
-                plain = await self._verifier.chunk(c, payload)
-            except ChunkDecodeError as exc:
-                self.stats.integrity_failures += 1
-                log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
-                          c.hexdigest, c.offset, c.blob.digest, self.source_name, exc)
-                raise integrity_error(c, self.source_name) from exc
-            return plain, payload
-
-        attempts = [from_peer(peer, cache_only) for peer, cache_only in asks] + [from_origin]
-
-        def take_hedge() -> bool:
-            if not tier.peers.may_hedge(self.stats.hedged, self.stats.peer_requests):
-                return False
-            self.stats.hedged += 1
-            return True
-
         try:
             if background:
                 async with self._peer_background:
@@ -416,19 +383,9 @@ class ChunkFetcher:
                     if not p.queued:
                         return  # a demand fetch took it over
                     p.queued, mine = False, True
-                    # no hedging: a prefetch waits for its peers, but asks the origin by one
-                    # peer deadline at the latest (a reader may come to wait on it too)
-                    won = await race(attempts, math.inf, last_by=tier.peers.config.request_deadline)
+                    plain, payload = await self._route.background(c, asks)
             else:
-                self.stats.demand_requests += 1
-                with self.gate.demand():
-                    delay = tier.peers.hedge_delay() * (5 if speculative else 1)
-                    self.stats.peer_requests += 1
-                    # the origin starts early enough to answer within the read's deadline
-                    last_by = min(tier.peers.config.request_deadline, self.config.deadline / 2)
-                    won = await race(attempts, delay, take_hedge=take_hedge, last_by=last_by)
-            self.stats.hedge_wins += won.hedged
-            plain, payload = won.value
+                plain, payload = await self._route.demand(c, asks, speculative=speculative)
             p.data, p.payload = plain, payload
             self.stats.chunks_fetched += 1
             await self._keep(c, p, background)
@@ -448,44 +405,27 @@ class ChunkFetcher:
                 if not p.caching and self._inflight.get(c.digest) is p:
                     del self._inflight[c.digest]
 
-    async def _ask_peer(self, c: Chunk, peer: str, cache_only: bool) -> Verified:
-        """The verified chunk from one peer. A peer that is down is put on backoff; one
-        that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
-        assert self.peers is not None
-        tier = self.peers
-        started = time.monotonic()
-        try:
-            with trio.move_on_after(tier.peers.config.request_deadline) as scope:
-                received = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
-            if scope.cancelled_caught:
-                self.stats.timeouts += 1
-                raise DeadlineError(f"peer {peer} sent no answer within "
-                                    f"{tier.peers.config.request_deadline:g}s")
-        except (UnreachableError, AuthError) as exc:
-            self.stats.peer_failures += 1
-            tier.peers.mark_down(peer, exc)
-            raise
-        except PeerIsSelf:
-            tier.peers.mark_self(peer)
-            raise
-        except FetchError as exc:  # busy, or a bad answer: no penalty, just the next one
-            self.stats.peer_failures += 1
-            log.log(logging.DEBUG if cache_only else logging.INFO, "chunk %s from peer: %s",
-                    c.hexdigest[:16], exc)
-            raise
-        payload = bytes(received)  # what is kept; a raw chunk's plain bytes are the same object
+    async def _from_origin(self, c: Chunk, background: bool) -> Verified:
+        """One chunk from the origin alone, checked: the peer route's last attempt."""
+        rng = Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,))
+        if background:
+            async with self._background:
+                data = await self._request(rng, self.config.background_deadline)
+        else:
+            data = await self._request(rng, self.config.deadline)
+        payload = bytes(data)  # what is kept; a raw chunk's plain bytes are the same object
         try:
             plain = await self._verifier.chunk(c, payload)
         except ChunkDecodeError as exc:
-            self.stats.peer_integrity_failures += 1
-            tier.peers.mark_bad(peer, c, exc)
-            raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}").about(
-                chunk=c.hexdigest, blob=c.blob.digest, source=f"peer {peer}") from exc
-        tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
-        if self.on_request is not None:
-            self.on_request("peer", len(payload), time.monotonic() - started)
-        self.stats.peer_chunks += 1
+            self.stats.integrity_failures += 1
+            log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
+                      c.hexdigest, c.offset, c.blob.digest, self.source_name, exc)
+            raise integrity_error(c, self.source_name) from exc
         return plain, payload
+
+    def _answered(self, source: str, nbytes: int, seconds: float) -> None:
+        if self.on_request is not None:
+            self.on_request(source, nbytes, seconds)
 
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
         length = rng.end - rng.start
@@ -503,8 +443,7 @@ class ChunkFetcher:
                 f"{self.source_name} sent {len(data)} bytes for a {length}-byte range"
             ).about(blob=rng.blob, source=self.source_name)
         self.stats.bytes_received += length
-        if self.on_request is not None:
-            self.on_request(self.source_name, length, time.monotonic() - started)
+        self._answered(self.source_name, length, time.monotonic() - started)
         return data
 
     async def _cache(self, chunk: Chunk, payload: bytes | memoryview) -> None:
