@@ -33,6 +33,7 @@ from cache.store import ChunkStore
 from .config import FetchConfig, FetchStats
 from .errors import DeadlineError, FetchError, IntegrityError
 from .gate import DemandGate
+from .inflight import InFlight, Pending, Underway
 from .peerroute import Asks, PeerRoute
 from .peers import PeerTier
 from .plan import Range, claim, plan_ranges
@@ -41,33 +42,6 @@ from .source import BlobSource
 from .verify import Verified, Verifier, integrity_error
 
 log = logging.getLogger(__name__)
-
-
-class _Underway:
-    """A background range under way: its bytes once they have arrived, and whether a
-    reader (readahead) waits for it, so that it stops giving way."""
-
-    __slots__ = ("wanted", "data", "start")
-
-    def __init__(self, start: int) -> None:
-        self.wanted = False
-        self.data: bytes | bytearray | None = None
-        self.start = start
-
-
-class _Pending:
-    __slots__ = ("event", "data", "payload", "error", "caching", "queued", "range")
-
-    def __init__(self, queued: bool = False) -> None:
-        self.queued = queued
-        """A background fetch that has not started yet (it waits for demand reads to end);
-        a demand reader or a peer that wants the chunk takes it over (see ``_wait``)."""
-        self.event = trio.Event()
-        self.data: bytes | memoryview | None = None
-        self.payload: bytes | memoryview | None = None  # as stored in the blob (what peers are sent)
-        self.error: FetchError | None = None
-        self.caching = False  # stays in the in-flight map until the cache has it
-        self.range: _Underway | None = None  # the background range fetching it, once under way
 
 
 class ChunkFetcher:
@@ -92,7 +66,7 @@ class ChunkFetcher:
         self.stats = FetchStats()
         self.on_request: Callable[[str, int, float], object] | None = None
         """Called with (source, bytes, seconds) after each network request that answered."""
-        self._inflight: dict[ChunkDigest, _Pending] = {}
+        self._inflight = InFlight()
         self._verifier = Verifier(thread_above=config.thread_above)
         self._background = trio.CapacityLimiter(config.background_concurrency)
         self.peers = peers
@@ -124,7 +98,7 @@ class ChunkFetcher:
         return bytes(p.payload)
 
     async def _wait(self, chunks: Sequence[Chunk], background: bool,
-                    use_peers: bool, speculative: bool = False) -> list[tuple[Chunk, _Pending]]:
+                    use_peers: bool, speculative: bool = False) -> list[tuple[Chunk, Pending]]:
         started = trio.current_time()
         deadline = self.config.background_deadline if background else self.config.deadline
         began = None
@@ -180,13 +154,13 @@ class ChunkFetcher:
         return waits
 
     def _start(self, chunks: Sequence[Chunk], background: bool, use_peers: bool,
-               speculative: bool) -> tuple[list[tuple[Chunk, _Pending]], set[ChunkDigest]]:
+               speculative: bool) -> tuple[list[tuple[Chunk, Pending]], set[ChunkDigest]]:
         """The pending fetch of each chunk, joined if one is in flight, else started;
         and the digests of those this call started (or took over from the prefetch)."""
-        waits: list[tuple[Chunk, _Pending]] = []
+        waits: list[tuple[Chunk, Pending]] = []
         new: list[Chunk] = []
-        own: dict[ChunkDigest, _Pending] = {}
-        taken: list[tuple[Chunk, _Pending, _Underway]] = []
+        own: dict[ChunkDigest, Pending] = {}
+        taken: list[tuple[Chunk, Pending, Underway]] = []
         seen: set[bytes] = set()
         for c in chunks:
             if c.digest in seen:
@@ -194,7 +168,7 @@ class ChunkFetcher:
             seen.add(c.digest)
             p = self._inflight.get(c.digest)
             if p is None:
-                p = self._inflight[c.digest] = _Pending(queued=background)
+                p = self._inflight.start(c.digest, queued=background)
                 new.append(c)
             elif p.queued and not background:
                 # A prefetch of it waits for demand reads to end: fetch it now instead. Never
@@ -207,7 +181,7 @@ class ChunkFetcher:
                 # A background range has it under way, and checks and writes its chunks
                 # at a low priority: a reader does not wait for that.
                 if under.data is not None:  # its bytes are here: check this chunk now
-                    p = _Pending()
+                    p = Pending()
                     taken.append((c, p, under))
                 elif speculative or self.peers is not None or not use_peers:
                     # readahead, or a node in a cluster (its reads, or a peer's for a chunk
@@ -217,7 +191,7 @@ class ChunkFetcher:
                     under.wanted = True
                 else:  # still on the network, up to background_max_request bytes of it:
                     # fetch this one chunk alone (its bytes come twice)
-                    p = own[c.digest] = _Pending()
+                    p = own[c.digest] = Pending()
             waits.append((c, p))
         started = {c.digest for c in new} | own.keys() | {c.digest for c, _, _ in taken}
         if self.peers is not None and use_peers and new:
@@ -254,12 +228,13 @@ class ChunkFetcher:
         self._rereads.failed_read((c.digest for c in chunks), began)
 
     async def _fetch_range(self, rng: Range, background: bool,
-                           pendings: dict[ChunkDigest, _Pending] | None = None) -> None:
+                           pendings: dict[ChunkDigest, Pending] | None = None) -> None:
         """Fetch, check and hand over one range; ``pendings`` (a demand fetch of chunks
         that a background range is fetching too) instead of the in-flight map's."""
-        queued = {c.digest: (pendings or self._inflight)[c.digest] for c in rng.chunks}
+        entries = pendings or self._inflight
+        queued = {c.digest: entries[c.digest] for c in rng.chunks}
         fetching: Range | None = None if background else rng
-        work = _Underway(rng.start)
+        work = Underway(rng.start)
         try:
             if background:
                 async with self._background:
@@ -331,10 +306,10 @@ class ChunkFetcher:
                 if done.data is None and done.error is None:
                     done.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
                 done.event.set()
-                if not done.caching and self._inflight.get(c.digest) is done:
-                    del self._inflight[c.digest]
+                if not done.caching:
+                    self._inflight.done(c.digest, done)
 
-    async def _keep(self, c: Chunk, p: _Pending, background: bool) -> None:
+    async def _keep(self, c: Chunk, p: Pending, background: bool) -> None:
         assert p.payload is not None
         if self._store is None:
             return
@@ -345,7 +320,7 @@ class ChunkFetcher:
             p.caching = True
             self._nursery.start_soon(self._cache_then_forget, c, p)
 
-    async def _take_checked(self, c: Chunk, p: _Pending, under: _Underway) -> None:
+    async def _take_checked(self, c: Chunk, p: Pending, under: Underway) -> None:
         """Check one chunk from the bytes of a background range under way, for a reader
         (the range itself caches it)."""
         assert under.data is not None
@@ -362,12 +337,11 @@ class ChunkFetcher:
         finally:
             p.event.set()
 
-    async def _cache_then_forget(self, c: Chunk, p: _Pending) -> None:
+    async def _cache_then_forget(self, c: Chunk, p: Pending) -> None:
         try:
             await self._cache(c, p.payload or b"")
         finally:
-            if self._inflight.get(c.digest) is p:
-                del self._inflight[c.digest]
+            self._inflight.done(c.digest, p)
 
     async def _fetch_via_peers(self, c: Chunk, asks: Asks, background: bool,
                                speculative: bool = False) -> None:
@@ -402,8 +376,8 @@ class ChunkFetcher:
                 if p.data is None and p.error is None:
                     p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
                 p.event.set()
-                if not p.caching and self._inflight.get(c.digest) is p:
-                    del self._inflight[c.digest]
+                if not p.caching:
+                    self._inflight.done(c.digest, p)
 
     async def _from_origin(self, c: Chunk, background: bool) -> Verified:
         """One chunk from the origin alone, checked: the peer route's last attempt."""
