@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 
 import trio
 
@@ -31,9 +31,10 @@ from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
 from .config import FetchConfig, FetchStats
-from .errors import DeadlineError, FetchError, IntegrityError
+from .errors import DeadlineError, FetchError, UnreachableError
 from .gate import DemandGate
 from .inflight import InFlight, Pending, Underway
+from .origin import Origin
 from .peerroute import Asks, PeerRoute
 from .peers import PeerTier
 from .plan import Range, claim, plan_ranges
@@ -51,7 +52,7 @@ class ChunkFetcher:
     def __init__(
         self,
         nursery: trio.Nursery,
-        source: BlobSource,
+        source: BlobSource | None,
         store: ChunkStore | None,
         config: FetchConfig = FetchConfig(),
         *,
@@ -59,13 +60,14 @@ class ChunkFetcher:
         peers: PeerTier | None = None,
     ) -> None:
         self._nursery = nursery
-        self._source = source
         self._store = store
         self.config = config
         self.source_name = source_name
         self.stats = FetchStats()
         self.on_request: Callable[[str, int, float], object] | None = None
         """Called with (source, bytes, seconds) after each network request that answered."""
+        self._origin = (Origin(source, source_name, self.stats, self._answered)
+                        if source is not None else None)
         self._inflight = InFlight()
         self._verifier = Verifier(thread_above=config.thread_above)
         self._background = trio.CapacityLimiter(config.background_concurrency)
@@ -89,6 +91,26 @@ class ChunkFetcher:
         after five hedge delays, so that guesses do not add to the origin's load."""
         waits = await self._wait(chunks, background, use_peers, speculative)
         return {c.digest: p.data for c, p in waits if p.data is not None}
+
+    async def read(self, chunks: Sequence[Chunk], *, speculative: bool = False
+                   ) -> tuple[dict[ChunkDigest, bytes | memoryview], Set[ChunkDigest]]:
+        """For a reader of the mount: the bytes of ``chunks``, each from the node cache if
+        it holds it, else as ``get`` fetches them; and the digests of those the cache had.
+        One in-flight entry covers a chunk from its read of the cache to the end of its
+        fetch (``inflight.py``): a reader joins whatever is loading it."""
+        if self._store is None:
+            hits: dict[ChunkDigest, bytes | memoryview] = {}
+            rest = list(chunks)
+        else:
+            hits, rest = await self._inflight.from_cache(chunks, self._cached)
+        if not rest:
+            return hits, hits.keys()
+        fetched = await self.get(rest, speculative=speculative)
+        return {**hits, **fetched}, hits.keys()
+
+    async def _cached(self, c: Chunk) -> tuple[bytes | memoryview, memoryview] | None:
+        assert self._store is not None
+        return await self._verifier.cached(self._store, c)
 
     async def get_payload(self, chunk: Chunk) -> bytes:
         """The verified stored payload of one chunk (what a peer is sent), fetched from the
@@ -194,6 +216,30 @@ class ChunkFetcher:
                     p = own[c.digest] = Pending()
             waits.append((c, p))
         started = {c.digest for c in new} | own.keys() | {c.digest for c, _, _ in taken}
+        self._fetch_new(new, background, use_peers, speculative)
+        for c, p, under in taken:
+            self._nursery.start_soon(self._take_checked, c, p, under)
+        if own:
+            for rng in self._plan([c for c, _ in waits if c.digest in own], False, use_peers):
+                self._nursery.start_soon(self._fetch_range, rng, False, own)
+        return waits, started
+
+    def _plan(self, chunks: Sequence[Chunk], background: bool, use_peers: bool) -> list[Range]:
+        # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
+        max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
+        max_request = self.config.background_max_request if background else self.config.max_request
+        return plan_ranges(chunks, max_request=max_request, max_gap=max_gap)
+
+    def _fetch_new(self, new: list[Chunk], background: bool, use_peers: bool, speculative: bool) -> None:
+        """Start fetching chunks whose in-flight entries this call made (or took over):
+        each from its owner among the peers, the rest in range requests to the origin."""
+        if self._origin is None:  # the node cache alone: what it lacks cannot be had
+            for c in new:
+                p = self._inflight[c.digest]
+                p.error = UnreachableError(f"chunk {c.hexdigest[:16]} is not cached and the mount is offline")
+                p.event.set()
+                self._inflight.done(c.digest, p)
+            return
         if self.peers is not None and use_peers and new:
             to_origin = []
             peer_set = self.peers.peers
@@ -209,18 +255,8 @@ class ChunkFetcher:
                     continue
                 self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
             new = to_origin
-        # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
-        max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
-        max_request = self.config.background_max_request if background else self.config.max_request
-        for rng in plan_ranges(new, max_request=max_request, max_gap=max_gap):
+        for rng in self._plan(new, background, use_peers):
             self._nursery.start_soon(self._fetch_range, rng, background)
-        for c, p, under in taken:
-            self._nursery.start_soon(self._take_checked, c, p, under)
-        if own:
-            for rng in plan_ranges([c for c, _ in waits if c.digest in own],
-                                   max_request=max_request, max_gap=max_gap):
-                self._nursery.start_soon(self._fetch_range, rng, False, own)
-        return waits, started
 
     def note_failed_read(self, chunks: Sequence[Chunk], began: float) -> None:
         """A demand read over ``chunks`` (begun at ``began``, trio time) failed: a re-read of
@@ -265,7 +301,7 @@ class ChunkFetcher:
             # bytes from a mirror that fail their check are asked for again from the next
             # source (the registry last), once: the mirror is skipped from now on
             again = (any(isinstance(r, ChunkDecodeError) for r in results)
-                     and self._source.blame(rng.blob, rng.start, rng.end - rng.start))
+                     and self._origin is not None and self._origin.blame(rng))
             retry: list[Chunk] = []
             for c, p, result in zip(rng.chunks, in_order, results, strict=True):
                 if isinstance(result, ChunkDecodeError):
@@ -402,23 +438,8 @@ class ChunkFetcher:
             self.on_request(source, nbytes, seconds)
 
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
-        length = rng.end - rng.start
-        self.stats.requests += 1
-        started = time.monotonic()
-        with trio.move_on_after(deadline) as scope:
-            data = await self._source.read_range(rng.blob, rng.start, length)
-        if scope.cancelled_caught:
-            self.stats.timeouts += 1
-            raise DeadlineError(
-                f"{self.source_name} sent no answer for blob {rng.blob[:19]} within {deadline:g}s"
-            ).about(blob=rng.blob, source=self.source_name)
-        if len(data) != length:
-            raise IntegrityError(
-                f"{self.source_name} sent {len(data)} bytes for a {length}-byte range"
-            ).about(blob=rng.blob, source=self.source_name)
-        self.stats.bytes_received += length
-        self._answered(self.source_name, length, time.monotonic() - started)
-        return data
+        assert self._origin is not None  # a fetcher without a source fetches nothing (_fetch_new)
+        return await self._origin.request(rng, deadline)
 
     async def _cache(self, chunk: Chunk, payload: bytes | memoryview) -> None:
         assert self._store is not None

@@ -6,7 +6,8 @@ first while it is read from the node cache on disk, then, if it is not there, wh
 is fetched from a peer or the origin. A reader that wants a chunk joins whatever entry
 there is, whichever stage it is at, and is woken once with the bytes or the error.
 
-    entry = inflight.get(digest) or inflight.start(digest)
+    hits, rest = await inflight.from_cache(chunks, load)   # the node cache's stage
+    entry = inflight.get(digest) or inflight.start(digest)  # the network's (ChunkFetcher)
     ...                                  # whoever started it fills in data or error,
     entry.event.set()                    # wakes every reader,
     inflight.done(digest, entry)         # and removes it (only if it is still this one)
@@ -17,9 +18,11 @@ mount (a KeyError out of a FUSE handler).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterable
+
 import trio
 
-from blockindex.format import ChunkDigest
+from blockindex.format import Chunk, ChunkDigest
 
 from .errors import FetchError
 
@@ -39,7 +42,7 @@ class Underway:
 class Pending:
     """One chunk being loaded, and then what came of it."""
 
-    __slots__ = ("event", "data", "payload", "error", "caching", "queued", "range", "cached")
+    __slots__ = ("event", "data", "payload", "error", "caching", "queued", "range", "cached", "disk")
 
     def __init__(self, queued: bool = False) -> None:
         self.queued = queued
@@ -52,6 +55,9 @@ class Pending:
         self.caching = False  # stays in the in-flight map until the cache has it
         self.range: Underway | None = None  # the background range fetching it, once under way
         self.cached = False  # its bytes came from the node cache, not the network
+        self.disk: trio.Event | None = None
+        """Set when its read from the node cache has ended: with its bytes (``cached``), or
+        ``queued`` for the network, which the first demand reader to want it fetches."""
 
 
 class InFlight:
@@ -79,3 +85,65 @@ class InFlight:
         """Remove ``p``, if it is still the entry of ``digest``."""
         if self._entries.get(digest) is p:
             del self._entries[digest]
+
+    async def from_cache(
+        self, chunks: Iterable[Chunk],
+        load: Callable[[Chunk], Awaitable[tuple[bytes | memoryview, bytes | memoryview] | None]],
+    ) -> tuple[dict[ChunkDigest, bytes | memoryview], list[Chunk]]:
+        """The bytes of those of ``chunks`` that the node cache holds, each read by
+        ``load`` (plain bytes and stored payload, or None if absent) once however many
+        readers want it; and the rest, in order, for the network. A chunk that no entry
+        covers gets one for its read from the cache; if the cache lacks it, the entry stays
+        (``queued``) and the first demand reader to ask the network for it fetches it
+        (``ChunkFetcher._start``), so a reader that came meanwhile waits for that fetch
+        instead of reading the cache again."""
+        hits: dict[ChunkDigest, bytes | memoryview] = {}
+        rest: list[Chunk] = []
+        handed: list[tuple[Chunk, Pending]] = []
+        seen: set[ChunkDigest] = set()
+        try:
+            for c in chunks:
+                if c.digest in seen:
+                    continue
+                seen.add(c.digest)
+                p = self._entries.get(c.digest)
+                if p is not None:  # being loaded: from the cache, wait for that, else join it
+                    if p.disk is not None and not p.disk.is_set():
+                        await p.disk.wait()
+                    if p.cached and p.data is not None:
+                        hits[c.digest] = p.data
+                    else:
+                        rest.append(c)
+                    continue
+                p = self.start(c.digest)
+                p.disk = trio.Event()
+                try:
+                    got = await load(c)
+                except BaseException:  # cancelled, or a bug: whoever comes next loads it again
+                    self._give_up(c, p)
+                    raise
+                if got is None:
+                    p.queued = True
+                    p.disk.set()
+                    handed.append((c, p))
+                    rest.append(c)
+                    continue
+                p.data, p.payload = got
+                p.cached = True
+                p.event.set()
+                p.disk.set()
+                self.done(c.digest, p)
+                hits[c.digest] = p.data
+        except BaseException:
+            for c, p in handed:
+                if p.queued:  # nobody asks the network for it now: the next reader loads it
+                    self._give_up(c, p)
+            raise
+        return hits, rest
+
+    def _give_up(self, c: Chunk, p: Pending) -> None:
+        p.error = FetchError(f"chunk {c.hexdigest[:16]} was not loaded")
+        p.event.set()
+        if p.disk is not None:
+            p.disk.set()
+        self.done(c.digest, p)

@@ -17,17 +17,20 @@ chunks (``lowprio.py``, ``gate.py``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import trio
 
-from blockindex.codec import ChunkDecodeError, decode_verified
+from blockindex.codec import ChunkDecodeError, decode, decode_verified
 from blockindex.format import Chunk
 from cache.store import ChunkStore
 
 from .errors import FetchError, IntegrityError
 from .lowprio import BACKGROUND
 from .plan import Range
+
+log = logging.getLogger(__name__)
 
 Verified = tuple[bytes | memoryview, bytes]
 """A chunk fetched and checked: its plain bytes, and its payload as stored in the blob."""
@@ -64,6 +67,25 @@ def verify_range(rng: Range, data: bytes | bytearray, store: ChunkStore | None =
     return out
 
 
+def load_cached(store: ChunkStore, c: Chunk) -> tuple[bytes | memoryview, memoryview] | None:
+    """The plain bytes and stored payload of ``c`` from the node cache, or None. What the
+    cache holds was checked when it was written, and the store checks each entry's own
+    checksum as it reads it, so it is decoded, not hashed again; an entry that does not
+    match the index (another codec or size) is dropped."""
+    entry = store.get(c.digest)
+    if entry is None:
+        return None
+    codec, size, payload = entry
+    try:
+        if codec != c.codec or size != c.size:
+            raise ChunkDecodeError("entry does not match the index")
+        return decode(codec, size, payload), payload
+    except ChunkDecodeError as exc:
+        log.warning("cache entry %s unusable (%s); dropped", c.hexdigest, exc)
+        store.remove(c.digest)
+        return None
+
+
 class Verifier:
     """Checks chunks and ranges, in worker threads above ``thread_above`` bytes (at most
     two at once, so that checking never takes every core from the readers)."""
@@ -71,6 +93,7 @@ class Verifier:
     def __init__(self, *, thread_above: int) -> None:
         self.thread_above = thread_above
         self._cpu = trio.CapacityLimiter(2)
+        self._disk = trio.CapacityLimiter(4)  # reads of the node cache
 
     async def chunk(self, c: Chunk, payload: bytes | memoryview) -> bytes | memoryview:
         """The plain bytes of ``c`` from its stored ``payload``; ``ChunkDecodeError`` if
@@ -78,6 +101,13 @@ class Verifier:
         if c.size > self.thread_above:
             return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
         return decode_verified(c, payload)
+
+    async def cached(self, store: ChunkStore, c: Chunk) -> tuple[bytes | memoryview, memoryview] | None:
+        """The plain bytes and stored payload of ``c`` from the node cache (``load_cached``),
+        in a worker thread if it is large; None if the cache lacks it."""
+        if c.size > self.thread_above:
+            return await trio.to_thread.run_sync(load_cached, store, c, limiter=self._disk)
+        return load_cached(store, c)
 
     async def range(self, rng: Range, data: bytes | bytearray, store: ChunkStore | None = None,
                     give_way: Callable[[], object] | None = None) -> Checked:
