@@ -63,7 +63,7 @@ guards against. ``overdue_detail`` in the report says when and where a read was 
 which found one: a read over two chunks whose readahead failed is re-read by the kernel a
 page at a time, and the second chunk's re-read, coming more than a second after the
 failure, was given a whole deadline of its own (8.5 s for a 5 s deadline; fixed in
-``fetcher/chunks.py``, ``_keep_rereading``)."""
+``fetcher/rereads.py``, ``_keep_rereading``)."""
 MAX_READ = 128 << 10
 """The largest read: one FUSE request (the kernel splits a larger read(2) into requests of
 128 KiB, and each has its own deadline, so such a read can take one deadline per request)."""

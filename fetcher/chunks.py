@@ -9,165 +9,40 @@ find ahead of it on the link), and the checking and caching of what they brought
 between chunks while a demand fetch runs, so that the reader gets the CPU.
 
 With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
-that node first, then of the next owner in rendezvous order, then of the origin: each
-one when the ones before have failed (down, busy, wrong bytes) or, for a demand read,
-have not answered within the hedge delay (a hedged request, within a budget); the first
-verified answer wins. A peer never fails a read: the origin is always asked last, early
-enough to answer within the read's deadline.
+that node first, then of the next owner, then of the origin (``peerroute.py``).
+
+The parts, one job each: ``plan.py`` (which range requests), ``gate.py`` (background
+gives way to demand), ``verify.py`` (checking, off the loop when large), ``rereads.py``
+(a re-read continues a failed read's deadline), ``peerroute.py`` (peers and hedging).
+This module holds them together: one in-flight entry per chunk, joined by every reader.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import math
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence, Set
 
 import trio
 
-from blockindex.codec import ChunkDecodeError, decode_verified
+from blockindex.codec import ChunkDecodeError
 from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
-from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
-from .lowprio import BACKGROUND
-from .peers import PeerIsSelf, PeerTier, race
+from .config import FetchConfig, FetchStats
+from .errors import DeadlineError, FetchError, UnreachableError
+from .gate import DemandGate
+from .inflight import InFlight, Pending, Underway
+from .origin import Origin
+from .peerroute import Asks, PeerRoute
+from .peers import PeerTier
+from .plan import Range, claim, plan_ranges
+from .rereads import RereadDeadlines
 from .source import BlobSource
+from .verify import Verified, Verifier, integrity_error
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FetchConfig:
-    """How chunks are fetched."""
-
-    deadline: float = 30.0
-    """Seconds a demand read waits for its chunks before failing (EIO at the mount)."""
-    background_deadline: float = 120.0
-    """Seconds one background (prefetch) request may take before it is given up and retried."""
-    max_request: int = 16 << 20
-    """Largest merged range request, in bytes."""
-    max_gap: int = 256 << 10
-    """Neighbouring chunks of a blob at most this far apart are fetched in one request
-    (the gap's bytes are read and discarded: cheaper than another round trip)."""
-    background_concurrency: int = 2
-    """Background requests in flight at once."""
-    background_max_request: int = 4 << 20
-    """Largest background range request, in bytes: with ``background_concurrency`` it
-    bounds the prefetch's bytes in flight, which a demand read's answer queues behind."""
-    background_pause: float = 0.1
-    """While a demand fetch is in flight, the background's checking and caching waits up
-    to this many seconds before each chunk (then does that one chunk, and asks again).
-    Not in a cluster, nor at a low CPU priority: there a node's background ranges hold the
-    chunks it owns, which its peers wait for, and a peer that waits too long asks the
-    origin a second time."""
-    thread_above: int = 128 << 10
-    """Chunks larger than this are decoded and hashed in a worker thread, so that the
-    trio loop (and every other reader of the mount) is not held up."""
-    reread_window: float = 1.0
-    """Seconds after a demand wait for a chunk failed during which a new demand wait for
-    it continues the failed one's deadline instead of starting its own: the kernel reads
-    a page again at once when its readahead failed, and without this one read(2) would
-    wait two deadlines. A failure that came quickly leaves the re-read nearly all of it."""
-    reread_try: float = 0.5
-    """Seconds a re-read gets when the failed wait left it less: one more short try, so
-    that a read just after a source came back is not failed for the one before it."""
-
-
-@dataclasses.dataclass
-class FetchStats:
-    """Counters of one fetcher, read by ``lazyfs status``."""
-
-    requests: int = 0
-    bytes_received: int = 0
-    chunks_fetched: int = 0
-    integrity_failures: int = 0
-    failed_requests: int = 0
-    demand_requests: int = 0
-    demand_wait_seconds: float = 0.0
-    peer_chunks: int = 0
-    """Chunks that came from a peer (their bytes are counted per peer in the PeerSet)."""
-    peer_failures: int = 0
-    peer_integrity_failures: int = 0
-    hedged: int = 0
-    """Hedges: requests sent to the next owner or the origin because the one before was
-    slower than the hedge delay (failures move on too, but are not counted here)."""
-    peer_requests: int = 0
-    """Demand chunks asked of a peer first (the hedge budget is a fraction of these)."""
-    hedge_wins: int = 0
-    """Chunks answered first by a hedged request."""
-    origin_after_peers: int = 0
-    """Chunks asked of the origin after their peers failed or were slow."""
-    timeouts: int = 0
-    """Waits that ran past their deadline (a request with no answer, a read given up)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Range:
-    """One request: chunks of one blob lying within ``[start, end)``."""
-
-    blob: str
-    start: int
-    end: int
-    chunks: tuple[Chunk, ...]
-
-
-def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> list[Range]:
-    """Group chunks into as few range requests as the limits allow."""
-    by_blob: dict[str, list[Chunk]] = {}
-    for c in chunks:
-        by_blob.setdefault(c.blob.digest, []).append(c)
-    out: list[Range] = []
-    for blob, group in by_blob.items():
-        group.sort(key=lambda c: c.offset)
-        cur: list[Chunk] = []
-        start = end = 0
-        for c in group:
-            c_end = c.offset + c.stored_size
-            if cur and c.offset - end <= max_gap and c_end - start <= max_request:
-                cur.append(c)
-                end = max(end, c_end)
-                continue
-            if cur:
-                out.append(Range(blob, start, end, tuple(cur)))
-            cur, start, end = [c], c.offset, c_end
-        if cur:
-            out.append(Range(blob, start, end, tuple(cur)))
-    return out
-
-
-class _Underway:
-    """A background range under way: its bytes once they have arrived, and whether a
-    reader (readahead) waits for it, so that it stops giving way."""
-
-    __slots__ = ("wanted", "data", "start")
-
-    def __init__(self, start: int) -> None:
-        self.wanted = False
-        self.data: bytes | bytearray | None = None
-        self.start = start
-
-
-_Verified = tuple[bytes | memoryview, bytes]
-"""A chunk fetched and checked: its plain bytes, and its payload as stored in the blob."""
-
-
-class _Pending:
-    __slots__ = ("event", "data", "payload", "error", "caching", "queued", "range")
-
-    def __init__(self, queued: bool = False) -> None:
-        self.queued = queued
-        """A background fetch that has not started yet (it waits for demand reads to end);
-        a demand reader or a peer that wants the chunk takes it over (see ``_wait``)."""
-        self.event = trio.Event()
-        self.data: bytes | memoryview | None = None
-        self.payload: bytes | memoryview | None = None  # as stored in the blob (what peers are sent)
-        self.error: FetchError | None = None
-        self.caching = False  # stays in the in-flight map until the cache has it
-        self.range: _Underway | None = None  # the background range fetching it, once under way
 
 
 class ChunkFetcher:
@@ -177,7 +52,7 @@ class ChunkFetcher:
     def __init__(
         self,
         nursery: trio.Nursery,
-        source: BlobSource,
+        source: BlobSource | None,
         store: ChunkStore | None,
         config: FetchConfig = FetchConfig(),
         *,
@@ -185,26 +60,25 @@ class ChunkFetcher:
         peers: PeerTier | None = None,
     ) -> None:
         self._nursery = nursery
-        self._source = source
         self._store = store
         self.config = config
         self.source_name = source_name
         self.stats = FetchStats()
         self.on_request: Callable[[str, int, float], object] | None = None
         """Called with (source, bytes, seconds) after each network request that answered."""
-        self._inflight: dict[ChunkDigest, _Pending] = {}
-        self._cpu = trio.CapacityLimiter(2)
+        self._origin = (Origin(source, source_name, self.stats, self._answered)
+                        if source is not None else None)
+        self._inflight = InFlight()
+        self._verifier = Verifier(thread_above=config.thread_above)
         self._background = trio.CapacityLimiter(config.background_concurrency)
         self.peers = peers
         self._peer_background = trio.CapacityLimiter(
             peers.peers.config.background_concurrency if peers else 1)
-        self._demand = 0
-        self._idle = trio.Event()
-        self._idle.set()
-        self._quiet = threading.Event()  # the same, for the background's worker threads
-        self._quiet.set()
-        self._failed: dict[ChunkDigest, tuple[float, float, FetchError]] = {}
-        """Chunks whose demand wait failed lately: (failed at, that wait's start, error)."""
+        self.gate = DemandGate(pause=config.background_pause)
+        """Demand fetches in flight, which background work waits for (``wait_idle``)."""
+        self._route = PeerRoute(peers, self.stats, self._verifier, self.gate, self._from_origin,
+                                deadline=config.deadline, on_answer=self._answered) if peers else None
+        self._rereads = RereadDeadlines(window=config.reread_window, short_try=config.reread_try)
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
                   use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
@@ -218,6 +92,26 @@ class ChunkFetcher:
         waits = await self._wait(chunks, background, use_peers, speculative)
         return {c.digest: p.data for c, p in waits if p.data is not None}
 
+    async def read(self, chunks: Sequence[Chunk], *, speculative: bool = False
+                   ) -> tuple[dict[ChunkDigest, bytes | memoryview], Set[ChunkDigest]]:
+        """For a reader of the mount: the bytes of ``chunks``, each from the node cache if
+        it holds it, else as ``get`` fetches them; and the digests of those the cache had.
+        One in-flight entry covers a chunk from its read of the cache to the end of its
+        fetch (``inflight.py``): a reader joins whatever is loading it."""
+        if self._store is None:
+            hits: dict[ChunkDigest, bytes | memoryview] = {}
+            rest = list(chunks)
+        else:
+            hits, rest = await self._inflight.from_cache(chunks, self._cached)
+        if not rest:
+            return hits, hits.keys()
+        fetched = await self.get(rest, speculative=speculative)
+        return {**hits, **fetched}, hits.keys()
+
+    async def _cached(self, c: Chunk) -> tuple[bytes | memoryview, memoryview] | None:
+        assert self._store is not None
+        return await self._verifier.cached(self._store, c)
+
     async def get_payload(self, chunk: Chunk) -> bytes:
         """The verified stored payload of one chunk (what a peer is sent), fetched from the
         origin (never from peers) and cached, once however many peers ask."""
@@ -226,17 +120,15 @@ class ChunkFetcher:
         return bytes(p.payload)
 
     async def _wait(self, chunks: Sequence[Chunk], background: bool,
-                    use_peers: bool, speculative: bool = False) -> list[tuple[Chunk, _Pending]]:
+                    use_peers: bool, speculative: bool = False) -> list[tuple[Chunk, Pending]]:
         started = trio.current_time()
         deadline = self.config.background_deadline if background else self.config.deadline
-        budget = deadline
         began = None
-        if not background and self._failed:
-            began = self._continues(chunks, started)
-            if began is not None:  # a re-read of what just failed: the same deadline
-                budget = max(began + deadline - started, min(self.config.reread_try, deadline))
-                started = began
-                self._keep_rereading(began)
+        if not background and self._rereads:
+            began = self._rereads.continues(c.digest for c in chunks)
+        budget = self._rereads.budget(began, started, deadline)
+        if began is not None:  # a re-read of what just failed: the same deadline
+            started = began
         waits, mine = self._start(chunks, background, use_peers, speculative)
         waited = time.monotonic()
         try:
@@ -276,25 +168,21 @@ class ChunkFetcher:
                         f"not fetched within {deadline:g}s"
                     ).about(chunk=late.hexdigest, blob=late.blob.digest)
                 # everything arrived just as the deadline passed
-        except FetchError as exc:
+        except FetchError:
             if not background and not speculative:
-                self._note_failed(waits, started, exc)
+                self._rereads.failed((c.digest for c, p in waits if p.data is None), started)
             raise
-        if self._failed:
-            for c, _ in waits:
-                self._failed.pop(c.digest, None)
-            if began is not None:
-                self._keep_rereading(began)
+        self._rereads.served((c.digest for c, _ in waits), began)
         return waits
 
     def _start(self, chunks: Sequence[Chunk], background: bool, use_peers: bool,
-               speculative: bool) -> tuple[list[tuple[Chunk, _Pending]], set[ChunkDigest]]:
+               speculative: bool) -> tuple[list[tuple[Chunk, Pending]], set[ChunkDigest]]:
         """The pending fetch of each chunk, joined if one is in flight, else started;
         and the digests of those this call started (or took over from the prefetch)."""
-        waits: list[tuple[Chunk, _Pending]] = []
+        waits: list[tuple[Chunk, Pending]] = []
         new: list[Chunk] = []
-        own: dict[ChunkDigest, _Pending] = {}
-        taken: list[tuple[Chunk, _Pending, _Underway]] = []
+        own: dict[ChunkDigest, Pending] = {}
+        taken: list[tuple[Chunk, Pending, Underway]] = []
         seen: set[bytes] = set()
         for c in chunks:
             if c.digest in seen:
@@ -302,7 +190,7 @@ class ChunkFetcher:
             seen.add(c.digest)
             p = self._inflight.get(c.digest)
             if p is None:
-                p = self._inflight[c.digest] = _Pending(queued=background)
+                p = self._inflight.start(c.digest, queued=background)
                 new.append(c)
             elif p.queued and not background:
                 # A prefetch of it waits for demand reads to end: fetch it now instead. Never
@@ -315,7 +203,7 @@ class ChunkFetcher:
                 # A background range has it under way, and checks and writes its chunks
                 # at a low priority: a reader does not wait for that.
                 if under.data is not None:  # its bytes are here: check this chunk now
-                    p = _Pending()
+                    p = Pending()
                     taken.append((c, p, under))
                 elif speculative or self.peers is not None or not use_peers:
                     # readahead, or a node in a cluster (its reads, or a peer's for a chunk
@@ -325,9 +213,33 @@ class ChunkFetcher:
                     under.wanted = True
                 else:  # still on the network, up to background_max_request bytes of it:
                     # fetch this one chunk alone (its bytes come twice)
-                    p = own[c.digest] = _Pending()
+                    p = own[c.digest] = Pending()
             waits.append((c, p))
         started = {c.digest for c in new} | own.keys() | {c.digest for c, _, _ in taken}
+        self._fetch_new(new, background, use_peers, speculative)
+        for c, p, under in taken:
+            self._nursery.start_soon(self._take_checked, c, p, under)
+        if own:
+            for rng in self._plan([c for c, _ in waits if c.digest in own], False, use_peers):
+                self._nursery.start_soon(self._fetch_range, rng, False, own)
+        return waits, started
+
+    def _plan(self, chunks: Sequence[Chunk], background: bool, use_peers: bool) -> list[Range]:
+        # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
+        max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
+        max_request = self.config.background_max_request if background else self.config.max_request
+        return plan_ranges(chunks, max_request=max_request, max_gap=max_gap)
+
+    def _fetch_new(self, new: list[Chunk], background: bool, use_peers: bool, speculative: bool) -> None:
+        """Start fetching chunks whose in-flight entries this call made (or took over):
+        each from its owner among the peers, the rest in range requests to the origin."""
+        if self._origin is None:  # the node cache alone: what it lacks cannot be had
+            for c in new:
+                p = self._inflight[c.digest]
+                p.error = UnreachableError(f"chunk {c.hexdigest[:16]} is not cached and the mount is offline")
+                p.event.set()
+                self._inflight.done(c.digest, p)
+            return
         if self.peers is not None and use_peers and new:
             to_origin = []
             peer_set = self.peers.peers
@@ -343,123 +255,27 @@ class ChunkFetcher:
                     continue
                 self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
             new = to_origin
-        # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
-        max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
-        max_request = self.config.background_max_request if background else self.config.max_request
-        for rng in plan_ranges(new, max_request=max_request, max_gap=max_gap):
+        for rng in self._plan(new, background, use_peers):
             self._nursery.start_soon(self._fetch_range, rng, background)
-        for c, p, under in taken:
-            self._nursery.start_soon(self._take_checked, c, p, under)
-        if own:
-            for rng in plan_ranges([c for c, _ in waits if c.digest in own],
-                                   max_request=max_request, max_gap=max_gap):
-                self._nursery.start_soon(self._fetch_range, rng, False, own)
-        return waits, started
 
-    def _continues(self, chunks: Sequence[Chunk], now: float) -> float | None:
-        """When the earliest failed wait began, of those that failed for one of ``chunks``
-        within the re-read window; None if none did."""
-        began = None
-        for c in chunks:
-            failed = self._failed.get(c.digest)
-            if failed is not None and now - failed[0] <= self.config.reread_window:
-                began = failed[1] if began is None else min(began, failed[1])
-        return began
-
-    def _keep_rereading(self, began: float) -> None:
-        """Restart the re-read window of every chunk whose failed wait began at ``began``:
-        the kernel re-reads a failed read a page at a time, one chunk after another, and
-        the last chunk's turn may come well after the failure. It continues that read's
-        deadline all the same (each chunk then gets at most ``reread_try``)."""
-        now = trio.current_time()
-        for digest, (_, b, error) in self._failed.items():
-            if b == began:
-                self._failed[digest] = (now, b, error)
-
-    def _note_failed(self, waits: list[tuple[Chunk, _Pending]], started: float,
-                     error: FetchError) -> None:
-        now = trio.current_time()
-        self._forget_failed(now)
-        for c, p in waits:
-            if p.data is None:
-                self._mark_failed(c.digest, now, started, error)
-
-    def _mark_failed(self, digest: ChunkDigest, now: float, began: float, error: FetchError) -> None:
-        """Note that a demand wait begun at ``began`` failed for ``digest``. A fresh failure
-        of it by a read that began earlier keeps that start: a re-read continues the
-        earliest deadline it may belong to, never a later one."""
-        f = self._failed.get(digest)
-        if f is not None and now - f[0] <= self.config.reread_window:
-            began = min(began, f[1])
-        self._failed[digest] = (now, began, error)
-
-    def _forget_failed(self, now: float) -> None:
-        if len(self._failed) > 4096:  # forget what is past the window
-            self._failed = {d: f for d, f in self._failed.items()
-                            if now - f[0] <= self.config.reread_window}
-
-    def note_failed_read(self, chunks: Sequence[Chunk], began: float, error: FetchError) -> None:
+    def note_failed_read(self, chunks: Sequence[Chunk], began: float) -> None:
         """A demand read over ``chunks`` (begun at ``began``, trio time) failed: a re-read of
-        any of them continues its deadline, those it had from the cache included. The
-        kernel re-reads a failed read a page at a time, and a chunk that came from the
-        cache may have left it (evicted) by its page's turn; fetching it again is part of
-        the failed read, not a read of its own."""
-        now = trio.current_time()
-        self._forget_failed(now)
-        window = self.config.reread_window
-        noted = [f[1] for c in chunks
-                 if (f := self._failed.get(c.digest)) is not None and now - f[0] <= window]
-        first = min([began, *noted])
-        for c in chunks:
-            self._mark_failed(c.digest, now, first, error)
-        if noted and first < max(noted):
-            for digest, (_, b, e) in list(self._failed.items()):
-                if b in noted:  # one read, one start: _keep_rereading moves them together
-                    self._failed[digest] = (now, first, e)
-
-    async def wait_demand_idle(self) -> None:
-        """Return once no demand fetch is in flight (background work calls this first)."""
-        while self._demand:
-            await self._idle.wait()
-
-    def _demand_started(self) -> None:
-        self._demand += 1
-        if self._demand == 1:
-            self._idle = trio.Event()
-            self._quiet.clear()
-        self.stats.demand_requests += 1
-
-    def _demand_done(self) -> None:
-        self._demand -= 1
-        if self._demand == 0:
-            self._idle.set()
-            self._quiet.set()
-
-    def _give_way(self, work: _Underway) -> None:
-        """In a background worker thread, before each chunk: wait while a demand fetch is
-        in flight, unless a reader waits for this range itself; at most
-        ``background_pause`` seconds, so that the range always moves on."""
-        deadline = None
-        while not work.wanted and not self._quiet.is_set():
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + self.config.background_pause
-            elif now >= deadline:
-                return
-            self._quiet.wait(min(deadline - now, 0.01))
+        any of them continues its deadline (see ``RereadDeadlines.failed_read``)."""
+        self._rereads.failed_read((c.digest for c in chunks), began)
 
     async def _fetch_range(self, rng: Range, background: bool,
-                           pendings: dict[ChunkDigest, _Pending] | None = None) -> None:
+                           pendings: dict[ChunkDigest, Pending] | None = None) -> None:
         """Fetch, check and hand over one range; ``pendings`` (a demand fetch of chunks
         that a background range is fetching too) instead of the in-flight map's."""
-        queued = {c.digest: (pendings or self._inflight)[c.digest] for c in rng.chunks}
+        entries = pendings or self._inflight
+        queued = {c.digest: entries[c.digest] for c in rng.chunks}
         fetching: Range | None = None if background else rng
-        work = _Underway(rng.start)
+        work = Underway(rng.start)
         try:
             if background:
                 async with self._background:
-                    await self.wait_demand_idle()
-                    fetching = _claim(rng, queued)
+                    await self.gate.wait_idle()
+                    fetching = claim(rng, queued)
                     if fetching is None:
                         return  # every chunk was taken over by a demand fetch
                     rng = fetching
@@ -468,34 +284,24 @@ class ChunkFetcher:
                         queued[c.digest].range = work
                     data = work.data = await self._request(rng, self.config.background_deadline)
             else:
-                self._demand_started()
-                try:
+                self.stats.demand_requests += 1
+                with self.gate.demand():
                     data = await self._request(rng, self.config.deadline)
-                finally:
-                    self._demand_done()
             in_order = [queued[c.digest] for c in rng.chunks]
-            # Verify (and, for the prefetcher, cache) the whole range in one worker thread
-            # call: hashing and disk writes stay off the trio loop, and a range of many
-            # chunks pays for one thread hop, not two per chunk.
+            # the prefetcher's chunks are cached with their check
             if not background:
-                if rng.end - rng.start > self.config.thread_above:
-                    results = await trio.to_thread.run_sync(_verify_range, rng, data, limiter=self._cpu)
-                else:
-                    results = _verify_range(rng, data)
-            elif rng.end - rng.start > self.config.thread_above and self.peers is not None:
+                results = await self._verifier.range(rng, data)
+            elif self.peers is not None:
                 # in a cluster, peers wait for these chunks (see ``background_pause``)
-                results = await trio.to_thread.run_sync(_verify_range, rng, data, self._store,
-                                                        limiter=self._cpu)
-            elif rng.end - rng.start > self.config.thread_above:
-                # at a low CPU priority, in threads that never serve a read (lowprio.py)
-                results = await BACKGROUND.run_sync(
-                    _verify_range, rng, data, self._store, functools.partial(self._give_way, work))
+                results = await self._verifier.range(rng, data, self._store)
             else:
-                results = _verify_range(rng, data, self._store)
+                results = await self._verifier.range(
+                    rng, data, self._store, functools.partial(self.gate.give_way, work))
             view = memoryview(data)
             # bytes from a mirror that fail their check are asked for again from the next
             # source (the registry last), once: the mirror is skipped from now on
-            again = any(isinstance(r, ChunkDecodeError) for r in results) and self._blame(rng)
+            again = (any(isinstance(r, ChunkDecodeError) for r in results)
+                     and self._origin is not None and self._origin.blame(rng))
             retry: list[Chunk] = []
             for c, p, result in zip(rng.chunks, in_order, results, strict=True):
                 if isinstance(result, ChunkDecodeError):
@@ -507,9 +313,7 @@ class ChunkFetcher:
                     if again:
                         retry.append(c)
                         continue
-                    p.error = IntegrityError(
-                        f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification"
-                    ).about(chunk=c.hexdigest, blob=c.blob.digest, source=self.source_name)
+                    p.error = integrity_error(c, self.source_name)
                     continue
                 p.data = result
                 at = c.offset - rng.start
@@ -538,10 +342,10 @@ class ChunkFetcher:
                 if done.data is None and done.error is None:
                     done.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
                 done.event.set()
-                if not done.caching and self._inflight.get(c.digest) is done:
-                    del self._inflight[c.digest]
+                if not done.caching:
+                    self._inflight.done(c.digest, done)
 
-    async def _keep(self, c: Chunk, p: _Pending, background: bool) -> None:
+    async def _keep(self, c: Chunk, p: Pending, background: bool) -> None:
         assert p.payload is not None
         if self._store is None:
             return
@@ -552,103 +356,46 @@ class ChunkFetcher:
             p.caching = True
             self._nursery.start_soon(self._cache_then_forget, c, p)
 
-    async def _take_checked(self, c: Chunk, p: _Pending, under: _Underway) -> None:
+    async def _take_checked(self, c: Chunk, p: Pending, under: Underway) -> None:
         """Check one chunk from the bytes of a background range under way, for a reader
         (the range itself caches it)."""
         assert under.data is not None
         at = c.offset - under.start
         payload = memoryview(under.data)[at : at + c.stored_size]
         try:
-            p.data = await self._verify(c, payload)
+            p.data = await self._verifier.chunk(c, payload)
             p.payload = payload
         except ChunkDecodeError:  # the range logs it and counts it, once
-            p.error = IntegrityError(f"chunk {c.hexdigest[:16]} from {self.source_name} failed "
-                                     "verification").about(chunk=c.hexdigest, blob=c.blob.digest,
-                                                           source=self.source_name)
+            p.error = integrity_error(c, self.source_name)
         except Exception as exc:  # a bug must fail the read, never the whole mount
             log.exception("unexpected error checking chunk %s", c.hexdigest)
             p.error = FetchError(f"unexpected error checking chunk {c.hexdigest[:16]}: {exc!r}")
         finally:
             p.event.set()
 
-    async def _cache_then_forget(self, c: Chunk, p: _Pending) -> None:
+    async def _cache_then_forget(self, c: Chunk, p: Pending) -> None:
         try:
             await self._cache(c, p.payload or b"")
         finally:
-            if self._inflight.get(c.digest) is p:
-                del self._inflight[c.digest]
+            self._inflight.done(c.digest, p)
 
-    async def _verify(self, c: Chunk, payload: bytes | memoryview) -> bytes | memoryview:
-        if c.size > self.config.thread_above:
-            return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
-        return decode_verified(c, payload)
-
-    async def _fetch_via_peers(self, c: Chunk, asks: list[tuple[str, bool]], background: bool,
+    async def _fetch_via_peers(self, c: Chunk, asks: Asks, background: bool,
                                speculative: bool = False) -> None:
-        """One chunk from its owner; from the next owner if the owner fails, sends wrong
-        bytes or (for a demand read) is slower than the hedge delay; from the origin if
-        that one fails or is slow too. ``asks`` are the peers in order, each with whether
-        to ask it cache-only (it will not fetch from the origin for us)."""
-        assert self.peers is not None
-        tier = self.peers
+        """One chunk by the peer route (``peerroute.py``): its owner, the next owner, then
+        the origin; a background one waits its turn and may be taken over meanwhile."""
+        assert self._route is not None
         p = self._inflight[c.digest]
         mine = not background  # a queued background fetch may be taken over (see _wait)
-
-        def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[_Verified]]:
-            async def attempt() -> _Verified:
-                return await self._ask_peer(c, peer, cache_only)
-            return attempt
-
-        async def from_origin() -> _Verified:
-            self.stats.origin_after_peers += 1
-            rng = Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,))
-            if background:
-                async with self._background:
-                    data = await self._request(rng, self.config.background_deadline)
-            else:
-                data = await self._request(rng, self.config.deadline)
-            payload = bytes(data)  # what is kept; a raw chunk's plain bytes are the same object
-            try:
-                plain = await self._verify(c, payload)
-            except ChunkDecodeError as exc:
-                self.stats.integrity_failures += 1
-                log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
-                          c.hexdigest, c.offset, c.blob.digest, self.source_name, exc)
-                raise IntegrityError(
-                    f"chunk {c.hexdigest[:16]} from {self.source_name} failed verification").about(
-                    chunk=c.hexdigest, blob=c.blob.digest, source=self.source_name) from exc
-            return plain, payload
-
-        attempts = [from_peer(peer, cache_only) for peer, cache_only in asks] + [from_origin]
-
-        def take_hedge() -> bool:
-            if not tier.peers.may_hedge(self.stats.hedged, self.stats.peer_requests):
-                return False
-            self.stats.hedged += 1
-            return True
-
         try:
             if background:
                 async with self._peer_background:
-                    await self.wait_demand_idle()
+                    await self.gate.wait_idle()
                     if not p.queued:
                         return  # a demand fetch took it over
                     p.queued, mine = False, True
-                    # no hedging: a prefetch waits for its peers, but asks the origin by one
-                    # peer deadline at the latest (a reader may come to wait on it too)
-                    won = await race(attempts, math.inf, last_by=tier.peers.config.request_deadline)
+                    plain, payload = await self._route.background(c, asks)
             else:
-                self._demand_started()
-                try:
-                    delay = tier.peers.hedge_delay() * (5 if speculative else 1)
-                    self.stats.peer_requests += 1
-                    # the origin starts early enough to answer within the read's deadline
-                    last_by = min(tier.peers.config.request_deadline, self.config.deadline / 2)
-                    won = await race(attempts, delay, take_hedge=take_hedge, last_by=last_by)
-                finally:
-                    self._demand_done()
-            self.stats.hedge_wins += won.hedged
-            plain, payload = won.value
+                plain, payload = await self._route.demand(c, asks, speculative=speculative)
             p.data, p.payload = plain, payload
             self.stats.chunks_fetched += 1
             await self._keep(c, p, background)
@@ -665,110 +412,35 @@ class ChunkFetcher:
                 if p.data is None and p.error is None:
                     p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
                 p.event.set()
-                if not p.caching and self._inflight.get(c.digest) is p:
-                    del self._inflight[c.digest]
+                if not p.caching:
+                    self._inflight.done(c.digest, p)
 
-    async def _ask_peer(self, c: Chunk, peer: str, cache_only: bool) -> _Verified:
-        """The verified chunk from one peer. A peer that is down is put on backoff; one
-        that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
-        assert self.peers is not None
-        tier = self.peers
-        started = time.monotonic()
+    async def _from_origin(self, c: Chunk, background: bool) -> Verified:
+        """One chunk from the origin alone, checked: the peer route's last attempt."""
+        rng = Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,))
+        if background:
+            async with self._background:
+                data = await self._request(rng, self.config.background_deadline)
+        else:
+            data = await self._request(rng, self.config.deadline)
+        payload = bytes(data)  # what is kept; a raw chunk's plain bytes are the same object
         try:
-            with trio.move_on_after(tier.peers.config.request_deadline) as scope:
-                received = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
-            if scope.cancelled_caught:
-                self.stats.timeouts += 1
-                raise DeadlineError(f"peer {peer} sent no answer within "
-                                    f"{tier.peers.config.request_deadline:g}s")
-        except (UnreachableError, AuthError) as exc:
-            self.stats.peer_failures += 1
-            tier.peers.mark_down(peer, exc)
-            raise
-        except PeerIsSelf:
-            tier.peers.mark_self(peer)
-            raise
-        except FetchError as exc:  # busy, or a bad answer: no penalty, just the next one
-            self.stats.peer_failures += 1
-            log.log(logging.DEBUG if cache_only else logging.INFO, "chunk %s from peer: %s",
-                    c.hexdigest[:16], exc)
-            raise
-        payload = bytes(received)  # what is kept; a raw chunk's plain bytes are the same object
-        try:
-            plain = await self._verify(c, payload)
+            plain = await self._verifier.chunk(c, payload)
         except ChunkDecodeError as exc:
-            self.stats.peer_integrity_failures += 1
-            tier.peers.mark_bad(peer, c, exc)
-            raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}").about(
-                chunk=c.hexdigest, blob=c.blob.digest, source=f"peer {peer}") from exc
-        tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
-        if self.on_request is not None:
-            self.on_request("peer", len(payload), time.monotonic() - started)
-        self.stats.peer_chunks += 1
+            self.stats.integrity_failures += 1
+            log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
+                      c.hexdigest, c.offset, c.blob.digest, self.source_name, exc)
+            raise integrity_error(c, self.source_name) from exc
         return plain, payload
 
-    def _blame(self, rng: Range) -> bool:
-        """Whether the range's bytes came from a mirror, now skipped (see ``mirrors.py``)."""
-        blame = getattr(self._source, "blame", None)
-        return blame is not None and blame(rng.blob, rng.start, rng.end - rng.start)
+    def _answered(self, source: str, nbytes: int, seconds: float) -> None:
+        if self.on_request is not None:
+            self.on_request(source, nbytes, seconds)
 
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
-        length = rng.end - rng.start
-        self.stats.requests += 1
-        started = time.monotonic()
-        with trio.move_on_after(deadline) as scope:
-            data = await self._source.read_range(rng.blob, rng.start, length)
-        if scope.cancelled_caught:
-            self.stats.timeouts += 1
-            raise DeadlineError(
-                f"{self.source_name} sent no answer for blob {rng.blob[:19]} within {deadline:g}s"
-            ).about(blob=rng.blob, source=self.source_name)
-        if len(data) != length:
-            raise IntegrityError(
-                f"{self.source_name} sent {len(data)} bytes for a {length}-byte range"
-            ).about(blob=rng.blob, source=self.source_name)
-        self.stats.bytes_received += length
-        if self.on_request is not None:
-            self.on_request(self.source_name, length, time.monotonic() - started)
-        return data
+        assert self._origin is not None  # a fetcher without a source fetches nothing (_fetch_new)
+        return await self._origin.request(rng, deadline)
 
     async def _cache(self, chunk: Chunk, payload: bytes | memoryview) -> None:
         assert self._store is not None
         await trio.to_thread.run_sync(self._store.put, chunk.digest, chunk.codec, chunk.size, payload)
-
-
-def _claim(rng: Range, pendings: dict[ChunkDigest, _Pending]) -> Range | None:
-    """The part of a queued background range that no demand fetch has taken over, now
-    marked as under way; None if nothing is left."""
-    mine = [c for c in rng.chunks if pendings[c.digest].queued]
-    for c in mine:
-        pendings[c.digest].queued = False
-    if not mine:
-        return None
-    if len(mine) == len(rng.chunks):
-        return rng
-    return Range(rng.blob, mine[0].offset, max(c.offset + c.stored_size for c in mine), tuple(mine))
-
-
-def _verify_range(
-    rng: Range, data: bytes | bytearray, store: ChunkStore | None = None,
-    give_way: Callable[[], object] | None = None,
-) -> list[bytes | memoryview | ChunkDecodeError]:
-    """Decode and check every chunk of a fetched range; cache the good ones in ``store``
-    when given. Runs in a worker thread for large ranges, calling ``give_way`` (which may
-    block) before each chunk."""
-    view = memoryview(data)
-    out: list[bytes | memoryview | ChunkDecodeError] = []
-    for c in rng.chunks:
-        if give_way is not None:
-            give_way()
-        payload = view[c.offset - rng.start : c.offset - rng.start + c.stored_size]
-        try:
-            plain = decode_verified(c, payload)
-        except ChunkDecodeError as exc:
-            out.append(exc)
-            continue
-        if store is not None:
-            store.put(c.digest, c.codec, c.size, payload)
-        out.append(plain)
-    return out

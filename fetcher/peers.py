@@ -8,13 +8,9 @@
                                 changes), which peers to avoid for now, bytes per peer
     PeerClient                  GET /v1/chunks/<blake3 hex> with the cluster token; also
                                 GET /v1/traces/sha256:<hex>, an image's prefetch trace
-    race(attempts, d)           run the first attempt; start the next one when every
-                                attempt started so far has failed, or (a hedge) when the
-                                last one started has not answered within ``d`` seconds;
-                                the first success wins and the others are cancelled
-    hedge(primary, backup, d)   ``race`` of two
 
-A chunk's attempts are its owner, the next owner in rendezvous order, then the origin.
+A chunk's attempts (``fetcher.race``) are its owner, the next owner in rendezvous order,
+then the origin.
 The next owner is what the whole cluster falls back to when the owner is down or slow,
 so it too fetches from the origin once for everyone; the origin comes last because it
 must always work.
@@ -37,12 +33,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Generic, TypedDict, TypeVar
+from typing import TypedDict
 from urllib.parse import urlencode
 
 import trio
@@ -55,8 +50,6 @@ from .errors import AuthError, FetchError, NotFoundError, ServerError, Unreachab
 from .http1 import RangeClient, UnexpectedResponse
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 CHUNK_PATH = "/v1/chunks/"
 TRACE_PATH = "/v1/traces/"
@@ -390,89 +383,8 @@ class PeerTier:
     """``registry/repository`` of the image, sent so that an owner can fetch from the origin."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RaceResult(Generic[T]):
-    value: T
-    winner: int
-    """Index of the attempt that answered."""
-    hedged: bool
-    """Whether that attempt was started by a hedge (its predecessor was slow, not failed)."""
-
-
-async def race(attempts: Sequence[Callable[[], Awaitable[T]]], delay: float, *,
-               take_hedge: Callable[[], bool] | None = None,
-               last_by: float = math.inf) -> RaceResult[T]:
-    """Run ``attempts[0]``; start the next attempt when every attempt started so far has
-    failed (a ``FetchError``), or when the last one started has not answered within
-    ``delay`` seconds and ``take_hedge()`` grants a hedge (it counts it against a budget;
-    a refused hedge waits for failures only, and every attempt has a deadline of its own).
-    The last attempt (the origin: the one that must work) is started ``last_by`` seconds
-    after the first at the latest, whatever the budget says, so that slow peers never
-    make a read miss a deadline the origin alone would have met.
-
-    The first success wins and the others are cancelled. If all fail, the last attempt's
-    error is raised."""
-    if not attempts:
-        raise ValueError("race needs at least one attempt")
-    results: list[RaceResult[T]] = []
-    errors: dict[int, FetchError] = {}
-    hedged: set[int] = set()
-    changed = [trio.Event()]
-    last = len(attempts) - 1
-    began = trio.current_time()
-
-    async with trio.open_nursery() as nursery:
-
-        async def run(i: int) -> None:
-            try:
-                value = await attempts[i]()
-            except FetchError as exc:
-                errors[i] = exc
-                changed[0].set()
-                changed[0] = trio.Event()
-                return
-            results.append(RaceResult(value, i, i in hedged))
-            nursery.cancel_scope.cancel()
-
-        async def all_failed(n: int) -> None:
-            while len(errors) < n:
-                await changed[0].wait()
-
-        async def drive() -> None:
-            give_up_at = began + last_by
-            for i in range(last):
-                nursery.start_soon(run, i)
-                with trio.move_on_at(min(give_up_at, trio.current_time() + delay)):
-                    await all_failed(i + 1)
-                if len(errors) <= i and trio.current_time() < give_up_at:
-                    if take_hedge is None or take_hedge():
-                        hedged.add(i + 1)
-                    else:  # no budget: the next attempt waits for these to fail
-                        with trio.move_on_at(give_up_at):
-                            await all_failed(i + 1)
-                if trio.current_time() >= give_up_at:
-                    if len(errors) <= i:
-                        hedged.add(last)
-                    break  # straight to the last attempt
-            nursery.start_soon(run, last)
-
-        nursery.start_soon(drive)
-    if results:
-        return results[0]
-    raise errors[last]
-
-
-async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaitable[T]],
-                delay: float, may_hedge: Callable[[], bool] | None = None) -> tuple[T, bool]:
-    """``race`` of two: ``primary`` (a peer), then ``backup`` (the origin) when ``primary``
-    fails or is slower than ``delay``. Returns the first success and whether it was
-    ``backup``'s."""
-    r = await race([primary, backup], delay, take_hedge=may_hedge)
-    return r.value, r.winner == 1
-
-
-__all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher", "hedge", "race",
-           "RaceResult", "PeerIsSelf", "NODE_HEADER", "TRACE_PATH", "normalize_url", "peer_url",
+__all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher",
+           "PeerIsSelf", "NODE_HEADER", "TRACE_PATH", "normalize_url", "peer_url",
            "read_peers_file", "UnreachableError"]
 
 

@@ -13,3 +13,9 @@ class BlobSource(Protocol):
     async def read_range(self, digest: str, offset: int, length: int) -> bytes | bytearray:
         """Exactly ``length`` bytes of blob ``digest`` starting at ``offset``."""
         ...
+
+    def blame(self, digest: str, offset: int, length: int) -> bool:
+        """The range ``read_range`` sent lately held bytes that failed verification. True if
+        another sender sent them (a mirror, now skipped: see ``mirrors.py``), so that
+        reading the range again reaches the next source; False if there is none to ask."""
+        ...

@@ -1,4 +1,5 @@
-"""File contents of a mounted image: memory, then the node cache, then the network."""
+"""File contents of a mounted image: memory, then the fetcher (the node cache, then the
+network)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,10 @@ from collections.abc import Callable
 
 import trio
 
-from blockindex.codec import ChunkDecodeError, decode
 from blockindex.format import Chunk, ChunkDigest, InodeT
 from blockindex.reader import IndexReader
-from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
-from fetcher.errors import FetchError, UnreachableError
+from fetcher.errors import FetchError
 
 from .readlog import ReadLog
 
@@ -50,20 +49,17 @@ class ImageContent:
     def __init__(
         self,
         index: IndexReader,
-        store: ChunkStore,
-        fetcher: ChunkFetcher | None,
+        fetcher: ChunkFetcher,
         *,
         on_cached: Callable[[Chunk], object] | None = None,
         nursery: trio.Nursery | None = None,
         readahead_chunks: int = 4,
         memory_chunks: int = 64,
-        thread_above: int = 128 << 10,
         readlog: ReadLog | None = None,
     ) -> None:
         """``readlog`` is told of every read (first-read trace, network waits, sources)."""
         self.index = index
         self.readlog = readlog
-        self.store = store
         self.fetcher = fetcher
         self.stats = ReadStats()
         self.observe_read: Callable[[str, float], object] | None = None
@@ -72,13 +68,10 @@ class ImageContent:
         self._on_cached = on_cached
         self._lru: collections.OrderedDict[ChunkDigest, bytes | memoryview] = collections.OrderedDict()
         self._lru_max = memory_chunks
-        self._thread_above = thread_above
-        self._cpu = trio.CapacityLimiter(4)
         self._nursery = nursery
         self._readahead = readahead_chunks if nursery is not None else 0
         self._last_end: collections.OrderedDict[InodeT, int] = collections.OrderedDict()
         self._ahead: set[ChunkDigest] = set()
-        self._loading: dict[ChunkDigest, trio.Event] = {}
 
     async def read(self, ino: InodeT, offset: int, size: int) -> bytes | memoryview:
         """Bytes ``[offset, offset + size)`` of file ``ino`` (short at end of file).
@@ -103,10 +96,10 @@ class ImageContent:
         try:
             data = await self._chunks(chunks, tiers=tiers, sources=sources,
                                       read=(ino, offset, size)) if chunks else {}
-        except FetchError as exc:
+        except FetchError:
             self.stats.failed_reads += 1
-            if self.fetcher is not None:  # the kernel re-reads it: the same deadline for all of it
-                self.fetcher.note_failed_read(chunks, began, exc)
+            # the kernel re-reads it: the same deadline for all of it
+            self.fetcher.note_failed_read(chunks, began)
             raise
         if self.observe_read is not None:
             slowest = "network" if "network" in tiers else "cache" if "cache" in tiers else "memory"
@@ -152,86 +145,54 @@ class ImageContent:
         self, chunks: list[Chunk], *, ahead: bool = False, tiers: set[str] | None = None,
         sources: dict[ChunkDigest, int] | None = None, read: tuple[InodeT, int, int] | None = None,
     ) -> dict[ChunkDigest, bytes | memoryview]:
-        """The chunks' bytes; ``sources`` (when given) gets where each came from (see
-        ``readlog.SOURCES``), and a wait on the network for a ``read`` is reported."""
+        """The chunks' bytes, from memory, else from the fetcher (the node cache, then the
+        network: one load per chunk however many readers want it); ``sources`` (when
+        given) gets where each came from (see ``readlog.SOURCES``), and a wait on the
+        network for a ``read`` is reported."""
         out: dict[ChunkDigest, bytes | memoryview] = {}
-        missing: list[Chunk] = []
+        wanted: list[Chunk] = []
         for c in chunks:
-            # another reader (or the readahead) is loading it: wait for that load; one more
-            # may have begun by the time this task runs again, so look until there is none
-            while (loading := self._loading.get(c.digest)) is not None:
-                await loading.wait()
             hit = self._lru.get(c.digest)
-            if hit is not None:
-                self._lru.move_to_end(c.digest)
-                if not ahead:
-                    self.stats.chunk_hits_memory += 1
-                    self.stats.bytes_from_memory += c.size
-                if tiers is not None:
-                    tiers.add("memory")
-                out[c.digest] = hit
+            if hit is None:
+                wanted.append(c)
                 continue
-            self._loading[c.digest] = event = trio.Event()
-            try:
-                plain = await self._from_store(c)
-            finally:
-                if self._loading.get(c.digest) is event:
-                    del self._loading[c.digest]
-                event.set()
-            if plain is None:
-                missing.append(c)
-                continue
+            self._lru.move_to_end(c.digest)
             if not ahead:
-                self.stats.chunk_hits_cache += 1
-                self.stats.bytes_from_cache += c.size
-                if sources is not None:
-                    sources[c.digest] = 1
+                self.stats.chunk_hits_memory += 1
+                self.stats.bytes_from_memory += c.size
             if tiers is not None:
-                tiers.add("cache")
+                tiers.add("memory")
+            out[c.digest] = hit
+        if not wanted:
+            return out
+        started = time.monotonic()
+        got, cached = await self.fetcher.read(wanted, speculative=ahead)
+        missing = []
+        for c in wanted:
+            if c.digest in cached:
+                if not ahead:
+                    self.stats.chunk_hits_cache += 1
+                    self.stats.bytes_from_cache += c.size
+                    if sources is not None:
+                        sources[c.digest] = 1
+                if tiers is not None:
+                    tiers.add("cache")
+            else:
+                missing.append(c)
+            out[c.digest] = got[c.digest]
+            self._remember(c.digest, got[c.digest])
             if self._on_cached is not None:
                 self._on_cached(c)
-            out[c.digest] = plain
-            self._remember(c.digest, plain)
         if missing:
             if not ahead:
                 self.stats.chunk_misses += len(missing)
             if tiers is not None:
                 tiers.add("network")
-            if self.fetcher is None:
-                raise UnreachableError(
-                    f"chunk {missing[0].hexdigest[:16]} is not cached and the mount is offline"
-                )
-            started = time.monotonic()
-            fetched = await self.fetcher.get(missing, speculative=ahead)
             if sources is not None:
                 sources.update((c.digest, 2) for c in missing)
             if read is not None and self.readlog is not None:
                 self.readlog.waited(*read, missing, time.monotonic() - started)
-            for c in missing:
-                out[c.digest] = fetched[c.digest]
-                self._remember(c.digest, fetched[c.digest])
-                if self._on_cached is not None:
-                    self._on_cached(c)
         return out
-
-    async def _from_store(self, c: Chunk) -> bytes | memoryview | None:
-        if c.size > self._thread_above:
-            return await trio.to_thread.run_sync(self._load, c, limiter=self._cpu)
-        return self._load(c)
-
-    def _load(self, c: Chunk) -> bytes | memoryview | None:
-        entry = self.store.get(c.digest)
-        if entry is None:
-            return None
-        codec, size, payload = entry
-        try:
-            if codec != c.codec or size != c.size:
-                raise ChunkDecodeError("entry does not match the index")
-            return decode(codec, size, payload)
-        except ChunkDecodeError as exc:
-            log.warning("cache entry %s unusable (%s); dropped", c.hexdigest, exc)
-            self.store.remove(c.digest)
-            return None
 
     def _remember(self, digest: ChunkDigest, plain: bytes | memoryview) -> None:
         if isinstance(plain, memoryview) and memoryview(plain.obj).nbytes > 2 * plain.nbytes:

@@ -41,7 +41,8 @@ from cache.errors import CacheError
 from cache.trace import MAX_TRACE_BYTES, TRACE_MEDIA_TYPE, Trace, TraceError, TraceRecorder, TraceStore
 from fetcher.errors import FetchError, NotFoundError, ServerError, UnreachableError
 from fetcher.mirrors import MirroredClient
-from fetcher.peers import PeerIsSelf, PeerTier, race
+from fetcher.peers import PeerIsSelf, PeerTier
+from fetcher.race import race
 from fetcher.referrers import find_referrers, read_referrer
 from fetcher.registry import RegistryClient
 
@@ -80,7 +81,7 @@ async def peer_trace(tier: PeerTier, manifest: str, index_path: Path, *,
     (logged, never raised). Peers are asked in ``PeerSet.trace_holders`` order, the next
     one when the one before fails or has not answered within ``trace_hedge_delay``; each
     request has the peers' ``request_deadline``, and ``before_ask`` (the fetcher's
-    ``wait_demand_idle``) runs before each, so that demand reads go first. A peer that
+    ``gate.wait_idle``) runs before each, so that demand reads go first. A peer that
     sends garbage is logged and ignored (its chunks are still welcome: they are checked)."""
     peers = tier.peers
     order = peers.trace_holders(bytes.fromhex(manifest.removeprefix("sha256:")))
@@ -176,7 +177,7 @@ class LearnedPrefetch:
                  before_ask: Callable[[], Awaitable[None]] | None = None,
                  refresh_after: float = 10.0) -> None:
         """``peers``: ask them for a trace too; ``before_ask`` runs before each such
-        request (the fetcher's ``wait_demand_idle``); ``refresh_after``: seconds after the
+        request (the fetcher's ``gate.wait_idle``); ``refresh_after``: seconds after the
         start to look elsewhere for runs the node's own trace lacks (0: never)."""
         self.traces = TraceStore(cache_dir)
         self.manifest = manifest

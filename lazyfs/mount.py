@@ -32,7 +32,8 @@ from cache.evict import CacheKeeper, eviction_lock
 from cache.images import ImageStore
 from cache.store import ChunkStore
 from cache.trace import DEFAULT_WINDOW
-from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.errors import DeadlineError, FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
 from fetcher.manifests import resolve_image_manifest
@@ -217,7 +218,7 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
 
 
 def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
-            fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
+            store: ChunkStore, fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
             server: ChunkServer | None = None, keeper: CacheKeeper | None = None,
             metrics: Metrics | None = None, learned: LearnedPrefetch | None = None,
             slow: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -250,7 +251,7 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
             "hedge_delay": round(peers.hedge_delay(), 4)},
         "peer_server": dataclasses.asdict(server.stats) if server else None,
         "metrics": metrics.url if metrics else None,
-        "cache_state": {**content.store.cache_state(), **(keeper.state() if keeper else {})},
+        "cache_state": {**store.cache_state(), **(keeper.state() if keeper else {})},
         "trace": learned.status(p) if learned else None,
         "slow": slow or [],
     }
@@ -378,12 +379,13 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                                       client=client if not opened.from_cache_only else None,
                                       timeout=opts.timeout, record_window=opts.record_window,
                                       peers=tier if not opened.from_cache_only else None,
-                                      before_ask=fetcher.wait_demand_idle if fetcher else None,
+                                      before_ask=fetcher.gate.wait_idle if fetcher else None,
                                       refresh_after=opts.refresh_trace_after)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher,
                                     lead=learned.lead, lead_only=opts.lead_only)
-            content = ImageContent(index, store, fetcher, on_cached=prefetcher.progress.cached,
-                                   nursery=nursery, readlog=readlog)
+            # offline, a fetcher without a source: the node cache alone answers reads
+            content = ImageContent(index, fetcher or ChunkFetcher(nursery, None, store),
+                                   on_cached=prefetcher.progress.cached, nursery=nursery, readlog=readlog)
             metrics = None
             if opts.metrics is not None:
                 from .metrics import Metrics, mount_samples
@@ -397,8 +399,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 metrics.serve(*opts.metrics, trio_token=trio.lowlevel.current_trio_token())
             ops = LazyOperations(
                 index, content,
-                lambda: _status(opts, opened, index, content, fetcher, prefetcher, started, server, keeper,
-                                metrics, learned, _slow_reads(index, readlog)),
+                lambda: _status(opts, opened, index, content, store, fetcher, prefetcher, started, server,
+                                keeper, metrics, learned, _slow_reads(index, readlog)),
                 image=opened.manifest_digest,
                 file_state=lambda ino: file_state(index, store, readlog, ino),
             )

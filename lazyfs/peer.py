@@ -50,7 +50,8 @@ from cache.evict import CacheKeeper
 from cache.images import ImageStore
 from cache.store import ChunkStore
 from cache.trace import MAX_TRACE_BYTES, TraceStore
-from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.errors import FetchError
 from fetcher.imageref import ImageRef, is_digest
 from fetcher.peers import CHUNK_PATH, NODE_HEADER, TRACE_PATH, peer_url

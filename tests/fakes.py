@@ -23,6 +23,9 @@ class ScriptedSource:
         self.script = list(script)
         self.requests: list[tuple[str, int, int]] = []
 
+    def blame(self, digest: str, offset: int, length: int) -> bool:
+        return False  # the only sender
+
     async def read_range(self, digest: str, offset: int, length: int) -> bytes:
         self.requests.append((digest, offset, length))
         await trio.lowlevel.checkpoint()

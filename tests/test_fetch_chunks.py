@@ -8,27 +8,14 @@ import trio.lowlevel
 import trio.testing
 
 from cache.store import ChunkStore
-from fetcher.chunks import ChunkFetcher, FetchConfig, plan_ranges
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.errors import IntegrityError, ServerError, UnreachableError
 
 from .fakes import ScriptedSource, make_blob
 from .waiting import wait_until
 
 PIECES = [os.urandom(5000), b"a" * 7000, os.urandom(3000), b"b" * 9000]
-
-
-def test_plan_merges_neighbours_and_respects_limits():
-    blob, chunks, _ = make_blob(PIECES)
-    [one] = plan_ranges(chunks, max_request=1 << 20, max_gap=0)
-    assert (one.start, one.end) == (0, blob.size)
-    assert len(one.chunks) == 4
-    # a gap larger than max_gap splits the request
-    parts = plan_ranges([chunks[0], chunks[3]], max_request=1 << 20, max_gap=10)
-    assert [len(r.chunks) for r in parts] == [1, 1]
-    # the size limit splits too
-    parts = plan_ranges(chunks, max_request=6000, max_gap=1 << 20)
-    assert all(r.end - r.start <= 6000 or len(r.chunks) == 1 for r in parts)
-    assert sum(len(r.chunks) for r in parts) == 4
 
 
 FIVE_SECONDS = FetchConfig(deadline=5)

@@ -21,7 +21,8 @@ from blockindex.format import ROOT_INO
 from blockindex.reader import IndexReader
 from blockindex.writer import IndexWriter
 from cache.store import ChunkStore
-from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.errors import UnreachableError
 from lazyfs.content import ImageContent
 from lazyfs.fs import STATUS_XATTR, LazyOperations
@@ -65,7 +66,7 @@ def run(tmp_path, image, body, script=(), clock=None, with_content=False):
         async with trio.open_nursery() as nursery:
             fetcher = ChunkFetcher(nursery, source, ChunkStore(tmp_path / "cache"),
                                    FetchConfig(deadline=2))
-            content = ImageContent(index, ChunkStore(tmp_path / "cache"), fetcher)
+            content = ImageContent(index, fetcher)
             ops = LazyOperations(index, content, lambda: {"pid": 1})
             await (body(ops, size, content) if with_content else body(ops, size))
             nursery.cancel_scope.cancel()
@@ -233,8 +234,12 @@ def test_many_readers_of_a_chunk_being_loaded_never_trip_over_each_other(tmp_pat
     outcomes: list[str] = []
 
     async def main():
-        content = ImageContent(index, ChunkStore(tmp_path / "cache"), None, memory_chunks=0)
+        async with trio.open_nursery() as nursery:
+            offline = ChunkFetcher(nursery, None, ChunkStore(tmp_path / "cache"))
+            await readers(ImageContent(index, offline, memory_chunks=0))
+            nursery.cancel_scope.cancel()
 
+    async def readers(content: ImageContent) -> None:
         async def reader(delay: float) -> None:
             await trio.sleep(delay)
             try:
@@ -249,3 +254,76 @@ def test_many_readers_of_a_chunk_being_loaded_never_trip_over_each_other(tmp_pat
 
     trio.run(main)
     assert outcomes == ["offline"] * 300
+
+
+def counting_gets(monkeypatch) -> list[bytes]:
+    """The digests of every read of the node cache, in order."""
+    gets: list[bytes] = []
+    get = ChunkStore.get
+
+    def counted(self, digest):
+        gets.append(digest)
+        return get(self, digest)
+
+    monkeypatch.setattr(ChunkStore, "get", counted)
+    return gets
+
+
+def test_a_reader_joins_the_fetch_of_a_chunk_instead_of_reading_the_cache_again(tmp_path, image,
+                                                                                monkeypatch):
+    """One load per chunk, from the cache or the network: a reader that comes while the
+    chunk is on the network waits for that fetch; it does not look in the cache first."""
+    gets = counting_gets(monkeypatch)
+
+    async def body(ops, size):
+        got = []
+
+        async def reader(delay: float) -> None:
+            await trio.sleep(delay)
+            got.append(bytes(await ops.read(2, 0, 100)))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader, 0)
+            n.start_soon(reader, 0.1)  # the fetch answers after 0.4 s
+        assert got == [A[:100]] * 2
+
+    source = run(tmp_path, image, body, script=["slow"], clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(source.requests) == 1
+    assert len(gets) == 1
+
+
+def test_readers_of_a_chunk_being_read_from_the_cache_share_that_read(tmp_path, monkeypatch):
+    big = os.urandom(300 << 10)  # read in a worker thread: the readers overlap it
+    blob, (chunk,), raw = make_blob([big])
+    w = IndexWriter(512 << 10)
+    w.add_inode(1, mode=0o40755, uid=0, gid=0, size=0, mtime_ns=0, nlink=2)
+    w.add_inode(2, mode=0o100644, uid=0, gid=0, size=len(big), mtime_ns=0, nlink=1)
+    w.add_dirent(1, 0, b"f", 2)
+    w.add_blob(1, blob.digest, blob.size)
+    w.add_chunk(1, chunk.digest, blob=1, offset=chunk.offset, stored_size=chunk.stored_size,
+                size=chunk.size, codec=chunk.codec)
+    w.add_extent(2, 0, 1)
+    w.write(tmp_path / "index")
+    index = IndexReader(tmp_path / "index")
+    store = ChunkStore(tmp_path / "cache")
+    store.put(chunk.digest, chunk.codec, chunk.size, raw[chunk.offset : chunk.offset + chunk.stored_size])
+    gets = counting_gets(monkeypatch)
+    got: list[bytes] = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            offline = ChunkFetcher(nursery, None, store)
+            content = ImageContent(index, offline, memory_chunks=0)  # no memory tier to hide it
+
+            async def reader() -> None:
+                got.append(bytes(await content.read(2, 0, 4096)))
+
+            async with trio.open_nursery() as readers:
+                for _ in range(5):
+                    readers.start_soon(reader)
+            assert content.stats.chunk_hits_cache == 5
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert got == [big[:4096]] * 5
+    assert gets == [chunk.digest]

@@ -12,9 +12,10 @@ import trio
 import trio.testing
 
 from cache.store import ChunkStore
-from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.errors import ServerError, UnreachableError
-from fetcher.peers import PeerConfig, PeerSet, PeerTier, hedge, race, read_peers_file, rendezvous
+from fetcher.peers import PeerConfig, PeerSet, PeerTier, read_peers_file, rendezvous
 
 from .fakes import ScriptedSource, make_blob
 
@@ -76,8 +77,6 @@ def test_peers_file_is_read_and_checked(tmp_path):
         read_peers_file(f)
 
 
-# -- hedge ------------------------------------------------------------------------------
-
 def _run(fn):
     clock = trio.testing.MockClock(autojump_threshold=0)
     return trio.run(fn, clock=clock)
@@ -90,43 +89,6 @@ def _after(seconds: float, value: str, fail: bool = False):
             raise ServerError(value)
         return value, trio.current_time()
     return go
-
-
-def test_hedge_fast_primary_never_starts_the_backup():
-    started = []
-
-    async def backup():
-        started.append(1)
-        return "origin", 0
-
-    async def main():
-        return await hedge(_after(0.01, "peer"), backup, 0.05)
-
-    (value, _), by_backup = _run(main)
-    assert value == "peer" and not by_backup and not started
-
-
-def test_hedge_slow_primary_is_overtaken_at_the_delay():
-    async def main():
-        return await hedge(_after(10, "peer"), _after(0.002, "origin"), 0.05)
-
-    (value, when), by_backup = _run(main)
-    assert value == "origin" and by_backup
-    assert when == pytest.approx(0.052)  # the delay, then the backup's own time
-
-
-def test_hedge_failed_primary_starts_the_backup_at_once_and_both_failing_raises():
-    async def main():
-        return await hedge(_after(0.001, "peer", fail=True), _after(0.002, "origin"), 5)
-
-    (value, when), by_backup = _run(main)
-    assert value == "origin" and by_backup and when == pytest.approx(0.003)
-
-    async def both():
-        return await hedge(_after(0.001, "peer", fail=True), _after(0.002, "origin", fail=True), 5)
-
-    with pytest.raises(ServerError, match="origin"):
-        _run(both)
 
 
 # -- the fetcher with scripted peers ----------------------------------------------------
@@ -384,33 +346,6 @@ def test_prefetch_of_a_chunk_this_node_owns_asks_the_runner_up_cache_only(tmp_pa
     assert client.asked == [] and len(origin.requests) == 1
 
 
-# -- race, on its own ------------------------------------------------------------------------
-
-def test_race_hedges_down_the_chain_and_the_first_success_wins():
-    async def main():
-        return await race([_after(10, "owner"), _after(10, "next"), _after(0.001, "origin")], 0.05)
-
-    won = _run(main)
-    assert won.value[0] == "origin" and won.winner == 2 and won.hedged
-    assert won.value[1] == pytest.approx(0.101)
-
-
-def test_race_without_budget_moves_on_at_failures_and_at_last_by():
-    async def main():
-        return await race([_after(1.0, "owner", fail=True), _after(100, "next"), _after(0.001, "origin")],
-                          0.05, take_hedge=lambda: False, last_by=5.0)
-
-    won = _run(main)
-    assert won.value == ("origin", pytest.approx(5.001)) and won.winner == 2
-
-    async def failing():
-        return await race([_after(1, "a", fail=True), _after(1, "b", fail=True),
-                           _after(1, "origin", fail=True)], 0.05)
-
-    with pytest.raises(ServerError, match="origin"):
-        _run(failing)
-
-
 def test_peers_file_watcher_reads_changes_and_keeps_the_last_good_list(tmp_path, caplog):
     from fetcher.peers import PeersFileWatcher
 
@@ -437,6 +372,9 @@ class DelaySource:
     def __init__(self, raw: bytes, digest: str, delays: dict[int, float]) -> None:
         self.raw, self.digest, self.delays = raw, digest, delays
         self.requests: list[int] = []
+
+    def blame(self, digest: str, offset: int, length: int) -> bool:
+        return False  # the only sender
 
     async def read_range(self, digest, offset, length):
         assert digest == self.digest

@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from cache.store import ChunkStore
-from fetcher.chunks import ChunkFetcher, FetchConfig
+from fetcher.chunks import ChunkFetcher
+from fetcher.config import FetchConfig
 from fetcher.lowprio import LowPriorityThreads
 
 from .fakes import make_blob
@@ -54,6 +55,9 @@ class GatedSource:
         self.demand_asked = trio.Event()
         self.release = trio.Event()
         self.requests: list[tuple[int, int]] = []
+
+    def blame(self, digest: str, offset: int, length: int) -> bool:
+        return False  # the only sender
 
     async def read_range(self, digest: str, offset: int, length: int) -> bytes:
         self.requests.append((offset, length))
@@ -170,6 +174,9 @@ class StalledBackground:
         self.sizes = {c.offset: c.stored_size for c in chunks}
         self.requests: list[tuple[int, int]] = []
         self.asked = trio.Event()
+
+    def blame(self, digest: str, offset: int, length: int) -> bool:
+        return False  # the only sender
 
     async def read_range(self, digest: str, offset: int, length: int) -> bytes:
         self.requests.append((offset, length))

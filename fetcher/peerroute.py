@@ -1,0 +1,139 @@
+"""The way to a chunk through the peers: its owner, the next owner, then the origin.
+
+With a peer tier (``peers.PeerTier``), a chunk owned by another node is asked of that
+node first, then of the next owner in rendezvous order, then of the origin: each one
+when the ones before have failed (down, busy, wrong bytes) or, for a demand read, have
+not answered within the hedge delay (a hedged request, within a budget); the first
+verified answer wins (``race.race``). A peer never fails a read: the origin is always
+asked last, early enough to answer within the read's deadline.
+
+    route = PeerRoute(tier, stats, verifier, gate, origin, deadline=30.0)
+    plain, payload = await route.demand(chunk, asks, speculative=False)
+    plain, payload = await route.background(chunk, asks)
+
+The fetcher owns the chunk's in-flight entry and the origin request (``origin``); this
+module decides whom to ask, when to hedge, and what a peer's answer is worth.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from blockindex.codec import ChunkDecodeError
+from blockindex.format import Chunk
+
+from .config import FetchStats
+from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
+from .gate import DemandGate
+from .peers import PeerIsSelf, PeerTier
+from .race import race
+from .verify import Verified, Verifier
+
+log = logging.getLogger(__name__)
+
+Asks = list[tuple[str, bool]]
+"""The peers to ask for a chunk, in order, each with whether to ask it cache-only (it
+will not fetch from the origin for us)."""
+
+
+class PeerRoute:
+    """Asks a chunk's peers, then ``origin(chunk, background)``, counting in ``stats``.
+
+    ``on_answer`` is called with (``"peer"``, bytes, seconds) after each peer answer that
+    passed its check (the fetcher's ``on_request``, looked up at each call)."""
+
+    def __init__(self, tier: PeerTier, stats: FetchStats, verifier: Verifier, gate: DemandGate,
+                 origin: Callable[[Chunk, bool], Awaitable[Verified]], *, deadline: float,
+                 on_answer: Callable[[str, int, float], object] = lambda *_: None) -> None:
+        self.tier = tier
+        self._stats = stats
+        self._verifier = verifier
+        self._gate = gate
+        self._origin = origin
+        self._deadline = deadline
+        self._on_answer = on_answer
+
+    def _attempts(self, c: Chunk, asks: Asks, background: bool) -> list[Callable[[], Awaitable[Verified]]]:
+        def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[Verified]]:
+            async def attempt() -> Verified:
+                return await self.ask(c, peer, cache_only)
+            return attempt
+
+        async def from_origin() -> Verified:
+            self._stats.origin_after_peers += 1
+            return await self._origin(c, background)
+
+        return [from_peer(peer, cache_only) for peer, cache_only in asks] + [from_origin]
+
+    async def demand(self, c: Chunk, asks: Asks, *, speculative: bool = False) -> Verified:
+        """The chunk for a reader: each next source is asked when the ones before failed
+        or (a hedge, within the budget) are slower than the hedge delay; ``speculative``
+        (readahead) waits five hedge delays, so that guesses do not add to the origin's
+        load. Background work gives way meanwhile (``gate``)."""
+        peers = self.tier.peers
+
+        def take_hedge() -> bool:
+            if not peers.may_hedge(self._stats.hedged, self._stats.peer_requests):
+                return False
+            self._stats.hedged += 1
+            return True
+
+        self._stats.demand_requests += 1
+        with self._gate.demand():
+            delay = peers.hedge_delay() * (5 if speculative else 1)
+            self._stats.peer_requests += 1
+            # the origin starts early enough to answer within the read's deadline
+            last_by = min(peers.config.request_deadline, self._deadline / 2)
+            won = await race(self._attempts(c, asks, False), delay, take_hedge=take_hedge, last_by=last_by)
+        self._stats.hedge_wins += won.hedged
+        return won.value
+
+    async def background(self, c: Chunk, asks: Asks) -> Verified:
+        """The chunk for the prefetcher: no hedging, it waits for its peers, but asks the
+        origin by one peer deadline at the latest (a reader may come to wait on it too)."""
+        won = await race(self._attempts(c, asks, True), math.inf,
+                         last_by=self.tier.peers.config.request_deadline)
+        self._stats.hedge_wins += won.hedged
+        return won.value
+
+    async def ask(self, c: Chunk, peer: str, cache_only: bool) -> Verified:
+        """The verified chunk from one peer. A peer that is down is put on backoff; one
+        that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
+        tier = self.tier
+        started = time.monotonic()
+        try:
+            with trio.move_on_after(tier.peers.config.request_deadline) as scope:
+                received = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
+            if scope.cancelled_caught:
+                self._stats.timeouts += 1
+                raise DeadlineError(f"peer {peer} sent no answer within "
+                                    f"{tier.peers.config.request_deadline:g}s")
+        except (UnreachableError, AuthError) as exc:
+            self._stats.peer_failures += 1
+            tier.peers.mark_down(peer, exc)
+            raise
+        except PeerIsSelf:
+            tier.peers.mark_self(peer)
+            raise
+        except FetchError as exc:  # busy, or a bad answer: no penalty, just the next one
+            self._stats.peer_failures += 1
+            log.log(logging.DEBUG if cache_only else logging.INFO, "chunk %s from peer: %s",
+                    c.hexdigest[:16], exc)
+            raise
+        payload = bytes(received)  # what is kept; a raw chunk's plain bytes are the same object
+        try:
+            plain = await self._verifier.chunk(c, payload)
+        except ChunkDecodeError as exc:
+            self._stats.peer_integrity_failures += 1
+            tier.peers.mark_bad(peer, c, exc)
+            raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}").about(
+                chunk=c.hexdigest, blob=c.blob.digest, source=f"peer {peer}") from exc
+        tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
+        self._on_answer("peer", len(payload), time.monotonic() - started)
+        self._stats.peer_chunks += 1
+        return plain, payload
