@@ -322,7 +322,8 @@ def test_an_index_checked_under_older_rules_is_checked_again(served, mounts):
     _image, root, server = served
     digest = _hostile_index(Layout(root / "rich"), "1", _LAST_AT_2_63)
     # what a node that checked this index before positions were bounded has kept
-    (mounts.tmp / "cache" / "checked").mkdir(parents=True)
+    (mounts.tmp / "cache").mkdir(mode=0o700)  # a cache, as lazyfs makes it (private)
+    (mounts.tmp / "cache" / "checked").mkdir()
     (mounts.tmp / "cache" / "checked" / digest.removeprefix("sha256:")).write_bytes(b"")
     mnt, done = mounts.mount(f"127.0.0.1:{server.port}/rich:1", check=False)
     assert done.returncode == 3, done.stderr
