@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from .build import BLOB_LIMIT, ChunkSpool, write_image
+from .codec import COMPRESSIONS
 from .errors import ImageError
 from .format import (
     ARTIFACT_ANNOTATION,
     DEFAULT_CHUNK_SIZE,
-    FORMAT_VERSION,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
 )
@@ -69,6 +69,7 @@ def convert(
     platform: str | None = None,
     prefetch_files: list[bytes] | None = None,
     max_entries: int = MAX_ENTRIES,
+    compression: str = "lz4",
 ) -> ConvertResult:
     """Convert image ``src`` into lazyfs image ``dst`` (``oci:DIR[:TAG]``, tag ``latest``,
     or ``docker://HOST/REPO:TAG``: built in a temp layout, then pushed).
@@ -77,20 +78,25 @@ def convert(
     for ``docker://`` sources and destinations; ``platform`` picks from an image index.
     ``prefetch_files`` are paths in the image that mounts fetch first (kept in the index:
     see ``build.write_image``). ``max_entries`` bounds the merged tree (``tree.MAX_ENTRIES``):
-    past it the image is refused as unsafe.
+    past it the image is refused as unsafe. ``compression`` (a key of ``codec.COMPRESSIONS``:
+    ``lz4`` or ``zstd``) compresses the chunks; a zstd image needs a lazyfs that reads
+    index format 2.
 
     Raises ImageError (or its UnsafeImageError / UnsupportedImageError) for a bad input,
     ValueError for a chunk size outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE] or not a power
-    of two. ``blob_limit`` caps the size of a chunk blob (64 MiB; smaller in tests).
+    of two, or an unknown compression. ``blob_limit`` caps the size of a chunk blob (64 MiB;
+    smaller in tests).
     """
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
         raise ValueError(
             f"chunk size {chunk_size}: expected a power of two from {MIN_CHUNK_SIZE} "
             f"to {MAX_CHUNK_SIZE}"
         )
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}")
     if dst.startswith("docker://"):
         return _convert_and_push(src, dst, chunk_size, blob_limit, registry, platform, prefetch_files,
-                                 max_entries)
+                                 max_entries, compression)
     out_dir, tag = _parse_dst(dst)
     source = open_source(src, registry=registry, platform=platform)
     layout = Layout(out_dir)
@@ -100,7 +106,7 @@ def convert(
     except OSError as exc:
         raise ImageError(f"{out_dir}: cannot create the output layout ({exc.strerror})") from exc
     try:
-        spool = ChunkSpool(tmpdir / "spool", chunk_size)
+        spool = ChunkSpool(tmpdir / "spool", chunk_size, COMPRESSIONS[compression])
         try:
             tree = _merge(source, spool, max_entries)
             stats = write_image(
@@ -112,7 +118,8 @@ def convert(
         layers = [stats.index_desc, *stats.blob_descs]
         config, source_diff_ids = lazy_config(source.config, layers)
         config_desc = layout.write_blob(config, MEDIA_TYPE_OCI_CONFIG)
-        annotations = {ARTIFACT_ANNOTATION: FORMAT_VERSION, CHUNK_SIZE_ANNOTATION: str(chunk_size)}
+        annotations = {ARTIFACT_ANNOTATION: stats.format_version,
+                       CHUNK_SIZE_ANNOTATION: str(chunk_size)}
         if source_diff_ids:
             annotations[SOURCE_DIFF_IDS_ANNOTATION] = ",".join(source_diff_ids)
         manifest = {
@@ -156,7 +163,7 @@ def lazy_config(original: bytes, layers: list[dict]) -> tuple[bytes, list[str]]:
 
 def _convert_and_push(src: str, dst: str, chunk_size: int, blob_limit: int, registry: Any,
                       platform: str | None, prefetch_files: list[bytes] | None,
-                      max_entries: int) -> ConvertResult:
+                      max_entries: int, compression: str) -> ConvertResult:
     from fetcher.options import RegistryOptions
     from fetcher.push import push_image
 
@@ -173,7 +180,8 @@ def _convert_and_push(src: str, dst: str, chunk_size: int, blob_limit: int, regi
     try:
         result = convert(
             src, f"oci:{tmp}:{ref.tag}", chunk_size=chunk_size, blob_limit=blob_limit,
-            registry=options, platform=platform, prefetch_files=prefetch_files, max_entries=max_entries)
+            registry=options, platform=platform, prefetch_files=prefetch_files, max_entries=max_entries,
+            compression=compression)
         stats = push_image(Layout(tmp), result.manifest_digest, ref, options, mount_from)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
