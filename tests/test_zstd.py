@@ -10,16 +10,21 @@ import os
 import shutil
 
 import pytest
+import trio
 import zstandard
 
 from blockindex.codec import ChunkDecodeError, decode, encode
 from blockindex.format import ARTIFACT_ANNOTATION, CODEC_LZ4, CODEC_RAW, CODEC_ZSTD
 from blockindex.oci import Layout
+from blockindex.reader import IndexReader
+from blockindex.writer import IndexWriter
 from cache.store import ChunkStore
+from lazyfs.content import ImageContent
 from lazyfs.serve import make_server
 
 from . import imagegen
 from .conftest import lazyfs
+from .fakes import make_blob
 from .test_hostile import _hostile_index
 from .test_mount import index_of, ref
 
@@ -48,6 +53,28 @@ def test_a_zstd_payload_must_say_its_size_and_decode_whole():
     for bad in (payload[:-5], payload + b"more", payload[:8] + bytes(len(payload) - 8), b"junk"):
         with pytest.raises(ChunkDecodeError):
             decode(CODEC_ZSTD, len(TEXT), bad)
+
+
+def test_an_entry_another_image_cached_under_lz4_serves_a_zstd_image(tmp_path, caplog):
+    """One node cache, two images of the same bytes: what an lz4 image cached is read by a
+    zstd image (here offline), not dropped and fetched again."""
+    _, (lz,), lz_raw = make_blob([TEXT], codec=CODEC_LZ4)
+    blob, (zs,), _ = make_blob([TEXT], codec=CODEC_ZSTD)
+    assert (lz.codec, zs.codec) == (CODEC_LZ4, CODEC_ZSTD) and lz.digest == zs.digest
+    w = IndexWriter(1 << 20)
+    w.add_inode(1, mode=0o40755, uid=0, gid=0, size=0, mtime_ns=0, nlink=2)
+    w.add_inode(2, mode=0o100644, uid=0, gid=0, size=len(TEXT), mtime_ns=0, nlink=1)
+    w.add_dirent(1, 0, b"f", 2)
+    w.add_blob(1, blob.digest, blob.size)
+    w.add_chunk(1, zs.digest, blob=1, offset=0, stored_size=zs.stored_size, size=zs.size,
+                codec=zs.codec)
+    w.add_extent(2, 0, 1)
+    w.write(tmp_path / "index")
+    store = ChunkStore(tmp_path / "cache")
+    assert store.put(lz.digest, CODEC_LZ4, lz.size, lz_raw)
+    content = ImageContent(IndexReader(tmp_path / "index"), store, None)
+    assert bytes(trio.run(content.read, 2, 0, len(TEXT))) == TEXT
+    assert store.contains(lz.digest) and "dropped" not in caplog.text
 
 
 # -- mounts -----------------------------------------------------------------------------------
