@@ -678,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1000000; convert holds them in memory, about 1.5 KiB each)")
     p.add_argument("--compression", choices=("lz4", "zstd"), default="lz4",
                    help="how chunks are compressed (default lz4: fastest to read; zstd: a smaller "
-                        "image, about 2x the decode CPU of lz4, read by lazyfs with index format 2)")
+                        "image for about 3x lz4's decode CPU, read by lazyfs with index format 2)")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_convert)
 
