@@ -4,6 +4,7 @@
     ImageError                  an input image is missing, unreadable or not an image
       ├── UnsafeImageError      an entry would escape the tree or lies about itself
       ├── UnsupportedImageError a valid image that uses something lazyfs does not handle
+      ├── NoPlatformError       an image index holds no image for the platform asked for
       └── PrefetchListError     a path of ``--prefetch-files`` is not a file of the image
 """
 
@@ -24,6 +25,11 @@ class UnsafeImageError(ImageError):
 
 class UnsupportedImageError(ImageError):
     """A well-formed image that uses a feature lazyfs does not support."""
+
+
+class NoPlatformError(ImageError):
+    """An image index lists no image for the platform asked for (``--platform``, or this
+    machine's)."""
 
 
 class PrefetchListError(ImageError):

@@ -3,6 +3,9 @@
 A layout is a directory with ``oci-layout``, ``index.json`` and ``blobs/sha256/<hex>``
 (OCI image-spec ``image-layout.md``). Tags are the ``org.opencontainers.image.ref.name``
 annotation of a manifest descriptor in ``index.json``.
+
+An image index (in a layout or a registry) lists one image per platform; ``pick_platform``
+is the one place that chooses among them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import ImageError
+from .errors import ImageError, NoPlatformError
 
 MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -43,6 +46,43 @@ def sha256_digest(data: bytes) -> str:
 def canonical_json(obj: Any) -> bytes:
     """Stable JSON bytes: sorted keys, no spaces (the same object gives the same digest)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386",
+           "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def host_platform() -> str:
+    """This machine's platform as image indexes name it: ``linux/amd64``, ``linux/arm64``."""
+    machine = os.uname().machine
+    return f"linux/{_ARCHES.get(machine, machine)}"
+
+
+def pick_platform(index: dict[str, Any], platform: str | None, *, where: str = "image index") -> Descriptor:
+    """The descriptor in image ``index`` (its parsed JSON) of the image for ``platform``
+    (``os/arch[/variant]``; this machine's when None). The variant counts only when
+    ``platform`` names one; an index of a single image that names no platform is that
+    image. ``NoPlatformError`` when no entry matches, ``ImageError`` for an index with no
+    list of manifests; ``where`` starts their messages."""
+    platform = platform or host_platform()
+    want = platform.split("/")
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise ImageError(f"{where} has no manifests list")
+    for desc in entries:
+        plat = desc.get("platform") if isinstance(desc, dict) else None
+        if not isinstance(plat, dict) or not isinstance(desc.get("digest"), str):
+            continue
+        have = [plat.get("os"), plat.get("architecture")]
+        if len(want) > 2:
+            have.append(plat.get("variant"))
+        if have == want:
+            return desc
+    only = entries[0] if len(entries) == 1 else None
+    if isinstance(only, dict) and "platform" not in only and isinstance(only.get("digest"), str):
+        return only
+    raise NoPlatformError(f"{where} lists no image for platform {platform} "
+                          f"(of {len(entries)} entries)")
 
 
 class Layout:

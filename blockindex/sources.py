@@ -1,10 +1,12 @@
 """Image inputs: parse a source reference and open its layers as uncompressed tar streams.
 
     docker-archive:PATH[:TAG]   what ``docker save`` writes (a tar, or that tar unpacked)
-    oci:DIR[:TAG]               an OCI image layout (image indexes are followed to linux/amd64)
+    oci:DIR[:TAG]               an OCI image layout (an image index: --platform's image, or this machine's)
     dir:PATH                    a root filesystem directory
     tar:PATH                    a root filesystem tar (plain, gzip or zstd)
-    docker://HOST/REPO[:TAG|@DIGEST]  an image in a registry (pulled to a temp layout first)
+
+All of them are local: an image in a registry is pulled into an OCI layout first, by
+the orchestration above the format (``lazyfs.convert``).
 
 Each layer is read once, in order; compression is detected from magic bytes, whatever a
 media type claims. OCI layer blobs are checked against their digests as they are read.
@@ -20,7 +22,6 @@ import io
 import json
 import os
 import posixpath
-import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,9 +37,10 @@ from .oci import (
     Layout,
     canonical_json,
     check_digest,
+    pick_platform,
 )
 
-SCHEMES = ("docker-archive", "oci", "dir", "tar", "docker")
+SCHEMES = ("docker-archive", "oci", "dir", "tar")
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -83,16 +85,12 @@ def split_tag(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
-def open_source(ref: str, *, registry: Any = None, platform: str | None = None) -> Source:
-    """Open image ``ref``. For ``docker://`` sources, ``registry`` is a
-    ``fetcher.options.RegistryOptions`` and ``platform`` picks from an image index."""
+def open_source(ref: str, *, platform: str | None = None) -> Source:
+    """Open image ``ref`` (one of the forms in the module docstring); for ``oci:`` sources
+    ``platform`` picks from an image index (``blockindex.oci.pick_platform``)."""
     scheme, sep, rest = ref.partition(":")
     if not sep or scheme not in SCHEMES or not rest:
-        raise ImageError(
-            f"unknown source {ref!r}: expected one of docker-archive:, oci:, dir:, tar:, docker://"
-        )
-    if scheme == "docker":
-        return _registry_source(rest, registry, platform)
+        raise ImageError(f"unknown source {ref!r}: expected one of docker-archive:, oci:, dir:, tar:")
     if scheme == "dir":
         directory = Path(rest)
         if not directory.is_dir():
@@ -107,37 +105,8 @@ def open_source(ref: str, *, registry: Any = None, platform: str | None = None) 
     if not os.path.exists(path):
         raise ImageError(f"{path}: no such file or directory")
     if scheme == "oci":
-        return _oci_source(Layout(path), tag)
+        return _oci_source(Layout(path), tag, platform)
     return _docker_archive_source(path, tag)
-
-
-def _registry_source(rest: str, registry: Any, platform: str | None) -> Source:
-    import tempfile
-
-    from fetcher.options import RegistryOptions
-    from fetcher.pull import PULLED_TAG, pull_image
-
-    if not rest.startswith("//"):
-        raise ImageError(f"docker:{rest}: expected docker://HOST/REPO[:TAG]")
-    ref = parse_registry_ref(rest[2:])
-    tmp = Path(tempfile.mkdtemp(prefix="lazyfs-pull-"))
-    try:
-        pull_image(ref, tmp, registry or RegistryOptions(), platform)
-        source = _oci_source(Layout(tmp), PULLED_TAG)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dataclasses.replace(source, closer=lambda: shutil.rmtree(tmp, ignore_errors=True))
-
-
-def parse_registry_ref(text: str) -> Any:
-    """A ``fetcher.imageref.ImageRef``; ImageError saying what is wrong otherwise."""
-    from fetcher.imageref import ImageRef
-
-    try:
-        return ImageRef.parse(text)
-    except ValueError as exc:
-        raise ImageError(str(exc)) from None
 
 
 # -- decompression ------------------------------------------------------------------------
@@ -213,17 +182,7 @@ def _json_blob(layout: Layout, digest: str, what: str) -> dict[str, Any]:
     return _check_json(layout.read_blob(digest), f"{layout.root}: {what} {digest}")
 
 
-def _pick_platform(manifests: list[Any], where: str) -> dict[str, Any]:
-    if len(manifests) == 1:
-        return manifests[0]
-    for m in manifests:
-        p = m.get("platform")
-        if isinstance(p, dict) and p.get("os") == "linux" and p.get("architecture") == "amd64":
-            return m
-    raise ImageError(f"{where}: an image index with {len(manifests)} images and none linux/amd64")
-
-
-def _oci_source(layout: Layout, tag: str | None) -> Source:
+def _oci_source(layout: Layout, tag: str | None, platform: str | None = None) -> Source:
     if not layout.is_layout():
         raise ImageError(f"{layout.root}: not an OCI image layout (no oci-layout or index.json)")
     desc = layout.resolve(tag)
@@ -237,7 +196,8 @@ def _oci_source(layout: Layout, tag: str | None) -> Source:
             manifests = [m for m in obj.get("manifests") or [] if isinstance(m, dict)]
             if not manifests:
                 raise ImageError(f"{layout.root}: image index {digest} lists no images")
-            desc = _pick_platform(manifests, f"{layout.root}: {digest}")
+            desc = pick_platform({"manifests": manifests}, platform,
+                                 where=f"{layout.root}: image index {digest}")
             continue
         return _oci_manifest_source(layout, obj, digest)
     raise ImageError(f"{layout.root}: image indexes nest too deeply")

@@ -7,19 +7,29 @@ in one run). So the bulk path goes through this client: keep-alive connections, 
 read with ``recv_into`` into one ``bytearray``, nothing else. Anything it does not
 expect (a redirect, an auth challenge, chunked encoding) comes back as an
 ``UnexpectedResponse`` and the caller takes the httpx path instead.
+
+Every wait (connecting, sending, the status line and headers, each step of the body) ends
+at a deadline: ``timeout`` seconds after the wait began (``connect_timeout`` for
+connecting), and never later than the ``deadline`` the caller passes for the request. A
+server that stops answering costs one ``DeadlineError``, never a hang.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import socket
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import trio
 
-from .errors import ServerError, UnreachableError
+from .errors import DeadlineError, ServerError, UnreachableError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _MAX_HEAD = 64 << 10
 _RECV_STEP = 4 << 20
@@ -37,26 +47,42 @@ class UnexpectedResponse(Exception):
 
 
 class _Conn:
-    __slots__ = ("sock",)
+    """One socket, and the deadlines of the request it carries now."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    __slots__ = ("sock", "timeout", "deadline", "where")
+
+    def __init__(self, sock: trio.socket.SocketType, timeout: float, where: str) -> None:
         self.sock = sock
+        self.timeout = timeout
+        self.deadline = math.inf
+        self.where = where
+
+    async def wait(self, step: Awaitable[T], what: str) -> T:
+        """``step``, given until ``timeout`` from now or the request's deadline, whichever
+        comes first; ``DeadlineError`` (naming ``what`` it waited for) past that."""
+        with trio.move_on_at(min(self.deadline, trio.current_time() + self.timeout)) as scope:
+            return await step
+        assert scope.cancelled_caught
+        raise DeadlineError(f"{self.where}: no {what} within {self.timeout:g} s")
 
 
 class RangeClient:
     """GET with ``Range`` on keep-alive connections to one ``host:port``."""
 
-    def __init__(self, host: str, port: int, *, max_idle: int = 8, connect_timeout: float = 10.0):
+    def __init__(self, host: str, port: int, *, max_idle: int = 8, connect_timeout: float = 10.0,
+                 timeout: float = 30.0):
+        """``connect_timeout`` bounds connecting, ``timeout`` each later wait (see above)."""
         self.host = host
         self.port = port
         self._idle: list[_Conn] = []
         self._max_idle = max_idle
         self._connect_timeout = connect_timeout
+        self._timeout = timeout
 
-    async def _connect(self) -> _Conn:
+    async def _connect(self, deadline: float) -> _Conn:
         if self._idle:
             return self._idle.pop()
-        with trio.move_on_after(self._connect_timeout) as scope:
+        with trio.move_on_at(min(deadline, trio.current_time() + self._connect_timeout)) as scope:
             try:
                 stream_sock = await trio.socket.getaddrinfo(self.host, self.port,
                                                             type=socket.SOCK_STREAM)
@@ -73,10 +99,11 @@ class RangeClient:
         if scope.cancelled_caught:
             raise UnreachableError(f"cannot connect to {self.host}:{self.port}: timed out")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _Conn(sock)
+        return _Conn(sock, self._timeout, f"{self.host}:{self.port}")
 
     async def get_range(self, path: str, offset: int, length: int,
-                        headers: dict[str, str] | None = None, *, whole_ok: bool = True) -> bytearray:
+                        headers: dict[str, str] | None = None, *, whole_ok: bool = True,
+                        deadline: float = math.inf) -> bytearray:
         """The body of ``GET path`` with ``Range: bytes=offset-(offset+length-1)``.
 
         Returns exactly ``length`` bytes: from a 206, or from a 200 whose body is the whole
@@ -85,18 +112,21 @@ class RangeClient:
         connection is dropped. Without ``whole_ok`` a 200 must hold just the bytes asked
         for. Raises ``UnexpectedResponse`` for any other status, ``ServerError`` for a
         malformed, oversized or short answer or a connection dropped in the middle of the
-        exchange (worth another try), ``UnreachableError`` when connecting fails."""
-        return await self._get(path, offset, length, headers or {}, whole_ok)
+        exchange (worth another try), ``UnreachableError`` when connecting fails,
+        ``DeadlineError`` when a wait passes its deadline (``deadline``: trio's clock)."""
+        return await self._get(path, offset, length, headers or {}, whole_ok, deadline)
 
-    async def get(self, path: str, max_size: int, headers: dict[str, str] | None = None) -> bytearray:
+    async def get(self, path: str, max_size: int, headers: dict[str, str] | None = None, *,
+                  deadline: float = math.inf) -> bytearray:
         """The whole body of ``GET path`` (a 200 with a Content-Length); ``ServerError``
         when that length is over ``max_size`` (nothing of the body is read), otherwise
         as ``get_range``."""
-        return await self._get(path, None, max_size, headers or {}, False)
+        return await self._get(path, None, max_size, headers or {}, False, deadline)
 
     async def _get(self, path: str, offset: int | None, length: int, headers: dict[str, str],
-                   whole_ok: bool) -> bytearray:
-        conn = await self._connect()
+                   whole_ok: bool, deadline: float) -> bytearray:
+        conn = await self._connect(deadline)
+        conn.deadline = deadline
         reusable = False
         try:
             body, reusable = await self._exchange(conn, path, offset, length, headers, whole_ok)
@@ -118,7 +148,7 @@ class RangeClient:
         lines += [f"{k}: {v}" for k, v in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
-            await _send_all(conn.sock, request)
+            await conn.wait(_send_all(conn.sock, request), "room to send the request")
             status, resp_headers, rest = await self._read_head(conn)
         except OSError as exc:
             raise ServerError(f"{self.host}:{self.port}: connection dropped before the "
@@ -173,9 +203,10 @@ class RangeClient:
             while pos < stop:
                 if pos < start:
                     scratch = scratch or memoryview(bytearray(min(start - pos, _DISCARD_STEP)))
-                    got = await conn.sock.recv_into(scratch, min(start - pos, len(scratch)))
+                    step = conn.sock.recv_into(scratch, min(start - pos, len(scratch)))
                 else:
-                    got = await conn.sock.recv_into(view[pos - start :], min(stop - pos, _RECV_STEP))
+                    step = conn.sock.recv_into(view[pos - start :], min(stop - pos, _RECV_STEP))
+                got = await conn.wait(step, f"body bytes after {pos} of {size}")
                 if not got:
                     raise ServerError(f"{self.host}:{self.port}{path}: connection closed after "
                                       f"{pos} of {size} body bytes")
@@ -191,7 +222,8 @@ class RangeClient:
         while b"\r\n\r\n" not in data:
             if len(data) > _MAX_HEAD:
                 raise ServerError(f"{self.host}:{self.port}: response head too large")
-            part = await conn.sock.recv(65536)
+            part = await conn.wait(conn.sock.recv(65536),
+                                   "status line and headers" if not data else "end of the headers")
             if not part:
                 raise ServerError(f"{self.host}:{self.port}: connection closed before a response")
             data += part

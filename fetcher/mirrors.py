@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from .errors import FetchError
-from .registry import Manifest, RegistryClient
+from .manifests import Manifest
+from .registry import RegistryClient
 
 log = logging.getLogger(__name__)
 

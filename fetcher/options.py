@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from .credentials import lookup
 from .imageref import ImageRef
 from .mirrors import MirroredClient
-from .registry import RegistryClient, _is_loopback
+from .registry import RegistryClient
+from .transport import is_loopback
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,13 +36,11 @@ class RegistryOptions:
     """An HTTP proxy URL every request goes through."""
 
     def plain_http(self, registry: str) -> bool:
-        return _is_loopback(registry) or registry in self.insecure_hosts
+        return is_loopback(registry) or registry in self.insecure_hosts
 
     def credentials_for(self, registry: str) -> tuple[str, str] | None:
         if self.credentials is not None:
             return self.credentials
-        from .credentials import lookup
-
         return lookup(registry, self.creds_file)
 
     def client(self, ref: ImageRef, *, push: bool = False) -> RegistryClient:

@@ -20,8 +20,8 @@ from blockindex.oci import Layout, check_digest
 
 from .errors import FetchError
 from .imageref import ImageRef
+from .manifests import resolve_image_manifest
 from .options import RegistryOptions
-from .registry import resolve_image_manifest
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,9 @@ from blockindex.oci import MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, canoni
 
 from .bodies import read_whole
 from .errors import FetchError, IntegrityError, NotFoundError, ServerError, UnreachableError
+from .manifests import Manifest
 from .push import push_blob_bytes
-from .registry import Manifest, RegistryClient
+from .registry import RegistryClient
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,11 @@
       .download_blob(digest, p)-> a whole blob streamed to a file, sha256-verified
       .request(method, path)   -> any other call (push.py), with the same auth and retries
 
+Every request goes one way: ``_call`` (retries, ``retry.py``) -> ``_send`` (auth,
+``auth.py``; the switch to https) -> httpx, which follows redirects, -> the transport
+(``transport.py``), where plain-HTTP ranges take the lean client. A range of a blob the
+registry redirected before starts at the URL it was redirected to (``redirects.py``).
+
 Every failure leaves as a ``FetchError`` subclass (see ``errors.py``), translated where
 httpx raises it. 5xx, 429 and connections dropped mid-answer are retried with jittered
 exponential backoff (``Retry-After`` honoured up to a cap); refused connections and
@@ -16,30 +21,15 @@ over. Runs under trio (httpx speaks trio through anyio).
 
 from __future__ import annotations
 
-import dataclasses
-import email.utils
 import hashlib
-import ipaddress
-import json
 import logging
-import os
-import random
 import re
-import ssl
-import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import httpx
 import trio
 
-from blockindex.oci import (
-    MEDIA_TYPE_DOCKER_LIST,
-    MEDIA_TYPE_DOCKER_MANIFEST,
-    MEDIA_TYPE_OCI_INDEX,
-    MEDIA_TYPE_OCI_MANIFEST,
-)
 from cache.store import temp_path
 
 from .auth import Authenticator
@@ -52,79 +42,19 @@ from .errors import (
     ServerError,
     UnreachableError,
 )
-from .http1 import RangeClient, UnexpectedResponse
 from .imageref import DOCKER_HUB, ImageRef, is_digest
+from .manifests import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE, Manifest, resolve_image_manifest
 from .redirects import RedirectCache
+from .retry import RETRY_STATUSES, RetryPolicy, retry_delay
+from .transport import filled_body, is_loopback, open_http_client, tls_context
+
+__all__ = ["Manifest", "RegistryClient", "RetryPolicy", "resolve_image_manifest", "tls_context"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MANIFEST_ACCEPT = ", ".join(
-    [MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_LIST]
-)
-INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST})
-MAX_MANIFEST_SIZE = 4 << 20
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class RetryPolicy:
-    """How hard to retry answers that may succeed next time (5xx, 429, dropped
-    connections). Refused connections and timeouts are never retried here."""
-
-    attempts: int = 4
-    """Tries in all, the first included."""
-    base_delay: float = 0.1
-    """Backoff before try n+1 is uniform in [0, base_delay * 2**n] (full jitter)."""
-    max_delay: float = 2.0
-    """Cap on one backoff."""
-    max_retry_after: float = 10.0
-    """Cap on a server's ``Retry-After``; a longer wait is cut to this."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Manifest:
-    """A manifest's exact bytes, its media type, and the sha256 digest of those bytes."""
-
-    data: bytes
-    media_type: str
-    digest: str
-
-    def json(self) -> dict:
-        try:
-            doc = json.loads(self.data)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise ServerError(f"manifest {self.digest} is not JSON") from exc
-        if not isinstance(doc, dict):
-            raise ServerError(f"manifest {self.digest} is not a JSON object")
-        return doc
-
-
-def _is_loopback(registry: str) -> bool:
-    if registry.startswith("["):
-        host = registry[1 : registry.index("]")]
-    else:
-        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback  # not "127.example.com"
-    except ValueError:
-        return False
-
-
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """The system's trust store (what curl and skopeo trust here), plus ``ca_file``'s
-    certificates when given: a private CA is added to the public ones, not put in their place."""
-    ctx = ssl.create_default_context()
-    if ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise UnreachableError(f"cannot use CA file {ca_file}: {exc}") from exc
-    return ctx
 
 
 class RegistryClient:
@@ -150,51 +80,29 @@ class RegistryClient:
         self.timeout = timeout
         self.retry = retry
         host = "registry-1.docker.io" if ref.registry == DOCKER_HUB else ref.registry
-        plain = _is_loopback(ref.registry) if insecure is None else insecure
+        plain = is_loopback(ref.registry) if insecure is None else insecure
         self.origin = f"{'http' if plain else 'https'}://{host}"
         self.base_url = f"{self.origin}/v2/{ref.repository}"
         self._where = f"{ref.registry}/{ref.repository}"
         self._proxy = proxy
         scope = f"repository:{ref.repository}:{'pull,push' if push else 'pull'}"
         self._auth = Authenticator(ref.registry, scope, credentials)
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            verify=tls_context(ca_file),
-            proxy=proxy,
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            follow_redirects=True,  # blobs often live behind a CDN; httpx drops the
-            headers={"User-Agent": "lazyfs/0.1"},  # Authorization on a cross-origin hop
-        )
+        # self.lean: the transport whose lean client reads plain-HTTP ranges (None when a
+        # transport is injected or a proxy is in the way: httpx then reads them too)
+        self._client, self.lean = open_http_client(
+            timeout=timeout, max_connections=max_connections, ca_file=ca_file, proxy=proxy,
+            transport=transport)
         self._warned_full_body = False
-        # The bulk path: plain-HTTP range reads through the lean client (see http1.py);
-        # httpx answers everything it does not expect (redirects, auth challenges, errors).
-        self._fast: RangeClient | None = None
-        if plain and transport is None and proxy is None:
-            hostname, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
-            self._fast = RangeClient(hostname.strip("[]") or host, int(port or 80),
-                                     connect_timeout=timeout)
-        # Blob URLs the registry redirected to, reused for later ranges of the same blob;
-        # plain-HTTP ones are read with the lean client too when nothing is in between.
+        # Blob URLs the registry redirected to, reused for later ranges of the same blob.
         self.redirects = RedirectCache()
-        self._lean_redirects = transport is None and proxy is None
-        self._redirect_clients: dict[tuple[str, int], RangeClient] = {}
-        self._blob_path = f"/v2/{ref.repository}/blobs/"
         self._tried_https = False
 
     def _use_https(self) -> None:
         if self.origin.startswith("http://"):
             self.origin = "https://" + self.origin.removeprefix("http://")
             self.base_url = "https://" + self.base_url.removeprefix("http://")
-        self._fast = None
 
     async def aclose(self) -> None:
-        if self._fast is not None:
-            await self._fast.aclose()
-        for client in self._redirect_clients.values():
-            await client.aclose()
         await self._client.aclose()
 
     async def __aenter__(self) -> RegistryClient:
@@ -213,14 +121,11 @@ class RegistryClient:
 
         async def consume(response: httpx.Response) -> Manifest:
             data = await read_whole(response, MAX_MANIFEST_SIZE, "manifest")
-            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
-            if not media_type or media_type in ("application/json", "text/plain"):
-                media_type = _embedded_media_type(data) or media_type
-            return Manifest(data, media_type, "sha256:" + hashlib.sha256(data).hexdigest())
+            return Manifest.received(data, response.headers.get("Content-Type", ""))
 
         manifest = await self._call("GET", f"/manifests/{reference}", {"Accept": MANIFEST_ACCEPT},
                                     what, consume)
-        if ":" in reference and _digest_of(manifest.data, reference) != reference:
+        if not manifest.matches(reference):
             raise IntegrityError(
                 f"{self._where}: manifest {reference} arrived with digest {manifest.digest}"
             )
@@ -266,26 +171,6 @@ class RegistryClient:
                 log.info("%s: the redirected URL stopped working (%s); asking the registry again",
                          where, exc)
 
-        if self._fast is not None:
-            auth = self._auth.header()
-            try:
-                return await self._fast.get_range(self._blob_path + digest, offset, length,
-                                                  {"Authorization": auth} if auth else None)
-            except UnexpectedResponse as exc:
-                location = exc.headers.get("location")
-                if 300 <= exc.status < 400 and location:
-                    url = urllib.parse.urljoin(f"{self.origin}{self._blob_path}{digest}", location)
-                    try:
-                        data = await self._read_redirected(url, offset, length, where)
-                        self.redirects.remember(digest, url)
-                        return data
-                    except FetchError as exc2:
-                        log.info("%s: redirected to a URL that failed (%s); trying again with "
-                                 "the general client", where, exc2)
-                # anything else unusual: the general client below knows what to do with it
-            except ServerError as exc:
-                log.info("%s; trying again with the general client", exc)
-
         async def consume(response: httpx.Response) -> bytearray:
             data = await self._take_range(response, offset, length, where)
             if response.history:  # followed a redirect: keep where it led for the next range
@@ -315,6 +200,9 @@ class RegistryClient:
             declared = response.headers.get("Content-Length")
             if declared is not None and declared != str(length):
                 raise ServerError(f"{where}: answered with Content-Length {declared}")
+            lean = filled_body(response)
+            if lean is not None and len(lean) == length:  # the lean client's buffer, as it is
+                return lean
             return await read_span(response, offset, length, where)
         if status == 200:
             if not self._warned_full_body:
@@ -328,22 +216,6 @@ class RegistryClient:
         """A range from a URL the registry redirected a blob GET to: no registry
         credentials (they are not the storage's), no retries (the registry is the
         fallback); any failure is a FetchError, and the caller goes back to the registry."""
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme == "http" and self._lean_redirects and parts.hostname:
-            key = (parts.hostname, parts.port or 80)
-            client = self._redirect_clients.get(key)
-            if client is None:
-                client = self._redirect_clients[key] = RangeClient(
-                    parts.hostname, parts.port or 80, connect_timeout=self.timeout)
-            target = parts.path + (f"?{parts.query}" if parts.query else "")
-            try:
-                with trio.fail_after(self.timeout):
-                    return await client.get_range(target or "/", offset, length)
-            except UnexpectedResponse as exc:
-                raise ServerError(f"{where}: the redirected URL answered {exc.status}") from None
-            except trio.TooSlowError:
-                raise UnreachableError(f"{where}: the redirected URL did not answer within "
-                                       f"{self.timeout} s") from None
         headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
         try:
             async with self._client.stream("GET", url, headers=headers) as response:
@@ -429,10 +301,10 @@ class RegistryClient:
             try:
                 response = await self._send(method, url, headers, not_found, content)
                 try:
-                    if response.status_code not in _RETRY_STATUSES:
+                    if response.status_code not in RETRY_STATUSES:
                         return await consume(response)
                     problem = f"status {response.status_code}"
-                    delay = _retry_after(response, policy.max_retry_after)
+                    delay = retry_delay(policy, attempt, response)
                 finally:
                     await response.aclose()
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -446,14 +318,13 @@ class RegistryClient:
                 raise UnreachableError(f"registry {self.ref.registry} did not answer "
                                        f"{method} {path} within {self.timeout} s") from exc
             except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-                problem, delay = f"connection dropped ({exc!r})", None
+                problem = f"connection dropped ({exc!r})"
+                delay = retry_delay(policy, attempt, None)
             except httpx.HTTPError as exc:
                 raise ServerError(f"{method} {url} failed: {exc!r}") from exc
             if attempt == policy.attempts:
                 raise ServerError(f"registry {self.ref.registry}: {method} {path}: {problem} "
                                   f"after {attempt} tries")
-            if delay is None:
-                delay = random.uniform(0, min(policy.max_delay, policy.base_delay * 2**attempt))
             log.info("%s %s: %s; retry %d in %.2f s", method, url, problem, attempt, delay)
             await trio.sleep(delay)
         raise AssertionError("unreachable")
@@ -476,7 +347,7 @@ class RegistryClient:
             )
             response = await self._client.send(request, stream=True)
             status = response.status_code
-            if status < 400 or status == 416 or status in _RETRY_STATUSES:
+            if status < 400 or status == 416 or status in RETRY_STATUSES:
                 return response
             if status == 400 and url.startswith("http://"):
                 # A TLS server on a loopback port answers plain HTTP like this (Go's
@@ -503,47 +374,6 @@ class RegistryClient:
             raise ServerError(f"{method} {url}: unexpected status {status}")
 
 
-_ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "i386": "386",
-           "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
-
-
-def host_platform() -> str:
-    """This machine's platform as image indexes name it: ``linux/amd64``, ``linux/arm64``."""
-    machine = os.uname().machine
-    return f"linux/{_ARCHES.get(machine, machine)}"
-
-
-class ManifestSource(Protocol):
-    """What resolving an image asks of a client (a RegistryClient, or a MirroredClient)."""
-
-    async def get_manifest(self, reference: str | None = None) -> Manifest: ...
-
-
-async def resolve_image_manifest(
-    client: ManifestSource, ref: ImageRef, platform: str | None = None
-) -> Manifest:
-    """The image manifest for ``ref``: the manifest itself, or, if ``ref`` names an
-    index, the entry for ``platform`` (``os/arch[/variant]``; this host's by default)."""
-    platform = platform or host_platform()
-    manifest = await client.get_manifest(ref.reference)
-    if manifest.media_type not in INDEX_MEDIA_TYPES:
-        return manifest
-    want = platform.split("/")
-    entries = manifest.json().get("manifests")
-    if not isinstance(entries, list):
-        raise ServerError(f"{ref}: image index {manifest.digest} has no manifests list")
-    for desc in entries:
-        plat = desc.get("platform") if isinstance(desc, dict) else None
-        if not isinstance(plat, dict) or not isinstance(desc.get("digest"), str):
-            continue
-        have = [plat.get("os"), plat.get("architecture")]
-        if len(want) > 2:
-            have.append(plat.get("variant"))
-        if have == want:
-            return await client.get_manifest(desc["digest"])
-    raise NotFoundError(f"{ref}: no image for platform {platform} in index {manifest.digest}")
-
-
 # -- helpers ----------------------------------------------------------------------------
 
 
@@ -565,31 +395,3 @@ def _check_digest(digest: str) -> None:
         raise FetchError(f"malformed digest {digest!r}")
 
 
-def _digest_of(data: bytes, like: str) -> str:
-    algorithm = like.split(":", 1)[0]
-    if algorithm not in ("sha256", "sha512"):
-        return "sha256:" + hashlib.sha256(data).hexdigest()
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-def _embedded_media_type(data: bytes) -> str | None:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    value = doc.get("mediaType") if isinstance(doc, dict) else None
-    return value if isinstance(value, str) else None
-
-
-def _retry_after(response: httpx.Response, cap: float) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), cap)

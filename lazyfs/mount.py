@@ -24,18 +24,18 @@ import trio
 
 from blockindex import format as fmt
 from blockindex.errors import ImageError
-from blockindex.oci import MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX, check_digest
+from blockindex.oci import check_digest
 from blockindex.reader import CHECK_RULES, IndexReader
 from cache import pins
 from cache.errors import CacheError
 from cache.evict import CacheKeeper, eviction_lock
 from cache.images import ImageStore
-from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
 from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from fetcher.errors import DeadlineError, FetchError, IntegrityError, UnreachableError
 from fetcher.imageref import ImageRef
+from fetcher.manifests import resolve_image_manifest
 from fetcher.mirrors import MirroredClient
 from fetcher.options import RegistryOptions
 from fetcher.peers import (
@@ -47,7 +47,7 @@ from fetcher.peers import (
     PeerTier,
     peer_url,
 )
-from fetcher.registry import RegistryClient, resolve_image_manifest
+from fetcher.registry import RegistryClient
 
 from . import mountinfo
 from .content import ImageContent
@@ -56,6 +56,7 @@ from .failures import tag_warnings
 from .fs import LazyOperations
 from .learned import LearnedPrefetch
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
+from .prefetch import Prefetcher
 from .readlog import ReadLog, file_state
 
 if TYPE_CHECKING:  # imported when asked for: prometheus_client is a fiftieth of every mount's start
@@ -174,9 +175,7 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
         try:
             # each wait has its own timeout; this bounds a server that answers byte by byte
             with _within(3 * opts.timeout, f"the manifest of {ref}"):
-                m = await client.get_manifest(ref.reference)
-                if m.media_type in (MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST):
-                    m = await resolve_image_manifest(client, ref)
+                m = await resolve_image_manifest(client, ref)
             manifest_bytes, digest = m.data, m.digest
         except UnreachableError as exc:
             log.warning("registry unreachable (%s); trying the cache", exc)

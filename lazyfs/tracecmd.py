@@ -129,8 +129,8 @@ def cmd_trace_push(args: argparse.Namespace) -> int:
 
 async def _push(ref: Any, options: Any, cache: Path) -> tuple[str, str]:
     from cache.trace import TRACE_MEDIA_TYPE
+    from fetcher.manifests import resolve_image_manifest
     from fetcher.referrers import push_referrer
-    from fetcher.registry import resolve_image_manifest
 
     async with options.client(ref, push=True) as client:
         manifest = await resolve_image_manifest(client, ref)

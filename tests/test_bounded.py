@@ -14,8 +14,8 @@ import pytest
 
 from .cachekit import make_image, manifest_of
 from .hostiled import HostilePeer, HostileRegistry
-from .test_faults import _wait_port
 from .test_hostile import _run_measured
+from .waiting import listening, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -89,7 +89,7 @@ def test_a_peer_announcing_a_huge_chunk_fails_no_read(announce, image, registry,
     token = tmp_path / "token"
     token.write_text("bounded-test-cluster-token-0123456789\n")
     with HostilePeer(announce) as peer:
-        _wait_port(peer.port)
+        wait_until(lambda: listening(peer.port), 30, "the hostile peer listening")
         peers = tmp_path / "peers"
         peers.write_text(peer.url + "\n")
         mnt = mount(mounts, registry, "--peers-file", str(peers), "--token-file", str(token))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from blockindex.convert import convert
-from blockindex.errors import ImageError, UnsafeImageError
+from blockindex.errors import ImageError, NoPlatformError, UnsafeImageError
 from blockindex.format import ARTIFACT_ANNOTATION, MEDIA_TYPE_CHUNKS, MEDIA_TYPE_INDEX
 from blockindex.oci import Layout, canonical_json
 
@@ -227,6 +227,21 @@ def test_oci_layout_with_nested_index_picks_linux_amd64(tmp_path: Path) -> None:
     assert Image(tmp_path / "out", res.index_digest).read("arch") == b"amd64"
 
 
+def test_oci_layout_with_an_index_honours_platform(tmp_path: Path) -> None:
+    lay, amd = oci_layout(tmp_path / "src", [make_tar([entry("arch", b"amd64")])])
+    _, arm = oci_layout(tmp_path / "src", [make_tar([entry("arch", b"arm64")])])
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": [{**amd, "platform": {"os": "linux", "architecture": "amd64"}},
+                           {**arm, "platform": {"os": "linux", "architecture": "arm64"}}]}
+    lay.tag(lay.write_blob(json.dumps(index).encode(), index["mediaType"]), "multi")
+    for arch in ("arm64", "amd64"):
+        res = convert(f"oci:{tmp_path}/src:multi", f"oci:{tmp_path}/{arch}", chunk_size=CS,
+                      platform=f"linux/{arch}")
+        assert Image(tmp_path / arch, res.index_digest).read("arch") == arch.encode()
+    with pytest.raises(NoPlatformError, match="linux/s390x"):
+        convert(f"oci:{tmp_path}/src:multi", f"oci:{tmp_path}/x", platform="linux/s390x")
+
+
 def test_tag_is_replaced_not_duplicated(tmp_path: Path) -> None:
     for content in (b"one", b"two"):
         (tmp_path / "r.tar").write_bytes(make_tar([entry("f", content)]))
@@ -256,6 +271,32 @@ def test_unknown_scheme(tmp_path: Path) -> None:
         convert(f"http://{tmp_path}", f"oci:{tmp_path}/out")
     with pytest.raises(ImageError, match="expected oci:DIR"):
         convert(f"dir:{tmp_path}", f"dir:{tmp_path}/out")
+
+
+def test_the_format_builds_from_local_sources_only(tmp_path: Path) -> None:
+    # registries are reached above the format (lazyfs.convert): here a registry
+    # reference is an unknown scheme, refused without any network request
+    (tmp_path / "root").mkdir()
+    with pytest.raises(ImageError, match="unknown source 'docker://127.0.0.1:1/app:1'"):
+        convert("docker://127.0.0.1:1/app:1", f"oci:{tmp_path}/out")
+    with pytest.raises(ImageError, match="unknown destination 'docker://127.0.0.1:1/app:1'"):
+        convert(f"dir:{tmp_path}/root", "docker://127.0.0.1:1/app:1")
+
+
+def test_convert_names_registries_among_the_forms_and_checks_them_first(tmp_path: Path) -> None:
+    from lazyfs.convert import convert as convert_anywhere
+
+    with pytest.raises(ImageError, match="expected one of docker-archive:, oci:, dir:, tar:, docker://"):
+        convert_anywhere(f"http://{tmp_path}", f"oci:{tmp_path}/out")
+    with pytest.raises(ImageError, match="expected docker://HOST/REPO"):
+        convert_anywhere("docker:app", f"oci:{tmp_path}/out")
+    # nothing listens on port 1: a bad destination or chunk size is reported before a pull
+    with pytest.raises(ImageError, match="expected oci:DIR.* or docker://"):
+        convert_anywhere("docker://127.0.0.1:1/app:1", f"dir:{tmp_path}/out")
+    with pytest.raises(ImageError, match="needs a tag and no digest"):
+        convert_anywhere("docker://127.0.0.1:1/app:1", "docker://127.0.0.1:1/app@sha256:" + "0" * 64)
+    with pytest.raises(ValueError, match="power of two"):
+        convert_anywhere("docker://127.0.0.1:1/app:1", f"oci:{tmp_path}/out", chunk_size=3000)
 
 
 def test_not_a_tar(tmp_path: Path) -> None:

@@ -19,7 +19,13 @@ import pytest
 import trio
 import trio.testing
 
-from blockindex.oci import MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, canonical_json
+from blockindex.oci import (
+    MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_OCI_MANIFEST,
+    Layout,
+    canonical_json,
+    host_platform,
+)
 from fetcher.errors import (
     AuthError,
     FetchError,
@@ -31,7 +37,9 @@ from fetcher.errors import (
 from fetcher.imageref import ImageRef
 from fetcher.registry import RegistryClient, RetryPolicy, resolve_image_manifest, tls_context
 from lazyfs.serve import ServerHandle
+from lazyfs.snapshotter import client as snapshotter_client
 
+from . import imagegen
 from .conftest import Image
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, max_retry_after=0.05)
@@ -140,6 +148,30 @@ def test_manifest_digest_mismatch_is_integrity_error(server: ServerHandle,
     image.layout.blob_path(image.manifest_digest).write_bytes(image.manifest + b" ")
     with pytest.raises(IntegrityError):
         run(server.url, "app", lambda c: c.get_manifest(image.manifest_digest))
+
+
+@pytest.mark.mount
+def test_a_mount_of_a_multi_platform_image_fetches_its_index_once(served, mounts):
+    image, root, server = served
+    layout = Layout(root / "rich")
+    target = layout.resolve("1")
+    index = canonical_json({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": [
+        {**target, "digest": "sha256:" + "1" * 64, "platform": {"os": "linux", "architecture": "mips"}},
+        {**target, "platform": dict(zip(("os", "architecture"), host_platform().split("/"), strict=True))},
+    ]})
+    layout.tag(layout.write_blob(index, MEDIA_TYPE_OCI_INDEX), "multi")
+    ref = f"127.0.0.1:{server.port}/rich:multi"
+
+    def manifest_gets() -> list[str]:
+        return [path for method, path, _, _ in server.requests if "/manifests/" in path]
+
+    mnt, _ = mounts.mount(ref, "--no-prefetch")
+    assert imagegen.compare_tree(mnt, image.expected) == []
+    assert manifest_gets() == ["/v2/rich/manifests/multi", f"/v2/rich/manifests/{target['digest']}"]
+    # the snapshotter's pull resolves it the same way
+    server.requests.clear()
+    assert snapshotter_client._fetch(ImageRef.parse(ref))[1] == target["digest"]
+    assert manifest_gets() == ["/v2/rich/manifests/multi", f"/v2/rich/manifests/{target['digest']}"]
 
 
 def test_resolve_image_manifest_follows_an_index(server: ServerHandle,
@@ -386,6 +418,40 @@ def test_nothing_but_fetch_errors_escape() -> None:
         run_mock(explode, lambda c: c.get_manifest())
     with pytest.raises(FetchError, match="malformed digest"):
         run_mock(explode, lambda c: c.read_blob("sha256:nothex"))
+
+
+def test_a_redirect_to_a_port_out_of_range_is_a_fetch_error() -> None:
+    """A plain-HTTP registry's Location is the server's to get wrong: a port past 65535 is
+    a FetchError like any bad answer, not a ValueError out of the lean client."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", "http://127.0.0.1:99999/blob")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+
+    async def read() -> None:
+        client = RegistryClient(ImageRef.parse(f"127.0.0.1:{server.server_address[1]}/app:1"),
+                                timeout=5, retry=RetryPolicy(attempts=1))
+        try:
+            with pytest.raises(FetchError):
+                await client.read_range(DIGEST, 0, 10)
+        finally:
+            await client.aclose()
+
+    try:
+        trio.run(read)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class TokenRegistry:

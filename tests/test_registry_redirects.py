@@ -40,7 +40,7 @@ def test_redirected_url_is_reused_then_renewed_when_it_expires(front, images, pa
 
     async def main() -> None:
         async with RegistryClient(ref, timeout=10, **kw) as client:
-            assert (client._fast is None) == (path == "httpx")
+            assert (client.lean is None) == (path == "httpx")
             for offset, length in ranges:
                 assert await client.read_range(image.big, offset, length) == data[offset:offset + length]
             # one trip to the registry; every range from the blob server

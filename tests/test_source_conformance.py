@@ -51,18 +51,10 @@ SOURCES = {
                      falls_back=True),
 }
 
-#: A stalled answer is not ended by these sources' deadline: the lean HTTP/1.1 client
-#: (fetcher/http1.py) bounds connecting, not the answer, so a stalled range waits for the
-#: caller's deadline (ChunkFetcher's, at a mount), and a stalled mirror is never fallen
-#: through. Strict: once the client has a deadline of its own these rows pass, and fail
-#: as expected failures until this mark is removed.
-STALL_UNBOUNDED = pytest.mark.xfail(raises=trio.TooSlowError, strict=True,
-                                    reason="the lean client has no deadline on an answer")
-
 #: fault scripts: the proxy's outcome for each coming range request (then all pass)
-KINDS = ("503", "429", "500", "reset", "short", "content-range")
-ONCE = [*KINDS, pytest.param("stall", marks=STALL_UNBOUNDED)]
-ALWAYS = [k for k in KINDS if k != "429"] + [pytest.param("stall", marks=STALL_UNBOUNDED)]
+KINDS = ("503", "429", "500", "reset", "short", "content-range", "stall")
+ONCE = KINDS
+ALWAYS = [k for k in KINDS if k != "429"]
 
 
 def ranges(size: int) -> list[tuple[int, int]]:

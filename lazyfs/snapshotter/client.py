@@ -19,10 +19,12 @@ import os
 import time
 
 import grpc
+import trio
 
 from blockindex import format as fmt
-from blockindex.oci import MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX
 from fetcher.imageref import ImageRef
+from fetcher.manifests import resolve_image_manifest
+from fetcher.registry import RegistryClient
 
 from ..errors import ExitCode, NotLazyImageError, UserError
 from . import protos
@@ -54,16 +56,10 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 
 def _fetch(ref: ImageRef) -> tuple[bytes, str, str, bytes]:
     """(manifest bytes, manifest digest, media type, config bytes) from the registry."""
-    import trio
-
-    from fetcher.registry import RegistryClient, resolve_image_manifest
-
     async def run() -> tuple[bytes, str, str, bytes]:
         client = RegistryClient(ref)
         try:
-            m = await client.get_manifest(ref.reference)
-            if m.media_type in (MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST):
-                m = await resolve_image_manifest(client, ref)
+            m = await resolve_image_manifest(client, ref)
             manifest = json.loads(m.data)
             if (manifest.get("annotations") or {}).get(fmt.ARTIFACT_ANNOTATION) is None:
                 raise NotLazyImageError(f"{ref} is not a lazyfs image (pull it with ctr image pull)")
