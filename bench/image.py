@@ -180,14 +180,15 @@ def _manifest_layers(layout_dir: Path) -> list[dict[str, Any]]:
     return json.loads(layout.read_blob(layout.resolve("1")["digest"]))["layers"]
 
 
-def convert_cached(images: Path, repo: str, source: str) -> None:
+def convert_cached(images: Path, repo: str, source: str, *options: str) -> None:
+    """``lazyfs convert SOURCE`` (with ``options``) into ``images/repo``, once."""
     dest = images / repo
     if (dest / "index.json").exists():
         return
     tmp = images / f".{repo}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     t = time.monotonic()
-    lazyfs("convert", source, f"oci:{tmp}:1")
+    lazyfs("convert", source, f"oci:{tmp}:1", *options)
     os.replace(tmp, dest)
     log(f"image: converted {repo} in {time.monotonic() - t:.1f}s")
 

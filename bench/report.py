@@ -123,6 +123,13 @@ def table(r: dict[str, Any]) -> str:
         rows.append(("CPU decompressing: gunzip of the layers", *_sec(dc["gunzip_cpu_s"]), ""))
         rows.append(("CPU decompressing: lz4 of the chunks", *_sec(dc["lz4_cpu_s"]),
                      f"gunzip costs {dc['ratios']['gunzip_vs_lz4']:.1f}x"))
+        rows.append(("CPU decompressing: zstd of the chunks", *_sec(dc["zstd_cpu_s"]),
+                     f"{dc['ratios']['zstd_vs_lz4_per_gib']:.1f}x lz4 per GiB"))
+        pg, sb = dc["cpu_s_per_gib"], dc["stored_bytes"]
+        rows.append(("CPU s per GiB: gunzip / lz4 / zstd", f"{pg['gunzip']:.2f} / {pg['lz4']:.2f} / "
+                     f"{pg['zstd']:.2f}", "", ""))
+        rows.append(("stored: gzip layers / lz4 / zstd chunks", f"{_mib(sb['gzip'])} / {_mib(sb['lz4'])} / "
+                     f"{_mib(sb['zstd'])}", "", f"zstd {dc['ratios']['zstd_stored_vs_gzip']:.2f}x gzip"))
     ot = s.get("others", {})
     for tool, d in ot.items() if isinstance(ot, dict) else []:
         if not _ok(d):

@@ -30,13 +30,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO
 
-import blake3
-import lz4.block
-
+from .codec import chunk_digest, encode
 from .errors import PrefetchListError
 from .format import (
     CODEC_LZ4,
-    CODEC_RAW,
     MEDIA_TYPE_CHUNKS,
     MEDIA_TYPE_INDEX,
     ROOT_INO,
@@ -47,7 +44,6 @@ from .tree import Node, Tree
 from .writer import IndexWriter
 
 BLOB_LIMIT = 64 << 20
-RAW_THRESHOLD = 0.97  # store raw when lz4 saves less than 3%
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -60,11 +56,13 @@ class SpooledChunk:
 
 
 class ChunkSpool:
-    """Unique compressed chunks, appended to one temp file as layers are read."""
+    """Unique compressed chunks, appended to one temp file as layers are read; each
+    compressed with ``codec`` (``codec.encode``: raw where that does not pay)."""
 
-    def __init__(self, path: Path, chunk_size: int) -> None:
+    def __init__(self, path: Path, chunk_size: int, codec: int = CODEC_LZ4) -> None:
         self.path = path
         self.chunk_size = chunk_size
+        self.codec = codec
         self._file = open(path, "w+b")  # noqa: SIM115 - closed by close()
         self._end = 0
         self._zeros = bytes(chunk_size)
@@ -79,12 +77,9 @@ class ChunkSpool:
         """Store one chunk (unless it is zeros or already here); its digest or None."""
         if data == self._zeros[: len(data)]:
             return None
-        digest = ChunkDigest(blake3.blake3(data).digest())
+        digest = chunk_digest(data)
         if digest not in self.chunks:
-            packed = lz4.block.compress(data, store_size=False)
-            codec = CODEC_LZ4
-            if len(packed) >= len(data) * RAW_THRESHOLD:
-                packed, codec = data, CODEC_RAW
+            codec, packed = encode(data, codec=self.codec)
             self._file.write(packed)
             self.chunks[digest] = SpooledChunk(self._end, len(packed), len(data), codec, self.layer)
             self._end += len(packed)
@@ -129,6 +124,7 @@ class BuildStats:
     image_bytes: int
     files: int
     chunks: int
+    format_version: str  # of the index: the lowest that has every codec its chunks use
 
 
 def walk(tree: Tree) -> Iterator[tuple[Node, list[tuple[bytes, Node]]]]:
@@ -211,11 +207,12 @@ def write_image(
                     w.add_extent(ino, idx, ids[digest])
         index_path = tmpdir / "index.sqlite"
         w.write(index_path)
+        format_version = w.format_version
     finally:
         packer.abort()
         w.close()
     index_desc = _store_file(layout, index_path, MEDIA_TYPE_INDEX)
-    return BuildStats(index_desc, packer.descs, image_bytes, files, len(ids))
+    return BuildStats(index_desc, packer.descs, image_bytes, files, len(ids), format_version)
 
 
 class _Packer:

@@ -27,11 +27,11 @@ import tempfile
 from pathlib import Path
 
 from .build import BLOB_LIMIT, ChunkSpool, write_image
+from .codec import COMPRESSIONS
 from .errors import ImageError
 from .format import (
     ARTIFACT_ANNOTATION,
     DEFAULT_CHUNK_SIZE,
-    FORMAT_VERSION,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
 )
@@ -66,6 +66,7 @@ def convert(
     platform: str | None = None,
     prefetch_files: list[bytes] | None = None,
     max_entries: int = MAX_ENTRIES,
+    compression: str = "lz4",
 ) -> ConvertResult:
     """Convert local image ``src`` (see ``sources``) into lazyfs image ``dst``
     (``oci:DIR[:TAG]``, tag ``latest``). Images in registries are pulled and pushed
@@ -74,13 +75,17 @@ def convert(
     ``platform`` picks from an ``oci:`` source's image index (this machine's by default).
     ``prefetch_files`` are paths in the image that mounts fetch first (kept in the index:
     see ``build.write_image``). ``max_entries`` bounds the merged tree (``tree.MAX_ENTRIES``):
-    past it the image is refused as unsafe.
+    past it the image is refused as unsafe. ``compression`` (a key of ``codec.COMPRESSIONS``:
+    ``lz4`` or ``zstd``) compresses the chunks; a zstd image needs a lazyfs that reads
+    index format 2.
 
     Raises ImageError (or its UnsafeImageError / UnsupportedImageError) for a bad input,
     ValueError for a chunk size outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE] or not a power
-    of two. ``blob_limit`` caps the size of a chunk blob (64 MiB; smaller in tests).
+    of two, or an unknown compression. ``blob_limit`` caps the size of a chunk blob (64 MiB;
+    smaller in tests).
     """
     check_chunk_size(chunk_size)
+    check_compression(compression)
     out_dir, tag = _parse_dst(dst)
     source = open_source(src, platform=platform)
     layout = Layout(out_dir)
@@ -90,7 +95,7 @@ def convert(
     except OSError as exc:
         raise ImageError(f"{out_dir}: cannot create the output layout ({exc.strerror})") from exc
     try:
-        spool = ChunkSpool(tmpdir / "spool", chunk_size)
+        spool = ChunkSpool(tmpdir / "spool", chunk_size, COMPRESSIONS[compression])
         try:
             tree = _merge(source, spool, max_entries)
             stats = write_image(
@@ -102,7 +107,8 @@ def convert(
         layers = [stats.index_desc, *stats.blob_descs]
         config, source_diff_ids = lazy_config(source.config, layers)
         config_desc = layout.write_blob(config, MEDIA_TYPE_OCI_CONFIG)
-        annotations = {ARTIFACT_ANNOTATION: FORMAT_VERSION, CHUNK_SIZE_ANNOTATION: str(chunk_size)}
+        annotations = {ARTIFACT_ANNOTATION: stats.format_version,
+                       CHUNK_SIZE_ANNOTATION: str(chunk_size)}
         if source_diff_ids:
             annotations[SOURCE_DIFF_IDS_ANNOTATION] = ",".join(source_diff_ids)
         manifest = {
@@ -135,6 +141,12 @@ def check_chunk_size(chunk_size: int) -> None:
             f"chunk size {chunk_size}: expected a power of two from {MIN_CHUNK_SIZE} "
             f"to {MAX_CHUNK_SIZE}"
         )
+
+
+def check_compression(compression: str) -> None:
+    """ValueError unless ``compression`` is one ``convert`` offers (``codec.COMPRESSIONS``)."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}")
 
 
 def lazy_config(original: bytes, layers: list[dict]) -> tuple[bytes, list[str]]:

@@ -9,8 +9,15 @@ Regular file contents are cut into fixed-size chunks (``chunk_size`` in ``meta``
 ``idx`` of a file covers bytes ``[idx * chunk_size, min(size, (idx + 1) * chunk_size))``.
 A chunk of zeros is not stored; its extent row is absent and it reads as a hole. Each
 stored chunk is named by the BLAKE3 digest of its uncompressed bytes and lives at
-``offset`` in blob ``blob``, compressed with ``codec`` (``CODEC_RAW`` or ``CODEC_LZ4``:
-an lz4 block without size prefix, decompressed to ``size`` bytes).
+``offset`` in blob ``blob``, compressed with ``codec``: ``CODEC_RAW``, ``CODEC_LZ4`` (an
+lz4 block without size prefix) or ``CODEC_ZSTD`` (one zstd frame that records its content
+size), each decompressed to ``size`` bytes.
+
+The ``format`` meta entry says which codecs an index may use: format 1 has raw and lz4,
+format 2 adds zstd. A converter writes the lowest format that has every codec it used, so
+an lz4 image stays readable by every lazyfs, and a lazyfs that predates zstd refuses a
+zstd image at open ("index format '2', expected '1'") instead of finding an unknown codec
+in the middle of a read.
 """
 
 from __future__ import annotations
@@ -19,14 +26,33 @@ import dataclasses
 from typing import NamedTuple, NewType
 
 FORMAT_VERSION = "1"
+"""The format of an index of raw and lz4 chunks, the default; see ``format_for``."""
 DEFAULT_CHUNK_SIZE = 1 << 20
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 64 << 20
 
 CODEC_RAW = 0
 CODEC_LZ4 = 1
+CODEC_ZSTD = 2
+CODEC_NAMES = {CODEC_RAW: "raw", CODEC_LZ4: "lz4", CODEC_ZSTD: "zstd"}
+CODECS_OF_FORMAT: dict[str, frozenset[int]] = {
+    "1": frozenset({CODEC_RAW, CODEC_LZ4}),
+    "2": frozenset({CODEC_RAW, CODEC_LZ4, CODEC_ZSTD}),
+}
+"""The codecs each index format version may use; the versions this lazyfs reads."""
+CODECS = frozenset(CODEC_NAMES)
+"""Every codec this lazyfs decodes (cache entries and peers' answers carry one of them)."""
 
 ROOT_INO = 1
+
+
+def format_for(codecs: set[int] | frozenset[int]) -> str:
+    """The lowest format version whose codecs include all of ``codecs``."""
+    for version, allowed in sorted(CODECS_OF_FORMAT.items(), key=lambda kv: int(kv[0])):
+        if codecs <= allowed:
+            return version
+    raise ValueError(f"no index format has codecs {sorted(codecs)}")
+
 
 InodeT = NewType("InodeT", int)
 ChunkDigest = NewType("ChunkDigest", bytes)  # 32 raw bytes of BLAKE3
@@ -49,7 +75,7 @@ LEGACY_MEDIA_TYPE_INDEX = "application/vnd.lazyfs.index.v1.sqlite"
 LEGACY_MEDIA_TYPE_CHUNKS = "application/vnd.lazyfs.chunks.v1"
 INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_INDEX, LEGACY_MEDIA_TYPE_INDEX})
 CHUNKS_MEDIA_TYPES = frozenset({MEDIA_TYPE_CHUNKS, LEGACY_MEDIA_TYPE_CHUNKS})
-ARTIFACT_ANNOTATION = "io.lazyfs.image"  # value: FORMAT_VERSION; marks a lazy image
+ARTIFACT_ANNOTATION = "io.lazyfs.image"  # value: the index's format version; marks a lazy image
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;

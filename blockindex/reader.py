@@ -21,9 +21,8 @@ from typing import Any
 
 from .errors import IndexFormatError
 from .format import (
-    CODEC_LZ4,
-    CODEC_RAW,
-    FORMAT_VERSION,
+    CODEC_NAMES,
+    CODECS_OF_FORMAT,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     ROOT_INO,
@@ -100,7 +99,7 @@ _RULES: list[tuple[str, str]] = [
      "SELECT count(*) FROM chunks c LEFT JOIN blobs b ON b.id = c.blob "
      "WHERE b.id IS NULL OR typeof(c.digest) != 'blob' OR length(c.digest) != 32 "
      "OR typeof(c.offset) != 'integer' OR typeof(c.stored_size) != 'integer' "
-     "OR typeof(c.size) != 'integer' OR c.codec NOT IN (0, 1) OR typeof(c.codec) != 'integer' "
+     "OR typeof(c.size) != 'integer' "
      "OR c.offset < 0 OR c.stored_size < 1 OR c.size < 1 OR c.size > :cs "
      "OR c.offset + c.stored_size > b.size OR (c.codec = 0 AND c.stored_size != c.size) "
      "OR c.stored_size > c.size + c.size / 255 + 16"),
@@ -166,10 +165,13 @@ class IndexReader:
         self._q("PRAGMA trusted_schema = OFF")
         self._check_schema()
         meta: dict[Any, Any] = dict(self._q("SELECT key, value FROM meta"))
-        if meta.get("format") != FORMAT_VERSION:
+        if meta.get("format") not in CODECS_OF_FORMAT:
             raise IndexFormatError(
-                f"{self.path}: index format {meta.get('format')!r}, expected {FORMAT_VERSION!r}"
+                f"{self.path}: index format {meta.get('format')!r}, expected one of "
+                f"{', '.join(map(repr, CODECS_OF_FORMAT))} (a newer lazyfs may read it)"
             )
+        self.codecs = CODECS_OF_FORMAT[meta["format"]]
+        """The codecs this index's format allows its chunks."""
         try:
             self.chunk_size = int(meta["chunk_size"])
         except (KeyError, ValueError, TypeError) as exc:
@@ -241,9 +243,10 @@ class IndexReader:
         exist; the directories form a tree (each but the root has one name, and all of
         them are reached from the root, so there is no cycle); chunks lie inside their
         blob, are at most one chunk long, and are exactly as long as the part of the file
-        each extent covers; codecs are known; xattrs have sane names and values. SQLite's
-        own check of the file (``integrity_check``: b-trees, and every index agreeing with
-        its table, so a lookup by name cannot find what readdir does not list) runs first.
+        each extent covers; codecs are those of the index's format; xattrs have sane names
+        and values. SQLite's own check of the file (``integrity_check``: b-trees, and every
+        index agreeing with its table, so a lookup by name cannot find what readdir does not
+        list) runs first.
         Linear in the size of the index, plus a sort of the directory entries: about 0.7 s
         per 100,000 entries."""
         problems = [row[0] for row in self._q("PRAGMA integrity_check(1)")]
@@ -254,6 +257,7 @@ class IndexReader:
         for (what, _), bad in zip(_INODE_RULES, counts, strict=True):
             if bad:
                 raise IndexFormatError(f"{self.path}: hostile or corrupt index: {what}")
+        self._check_codecs()
         for what, sql in _RULES:
             (bad,) = self._one(sql, {"cs": self.chunk_size} if ":cs" in sql else ())
             if bad:
@@ -267,6 +271,19 @@ class IndexReader:
             raise IndexFormatError(
                 f"{self.path}: hostile or corrupt index: {dirs - reached} directories are not "
                 "reached from the root (a cycle)")
+
+    def _check_codecs(self) -> None:
+        """Every chunk's codec is one of its index format's: one a lazyfs writes in no
+        format names itself, one of a later format in a format-1 index is a forgery."""
+        allowed = ", ".join(str(c) for c in sorted(self.codecs))
+        row = self._one(f"SELECT codec FROM chunks WHERE typeof(codec) != 'integer' "
+                        f"OR codec NOT IN ({allowed}) LIMIT 1")
+        if row is not None:
+            names = ", ".join(f"{c} {CODEC_NAMES[c]}" for c in sorted(self.codecs))
+            raise IndexFormatError(
+                f"{self.path}: hostile or corrupt index: a chunk compressed with codec "
+                f"{str(row[0])[:20]}, which index format {self.meta['format']} does not have "
+                f"(its codecs: {names})")
 
     def close(self) -> None:
         self._db.close()
@@ -335,8 +352,8 @@ class IndexReader:
     def _chunk(self, row: tuple) -> Chunk:
         digest, blob_id, offset, stored_size, size, codec = row
         blob = self._blobs.get(blob_id)
-        if (blob is None or codec not in (CODEC_RAW, CODEC_LZ4) or not isinstance(digest, bytes)
-                or len(digest) != 32 or not all(type(v) is int for v in (offset, stored_size, size))
+        if (blob is None or codec not in self.codecs or not isinstance(digest, bytes)
+                or len(digest) != 32 or not all(type(v) is int for v in (offset, stored_size, size, codec))
                 or offset < 0 or stored_size < 1 or offset + stored_size > blob.size
                 or not 1 <= size <= self.chunk_size):
             raise IndexFormatError(f"{self.path}: malformed chunk record {str(digest)[:80]}")

@@ -6,7 +6,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .format import FORMAT_VERSION, SCHEMA
+from .format import FORMAT_VERSION, SCHEMA, format_for
 
 
 class IndexWriter:
@@ -16,6 +16,8 @@ class IndexWriter:
     in the same order give a byte-identical file. Rows collect in memory, or in the work
     file ``spill`` when given (what a conversion does: memory then stays at SQLite's page
     cache however many entries the image has; the file is a scratch copy, never synced).
+    The ``format`` meta entry is the lowest version that has every codec of the chunks
+    added (``format.format_for``), so an index without zstd chunks stays format 1.
     """
 
     def __init__(self, chunk_size: int, spill: str | Path | None = None) -> None:
@@ -27,6 +29,11 @@ class IndexWriter:
         self._db.executescript(SCHEMA)
         self.set_meta("format", FORMAT_VERSION)
         self.set_meta("chunk_size", str(chunk_size))
+        self._codecs: set[int] = set()
+
+    @property
+    def format_version(self) -> str:
+        return format_for(self._codecs)
 
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
@@ -69,6 +76,7 @@ class IndexWriter:
         size: int,
         codec: int,
     ) -> None:
+        self._codecs.add(codec)
         self._db.execute(
             "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
             (chunk_id, digest, blob, offset, stored_size, size, codec),
@@ -82,6 +90,7 @@ class IndexWriter:
         path = Path(path)
         if path.exists():
             os.unlink(path)
+        self.set_meta("format", self.format_version)
         self._db.commit()
         self._db.execute("VACUUM INTO ?", (str(path),))
 

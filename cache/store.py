@@ -43,7 +43,7 @@ from pathlib import Path
 
 import xxhash
 
-from blockindex.format import CODEC_LZ4, CODEC_RAW
+from blockindex.format import CODECS
 
 from .errors import CacheError
 from .pids import alive
@@ -343,7 +343,7 @@ def _check(data: bytes) -> str | None:
     if len(data) < _HEADER.size:
         return "truncated"
     magic, codec, _size, stored, checksum = _HEADER.unpack_from(data)
-    if magic != _MAGIC or codec not in (CODEC_RAW, CODEC_LZ4):
+    if magic != _MAGIC or codec not in CODECS:
         return "not a chunk entry"
     payload = memoryview(data)[_HEADER.size :]
     if len(payload) != stored:

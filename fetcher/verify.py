@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import trio
 
-from blockindex.codec import ChunkDecodeError, decode, decode_verified
-from blockindex.format import Chunk
+from blockindex.codec import ChunkDecodeError, decode, decode_verified, encode
+from blockindex.format import CODEC_RAW, Chunk
 from cache.store import ChunkStore
 
 from .errors import FetchError, IntegrityError
@@ -71,19 +71,32 @@ def load_cached(store: ChunkStore, c: Chunk) -> tuple[bytes | memoryview, memory
     """The plain bytes and stored payload of ``c`` from the node cache, or None. What the
     cache holds was checked when it was written, and the store checks each entry's own
     checksum as it reads it, so it is decoded, not hashed again; an entry that does not
-    match the index (another codec or size) is dropped."""
+    match the index's size, or does not decode, is dropped.
+
+    The codec may differ from the index's: the store is shared by every image on the node,
+    and an lz4 image and a zstd one hold the same bytes under one digest. Such an entry
+    serves the read; the payload (what a peer is sent, labelled with this image's codec)
+    is then encoded again in this image's codec."""
     entry = store.get(c.digest)
     if entry is None:
         return None
     codec, size, payload = entry
     try:
-        if codec != c.codec or size != c.size:
+        if size != c.size:
             raise ChunkDecodeError("entry does not match the index")
-        return decode(codec, size, payload), payload
+        plain = decode(codec, size, payload)
     except ChunkDecodeError as exc:
         log.warning("cache entry %s unusable (%s); dropped", c.hexdigest, exc)
         store.remove(c.digest)
         return None
+    if codec == c.codec:
+        return plain, payload
+    if c.codec == CODEC_RAW:
+        return plain, memoryview(plain)
+    again, stored = encode(bytes(plain), codec=c.codec)
+    if again != c.codec:  # this library no longer compresses it as convert did
+        return None
+    return plain, memoryview(stored)
 
 
 class Verifier:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from blockindex.build import BLOB_LIMIT
-from blockindex.convert import ConvertResult, check_chunk_size
+from blockindex.convert import ConvertResult, check_chunk_size, check_compression
 from blockindex.convert import convert as convert_local
 from blockindex.errors import ImageError
 from blockindex.format import DEFAULT_CHUNK_SIZE
@@ -51,6 +51,7 @@ def convert(
     platform: str | None = None,
     prefetch_files: list[bytes] | None = None,
     max_entries: int = MAX_ENTRIES,
+    compression: str = "lz4",
 ) -> Converted:
     """Convert image ``src`` (a local source of ``blockindex.sources``, or
     ``docker://HOST/REPO[:TAG|@DIGEST]``) into lazyfs image ``dst`` (``oci:DIR[:TAG]`` or
@@ -63,6 +64,7 @@ def convert(
     say is checked before any network request.
     """
     check_chunk_size(chunk_size)
+    check_compression(compression)
     options = registry or RegistryOptions()
     pull_from = _source_ref(src)
     push_to = _destination_ref(dst)
@@ -77,7 +79,8 @@ def convert(
             built = cleanup.enter_context(_temp_layout("lazyfs-push-"))
             local_dst = f"oci:{built}:{push_to.tag}"
         result = convert_local(local_src, local_dst, chunk_size=chunk_size, blob_limit=blob_limit,
-                               platform=platform, prefetch_files=prefetch_files, max_entries=max_entries)
+                               platform=platform, prefetch_files=prefetch_files, max_entries=max_entries,
+                               compression=compression)
         pushed = None
         if push_to is not None:
             mount_from = None  # blobs the registry may link from the source, not upload again

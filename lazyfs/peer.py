@@ -44,7 +44,7 @@ from urllib.parse import parse_qs
 
 import trio
 
-from blockindex.format import CODEC_LZ4, CODEC_RAW, Blob, Chunk, ChunkDigest
+from blockindex.format import CODECS, Blob, Chunk, ChunkDigest
 from cache.errors import CacheError
 from cache.evict import CacheKeeper
 from cache.images import ImageStore
@@ -403,7 +403,7 @@ def _chunk_from_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, st
         blob = q["blob"]
         offset, stored, size, codec = (int(q[k]) for k in ("offset", "stored", "size", "codec"))
         if not blob.startswith("sha256:") or not is_digest(blob) or offset < 0 or not 0 < stored <= 1 << 27 \
-                or not 0 < size <= 1 << 27 or codec not in (CODEC_RAW, CODEC_LZ4):
+                or not 0 < size <= 1 << 27 or codec not in CODECS:
             raise ValueError
     except (KeyError, ValueError):
         raise _BadRequest(400, "bad chunk location in the query") from None

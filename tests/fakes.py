@@ -9,7 +9,7 @@ import trio
 import trio.lowlevel
 
 from blockindex.codec import chunk_digest, encode
-from blockindex.format import Blob, Chunk
+from blockindex.format import CODEC_LZ4, Blob, Chunk
 from fetcher.errors import ServerError
 
 
@@ -42,15 +42,16 @@ class ScriptedSource:
         return data
 
 
-def make_blob(pieces: list[bytes], blob_id: int = 1) -> tuple[Blob, list[Chunk], bytes]:
-    """Pack ``pieces`` into one blob the way the converter does; returns the blob, its
-    chunks in order and the blob bytes."""
+def make_blob(pieces: list[bytes], blob_id: int = 1,
+              codec: int = CODEC_LZ4) -> tuple[Blob, list[Chunk], bytes]:
+    """Pack ``pieces`` into one blob the way the converter does (compressed with ``codec``
+    where that pays); returns the blob, its chunks in order and the blob bytes."""
     payloads = []
     metas = []
     offset = 0
     for data in pieces:
-        codec, payload = encode(data)
-        metas.append((chunk_digest(data), offset, len(payload), len(data), codec))
+        used, payload = encode(data, codec=codec)
+        metas.append((chunk_digest(data), offset, len(payload), len(data), used))
         payloads.append(payload)
         offset += len(payload)
     raw = b"".join(payloads)

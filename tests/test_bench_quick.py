@@ -79,7 +79,9 @@ SUITE_FIGURES = {
                    for mode in ("lazy_cold", "lazy_warm", "local_disk", "memfs")]
     + [f"walk_s.{k}" for k in ("lazy_debian", "local_debian", "lazy_many", "memfs_many")]
     + ["ratios.seq_warm_vs_memfs"],
-    "decompress": ["gunzip_cpu_s", "lz4_cpu_s", "ratios.gunzip_vs_lz4"],
+    "decompress": ["gunzip_cpu_s", "lz4_cpu_s", "zstd_cpu_s", "ratios.gunzip_vs_lz4",
+                   "ratios.zstd_vs_lz4_per_gib", "stored_bytes.gzip", "stored_bytes.lz4",
+                   "stored_bytes.zstd", "cpu_s_per_gib.zstd"],
     "others": ["rclone.readiness.python_s", "rclone.readiness.link_bytes",
                "rclone.seq_bytes_per_s.cold", "rclone.seq_bytes_per_s.warm",
                "httpdirfs.seq_bytes_per_s.cold", "httpdirfs.seq_bytes_per_s.warm"],

@@ -318,6 +318,15 @@ def test_corrupt_gzip(tmp_path: Path) -> None:
         _convert_tar(tmp_path, bytes(data))
 
 
+def test_corrupt_zstd(tmp_path: Path) -> None:
+    # Flipped bytes in stored (random) data: the tar reads to its end, and the frame's
+    # checksum, past it, finds the damage.
+    data = bytearray(make_tar([entry("f", os.urandom(50_000))], compress="zstd"))
+    data[len(data) // 2] ^= 0xFF
+    with pytest.raises(ImageError, match="bad.tar: corrupt zstd data"):
+        _convert_tar(tmp_path, bytes(data))
+
+
 def test_entry_climbing_out_is_unsafe(tmp_path: Path) -> None:
     with pytest.raises(UnsafeImageError, match=r"'../etc/passwd' climbs out"):
         _convert_tar(tmp_path, make_tar([entry("../etc/passwd", b"root::0:0")]))

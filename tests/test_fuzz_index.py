@@ -181,7 +181,7 @@ STRUCTURAL = st.sampled_from([
     ("sql", "DELETE FROM dirents WHERE ino = 2"),
     ("sql", "DELETE FROM inodes WHERE ino = 1"),
     ("sql", "DELETE FROM blobs"),
-    ("sql", "UPDATE meta SET value = '2' WHERE key = 'format'"),
+    ("sql", "UPDATE meta SET value = '3' WHERE key = 'format'"),
     ("sql", "UPDATE meta SET value = 'x' WHERE key = 'chunk_size'"),
     ("sql", "UPDATE meta SET value = '3000' WHERE key = 'chunk_size'"),
     ("sql", "DELETE FROM meta WHERE key = 'chunk_size'"),

@@ -521,3 +521,40 @@ def test_the_peer_server_caps_connections_and_drops_callers_that_stop_reading(tm
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_peer_serves_zstd_chunks_from_its_cache_to_a_fetcher(tmp_path):
+    """A node's fetcher gets zstd chunks from a real peer server on loopback, whose cache
+    holds them as zstd entries; the request names the chunk's codec (zstd) so that an
+    owner without it could fetch it from the origin. The origin is never asked."""
+    from blockindex.format import CODEC_RAW, CODEC_ZSTD
+    from fetcher.peers import PeerClient
+    from lazyfs.peer import ChunkServer
+
+    pieces = [b"compressible text " * 600, bytes(range(256)) * 40, os.urandom(3000)]
+    blob, chunks, raw = make_blob(pieces, codec=CODEC_ZSTD)
+    assert [c.codec for c in chunks] == [CODEC_ZSTD, CODEC_ZSTD, CODEC_RAW]
+    peer_store = ChunkStore(tmp_path / "peer")
+    for c in chunks:
+        assert peer_store.put(c.digest, c.codec, c.size, raw[c.offset : c.offset + c.stored_size])
+    origin = ScriptedSource({blob.digest: raw})
+    out = {}
+
+    async def main() -> None:
+        server = ChunkServer(peer_store, PEER_TOKEN)
+        listeners = await ChunkServer.listen_on("127.0.0.1", 0)
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        client = PeerClient(PEER_TOKEN)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve, listeners)
+            tier = PeerTier(PeerSet([url], self_url="http://127.0.0.1:1"), client, "reg/app")
+            fetcher = ChunkFetcher(nursery, origin, ChunkStore(tmp_path / "node"),
+                                   FetchConfig(deadline=10), peers=tier)
+            out["data"] = await fetcher.get(chunks)
+            out["stats"] = fetcher.stats
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert [bytes(out["data"][c.digest]) for c in chunks] == pieces
+    assert origin.requests == [] and out["stats"].peer_chunks == 3
