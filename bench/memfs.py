@@ -9,7 +9,7 @@ close lazyfs comes to what pyfuse3 itself allows on this machine, measured in th
 - ``/file``: ``--file-size`` bytes of pseudo-random data held in one buffer, read replies
   are memoryview slices of it (no copy in Python);
 - ``/many/dNNNN/fNNNNNN``: ``--tree`` files, ``--per-dir`` to a directory, the same shape,
-  names and sizes as ``tests.imagegen.build_many_files_image``.
+  names and sizes as ``testkit.imagegen.build_many_files_image``.
 
     python3 bench/memfs.py MOUNTPOINT --file-size 268435456 --tree 50000
 

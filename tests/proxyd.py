@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .registryd import free_port
-from .waiting import listening, wait_until
+from testkit.registryd import free_port
+from testkit.waiting import listening, wait_until
 
 needs_tinyproxy = pytest.mark.skipif(not shutil.which("tinyproxy"), reason="needs tinyproxy")
 

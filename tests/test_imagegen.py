@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import imagegen
+from testkit import imagegen
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown, chroot)")
 

@@ -17,8 +17,8 @@ from blockindex.oci import Layout
 from blockindex.reader import IndexReader
 from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
+from testkit import imagegen
 
-from . import imagegen
 from .conftest import lazyfs
 
 pytestmark = pytest.mark.mount

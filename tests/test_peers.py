@@ -20,14 +20,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from testkit.imagegen import compare_tree
 
 from blockindex.codec import decode_verified
 from lazyfs.process import wait_gone
+from testkit.waiting import listening, wait_until
 
 from .conftest import ROOT, lazyfs
-from .imagegen import compare_tree
 from .test_mount import index_of
-from .waiting import listening, wait_until
 
 pytestmark = pytest.mark.mount
 

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from . import imagegen
+from testkit import imagegen
+from testkit.registryd import Registry, make_htpasswd, make_tls, needs_registry
+
 from .conftest import lazyfs
-from .registryd import Registry, make_htpasswd, make_tls, needs_registry
 
 pytestmark = [needs_registry]
 USER, PASSWORD = "alice", "s3cret-Pa55"

@@ -12,10 +12,10 @@ import pytest
 
 from blockindex.convert import convert
 from blockindex.oci import MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
+from testkit import imagegen
+from testkit.registryd import Registry, needs_registry
 
-from . import imagegen
 from .conftest import lazyfs
-from .registryd import Registry, needs_registry
 
 pytestmark = [needs_registry]
 CS = 64 << 10

@@ -8,10 +8,11 @@ import subprocess
 
 import pytest
 
-from . import imagegen
+from testkit import imagegen
+from testkit.registryd import Registry, free_port, needs_registry
+from testkit.waiting import listening, wait_until
+
 from .conftest import lazyfs
-from .registryd import Registry, free_port, needs_registry
-from .waiting import listening, wait_until
 
 pytestmark = [needs_registry, pytest.mark.mount,
               pytest.mark.skipif(not shutil.which("nginx"), reason="needs nginx")]

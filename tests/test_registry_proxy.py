@@ -10,10 +10,11 @@ import urllib.parse
 
 import pytest
 
-from . import imagegen
+from testkit import imagegen
+from testkit.registryd import Registry, needs_registry
+
 from .conftest import lazyfs
 from .proxyd import Tinyproxy, needs_tinyproxy
-from .registryd import Registry, needs_registry
 
 pytestmark = [needs_registry, needs_tinyproxy]
 

@@ -17,8 +17,8 @@ import trio
 from fetcher.imageref import ImageRef
 from fetcher.redirects import EXPIRY_MARGIN, RedirectCache, url_expiry
 from fetcher.registry import RegistryClient
+from testkit import imagegen
 
-from . import imagegen
 from .redirectd import RedirectingRegistry
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from testkit.imagegen import compare_tree
 
 from blockindex.oci import Layout
 from lazyfs.process import wait_gone
@@ -26,12 +27,11 @@ from lazyfs.snapshotter.errors import AlreadyExistsError
 from lazyfs.snapshotter.filesystem import LazyFileSystem, PeerOptions
 from lazyfs.snapshotter.labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 from lazyfs.snapshotter.service import SnapshotService
+from testkit import containerdkit as kit
+from testkit.waiting import listening, wait_until
 
-from . import containerdkit as kit
 from .conftest import ROOT, lazyfs
-from .imagegen import compare_tree
 from .test_peers import TOKEN, free_ports, origin_range_bytes
-from .waiting import listening, wait_until
 
 IMAGE = "127.0.0.1:5000/app@sha256:" + "ab" * 32
 

@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import pytest
+from testkit.imagegen import compare_tree
 
 from lazyfs.errors import ExitCode, UserError
 from lazyfs.process import alive, read_ready, wait_gone
 from lazyfs.snapshotter.filesystem import LazyFileSystem
 
 from .conftest import ROOT
-from .imagegen import compare_tree
 
 pytestmark = pytest.mark.mount
 

@@ -22,9 +22,8 @@ import pytest
 from blockindex.convert import convert
 from lazyfs import serve
 from lazyfs.serve import make_server
-
-from . import imagegen
-from .waiting import wait_until
+from testkit import imagegen
+from testkit.waiting import wait_until
 
 pytestmark = pytest.mark.mount
 
