@@ -20,10 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from testkit.imagegen import compare_tree
 
 from blockindex.codec import decode_verified
 from lazyfs.process import wait_gone
+from testkit.treecompare import compare_tree
 from testkit.waiting import listening, wait_until
 
 from .conftest import ROOT, lazyfs

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from testkit.imagegen import compare_tree
 
 from blockindex.oci import Layout
 from lazyfs.process import wait_gone
@@ -28,6 +27,7 @@ from lazyfs.snapshotter.filesystem import LazyFileSystem, PeerOptions
 from lazyfs.snapshotter.labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 from lazyfs.snapshotter.service import SnapshotService
 from testkit import containerdkit as kit
+from testkit.treecompare import compare_tree
 from testkit.waiting import listening, wait_until
 
 from .conftest import ROOT, lazyfs

@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
-from testkit.imagegen import compare_tree
 
 from lazyfs.errors import ExitCode, UserError
 from lazyfs.process import alive, read_ready, wait_gone
 from lazyfs.snapshotter.filesystem import LazyFileSystem
+from testkit.treecompare import compare_tree
 
 from .conftest import ROOT
 
