@@ -20,7 +20,7 @@ from typing import Any
 from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 
 from . import hostpython
-from .waiting import wait_until
+from .waiting import stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,13 +39,7 @@ class Procs:
         return p
 
     def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-        if p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_process(p, 15, sig)
 
     def stop_all(self) -> None:
         for p in reversed(self.procs):
