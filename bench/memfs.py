@@ -9,9 +9,12 @@ close lazyfs comes to what pyfuse3 itself allows on this machine, measured in th
 - ``/file``: ``--file-size`` bytes of pseudo-random data held in one buffer, read replies
   are memoryview slices of it (no copy in Python);
 - ``/many/dNNNN/fNNNNNN``: ``--tree`` files, ``--per-dir`` to a directory, the same shape,
-  names and sizes as ``testkit.imagegen.build_many_files_image``.
+  names and sizes as ``testkit.imagegen.build_many_files_image``;
+- or, with ``--from-dir DIR``, a copy of a real tree instead (``bench/memtree.py``): an
+  image's rootfs, to read the same files lazyfs serves.
 
     python3 bench/memfs.py MOUNTPOINT --file-size 268435456 --tree 50000
+    python3 bench/memfs.py MOUNTPOINT --from-dir ROOTFS
 
 It prints ``ready`` on stdout once mounted; unmount it with ``fusermount3 -u -z``.
 """
@@ -33,6 +36,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.memtree import TreeOperations  # noqa: E402
 from lazyfs import mountinfo  # noqa: E402
 from lazyfs.mount import MountOptions  # noqa: E402
 
@@ -175,7 +179,7 @@ def pseudo_random(size: int, seed: int = 1) -> bytes:
     return b"".join(rng.randbytes(min(piece, size - off)) for off in range(0, size, piece))
 
 
-async def serve(ops: MemOperations, mountpoint: Path) -> None:
+async def serve(ops: pyfuse3.Operations, mountpoint: Path) -> None:
     """Mount and serve, in the order lazyfs.mount.serve does it: init inside the trio
     run, then the readahead, then the main loop."""
     target = os.path.realpath(mountpoint)  # noqa: ASYNC240 (before mounting: nothing to wait on)
@@ -198,9 +202,13 @@ def main() -> int:
     parser.add_argument("--file-size", type=int, default=0, help="bytes in /file")
     parser.add_argument("--tree", type=int, default=0, help="files under /many")
     parser.add_argument("--per-dir", type=int, default=100, help="files per directory")
+    parser.add_argument("--from-dir", type=Path, help="serve a copy of this tree instead")
     args = parser.parse_args()
-    data = pseudo_random(args.file_size)
-    ops = MemOperations(data, args.tree, args.per_dir)
+    ops: pyfuse3.Operations
+    if args.from_dir is not None:
+        ops = TreeOperations(args.from_dir)
+    else:
+        ops = MemOperations(pseudo_random(args.file_size), args.tree, args.per_dir)
     trio.run(serve, ops, args.mountpoint)
     return 0
 

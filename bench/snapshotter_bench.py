@@ -18,6 +18,23 @@ sent during the pull and the run, from its access log.
 
     python3 bench/snapshotter_bench.py [--quick] [--runs N] [--out DIR]
 
+Then, in each run, the figures of an image once it is there (``bench/snapshotter_reads.py``):
+
+    pull steps  the lazy pull split into its steps (``bench/pull_phases.py``): interpreter,
+                imports, registry, containerd's content store, the snapshot prepare (the
+                image's mount) and its parts, exit.
+    complete    the lazy image filled by the snapshotter's prefetch, then ``tar -c`` of
+                ``/usr`` and of the whole tree through lazyfs, overlayfs (the full pull's
+                snapshot) and memfs (the same tree served from memory by pyfuse3); random
+                4 KiB reads through lazyfs and overlayfs; the PSS of 1, 5 and 20 mounted
+                images (distinct images of the same files) and of a mount that has served
+                the whole image.
+    cold        ``lazyfs mount --no-prefetch`` into an empty cache and ``tar -c`` of the
+                whole tree, with the registry's requests and bytes, against the full pull.
+
+Ratios are taken within one run, then their median over the runs is reported; ``goals``
+says which of the targets below (``GOALS``) each figure meets.
+
 ``run(quick, outdir)`` is the entry point for a suite. Results go to
 ``bench/results/<UTC date-time>/snapshotter.json`` (or ``DIR``). Needs root, containerd,
 ctr and runc.
@@ -46,6 +63,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import snapshotter_goals as goals  # noqa: E402
+from bench import snapshotter_reads as reads  # noqa: E402
 from bench.harness import (  # noqa: E402
     CACHE,
     MEDIA_TYPE_GZIP_LAYER,
@@ -57,6 +76,7 @@ from bench.harness import (  # noqa: E402
     source_key,
     stats,
 )
+from bench.pull_phases import mounted_time, prepare_parts, timed_pull  # noqa: E402
 from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
 from lazyfs.serve import make_server  # noqa: E402
 from testkit import containerdkit as kit  # noqa: E402
@@ -69,9 +89,15 @@ class Params:
     """Repetitions of every mode."""
     modes: tuple[str, ...] = ("lazy", "full_pull")
     """What is measured, in turn, in each run."""
+    mount_counts: tuple[int, ...] = (1, 5, 20)
+    """Images mounted at once when their mount processes' PSS is summed."""
+    random_reads: int = 2000
+    """4 KiB reads at random offsets of the complete image's larger files."""
+    large_file_bytes: int = 256 << 10
+    """What a larger file is, for the random reads."""
 
 
-QUICK = Params(runs=1)
+QUICK = Params(runs=1, mount_counts=(1, 2, 3), random_reads=200)
 
 
 def run(quick: bool, outdir: Path) -> dict[str, Any]:
@@ -90,6 +116,8 @@ class Inputs:
     """Repository of the same image as gzip layers with its real config."""
     lazy_stored_bytes: int
     gzip_layers_bytes: int
+    variants: list[str]
+    """Repositories of distinct images holding the lazy image's files (and one more)."""
 
 
 def _plain_layout(archive: Path, images: Path, repo: str) -> None:
@@ -124,7 +152,7 @@ def _layer_bytes(images: Path, repo: str) -> int:
     return sum(int(d["size"]) for d in manifest["layers"])
 
 
-def prepare_inputs(work: Path) -> Inputs:
+def prepare_inputs(work: Path, variants: int) -> Inputs:
     images = CACHE / "images"
     images.mkdir(parents=True, exist_ok=True)
     tar = imagegen.build_python_image(work / "python.tar", cache_dir=CACHE / "inputs", with_pyc=True)
@@ -133,7 +161,8 @@ def prepare_inputs(work: Path) -> Inputs:
     plain = f"ctrd-python-{pykey}"
     _plain_layout(tar, images, plain)
     tar.unlink()
-    return Inputs(images, lazy, plain, _layer_bytes(images, lazy), _layer_bytes(images, plain))
+    return Inputs(images, lazy, plain, _layer_bytes(images, lazy), _layer_bytes(images, plain),
+                  reads.variant_repos(images, plain, lazy, variants, work))
 
 
 # -- one measurement ------------------------------------------------------------------------
@@ -154,6 +183,12 @@ class AccessLog:
             lines = f.read().decode().splitlines()
         sent = sum(int(line.split()[5]) for line in lines if len(line.split()) == 6)
         return sent, len(lines)
+
+    def times_since(self, mark: int) -> list[float]:
+        """When each request since ``mark`` was answered (wall clock)."""
+        with open(self.path, "rb") as f:
+            f.seek(mark)
+            return [float(line.split()[0]) for line in f.read().decode().splitlines() if line.strip()]
 
 
 def _ctr(sock: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -186,13 +221,15 @@ def measure_once(mode: str, n: int, work: Path, ref_lazy: str, ref_plain: str, a
         mark = access.mark()
         t0 = time.perf_counter()
         if lazy:
-            done = subprocess.run([sys.executable, "-m", "lazyfs", "pull", "--address", str(sock), ref_lazy],
-                                  capture_output=True, text=True, cwd=ROOT, timeout=600)
-            if done.returncode != 0:
-                raise RuntimeError(f"lazyfs pull exited {done.returncode}: {done.stderr.strip()}")
+            pulled = timed_pull(sock, ref_lazy, d / "pull.json")
         else:
             _ctr(sock, "image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref_plain)
         t1 = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if lazy:
+            [mount_log] = [p for p in (d / "lazyfs" / "logs").glob("*.log") if p.name != "spare.log"]
+            extra = {"steps": pulled["steps"], "prepare_parts": prepare_parts(
+                pulled["prepare_window"], access.times_since(mark), mounted_time(mount_log))}
         out = _ctr(sock, "run", "--rm", "--snapshotter", "lazyfs" if lazy else "overlayfs",
                    ref_lazy if lazy else ref_plain, f"bench-{n}", PYTHON, "-c", f"{PROGRAM}; print('ok')")
         t2 = time.perf_counter()
@@ -200,7 +237,7 @@ def measure_once(mode: str, n: int, work: Path, ref_lazy: str, ref_plain: str, a
             raise RuntimeError(f"the program printed {out.stdout!r}")
         sent, requests = access.since(mark)
         return {"pull_s": t1 - t0, "run_s": t2 - t1, "total_s": t2 - t0,
-                "registry_bytes": sent, "registry_requests": requests}
+                "registry_bytes": sent, "registry_requests": requests, **extra}
     finally:
         kit.teardown(d, procs)
         shutil.rmtree(d, ignore_errors=True)
@@ -219,8 +256,10 @@ def measure(params: Params, outdir: Path) -> dict[str, Any]:
     Path("/var/tmp").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lzsb-", dir="/var/tmp"))  # short: socket paths
     samples: dict[str, list[dict]] = {mode: [] for mode in params.modes}
+    complete: list[dict] = []
+    cold: list[dict] = []
     try:
-        inputs = prepare_inputs(work)
+        inputs = prepare_inputs(work, max(params.mount_counts) - 1)
         access = AccessLog(work / "access.log")
         with make_server(inputs.images, "127.0.0.1", 0, access_log=access.path) as server:
             ref_lazy = f"127.0.0.1:{server.port}/{inputs.lazy}:1"
@@ -231,9 +270,21 @@ def measure(params: Params, outdir: Path) -> dict[str, Any]:
                     log(f"run {n} {mode}: {sample['total_s']:.2f}s, "
                         f"{sample['registry_bytes'] / (1 << 20):.1f} MiB from the registry")
                     samples[mode].append(sample)
+                variants = [f"127.0.0.1:{server.port}/{v}:1" for v in inputs.variants]
+                c = reads.measure_complete(
+                    work / f"complete-{n}", images=inputs.images, ref_lazy=ref_lazy, ref_plain=ref_plain,
+                    plain=inputs.plain, variant_refs=variants, mount_counts=params.mount_counts,
+                    random_reads=params.random_reads, large_file=params.large_file_bytes)
+                complete.append(c)
+                log(f"run {n} complete image: tar /usr lazyfs {c['tar_usr_s_lazyfs']:.2f}s, "
+                    f"overlayfs {c['tar_usr_s_overlayfs']:.2f}s, memfs {c['tar_usr_s_memfs']:.2f}s")
+                cold.append(reads.measure_cold(work / f"cold-{n}", port=server.port, repo=inputs.lazy,
+                                               access=access))
+                log(f"run {n} cold tree read: {cold[-1]['total_s']:.2f}s, "
+                    f"{cold[-1]['registry_requests']} requests")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result = {
+    result: dict[str, Any] = {
         "meta": {
             "utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ"), "host": platform.node(),
             "kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -244,14 +295,20 @@ def measure(params: Params, outdir: Path) -> dict[str, Any]:
         "image": {"lazy_stored_bytes": inputs.lazy_stored_bytes,
                   "gzip_layers_bytes": inputs.gzip_layers_bytes},
         "modes": {mode: _summary(s) for mode, s in samples.items()},
+        "complete": goals.complete_figures(complete, params.mount_counts),
+        "cold": goals.cold_figures(cold, inputs.lazy_stored_bytes),
     }
     modes = result["modes"]
+    if "lazy" in modes:
+        result["pull_breakdown"] = goals.pull_breakdown(samples["lazy"])
     if "lazy" in modes and "full_pull" in modes:
         lazy, full = modes["lazy"], modes["full_pull"]
         result["ratios"] = {
             "total_lazy_vs_full_pull": lazy["total_s"]["median"] / full["total_s"]["median"],
             "bytes_lazy_vs_full_pull": lazy["registry_bytes"]["median"] / full["registry_bytes"]["median"],
+            **goals.run_ratios(samples["lazy"], samples["full_pull"], complete, cold),
         }
+        result["goals"] = goals.goals(result)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "snapshotter.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -282,7 +339,9 @@ def table(result: dict[str, Any]) -> str:
     rows.append(f"image: {image['lazy_stored_bytes'] / (1 << 20):.1f} MiB lazy (index + chunk blobs), "
                 f"{image['gzip_layers_bytes'] / (1 << 20):.1f} MiB gzip layers")
     for name, value in (result.get("ratios") or {}).items():
-        rows.append(f"{name}: {value:.2f}")
+        rows.append(f"{name}: {value['median'] if isinstance(value, dict) else value:.3f}")
+    if "goals" in result:
+        rows.extend(goals.table(result))
     return "\n".join(rows)
 
 

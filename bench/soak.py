@@ -46,8 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.harness import free_port, lazyfs, log  # noqa: E402
 from blockindex.convert import convert  # noqa: E402
+from cache.pids import alive  # noqa: E402
 from lazyfs.mountinfo import STATUS_XATTR  # noqa: E402
-from lazyfs.process import alive, wait_gone  # noqa: E402
+from lazyfs.process import wait_gone  # noqa: E402
 from lazyfs.serve import make_server  # noqa: E402
 from testkit.faultproxy import FaultProxy  # noqa: E402
 

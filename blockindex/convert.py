@@ -25,7 +25,6 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from .build import BLOB_LIMIT, ChunkSpool, write_image
 from .errors import ImageError
@@ -38,7 +37,7 @@ from .format import (
 )
 from .ingest import apply_tar, scan_dir
 from .oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
-from .sources import Source, open_source, parse_registry_ref, split_tag
+from .sources import Source, open_source, split_tag
 from .tree import MAX_ENTRIES, Tree
 
 CHUNK_SIZE_ANNOTATION = "io.lazyfs.chunk-size"
@@ -56,7 +55,6 @@ class ConvertResult:
     files: int  # regular-file inodes
     chunks: int  # unique stored chunks
     blobs: int  # chunk blobs
-    pushed: Any = None  # a fetcher.push.PushStats when the destination was a registry
 
 
 def convert(
@@ -65,16 +63,13 @@ def convert(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     blob_limit: int = BLOB_LIMIT,
-    registry: Any = None,
-    platform: str | None = None,
     prefetch_files: list[bytes] | None = None,
     max_entries: int = MAX_ENTRIES,
 ) -> ConvertResult:
-    """Convert image ``src`` into lazyfs image ``dst`` (``oci:DIR[:TAG]``, tag ``latest``,
-    or ``docker://HOST/REPO:TAG``: built in a temp layout, then pushed).
+    """Convert local image ``src`` (see ``sources``) into lazyfs image ``dst``
+    (``oci:DIR[:TAG]``, tag ``latest``). Images in registries are pulled and pushed
+    above the format, by ``lazyfs.convert``.
 
-    ``registry`` (a ``fetcher.options.RegistryOptions``) says how to reach registries
-    for ``docker://`` sources and destinations; ``platform`` picks from an image index.
     ``prefetch_files`` are paths in the image that mounts fetch first (kept in the index:
     see ``build.write_image``). ``max_entries`` bounds the merged tree (``tree.MAX_ENTRIES``):
     past it the image is refused as unsafe.
@@ -83,16 +78,9 @@ def convert(
     ValueError for a chunk size outside [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE] or not a power
     of two. ``blob_limit`` caps the size of a chunk blob (64 MiB; smaller in tests).
     """
-    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
-        raise ValueError(
-            f"chunk size {chunk_size}: expected a power of two from {MIN_CHUNK_SIZE} "
-            f"to {MAX_CHUNK_SIZE}"
-        )
-    if dst.startswith("docker://"):
-        return _convert_and_push(src, dst, chunk_size, blob_limit, registry, platform, prefetch_files,
-                                 max_entries)
+    check_chunk_size(chunk_size)
     out_dir, tag = _parse_dst(dst)
-    source = open_source(src, registry=registry, platform=platform)
+    source = open_source(src)
     layout = Layout(out_dir)
     try:
         layout.init()
@@ -138,6 +126,15 @@ def convert(
     )
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    """ValueError unless ``chunk_size`` is a power of two in [MIN_CHUNK_SIZE, MAX_CHUNK_SIZE]."""
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+        raise ValueError(
+            f"chunk size {chunk_size}: expected a power of two from {MIN_CHUNK_SIZE} "
+            f"to {MAX_CHUNK_SIZE}"
+        )
+
+
 def lazy_config(original: bytes, layers: list[dict]) -> tuple[bytes, list[str]]:
     """The config for the lazy image: ``original`` with ``rootfs.diff_ids`` naming the
     lazy ``layers`` (see the module docstring); also the original diff ids."""
@@ -154,36 +151,10 @@ def lazy_config(original: bytes, layers: list[dict]) -> tuple[bytes, list[str]]:
     return canonical_json(config), source_ids
 
 
-def _convert_and_push(src: str, dst: str, chunk_size: int, blob_limit: int, registry: Any,
-                      platform: str | None, prefetch_files: list[bytes] | None,
-                      max_entries: int) -> ConvertResult:
-    from fetcher.options import RegistryOptions
-    from fetcher.push import push_image
-
-    ref = parse_registry_ref(dst.removeprefix("docker://"))
-    if ref.tag is None or ref.digest is not None:
-        raise ImageError(f"{dst}: a push destination needs a tag and no digest")
-    options = registry or RegistryOptions()
-    mount_from = None
-    if src.startswith("docker://"):
-        src_ref = parse_registry_ref(src.removeprefix("docker://"))
-        if src_ref.registry == ref.registry:
-            mount_from = src_ref.repository
-    tmp = Path(tempfile.mkdtemp(prefix="lazyfs-push-"))
-    try:
-        result = convert(
-            src, f"oci:{tmp}:{ref.tag}", chunk_size=chunk_size, blob_limit=blob_limit,
-            registry=options, platform=platform, prefetch_files=prefetch_files, max_entries=max_entries)
-        stats = push_image(Layout(tmp), result.manifest_digest, ref, options, mount_from)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dataclasses.replace(result, pushed=stats)
-
-
 def _parse_dst(dst: str) -> tuple[str, str]:
     scheme, sep, rest = dst.partition(":")
     if scheme != "oci" or not sep or not rest:
-        raise ImageError(f"unknown destination {dst!r}: expected oci:DIR[:TAG] or docker://HOST/REPO:TAG")
+        raise ImageError(f"unknown destination {dst!r}: expected oci:DIR[:TAG]")
     path, tag = split_tag(rest)
     return path, tag or "latest"
 

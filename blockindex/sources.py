@@ -4,7 +4,9 @@
     oci:DIR[:TAG]               an OCI image layout (image indexes are followed to linux/amd64)
     dir:PATH                    a root filesystem directory
     tar:PATH                    a root filesystem tar (plain, gzip or zstd)
-    docker://HOST/REPO[:TAG|@DIGEST]  an image in a registry (pulled to a temp layout first)
+
+All of them are local: an image in a registry is pulled into an OCI layout first, by
+the orchestration above the format (``lazyfs.convert``).
 
 Each layer is read once, in order; compression is detected from magic bytes, whatever a
 media type claims. OCI layer blobs are checked against their digests as they are read.
@@ -38,7 +40,7 @@ from .oci import (
     check_digest,
 )
 
-SCHEMES = ("docker-archive", "oci", "dir", "tar", "docker")
+SCHEMES = ("docker-archive", "oci", "dir", "tar")
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -83,16 +85,11 @@ def split_tag(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
-def open_source(ref: str, *, registry: Any = None, platform: str | None = None) -> Source:
-    """Open image ``ref``. For ``docker://`` sources, ``registry`` is a
-    ``fetcher.options.RegistryOptions`` and ``platform`` picks from an image index."""
+def open_source(ref: str) -> Source:
+    """Open image ``ref`` (one of the forms in the module docstring)."""
     scheme, sep, rest = ref.partition(":")
     if not sep or scheme not in SCHEMES or not rest:
-        raise ImageError(
-            f"unknown source {ref!r}: expected one of docker-archive:, oci:, dir:, tar:, docker://"
-        )
-    if scheme == "docker":
-        return _registry_source(rest, registry, platform)
+        raise ImageError(f"unknown source {ref!r}: expected one of docker-archive:, oci:, dir:, tar:")
     if scheme == "dir":
         directory = Path(rest)
         if not directory.is_dir():
@@ -109,35 +106,6 @@ def open_source(ref: str, *, registry: Any = None, platform: str | None = None) 
     if scheme == "oci":
         return _oci_source(Layout(path), tag)
     return _docker_archive_source(path, tag)
-
-
-def _registry_source(rest: str, registry: Any, platform: str | None) -> Source:
-    import tempfile
-
-    from fetcher.options import RegistryOptions
-    from fetcher.pull import PULLED_TAG, pull_image
-
-    if not rest.startswith("//"):
-        raise ImageError(f"docker:{rest}: expected docker://HOST/REPO[:TAG]")
-    ref = parse_registry_ref(rest[2:])
-    tmp = Path(tempfile.mkdtemp(prefix="lazyfs-pull-"))
-    try:
-        pull_image(ref, tmp, registry or RegistryOptions(), platform)
-        source = _oci_source(Layout(tmp), PULLED_TAG)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dataclasses.replace(source, closer=lambda: shutil.rmtree(tmp, ignore_errors=True))
-
-
-def parse_registry_ref(text: str) -> Any:
-    """A ``fetcher.imageref.ImageRef``; ImageError saying what is wrong otherwise."""
-    from fetcher.imageref import ImageRef
-
-    try:
-        return ImageRef.parse(text)
-    except ValueError as exc:
-        raise ImageError(str(exc)) from None
 
 
 # -- decompression ------------------------------------------------------------------------

@@ -33,6 +33,16 @@ def _hex(digest: str) -> str:
     return hexd
 
 
+def _matches(path: Path, digest: str, hasher: hashlib._Hash) -> bool:
+    """Whether the file ``path``, hashed into ``hasher``, is ``digest``'s; one that is not is
+    dropped."""
+    if hasher.hexdigest() == _hex(digest):
+        return True
+    log.warning("cached %s does not match its digest %s; dropped", path, digest)
+    path.unlink(missing_ok=True)
+    return False
+
+
 class ImageStore:
     """Manifests, indexes and tag resolutions kept for offline mounts."""
 
@@ -59,11 +69,7 @@ class ImageStore:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        if hashlib.sha256(data).hexdigest() != _hex(digest):
-            log.warning("cached %s does not match its digest %s; dropped", path, digest)
-            path.unlink(missing_ok=True)
-            return None
-        return data
+        return data if _matches(path, digest, hashlib.sha256(data)) else None
 
     # -- manifests and references --------------------------------------------------------
 
@@ -93,11 +99,17 @@ class ImageStore:
         return self.root / "indexes" / _hex(digest)
 
     def verified_index(self, digest: str) -> Path | None:
-        """The path of the cached index with this digest, checked; None when absent."""
+        """The path of the cached index with this digest, checked (hashed a piece at a
+        time: an index may be large); None when absent."""
         path = self.index_path(digest)
-        if self._read_verified(path, digest) is None:
+        hasher = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                while piece := f.read(1 << 20):
+                    hasher.update(piece)
+        except FileNotFoundError:
             return None
-        return path
+        return path if _matches(path, digest, hasher) else None
 
     def save_index(self, digest: str, data: bytes) -> Path:
         path = self.index_path(digest)

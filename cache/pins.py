@@ -20,9 +20,8 @@ import logging
 import os
 from pathlib import Path
 
-from lazyfs.process import alive
-
 from .images import ImageStore
+from .pids import alive
 from .store import write_atomic
 
 log = logging.getLogger(__name__)

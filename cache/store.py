@@ -46,6 +46,7 @@ import xxhash
 from blockindex.format import CODEC_LZ4, CODEC_RAW
 
 from .errors import CacheError
+from .pids import alive
 from .private import claim
 
 log = logging.getLogger(__name__)
@@ -268,18 +269,6 @@ class ChunkStore:
         return count, total
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a name put() writes: leave it alone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
 TEMP_PREFIX = ".tmp."
 """Names starting with a dot are never entries: listings skip them."""
 
@@ -327,7 +316,7 @@ def sweep_dead_temps(dirs: list[Path]) -> int:
             continue
         for name in names:
             parts = name.rsplit(".", 2)
-            if len(parts) != 3 or not parts[1].isdigit() or _alive(int(parts[1])):
+            if len(parts) != 3 or not parts[1].isdigit() or alive(int(parts[1])):
                 continue
             if directory.name != "tmp" and not name.startswith(TEMP_PREFIX):
                 continue

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from blockindex.format import Chunk
+from blockindex.format import Chunk, Span
 
 from .errors import CacheError
 from .private import claim
@@ -290,7 +290,7 @@ class TraceRecorder:
     ``started`` (None: until the mount ends). Plain and cheap: it is called on every read."""
 
     def __init__(self, window: float | None, *, started: float | None = None,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.window = window
         self._clock = clock
         self.started = clock() if started is None else started
@@ -302,8 +302,8 @@ class TraceRecorder:
     def recorded(self) -> int:
         return len(self._entries)
 
-    def read(self, ino: int, spans: Sequence[Any]) -> None:
-        """A read asked for ``spans`` (``blockindex.format.Span``) of file ``ino``."""
+    def read(self, ino: int, spans: Sequence[Span]) -> None:
+        """A read asked for ``spans`` of file ``ino``."""
         if not self.active:
             return
         t = self._clock() - self.started

@@ -11,6 +11,7 @@ A registry that wants credentials answers 401 with ``WWW-Authenticate``. For
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 import time
@@ -18,6 +19,7 @@ import time
 import httpx
 import trio
 
+from .bodies import read_whole
 from .errors import AuthError, ServerError, UnreachableError
 
 log = logging.getLogger(__name__)
@@ -93,26 +95,29 @@ class Authenticator:
         if self.credentials is not None:
             headers["Authorization"] = _basic(self.credentials)
         try:
-            response = await client.get(realm, params=query, headers=headers, auth=None)
+            async with client.stream("GET", realm, params=query, headers=headers, auth=None) as response:
+                status, body = response.status_code, b""
+                if status == 200:
+                    body = await read_whole(response, _MAX_TOKEN_RESPONSE, f"token server {realm}'s answer")
         except httpx.TimeoutException as exc:
             raise UnreachableError(f"token server {realm} did not answer: {exc!r}") from exc
         except httpx.ConnectError as exc:
             raise UnreachableError(f"cannot reach token server {realm}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise ServerError(f"token server {realm} failed: {exc!r}") from exc
-        if response.status_code in (401, 403):
+        if status in (401, 403):
             raise AuthError(
                 f"token server {realm} refused "
                 f"{'the credentials' if self.credentials else 'anonymous access'} "
-                f"for {query['scope']} ({response.status_code})"
+                f"for {query['scope']} ({status})"
             )
-        if response.status_code != 200 or len(response.content) > _MAX_TOKEN_RESPONSE:
-            raise ServerError(f"token server {realm} answered {response.status_code}")
+        if status != 200:
+            raise ServerError(f"token server {realm} answered {status}")
         try:
-            doc = response.json()
+            doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
             ttl = float(doc["expires_in"]) if doc.get("expires_in") else None
-        except (ValueError, AttributeError, TypeError) as exc:
+        except (ValueError, AttributeError, TypeError, RecursionError) as exc:
             raise ServerError(f"token server {realm} sent a malformed answer") from exc
         if not isinstance(token, str) or not token:
             raise ServerError(f"token server {realm} sent no token")

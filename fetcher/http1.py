@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _MAX_HEAD = 64 << 10
 _RECV_STEP = 4 << 20
+_DISCARD_STEP = 256 << 10
+"""The scratch buffer through which the bytes before a range in a whole body pass."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -35,11 +37,10 @@ class UnexpectedResponse(Exception):
 
 
 class _Conn:
-    __slots__ = ("sock", "buf")
+    __slots__ = ("sock",)
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
-        self.buf = b""  # bytes received past the previous response
 
 
 class RangeClient:
@@ -75,26 +76,30 @@ class RangeClient:
         return _Conn(sock)
 
     async def get_range(self, path: str, offset: int, length: int,
-                        headers: dict[str, str] | None = None) -> bytearray:
+                        headers: dict[str, str] | None = None, *, whole_ok: bool = True) -> bytearray:
         """The body of ``GET path`` with ``Range: bytes=offset-(offset+length-1)``.
 
-        Returns exactly ``length`` bytes (from a 206, or sliced from a 200); raises
-        ``UnexpectedResponse`` for any other status, ``ServerError`` for a malformed or
-        short answer or a connection dropped in the middle of the exchange (worth another
-        try), ``UnreachableError`` when connecting fails."""
-        return await self._get(path, offset, length, headers or {})
+        Returns exactly ``length`` bytes: from a 206, or from a 200 whose body is the whole
+        resource (a server that ignores Range) when ``whole_ok``; of such a body only the
+        bytes up to the range's end are read, whatever its Content-Length, and the
+        connection is dropped. Without ``whole_ok`` a 200 must hold just the bytes asked
+        for. Raises ``UnexpectedResponse`` for any other status, ``ServerError`` for a
+        malformed, oversized or short answer or a connection dropped in the middle of the
+        exchange (worth another try), ``UnreachableError`` when connecting fails."""
+        return await self._get(path, offset, length, headers or {}, whole_ok)
 
     async def get(self, path: str, max_size: int, headers: dict[str, str] | None = None) -> bytearray:
         """The whole body of ``GET path`` (a 200 with a Content-Length); ``ServerError``
         when that length is over ``max_size`` (nothing of the body is read), otherwise
         as ``get_range``."""
-        return await self._get(path, None, max_size, headers or {})
+        return await self._get(path, None, max_size, headers or {}, False)
 
-    async def _get(self, path: str, offset: int | None, length: int, headers: dict[str, str]) -> bytearray:
+    async def _get(self, path: str, offset: int | None, length: int, headers: dict[str, str],
+                   whole_ok: bool) -> bytearray:
         conn = await self._connect()
         reusable = False
         try:
-            body, reusable = await self._exchange(conn, path, offset, length, headers)
+            body, reusable = await self._exchange(conn, path, offset, length, headers, whole_ok)
             return body
         finally:
             if reusable and len(self._idle) < self._max_idle:
@@ -103,7 +108,7 @@ class RangeClient:
                 conn.sock.close()
 
     async def _exchange(self, conn: _Conn, path: str, offset: int | None, length: int,
-                        headers: dict[str, str]) -> tuple[bytearray, bool]:
+                        headers: dict[str, str], whole_ok: bool) -> tuple[bytearray, bool]:
         """One request on ``conn``: bytes ``offset``+``length`` (``offset`` None: the
         whole body, at most ``length`` bytes)."""
         lines = [f"GET {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
@@ -121,12 +126,9 @@ class RangeClient:
         clen = resp_headers.get("content-length")
         if status not in (200, 206) or clen is None or "transfer-encoding" in resp_headers:
             raise UnexpectedResponse(status, resp_headers)
-        try:
-            n = int(clen)
-            if n < 0:
-                raise ValueError(clen)
-        except ValueError:
-            raise ServerError(f"{self.host}:{self.port}: bad Content-Length {clen!r}") from None
+        if not (clen.isascii() and clen.isdigit()):
+            raise ServerError(f"{self.host}:{self.port}: bad Content-Length {clen[:40]!r}")
+        n = int(clen)
         if offset is None:
             if status != 200:
                 raise UnexpectedResponse(status, resp_headers)
@@ -140,30 +142,52 @@ class RangeClient:
                                   f"{resp_headers.get('content-range')!r} for bytes {offset}+{length}")
         elif n < offset + length:
             raise ServerError(f"{self.host}:{self.port}{path}: {n}-byte body has no bytes {offset}+{length}")
-        body = bytearray(n)
+        elif not whole_ok and n != offset + length:
+            raise ServerError(f"{self.host}:{self.port}{path}: announced a {n}-byte body for "
+                              f"bytes {offset}+{length}")
+        if offset is None:
+            start, stop = 0, n
+        else:
+            start, stop = (0, length) if status == 206 else (offset, offset + length)
+        body, complete = await self._read_body(conn, rest, n, start, stop, path)
+        reusable = complete and resp_headers.get("connection", "").lower() != "close"
+        if status == 200 and offset is not None:
+            log.debug("%s: server ignored Range; read %d bytes of a %d-byte body and dropped "
+                      "the connection", path, stop, n)
+        return body, reusable
+
+    async def _read_body(self, conn: _Conn, rest: bytes, size: int, start: int, stop: int,
+                         path: str) -> tuple[bytearray, bool]:
+        """Bytes ``start`` to ``stop`` of a ``size``-byte body whose first bytes arrived with
+        the head (``rest``), and whether the connection can carry another request. What a
+        server announces costs nothing: the bytes before ``start`` go through a small
+        scratch buffer, those past ``stop`` are never read (the connection is then not
+        reused), so memory is ``stop - start`` bytes, whatever ``size`` says."""
+        body = bytearray(stop - start)
         view = memoryview(body)
-        pos = min(len(rest), n)
-        body[:pos] = rest[:pos]
-        conn.buf = rest[pos:]
+        pos = min(len(rest), stop)  # body bytes consumed so far
+        if pos > start:
+            body[: pos - start] = rest[start:pos]
+        scratch: memoryview | None = None
         try:
-            while pos < n:
-                got = await conn.sock.recv_into(view[pos:], min(n - pos, _RECV_STEP))
+            while pos < stop:
+                if pos < start:
+                    scratch = scratch or memoryview(bytearray(min(start - pos, _DISCARD_STEP)))
+                    got = await conn.sock.recv_into(scratch, min(start - pos, len(scratch)))
+                else:
+                    got = await conn.sock.recv_into(view[pos - start :], min(stop - pos, _RECV_STEP))
                 if not got:
                     raise ServerError(f"{self.host}:{self.port}{path}: connection closed after "
-                                      f"{pos} of {n} body bytes")
+                                      f"{pos} of {size} body bytes")
                 pos += got
         except OSError as exc:
             raise ServerError(f"{self.host}:{self.port}{path}: connection dropped after {pos} "
-                              f"of {n} body bytes: {exc.strerror or exc}") from exc
-        reusable = resp_headers.get("connection", "").lower() != "close"
-        if status == 200 and offset is not None:
-            log.debug("%s: server ignored Range; sliced %d bytes from a full body", path, length)
-            return body[offset : offset + length], reusable
-        return body, reusable
+                              f"of {size} body bytes: {exc.strerror or exc}") from exc
+        # bytes past the body: a server that sends more than it announced is not asked again
+        return body, stop == size and len(rest) <= size
 
     async def _read_head(self, conn: _Conn) -> tuple[int, dict[str, str], bytes]:
-        data = conn.buf
-        conn.buf = b""
+        data = b""
         while b"\r\n\r\n" not in data:
             if len(data) > _MAX_HEAD:
                 raise ServerError(f"{self.host}:{self.port}: response head too large")

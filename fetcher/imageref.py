@@ -11,16 +11,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from .address import split_host_port
+
 DOCKER_HUB = "docker.io"
 _HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_HOST_RE = re.compile(
-    r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*)(?::[0-9]{1,5})?$"
-)
 _DIGEST_RE = re.compile(r"^(?:sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 
 
@@ -48,13 +46,18 @@ class ImageRef:
         rest, digest = s, None
         if "@" in rest:
             rest, digest = rest.split("@", 1)
+            if "/" not in rest and "/" in digest:
+                raise ValueError(f"invalid image reference {s!r}: no user@ before the registry "
+                                 "(give credentials with --creds or a credentials file)")
             if not is_digest(digest):
                 raise ValueError(f"invalid image reference {s!r}: bad digest {digest!r}")
         registry = DOCKER_HUB
         first, sep, remainder = rest.partition("/")
         if sep and ("." in first or ":" in first or first == "localhost"):
-            if not _HOST_RE.match(first):
-                raise ValueError(f"invalid image reference {s!r}: bad registry {first!r}")
+            try:
+                split_host_port(first)
+            except ValueError as exc:
+                raise ValueError(f"invalid image reference {s!r}: bad registry {first!r}: {exc}") from None
             registry = DOCKER_HUB if first in _HUB_ALIASES else first
             rest = remainder
         tag = None

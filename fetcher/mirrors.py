@@ -43,6 +43,11 @@ class MirroredClient:
     async def read_blob(self, digest: str, *, max_size: int = 1 << 30) -> bytes:
         return await self._first(lambda c: c.read_blob(digest, max_size=max_size), f"blob {digest}")
 
+    async def download_blob(self, digest: str, path: str, *, max_size: int = 1 << 40,
+                            size: int | None = None) -> int:
+        return await self._first(lambda c: c.download_blob(digest, path, max_size=max_size, size=size),
+                                 f"blob {digest}")
+
     async def read_range(self, digest: str, offset: int, length: int) -> bytes | bytearray:
         return await self._first(lambda c: c.read_range(digest, offset, length),
                                  f"blob {digest} bytes {offset}+{length}", (digest, offset, length))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .credentials import lookup
 from .imageref import ImageRef
 from .mirrors import MirroredClient
 from .registry import RegistryClient, _is_loopback
@@ -39,8 +40,6 @@ class RegistryOptions:
     def credentials_for(self, registry: str) -> tuple[str, str] | None:
         if self.credentials is not None:
             return self.credentials
-        from .credentials import lookup
-
         return lookup(registry, self.creds_file)
 
     def client(self, ref: ImageRef, *, push: bool = False) -> RegistryClient:

@@ -43,13 +43,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Generic, TypedDict, TypeVar
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import trio
 import xxhash
 
 from blockindex.format import Chunk
 
+from .address import parse_url
 from .errors import AuthError, FetchError, NotFoundError, ServerError, UnreachableError
 from .http1 import RangeClient, UnexpectedResponse
 
@@ -75,14 +76,10 @@ def rendezvous(digest: bytes, peers: Sequence[str]) -> list[str]:
 
 def normalize_url(url: str) -> str:
     """``http://host:port`` with no trailing slash: the form peers are compared in."""
-    url = url.strip()
-    if "://" not in url:
-        url = "http://" + url
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname or parts.port is None:
-        raise ValueError(f"not a peer URL (expected http://HOST:PORT): {url!r}")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"http://{host}:{parts.port}"
+    try:
+        return str(parse_url(url.strip(), schemes=("http",), default_scheme="http", port_required=True))
+    except ValueError as exc:
+        raise ValueError(f"not a peer URL (expected http://HOST:PORT): {exc}") from None
 
 
 def peer_url(host: str, port: int) -> str:
@@ -103,8 +100,9 @@ def read_peers_file(path: Path) -> list[str]:
             continue
         try:
             url = normalize_url(line)
-        except ValueError as exc:
-            raise ValueError(f"{path}:{n}: {exc}") from None
+        except ValueError:  # the line is not repeated: a file named by mistake may hold a secret
+            raise ValueError(f"{path}:{n}: not a peer URL (expected http://HOST:PORT, "
+                             "port 1-65535)") from None
         if url not in out:
             out.append(url)
     return out
@@ -342,9 +340,9 @@ class PeerClient:
     def _client(self, peer: str) -> RangeClient:
         c = self._clients.get(peer)
         if c is None:
-            parts = urlsplit(peer)
-            assert parts.hostname is not None and parts.port is not None
-            c = self._clients[peer] = RangeClient(parts.hostname, parts.port,
+            url = parse_url(peer, schemes=("http",), port_required=True)
+            assert url.port is not None
+            c = self._clients[peer] = RangeClient(url.host, url.port,
                                                   connect_timeout=self._connect_timeout)
         return c
 
@@ -358,7 +356,9 @@ class PeerClient:
                                      "stored": chunk.stored_size, "size": chunk.size,
                                      "codec": chunk.codec, "repo": repository})
         try:
-            return await self._client(peer).get_range(path, 0, chunk.stored_size, self._auth)
+            # a peer's answer is the chunk, no more: anything longer is a failed source
+            return await self._client(peer).get_range(path, 0, chunk.stored_size, self._auth,
+                                                      whole_ok=False)
         except UnexpectedResponse as exc:
             if exc.status == 404:
                 raise ServerError(f"peer {peer} has no chunk {chunk.hexdigest[:16]} (404)") from None

@@ -27,9 +27,10 @@ import httpx
 
 from blockindex.oci import MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, canonical_json
 
+from .bodies import read_whole
 from .errors import FetchError, IntegrityError, NotFoundError, ServerError, UnreachableError
 from .push import push_blob_bytes
-from .registry import Manifest, RegistryClient, _read_capped
+from .registry import Manifest, RegistryClient
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ async def find_referrers(client: RegistryClient, subject_digest: str,
     async def consume(response: httpx.Response) -> dict[str, Any]:
         if response.status_code != 200:
             raise ServerError(f"referrers API answered {response.status_code}")
-        doc = json.loads(await _read_capped(response, MAX_INDEX, "referrers index"))
+        doc = json.loads(await read_whole(response, MAX_INDEX, "referrers index"))
         if not isinstance(doc, dict):
             raise ServerError("referrers index is not a JSON object")
         return doc

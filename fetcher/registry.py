@@ -28,7 +28,7 @@ import re
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 import httpx
@@ -40,8 +40,11 @@ from blockindex.oci import (
     MEDIA_TYPE_OCI_INDEX,
     MEDIA_TYPE_OCI_MANIFEST,
 )
+from cache.store import temp_path
 
+from .address import split_host_port
 from .auth import Authenticator
+from .bodies import check_identity, read_span, read_whole, whole_body
 from .errors import (
     AuthError,
     FetchError,
@@ -101,10 +104,10 @@ class Manifest:
 
 
 def _is_loopback(registry: str) -> bool:
-    if registry.startswith("["):
-        host = registry[1 : registry.index("]")]
-    else:
-        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    try:
+        host, _ = split_host_port(registry)
+    except ValueError:
+        return False
     if host == "localhost":
         return True
     try:
@@ -171,9 +174,8 @@ class RegistryClient:
         # httpx answers everything it does not expect (redirects, auth challenges, errors).
         self._fast: RangeClient | None = None
         if plain and transport is None and proxy is None:
-            hostname, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
-            self._fast = RangeClient(hostname.strip("[]") or host, int(port or 80),
-                                     connect_timeout=timeout)
+            hostname, port = split_host_port(host)
+            self._fast = RangeClient(hostname, port or 80, connect_timeout=timeout)
         # Blob URLs the registry redirected to, reused for later ranges of the same blob;
         # plain-HTTP ones are read with the lean client too when nothing is in between.
         self.redirects = RedirectCache()
@@ -210,7 +212,7 @@ class RegistryClient:
         what = f"{self._where}: no manifest {reference}"
 
         async def consume(response: httpx.Response) -> Manifest:
-            data = bytes(await _read_capped(response, MAX_MANIFEST_SIZE, "manifest"))
+            data = await read_whole(response, MAX_MANIFEST_SIZE, "manifest")
             media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
             if not media_type or media_type in ("application/json", "text/plain"):
                 media_type = _embedded_media_type(data) or media_type
@@ -232,10 +234,10 @@ class RegistryClient:
             if response.status_code != 200:
                 raise ServerError(f"{self._where}: blob {digest}: status {response.status_code}")
             hasher = hashlib.new(digest.split(":", 1)[0])
-            data = await _read_capped(response, max_size, f"blob {digest}", hasher)
+            data = await read_whole(response, max_size, f"blob {digest}", hasher)
             if f"{hasher.name}:{hasher.hexdigest()}" != digest:
                 raise IntegrityError(f"{self._where}: blob {digest} does not match its digest")
-            return bytes(data)
+            return data
 
         return await self._call("GET", f"/blobs/{digest}", {"Accept-Encoding": "identity"},
                                 f"{self._where}: no blob {digest}", consume)
@@ -304,7 +306,7 @@ class RegistryClient:
             # Do not read the body: some registries send a wrong Content-Length here.
             raise ServerError(f"{where}: past the end of the blob "
                               f"({response.headers.get('Content-Range', '?')})")
-        _check_identity(response, where)
+        check_identity(response, where)
         if status == 206:
             m = _CONTENT_RANGE_RE.match(response.headers.get("Content-Range", ""))
             if not m or int(m[1]) != offset or int(m[2]) != last:
@@ -313,12 +315,12 @@ class RegistryClient:
             declared = response.headers.get("Content-Length")
             if declared is not None and declared != str(length):
                 raise ServerError(f"{where}: answered with Content-Length {declared}")
-            return await _read_exact(response, length, 0, where)
+            return await read_span(response, offset, length, where)
         if status == 200:
             if not self._warned_full_body:
                 self._warned_full_body = True
                 log.warning("%s ignores Range requests; reading whole blobs", self._where)
-            return await _read_exact(response, length, offset, where)
+            return await read_span(response, offset, length, where)
         raise ServerError(f"{where}: unexpected status {status}")
 
     async def _read_redirected(self, url: str, offset: int, length: int,
@@ -328,11 +330,14 @@ class RegistryClient:
         fallback); any failure is a FetchError, and the caller goes back to the registry."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme == "http" and self._lean_redirects and parts.hostname:
-            key = (parts.hostname, parts.port or 80)
+            try:
+                host, port = split_host_port(parts.netloc.rpartition("@")[2])
+            except ValueError as exc:  # the server's Location, not ours: its mistake
+                raise ServerError(f"{where}: redirected to a bad URL: {exc}") from None
+            key = (host, port or 80)
             client = self._redirect_clients.get(key)
             if client is None:
-                client = self._redirect_clients[key] = RangeClient(
-                    parts.hostname, parts.port or 80, connect_timeout=self.timeout)
+                client = self._redirect_clients[key] = RangeClient(*key, connect_timeout=self.timeout)
             target = parts.path + (f"?{parts.query}" if parts.query else "")
             try:
                 with trio.fail_after(self.timeout):
@@ -351,23 +356,26 @@ class RegistryClient:
         except httpx.HTTPError as exc:
             raise UnreachableError(f"{where}: the redirected URL failed: {_short(exc)}") from exc
 
-    async def download_blob(self, digest: str, path: str, *, max_size: int = 1 << 40) -> int:
+    async def download_blob(self, digest: str, path: str, *, max_size: int = 1 << 40,
+                            size: int | None = None) -> int:
         """Stream blob ``digest`` into the file ``path`` (written whole or not at all),
-        checked against its digest; its size."""
+        checked against its digest, never more than ``max_size`` bytes of it read; its
+        size. ``size``, the size its descriptor declares, replaces ``max_size``: an answer
+        that announces or sends any other is an ``IntegrityError``. The temp file beside
+        ``path`` is named as the cache's (``temp_path``), so that one left by a process
+        that died is swept."""
         _check_digest(digest)
-        tmp = trio.Path(f"{path}.part")
+        tmp = trio.Path(temp_path(path))
 
         async def consume(response: httpx.Response) -> int:
             if response.status_code != 200:
                 raise ServerError(f"{self._where}: blob {digest}: status {response.status_code}")
-            _check_identity(response, f"blob {digest}")
             hasher = hashlib.new(digest.split(":", 1)[0])
             total = 0
             async with await trio.open_file(tmp, "wb") as f:
-                async for piece in _body(response):
+                async for piece in whole_body(response, max_size if size is None else size,
+                                              f"{self._where}: blob {digest}", exact=size is not None):
                     total += len(piece)
-                    if total > max_size:
-                        raise ServerError(f"{self._where}: blob {digest} is over {max_size} bytes")
                     hasher.update(piece)
                     await f.write(piece)
             if f"{hasher.name}:{hasher.hexdigest()}" != digest:
@@ -576,12 +584,6 @@ def _embedded_media_type(data: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _check_identity(response: httpx.Response, where: str) -> None:
-    encoding = response.headers.get("Content-Encoding", "identity").lower()
-    if encoding != "identity":
-        raise ServerError(f"{where}: answered with Content-Encoding {encoding}")
-
-
 def _retry_after(response: httpx.Response, cap: float) -> float | None:
     value = response.headers.get("Retry-After")
     if not value:
@@ -594,75 +596,3 @@ def _retry_after(response: httpx.Response, cap: float) -> float | None:
         except (TypeError, ValueError):
             return None
     return min(max(seconds, 0.0), cap)
-
-
-LOW_SPEED = (64 << 10, 60.0)
-"""A body that brings fewer than this many bytes in this many seconds is given up
-(``UnreachableError``), as curl's ``--speed-limit`` does: each wait for bytes has its own
-timeout, but a server that trickles a byte at a time would hold a download forever."""
-
-
-async def _body(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The body as it arrives; in one piece if it is already in memory (MockTransport)."""
-    if response.is_stream_consumed:
-        yield response.content
-        return
-    floor, window = LOW_SPEED
-    since, got = trio.current_time(), 0
-    async for piece in response.aiter_raw():
-        got += len(piece)
-        now = trio.current_time()
-        if now - since >= window:
-            if got < floor:
-                raise UnreachableError(
-                    f"{response.url.host}: {response.request.method} {response.url.path} sent "
-                    f"{got} bytes in {now - since:.0f} s, under {floor >> 10} KiB in {window:g} s; given up")
-            since, got = now, 0
-        yield piece
-
-
-async def _read_capped(
-    response: httpx.Response, cap: int, what: str, hasher: hashlib._Hash | None = None
-) -> bytes:
-    declared = response.headers.get("Content-Length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise ServerError(f"{what} is {declared} bytes, over the {cap}-byte limit")
-    _check_identity(response, what)
-    parts: list[bytes] = []
-    total = 0
-    async for piece in _body(response):
-        total += len(piece)
-        if total > cap:
-            raise ServerError(f"{what} is over the {cap}-byte limit")
-        if hasher is not None:
-            hasher.update(piece)
-        parts.append(piece)
-    if declared is not None and declared.isdigit() and int(declared) != total:
-        raise ServerError(f"{what}: {total} bytes arrived of {declared}")
-    return b"".join(parts)
-
-
-async def _read_exact(response: httpx.Response, length: int, skip: int, where: str) -> bytearray:
-    """``length`` bytes after the first ``skip`` of the body, into one buffer."""
-    buf = bytearray(length)
-    view = memoryview(buf)
-    filled = 0
-    async for piece in _body(response):
-        if skip:
-            if len(piece) <= skip:
-                skip -= len(piece)
-                continue
-            piece, skip = piece[skip:], 0
-        end = filled + len(piece)
-        if end > length:
-            if response.status_code == 200:  # a whole body: stop when we have our bytes
-                view[filled:] = piece[: length - filled]
-                return buf
-            raise ServerError(f"{where}: more bytes arrived than asked for")
-        view[filled:end] = piece
-        filled = end
-        if filled == length and response.status_code == 200:
-            return buf
-    if filled != length:
-        raise ServerError(f"{where}: only {filled} of {length} bytes arrived")
-    return buf

@@ -24,6 +24,9 @@ from cache.private import PRIVATE_UMASK, claim
 from .errors import ExitCode, MountError, UserError, exit_code_for
 from .process import hide_in_cmdline, read_ready, reap_child, wait_gone
 
+# Commands import what they use (the packages below lazyfs, trio, httpx, pyfuse3) inside
+# themselves, for start-up time: `lazyfs --help` and a small command load none of it.
+
 log = logging.getLogger("lazyfs")
 
 DEFAULT_CACHE = Path(os.environ.get("LAZYFS_CACHE", "/var/cache/lazyfs"))
@@ -71,17 +74,26 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+def _listen_addresses(args: argparse.Namespace) -> None:
+    """``--listen`` and ``--metrics`` as ``(host, port)``, checked here rather than by
+    argparse so that a mistake is one line (port 0: any free port)."""
+    from fetcher.address import split_host_port
+
+    for name in ("listen", "metrics"):
+        text = getattr(args, name, None)
+        if isinstance(text, str):
+            try:
+                host, port = split_host_port(text, port_required=True, listen=True)
+            except ValueError as exc:
+                raise UserError(f"--{name} {text!r}: {exc}", ExitCode.USAGE) from None
+            assert port is not None
+            setattr(args, name, (host, port))
 
 
 # -- convert / serve ---------------------------------------------------------------------
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from blockindex.convert import convert
+    from .convert import convert
 
     for ref in (args.source, args.dest):
         if ref.startswith("docker://"):
@@ -169,20 +181,22 @@ async def _describe_image(ref: Any, options: Any, platform: str | None) -> dict[
         index_desc = next((d for d in layers if d.get("mediaType") in fmt.INDEX_MEDIA_TYPES), None)
         if index_desc is None:
             raise UserError(f"{ref}: lazyfs image manifest has no index layer", ExitCode.IMAGE)
-        data = await client.read_blob(index_desc["digest"], max_size=1 << 30)
-    with tempfile.NamedTemporaryFile(suffix=".sqlite") as f:
-        f.write(data)
-        f.flush()
-        reader = IndexReader(Path(f.name))
-        try:
-            totals = reader.totals()
-        finally:
-            reader.close()
+        size = index_desc.get("size")
+        if type(size) is not int or not 0 < size <= 1 << 30:
+            raise UserError(f"{ref}: index size {size!r} is out of range", ExitCode.IMAGE)
+        with tempfile.TemporaryDirectory() as tmp:  # never more than its declared size
+            path = Path(tmp) / "index.sqlite"
+            await client.download_blob(index_desc["digest"], str(path), size=size)
+            reader = IndexReader(path)
+            try:
+                totals = reader.totals()
+            finally:
+                reader.close()
     info.update(
         format=annotations.get(fmt.ARTIFACT_ANNOTATION),
         chunk_size=int(annotations.get(CHUNK_SIZE_ANNOTATION, 0)),
         files=totals["files"], file_bytes=totals["file_bytes"], chunks=totals["chunks"],
-        blobs=len(layers) - 1, index=index_desc["digest"], index_size=len(data),
+        blobs=len(layers) - 1, index=index_desc["digest"], index_size=size,
         stored_bytes=sum(int(d.get("size", 0)) for d in layers if d is not index_desc),
     )
     return info
@@ -228,6 +242,7 @@ def _load_config(path: Path | None) -> dict[str, Any]:
 
 
 def _registry_options(args: argparse.Namespace) -> Any:
+    from fetcher.address import split_host_port
     from fetcher.credentials import parse_creds
     from fetcher.options import RegistryOptions
 
@@ -239,10 +254,17 @@ def _registry_options(args: argparse.Namespace) -> Any:
             creds = parse_creds(creds_text)
         except ValueError as exc:
             raise UserError(str(exc), ExitCode.USAGE) from None
-    mirrors = tuple(m.rstrip("/") for m in (args.mirror or conf.get("mirrors") or []))
-    for url in mirrors:
-        if not url.startswith(("http://", "https://")):
-            raise UserError(f"mirror {url!r}: expected an http:// or https:// URL", ExitCode.USAGE)
+    mirrors = tuple(_server_url("mirror", m) for m in (args.mirror or _strings(conf, "mirrors")))
+    proxy = args.proxy or _string(conf, "proxy")
+    if proxy is not None:
+        _server_url("proxy", proxy, userinfo=True)  # httpx gets it as written: user:password@ too
+    insecure = [*(args.insecure_registry or []), *_strings(conf, "insecure_registries")]
+    for host in insecure:
+        try:
+            split_host_port(host)
+        except ValueError as exc:
+            raise UserError(f"insecure registry {host!r}: {exc} (expected HOST[:PORT])",
+                            ExitCode.USAGE) from None
     timeout = getattr(args, "timeout", None)
     if timeout is None:
         timeout = conf.get("timeout", DEFAULT_TIMEOUT)
@@ -251,13 +273,37 @@ def _registry_options(args: argparse.Namespace) -> Any:
                             ExitCode.USAGE)
     return RegistryOptions(
         timeout=float(timeout),
-        insecure_hosts=frozenset([*(args.insecure_registry or []), *conf.get("insecure_registries", [])]),
-        ca_file=args.ca_file or conf.get("ca_file"),
+        insecure_hosts=frozenset(insecure),
+        ca_file=args.ca_file or _string(conf, "ca_file"),
         credentials=creds,
-        creds_file=args.creds_file or conf.get("creds_file"),
+        creds_file=args.creds_file or _string(conf, "creds_file"),
         mirrors=mirrors,
-        proxy=args.proxy or conf.get("proxy"),
+        proxy=proxy,
     )
+
+
+def _server_url(what: str, text: str, *, userinfo: bool = False) -> str:
+    """``text`` as ``scheme://host[:port]`` (a mirror serves the registry's paths at its root)."""
+    from fetcher.address import parse_url
+
+    try:
+        return str(parse_url(text, schemes=("http", "https"), userinfo=userinfo))
+    except ValueError as exc:
+        raise UserError(f"{what}: {exc}", ExitCode.USAGE) from None
+
+
+def _string(conf: dict[str, Any], key: str) -> str | None:
+    value = conf.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"config file: {key} must be a string, not {value!r}", ExitCode.USAGE)
+    return value
+
+
+def _strings(conf: dict[str, Any], key: str) -> list[str]:
+    value = conf.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"config file: {key} must be a list of strings, not {value!r}", ExitCode.USAGE)
+    return value
 
 
 def _add_registry_arguments(p: argparse.ArgumentParser) -> None:
@@ -340,13 +386,29 @@ def _checked_peers(args: argparse.Namespace, *, listen: tuple[str, int] | None,
     if args.advertise is not None and args.peers_file is None:
         raise UserError("--advertise needs --peers-file (it names this node there)", ExitCode.USAGE)
     read_token(Path(args.token_file))
-    if args.peers_file is not None and not Path(args.peers_file).is_file():
-        raise UserError(f"peers file {args.peers_file} does not exist", ExitCode.USAGE)
+    advertise = _advertise(args.advertise)
+    if args.peers_file is not None:
+        _check_peers_file(Path(args.peers_file))
     return {
         "peers_file": Path(args.peers_file).absolute() if args.peers_file else None,
         "token_file": Path(args.token_file).absolute(),
-        "advertise": _advertise(args.advertise),
+        "advertise": advertise,
     }
+
+
+def _check_peers_file(path: Path) -> None:
+    """A peers file to start with is there and every line of it is a peer URL (later
+    changes are checked as they are read: a bad one keeps the last good list)."""
+    from fetcher.peers import read_peers_file
+
+    if not path.is_file():
+        raise UserError(f"peers file {path} does not exist", ExitCode.USAGE)
+    try:
+        read_peers_file(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read peers file {path}: {exc}", ExitCode.USAGE) from None
+    except ValueError as exc:
+        raise UserError(f"peers file {exc}", ExitCode.USAGE) from None
 
 
 def _mount_options(args: argparse.Namespace) -> Any:
@@ -640,7 +702,7 @@ def _human(n: float) -> str:
 
 
 def _add_metrics(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics", type=_listen, metavar="HOST:PORT",
+    p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)")
 
 
@@ -679,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve OCI layouts under DIR over the OCI distribution API")
     p.add_argument("root", metavar="DIR")
-    p.add_argument("--listen", type=_listen, default=("127.0.0.1", 5000), metavar="HOST:PORT")
+    p.add_argument("--listen", default="127.0.0.1:5000", metavar="HOST:PORT")
     _add_metrics(p)
     p.set_defaults(func=cmd_serve)
 
@@ -699,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", help="where a background mount logs (default in the cache dir)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--peers-file", help="ask these peers (one http://HOST:PORT a line; re-read on change)")
-    p.add_argument("--listen", type=_listen, metavar="HOST:PORT",
+    p.add_argument("--listen", metavar="HOST:PORT",
                    help="also serve this node's cache to peers here")
     p.add_argument("--token-file", help="the cluster token peers present (needed with either option)")
     _add_cache_size(p)
@@ -735,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("peer", help="serve a node cache's chunks to the other nodes")
     p.add_argument("--cache", default=str(DEFAULT_CACHE),
                    help=f"node cache directory (default {DEFAULT_CACHE})")
-    p.add_argument("--listen", type=_listen, required=True, metavar="HOST:PORT")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
     p.add_argument("--advertise", metavar="URL",
                    help="this node's URL in the peers file (default http://LISTEN); logged, and "
                         "what this node's mounts pass as their --advertise")
@@ -833,6 +895,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Run the command; every error becomes one line and its exit code."""
     try:
+        _listen_addresses(args)
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130

@@ -35,9 +35,22 @@ import ipaddress
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
+
+if TYPE_CHECKING:  # types only: the processes that report import this module, not the reverse
+    from trio.lowlevel import TrioToken
+
+    from cache.evict import CacheKeeper
+    from cache.store import ChunkStore
+    from fetcher.chunks import ChunkFetcher
+
+    from .content import ImageContent
+    from .peer import ChunkServer
+    from .prefetch import Prefetcher
+    from .serve import _Server
+    from .snapshotter.service import SnapshotService
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .errors import ExitCode, UserError
@@ -61,7 +74,7 @@ class Metrics:
         self.fetch_seconds = Histogram("lazyfs_fetch_seconds", "latency of one network request by source",
                                        ["source"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self._sources: list[Callable[[], Iterable[Sample]]] = []
-        self._trio_token: Any = None
+        self._trio_token: TrioToken | None = None
         self.url: str | None = None
         self.registry.register(_Collector(self))
 
@@ -74,7 +87,7 @@ class Metrics:
     def observe_fetch(self, source: str, nbytes: int, seconds: float) -> None:
         self.fetch_seconds.labels("peer" if source.startswith("peer") else source).observe(seconds)
 
-    def serve(self, host: str, port: int, *, trio_token: Any = None) -> str:
+    def serve(self, host: str, port: int, *, trio_token: TrioToken | None = None) -> str:
         """Start the endpoint (a daemon thread); returns its URL. ``trio_token``: read the
         sources on that trio loop. A port in use is a one-line error (exit 2)."""
         self._trio_token = trio_token
@@ -131,17 +144,11 @@ class _Collector:
         return list(families.values())
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UserError(f"--metrics: expected HOST:PORT, got {text!r}", ExitCode.USAGE)
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 # -- what each kind of process reports ---------------------------------------------------
 
-def mount_samples(content: Any, fetcher: Any, prefetcher: Any, store: Any, keeper: Any,
-                  server: Any = None) -> Callable[[], list[Sample]]:
+def mount_samples(content: ImageContent, fetcher: ChunkFetcher | None, prefetcher: Prefetcher,
+                  store: ChunkStore, keeper: CacheKeeper,
+                  server: ChunkServer | None = None) -> Callable[[], list[Sample]]:
     """The sources of a mount process (all read on its trio thread)."""
 
     def samples() -> list[Sample]:
@@ -179,33 +186,33 @@ def mount_samples(content: Any, fetcher: Any, prefetcher: Any, store: Any, keepe
     return samples
 
 
-def _error_samples(errors: dict[str, int], store: Any) -> list[Sample]:
+def _error_samples(errors: dict[str, int], store: ChunkStore) -> list[Sample]:
     errors = {**errors, "cache_write": store.write_errors, "cache_full": store.full_events,
               "cache_corrupt": store.dropped}
     return [("counter", "errors_total", "errors by kind", {"kind": k}, v) for k, v in errors.items()]
 
 
-def cache_samples(store: Any, keeper: Any) -> Callable[[], list[Sample]]:
+def cache_samples(store: ChunkStore, keeper: CacheKeeper) -> Callable[[], list[Sample]]:
     def samples() -> list[Sample]:
-        k = keeper.state()
+        k = keeper
         out: list[Sample] = [
-            ("gauge", "cache_size_bytes", "bytes of chunk entries (last scan)", {}, k["size"]),
-            ("gauge", "cache_entries", "chunk entries (last scan)", {}, k["entries"]),
-            ("gauge", "cache_pinned_bytes", "bytes mounted images need kept", {}, k["pinned_bytes"]),
+            ("gauge", "cache_size_bytes", "bytes of chunk entries (last scan)", {}, k.size),
+            ("gauge", "cache_entries", "chunk entries (last scan)", {}, k.entries),
+            ("gauge", "cache_pinned_bytes", "bytes mounted images need kept", {}, k.pinned_bytes),
             ("gauge", "cache_full", "1 while the cache disk refuses writes", {}, float(store.full)),
             ("gauge", "cache_over_limit", "1 while mounted images alone exceed the limit", {},
-             float(k["over_limit"])),
-            ("counter", "cache_evicted_entries_total", "entries evicted", {}, k["evicted_entries"]),
-            ("counter", "cache_evicted_bytes_total", "bytes evicted", {}, k["evicted_bytes"]),
+             float(k.over_limit)),
+            ("counter", "cache_evicted_entries_total", "entries evicted", {}, k.evicted_entries),
+            ("counter", "cache_evicted_bytes_total", "bytes evicted", {}, k.evicted_bytes),
         ]
-        if k["limit"] is not None:
-            out.append(("gauge", "cache_limit_bytes", "--cache-size", {}, k["limit"]))
+        if k.limit is not None:
+            out.append(("gauge", "cache_limit_bytes", "--cache-size", {}, k.limit))
         return out
 
     return samples
 
 
-def peer_server_samples(server: Any) -> Callable[[], list[Sample]]:
+def peer_server_samples(server: ChunkServer) -> Callable[[], list[Sample]]:
     def samples() -> list[Sample]:
         s = server.stats
         results = {"ok": s.chunks_served, "unauthorized": s.unauthorized, "busy": s.busy,
@@ -222,7 +229,8 @@ def peer_server_samples(server: Any) -> Callable[[], list[Sample]]:
     return samples
 
 
-def peer_process_samples(server: Any, store: Any, keeper: Any) -> Callable[[], list[Sample]]:
+def peer_process_samples(server: ChunkServer, store: ChunkStore, keeper: CacheKeeper
+                         ) -> Callable[[], list[Sample]]:
     def samples() -> list[Sample]:
         return [*peer_server_samples(server)(), *cache_samples(store, keeper)(),
                 *_error_samples({}, store)]
@@ -230,7 +238,7 @@ def peer_process_samples(server: Any, store: Any, keeper: Any) -> Callable[[], l
     return samples
 
 
-def snapshotter_samples(service: Any) -> Callable[[], list[Sample]]:
+def snapshotter_samples(service: SnapshotService) -> Callable[[], list[Sample]]:
     """The snapshotter's own (its image mounts are processes with their own endpoints)."""
 
     def samples() -> list[Sample]:
@@ -242,7 +250,7 @@ def snapshotter_samples(service: Any) -> Callable[[], list[Sample]]:
     return samples
 
 
-def serve_samples(server: Any) -> Callable[[], list[Sample]]:
+def serve_samples(server: _Server) -> Callable[[], list[Sample]]:
     """``lazyfs serve``'s (read in the scrape thread: the counts are kept under a lock)."""
 
     def samples() -> list[Sample]:

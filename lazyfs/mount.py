@@ -30,7 +30,6 @@ from cache import pins
 from cache.errors import CacheError
 from cache.evict import CacheKeeper, eviction_lock
 from cache.images import ImageStore
-from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
 from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher, FetchConfig
@@ -56,6 +55,7 @@ from .failures import tag_warnings
 from .fs import LazyOperations
 from .learned import LearnedPrefetch
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
+from .prefetch import Prefetcher
 from .readlog import ReadLog, file_state
 
 if TYPE_CHECKING:  # imported when asked for: prometheus_client is a fiftieth of every mount's start
@@ -210,9 +210,10 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
         size = desc.get("size", 0)
         if type(size) is not int or not 0 < size <= MAX_INDEX_SIZE:
             raise NotLazyImageError(f"{ref}: index size {size} is out of range")
+        # streamed to disk and checked against its digest; never more than its declared size
+        path = images.index_path(index_digest)
         with _within(opts.timeout + size / INDEX_MIN_RATE, f"the index of {ref} ({size} bytes)"):
-            data = await client.read_blob(index_digest, max_size=MAX_INDEX_SIZE)
-        path = images.save_index(index_digest, data)
+            await client.download_blob(index_digest, str(path), size=size)
     return OpenedImage(digest, index_digest, path, from_cache)
 
 

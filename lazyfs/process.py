@@ -8,15 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from cache.pids import alive
 
 
 def exited(pid: int) -> bool:

@@ -40,6 +40,8 @@ from blockindex.oci import (
     check_digest,
 )
 
+from .errors import ExitCode, UserError
+
 log = logging.getLogger("lazyfs.serve")
 
 RequestRecord = tuple[str, str, "str | None", int]  # (method, path, Range header, status)
@@ -441,7 +443,10 @@ def make_server(
 
 def serve_forever(root: Path, host: str, port: int, *, metrics: tuple[str, int] | None = None) -> None:
     """``lazyfs serve DIR --listen HOST:PORT``: serve until interrupted."""
-    handle = make_server(root, host, port)
+    try:
+        handle = make_server(root, host, port)
+    except OSError as exc:  # in use, not this host's address, a name that does not resolve
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", ExitCode.USAGE) from None
     log.info("serving OCI layouts under %s at %s", root, handle.url)
     if metrics is not None:
         from .metrics import Metrics, serve_samples

@@ -258,6 +258,32 @@ def test_unknown_scheme(tmp_path: Path) -> None:
         convert(f"dir:{tmp_path}", f"dir:{tmp_path}/out")
 
 
+def test_the_format_builds_from_local_sources_only(tmp_path: Path) -> None:
+    # registries are reached above the format (lazyfs.convert): here a registry
+    # reference is an unknown scheme, refused without any network request
+    (tmp_path / "root").mkdir()
+    with pytest.raises(ImageError, match="unknown source 'docker://127.0.0.1:1/app:1'"):
+        convert("docker://127.0.0.1:1/app:1", f"oci:{tmp_path}/out")
+    with pytest.raises(ImageError, match="unknown destination 'docker://127.0.0.1:1/app:1'"):
+        convert(f"dir:{tmp_path}/root", "docker://127.0.0.1:1/app:1")
+
+
+def test_convert_names_registries_among_the_forms_and_checks_them_first(tmp_path: Path) -> None:
+    from lazyfs.convert import convert as convert_anywhere
+
+    with pytest.raises(ImageError, match="expected one of docker-archive:, oci:, dir:, tar:, docker://"):
+        convert_anywhere(f"http://{tmp_path}", f"oci:{tmp_path}/out")
+    with pytest.raises(ImageError, match="expected docker://HOST/REPO"):
+        convert_anywhere("docker:app", f"oci:{tmp_path}/out")
+    # nothing listens on port 1: a bad destination or chunk size is reported before a pull
+    with pytest.raises(ImageError, match="expected oci:DIR.* or docker://"):
+        convert_anywhere("docker://127.0.0.1:1/app:1", f"dir:{tmp_path}/out")
+    with pytest.raises(ImageError, match="needs a tag and no digest"):
+        convert_anywhere("docker://127.0.0.1:1/app:1", "docker://127.0.0.1:1/app@sha256:" + "0" * 64)
+    with pytest.raises(ValueError, match="power of two"):
+        convert_anywhere("docker://127.0.0.1:1/app:1", f"oci:{tmp_path}/out", chunk_size=3000)
+
+
 def test_not_a_tar(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"bad.tar: corrupt or truncated tar \(invalid header"):
         _convert_tar(tmp_path, b"this is not a tar file" * 100)

@@ -46,7 +46,14 @@ def test_str_is_canonical() -> None:
 @pytest.mark.parametrize(
     "text",
     ["", " app", "http://host/app", "Host/App", "app:", "app:-x", "host/a//b", "app@sha256:12",
-     "host:5000/", "/app", "a/b:c:d", "host:abc/app:1", "app@md5:" + "0" * 32, "app:" + "x" * 129],
+     "host:5000/", "/app", "a/b:c:d", "host:abc/app:1", "app@md5:" + "0" * 32, "app:" + "x" * 129,
+     # ports outside 1-65535 are refused, not wrapped (80536 would reach port 15000)
+     "127.0.0.1:0/app:1", "127.0.0.1:65536/app:1", "127.0.0.1:80536/app:1", "host:99999/app",
+     "host:-1/app:1", "host:05000/app", "host:/app", ":5000/app:1", "127.0.0.1:+80/app",
+     # hosts that are not hosts
+     "[::1::2]:5000/app", "[::1:5000/app", "::1]:5000/app", "[::1]x/app", "999.1.1.1/app",
+     "ho st:5000/app", "host\t:5000/app", "host\x00.io/app", "h\u00e9.io/app",
+     "user@127.0.0.1:5000/app:1", "user:pw@host.io/app"],
 )
 def test_garbage_refused(text: str) -> None:
     with pytest.raises(ValueError, match="invalid image reference"):

@@ -1,6 +1,7 @@
 """The code is held to ruff's rules (pyproject.toml's [tool.ruff]), including the ASYNC
-rules that flag blocking calls inside ``async def``, and to mypy's type checks
-(pyproject.toml's [tool.mypy]: the packages, less the generated gRPC stubs)."""
+rules that flag blocking calls inside ``async def``, to mypy's type checks
+(pyproject.toml's [tool.mypy]: the packages, less the generated gRPC stubs), and to the
+order of the packages (pyproject.toml's [tool.importlinter], checked by import-linter)."""
 
 from __future__ import annotations
 
@@ -28,4 +29,12 @@ def test_mypy_finds_nothing():
     # written into the tree
     done = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", "/dev/null"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not shutil.which("lint-imports"), reason="needs import-linter (pip install -e '.[test]')")
+def test_imports_keep_the_order_of_the_packages():
+    # no cache written into the tree
+    done = subprocess.run(["lint-imports", "--no-cache", "--no-logo"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

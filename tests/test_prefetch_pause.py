@@ -11,9 +11,9 @@ import trio
 from blockindex.oci import Layout
 from blockindex.reader import IndexReader
 from cache.images import ImageStore
-from cache.prefetch import Prefetcher
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
+from lazyfs.prefetch import Prefetcher
 from testkit.waiting import wait_until
 
 from .cachekit import make_image, manifest_of

@@ -221,9 +221,9 @@ def test_silent_server_is_unreachable_within_timeout(raw_server: Any) -> None:
 def test_a_server_that_trickles_a_blob_is_given_up(tmp_path: Path, monkeypatch: Any) -> None:
     """Each wait for bytes is short, but a byte every 50 ms would hold a download (convert
     from a registry) forever: under LOW_SPEED's floor for its window, it is given up."""
-    import fetcher.registry as registry
+    import fetcher.bodies as bodies
 
-    monkeypatch.setattr(registry, "LOW_SPEED", (1000, 1.0))
+    monkeypatch.setattr(bodies, "LOW_SPEED", (1000, 1.0))
     stop = threading.Event()
     listener = socket.create_server(("127.0.0.1", 0))
 
@@ -386,6 +386,40 @@ def test_nothing_but_fetch_errors_escape() -> None:
         run_mock(explode, lambda c: c.get_manifest())
     with pytest.raises(FetchError, match="malformed digest"):
         run_mock(explode, lambda c: c.read_blob("sha256:nothex"))
+
+
+def test_a_redirect_to_a_port_out_of_range_is_a_fetch_error() -> None:
+    """A plain-HTTP registry's Location is the server's to get wrong: a port past 65535 is
+    a FetchError like any bad answer, not a ValueError out of the lean client."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", "http://127.0.0.1:99999/blob")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+
+    async def read() -> None:
+        client = RegistryClient(ImageRef.parse(f"127.0.0.1:{server.server_address[1]}/app:1"),
+                                timeout=5, retry=RetryPolicy(attempts=1))
+        try:
+            with pytest.raises(FetchError):
+                await client.read_range(DIGEST, 0, 10)
+        finally:
+            await client.aclose()
+
+    try:
+        trio.run(read)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class TokenRegistry:

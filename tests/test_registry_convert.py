@@ -10,8 +10,8 @@ import tarfile
 
 import pytest
 
-from blockindex.convert import convert
 from blockindex.oci import MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
+from lazyfs.convert import convert
 from testkit import imagegen, tarwriter, treecompare
 from testkit.registryd import Registry, needs_registry
 

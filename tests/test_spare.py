@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
+from cache.pids import alive
 from lazyfs.errors import ExitCode, UserError
-from lazyfs.process import alive, read_ready, wait_gone
+from lazyfs.process import read_ready, wait_gone
 from lazyfs.snapshotter.filesystem import LazyFileSystem
 from testkit.treecompare import compare_tree
 

@@ -19,10 +19,12 @@ import os
 import time
 
 import grpc
+import trio
 
 from blockindex import format as fmt
 from blockindex.oci import MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX
 from fetcher.imageref import ImageRef
+from fetcher.registry import RegistryClient, resolve_image_manifest
 
 from ..errors import ExitCode, NotLazyImageError, UserError
 from . import protos
@@ -54,10 +56,6 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 
 def _fetch(ref: ImageRef) -> tuple[bytes, str, str, bytes]:
     """(manifest bytes, manifest digest, media type, config bytes) from the registry."""
-    import trio
-
-    from fetcher.registry import RegistryClient, resolve_image_manifest
-
     async def run() -> tuple[bytes, str, str, bytes]:
         client = RegistryClient(ref)
         try:

@@ -24,13 +24,12 @@ import trio
 
 from blockindex.format import Chunk, ChunkDigest
 from blockindex.reader import IndexReader
+from cache.errors import CacheError
+from cache.images import ImageStore
+from cache.room import wait_for_room
+from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
 from fetcher.errors import FetchError
-
-from .errors import CacheError
-from .images import ImageStore
-from .room import wait_for_room
-from .store import ChunkStore
 
 log = logging.getLogger(__name__)
 
