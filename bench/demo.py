@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import free_port, wait_port  # noqa: E402
-from tests import imagegen  # noqa: E402
+from testkit import imagegen  # noqa: E402
 
 
 def lazyfs(*args: str) -> subprocess.CompletedProcess:

@@ -30,7 +30,7 @@ from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # no
 from lazyfs import mountinfo  # noqa: E402
 from lazyfs.mountinfo import STATUS_XATTR  # noqa: E402
 from lazyfs.process import wait_gone  # noqa: E402
-from tests import imagegen  # noqa: E402
+from testkit import imagegen  # noqa: E402
 
 CACHE = Path("/var/tmp/lazyfs-bench-cache")
 PROGRAM = "import json, sqlite3, ssl"

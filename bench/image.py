@@ -14,7 +14,7 @@ step), so the layers are disjoint and unpack, in order, to exactly the final tre
 whiteouts. The same rootfs directory is what "local disk" runs and what rclone and
 httpdirfs are served. The OCI image is then converted with ``lazyfs convert``.
 
-Quick mode uses ``tests.imagegen``'s python image (this machine's python3, two layers),
+Quick mode uses ``testkit.imagegen``'s python image (this machine's python3, two layers),
 so it needs no debootstrap.
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 
 from bench.harness import ROOT, lazyfs, log, run, source_key
 from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
-from tests import imagegen
+from testkit import imagegen
 
 CACHE = Path(os.environ.get("LAZYFS_BENCH_CACHE", "/var/cache/lazyfs-bench"))
 MEDIA_TYPE_GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -227,7 +227,7 @@ def debian_image() -> ImageSet:
 
 
 def quick_image(work: Path) -> ImageSet:
-    """This machine's python3 as a two-layer image (tests.imagegen), gzip layers."""
+    """This machine's python3 as a two-layer image (testkit.imagegen), gzip layers."""
     base = CACHE / "quick"
     base.mkdir(parents=True, exist_ok=True)
     images = base / "images"
@@ -262,7 +262,7 @@ def quick_image(work: Path) -> ImageSet:
     lazy = f"python-lazy-{key}-{source_key()}"
     convert_cached(images, lazy, f"oci:{images / pull}:1")
     return ImageSet("quick-python", images, lazy, pull, layers, rootfs,
-                    "this machine's python3 and its libraries (tests/imagegen.py), 2 gzip layers")
+                    "this machine's python3 and its libraries (testkit/imagegen.py), 2 gzip layers")
 
 
 __all__ = ["CACHE", "ImageSet", "ROOT", "convert_cached", "debian_image", "quick_image"]

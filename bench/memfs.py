@@ -9,7 +9,7 @@ close lazyfs comes to what pyfuse3 itself allows on this machine, measured in th
 - ``/file``: ``--file-size`` bytes of pseudo-random data held in one buffer, read replies
   are memoryview slices of it (no copy in Python);
 - ``/many/dNNNN/fNNNNNN``: ``--tree`` files, ``--per-dir`` to a directory, the same shape,
-  names and sizes as ``tests.imagegen.build_many_files_image``;
+  names and sizes as ``testkit.imagegen.build_many_files_image``;
 - or, with ``--from-dir DIR``, a copy of a real tree instead (``bench/memtree.py``): an
   image's rootfs, to read the same files lazyfs serves.
 

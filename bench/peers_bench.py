@@ -70,7 +70,7 @@ from bench.harness import (  # noqa: E402
 from bench.memfs import pseudo_random  # noqa: E402
 from lazyfs.mountinfo import STATUS_XATTR  # noqa: E402
 from lazyfs.process import wait_gone  # noqa: E402
-from tests import imagegen  # noqa: E402
+from testkit import imagegen  # noqa: E402
 
 MODES = ("peers", "no_peers")
 ORIGIN_MIBPS = 25.0

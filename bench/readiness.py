@@ -92,6 +92,7 @@ def _recorded(b: Bench) -> dict[str, float]:
     # A node gets the learned order from its own cache or from the registry (`lazyfs trace
     # push` attaches it as a referrer); here the trace alone is carried to a fresh cache.
     fresh = b.h.fresh("cache-recorded")
+    fresh.chmod(0o700)  # a cache as lazyfs makes one: an open directory holding only traces is refused
     shutil.copytree(cache / "traces", fresh / "traces")
     out = _lazy(b, fresh)
     shutil.rmtree(cache)

@@ -2,7 +2,7 @@
 """The registry benchmark (issue 3): start a program from an image in a real registry,
 lazily against a full pull, side by side in one run.
 
-A Debian ``docker-registry`` on loopback holds the python image (``tests/imagegen.py``:
+A Debian ``docker-registry`` on loopback holds the python image (``testkit/imagegen.py``:
 this machine's python3 with its libraries, as a two-layer image; skopeo pushes it with gzip
 layers, as registries usually hold images) and its lazy conversion. Each run, in turn:
 
@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests import imagegen  # noqa: E402
-from tests.registryd import Registry  # noqa: E402
+from testkit import imagegen  # noqa: E402
+from testkit.registryd import Registry  # noqa: E402
 
 PROGRAM = "import json, sqlite3, ssl"
 PYTHON = "/usr/bin/python3"

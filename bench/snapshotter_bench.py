@@ -79,8 +79,8 @@ from bench.harness import (  # noqa: E402
 from bench.pull_phases import mounted_time, prepare_parts, timed_pull  # noqa: E402
 from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
 from lazyfs.serve import make_server  # noqa: E402
-from tests import containerdkit as kit  # noqa: E402
-from tests import imagegen  # noqa: E402
+from testkit import containerdkit as kit  # noqa: E402
+from testkit import imagegen  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

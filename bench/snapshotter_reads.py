@@ -32,7 +32,7 @@ from bench.harness import MEDIA_TYPE_GZIP_LAYER, Harness, _cached_convert, drop_
 from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 from lazyfs import mountinfo
 from lazyfs.snapshotter.client import chain_ids
-from tests import containerdkit as kit
+from testkit import containerdkit as kit
 
 VARIANT_FILE = "etc/lazyfs-bench-variant"
 

@@ -4,7 +4,7 @@
     run(quick, outdir) -> dict            (what bench/run's suite calls)
 
 An image of random files (64 KiB chunks) is served by ``lazyfs serve`` behind
-``bench/faultproxy.py`` and mounted (``--no-prefetch``, ``--timeout``, 5 s here). Then, for
+``testkit/faultproxy.py`` and mounted (``--no-prefetch``, ``--timeout``, 5 s here). Then, for
 ``--minutes``:
 
 - reader threads read random ranges (1 byte to 128 KiB) of random files and compare every
@@ -44,13 +44,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.faultproxy import FaultProxy  # noqa: E402
 from bench.harness import free_port, lazyfs, log  # noqa: E402
 from blockindex.convert import convert  # noqa: E402
 from cache.pids import alive  # noqa: E402
 from lazyfs.mountinfo import STATUS_XATTR  # noqa: E402
 from lazyfs.process import wait_gone  # noqa: E402
 from lazyfs.serve import make_server  # noqa: E402
+from testkit.faultproxy import FaultProxy  # noqa: E402
 
 CHUNK = 64 << 10
 TIMEOUT = 5.0

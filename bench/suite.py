@@ -43,7 +43,7 @@ from bench.harness import Harness, log, source_key  # noqa: E402
 from bench.image import CACHE, ImageSet, convert_cached, debian_image, quick_image  # noqa: E402
 from bench.link import PROFILES, Link  # noqa: E402
 from bench.memfs import pseudo_random  # noqa: E402
-from tests import imagegen  # noqa: E402
+from testkit import imagegen  # noqa: E402
 
 SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "readiness": readiness.scenario,  # also "bytes"

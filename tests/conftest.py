@@ -21,8 +21,8 @@ from blockindex.convert import convert  # noqa: E402
 from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
 from lazyfs.process import wait_gone  # noqa: E402
 from lazyfs.serve import ServerHandle, make_server  # noqa: E402
-from tests import imagegen  # noqa: E402
-from tests.waiting import wait_until  # noqa: E402
+from testkit import imagegen  # noqa: E402
+from testkit.waiting import wait_until  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

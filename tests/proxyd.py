@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .registryd import free_port
-from .waiting import listening, wait_until
+from testkit.registryd import free_port
+from testkit.waiting import listening, stop_process, wait_until
 
 needs_tinyproxy = pytest.mark.skipif(not shutil.which("tinyproxy"), reason="needs tinyproxy")
 
@@ -43,11 +43,5 @@ class Tinyproxy:
         return [(m[1], m[2]) for m in re.finditer(pattern, text)]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()

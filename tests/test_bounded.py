@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from testkit.waiting import listening, wait_until
+
 from .cachekit import make_image, manifest_of
 from .hostiled import HostilePeer, HostileRegistry
 from .test_hostile import _run_measured
-from .waiting import listening, wait_until
 
 pytestmark = pytest.mark.mount
 

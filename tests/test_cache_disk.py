@@ -15,8 +15,8 @@ import pytest
 
 from blockindex.convert import convert
 from lazyfs.serve import make_server
+from testkit.waiting import wait_until
 from tests.conftest import lazyfs
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.mount
 

@@ -9,8 +9,8 @@ import pytest
 from cache.images import ImageStore
 from cache.store import HEADER_SIZE, ChunkStore
 from lazyfs.serve import make_server
+from testkit.waiting import wait_until
 from tests.cachekit import chunk_digests, make_image, manifest_of
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.mount
 

@@ -1,5 +1,5 @@
 """Faults on the way to the origin or a peer (issue 7): through the fault-injecting proxy
-(``bench/faultproxy.py``), every read of a real mount either returns the right bytes or
+(``testkit/faultproxy.py``), every read of a real mount either returns the right bytes or
 fails with EIO within its deadline, and reads succeed again once the fault clears.
 
 Each read runs in a thread joined with a bound far above the mount's ``--timeout``, so
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.faultproxy import FaultProxy
 from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
+from testkit.faultproxy import FaultProxy
+from testkit.registryd import free_port
+from testkit.waiting import listening, wait_until
 
 from .cachekit import CHUNK, install, make_image
 from .conftest import ROOT
-from .registryd import free_port
-from .waiting import listening, wait_until
 
 pytestmark = pytest.mark.mount
 

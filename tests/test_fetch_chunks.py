@@ -11,9 +11,9 @@ from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
 from fetcher.config import FetchConfig
 from fetcher.errors import IntegrityError, ServerError, UnreachableError
+from testkit.waiting import wait_until
 
 from .fakes import ScriptedSource, make_blob
-from .waiting import wait_until
 
 PIECES = [os.urandom(5000), b"a" * 7000, os.urandom(3000), b"b" * 9000]
 

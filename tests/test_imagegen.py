@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import imagegen
+from testkit import extract, imagegen, treecompare
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown, chroot)")
 
@@ -45,7 +45,7 @@ def rich(tmp_path_factory: pytest.TempPathFactory) -> imagegen.RichImage:
 @pytest.fixture
 def rich_tree(rich: imagegen.RichImage, xdir: Path) -> Path:
     dest = xdir / "root"
-    imagegen.materialize(rich, dest)
+    extract.materialize(rich, dest)
     return dest
 
 
@@ -125,7 +125,7 @@ def test_rich_expected_covers_the_cases(rich: imagegen.RichImage) -> None:
 @needs_root
 def test_compare_tree_accepts_the_materialized_image(
         rich: imagegen.RichImage, rich_tree: Path) -> None:
-    assert imagegen.compare_tree(rich_tree, rich.expected) == []
+    assert treecompare.compare_tree(rich_tree, rich.expected) == []
     assert os.stat(rich_tree / "bin/setuid-tool").st_mode & stat.S_ISUID
 
 
@@ -137,7 +137,7 @@ def _one(diffs: list[str], *words: str) -> None:
 @needs_root
 def test_compare_tree_notices_differences(rich: imagegen.RichImage, rich_tree: Path) -> None:
     e = rich.expected
-    compare = imagegen.compare_tree
+    compare = treecompare.compare_tree
 
     # one byte of content, size unchanged
     p = rich_tree / "data/random.bin"
@@ -149,7 +149,7 @@ def test_compare_tree_notices_differences(rich: imagegen.RichImage, rich_tree: P
     os.utime(p, ns=(e[b"data/random.bin"].mtime_ns,) * 2)
     _one(compare(rich_tree, e), "data/random.bin", "sha256")
     assert len(compare(rich_tree, e)) == 1
-    assert compare(rich_tree, imagegen.replace_expected(e, b"data/random.bin", sha256=None)) \
+    assert compare(rich_tree, treecompare.replace_expected(e, b"data/random.bin", sha256=None)) \
         == []
 
     # a mode, an owner, an mtime, a symlink, an xattr, a removed file, an extra file
@@ -186,32 +186,32 @@ def test_compare_tree_checks_inodes_and_devices(
     os.chown(b, 1000, 1000)
     os.chmod(b, 0o640)
     os.utime(b, ns=(e[b"hl/pair_b"].mtime_ns,) * 2)
-    diffs = imagegen.compare_tree(rich_tree, e)
+    diffs = treecompare.compare_tree(rich_tree, e)
     _one(diffs, "hard-link group", "different inodes")
     _one(diffs, "hl/pair_a", "st_nlink")
     # two distinct files that are secretly one inode
     (rich_tree / "data/root.txt").unlink()
     os.link(rich_tree / "data/nobody.txt", rich_tree / "data/root.txt")
-    _one(imagegen.compare_tree(rich_tree, e), "share an inode", "data/root.txt")
+    _one(treecompare.compare_tree(rich_tree, e), "share an inode", "data/root.txt")
     # a device with the wrong numbers, a fifo turned into a file
     os.unlink(rich_tree / "dev/null")
     os.mknod(rich_tree / "dev/null", stat.S_IFCHR | 0o666, os.makedev(1, 5))
     os.utime(rich_tree / "dev/null", ns=(e[b"dev/null"].mtime_ns,) * 2)
-    _one(imagegen.compare_tree(rich_tree, e), "dev/null", "st_rdev")
+    _one(treecompare.compare_tree(rich_tree, e), "dev/null", "st_rdev")
     os.unlink(rich_tree / "dev/fifo")
     (rich_tree / "dev/fifo").touch()
-    _one(imagegen.compare_tree(rich_tree, e), "dev/fifo", "st_mode", "fifo")
+    _one(treecompare.compare_tree(rich_tree, e), "dev/fifo", "st_mode", "fifo")
 
 
 @needs_root
 def test_directory_nlink_is_optional(rich: imagegen.RichImage, rich_tree: Path) -> None:
     (rich_tree / "dirs/sticky/newdir").mkdir()
     e = dict(rich.expected)
-    diffs = imagegen.compare_tree(rich_tree, e)
+    diffs = treecompare.compare_tree(rich_tree, e)
     _one(diffs, "dirs/sticky", "st_nlink")
     _one(diffs, "dirs/sticky/newdir", "unexpected dir")
-    e = imagegen.replace_expected(e, b"dirs/sticky", nlink=None)
-    assert [d for d in imagegen.compare_tree(rich_tree, e) if "nlink" in d] == []
+    e = treecompare.replace_expected(e, b"dirs/sticky", nlink=None)
+    assert [d for d in treecompare.compare_tree(rich_tree, e) if "nlink" in d] == []
 
 
 # ---------------------------------------------------------------- other images
@@ -229,10 +229,10 @@ def test_many_files_image(tmp_path: Path) -> None:
 @needs_root
 def test_many_files_expected_matches(tmp_path: Path) -> None:
     out = imagegen.build_many_files_image(tmp_path / "many.tar", n=1050, per_dir=100)
-    imagegen.materialize(out, tmp_path / "root")
+    extract.materialize(out, tmp_path / "root")
     expected = imagegen.many_files_expected(1050, per_dir=100)
     assert len(expected) == 1 + 11 + 1050
-    assert imagegen.compare_tree(tmp_path / "root", expected) == []
+    assert treecompare.compare_tree(tmp_path / "root", expected) == []
 
 
 @needs_root
@@ -244,11 +244,11 @@ def test_big_sparse_image(tmp_path: Path, xdir: Path) -> None:
         m = tf.getmember("sparse/big.img")
         assert m.size == imagegen.BIG_SPARSE_SIZE and m.sparse
     dest = xdir / "big"
-    imagegen.materialize(img, dest)
+    extract.materialize(img, dest)
     big = dest / "sparse/big.img"
     assert big.stat().st_blocks * 512 < 2**20  # holes stayed holes
     # hashes the 5 GiB file, which pins BIG_SPARSE_SHA256 (big_sparse_sha256 recomputes it)
-    assert imagegen.compare_tree(dest, img.expected) == []
+    assert treecompare.compare_tree(dest, img.expected) == []
 
 
 @pytest.fixture(scope="session")
@@ -278,7 +278,7 @@ def test_python_rootfs_dir(tmp_path: Path) -> None:
 @needs_root
 def test_python_image_runs_in_a_chroot(python_image: Path, xdir: Path) -> None:
     root = xdir / "pyroot"
-    imagegen.materialize(python_image, root)
+    extract.materialize(python_image, root)
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     res = subprocess.run(
         [chroot, str(root), "/usr/bin/python3", "-c",
@@ -297,7 +297,7 @@ def test_python_image_with_pyc_uses_them(tmp_path: Path) -> None:
     img = imagegen.build_python_image(tmp_path / "pyc.tar", cache_dir=_python_cache(),
                                       with_pyc=True)
     root = tmp_path / "root"
-    imagegen.materialize(img, root)
+    extract.materialize(img, root)
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     # -v logs "code object from '<pyc>'" only when a module was loaded from its .pyc
     res = subprocess.run(

@@ -16,9 +16,9 @@ from cache.store import ChunkStore
 from lazyfs.metrics import Metrics
 from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
+from testkit.waiting import wait_until
 from tests.cachekit import install, make_image
 from tests.conftest import ROOT, lazyfs
-from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from blockindex.oci import Layout
 from blockindex.reader import IndexReader
 from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
+from testkit import imagegen, treecompare
 
-from . import imagegen
 from .conftest import lazyfs
 
 pytestmark = pytest.mark.mount
@@ -39,7 +39,7 @@ def index_of(root: Path, repo: str = "rich", tag: str = "1") -> IndexReader:
 def test_mounted_tree_equals_the_merged_image(served, mounts):
     image, _root, server = served
     mnt, _ = mounts.mount(ref(server), "--no-prefetch")
-    assert imagegen.compare_tree(mnt, image.expected) == []
+    assert treecompare.compare_tree(mnt, image.expected) == []
     with pytest.raises(OSError) as e:
         (mnt / "newfile").write_text("x")
     assert e.value.errno == errno.EROFS
@@ -82,17 +82,17 @@ def test_prefetch_completes_then_works_without_the_server(served, mounts, tmp_pa
     st = mounts.wait_complete(mnt)
     assert st["prefetch"]["cached_bytes"] == st["prefetch"]["total_bytes"] > 0
     server.close()
-    assert imagegen.compare_tree(mnt, image.expected) == []
+    assert treecompare.compare_tree(mnt, image.expected) == []
     lazyfs("umount", str(mnt))
     mounts.points.remove(mnt)
     # the server is gone: a fresh mount falls back to the cache by itself ...
     mnt2, _ = mounts.mount(ref(server), name="again")
-    assert imagegen.compare_tree(mnt2, image.expected) == []
+    assert treecompare.compare_tree(mnt2, image.expected) == []
     assert "trying the cache" in mounts.log("again")
     # ... and --offline never tries the network
     mnt3, _ = mounts.mount(ref(server), "--offline", name="offline")
     assert mounts.status(mnt3)["offline"] is True
-    assert imagegen.compare_tree(mnt3, image.expected) == []
+    assert treecompare.compare_tree(mnt3, image.expected) == []
 
 
 def test_altered_chunk_is_eio_and_not_cached(served, mounts):
@@ -334,7 +334,7 @@ def test_an_image_with_the_media_types_of_earlier_versions_still_mounts(served, 
         layer["mediaType"] = legacy[layer["mediaType"]]
     layout.tag(layout.write_blob(canonical_json(manifest), MEDIA_TYPE_OCI_MANIFEST), "old")
     mnt, _ = mounts.mount(ref(server, "rich:old"), "--no-prefetch")
-    assert imagegen.compare_tree(mnt, image.expected) == []
+    assert treecompare.compare_tree(mnt, image.expected) == []
     info = json.loads(lazyfs("images", ref(server, "rich:old"), "--json").stdout)
     assert info["lazy"] and info["index"] == manifest["layers"][0]["digest"]
 

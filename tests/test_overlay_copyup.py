@@ -30,8 +30,7 @@ import pytest
 
 from blockindex.convert import convert
 from lazyfs.serve import make_server
-
-from .waiting import wait_until
+from testkit.waiting import wait_until
 
 pytestmark = pytest.mark.mount
 

@@ -23,11 +23,11 @@ import pytest
 
 from blockindex.codec import decode_verified
 from lazyfs.process import wait_gone
+from testkit.treecompare import compare_tree
+from testkit.waiting import listening, wait_until
 
 from .conftest import ROOT, lazyfs
-from .imagegen import compare_tree
 from .test_mount import index_of
-from .waiting import listening, wait_until
 
 pytestmark = pytest.mark.mount
 

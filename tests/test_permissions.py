@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 
 from blockindex.oci import Layout
+from testkit import containerdkit as kit
+from testkit.registryd import Registry, needs_registry
 
-from . import containerdkit as kit
 from .conftest import ROOT, lazyfs
-from .registryd import Registry, needs_registry
 from .test_mount import index_of
 from .test_peers import TOKEN, free_ports
 

@@ -14,10 +14,10 @@ from cache.images import ImageStore
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher, FetchConfig
 from lazyfs.prefetch import Prefetcher
+from testkit.waiting import wait_until
 
 from .cachekit import make_image, manifest_of
 from .fakes import ScriptedSource
-from .waiting import wait_until
 
 HANG = 30  # seconds: only catches a hang
 

@@ -38,8 +38,8 @@ from fetcher.imageref import ImageRef
 from fetcher.registry import RegistryClient, RetryPolicy, resolve_image_manifest, tls_context
 from lazyfs.serve import ServerHandle
 from lazyfs.snapshotter import client as snapshotter_client
+from testkit import treecompare
 
-from . import imagegen
 from .conftest import Image
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, max_retry_after=0.05)
@@ -166,7 +166,7 @@ def test_a_mount_of_a_multi_platform_image_fetches_its_index_once(served, mounts
         return [path for method, path, _, _ in server.requests if "/manifests/" in path]
 
     mnt, _ = mounts.mount(ref, "--no-prefetch")
-    assert imagegen.compare_tree(mnt, image.expected) == []
+    assert treecompare.compare_tree(mnt, image.expected) == []
     assert manifest_gets() == ["/v2/rich/manifests/multi", f"/v2/rich/manifests/{target['digest']}"]
     # the snapshotter's pull resolves it the same way
     server.requests.clear()

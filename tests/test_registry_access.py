@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from . import imagegen
+from testkit import imagegen, treecompare
+from testkit.registryd import Registry, make_htpasswd, make_tls, needs_registry
+
 from .conftest import lazyfs
-from .registryd import Registry, make_htpasswd, make_tls, needs_registry
 
 pytestmark = [needs_registry]
 USER, PASSWORD = "alice", "s3cret-Pa55"
@@ -42,7 +43,7 @@ def test_basic_auth_registry(tmp_path, rich, mounts):
         assert info["lazy"] is True
         # a daemon's credentials file; the mount reads everything through it
         mnt, _ = mounts.mount(f"{registry.host}/app:1-lazy", "--creds-file", str(conf / "config.json"))
-        assert imagegen.compare_tree(mnt, rich.expected) == []
+        assert treecompare.compare_tree(mnt, rich.expected) == []
         status = lazyfs("status", str(mnt), "--json").stdout
         # the password is in no log, no status, no command line
         mounts.wait_complete(mnt)
@@ -80,7 +81,7 @@ def test_tls_registry_with_ca_file(tmp_path, rich, mounts):
         done = lazyfs("images", f"{registry.host}/app:1-lazy", check=False)
         assert done.returncode == 4 and "not trusted" in done.stderr, done.stderr
         mnt, _ = mounts.mount(f"{registry.host}/app:1-lazy", "--ca-file", str(ca), "--no-prefetch")
-        assert imagegen.compare_tree(mnt, rich.expected) == []
+        assert treecompare.compare_tree(mnt, rich.expected) == []
     finally:
         registry.stop()
 
@@ -146,7 +147,7 @@ fi""")
         lazyfs("mount", ref, str(mnt), "--cache", str(tmp_path / "cache"), "--no-prefetch",
                "--timeout", "10", "--log-file", str(tmp_path / "mnt.log"), env=env)
         mounts.points.append(mnt)  # unmounted at teardown
-        assert imagegen.compare_tree(mnt, rich.expected) == []
+        assert treecompare.compare_tree(mnt, rich.expected) == []
         # every way a helper can go wrong: one line, a documented code, no secret
         for store, code, words in (("missing", 2, "docker-credential-missing"),
                                    ("broken", 4, "keyring locked"),

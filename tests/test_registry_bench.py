@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .registryd import needs_registry
+from testkit.registryd import needs_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 

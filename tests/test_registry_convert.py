@@ -12,10 +12,10 @@ import pytest
 
 from blockindex.oci import MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 from lazyfs.convert import convert
+from testkit import imagegen, tarwriter, treecompare
+from testkit.registryd import Registry, needs_registry
 
-from . import imagegen
 from .conftest import lazyfs
-from .registryd import Registry, needs_registry
 
 pytestmark = [needs_registry]
 CS = 64 << 10
@@ -36,14 +36,14 @@ def registry(tmp_path):
 
 def _second_image(path, tag: str) -> None:
     """An image on the rich image's base layer with a different top layer."""
-    tars = [imagegen._write_tar(layer) for layer in imagegen._rich_layers()]
+    tars = [tarwriter.write_tar(layer) for layer in imagegen._rich_layers()]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         data = b"version two\n" * 1000
         ti = tarfile.TarInfo("v2.txt")
         ti.size = len(data)
         tf.addfile(ti, io.BytesIO(data))
-    imagegen._write_docker_archive(path, [tars[0], buf.getvalue()], gzip_layers={1}, repo_tag=tag)
+    tarwriter.write_docker_archive(path, [tars[0], buf.getvalue()], gzip_layers={1}, repo_tag=tag)
 
 
 @pytest.mark.mount
@@ -53,7 +53,7 @@ def test_convert_from_registry_push_back_and_mount(registry, rich, mounts):
                   "--chunk-size", "64K")
     assert "pushed:" in done.stdout
     mnt, _ = mounts.mount(f"{registry.host}/app:1-lazy", "--no-prefetch")
-    assert imagegen.compare_tree(mnt, rich.expected) == []
+    assert treecompare.compare_tree(mnt, rich.expected) == []
     # the original config (entrypoint, env) is kept
     info = json.loads(lazyfs("images", f"{registry.host}/app:1-lazy", "--json").stdout)
     assert info["lazy"] is True and info["files"] == sum(
@@ -122,7 +122,7 @@ def test_zstd_layers_and_image_index_with_platform(registry, rich, tmp_path):
     # an image index with two platforms: the host's by default, --platform to choose
     lay = Layout(tmp_path / "multi")
     lay.init()
-    layer = lay.write_blob(imagegen._write_tar(imagegen._rich_layers()[0]),
+    layer = lay.write_blob(tarwriter.write_tar(imagegen._rich_layers()[0]),
                            "application/vnd.oci.image.layer.v1.tar")
     descs = []
     for arch in ("amd64", "arm64"):

@@ -16,9 +16,9 @@ from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST
 from fetcher.errors import NotFoundError, ServerError
 from fetcher.imageref import ImageRef
 from fetcher.registry import RegistryClient
+from testkit.waiting import listening, wait_until
 
 from .conftest import Image, build_image
-from .waiting import listening, wait_until
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("docker-registry") and shutil.which("skopeo")),

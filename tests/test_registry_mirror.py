@@ -8,10 +8,11 @@ import subprocess
 
 import pytest
 
-from . import imagegen
+from testkit import imagegen, treecompare
+from testkit.registryd import Registry, free_port, needs_registry
+from testkit.waiting import listening, wait_until
+
 from .conftest import lazyfs
-from .registryd import Registry, free_port, needs_registry
-from .waiting import listening, wait_until
 
 pytestmark = [needs_registry, pytest.mark.mount,
               pytest.mark.skipif(not shutil.which("nginx"), reason="needs nginx")]
@@ -88,17 +89,17 @@ def test_second_node_reads_only_from_the_mirror(tmp_path, mounts, nginx_mirror):
         ref = f"{registry.host}/app:1-lazy"
         mnt, _ = mounts.mount(ref, "--mirror", mirror, name="node1", cache=tmp_path / "cache1")
         mounts.wait_complete(mnt)
-        assert imagegen.compare_tree(mnt, image.expected) == []
+        assert treecompare.compare_tree(mnt, image.expected) == []
         reads = len(registry.blob_reads())
         # another node: its own empty cache, the same mirror
         mnt2, _ = mounts.mount(ref, "--mirror", mirror, name="node2", cache=tmp_path / "cache2")
         mounts.wait_complete(mnt2)
-        assert imagegen.compare_tree(mnt2, image.expected) == []
+        assert treecompare.compare_tree(mnt2, image.expected) == []
         assert len(registry.blob_reads()) == reads
         # a dead mirror: the registry serves, and the mount still works
         mnt3, _ = mounts.mount(ref, "--mirror", "http://127.0.0.1:1", "--no-prefetch", name="node3",
                                cache=tmp_path / "cache3")
-        assert imagegen.compare_tree(mnt3, image.expected) == []
+        assert treecompare.compare_tree(mnt3, image.expected) == []
         assert len(registry.blob_reads()) > reads
     finally:
         registry.stop()

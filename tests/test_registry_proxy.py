@@ -10,10 +10,11 @@ import urllib.parse
 
 import pytest
 
-from . import imagegen
+from testkit import imagegen, treecompare
+from testkit.registryd import Registry, needs_registry
+
 from .conftest import lazyfs
 from .proxyd import Tinyproxy, needs_tinyproxy
-from .registryd import Registry, needs_registry
 
 pytestmark = [needs_registry, needs_tinyproxy]
 
@@ -59,7 +60,7 @@ def test_convert_and_mount_through_a_forward_proxy(tmp_path, registry, proxy, mo
 
     before_proxy, seen = len(proxy.requests()), len(registry.requests())
     mnt, _ = mounts.mount(f"{registry.host}/app:1-lazy", "--proxy", proxy.url, "--no-prefetch")
-    assert imagegen.compare_tree(mnt, image.expected) == []
+    assert treecompare.compare_tree(mnt, image.expected) == []
     through = _paths(proxy.requests()[before_proxy:], registry.host)
     at_registry = [(m, uri) for m, uri, _status in registry.requests()[seen:]]
     assert collections.Counter(through) == collections.Counter(at_registry)

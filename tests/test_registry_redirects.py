@@ -17,8 +17,8 @@ import trio
 from fetcher.imageref import ImageRef
 from fetcher.redirects import EXPIRY_MARGIN, RedirectCache, url_expiry
 from fetcher.registry import RegistryClient
+from testkit import treecompare
 
-from . import imagegen
 from .redirectd import RedirectingRegistry
 
 
@@ -107,7 +107,7 @@ def test_mount_through_a_redirecting_registry(served, mounts):
             p.read_bytes()
         first_redirects = front.redirects
         front.blobs.expire_all()
-        assert imagegen.compare_tree(mnt, image.expected) == []
+        assert treecompare.compare_tree(mnt, image.expected) == []
         assert front.blobs.refused >= 1  # a stale URL was tried, and the reads still worked
         assert front.redirects > first_redirects
         # far fewer trips to the registry than ranges read from storage

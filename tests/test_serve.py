@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST
 from lazyfs.serve import ServerHandle, make_server
+from testkit.waiting import wait_until
 
 from .conftest import Image
 from .test_peer_requests import exchange
-from .waiting import wait_until
 
 
 def request(

@@ -37,11 +37,11 @@ from lazyfs.snapshotter.service import (
     SnapshotService,
     image_of,
 )
+from testkit import containerdkit as kit
+from testkit import imagegen
+from testkit.waiting import wait_until
 
-from . import containerdkit as kit
-from . import imagegen
 from .conftest import lazyfs
-from .waiting import wait_until
 
 
 def test_cli_errors_are_one_line_with_an_exit_code(tmp_path):

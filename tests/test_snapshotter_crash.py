@@ -33,11 +33,11 @@ from cache.store import ChunkStore
 from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
 from lazyfs.snapshotter.client import chain_ids
+from testkit import containerdkit as kit
+from testkit.waiting import wait_until
 
-from . import containerdkit as kit
 from .conftest import lazyfs
 from .test_stress import _check_entries
-from .waiting import wait_until
 
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(600)]  # containerd killed and restarted in a loop
 

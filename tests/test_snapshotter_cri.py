@@ -23,12 +23,12 @@ from blockindex.convert import convert
 from blockindex.oci import Layout
 from lazyfs.mountinfo import STATUS_XATTR
 from lazyfs.process import wait_gone
+from testkit import containerdkit as kit
+from testkit import imagegen
+from testkit.registryd import Registry, make_htpasswd, needs_registry
+from testkit.waiting import wait_until
 
-from . import containerdkit as kit
-from . import imagegen
 from .conftest import lazyfs
-from .registryd import Registry, make_htpasswd, needs_registry
-from .waiting import wait_until
 
 PASSWORD = "Pw-9f3c-private"
 

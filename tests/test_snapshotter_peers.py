@@ -26,12 +26,12 @@ from lazyfs.snapshotter.errors import AlreadyExistsError
 from lazyfs.snapshotter.filesystem import LazyFileSystem, PeerOptions
 from lazyfs.snapshotter.labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 from lazyfs.snapshotter.service import SnapshotService
+from testkit import containerdkit as kit
+from testkit.treecompare import compare_tree
+from testkit.waiting import listening, wait_until
 
-from . import containerdkit as kit
 from .conftest import ROOT, lazyfs
-from .imagegen import compare_tree
 from .test_peers import TOKEN, free_ports, origin_range_bytes
-from .waiting import listening, wait_until
 
 IMAGE = "127.0.0.1:5000/app@sha256:" + "ab" * 32
 

@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterator
 import pytest
 import trio
 
-from bench.faultproxy import FaultProxy
 from fetcher.errors import FetchError
 from fetcher.imageref import ImageRef
 from fetcher.mirrors import MirroredClient
 from fetcher.registry import RegistryClient, RetryPolicy
 from fetcher.source import BlobSource
+from testkit.faultproxy import FaultProxy
 
 from .conftest import Image
 

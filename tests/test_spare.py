@@ -14,9 +14,9 @@ from cache.pids import alive
 from lazyfs.errors import ExitCode, UserError
 from lazyfs.process import read_ready, wait_gone
 from lazyfs.snapshotter.filesystem import LazyFileSystem
+from testkit.treecompare import compare_tree
 
 from .conftest import ROOT
-from .imagegen import compare_tree
 
 pytestmark = pytest.mark.mount
 

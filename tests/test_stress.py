@@ -27,8 +27,7 @@ from blockindex.reader import IndexReader
 from cache.store import ChunkStore
 from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
-
-from .waiting import wait_until
+from testkit.waiting import wait_until
 
 pytestmark = pytest.mark.mount
 

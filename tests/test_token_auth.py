@@ -22,9 +22,8 @@ import pytest
 from blockindex.convert import convert
 from lazyfs import serve
 from lazyfs.serve import make_server
-
-from . import imagegen
-from .waiting import wait_until
+from testkit import treecompare
+from testkit.waiting import wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -157,7 +156,7 @@ def test_reads_after_the_token_expires_renew_it(token_registry, mounts, advertis
     assert tokens.issued > first
     # the fast plain-HTTP path carries the renewed token too (it is not given up for httpx)
     assert tokens.lean_reads > lean
-    assert imagegen.compare_tree(mnt, image.expected) == []
+    assert treecompare.compare_tree(mnt, image.expected) == []
 
 
 def test_prefetch_completes_across_several_token_expiries(small_blobs, mounts):
@@ -172,7 +171,7 @@ def test_prefetch_completes_across_several_token_expiries(small_blobs, mounts):
         assert len(blob_reads) >= 8, len(blob_reads)
         assert tokens.issued >= 3, tokens.issued
         assert st["fetch"]["failed_requests"] == 0
-    assert imagegen.compare_tree(mnt, image.expected) == []
+    assert treecompare.compare_tree(mnt, image.expected) == []
 
 
 def test_wrong_credentials_for_the_token_server_fail_fast(token_registry, mounts):

@@ -16,9 +16,9 @@ import pytest
 
 from blockindex.convert import convert
 from lazyfs.serve import make_server
+from testkit.waiting import wait_until
 
 from .conftest import lazyfs
-from .waiting import wait_until
 
 pytestmark = pytest.mark.mount
 

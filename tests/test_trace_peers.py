@@ -25,14 +25,14 @@ from fetcher.errors import AuthError, NotFoundError, ServerError
 from fetcher.peers import PeerClient
 from lazyfs.learned import checked_trace
 from lazyfs.peer import ChunkServer
+from testkit.registryd import Registry, needs_registry
+from testkit.waiting import listening, wait_until
 
 from .conftest import ROOT, lazyfs
-from .registryd import Registry, needs_registry
 from .test_mount import index_of
 from .test_peers import free_ports
 from .test_trace_mount import make_rootfs, read_all
 from .test_trace_mount import traced as _traced
-from .waiting import listening, wait_until
 
 traced = _traced  # the fixture: an image of 60 files, served, and a workload of 20
 

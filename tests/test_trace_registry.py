@@ -15,11 +15,11 @@ from fetcher.imageref import ImageRef
 from fetcher.options import RegistryOptions
 from fetcher.referrers import push_referrer, referrers_tag
 from fetcher.registry import resolve_image_manifest
+from testkit.registryd import Registry, needs_registry
+from testkit.waiting import wait_until
 
 from .conftest import lazyfs
-from .registryd import Registry, needs_registry
 from .test_trace_mount import make_rootfs, read_all
-from .waiting import wait_until
 
 pytestmark = [needs_registry, pytest.mark.mount]
 

@@ -22,8 +22,8 @@ from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
 from lazyfs.content import ImageContent
 from lazyfs.serve import make_server
+from testkit import treecompare
 
-from . import imagegen
 from .conftest import lazyfs
 from .fakes import make_blob
 from .test_hostile import _hostile_index
@@ -136,7 +136,7 @@ def test_a_zstd_image_mounts_reads_back_and_verifies(served_zstd, mounts):
 
     mnt, _ = mounts.mount(ref(server))
     mounts.wait_complete(mnt)
-    assert imagegen.compare_tree(mnt, image.expected) == []
+    assert treecompare.compare_tree(mnt, image.expected) == []
     lazyfs("umount", str(mnt))
     mounts.points.remove(mnt)
 

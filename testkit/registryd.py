@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .waiting import listening, wait_until
+from .waiting import listening, stop_process, wait_until
 
 needs_registry = pytest.mark.skipif(
     not (shutil.which("docker-registry") and shutil.which("skopeo")),
@@ -88,13 +88,7 @@ class Registry:
                 if method == "GET" and "/blobs/sha256" in uri]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
     def skopeo_copy(self, src: str, repo_tag: str, creds: str | None = None) -> None:

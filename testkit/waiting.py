@@ -3,10 +3,12 @@
 A test never decides an outcome by sleeping (on a slow machine the sleep is too short and
 the test passes or fails for nothing); it waits until what it needs is true, and a wait
 that runs out fails saying what did not happen. Trio code uses trio's ``MockClock``
-instead, or calls this from a thread (``trio.to_thread.run_sync``)."""
+instead, or calls this from a thread (``trio.to_thread.run_sync``). A process a test
+started is ended the same way: asked, waited for, then killed (``stop_process``)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -45,3 +47,17 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
     except OSError:
         return False
     return True
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10, sig: int = signal.SIGTERM) -> None:
+    """End a process the test started, and reap it: send ``sig``, wait up to ``timeout``
+    seconds, then SIGKILL and wait as long again (TimeoutExpired if even that is ignored,
+    e.g. a process stuck in the kernel). A process that has already exited is left alone."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)

@@ -19,8 +19,8 @@ from typing import Any
 
 from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 
-from . import imagegen
-from .waiting import wait_until
+from . import hostpython
+from .waiting import stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,13 +39,7 @@ class Procs:
         return p
 
     def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-        if p.poll() is None:
-            p.send_signal(sig)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_process(p, 15, sig)
 
     def stop_all(self) -> None:
         for p in reversed(self.procs):
@@ -193,12 +187,12 @@ def build_pause_image(layout_dir: Path, tag: str = "1") -> str:
     """An ordinary one-layer OCI image whose entrypoint is this machine's ``sleep
     infinity`` (with its shared libraries): a pod sandbox image without a download.
     Returns the manifest digest."""
-    entries: dict[str, imagegen._HostEntry] = {}
+    entries: dict[str, hostpython.HostEntry] = {}
     sleep = "/bin/sleep"
-    imagegen._add_host_path(sleep, entries)
-    for lib in sorted(imagegen._ldd([os.path.realpath(sleep)])):
-        imagegen._add_host_path(lib, entries)
-    tar = imagegen._host_layer_tar(entries, {})
+    hostpython.add_host_path(sleep, entries)
+    for lib in sorted(hostpython.ldd([os.path.realpath(sleep)])):
+        hostpython.add_host_path(lib, entries)
+    tar = hostpython.host_layer_tar(entries, {})
     layout = Layout(layout_dir)
     layout.init()
     layer = layout.write_blob(tar, "application/vnd.oci.image.layer.v1.tar")
