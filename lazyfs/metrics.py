@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # types only: the processes that report import this module, n
     from .content import ImageContent
     from .peer import ChunkServer
     from .prefetch import Prefetcher
-    from .serve import _Server
+    from .servehttp import OriginServer
     from .snapshotter.service import SnapshotService
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -250,7 +250,7 @@ def snapshotter_samples(service: SnapshotService) -> Callable[[], list[Sample]]:
     return samples
 
 
-def serve_samples(server: _Server) -> Callable[[], list[Sample]]:
+def serve_samples(server: OriginServer) -> Callable[[], list[Sample]]:
     """``lazyfs serve``'s (read in the scrape thread: the counts are kept under a lock)."""
 
     def samples() -> list[Sample]:
