@@ -39,15 +39,8 @@ from fetcher.imageref import ImageRef
 from fetcher.manifests import resolve_image_manifest
 from fetcher.mirrors import MirroredClient
 from fetcher.options import RegistryOptions
-from fetcher.peers import (
-    WILDCARD_HOSTS,
-    PeerClient,
-    PeerConfig,
-    PeerSet,
-    PeersFileWatcher,
-    PeerTier,
-    peer_url,
-)
+from fetcher.peers import PeerClient, PeerConfig, PeerSet, PeersFileWatcher, PeerTier
+from fetcher.peerwire import WILDCARD_HOSTS, peer_url
 from fetcher.registry import RegistryClient
 
 from . import mountinfo

@@ -497,13 +497,13 @@ def test_the_peer_server_caps_connections_and_drops_callers_that_stop_reading(tm
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve, listeners)
             idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
-            await until(lambda: server._connections == 3)
+            await until(lambda: server._connections.open == 3)
             extra = await trio.open_tcp_stream("127.0.0.1", port)
             with trio.fail_after(5):
                 assert await receive_all(extra) == b""  # closed at once, no answer
             assert server.stats.refused_connections == 1
             await idle.pop().aclose()
-            await until(lambda: server._connections == 2)
+            await until(lambda: server._connections.open == 2)
             # a caller that asks and never reads: cut off after the send timeout
             stalled = await trio.open_tcp_stream("127.0.0.1", port)
             await stalled.send_all(request)
