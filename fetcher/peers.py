@@ -179,14 +179,8 @@ class PeerSet:
                   if not self._is_self(p) and self.health[p].avoid_until <= now]
         return usable[:self.config.trace_peers]
 
-    def owner(self, digest: bytes) -> str | None:
-        """The peer to ask first for ``digest``; None when that is this node (or no peer
-        is usable): use the origin."""
-        owners = self.owners(digest, 1)
-        return owners[0] if owners else None
-
     def runner_up(self, digest: bytes) -> str | None:
-        """For a chunk ``owner`` sends to the origin (this node is first among the usable
+        """For a chunk ``owners`` sends to the origin (this node is first among the usable
         peers): the next usable peer in its order, asked cache-only, since a node that
         prefetched before may hold it. Skipping avoided peers matters with three nodes or
         more: when the owner is down and this node comes next, another peer may have it."""

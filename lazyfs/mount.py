@@ -34,7 +34,7 @@ from cache.store import ChunkStore
 from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher
 from fetcher.config import FetchConfig
-from fetcher.errors import DeadlineError, FetchError, IntegrityError, UnreachableError
+from fetcher.errors import DeadlineError, FetchError, UnreachableError
 from fetcher.imageref import ImageRef
 from fetcher.manifests import resolve_image_manifest
 from fetcher.mirrors import MirroredClient
@@ -435,4 +435,4 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
     log.info("unmounted %s", opts.mountpoint)
 
 
-__all__ = ["MountOptions", "serve", "open_image", "IntegrityError"]
+__all__ = ["MountOptions", "serve"]
