@@ -74,8 +74,9 @@ MEDIA_TYPE_CHUNKS = "application/vnd.oci.image.layer.lazyfs.chunks.v1"
 LEGACY_MEDIA_TYPE_INDEX = "application/vnd.lazyfs.index.v1.sqlite"
 LEGACY_MEDIA_TYPE_CHUNKS = "application/vnd.lazyfs.chunks.v1"
 INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_INDEX, LEGACY_MEDIA_TYPE_INDEX})
-CHUNKS_MEDIA_TYPES = frozenset({MEDIA_TYPE_CHUNKS, LEGACY_MEDIA_TYPE_CHUNKS})
-ARTIFACT_ANNOTATION = "io.lazyfs.image"  # value: the index's format version; marks a lazy image
+"""The layer holding a lazy image's block index, current and legacy (not an OCI image
+index: ``fetcher.manifests.IMAGE_INDEX_MEDIA_TYPES``)."""
+ARTIFACT_ANNOTATION = "io.lazyfs.image"  # value: FORMAT_VERSION; marks a lazy image
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;

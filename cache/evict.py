@@ -162,7 +162,6 @@ class CacheKeeper:
         self.size = 0
         self.entries = 0
         self.pinned_bytes = 0
-        self.evictions = 0
         self.evicted_entries = 0
         self.evicted_bytes = 0
         self.over_limit = False
@@ -211,7 +210,6 @@ class CacheKeeper:
         self._written_at_scan = written
         self.size, self.entries, self.pinned_bytes = r.bytes, r.entries, r.pinned_bytes
         if r.evicted_entries:
-            self.evictions += 1
             self.evicted_entries += r.evicted_entries
             self.evicted_bytes += r.evicted_bytes
             log.info("evicted %d least recently used cache entries (%d bytes) to keep %s under %d bytes%s",

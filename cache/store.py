@@ -98,12 +98,11 @@ class ChunkStore:
 
     def sweep_temps(self) -> int:
         """Delete temp entries left by writers that died (a SIGKILLed mount leaves its
-        half-written entries behind forever otherwise), in every entry directory and in
-        the ``tmp/`` of earlier versions. A temp name ends in ``.PID.TID``; only those whose
-        process is gone are removed, so the mounts sharing this cache keep theirs. Runs in
-        a thread of its own when a store is opened: listing a big cache takes a while, and
-        nothing waits for it."""
-        dirs = [self.root / "tmp"]
+        half-written entries behind forever otherwise), in every entry directory. A temp
+        name ends in ``.PID.TID``; only those whose process is gone are removed, so the
+        mounts sharing this cache keep theirs. Runs in a thread of its own when a store is
+        opened: listing a big cache takes a while, and nothing waits for it."""
+        dirs: list[Path] = []
         try:
             dirs += [Path(e.path) for e in os.scandir(self._chunks) if e.is_dir(follow_symlinks=False)]
         except OSError:
@@ -318,7 +317,7 @@ def sweep_dead_temps(dirs: list[Path]) -> int:
             parts = name.rsplit(".", 2)
             if len(parts) != 3 or not parts[1].isdigit() or alive(int(parts[1])):
                 continue
-            if directory.name != "tmp" and not name.startswith(TEMP_PREFIX):
+            if not name.startswith(TEMP_PREFIX):
                 continue
             try:
                 os.unlink(directory / name)

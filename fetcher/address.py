@@ -110,7 +110,7 @@ def parse_url(text: str, *, schemes: tuple[str, ...], userinfo: bool = False,
         scheme, rest = default_scheme, text
     if not _SCHEME_RE.match(scheme) or scheme.lower() not in schemes:
         raise ValueError(f"{text!r}: the scheme must be {' or '.join(s + '://' for s in schemes)}")
-    netloc, slash, path = rest.partition("/")
+    netloc, _, path = rest.partition("/")
     if path or "?" in netloc or "#" in netloc:
         raise ValueError(f"{text!r}: expected {scheme}://HOST[:PORT] with no path or query")
     user = None

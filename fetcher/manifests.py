@@ -31,7 +31,9 @@ from .imageref import ImageRef
 MANIFEST_ACCEPT = ", ".join(
     [MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_LIST]
 )
-INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST})
+IMAGE_INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST})
+"""An OCI image index or a Docker manifest list: a manifest of manifests, one per
+platform (not lazyfs's block index: ``blockindex.format.INDEX_MEDIA_TYPES``)."""
 MAX_MANIFEST_SIZE = 4 << 20
 
 
@@ -64,7 +66,7 @@ class Manifest:
 
     @property
     def is_index(self) -> bool:
-        return self.media_type in INDEX_MEDIA_TYPES
+        return self.media_type in IMAGE_INDEX_MEDIA_TYPES
 
     def json(self) -> dict:
         try:

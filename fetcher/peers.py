@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypedDict
-from urllib.parse import urlencode
 
 import trio
 import xxhash
@@ -46,17 +45,11 @@ import xxhash
 from blockindex.format import Chunk
 
 from .address import parse_url
-from .errors import AuthError, FetchError, NotFoundError, ServerError, UnreachableError
+from .errors import AuthError, FetchError, NotFoundError, ServerError
 from .http1 import RangeClient, UnexpectedResponse
+from .peerwire import NODE_HEADER, TRACE_PATH, authorization, chunk_target, normalize_url
 
 log = logging.getLogger(__name__)
-
-CHUNK_PATH = "/v1/chunks/"
-TRACE_PATH = "/v1/traces/"
-"""``GET /v1/traces/sha256:<hex>``: the learned prefetch trace a peer keeps for an image."""
-NODE_HEADER = "X-Lazyfs-Node"
-"""Sent with every peer request: the asking process's random id (see ``PeerClient``)."""
-
 
 def _weight(peer: str, digest: bytes) -> int:
     return xxhash.xxh3_64_intdigest(peer.encode() + b"\0" + digest)
@@ -65,22 +58,6 @@ def _weight(peer: str, digest: bytes) -> int:
 def rendezvous(digest: bytes, peers: Sequence[str]) -> list[str]:
     """``peers`` ordered by their weight for ``digest``, highest first (HRW hashing)."""
     return sorted(peers, key=lambda p: (_weight(p, digest), p), reverse=True)
-
-
-def normalize_url(url: str) -> str:
-    """``http://host:port`` with no trailing slash: the form peers are compared in."""
-    try:
-        return str(parse_url(url.strip(), schemes=("http",), default_scheme="http", port_required=True))
-    except ValueError as exc:
-        raise ValueError(f"not a peer URL (expected http://HOST:PORT): {exc}") from None
-
-
-def peer_url(host: str, port: int) -> str:
-    """The URL of a peer listening on ``host:port``."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def read_peers_file(path: Path) -> list[str]:
@@ -202,14 +179,8 @@ class PeerSet:
                   if not self._is_self(p) and self.health[p].avoid_until <= now]
         return usable[:self.config.trace_peers]
 
-    def owner(self, digest: bytes) -> str | None:
-        """The peer to ask first for ``digest``; None when that is this node (or no peer
-        is usable): use the origin."""
-        owners = self.owners(digest, 1)
-        return owners[0] if owners else None
-
     def runner_up(self, digest: bytes) -> str | None:
-        """For a chunk ``owner`` sends to the origin (this node is first among the usable
+        """For a chunk ``owners`` sends to the origin (this node is first among the usable
         peers): the next usable peer in its order, asked cache-only, since a node that
         prefetched before may hold it. Skipping avoided peers matters with three nodes or
         more: when the owner is down and this node comes next, another peer may have it."""
@@ -324,7 +295,7 @@ class PeerClient:
     its own process and say so, rather than wait on the very fetch that asked it."""
 
     def __init__(self, token: str, *, connect_timeout: float = 2.0, node_id: str | None = None) -> None:
-        self._auth = {"Authorization": f"Bearer {token}"}
+        self._auth = {"Authorization": authorization(token)}
         if node_id:
             self._auth[NODE_HEADER] = node_id
         self._clients: dict[str, RangeClient] = {}
@@ -343,15 +314,10 @@ class PeerClient:
         """The stored payload of ``chunk`` (unverified). ``repository`` (``registry/repo``)
         lets an owner that lacks the chunk fetch it from the origin; without it the peer
         answers from its cache alone (404 if it lacks it)."""
-        path = f"{CHUNK_PATH}{chunk.hexdigest}"
-        if repository:
-            path += "?" + urlencode({"blob": chunk.blob.digest, "offset": chunk.offset,
-                                     "stored": chunk.stored_size, "size": chunk.size,
-                                     "codec": chunk.codec, "repo": repository})
         try:
             # a peer's answer is the chunk, no more: anything longer is a failed source
-            return await self._client(peer).get_range(path, 0, chunk.stored_size, self._auth,
-                                                      whole_ok=False)
+            return await self._client(peer).get_range(chunk_target(chunk, repository), 0,
+                                                      chunk.stored_size, self._auth, whole_ok=False)
         except UnexpectedResponse as exc:
             if exc.status == 404:
                 raise ServerError(f"peer {peer} has no chunk {chunk.hexdigest[:16]} (404)") from None
@@ -381,11 +347,6 @@ class PeerTier:
     client: PeerClient
     repository: str | None = None
     """``registry/repository`` of the image, sent so that an owner can fetch from the origin."""
-
-
-__all__ = ["rendezvous", "PeerSet", "PeerConfig", "PeerClient", "PeersFileWatcher",
-           "PeerIsSelf", "NODE_HEADER", "TRACE_PATH", "normalize_url", "peer_url",
-           "read_peers_file", "UnreachableError"]
 
 
 def _refusal(peer: str, status: int, what: str) -> FetchError:

@@ -18,7 +18,6 @@ import trio
 from blockindex.errors import ImageError
 from blockindex.oci import Layout, check_digest
 
-from .errors import FetchError
 from .imageref import ImageRef
 from .manifests import resolve_image_manifest
 from .options import RegistryOptions
@@ -70,4 +69,4 @@ async def _pull(ref: ImageRef, layout: Layout, options: RegistryOptions,
     return manifest.digest
 
 
-__all__ = ["pull_image", "PULLED_TAG", "FetchError"]
+__all__ = ["pull_image", "PULLED_TAG"]

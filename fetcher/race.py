@@ -4,7 +4,6 @@
                                 attempt started so far has failed, or (a hedge) when the
                                 last one started has not answered within ``d`` seconds;
                                 the first success wins and the others are cancelled
-    hedge(primary, backup, d)   ``race`` of two
 
 A chunk's attempts are its owners among the peers, then the origin (see ``peers.py``); an
 image's trace is asked of a few peers the same way (``lazyfs.learned``).
@@ -94,12 +93,3 @@ async def race(attempts: Sequence[Callable[[], Awaitable[T]]], delay: float, *,
     if results:
         return results[0]
     raise errors[last]
-
-
-async def hedge(primary: Callable[[], Awaitable[T]], backup: Callable[[], Awaitable[T]],
-                delay: float, may_hedge: Callable[[], bool] | None = None) -> tuple[T, bool]:
-    """``race`` of two: ``primary`` (a peer), then ``backup`` (the origin) when ``primary``
-    fails or is slower than ``delay``. Returns the first success and whether it was
-    ``backup``'s."""
-    r = await race([primary, backup], delay, take_hedge=may_hedge)
-    return r.value, r.winner == 1

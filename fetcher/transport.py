@@ -121,8 +121,6 @@ class LeanRangeTransport(httpx.AsyncBaseTransport):
         self._timeout = timeout
         self._max_idle = max_idle
         self._clients: dict[tuple[str, int], RangeClient] = {}
-        self.ranges = 0
-        """Ranges the lean client answered (for logs and tests)."""
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         m = _RANGE_RE.match(request.headers.get("Range", ""))
@@ -149,7 +147,6 @@ class LeanRangeTransport(httpx.AsyncBaseTransport):
         except UnreachableError as exc:
             raise httpx.ConnectError(str(exc), request=request) from exc
         else:
-            self.ranges += 1
             return httpx.Response(
                 206, request=request, stream=_Filled(body),
                 headers={"Content-Range": f"bytes {offset}-{last}/*", "Content-Length": str(len(body))},

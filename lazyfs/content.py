@@ -16,7 +16,7 @@ from blockindex.reader import IndexReader
 from fetcher.chunks import ChunkFetcher
 from fetcher.errors import FetchError
 
-from .readlog import ReadLog
+from .readlog import ReadLog, ReadSource
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ImageContent:
         self.readlog = readlog
         self.fetcher = fetcher
         self.stats = ReadStats()
-        self.observe_read: Callable[[str, float], object] | None = None
+        self.observe_read: Callable[[ReadSource, float], object] | None = None
         """Called with (slowest source: memory, cache or network, seconds) after each read
         that succeeds."""
         self._on_cached = on_cached
@@ -91,8 +91,8 @@ class ImageContent:
         if self._readahead and self._is_sequential(ino, offset, size):
             self._read_ahead(ino, spans[-1].file_offset + spans[-1].length)
         chunks = [s.chunk for s in spans if s.chunk is not None]
-        tiers: set[str] = set()
-        sources: dict[ChunkDigest, int] | None = {} if rlog is not None else None
+        tiers: set[ReadSource] = set()
+        sources: dict[ChunkDigest, ReadSource] | None = {} if rlog is not None else None
         try:
             data = await self._chunks(chunks, tiers=tiers, sources=sources,
                                       read=(ino, offset, size)) if chunks else {}
@@ -102,7 +102,8 @@ class ImageContent:
             self.fetcher.note_failed_read(chunks, began)
             raise
         if self.observe_read is not None:
-            slowest = "network" if "network" in tiers else "cache" if "cache" in tiers else "memory"
+            slowest: ReadSource = ("network" if "network" in tiers
+                                   else "cache" if "cache" in tiers else "memory")
             self.observe_read(slowest, time.perf_counter() - started)
         parts: list[bytes | memoryview] = []
         for s in spans:
@@ -142,12 +143,12 @@ class ImageContent:
             self._ahead.difference_update(c.digest for c in chunks)
 
     async def _chunks(
-        self, chunks: list[Chunk], *, ahead: bool = False, tiers: set[str] | None = None,
-        sources: dict[ChunkDigest, int] | None = None, read: tuple[InodeT, int, int] | None = None,
+        self, chunks: list[Chunk], *, ahead: bool = False, tiers: set[ReadSource] | None = None,
+        sources: dict[ChunkDigest, ReadSource] | None = None, read: tuple[InodeT, int, int] | None = None,
     ) -> dict[ChunkDigest, bytes | memoryview]:
         """The chunks' bytes, from memory, else from the fetcher (the node cache, then the
         network: one load per chunk however many readers want it); ``sources`` (when
-        given) gets where each came from (see ``readlog.SOURCES``), and a wait on the
+        given) gets where each came from (none for memory), and a wait on the
         network for a ``read`` is reported."""
         out: dict[ChunkDigest, bytes | memoryview] = {}
         wanted: list[Chunk] = []
@@ -174,7 +175,7 @@ class ImageContent:
                     self.stats.chunk_hits_cache += 1
                     self.stats.bytes_from_cache += c.size
                     if sources is not None:
-                        sources[c.digest] = 1
+                        sources[c.digest] = "cache"
                 if tiers is not None:
                     tiers.add("cache")
             else:
@@ -189,7 +190,7 @@ class ImageContent:
             if tiers is not None:
                 tiers.add("network")
             if sources is not None:
-                sources.update((c.digest, 2) for c in missing)
+                sources.update((c.digest, "network") for c in missing)
             if read is not None and self.readlog is not None:
                 self.readlog.waited(*read, missing, time.monotonic() - started)
         return out

@@ -49,7 +49,8 @@ if TYPE_CHECKING:  # types only: the processes that report import this module, n
     from .content import ImageContent
     from .peer import ChunkServer
     from .prefetch import Prefetcher
-    from .serve import _Server
+    from .readlog import ReadSource
+    from .servehttp import OriginServer
     from .snapshotter.service import SnapshotService
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -81,7 +82,7 @@ class Metrics:
     def add_source(self, fn: Callable[[], Iterable[Sample]]) -> None:
         self._sources.append(fn)
 
-    def observe_read(self, source: str, seconds: float) -> None:
+    def observe_read(self, source: ReadSource, seconds: float) -> None:
         self.read_seconds.labels(source).observe(seconds)
 
     def observe_fetch(self, source: str, nbytes: int, seconds: float) -> None:
@@ -250,7 +251,7 @@ def snapshotter_samples(service: SnapshotService) -> Callable[[], list[Sample]]:
     return samples
 
 
-def serve_samples(server: _Server) -> Callable[[], list[Sample]]:
+def serve_samples(server: OriginServer) -> Callable[[], list[Sample]]:
     """``lazyfs serve``'s (read in the scrape thread: the counts are kept under a lock)."""
 
     def samples() -> list[Sample]:

@@ -34,20 +34,13 @@ from cache.store import ChunkStore
 from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher
 from fetcher.config import FetchConfig
-from fetcher.errors import DeadlineError, FetchError, IntegrityError, UnreachableError
+from fetcher.errors import DeadlineError, FetchError, UnreachableError
 from fetcher.imageref import ImageRef
 from fetcher.manifests import resolve_image_manifest
 from fetcher.mirrors import MirroredClient
 from fetcher.options import RegistryOptions
-from fetcher.peers import (
-    WILDCARD_HOSTS,
-    PeerClient,
-    PeerConfig,
-    PeerSet,
-    PeersFileWatcher,
-    PeerTier,
-    peer_url,
-)
+from fetcher.peers import PeerClient, PeerConfig, PeerSet, PeersFileWatcher, PeerTier
+from fetcher.peerwire import WILDCARD_HOSTS, peer_url
 from fetcher.registry import RegistryClient
 
 from . import mountinfo
@@ -442,4 +435,4 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
     log.info("unmounted %s", opts.mountpoint)
 
 
-__all__ = ["MountOptions", "serve", "open_image", "IntegrityError"]
+__all__ = ["MountOptions", "serve"]

@@ -24,14 +24,12 @@ in-flight map), verified, cached and sent. The server never asks another peer, s
 requests cannot loop. It runs on the trio loop of its process (with FUSE in a mount):
 reading an entry larger than ``thread_above`` from disk goes to a worker thread.
 
-Nothing a caller sends can end that process: each connection is handled on its own, a
-head ``httphead.parse_head`` refuses is answered 400 and the connection closed, and an
-unexpected error while answering one is logged and closes that connection only.
+Nothing a caller sends can end that process (see ``peerhttp``, which holds the
+connections). The wire format, shared with ``fetcher.peers``, is ``fetcher.peerwire``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hmac
 import logging
@@ -40,11 +38,10 @@ import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import parse_qs
 
 import trio
 
-from blockindex.format import CODECS, Blob, Chunk, ChunkDigest
+from blockindex.format import ChunkDigest
 from cache.errors import CacheError
 from cache.evict import CacheKeeper
 from cache.images import ImageStore
@@ -53,20 +50,26 @@ from cache.trace import MAX_TRACE_BYTES, TraceStore
 from fetcher.chunks import ChunkFetcher
 from fetcher.config import FetchConfig
 from fetcher.errors import FetchError
-from fetcher.imageref import ImageRef, is_digest
-from fetcher.peers import CHUNK_PATH, NODE_HEADER, TRACE_PATH, peer_url
+from fetcher.imageref import ImageRef
+from fetcher.peerwire import (
+    CHUNK_PATH,
+    CODEC_HEADER,
+    NODE_HEADER,
+    SIZE_HEADER,
+    TRACE_PATH,
+    authorization,
+    parse_chunk_query,
+    peer_url,
+)
 from fetcher.registry import RegistryClient
 
 from .errors import ExitCode, UserError
-from .httphead import MalformedRequest, RequestHead, parse_head
+from .httphead import RequestHead
+from .peerhttp import Answer, Connections, listen, parse_range
 
 log = logging.getLogger(__name__)
 
-_MAX_HEAD = 16 << 10
 _MANIFEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_REASONS = {200: "OK", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized",
-            404: "Not Found", 405: "Method Not Allowed", 502: "Bad Gateway", 503: "Service Unavailable",
-            508: "Loop Detected"}
 
 
 def read_token(path: Path) -> str:
@@ -81,9 +84,6 @@ def read_token(path: Path) -> str:
         raise UserError(f"token file {path}: expected one line of at least 16 printable characters",
                         ExitCode.USAGE)
     return token
-
-
-_SEND_PIECE = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -165,7 +165,7 @@ class _BadRequest(Exception):
 
 
 class ChunkServer:
-    """Answers chunk requests from peers on keep-alive HTTP/1.1 connections."""
+    """Answers chunk and trace requests from peers (the connections: ``peerhttp``)."""
 
     def __init__(self, store: ChunkStore, token: str, origins: OriginPool | None = None,
                  config: PeerServerConfig = PeerServerConfig(), *, node_id: str | None = None) -> None:
@@ -173,99 +173,34 @@ class ChunkServer:
         self.node_id = node_id
         self.config = config
         self.stats = PeerServerStats()
-        self._expected = f"Bearer {token}".encode()
+        self._expected = authorization(token).encode()
         self._node = node_id.encode() if node_id else None
         self._origins = origins
         self._active = 0
-        self._connections = 0
         self._io = trio.CapacityLimiter(4)
         self._traces: TraceStore | None = None  # made on first use (it creates CACHE/traces)
+        self._connections = Connections(self._answer, config, self.stats)
 
-    @staticmethod
-    async def listen_on(host: str, port: int) -> list[trio.SocketListener]:
-        """Bind (before anything else starts, so a port in use is a one-line error)."""
-        try:
-            return await trio.open_tcp_listeners(port, host=host)
-        except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                            ExitCode.USAGE) from exc
+    listen_on = staticmethod(listen)
 
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
-        await trio.serve_listeners(self._connection, listeners)
+        await self._connections.serve(listeners)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        if self._connections >= self.config.max_connections:
-            self.stats.refused_connections += 1
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await trio.aclose_forcefully(stream)
-            return
-        self._connections += 1
-        try:
-            await self._exchange(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return
-        except trio.TooSlowError:  # the caller stopped taking an answer
-            self.stats.send_timeouts += 1
-            await trio.aclose_forcefully(stream)
-        except Exception:  # a bug met by one caller must not end the mount or `lazyfs peer`
-            self.stats.failed_connections += 1
-            log.exception("peer server: unexpected error answering a caller; closing its connection")
-        finally:
-            self._connections -= 1
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await stream.aclose()
-
-    async def _exchange(self, stream: trio.SocketStream) -> None:
-        """Answer the requests of one keep-alive connection until either side ends it."""
-        buf = b""
-        while True:
-            with trio.move_on_after(self.config.idle_timeout):
-                while b"\r\n\r\n" not in buf and len(buf) <= _MAX_HEAD:
-                    part = await stream.receive_some(65536)
-                    if not part:
-                        return
-                    buf += part
-            head, sep, rest = buf.partition(b"\r\n\r\n")
-            if not sep and len(buf) <= _MAX_HEAD:
-                return  # idle too long
-            if len(head) > _MAX_HEAD:
-                await self._refuse(stream, f"request head over {_MAX_HEAD} bytes")
-                return
-            buf = rest
-            try:
-                request = parse_head(head)
-            except MalformedRequest as exc:
-                await self._refuse(stream, str(exc))
-                return
-            if not await self._request(stream, request):
-                return
-
-    async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
-        self.stats.requests += 1
-        self.stats.malformed += 1
-        await self._send(stream, 400, f"{reason}\n".encode(), keep=False)
-
-    async def _request(self, stream: trio.SocketStream, request: RequestHead) -> bool:
-        self.stats.requests += 1
-        keep = request.keep_alive
+    async def _answer(self, request: RequestHead) -> Answer:
         if request.method != "GET":
-            await self._send(stream, 405, b"only GET\n", keep=keep)
-            return keep
+            return Answer(405, b"only GET\n")
         if not hmac.compare_digest(request.headers.get("authorization", b""), self._expected):
             self.stats.unauthorized += 1
-            await self._send(stream, 401, b"cluster token required\n", keep=keep,
-                             extra={"WWW-Authenticate": 'Bearer realm="lazyfs-peers"'})
-            return keep
+            return Answer(401, b"cluster token required\n",
+                          {"WWW-Authenticate": 'Bearer realm="lazyfs-peers"'})
         if self._node and hmac.compare_digest(request.headers.get(NODE_HEADER.lower(), b""), self._node):
             self.stats.from_self += 1
-            await self._send(stream, 508, b"this request came from this node\n", keep=keep)
-            return keep
+            return Answer(508, b"this request came from this node\n")
         if self._active >= self.config.max_concurrent:
             self.stats.busy += 1
-            await self._send(stream, 503, b"busy\n", keep=keep, extra={"Retry-After": "1"})
-            return keep
+            return Answer(503, b"busy\n", {"Retry-After": "1"})
         if request.path.startswith(TRACE_PATH):
-            return await self._trace_request(stream, request.path, keep)
+            return await self._trace_request(request.path)
         self._active += 1
         try:
             codec, size, payload = await self._chunk(request.path, request.query)
@@ -274,32 +209,28 @@ class ChunkServer:
                 self.stats.not_found += 1
             else:
                 self.stats.errors += 1
-            await self._send(stream, exc.status, f"{exc}\n".encode(), keep=keep)
-            return keep
+            return Answer(exc.status, f"{exc}\n".encode())
         finally:
             self._active -= 1
-        status, extra = 200, {"X-Lazyfs-Codec": str(codec), "X-Lazyfs-Size": str(size)}
+        status, extra = 200, {CODEC_HEADER: str(codec), SIZE_HEADER: str(size)}
         rng = request.header("range")
         if rng:
             try:
-                start, end = _parse_range(rng, len(payload))
+                start, end = parse_range(rng, len(payload))
             except ValueError:
-                await self._send(stream, 400, b"bad Range\n", keep=keep)
-                return keep
+                return Answer(400, b"bad Range\n")
             status = 206
             extra["Content-Range"] = f"bytes {start}-{end - 1}/{len(payload)}"
             payload = payload[start:end]
         self.stats.chunks_served += 1
         self.stats.bytes_served += len(payload)
-        await self._send(stream, status, payload, keep=keep, extra=extra)
-        return keep
+        return Answer(status, payload, extra)
 
-    async def _trace_request(self, stream: trio.SocketStream, path: str, keep: bool) -> bool:
+    async def _trace_request(self, path: str) -> Answer:
         manifest = path[len(TRACE_PATH):]
         if not _MANIFEST.match(manifest):
             self.stats.errors += 1
-            await self._send(stream, 400, b"expected /v1/traces/sha256:<64 hex digits>\n", keep=keep)
-            return keep
+            return Answer(400, b"expected /v1/traces/sha256:<64 hex digits>\n")
         self._active += 1
         try:
             body = await trio.to_thread.run_sync(self._trace_document, manifest, limiter=self._io)
@@ -307,12 +238,10 @@ class ChunkServer:
             self._active -= 1
         if body is None:
             self.stats.not_found += 1
-            await self._send(stream, 404, f"no trace of {manifest} here\n".encode(), keep=keep)
-            return keep
+            return Answer(404, f"no trace of {manifest} here\n".encode())
         self.stats.traces_served += 1
         self.stats.bytes_served += len(body)
-        await self._send(stream, 200, body, keep=keep, content_type="application/json")
-        return keep
+        return Answer(200, body, content_type="application/json")
 
     def _trace_document(self, manifest: str) -> bytes | None:
         """The trace kept for ``manifest``, as it leaves the node; None if there is no
@@ -342,7 +271,10 @@ class ChunkServer:
                 raise ValueError
         except ValueError:
             raise _BadRequest(400, "expected /v1/chunks/<64 hex digits>") from None
-        chunk, repo = _chunk_from_query(digest, query)
+        try:
+            chunk, repo = parse_chunk_query(digest, query)
+        except ValueError:
+            raise _BadRequest(400, "bad chunk location in the query") from None
         entry = await self._load(digest)
         if entry is not None and (chunk is None or entry[:2] == (chunk.codec, chunk.size)
                                   and len(entry[2]) == chunk.stored_size):
@@ -371,55 +303,6 @@ class ChunkServer:
         if size > self.config.thread_above:
             return await trio.to_thread.run_sync(self.store.get, digest, limiter=self._io)
         return self.store.get(digest)
-
-    async def _send(self, stream: trio.SocketStream, status: int, body: bytes | memoryview, *, keep: bool,
-                    extra: dict[str, str] | None = None, content_type: str | None = None) -> None:
-        if content_type is None:
-            content_type = "application/octet-stream" if status < 300 else "text/plain"
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Length: {len(body)}",
-                 f"Content-Type: {content_type}"]
-        lines += [f"{k}: {v}" for k, v in (extra or {}).items()]
-        if not keep:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        # each piece must be taken within send_timeout (TooSlowError: _connection closes it)
-        if len(body) <= 64 << 10:
-            with trio.fail_after(self.config.send_timeout):
-                await stream.send_all(head + body)
-            return
-        with trio.fail_after(self.config.send_timeout):
-            await stream.send_all(head)
-        view = memoryview(body)
-        for at in range(0, len(view), _SEND_PIECE):
-            with trio.fail_after(self.config.send_timeout):
-                await stream.send_all(view[at : at + _SEND_PIECE])
-
-
-def _chunk_from_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, str | None]:
-    q = {k: v[0] for k, v in parse_qs(query).items()}
-    if "blob" not in q:
-        return None, None
-    try:
-        blob = q["blob"]
-        offset, stored, size, codec = (int(q[k]) for k in ("offset", "stored", "size", "codec"))
-        if not blob.startswith("sha256:") or not is_digest(blob) or offset < 0 or not 0 < stored <= 1 << 27 \
-                or not 0 < size <= 1 << 27 or codec not in CODECS:
-            raise ValueError
-    except (KeyError, ValueError):
-        raise _BadRequest(400, "bad chunk location in the query") from None
-    return Chunk(digest, Blob(0, blob, 0), offset, stored, size, codec), q.get("repo")
-
-
-def _parse_range(header: str, n: int) -> tuple[int, int]:
-    unit, _, spec = header.partition("=")
-    first, _, last = spec.partition("-")
-    if unit.strip() != "bytes" or not first.isdigit():
-        raise ValueError(header)
-    start = int(first)
-    end = int(last) + 1 if last.strip() else n
-    if start >= n or end <= start:
-        raise ValueError(header)
-    return start, min(end, n)
 
 
 async def run_peer(cache_dir: Path, host: str, port: int, token: str, *, fetch_timeout: float = 30.0,

@@ -277,27 +277,20 @@ def _waves(chunks: list[Chunk], limit: int) -> list[list[Chunk]]:
     fetcher merges the neighbours within each into range requests. (Waves that start
     small and double were tried: no faster on a 100 Mbit/s, 30 ms link, and the small
     waves split into more requests.)"""
-    out: list[list[Chunk]] = []
-    cur: list[Chunk] = []
-    size = 0
-    for c in chunks:
-        if cur and size + c.stored_size > limit:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(c)
-        size += c.stored_size
-    if cur:
-        out.append(cur)
-    return out
+    return _pieces(chunks, limit, by_blob=False)
 
 
 def _batches(chunks: list[Chunk], limit: int) -> list[list[Chunk]]:
     """Consecutive runs of one blob, each up to ``limit`` stored bytes."""
+    return _pieces(chunks, limit, by_blob=True)
+
+
+def _pieces(chunks: list[Chunk], limit: int, *, by_blob: bool) -> list[list[Chunk]]:
     out: list[list[Chunk]] = []
     cur: list[Chunk] = []
     size = 0
     for c in chunks:
-        if cur and (c.blob.digest != cur[-1].blob.digest or size + c.stored_size > limit):
+        if cur and (size + c.stored_size > limit or by_blob and c.blob.digest != cur[-1].blob.digest):
             out.append(cur)
             cur, size = [], 0
         cur.append(c)

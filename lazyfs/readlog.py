@@ -13,14 +13,18 @@ import heapq
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from blockindex.format import Chunk, ChunkDigest, Span
 from cache.trace import TraceRecorder
 
 SLOW_KEEP = 16
 """How many of the slowest reads a mount keeps (``lazyfs status --slow``)."""
-SOURCES = ("memory", "cache", "network")
+ReadSource = Literal["memory", "cache", "network"]
+"""Where bytes handed to a reader came from: this mount's memory, the node cache, or the
+network (peers or the origin)."""
+SOURCES: tuple[ReadSource, ...] = ("memory", "cache", "network")
+_SLOT = {source: i for i, source in enumerate(SOURCES)}
 
 
 class ReadLog:
@@ -33,7 +37,8 @@ class ReadLog:
         self.lead_misses = 0
         """Chunks in the learned order that a read still had to wait on the network for."""
         self.by_file: dict[int, list[int]] = {}
-        """Bytes handed to readers of each file, by source (``SOURCES`` order)."""
+        """Bytes handed to readers of each file, by source in ``SOURCES`` order (a list:
+        one is kept per file read)."""
         self.paths: dict[int, str] = {}
         """Paths of the inodes in the slow list, looked up once each."""
         self._slow: list[tuple[float, int, dict[str, Any]]] = []
@@ -44,13 +49,14 @@ class ReadLog:
         if self.recorder is not None and self.recorder.active:
             self.recorder.read(ino, spans)
 
-    def served(self, ino: int, spans: Sequence[Span], sources: dict[ChunkDigest, int]) -> None:
+    def served(self, ino: int, spans: Sequence[Span], sources: dict[ChunkDigest, ReadSource]) -> None:
+        """``sources``: where each chunk came from; one missing came from memory."""
         counts = self.by_file.get(ino)
         if counts is None:
             counts = self.by_file[ino] = [0, 0, 0]
         for s in spans:
             if s.chunk is not None:
-                counts[sources.get(s.chunk.digest, 0)] += s.length
+                counts[_SLOT[sources.get(s.chunk.digest, "memory")]] += s.length
 
     def waited(self, ino: int, offset: int, size: int, chunks: Sequence[Chunk], seconds: float) -> None:
         if self.lead:
@@ -70,7 +76,7 @@ class ReadLog:
         """The reads that waited longest on the network, longest first."""
         return [r for _, _, r in sorted(self._slow, key=lambda x: -x[0])]
 
-    def file_sources(self, ino: int) -> dict[str, int]:
+    def file_sources(self, ino: int) -> dict[ReadSource, int]:
         counts = self.by_file.get(ino, [0, 0, 0])
         return dict(zip(SOURCES, counts, strict=True))
 

@@ -23,11 +23,6 @@ import json
 import logging
 import os
 import re
-import socket
-import sys
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -41,10 +36,9 @@ from blockindex.oci import (
 )
 
 from .errors import ExitCode, UserError
+from .servehttp import HTTPError, OriginHandler, OriginServer, ServerHandle
 
 log = logging.getLogger("lazyfs.serve")
-
-RequestRecord = tuple[str, str, "str | None", int]  # (method, path, Range header, status)
 
 _COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -54,165 +48,45 @@ _RANGE_RE = re.compile(r"^bytes=([0-9]{0,18})-([0-9]{0,18})$")  # longer: ignore
 _MAX_MANIFEST = 4 << 20
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers or {}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that goes away mid-request (a killed mount, a cancelled hedge) is
-        ordinary: one debug line, not a traceback on the console."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError):
-            log.debug("client %s went away: %s", client_address, exc)
-            return
-        super().handle_error(request, client_address)
+class _Server(OriginServer):
+    """The origin for the layouts under ``root``."""
 
     def __init__(self, addr: tuple[str, int], root: Path, delay: float, access_log: IO[str] | None,
                  rate: float = 0.0):
-        if ":" in addr[0]:
-            self.address_family = socket.AF_INET6
         self.root = root.resolve()
-        self.delay = delay
-        self.rate = rate
-        self.link_free = 0.0  # with a rate: when the link has sent what it was given
-        self.access_log = access_log
-        self.requests: list[RequestRecord] = []
-        self.connections: set[socket.socket] = set()
-        self.lock = threading.Lock()
-        self.status_counts: dict[int, int] = {}
-        self.bytes_sent = 0
-        super().__init__(addr, _Handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = super().get_request()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.lock:
-            self.connections.add(sock)
-        return sock, addr
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
-
-    def drop_connections(self) -> None:
-        """Cut open keep-alive connections so their handler threads end."""
-        with self.lock:
-            conns = list(self.connections)
-        for sock in conns:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        super().__init__(addr, _Handler, delay, access_log, rate)
 
     def layout(self, name: str) -> Layout:
-        """The layout behind repository ``name``; _HTTPError if invalid or unknown."""
+        """The layout behind repository ``name``; HTTPError if invalid or unknown."""
         parts = name.split("/")
         if not all(_COMPONENT_RE.match(p) for p in parts):
-            raise _HTTPError(400, "NAME_INVALID", f"invalid repository name {name!r}")
+            raise HTTPError(400, "NAME_INVALID", f"invalid repository name {name!r}")
         path = self.root.joinpath(*parts)
         try:
             real = path.resolve(strict=True)
         except (OSError, RuntimeError):
-            raise _HTTPError(404, "NAME_UNKNOWN", f"repository {name!r} not known") from None
+            raise HTTPError(404, "NAME_UNKNOWN", f"repository {name!r} not known") from None
         if not real.is_relative_to(self.root):
-            raise _HTTPError(404, "NAME_UNKNOWN", f"repository {name!r} not known")
+            raise HTTPError(404, "NAME_UNKNOWN", f"repository {name!r} not known")
         layout = Layout(real)
         if not layout.is_layout():
-            raise _HTTPError(404, "NAME_UNKNOWN", f"repository {name!r} not known")
+            raise HTTPError(404, "NAME_UNKNOWN", f"repository {name!r} not known")
         return layout
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(OriginHandler):
     server: _Server
 
-    def version_string(self) -> str:
-        return "lazyfs-serve"
-
-    # -- plumbing -----------------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        self._handle(head=False)
-
-    def do_HEAD(self) -> None:
-        self._handle(head=True)
-
-    def _unsupported(self) -> None:
-        self.close_connection = True  # a body we will not read may follow
-        self._error(_HTTPError(405, "UNSUPPORTED", f"{self.command} is not supported"), False)
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = _unsupported
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # we log once per response in _done, with the Range and byte count
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-    def _status(self, status: int) -> None:
-        """Send the status line, recording the request first: a client that has seen
-        the answer will find it in ``requests``."""
-        self.server.requests.append((self.command, self.path, self.headers.get("Range"), status))
-        self.send_response(status)
-
-    def _done(self, status: int, nbytes: int) -> None:
-        with self.server.lock:
-            self.server.status_counts[status] = self.server.status_counts.get(status, 0) + 1
-            self.server.bytes_sent += nbytes
-        rng = self.headers.get("Range")
-        log.debug("%s %s range=%s -> %d %d", self.command, self.path, rng, status, nbytes)
-        if self.server.access_log is not None:
-            line = f"{time.time():.6f} {self.command} {self.path} {rng or '-'} {status} {nbytes}\n"
-            with self.server.lock:
-                self.server.access_log.write(line)
-                self.server.access_log.flush()
-
-    def _send(self, status: int, headers: dict[str, str], body: bytes, head: bool) -> None:
-        self._status(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        if "Content-Length" not in headers:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if not head and body:
-            self.wfile.write(body)
-        self._done(status, 0 if head else len(body))
-
-    def _error(self, err: _HTTPError, head: bool) -> None:
+    def _error(self, err: HTTPError, head: bool) -> None:
         body = json.dumps({"errors": [{"code": err.code, "message": err.message, "detail": {}}]})
         headers = {"Content-Type": "application/json", **err.headers}
         self._send(err.status, headers, body.encode(), head)
-
-    def _handle(self, head: bool) -> None:
-        if self.server.delay:
-            time.sleep(self.server.delay)
-        try:
-            self._route(head)
-        except _HTTPError as err:
-            self._error(err, head)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:
-            log.exception("error serving %s %s", self.command, self.path)
-            self.close_connection = True
-            self._error(_HTTPError(500, "UNKNOWN", "internal error"), head)
-
-    # -- routes -------------------------------------------------------------------------
 
     def _route(self, head: bool) -> None:
         try:
             url = urlsplit(self.path)
         except ValueError:  # e.g. http://[::1/ : an unclosed IPv6 address
-            raise _HTTPError(400, "UNSUPPORTED", "malformed request target") from None
+            raise HTTPError(400, "UNSUPPORTED", "malformed request target") from None
         path = unquote(url.path)
         if path in ("/v2", "/v2/"):
             self._send(200, {"Content-Type": "application/json",
@@ -220,12 +94,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if m := _TAGS_RE.match(path):
             if head:
-                raise _HTTPError(405, "UNSUPPORTED", "HEAD is not supported on tags/list")
+                raise HTTPError(405, "UNSUPPORTED", "HEAD is not supported on tags/list")
             self._tags(self.server.layout(m["name"]), m["name"], parse_qs(url.query))
             return
         m = _ROUTE_RE.match(path)
         if not m:
-            raise _HTTPError(404, "NOT_FOUND", f"no such endpoint {path!r}")
+            raise HTTPError(404, "NOT_FOUND", f"no such endpoint {path!r}")
         layout = self.server.layout(m["name"])
         if m["kind"] == "manifests":
             self._manifest(layout, m["name"], m["ref"], head)
@@ -238,7 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
             tags = [t for t in tags if t > last]
         if n := query.get("n", [""])[0]:
             if not (n.isascii() and n.isdigit() and len(n) <= 18):
-                raise _HTTPError(400, "PAGINATION_NUMBER_INVALID", f"bad n={n!r}")
+                raise HTTPError(400, "PAGINATION_NUMBER_INVALID", f"bad n={n!r}")
             tags = tags[: int(n)]
         body = json.dumps({"name": name, "tags": tags}).encode()
         self._send(200, {"Content-Type": "application/json"}, body, False)
@@ -252,18 +126,18 @@ class _Handler(BaseHTTPRequestHandler):
                     break
         else:
             if not _TAG_RE.match(ref):
-                raise _HTTPError(400, "TAG_INVALID", f"invalid tag {ref!r}")
+                raise HTTPError(400, "TAG_INVALID", f"invalid tag {ref!r}")
             desc = _tags(layout).get(ref)
             if desc is None or not isinstance(desc.get("digest"), str):
-                raise _HTTPError(404, "MANIFEST_UNKNOWN", f"{name}: no manifest tagged {ref!r}")
+                raise HTTPError(404, "MANIFEST_UNKNOWN", f"{name}: no manifest tagged {ref!r}")
             digest = _digest(desc["digest"])
         try:
             with open(layout.blob_path(digest), "rb") as f:
                 data = f.read(_MAX_MANIFEST + 1)
         except (FileNotFoundError, IsADirectoryError):
-            raise _HTTPError(404, "MANIFEST_UNKNOWN", f"{name}: no manifest {ref}") from None
+            raise HTTPError(404, "MANIFEST_UNKNOWN", f"{name}: no manifest {ref}") from None
         if len(data) > _MAX_MANIFEST:
-            raise _HTTPError(404, "MANIFEST_UNKNOWN", f"{name}: {ref} is too big for a manifest")
+            raise HTTPError(404, "MANIFEST_UNKNOWN", f"{name}: {ref} is too big for a manifest")
         headers = {
             "Content-Type": _media_type(desc, data),
             "Docker-Content-Digest": digest,
@@ -275,7 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             f = open(layout.blob_path(digest), "rb")
         except (FileNotFoundError, IsADirectoryError):
-            raise _HTTPError(404, "BLOB_UNKNOWN", f"blob {digest} not known") from None
+            raise HTTPError(404, "BLOB_UNKNOWN", f"blob {digest} not known") from None
         with f:
             size = os.fstat(f.fileno()).st_size
             start, end = 0, size  # [start, end)
@@ -299,52 +173,31 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             sent = 0
             if not head and end > start:
-                sent = self._send_blob(f, start, end - start)
+                sent = self._send_file(f, start, end - start)
                 if sent != end - start:  # the file shrank under us: the framing is broken
                     self.close_connection = True
             self._done(status, sent)
-
-
-    def _send_blob(self, f: IO[bytes], start: int, length: int) -> int:
-        """Send a blob's bytes, at most ``rate`` bytes a second over all connections when
-        the server has one (tests stand in for a thin link with it)."""
-        rate = self.server.rate
-        if not rate:
-            return self.connection.sendfile(f, start, length)
-        sent = 0
-        while sent < length:
-            n = min(length - sent, 64 << 10)
-            with self.server.lock:  # the link is shared: each piece takes its turn on it
-                now = time.monotonic()
-                done_at = max(now, self.server.link_free) + n / rate
-                self.server.link_free = done_at
-            time.sleep(done_at - now)
-            n = self.connection.sendfile(f, start + sent, n)
-            if n == 0:
-                break
-            sent += n
-        return sent
 
 
 def _digest(ref: str) -> str:
     try:
         return check_digest(ref)
     except ImageError:
-        raise _HTTPError(400, "DIGEST_INVALID", f"malformed digest {ref!r}") from None
+        raise HTTPError(400, "DIGEST_INVALID", f"malformed digest {ref!r}") from None
 
 
 def _descriptors(layout: Layout) -> list[dict[str, Any]]:
     try:
         return [d for d in layout.index().get("manifests", []) if isinstance(d, dict)]
     except ImageError as exc:
-        raise _HTTPError(500, "UNKNOWN", str(exc)) from None
+        raise HTTPError(500, "UNKNOWN", str(exc)) from None
 
 
 def _tags(layout: Layout) -> dict[str, dict[str, Any]]:
     try:
         return layout.tags()
     except ImageError as exc:
-        raise _HTTPError(500, "UNKNOWN", str(exc)) from None
+        raise HTTPError(500, "UNKNOWN", str(exc)) from None
 
 
 def _media_type(desc: dict[str, Any] | None, data: bytes) -> str:
@@ -363,12 +216,12 @@ def _media_type(desc: dict[str, Any] | None, data: bytes) -> str:
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """``[start, end)`` for one ``bytes=`` range; None to ignore the header (multi-range or
-    another unit: a full 200 answer is allowed); _HTTPError 416 if unsatisfiable."""
+    another unit: a full 200 answer is allowed); HTTPError 416 if unsatisfiable."""
     m = _RANGE_RE.match(header.strip())
     if not m or (not m[1] and not m[2]):
         return None
-    unsatisfiable = _HTTPError(416, "RANGE_INVALID", f"range {header!r} outside 0-{size}",
-                               {"Content-Range": f"bytes */{size}"})
+    unsatisfiable = HTTPError(416, "RANGE_INVALID", f"range {header!r} outside 0-{size}",
+                              {"Content-Range": f"bytes */{size}"})
     if not m[1]:  # suffix: the last N bytes
         n = int(m[2])
         if n == 0 or size == 0:
@@ -381,49 +234,6 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise unsatisfiable
     return start, min(end, size)
-
-
-class ServerHandle:
-    """A bound server; ``start()`` serves on a daemon thread, ``close()`` stops it."""
-
-    def __init__(self, server: _Server) -> None:
-        self._server = server
-        self._thread: threading.Thread | None = None
-        host, self.port = server.server_address[:2]
-        self.host = str(host)
-        shown = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"http://{shown}:{self.port}"
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        """Every answered request, in order: (method, path, Range header, status)."""
-        return self._server.requests
-
-    def start(self) -> ServerHandle:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name=f"lazyfs-serve:{self.port}", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self._server.serve_forever()
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.drop_connections()
-        self._server.server_close()
-        if self._server.access_log is not None:
-            self._server.access_log.close()
-
-    def __enter__(self) -> ServerHandle:
-        return self.start() if self._thread is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def make_server(

@@ -50,19 +50,19 @@ def test_rendezvous_moves_only_the_chunks_of_a_peer_that_leaves():
             assert after == rendezvous(d, PEERS)[1]
 
 
-def test_owner_is_none_for_self_and_skips_avoided_peers():
+def test_no_owner_for_a_chunk_of_this_node_and_avoided_peers_are_skipped():
     now = [0.0]
     peers = PeerSet(PEERS[:3], self_url=PEERS[0], clock=lambda: now[0],
                     config=PeerConfig(down_backoff=1.0))
     mine = next(d for d in _digests(100) if rendezvous(d, PEERS[:3])[0] == PEERS[0])
-    assert peers.owner(mine) is None
+    assert peers.owners(mine, 1) == []
     theirs = next(d for d in _digests(100) if rendezvous(d, PEERS[:3])[0] == PEERS[1])
-    assert peers.owner(theirs) == PEERS[1]
+    assert peers.owners(theirs, 1) == [PEERS[1]]
     peers.mark_down(PEERS[1], "refused")
     nxt = rendezvous(theirs, PEERS[:3])[1]
-    assert peers.owner(theirs) == (None if nxt == PEERS[0] else nxt)
+    assert peers.owners(theirs, 1) == ([] if nxt == PEERS[0] else [nxt])
     now[0] = 1.5  # backoff over
-    assert peers.owner(theirs) == PEERS[1]
+    assert peers.owners(theirs, 1) == [PEERS[1]]
     peers.mark_down(PEERS[1], "refused")
     peers.mark_down(PEERS[1], "refused")  # the third failure in a row: 1, 2, then 4 s
     assert peers.health[PEERS[1]].avoid_until == pytest.approx(1.5 + 4.0)
@@ -164,7 +164,7 @@ def test_a_down_peer_is_skipped_with_backoff(tmp_path):
     origin, peers, client, out = run_with_peers(tmp_path, ["refused", "refused", "refused"])
     assert len(origin.requests) == 3 and out["time"] < 0.01  # at once, no hedge delay
     assert peers.health["http://10.0.0.2:7070"].avoid_until > 0
-    assert peers.owner(b"\0" * 32) is None  # avoided: straight to the origin
+    assert peers.owners(b"\0" * 32, 1) == []  # avoided: straight to the origin
 
 
 def test_runner_up_skips_this_node_and_avoided_peers():
@@ -175,9 +175,9 @@ def test_runner_up_skips_this_node_and_avoided_peers():
                   if rendezvous(d, peers) == ["http://c:1", "http://b:1", "http://a:1"])
     now = [0.0]
     ps = PeerSet(peers, self_url="http://b:1", clock=lambda: now[0])
-    assert ps.owner(digest) == "http://c:1"
+    assert ps.owners(digest, 1) == ["http://c:1"]
     ps.mark_down("http://c:1", "refused")  # the owner is down; this node comes next
-    assert ps.owner(digest) is None
+    assert ps.owners(digest, 1) == []
     assert ps.runner_up(digest) == "http://a:1"  # a prefetched before: ask it, cache-only
 
 
@@ -444,7 +444,7 @@ def test_a_peer_found_to_be_this_node_is_never_asked_again():
     ps = PeerSet(CLUSTER, self_url=CLUSTER[0])
     assert ps.owners(digest, 2)[0] == CLUSTER[1]
     ps.mark_self(CLUSTER[1])  # the same node under a second address
-    assert ps.owners(digest, 2) == [] and ps.owner(digest) is None
+    assert ps.owners(digest, 2) == []
     assert ps.self_url == CLUSTER[0]
     unknown = PeerSet(CLUSTER)
     unknown.mark_self(CLUSTER[2])
@@ -497,13 +497,13 @@ def test_the_peer_server_caps_connections_and_drops_callers_that_stop_reading(tm
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve, listeners)
             idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
-            await until(lambda: server._connections == 3)
+            await until(lambda: server._connections.open == 3)
             extra = await trio.open_tcp_stream("127.0.0.1", port)
             with trio.fail_after(5):
                 assert await receive_all(extra) == b""  # closed at once, no answer
             assert server.stats.refused_connections == 1
             await idle.pop().aclose()
-            await until(lambda: server._connections == 2)
+            await until(lambda: server._connections.open == 2)
             # a caller that asks and never reads: cut off after the send timeout
             stalled = await trio.open_tcp_stream("127.0.0.1", port)
             await stalled.send_all(request)

@@ -1,4 +1,4 @@
-"""race and hedge on their own, under trio's MockClock: which attempt starts when, and
+"""race on its own, under trio's MockClock: which attempt starts when, and
 which answer wins."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from fetcher.errors import ServerError
-from fetcher.race import hedge, race
+from fetcher.race import race
 
 
 def _run(fn):
@@ -25,7 +25,7 @@ def _after(seconds: float, value: str, fail: bool = False):
     return go
 
 
-def test_hedge_fast_primary_never_starts_the_backup():
+def test_a_fast_first_attempt_never_starts_the_next():
     started = []
 
     async def backup():
@@ -33,30 +33,30 @@ def test_hedge_fast_primary_never_starts_the_backup():
         return "origin", 0
 
     async def main():
-        return await hedge(_after(0.01, "peer"), backup, 0.05)
+        return await race([_after(0.01, "peer"), backup], 0.05)
 
-    (value, _), by_backup = _run(main)
-    assert value == "peer" and not by_backup and not started
+    won = _run(main)
+    assert won.value[0] == "peer" and won.winner == 0 and not won.hedged and not started
 
 
-def test_hedge_slow_primary_is_overtaken_at_the_delay():
+def test_a_slow_first_attempt_is_overtaken_at_the_delay():
     async def main():
-        return await hedge(_after(10, "peer"), _after(0.002, "origin"), 0.05)
+        return await race([_after(10, "peer"), _after(0.002, "origin")], 0.05)
 
-    (value, when), by_backup = _run(main)
-    assert value == "origin" and by_backup
-    assert when == pytest.approx(0.052)  # the delay, then the backup's own time
+    won = _run(main)
+    assert won.value[0] == "origin" and won.winner == 1 and won.hedged
+    assert won.value[1] == pytest.approx(0.052)  # the delay, then the origin's own time
 
 
-def test_hedge_failed_primary_starts_the_backup_at_once_and_both_failing_raises():
+def test_a_failed_first_attempt_starts_the_next_at_once_and_both_failing_raises():
     async def main():
-        return await hedge(_after(0.001, "peer", fail=True), _after(0.002, "origin"), 5)
+        return await race([_after(0.001, "peer", fail=True), _after(0.002, "origin")], 5)
 
-    (value, when), by_backup = _run(main)
-    assert value == "origin" and by_backup and when == pytest.approx(0.003)
+    won = _run(main)
+    assert won.value == ("origin", pytest.approx(0.003)) and won.winner == 1 and not won.hedged
 
     async def both():
-        return await hedge(_after(0.001, "peer", fail=True), _after(0.002, "origin", fail=True), 5)
+        return await race([_after(0.001, "peer", fail=True), _after(0.002, "origin", fail=True)], 5)
 
     with pytest.raises(ServerError, match="origin"):
         _run(both)
