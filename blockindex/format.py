@@ -73,7 +73,7 @@ MEDIA_TYPE_CHUNKS = "application/vnd.oci.image.layer.lazyfs.chunks.v1"
 # What images converted before that change carry; still read (mount, images).
 LEGACY_MEDIA_TYPE_INDEX = "application/vnd.lazyfs.index.v1.sqlite"
 LEGACY_MEDIA_TYPE_CHUNKS = "application/vnd.lazyfs.chunks.v1"
-INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_INDEX, LEGACY_MEDIA_TYPE_INDEX})
+BLOCK_INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_INDEX, LEGACY_MEDIA_TYPE_INDEX})
 """The layer holding a lazy image's block index, current and legacy (not an OCI image
 index: ``fetcher.manifests.IMAGE_INDEX_MEDIA_TYPES``)."""
 ARTIFACT_ANNOTATION = "io.lazyfs.image"  # value: FORMAT_VERSION; marks a lazy image

@@ -68,7 +68,7 @@ def index_digest(manifest: bytes) -> str | None:
     try:
         doc = json.loads(manifest)
         for layer in doc.get("layers") or []:
-            if isinstance(layer, dict) and layer.get("mediaType") in fmt.INDEX_MEDIA_TYPES:
+            if isinstance(layer, dict) and layer.get("mediaType") in fmt.BLOCK_INDEX_MEDIA_TYPES:
                 return str(layer["digest"])
     except (ValueError, AttributeError, KeyError, TypeError):
         pass

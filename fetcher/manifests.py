@@ -33,7 +33,7 @@ MANIFEST_ACCEPT = ", ".join(
 )
 IMAGE_INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_DOCKER_LIST})
 """An OCI image index or a Docker manifest list: a manifest of manifests, one per
-platform (not lazyfs's block index: ``blockindex.format.INDEX_MEDIA_TYPES``)."""
+platform (not lazyfs's block index: ``blockindex.format.BLOCK_INDEX_MEDIA_TYPES``)."""
 MAX_MANIFEST_SIZE = 4 << 20
 
 

@@ -136,7 +136,7 @@ def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
             f"{ref} is not a lazyfs image (convert it first: lazyfs convert SRC oci:DIR)"
         )
     for layer in layers if isinstance(layers, list) else []:
-        if isinstance(layer, dict) and layer.get("mediaType") in fmt.INDEX_MEDIA_TYPES:
+        if isinstance(layer, dict) and layer.get("mediaType") in fmt.BLOCK_INDEX_MEDIA_TYPES:
             try:
                 check_digest(layer.get("digest", ""))
             except ImageError as exc:

@@ -73,7 +73,7 @@ class CacheUsage:
         if raw is None:
             return {}
         layers = [d for d in json.loads(raw).get("layers") or [] if isinstance(d, dict)]
-        index = next((d for d in layers if d.get("mediaType") in fmt.INDEX_MEDIA_TYPES), None)
+        index = next((d for d in layers if d.get("mediaType") in fmt.BLOCK_INDEX_MEDIA_TYPES), None)
         if index is None:
             return {}
         chunks = self._chunks

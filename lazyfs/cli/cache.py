@@ -13,23 +13,27 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ExitCode, UserError
+from ..errors import ExitCode, UserError
+from .common import DEFAULT_CACHE, human, size
+
+if TYPE_CHECKING:
+    from cache.images import ImageStore
+    from cache.store import ChunkStore
+
+    from .common import SubParsers
 
 
-def register(sub: Any) -> None:
+def register(sub: SubParsers) -> None:
     """Add ``cache`` and its actions to the CLI's subparsers."""
-    from .cli import DEFAULT_CACHE as default_cache
-    from .cli import _size as size
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cache", default=argparse.SUPPRESS,
-                        help=f"node cache directory (default {default_cache}, or $LAZYFS_CACHE)")
+                        help=f"node cache directory (default {DEFAULT_CACHE}, or $LAZYFS_CACHE)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output")
     p = sub.add_parser("cache", parents=[common], help="show the node cache's usage; prune or verify it")
-    p.set_defaults(func=cmd_cache, cache=str(default_cache), json=False, cache_action="show")
+    p.set_defaults(func=cmd_cache, cache=str(DEFAULT_CACHE), json=False, cache_action="show")
     actions = p.add_subparsers(dest="cache_action", metavar="ACTION")
     a = actions.add_parser("show", parents=[common], help="usage in total and per image (the default)")
     a = actions.add_parser("prune", parents=[common],
@@ -42,13 +46,8 @@ def register(sub: Any) -> None:
                        help="check every entry in full (xxh3 and BLAKE3); drop the bad ones")
 
 
-def _human(n: float) -> str:
-    from .cli import _human as human
-
-    return human(n)
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
+    # the cache's modules (its index reader, pins, eviction): for this command only
     from cache.errors import CacheError
     from cache.images import ImageStore
     from cache.store import ChunkStore
@@ -68,7 +67,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
-    print(f"{report['cache']}: {_human(report['bytes'])} in {report['entries']} entries")
+    print(f"{report['cache']}: {human(report['bytes'])} in {report['entries']} entries")
     for im in report["images"]:
         name = ", ".join(im["refs"]) or im["manifest"]
         if im["bytes"] is None:
@@ -77,16 +76,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
         frac = im["cached_bytes"] / im["bytes"] if im["bytes"] else 1.0
         state = "complete" if im["complete"] else "incomplete"
         pinned = ", ".join(f"pid {p['pid']} at {p['mountpoint']}" for p in im["pinned_by"])
-        print(f"  {name}\n    {_human(im['cached_bytes'])} / {_human(im['bytes'])} ({frac:.1%}), "
+        print(f"  {name}\n    {human(im['cached_bytes'])} / {human(im['bytes'])} ({frac:.1%}), "
               f"{im['cached_chunks']} / {im['chunks']} chunks, {state}, "
               + (f"pinned by {pinned}" if pinned else "not mounted"))
     if report["other_entries"]:
-        print(f"  (entries of no known image: {report['other_entries']}, {_human(report['other_bytes'])})")
+        print(f"  (entries of no known image: {report['other_entries']}, {human(report['other_bytes'])})")
     return 0
 
 
-def usage(store: Any, images: Any) -> dict[str, Any]:
+def usage(store: ChunkStore, images: ImageStore) -> dict[str, Any]:
     """Usage in total and per known image (what ``lazyfs cache --json`` prints)."""
+    # the index reader (sqlite3) and the pins: when used
     from cache.catalog import image_chunks, known_images
     from cache.pins import live_pins
     from cache.store import HEADER_SIZE
@@ -117,8 +117,8 @@ def usage(store: Any, images: Any) -> dict[str, Any]:
             "images": out, "other_entries": len(other), "other_bytes": sum(other)}
 
 
-def _prune(args: argparse.Namespace, store: Any, images: Any) -> int:
-    from cache.catalog import image_chunks, index_digest
+def _prune(args: argparse.Namespace, store: ChunkStore, images: ImageStore) -> int:
+    from cache.catalog import image_chunks, index_digest  # as in usage
     from cache.evict import evict
 
     only = None
@@ -139,16 +139,16 @@ def _prune(args: argparse.Namespace, store: Any, images: Any) -> int:
                           "entries": r.entries, "bytes": r.bytes, "pinned_bytes": r.pinned_bytes,
                           "no_longer_complete": r.incomplete}, indent=2, sort_keys=True))
         return 0
-    print(f"evicted {r.evicted_entries} entries ({_human(r.evicted_bytes)}); the cache holds "
-          f"{_human(r.bytes)} in {r.entries} entries, {_human(r.pinned_bytes)} of it pinned by "
+    print(f"evicted {r.evicted_entries} entries ({human(r.evicted_bytes)}); the cache holds "
+          f"{human(r.bytes)} in {r.entries} entries, {human(r.pinned_bytes)} of it pinned by "
           "mounted images")
     if r.bytes > args.to and not args.image:
-        print(f"still over {_human(args.to)}: the rest belongs to mounted images")
+        print(f"still over {human(args.to)}: the rest belongs to mounted images")
     return 0
 
 
-def _verify(args: argparse.Namespace, store: Any, images: Any) -> int:
-    from cache.verify import verify
+def _verify(args: argparse.Namespace, store: ChunkStore, images: ImageStore) -> int:
+    from cache.verify import verify  # BLAKE3 and lz4: when used
 
     r = verify(store, images)
     if args.json:
@@ -156,7 +156,7 @@ def _verify(args: argparse.Namespace, store: Any, images: Any) -> int:
                           "bad": [{"digest": d, "problem": p} for d, p in r.bad],
                           "no_longer_complete": r.incomplete}, indent=2, sort_keys=True))
         return 0
-    print(f"checked {r.checked} entries ({_human(r.checked_bytes)}): {len(r.bad)} bad, dropped")
+    print(f"checked {r.checked} entries ({human(r.checked_bytes)}): {len(r.bad)} bad, dropped")
     for d, problem in r.bad:
         print(f"  {d}: {problem}")
     for m in r.incomplete:
