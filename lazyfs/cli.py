@@ -418,6 +418,8 @@ def _mount_options(args: argparse.Namespace) -> Any:
         raise UserError("--record-window must be 0 (off) or more seconds", ExitCode.USAGE)
     if not 0 <= args.refresh_trace_after < math.inf:
         raise UserError("--refresh-trace-after must be 0 (never) or more seconds", ExitCode.USAGE)
+    if args.amplify is not None and args.amplify < 0:
+        raise UserError("--amplify must be 0 (off) or more bytes", ExitCode.USAGE)
     registry = _registry_options(args)
     return MountOptions(
         **_peer_options(args),
@@ -435,6 +437,7 @@ def _mount_options(args: argparse.Namespace) -> Any:
         record_window=None if args.record else args.record_window,
         lead_only=args.prefetch == "trace",
         refresh_trace_after=args.refresh_trace_after,
+        amplify=args.amplify,
     )
 
 
@@ -782,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", choices=("all", "trace"), default="all",
                    help="all: the learned order first, then the whole image (default); "
                         "trace: the learned order only")
+    p.add_argument("--amplify", type=_size, metavar="BYTES",
+                   help="a read that misses fetches the chunks after it in its blob, up to this "
+                        "size in one request (default 1M; 0: off)")
     _add_registry_arguments(p)
     p.set_defaults(func=cmd_mount)
 
