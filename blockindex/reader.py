@@ -402,6 +402,29 @@ class IndexReader:
             )
         ]
 
+    def chunks_after(self, chunk: Chunk, nbytes: int) -> list[Chunk]:
+        """The chunks of ``chunk``'s blob that follow it, in blob order, as far as they lie
+        within ``nbytes`` bytes of its end (what one request may fetch along with it).
+        The converter numbers chunks in blob order, so this walks the chunk ids after
+        ``chunk``'s and stops at the first that is of another blob, overlaps the one
+        before it, or ends past the limit (an index out of order only finds fewer)."""
+        end = chunk.offset + chunk.stored_size
+        limit = end + nbytes
+        out: list[Chunk] = []
+        if nbytes <= 0:
+            return out
+        for row in self._rows(
+            "SELECT digest, blob, offset, stored_size, size, codec FROM chunks "
+            "WHERE id > (SELECT id FROM chunks WHERE digest = ?) ORDER BY id LIMIT ?",
+            (chunk.digest, nbytes),
+        ):
+            c = self._chunk(row)
+            if c.blob.id != chunk.blob.id or c.offset < end or c.offset + c.stored_size > limit:
+                break
+            out.append(c)
+            end = c.offset + c.stored_size
+        return out
+
     def blobs(self) -> list[Blob]:
         return sorted(self._blobs.values(), key=lambda b: b.id)
 

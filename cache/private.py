@@ -13,8 +13,9 @@ or by a lazyfs from before. ``claim`` tightens it to 0700, and every directory i
 too (a user who opened one while it was open could otherwise go on looking names up
 from that descriptor), and says so in one warning; the next process finds it tight and
 says nothing. It changes the modes only of a directory that is plainly lazyfs's (empty,
-or holding the entry its kind always has: ``chunks/`` for a cache) and refuses any
-other: ``--cache /var/cache`` by mistake, or a shared ``/tmp``, is an error, never
+or holding the entry its kind always has, ``chunks/`` for a cache, or nothing but entries
+lazyfs makes there: a cache seeded with a trace carried from another node) and refuses
+any other: ``--cache /var/cache`` by mistake, or a shared ``/tmp``, is an error, never
 ``chmod 700``.
 """
 
@@ -34,18 +35,24 @@ PRIVATE_UMASK = 0o077
 
 _OPEN = 0o077
 
+CACHE_ENTRIES = frozenset({"chunks", "manifests", "refs", "indexes", "checked", "complete", "pins",
+                           "traces", "logs", "evict.lock"})
+"""What lazyfs makes at the top of a cache (``cache.store``, ``cache.images``,
+``cache.trace``, ``cache.evict``, the mount launcher's logs)."""
 
-def claim(root: Path, *, holds: str = "chunks", what: str = "cache directory", inner: bool = True) -> None:
+
+def claim(root: Path, *, holds: str = "chunks", known: frozenset[str] = CACHE_ENTRIES,
+          what: str = "cache directory", inner: bool = True) -> None:
     """Make ``root`` (and its missing parents) 0700 if it is missing; tighten it (and,
-    with ``inner``, every directory below it) if it is open to others and is empty or
-    holds ``holds``. Raises CacheError when it cannot be made or changed, or is open to
-    others and holds something else."""
+    with ``inner``, every directory below it) if it is open to others and is empty, holds
+    ``holds``, or holds nothing but ``known`` names. Raises CacheError when it cannot be
+    made or changed, or is open to others and holds something else."""
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         mode = stat.S_IMODE(root.stat().st_mode)
         if not mode & _OPEN:
             return
-        if not (root / holds).exists() and any(root.iterdir()):
+        if not (root / holds).exists() and any(p.name not in known for p in root.iterdir()):
             raise CacheError(f"{what} {root} is open to other users (mode {mode:04o}) and holds files "
                              f"that are not lazyfs's; give lazyfs a directory of its own, or chmod 700 it")
         os.chmod(root, 0o700)

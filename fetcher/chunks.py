@@ -1,6 +1,7 @@
 """Verified chunks from a blob source, each fetched once however many readers want it.
 
-Missing chunks of one blob that lie close together are merged into one range request;
+Missing chunks of one blob that lie close together are merged into one range request,
+and a demand miss brings the chunks that follow it in its blob along (``amplify``);
 every chunk is decoded and checked against its BLAKE3 digest before anyone sees it or
 it is cached; a chunk that fails the check is never cached and its readers get an
 ``IntegrityError``. Demand reads always go first: background (prefetch) requests wait
@@ -37,7 +38,7 @@ from .inflight import InFlight, Pending, Underway
 from .origin import Origin
 from .peerroute import Asks, PeerRoute
 from .peers import PeerTier
-from .plan import Range, claim, plan_ranges
+from .plan import Range, amplify, asked_first, claim, plan_ranges
 from .rereads import RereadDeadlines
 from .source import BlobSource
 from .verify import Verified, Verifier, integrity_error
@@ -58,6 +59,7 @@ class ChunkFetcher:
         *,
         source_name: str = "origin",
         peers: PeerTier | None = None,
+        neighbours: Callable[[Chunk, int], Sequence[Chunk]] | None = None,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -79,6 +81,12 @@ class ChunkFetcher:
         self._route = PeerRoute(peers, self.stats, self._verifier, self.gate, self._from_origin,
                                 deadline=config.deadline, on_answer=self._answered) if peers else None
         self._rereads = RereadDeadlines(window=config.reread_window, short_try=config.reread_try)
+        self._neighbours = neighbours if config.amplify > 0 and peers is None else None
+        """The chunks following a chunk in its blob within so many bytes (the index's
+        ``chunks_after``), which a demand miss fetches along (``FetchConfig.amplify``)."""
+        self._streaks: dict[str, tuple[int, int]] = {}
+        """Per blob, where the last amplified request ended and its window: a miss right
+        there (a walk through the blob) doubles the window, any other starts small."""
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
                   use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
@@ -256,7 +264,36 @@ class ChunkFetcher:
                 self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
             new = to_origin
         for rng in self._plan(new, background, use_peers):
+            if not background and self._neighbours is not None:
+                rng = self._amplified(rng)
             self._nursery.start_soon(self._fetch_range, rng, background)
+
+    def _amplified(self, rng: Range) -> Range:
+        """``rng`` with the free chunks that follow it (``plan.amplify``), each given an
+        in-flight entry that its fetch fills, so that a reader of one joins it. The window
+        starts at an eighth of ``amplify`` and doubles while misses walk through the blob
+        (as the kernel's readahead grows), so that scattered reads fetch little beyond
+        what they asked for and a walk of a tree few requests."""
+        assert self._neighbours is not None
+        largest = min(self.config.amplify, self.config.max_request)
+        end, last = self._streaks.get(rng.blob, (-1, 0))
+        window = min(2 * last, largest) if rng.start == end else max(largest // 8, 1)
+        out = self._extend(rng, window)
+        self._streaks[rng.blob] = (out.end, window)
+        return out
+
+    def _extend(self, rng: Range, window: int) -> Range:
+        assert self._neighbours is not None
+        room = window - (rng.end - rng.start)
+        if room <= 0:
+            return rng
+        store = self._store
+        out = amplify(rng, self._neighbours(rng.chunks[-1], room), window=window,
+                      free=lambda c: self._inflight.get(c.digest) is None and not (
+                          store is not None and store.contains(c.digest, c.stored_size)))
+        for c in out.chunks[len(rng.chunks):]:
+            self._inflight.start(c.digest)
+        return out
 
     def note_failed_read(self, chunks: Sequence[Chunk], began: float) -> None:
         """A demand read over ``chunks`` (begun at ``began``, trio time) failed: a re-read of
@@ -287,42 +324,11 @@ class ChunkFetcher:
                 self.stats.demand_requests += 1
                 with self.gate.demand():
                     data = await self._request(rng, self.config.deadline)
-            in_order = [queued[c.digest] for c in rng.chunks]
-            # the prefetcher's chunks are cached with their check
-            if not background:
-                results = await self._verifier.range(rng, data)
-            elif self.peers is not None:
-                # in a cluster, peers wait for these chunks (see ``background_pause``)
-                results = await self._verifier.range(rng, data, self._store)
-            else:
-                results = await self._verifier.range(
-                    rng, data, self._store, functools.partial(self.gate.give_way, work))
-            view = memoryview(data)
-            # bytes from a mirror that fail their check are asked for again from the next
-            # source (the registry last), once: the mirror is skipped from now on
-            again = (any(isinstance(r, ChunkDecodeError) for r in results)
-                     and self._origin is not None and self._origin.blame(rng))
-            retry: list[Chunk] = []
-            for c, p, result in zip(rng.chunks, in_order, results, strict=True):
-                if isinstance(result, ChunkDecodeError):
-                    self.stats.integrity_failures += 1
-                    log.error(
-                        "chunk %s at %d in blob %s from %s failed verification (%s); not cached",
-                        c.hexdigest, c.offset, c.blob.digest, self.source_name, result,
-                    )
-                    if again:
-                        retry.append(c)
-                        continue
-                    p.error = integrity_error(c, self.source_name)
-                    continue
-                p.data = result
-                at = c.offset - rng.start
-                p.payload = view[at : at + c.stored_size]
-                self.stats.chunks_fetched += 1
-                if not background:  # the prefetcher's chunks were cached with their check
-                    await self._keep(c, p, background)
-            for sub in plan_ranges(retry, max_request=self.config.max_request, max_gap=0):
-                await self._fetch_range(sub, False, {c.digest: queued[c.digest] for c in sub.chunks})
+            whole = memoryview(data)
+            for part in asked_first(rng):
+                at = part.start - rng.start
+                await self._hand_over(part, whole[at : at + part.end - part.start], rng,
+                                      background, queued, work)
         except FetchError as exc:
             self.stats.failed_requests += 1
             log.warning("fetching %d chunk(s) of blob %s [%d, %d) from %s failed: %s",
@@ -338,12 +344,63 @@ class ChunkFetcher:
                 queued[c.digest].error = FetchError(f"unexpected error fetching blob {rng.blob}: {exc!r}")
         finally:
             for c in fetching.chunks if fetching else ():  # the chunks this task fetched
-                done = queued[c.digest]
-                if done.data is None and done.error is None:
-                    done.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
-                done.event.set()
-                if not done.caching:
-                    self._inflight.done(c.digest, done)
+                self._settle(c, queued[c.digest])
+
+    async def _hand_over(self, rng: Range, data: bytes | bytearray | memoryview, sent: Range,
+                         background: bool, queued: dict[ChunkDigest, Pending], work: Underway) -> None:
+        """Check the chunks of ``rng`` (``data`` is its bytes; ``sent`` the request they came
+        in), wake their readers, cache the good ones. A neighbour (``rng.neighbours``) that
+        fails its check is dropped: nobody asked for it, and a later read fetches it again."""
+        in_order = [queued[c.digest] for c in rng.chunks]
+        # the prefetcher's chunks are cached with their check
+        if not background:
+            results = await self._verifier.range(rng, data)
+        elif self.peers is not None:
+            # in a cluster, peers wait for these chunks (see ``background_pause``)
+            results = await self._verifier.range(rng, data, self._store)
+        else:
+            results = await self._verifier.range(
+                rng, data, self._store, functools.partial(self.gate.give_way, work))
+        view = memoryview(data)
+        # bytes from a mirror that fail their check are asked for again from the next
+        # source (the registry last), once: the mirror is skipped from now on (neighbours
+        # are not asked again: nobody waits for them)
+        again = (any(isinstance(r, ChunkDecodeError) for r in results)
+                 and self._origin is not None and self._origin.blame(sent)
+                 and not rng.neighbours)
+        retry: list[Chunk] = []
+        for c, p, result in zip(rng.chunks, in_order, results, strict=True):
+            if isinstance(result, ChunkDecodeError):
+                self.stats.integrity_failures += 1
+                log.error(
+                    "chunk %s at %d in blob %s from %s failed verification (%s); not cached",
+                    c.hexdigest, c.offset, c.blob.digest, self.source_name, result,
+                )
+                if again:
+                    retry.append(c)
+                    continue
+                p.error = integrity_error(c, self.source_name)
+                continue
+            p.data = result
+            at = c.offset - rng.start
+            p.payload = view[at : at + c.stored_size]
+            self.stats.chunks_fetched += 1
+            if not background:  # the prefetcher's chunks were cached with their check
+                await self._keep(c, p, background)
+        self.stats.neighbours += sum(p.data is not None for p in in_order) if rng.neighbours else 0
+        for sub in plan_ranges(retry, max_request=self.config.max_request, max_gap=0):
+            await self._fetch_range(sub, False, {c.digest: queued[c.digest] for c in sub.chunks})
+        for c, p in zip(rng.chunks, in_order, strict=True):
+            self._settle(c, p)
+
+    def _settle(self, c: Chunk, p: Pending) -> None:
+        """Wake the readers of a chunk this task fetched (with an error if it has neither
+        bytes nor one) and end its in-flight entry, unless the cache write still holds it."""
+        if p.data is None and p.error is None:
+            p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
+        p.event.set()
+        if not p.caching:
+            self._inflight.done(c.digest, p)
 
     async def _keep(self, c: Chunk, p: Pending, background: bool) -> None:
         assert p.payload is not None

@@ -18,6 +18,17 @@ class FetchConfig:
     max_gap: int = 256 << 10
     """Neighbouring chunks of a blob at most this far apart are fetched in one request
     (the gap's bytes are read and discarded: cheaper than another round trip)."""
+    amplify: int = 1 << 20
+    """A demand miss fetches, in the same request, the chunks that follow it in its blob
+    (not cached, not being fetched) until the request is this many bytes: the converter
+    lays a directory's files side by side, so a cold walk of many small files makes
+    about one request per window instead of one per file. The reader waits for its own
+    chunks only; the neighbours are checked and cached like any chunk. The first miss in
+    a blob gets an eighth of this, doubled for each miss right where the last request
+    ended: bench/amplify.py measured 1 MiB at 1.16x the bytes of a cold start without it
+    and one request per 711 KiB of image for a cold tar of the tree (1,355 requests
+    without it). 0 turns it off. Not in a cluster, where the neighbours are other
+    peers' to fetch."""
     background_concurrency: int = 2
     """Background requests in flight at once."""
     background_max_request: int = 4 << 20
@@ -66,5 +77,7 @@ class FetchStats:
     """Chunks answered first by a hedged request."""
     origin_after_peers: int = 0
     """Chunks asked of the origin after their peers failed or were slow."""
+    neighbours: int = 0
+    """Chunks fetched along with a demand miss (``FetchConfig.amplify``) and found good."""
     timeouts: int = 0
     """Waits that ran past their deadline (a request with no answer, a read given up)."""

@@ -2,9 +2,14 @@
 
 Missing chunks of one blob that lie close together are merged into one request (the gap's
 bytes are read and discarded: cheaper than another round trip), up to a size limit;
-chunks of different blobs never share one.
+chunks of different blobs never share one. A demand miss on small chunks brings the
+chunks that follow it in its blob along, up to a window (Nydus's ``amplify_io``): the
+converter lays a directory's files side by side, so a cold walk of a tree needs about one
+request per window instead of one per file.
 
     plan_ranges(chunks, max_request=, max_gap=)   the requests, as few as the limits allow
+    amplify(rng, following, window=, free=)       a demand request grown by its neighbours
+    asked_first(rng)                              its parts: asked-for chunks, then neighbours
     claim(rng, entries)                           what a queued background request still
                                                   has to fetch when its turn comes
 """
@@ -12,7 +17,7 @@ chunks of different blobs never share one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from blockindex.format import Chunk, ChunkDigest
@@ -20,12 +25,14 @@ from blockindex.format import Chunk, ChunkDigest
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Range:
-    """One request: chunks of one blob lying within ``[start, end)``."""
+    """One request: chunks of one blob lying within ``[start, end)``, in blob order."""
 
     blob: str
     start: int
     end: int
     chunks: tuple[Chunk, ...]
+    neighbours: int = 0
+    """How many of the last ``chunks`` nobody asked for: ``amplify`` added them."""
 
 
 def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> list[Range]:
@@ -50,6 +57,35 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
         if cur:
             out.append(Range(blob, start, end, tuple(cur)))
     return out
+
+
+def amplify(rng: Range, following: Iterable[Chunk], *, window: int,
+            free: Callable[[Chunk], bool]) -> Range:
+    """``rng`` extended by the chunks ``following`` it in its blob (in blob order), as long
+    as each is ``free`` (not cached, not being fetched: the first that is not ends the
+    extension, so that no byte is fetched twice) and the request stays within ``window``
+    bytes. A request already as large as the window is left as it is."""
+    extra: list[Chunk] = []
+    end = rng.end
+    for c in following:
+        c_end = c.offset + c.stored_size
+        if c.blob.digest != rng.blob or c.offset < end or c_end - rng.start > window or not free(c):
+            break
+        extra.append(c)
+        end = c_end
+    if not extra:
+        return rng
+    return Range(rng.blob, rng.start, end, rng.chunks + tuple(extra), len(extra))
+
+
+def asked_first(rng: Range) -> list[Range]:
+    """The parts of ``rng`` to check and hand over in turn: the chunks asked for (their
+    readers wait for these alone), then the neighbours ``amplify`` added."""
+    if not rng.neighbours:
+        return [rng]
+    asked, extra = rng.chunks[: -rng.neighbours], rng.chunks[-rng.neighbours :]
+    return [Range(rng.blob, rng.start, asked[-1].offset + asked[-1].stored_size, asked),
+            Range(rng.blob, extra[0].offset, rng.end, extra, len(extra))]
 
 
 class Queued(Protocol):

@@ -45,7 +45,7 @@ def integrity_error(c: Chunk, source: str) -> FetchError:
         chunk=c.hexdigest, blob=c.blob.digest, source=source)
 
 
-def verify_range(rng: Range, data: bytes | bytearray, store: ChunkStore | None = None,
+def verify_range(rng: Range, data: bytes | bytearray | memoryview, store: ChunkStore | None = None,
                  give_way: Callable[[], object] | None = None) -> Checked:
     """Decode and check every chunk of a fetched range; cache the good ones in ``store``
     when given. Runs in a worker thread for large ranges, calling ``give_way`` (which may
@@ -122,7 +122,7 @@ class Verifier:
             return await trio.to_thread.run_sync(load_cached, store, c, limiter=self._disk)
         return load_cached(store, c)
 
-    async def range(self, rng: Range, data: bytes | bytearray, store: ChunkStore | None = None,
+    async def range(self, rng: Range, data: bytes | bytearray | memoryview, store: ChunkStore | None = None,
                     give_way: Callable[[], object] | None = None) -> Checked:
         """``verify_range`` of a fetched range: on the trio loop if it is small, else in
         a worker thread; with ``give_way`` (background work that must give way to reads)

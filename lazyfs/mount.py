@@ -116,6 +116,9 @@ class MountOptions:
     refresh_trace_after: float = 10.0
     """Seconds after the start at which a mount that has its node's trace asks the registry
     and the peers for newer runs (``LearnedPrefetch.refresh``); 0: never."""
+    amplify: int | None = None
+    """Bytes a demand miss fetches in one request with the chunks after it in its blob
+    (``FetchConfig.amplify``); None: its default, 0: off."""
 
 
 @dataclasses.dataclass
@@ -352,8 +355,10 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             fetcher = None
             server = None
             if client is not None:
-                fetcher = ChunkFetcher(nursery, client, store, FetchConfig(deadline=opts.timeout),
-                                       source_name="origin", peers=tier)
+                config = FetchConfig(deadline=opts.timeout) if opts.amplify is None else FetchConfig(
+                    deadline=opts.timeout, amplify=opts.amplify)
+                fetcher = ChunkFetcher(nursery, client, store, config, source_name="origin", peers=tier,
+                                       neighbours=index.chunks_after)
             if listeners is not None and token is not None:
                 own = {f"{ref.registry}/{ref.repository}": fetcher} if fetcher else {}
                 origins = OriginPool(nursery, store, timeout=opts.timeout, insecure=opts.insecure,

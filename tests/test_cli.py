@@ -100,6 +100,14 @@ def test_a_timeout_must_be_positive_seconds(tmp_path, value):
         assert "positive number of seconds" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("value", ["-1", "-2M", "nan", "inf", "1e400", "big"])
+def test_a_size_must_be_a_number_of_bytes(tmp_path, value):
+    for option in ("--amplify", "--cache-size"):
+        done = lazyfs("mount", "127.0.0.1:1/app:1", str(tmp_path), f"{option}={value}", check=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (option, done.stderr)
+        assert option in done.stderr.splitlines()[-1] and "not a size" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
 def test_the_trace_windows_must_be_seconds(tmp_path, value):
     for option in ("--record-window", "--refresh-trace-after"):

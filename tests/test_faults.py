@@ -106,8 +106,9 @@ def right(mnt: Path, files: dict[str, bytes], name: str, offset: int = 0, size: 
 
 
 def mount_through(mounts, proxy: FaultProxy, *extra: str) -> Path:
+    # --amplify 0: each read asks for its own chunks, so that a fault reaches every read
     mnt, _ = mounts.mount(f"127.0.0.1:{proxy.port}/f:1", "--no-prefetch", "--timeout", str(TIMEOUT),
-                          *extra)
+                          "--amplify", "0", *extra)
     return mnt
 
 

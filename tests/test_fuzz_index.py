@@ -116,6 +116,11 @@ def _walk_checked(r: IndexReader) -> None:
                             assert 0 <= span.chunk_offset < c.size <= r.chunk_size
                             assert span.chunk_offset + span.length <= c.size
                             assert c.offset + c.stored_size <= c.blob.size
+                            end = c.offset + c.stored_size
+                            for n in r.chunks_after(c, 4 * CS):  # what a miss fetches along
+                                assert n.blob == c.blob and end <= n.offset
+                                end = n.offset + n.stored_size
+                                assert end <= c.offset + c.stored_size + 4 * CS
                     assert covered == max(0, min(2 * CS, node.size - off))
                 r.chunks_of(node.ino)
     for c in r.all_chunks():
@@ -365,7 +370,7 @@ def test_every_question_a_handler_asks_is_answered_from_an_index(good_index, tmp
     public = {n for n in dir(IndexReader) if not n.startswith("_") and callable(getattr(
         IndexReader, n))}
     asked = {"attr", "lookup", "children", "readlink", "xattrs", "getxattr", "chunks",
-             "chunks_of", "chunk"}
+             "chunks_of", "chunk", "chunks_after"}
     assert public == asked | WHOLE_INDEX
     r = IndexReader(good_index)
     rec = _Recorder(r._db)
@@ -381,6 +386,8 @@ def test_every_question_a_handler_asks_is_answered_from_an_index(good_index, tmp
     spans = r.chunks(f.ino, 0, 3 * CS)
     r.chunks_of(f.ino)
     r.chunk(spans[0].chunk.digest)
+    after = r.chunks_after(spans[0].chunk, 1 << 20)
+    assert after[: len(spans) - 1] == [s.chunk for s in spans[1:]]
     assert len(rec.asked) >= len(asked)
     assert {sql: unindexed(rec.db, sql, args) for sql, args in rec.asked.items()} == {
         sql: [] for sql in rec.asked}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -47,7 +48,7 @@ def test_mounted_tree_equals_the_merged_image(served, mounts):
 
 def test_only_what_is_read_is_fetched(served, mounts):
     image, root, server = served
-    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch", "--amplify", "0")
     before = len(server.requests)
     assert before >= 2  # the manifest and the index
     index = index_of(root)
@@ -67,6 +68,39 @@ def test_only_what_is_read_is_fetched(served, mounts):
     st = mounts.status(mnt)
     assert st["bytes_by_source"]["origin"] == chunk.stored_size
     assert st["prefetch"]["state"] == "off"
+
+
+def test_a_miss_fetches_the_files_after_it_in_one_request(served, mounts):
+    image, root, server = served
+    window = 64 << 10
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch", "--amplify", "512K")  # first: 64 KiB
+    index = index_of(root)
+    owner = {}  # a file of one chunk, of each chunk
+    for path, e in image.expected.items():
+        if e.kind == "file" and len(cs := index.chunks_of(_lookup(index, path).ino)) == 1:
+            owner.setdefault(cs[0].digest, path)
+    small, chunk, after = next(
+        (p, c, after) for p, e in sorted(image.expected.items()) if e.kind == "file" and 0 < e.size < 4096
+        for c in index.chunks_of(_lookup(index, p).ino)
+        if len(after := index.chunks_after(c, window - c.stored_size)) >= 2)
+    before = len(server.requests)
+    assert sha256((mnt / os.fsdecode(small)).read_bytes()) == image.expected[small].sha256
+    # one request: the file's chunk and the chunks after it in its blob, within the window
+    [(_, path, rng, status)] = server.requests[before:]
+    end = after[-1].offset + after[-1].stored_size
+    assert path.endswith(chunk.blob.digest) and status == 206
+    assert rng == f"bytes={chunk.offset}-{end - 1}" and end - chunk.offset <= window
+    # the files whose chunks came along are read from the node cache: no request
+    others = [owner[c.digest] for c in after if c.digest in owner]
+    assert others
+    for other in others:
+        assert sha256((mnt / os.fsdecode(other)).read_bytes()) == image.expected[other].sha256
+    assert len(server.requests) == before + 1
+    assert mounts.status(mnt)["fetch"]["neighbours"] == len(after), server.requests[before:]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _lookup(index: IndexReader, path: bytes):

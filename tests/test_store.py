@@ -139,6 +139,23 @@ def test_an_open_directory_that_is_not_a_cache_is_refused_and_left_alone(tmp_pat
     assert other.stat().st_mode & 0o777 == 0o755 and sorted(os.listdir(other)) == ["apt"]
 
 
+def test_an_open_cache_seeded_with_a_trace_alone_is_lazyfs_s_and_tightened(tmp_path):
+    """A trace carried from another node into a new cache directory: every name in it is
+    one lazyfs makes there, so it is tightened, not refused; one more name is refused."""
+    seeded = tmp_path / "seeded"
+    (seeded / "traces").mkdir(parents=True)
+    seeded.chmod(0o755)
+    (seeded / "traces").chmod(0o755)
+    ChunkStore(seeded)
+    assert seeded.stat().st_mode & 0o777 == 0o700 and (seeded / "traces").stat().st_mode & 0o777 == 0o700
+    mixed = tmp_path / "mixed"
+    for name in ("traces", "photos"):
+        (mixed / name).mkdir(parents=True)
+    mixed.chmod(0o755)
+    with pytest.raises(CacheError, match="not lazyfs's"):
+        ChunkStore(mixed)
+
+
 def test_image_store_verifies_what_it_reads(tmp_path):
     images = ImageStore(tmp_path)
     import hashlib

@@ -101,7 +101,7 @@ def test_trace_push_without_a_trace_is_one_line(registry, tmp_path):
     make_rootfs(rootfs)
     ref = f"{registry.host}/app:1"
     lazyfs("convert", f"dir:{rootfs}", f"docker://{ref}", "--chunk-size", "64K")
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty").mkdir(mode=0o700)  # private, as lazyfs makes a cache: no warning
     done = lazyfs("trace", "push", ref, "--cache", str(tmp_path / "empty"), check=False)
     assert done.returncode == 3 and done.stderr.startswith("lazyfs: error: no trace of")
     assert "Traceback" not in done.stderr

@@ -38,9 +38,12 @@ def size(text: str) -> int:
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in "kmg" else (t, "")
     try:
-        return int(float(num) * units[unit])
-    except ValueError:
+        value = int(float(num) * units[unit])
+    except (ValueError, OverflowError):  # not a number, NaN, infinity
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1M, 512K)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (a size is 0 or more)")
+    return value
 
 
 def seconds(text: str) -> float:

@@ -22,7 +22,7 @@ from cache.private import claim
 
 from ..errors import ExitCode, MountError, UserError
 from ..process import read_ready, reap_child
-from .common import DEFAULT_CACHE, add_cache_size, add_metrics, run, seconds, setup_logging, user_error
+from .common import DEFAULT_CACHE, add_cache_size, add_metrics, run, seconds, setup_logging, size, user_error
 from .peer import checked_peers
 from .registry import add_registry_arguments, registry_options
 
@@ -71,6 +71,9 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--prefetch", choices=("all", "trace"), default="all",
                    help="all: the learned order first, then the whole image (default); "
                         "trace: the learned order only")
+    p.add_argument("--amplify", type=size, metavar="BYTES",
+                   help="a read that misses fetches the chunks after it in its blob, up to this "
+                        "size in one request (default 1M; 0: off)")
     add_registry_arguments(p)
     p.set_defaults(func=cmd_mount)
 
@@ -106,6 +109,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         record_window=None if args.record else args.record_window,
         lead_only=args.prefetch == "trace",
         refresh_trace_after=args.refresh_trace_after,
+        amplify=args.amplify,
     )
     if peers is None:
         return opts

@@ -63,7 +63,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
                     "this node, so they ask this node's `lazyfs peer` for the chunks it owns")
     root = Path(args.root).absolute()
     # 0700 as containerd's own snapshotters; what is inside (snapshots' contents) keeps its modes
-    claim(root, holds="snapshots", what="snapshotter root", inner=False)
+    claim(root, holds="snapshots", known=frozenset(), what="snapshotter root", inner=False)
     for option, value in (("--address", args.address), ("--cri-keychain", args.cri_keychain)):
         if value is not None:  # before anything starts: a bad path is a usage error
             try:
