@@ -41,12 +41,12 @@ if str(ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 import trio  # noqa: E402
-from testkit.registryd import free_port  # noqa: E402
-from testkit.waiting import listening, wait_until  # noqa: E402
 
 from blockindex.oci import Layout  # noqa: E402
 from fetcher.http1 import RangeClient  # noqa: E402
 from lazyfs.serve import make_server  # noqa: E402
+from testkit.registryd import free_port  # noqa: E402
+from testkit.waiting import listening, wait_until  # noqa: E402
 
 BLOB_SIZE = 64 << 20
 SIZES = (4 << 10, 1 << 20)

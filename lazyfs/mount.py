@@ -23,9 +23,10 @@ import pyfuse3
 import trio
 
 from blockindex import format as fmt
+from blockindex.checks import CHECK_RULES
 from blockindex.errors import ImageError
 from blockindex.oci import check_digest
-from blockindex.reader import CHECK_RULES, IndexReader
+from blockindex.reader import IndexReader
 from cache import pins
 from cache.errors import CacheError
 from cache.evict import CacheKeeper, eviction_lock

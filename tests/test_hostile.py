@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from blockindex.checks import CHECK_RULES
 from blockindex.convert import convert
 from blockindex.errors import ImageError
 from blockindex.format import InodeT
 from blockindex.oci import Layout, canonical_json
-from blockindex.reader import CHECK_RULES, IndexReader
+from blockindex.reader import IndexReader
 from cache.images import ImageStore
 from lazyfs.serve import make_server
 
