@@ -92,6 +92,13 @@ def _link_same_blobs(layout_dir: Path, like: Path) -> None:
             os.replace(tmp, blob)
 
 
+def own_bytes(images: Path, repos: list[str]) -> int:
+    """Disk the layouts of ``repos`` take of their own: their files that no hard link shares
+    (for variants of one image, their indexes and variant layers)."""
+    return sum(st.st_size for repo in repos for path in (images / repo).rglob("*")
+               if (st := path.lstat()).st_nlink == 1 and path.is_file())
+
+
 # -- small tools --------------------------------------------------------------------------------
 
 def pss_bytes(pid: int) -> int:
