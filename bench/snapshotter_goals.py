@@ -140,7 +140,9 @@ def table(result: dict[str, Any]) -> list[str]:
     rows.append(f"cold tree read, no prefetch: {cold['total_s']['median']:.2f}s (mount "
                 f"{cold['mount_s']['median']:.2f}s), {cold['registry_requests']['median']:.0f} requests, "
                 f"{cold['registry_bytes']['median'] / MIB:.1f} MiB, "
-                f"{cold['requests_per_mib']['median']:.2f} requests/MiB")
+                f"{cold['requests_per_mib']['median']:.2f} requests/MiB"
+                + (f"; umount {cold['umount_s']['median']:.2f}s, mount process outlived it in "
+                   f"{sum(cold['umount_failed']['runs']):.0f} run(s)" if "umount_s" in cold else ""))
     rows.append("")
     rows.append("goal                                                 value      met     stargz*")
     for g in result["goals"]:
