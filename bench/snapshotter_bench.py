@@ -9,14 +9,20 @@ snapshotter, on the same machine from the same registry.
     full_pull   ``ctr image pull --snapshotter overlayfs REF`` (every gzip layer downloaded
                 and unpacked) then ``ctr run --snapshotter overlayfs REF python3 -c PROGRAM``.
 
-Both images hold the same files (the python image of ``bench/harness.py``, with .pyc files):
-the lazy one converted by lazyfs, the ordinary one as gzip -6 layers with its original
-config. Every measurement starts a fresh containerd (and snapshotter) with empty roots and
+Both sides run the same image (``--image``), the lazy one converted by lazyfs, the ordinary
+one as gzip -6 layers with its own config:
+
+    debian      the suite's image (``bench/image.py``): Debian minbase + python3 +
+                python3-numpy, three layers, about 256 MiB of files; the default.
+    python      this machine's python3 and its libraries (``tests/imagegen.py``, with .pyc
+                files), about 25 MiB: what ``--quick`` runs, so that CI stays short.
+
+Every measurement starts a fresh containerd (and snapshotter) with empty roots and
 a dropped page cache, so each pull is cold; the modes take turns within each run. Seconds
 are medians over the runs; bytes are what the registry (``lazyfs serve``, in this process)
 sent during the pull and the run, from its access log.
 
-    python3 bench/snapshotter_bench.py [--quick] [--runs N] [--out DIR]
+    python3 bench/snapshotter_bench.py [--quick] [--image debian|python] [--runs N] [--out DIR]
 
 Then, in each run, the figures of an image once it is there (``bench/snapshotter_reads.py``):
 
@@ -27,15 +33,18 @@ Then, in each run, the figures of an image once it is there (``bench/snapshotter
                 ``/usr`` and of the whole tree through lazyfs, overlayfs (the full pull's
                 snapshot) and memfs (the same tree served from memory by pyfuse3); random
                 4 KiB reads through lazyfs and overlayfs; the PSS of 1, 5 and 20 mounted
-                images (distinct images of the same files) and of a mount that has served
-                the whole image.
+                images (distinct images of the same files, sharing their blobs on disk)
+                and of a mount that has served the whole image.
     cold        ``lazyfs mount --no-prefetch`` into an empty cache and ``tar -c`` of the
                 whole tree, with the registry's requests and bytes, against the full pull.
 
 Ratios are taken within one run, then their median over the runs is reported; ``goals``
-says which of the targets below (``GOALS``) each figure meets.
+says which of the targets (``snapshotter_goals.GOALS``) each figure meets, beside what
+stargz-snapshotter reached in an earlier side-by-side run (``snapshotter_goals.STARGZ``,
+not measured here). The load average is recorded before, at the start of each run and
+after: the machine may be shared.
 
-``run(quick, outdir)`` is the entry point for a suite. Results go to
+``run(quick, outdir, image=None)`` is the entry point for a suite. Results go to
 ``bench/results/<UTC date-time>/snapshotter.json`` (or ``DIR``). Needs root, containerd,
 ctr and runc.
 """
@@ -76,6 +85,7 @@ from bench.harness import (  # noqa: E402
     source_key,
     stats,
 )
+from bench.image import debian_image  # noqa: E402
 from bench.pull_phases import mounted_time, prepare_parts, timed_pull  # noqa: E402
 from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
 from lazyfs.serve import make_server  # noqa: E402
@@ -98,18 +108,29 @@ class Params:
 
 
 QUICK = Params(runs=1, mount_counts=(1, 2, 3), random_reads=200)
+IMAGES = ("debian", "python")
+"""What ``--image`` chooses from (the module's docstring says what each is)."""
 
 
-def run(quick: bool, outdir: Path) -> dict[str, Any]:
-    """Measure, write ``outdir/snapshotter.json`` and return what it holds."""
-    return measure(QUICK if quick else Params(), outdir)
+def run(quick: bool, outdir: Path, image: str | None = None) -> dict[str, Any]:
+    """Measure, write ``outdir/snapshotter.json`` and return what it holds. ``image`` is
+    one of ``IMAGES``; by default the python image when ``quick``, else the Debian one."""
+    return measure(QUICK if quick else Params(), outdir, image or default_image(quick))
+
+
+def default_image(quick: bool) -> str:
+    return "python" if quick else "debian"
 
 
 # -- inputs ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
+    name: str
+    """Which of ``IMAGES``."""
+    description: str
     images: Path
+    """Served by the registry: one OCI layout per repository."""
     lazy: str
     """Repository of the converted image."""
     plain: str
@@ -152,17 +173,29 @@ def _layer_bytes(images: Path, repo: str) -> int:
     return sum(int(d["size"]) for d in manifest["layers"])
 
 
-def prepare_inputs(work: Path, variants: int) -> Inputs:
-    images = CACHE / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    tar = imagegen.build_python_image(work / "python.tar", cache_dir=CACHE / "inputs", with_pyc=True)
-    pykey = hashlib.sha256(tar.read_bytes()).hexdigest()[:12]
-    lazy = _cached_convert(images, f"python-{pykey}-{source_key()}", f"docker-archive:{tar}")
-    plain = f"ctrd-python-{pykey}"
-    _plain_layout(tar, images, plain)
-    tar.unlink()
-    return Inputs(images, lazy, plain, _layer_bytes(images, lazy), _layer_bytes(images, plain),
-                  reads.variant_repos(images, plain, lazy, variants, work))
+def prepare_inputs(work: Path, variants: int, image: str) -> Inputs:
+    """The image in both forms, and ``variants`` more lazy images of its files (each
+    converted once, kept beside it, sharing its blobs by hard links)."""
+    if image == "debian":
+        # built, converted and cached by the suite's code, in its cache, where its plain
+        # form (debian-gzip) has the config with the layers' diff ids that containerd checks
+        debian = debian_image()
+        images, lazy, plain, description = debian.images, debian.lazy, debian.pull, debian.description
+    elif image == "python":
+        images = CACHE / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        tar = imagegen.build_python_image(work / "python.tar", cache_dir=CACHE / "inputs", with_pyc=True)
+        pykey = hashlib.sha256(tar.read_bytes()).hexdigest()[:12]
+        lazy = _cached_convert(images, f"python-{pykey}-{source_key()}", f"docker-archive:{tar}")
+        plain = f"ctrd-python-{pykey}"
+        _plain_layout(tar, images, plain)
+        tar.unlink()
+        description = "this machine's python3 and its libraries (tests/imagegen.py, with .pyc files)"
+    else:
+        raise RuntimeError(f"unknown image {image!r}: one of {', '.join(IMAGES)}")
+    repos = reads.variant_repos(images, plain, lazy, variants, work)
+    return Inputs(image, description, images, lazy, plain, _layer_bytes(images, lazy),
+                  _layer_bytes(images, plain), repos)
 
 
 # -- one measurement ------------------------------------------------------------------------
@@ -245,7 +278,7 @@ def measure_once(mode: str, n: int, work: Path, ref_lazy: str, ref_plain: str, a
 
 # -- the run ----------------------------------------------------------------------------------
 
-def measure(params: Params, outdir: Path) -> dict[str, Any]:
+def measure(params: Params, outdir: Path, image: str = "debian") -> dict[str, Any]:
     if os.geteuid() != 0:
         raise RuntimeError("the snapshotter benchmark needs root (containerd, FUSE, drop_caches)")
     for tool in ("containerd", "ctr", "runc", "containerd-shim-runc-v2"):
@@ -253,18 +286,21 @@ def measure(params: Params, outdir: Path) -> dict[str, Any]:
             raise RuntimeError(f"the snapshotter benchmark needs {tool} (tests/setup.sh installs it)")
     started = time.monotonic()
     load_before = os.getloadavg()
+    load_runs: list[tuple[float, float, float]] = []
     Path("/var/tmp").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lzsb-", dir="/var/tmp"))  # short: socket paths
     samples: dict[str, list[dict]] = {mode: [] for mode in params.modes}
     complete: list[dict] = []
     cold: list[dict] = []
     try:
-        inputs = prepare_inputs(work, max(params.mount_counts) - 1)
+        inputs = prepare_inputs(work, max(params.mount_counts) - 1, image)
         access = AccessLog(work / "access.log")
         with make_server(inputs.images, "127.0.0.1", 0, access_log=access.path) as server:
             ref_lazy = f"127.0.0.1:{server.port}/{inputs.lazy}:1"
             ref_plain = f"127.0.0.1:{server.port}/{inputs.plain}:1"
             for n in range(1, params.runs + 1):
+                load_runs.append(os.getloadavg())
+                log(f"run {n}: load average {' '.join(f'{x:.2f}' for x in load_runs[-1])}")
                 for mode in params.modes:
                     sample = measure_once(mode, n, work, ref_lazy, ref_plain, access)
                     log(f"run {n} {mode}: {sample['total_s']:.2f}s, "
@@ -284,16 +320,22 @@ def measure(params: Params, outdir: Path) -> dict[str, Any]:
                     f"{cold[-1]['registry_requests']} requests")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
     result: dict[str, Any] = {
         "meta": {
             "utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ"), "host": platform.node(),
             "kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "containerd": _version(["containerd", "--version"]), "params": dataclasses.asdict(params),
             "program": f"{PYTHON} -c '{PROGRAM}'", "seconds": round(time.monotonic() - started, 1),
-            "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0],
+            "loadavg_1m_before": load_before[0], "loadavg_1m_after": load_after[0],
+            "loadavg": {"before": load_before, "runs": load_runs, "after": load_after,
+                        "note": "1, 5 and 15 minute load averages (2 cores; a shared machine)"},
         },
-        "image": {"lazy_stored_bytes": inputs.lazy_stored_bytes,
-                  "gzip_layers_bytes": inputs.gzip_layers_bytes},
+        "image": {"name": inputs.name, "description": inputs.description,
+                  "lazy_stored_bytes": inputs.lazy_stored_bytes,
+                  "gzip_layers_bytes": inputs.gzip_layers_bytes,
+                  "variants_own_bytes": reads.own_bytes(inputs.images, inputs.variants)},
+        "context": {"stargz_ratios": goals.STARGZ, "stargz_source": goals.STARGZ_SOURCE},
         "modes": {mode: _summary(s) for mode, s in samples.items()},
         "complete": goals.complete_figures(complete, params.mount_counts),
         "cold": goals.cold_figures(cold, inputs.lazy_stored_bytes),
@@ -336,8 +378,13 @@ def table(result: dict[str, Any]) -> str:
                     f"{m['total_s']['median']:8.2f}   {m['registry_bytes']['median'] / (1 << 20):17.1f}   "
                     f"{m['registry_requests']['median']:8.0f}")
     image = result["image"]
-    rows.append(f"image: {image['lazy_stored_bytes'] / (1 << 20):.1f} MiB lazy (index + chunk blobs), "
+    rows.append(f"image: {image.get('name', 'python')}: {image.get('description', '')}")
+    rows.append(f"  {image['lazy_stored_bytes'] / (1 << 20):.1f} MiB lazy (index + chunk blobs), "
                 f"{image['gzip_layers_bytes'] / (1 << 20):.1f} MiB gzip layers")
+    if "loadavg" in result["meta"]:
+        load = result["meta"]["loadavg"]
+        rows.append("load average (1 min) before, at each run, after: " + ", ".join(
+            f"{x[0]:.2f}" for x in (load["before"], *load["runs"], load["after"])))
     for name, value in (result.get("ratios") or {}).items():
         rows.append(f"{name}: {value['median'] if isinstance(value, dict) else value:.3f}")
     if "goals" in result:
@@ -348,24 +395,29 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one run of each mode")
+    parser.add_argument("--image", choices=IMAGES, help="debian: the suite's Debian + python3 + "
+                        "numpy image (default); python: the small python image (default with --quick)")
     parser.add_argument("--runs", type=int, help="repetitions of each mode (default 5)")
     parser.add_argument("--out", type=Path, help="directory for snapshotter.json "
                         "(default bench/results/<UTC date-time>)")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         parser.error("needs root (containerd, FUSE mounts, drop_caches)")
+    if args.runs is not None and args.runs < 1:
+        parser.error("--runs must be at least 1")
     params = QUICK if args.quick else Params()
     if args.runs:
         params = dataclasses.replace(params, runs=args.runs)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
     outdir = args.out or ROOT / "bench" / "results" / stamp
     try:
-        result = measure(params, outdir)
+        result = measure(params, outdir, args.image or default_image(args.quick))
     except RuntimeError as exc:
         print(f"snapshotter_bench: error: {exc}", file=sys.stderr)
         return 1
     print(table(result))
-    print(f"\n{outdir / 'snapshotter.json'}  ({result['meta']['seconds']}s, {params.runs} run(s) each)")
+    print(f"\n{outdir / 'snapshotter.json'}  ({result['meta']['seconds']}s, {params.runs} run(s) each, "
+          f"{result['image']['name']} image)")
     return 0
 
 

@@ -10,7 +10,8 @@
   random 4 KiB ``pread``s over the image's larger files through lazyfs and overlayfs; and
   the PSS of the lazy mount once it has served the whole image.
 - ``measure_cold``: ``lazyfs mount --no-prefetch`` straight from the registry into a fresh
-  cache, then ``tar -c`` of the whole tree: seconds, and the registry's requests and bytes.
+  cache, then ``tar -c`` of the whole tree: seconds, and the registry's requests and bytes;
+  then ``lazyfs umount``: its seconds, and whether the mount process outlived its wait.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import MEDIA_TYPE_GZIP_LAYER, Harness, _cached_convert, drop_caches, lazyfs, wait_complete
+from bench.harness import (
+    MEDIA_TYPE_GZIP_LAYER,
+    Harness,
+    _cached_convert,
+    drop_caches,
+    lazyfs,
+    log,
+    wait_complete,
+)
 from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 from lazyfs import mountinfo
 from lazyfs.snapshotter.client import chain_ids
@@ -90,6 +99,13 @@ def _link_same_blobs(layout_dir: Path, like: Path) -> None:
             tmp = blob.with_name(blob.name + ".link")
             os.link(twin, tmp)
             os.replace(tmp, blob)
+
+
+def own_bytes(images: Path, repos: list[str]) -> int:
+    """Disk the layouts of ``repos`` take of their own: their files that no hard link shares
+    (for variants of one image, their indexes and variant layers)."""
+    return sum(st.st_size for repo in repos for path in (images / repo).rglob("*")
+               if (st := path.lstat()).st_nlink == 1 and path.is_file())
 
 
 # -- small tools --------------------------------------------------------------------------------
@@ -237,9 +253,19 @@ def measure_cold(d: Path, *, port: int, repo: str, access: Any) -> dict[str, flo
         t1 = time.perf_counter()
         read_s, size = tar_read(mnt, ".")
         sent, requests = access.since(mark)
-        h.umount(mnt)
+        t2 = time.perf_counter()
+        try:
+            h.umount(mnt)
+            failed = 0
+        except RuntimeError as exc:
+            # after the figures: a mount process slow to exit is reported, not a lost run
+            # (the harness's close ends it)
+            failed = 1
+            tail = Path(str(mnt) + ".log").read_text(errors="replace").splitlines()[-15:]
+            log(f"cold tree read: {exc}; the mount's log ends:\n" + "\n".join(tail))
         return {"mount_s": t1 - t0, "read_s": read_s, "total_s": t1 - t0 + read_s, "tar_bytes": size,
-                "registry_bytes": sent, "registry_requests": requests}
+                "registry_bytes": sent, "registry_requests": requests,
+                "umount_s": time.perf_counter() - t2, "umount_failed": failed}
     finally:
         h.close()
         shutil.rmtree(d, ignore_errors=True)

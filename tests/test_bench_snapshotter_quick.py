@@ -2,7 +2,8 @@
 reports every figure. Timings are only checked to exist: they belong in bench/. Bytes are
 behaviour: a lazy pull and run fetches less than the whole lazy image; the complete image
 reads as the same tar through lazyfs, overlayfs and memfs; a cold tree read fetches the
-whole image; more mounts take more memory."""
+whole image; more mounts take more memory; the distinct images mounted for that share their
+blobs on disk."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def test_quick_snapshotter_benchmark_reports_every_figure(tmp_path):
 
     result = run(quick=True, outdir=tmp_path)
     assert json.loads((tmp_path / "snapshotter.json").read_text()) == json.loads(json.dumps(result))
+    assert result["image"]["name"] == "python"
+    # the mounted variants share the image's blobs on disk: what they add is far less than one copy
+    assert 0 < result["image"]["variants_own_bytes"] < result["image"]["lazy_stored_bytes"] / 2
+    assert len(result["meta"]["loadavg"]["runs"]) == result["meta"]["params"]["runs"]
     for mode in ("lazy", "full_pull"):
         figures = result["modes"][mode]
         for key in ("pull_s", "run_s", "total_s", "registry_bytes", "registry_requests"):
