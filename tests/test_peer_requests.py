@@ -24,7 +24,6 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockindex.format import CODEC_RAW
 from cache.store import ChunkStore
 from lazyfs.peer import ChunkServer
 
@@ -167,7 +166,7 @@ class ServerThread:
 @pytest.fixture
 def served_chunk(tmp_path: Path) -> Path:
     cache = tmp_path / "cache"
-    assert ChunkStore(cache).put(DIGEST, CODEC_RAW, len(DATA), DATA)
+    assert ChunkStore(cache).put(DIGEST, DATA)
     return cache
 
 

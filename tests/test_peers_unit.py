@@ -468,13 +468,12 @@ def test_the_peer_server_caps_connections_and_drops_callers_that_stop_reading(tm
     """Past ``max_connections`` a connection is closed as it comes; a token holder that
     asks for a chunk and never reads the answer loses the connection after
     ``send_timeout``, and the server serves others all along."""
-    from blockindex.format import CODEC_RAW
     from lazyfs.peer import ChunkServer, PeerServerConfig
 
     store = ChunkStore(tmp_path / "cache")
     big = os.urandom(48 << 20)  # more than loopback's socket buffers hold
     digest = bytes(range(32))
-    assert store.put(digest, CODEC_RAW, len(big), big)
+    assert store.put(digest, big)
     config = PeerServerConfig(max_connections=3, send_timeout=1.0)
     request = (f"GET /v1/chunks/{digest.hex()} HTTP/1.1\r\nHost: x\r\n"
                f"Authorization: Bearer {PEER_TOKEN}\r\n\r\n").encode()
