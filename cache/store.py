@@ -68,6 +68,9 @@ _OLD_MAGIC = b"LZC1"
 BLOCK_SIZE = 64 << 10
 """Bytes per checked block: a read checks the blocks it touches, no more."""
 
+_HEADS_KEPT = 1 << 15
+"""Entry headers ``read_range`` keeps in memory (about 200 bytes each for 1 MiB chunks)."""
+
 _FIRST_READ = 4096
 """Bytes read first from an entry: its header (up to 500 blocks) and, for a small chunk,
 all of its bytes in the same ``pread``."""
@@ -109,6 +112,9 @@ class ChunkStore:
         self._state = threading.Lock()
         self._touched: set[bytes] = set()
         self._nowait = hasattr(os, "RWF_NOWAIT")
+        self._heads: dict[bytes, tuple[int, int, int, bytes]] = {}
+        """Headers read by ``read_range``: (where the bytes start, block size, chunk size,
+        the header's bytes), by digest."""
         self.old_entries = 0
         """Entries of the earlier format met (and dropped) by reads."""
         self.swept = 0
@@ -176,9 +182,12 @@ class ChunkStore:
     def read_range(self, digest: bytes, offset: int, size: int, *,
                    nowait: bool = False) -> bytes | memoryview | None:
         """Bytes ``[offset, offset + size)`` of the chunk ``digest`` (short at its end),
-        read with one ``pread`` of the blocks they touch (two for a chunk past the first
-        4 KiB), each of those blocks checked; None if the cache has no intact entry (a
-        torn or rotten one is logged and deleted).
+        read with one ``pread`` of the blocks they touch, each of them checked; None if
+        the cache has no intact entry (a torn or rotten one is logged and deleted).
+
+        An entry's header is read once (with the first 4 KiB, which hold all of a small
+        chunk) and remembered: it follows from the chunk's bytes, so it stays right
+        however often the entry is evicted and written again.
 
         Blocking; with ``nowait``, it raises ``BlockingIOError`` instead of waiting for
         the disk (the bytes are not all in the page cache, or the filesystem cannot tell):
@@ -192,17 +201,23 @@ class ChunkStore:
         except OSError as exc:
             log.warning("cache entry %s unreadable (%s); fetching it again", digest.hex(), exc)
             return None
+        known = self._heads.get(digest)
+        head: bytes | bytearray
         try:
-            head = self._pread(fd, _FIRST_READ, 0, nowait)
-            problem, at, block, chunk_size = _parse_head(head)
-            if problem is not None and nowait and len(head) < _FIRST_READ:
-                raise BlockingIOError(errno.EAGAIN, "maybe read in part")  # the disk decides
+            if known is not None:
+                at, block, chunk_size, head = known
+                problem = None
+            else:
+                head = self._pread(fd, _FIRST_READ, 0, nowait)
+                problem, at, block, chunk_size = _parse_head(head)
+                if problem is not None and nowait and len(head) < _FIRST_READ:
+                    raise BlockingIOError(errno.EAGAIN, "maybe read in part")  # the disk decides
             if problem is None:
                 offset = min(offset, chunk_size)
                 end = min(offset + size, chunk_size)
                 first, last = offset // block, -(-end // block)
                 lo, hi = at + first * block, at + max(min(last * block, chunk_size), first * block)
-                if hi <= len(head):
+                if known is None and hi <= len(head):
                     data = memoryview(head)[lo:hi]
                 else:
                     data = memoryview(self._pread(fd, hi - lo, lo, nowait))
@@ -217,8 +232,15 @@ class ChunkStore:
         finally:
             os.close(fd)
         if problem is not None:
+            if known is not None:  # perhaps written since with another block size: look again
+                self._heads.pop(digest, None)
+                return self.read_range(digest, offset, size, nowait=nowait)
             self._drop(digest, problem)
             return None
+        if known is None:
+            if len(self._heads) >= _HEADS_KEPT:
+                self._heads.clear()
+            self._heads[digest] = (at, block, chunk_size, bytes(head[:at]))
         self._touched.add(digest)
         skip = offset - first * block
         return data[skip : skip + end - offset]
@@ -238,6 +260,7 @@ class ChunkStore:
         return buf
 
     def _drop(self, digest: bytes, problem: str) -> None:
+        self._heads.pop(digest, None)
         if problem == _OLD_FORMAT:
             if not self.old_entries:
                 log.warning("old cache format in %s: entries are refetched", self.root)
