@@ -14,15 +14,26 @@ mount whose cache sits on the same filesystem as the containers' upper dirs (the
 snapshotter's layout) would deadlock against its own container; a rename within one
 directory takes only that directory's lock, which overlayfs never holds.
 
-An entry is a 24-byte header (magic, codec, uncompressed size, stored size, xxh3-64 of
-the payload) followed by the payload exactly as it came from the blob. Entries are never
-fsynced: a write torn by a crash fails its checksum when read back and is dropped and
-fetched again, so a wrong byte is never served (the s3ql / stargz idea of atomic cache
-files, with a checksum instead of a barrier).
+An entry holds a chunk's plain (decoded) bytes, so that a read of the mount is one
+``pread`` of the blocks it touches plus a check of those blocks, never a read, hash and
+decode of the whole chunk (``read_range``)::
+
+    magic "LZC2" | block size (u32) | chunk size (u64)
+    xxh3-64 of each block (u64 each; blocks of BLOCK_SIZE, the last one short)
+    xxh3-64 of the header so far (u64)
+    the plain bytes: block k at header_size + k * block size
+
+xxh3, not the chunk's BLAKE3 digest: nothing but this node writes its cache, and what
+enters it was checked against its digest first; the checksums guard against the disk and
+against crashes. Entries are never fsynced: a write torn by a crash fails a checksum when
+read back and the entry is dropped and fetched again, so a wrong byte is never served (the
+s3ql / stargz idea of atomic cache files, with a checksum instead of a barrier). Entries of
+the earlier format ("LZC1", the payload as stored in the blob) are treated as missing:
+dropped when met and fetched again.
 
 An entry's mtime is its last use, for least-recently-used eviction (``cache.evict``):
-set when it is written, and moved forward when it is read and is more than
-``TOUCH_AFTER`` seconds old, in batches (``flush_touches``), never once per read.
+set when it is written, and moved forward in batches (``flush_touches``) when it has been
+read and is more than ``TOUCH_AFTER`` seconds old, never once per read.
 
 A full disk (ENOSPC, EDQUOT) is a state, not an error per read: the first refusal is
 logged once, later chunks are served from memory without trying the disk again until
@@ -43,17 +54,26 @@ from pathlib import Path
 
 import xxhash
 
-from blockindex.format import CODECS
-
 from .errors import CacheError
 from .pids import alive
 from .private import claim
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<4sB3xIIQ")
-_MAGIC = b"LZC1"
-HEADER_SIZE = _HEADER.size
+_HEAD = struct.Struct("<4sIQ")  # magic, block size, chunk size
+_SUM = struct.Struct("<Q")
+_MAGIC = b"LZC2"
+_OLD_MAGIC = b"LZC1"
+
+BLOCK_SIZE = 64 << 10
+"""Bytes per checked block: a read checks the blocks it touches, no more."""
+
+_HEADS_KEPT = 1 << 15
+"""Entry headers ``read_range`` keeps in memory (about 200 bytes each for 1 MiB chunks)."""
+
+_FIRST_READ = 4096
+"""Bytes read first from an entry: its header (up to 500 blocks) and, for a small chunk,
+all of its bytes in the same ``pread``."""
 
 TOUCH_AFTER = 600.0
 """Seconds after which reading an entry moves its mtime (its LRU position) forward."""
@@ -91,6 +111,12 @@ class ChunkStore:
         """Chunks served without caching because the cache disk was full."""
         self._state = threading.Lock()
         self._touched: set[bytes] = set()
+        self._nowait = hasattr(os, "RWF_NOWAIT")
+        self._heads: dict[bytes, tuple[int, int, int, bytes]] = {}
+        """Headers read by ``read_range``: (where the bytes start, block size, chunk size,
+        the header's bytes), by digest."""
+        self.old_entries = 0
+        """Entries of the earlier format met (and dropped) by reads."""
         self.swept = 0
         """Temp entries of dead writers removed by ``sweep_temps``."""
         self._sweeper = threading.Thread(target=self.sweep_temps, name="lazyfs-sweep", daemon=True)
@@ -121,54 +147,148 @@ class ChunkStore:
         hexd = digest.hex()
         return f"{self._prefix}{hexd[:2]}/{hexd}"
 
-    def contains(self, digest: bytes, stored_size: int | None = None) -> bool:
-        """Whether an entry exists; given the chunk's ``stored_size``, also whether the
+    def contains(self, digest: bytes, size: int | None = None) -> bool:
+        """Whether an entry exists; given the chunk's (plain) ``size``, also whether the
         entry has the length a whole entry has (one stat, no read): a write torn by a
-        crash is most often short, and must not count as cached."""
+        crash is most often short, and must not count as cached (nor does an entry of
+        the earlier format, whose length differs)."""
         try:
             st = os.stat(self._entry(digest))
         except (FileNotFoundError, NotADirectoryError):
             return False
-        return stored_size is None or st.st_size == _HEADER.size + stored_size
+        return size is None or st.st_size == entry_size(size)
 
-    def get(self, digest: bytes) -> tuple[int, int, memoryview] | None:
-        """``(codec, size, payload)`` of a whole, intact entry, or None.
+    def get(self, digest: bytes) -> memoryview | None:
+        """The plain bytes of a whole, intact entry (every block checked), or None.
 
         A torn or rotten entry is logged, deleted and reported as missing."""
         path = self._entry(digest)
         try:
             with open(path, "rb") as f:
                 data = f.read()
-                mtime = os.fstat(f.fileno()).st_mtime
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             log.warning("cache entry %s unreadable (%s); fetching it again", digest.hex(), exc)
             return None
         problem = _check(data)
         if problem:
+            self._drop(digest, problem)
+            return None
+        self._touched.add(digest)
+        return memoryview(data)[_head_size(data) :]
+
+    def read_range(self, digest: bytes, offset: int, size: int, *,
+                   nowait: bool = False) -> bytes | memoryview | None:
+        """Bytes ``[offset, offset + size)`` of the chunk ``digest`` (short at its end),
+        read with one ``pread`` of the blocks they touch, each of them checked; None if
+        the cache has no intact entry (a torn or rotten one is logged and deleted).
+
+        An entry's header is read once (with the first 4 KiB, which hold all of a small
+        chunk) and remembered: it follows from the chunk's bytes, so it stays right
+        however often the entry is evicted and written again.
+
+        Blocking; with ``nowait``, it raises ``BlockingIOError`` instead of waiting for
+        the disk (the bytes are not all in the page cache, or the filesystem cannot tell):
+        a caller on an event loop then asks again from a worker thread."""
+        if nowait and not self._nowait:
+            raise BlockingIOError(errno.EAGAIN, "reads that never wait are not supported here")
+        try:
+            fd = os.open(self._entry(digest), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            log.warning("cache entry %s unreadable (%s); fetching it again", digest.hex(), exc)
+            return None
+        known = self._heads.get(digest)
+        head: bytes | bytearray
+        try:
+            if known is not None:
+                at, block, chunk_size, head = known
+                problem = None
+            else:
+                head = self._pread(fd, _FIRST_READ, 0, nowait)
+                problem, at, block, chunk_size = _parse_head(head)
+                if problem is not None and nowait and len(head) < _FIRST_READ:
+                    raise BlockingIOError(errno.EAGAIN, "maybe read in part")  # the disk decides
+            if problem is None:
+                offset = min(offset, chunk_size)
+                end = min(offset + size, chunk_size)
+                first, last = offset // block, -(-end // block)
+                lo, hi = at + first * block, at + max(min(last * block, chunk_size), first * block)
+                if known is None and hi <= len(head):
+                    data = memoryview(head)[lo:hi]
+                else:
+                    data = memoryview(self._pread(fd, hi - lo, lo, nowait))
+                    if len(data) < hi - lo and nowait:
+                        raise BlockingIOError(errno.EAGAIN, "read in part")
+                problem = _check_blocks(head, data, first, block) if len(data) == hi - lo else "truncated"
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            log.warning("cache entry %s unreadable (%s); fetching it again", digest.hex(), exc)
+            return None
+        finally:
+            os.close(fd)
+        if problem is not None:
+            if known is not None:  # perhaps written since with another block size: look again
+                self._heads.pop(digest, None)
+                return self.read_range(digest, offset, size, nowait=nowait)
+            self._drop(digest, problem)
+            return None
+        if known is None:
+            if len(self._heads) >= _HEADS_KEPT:
+                self._heads.clear()
+            self._heads[digest] = (at, block, chunk_size, bytes(head[:at]))
+        self._touched.add(digest)
+        skip = offset - first * block
+        return data[skip : skip + end - offset]
+
+    def _pread(self, fd: int, n: int, at: int, nowait: bool) -> bytes | bytearray:
+        if not nowait:
+            return os.pread(fd, n, at)
+        buf = bytearray(n)
+        try:
+            got = os.preadv(fd, [buf], at, os.RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False  # this filesystem cannot say: blocking reads from now on
+            raise BlockingIOError(errno.EAGAIN, "reads that never wait are not supported here") from exc
+        del buf[got:]
+        return buf
+
+    def _drop(self, digest: bytes, problem: str) -> None:
+        self._heads.pop(digest, None)
+        if problem == _OLD_FORMAT:
+            if not self.old_entries:
+                log.warning("old cache format in %s: entries are refetched", self.root)
+            self.old_entries += 1
+        else:
             log.warning("cache entry %s is %s; dropped, it will be fetched again", digest.hex(), problem)
             self.dropped += 1
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            return None
-        if time.time() - mtime > TOUCH_AFTER:
-            self._touched.add(digest)
-        _, codec, size, _, _ = _HEADER.unpack_from(data)
-        return codec, size, memoryview(data)[_HEADER.size :]
+        try:
+            os.unlink(self._entry(digest))
+        except OSError:
+            pass
 
     def flush_touches(self) -> int:
-        """Move the mtime of entries read since the last flush (and not touched for
-        ``TOUCH_AFTER`` seconds) to now: one ``utime`` per entry, in a batch. Blocking."""
+        """Move the mtime of entries read since the last flush and not touched for
+        ``TOUCH_AFTER`` seconds to now: one ``stat`` per entry read, and a ``utime`` for
+        those, in a batch (a read itself costs no ``stat``). Blocking. Returns how many
+        were moved."""
         touched, self._touched = self._touched, set()
+        moved = 0
+        now = time.time()
         for digest in touched:
+            path = self._entry(digest)
             try:
-                os.utime(self._entry(digest))
+                if now - os.stat(path).st_mtime > TOUCH_AFTER:
+                    os.utime(path)
+                    moved += 1
             except OSError:
                 pass  # evicted meanwhile
-        return len(touched)
+        return moved
 
     @property
     def full(self) -> bool:
@@ -182,16 +302,17 @@ class ChunkStore:
             return False
         return st.f_bavail * st.f_frsize >= nbytes + _ROOM_MARGIN
 
-    def put(self, digest: bytes, codec: int, size: int, payload: bytes | memoryview) -> bool:
-        """Store a verified chunk atomically. Returns False (and logs) when the disk
-        refuses: a full cache must not fail a read that the network has served."""
+    def put(self, digest: bytes, plain: bytes | memoryview) -> bool:
+        """Store the plain bytes of a verified chunk atomically. Returns False (and logs)
+        when the disk refuses: a full cache must not fail a read that the network has
+        served."""
         path = self._entry(digest)
-        if self.full_since is not None and not self.has_room(_HEADER.size + len(payload)):
+        if self.full_since is not None and not self.has_room(entry_size(len(plain))):
             self.skipped_full += 1
             return False
-        header = _HEADER.pack(_MAGIC, codec, size, len(payload), xxhash.xxh3_64_intdigest(payload))
+        header = pack_header(plain)
         try:
-            write_atomic(path, [header, payload])
+            write_atomic(path, [header, plain])
         except OSError as exc:
             if exc.errno in _FULL_ERRNOS:
                 self._became_full(exc)
@@ -201,7 +322,7 @@ class ChunkStore:
             log.log(level, "cannot cache chunk %s (%s); serving it from the network", digest.hex(),
                     exc.strerror)
             return False
-        self.written_bytes += _HEADER.size + len(payload)
+        self.written_bytes += len(header) + len(plain)
         if self.full_since is not None:
             self._has_space_again()
         return True
@@ -229,7 +350,8 @@ class ChunkStore:
         """What ``lazyfs status`` shows about the cache disk."""
         return {"dir": str(self.root), "full": self.full, "full_since": self.full_since,
                 "full_events": self.full_events, "served_uncached": self.skipped_full,
-                "write_errors": self.write_errors, "dropped_entries": self.dropped}
+                "write_errors": self.write_errors, "dropped_entries": self.dropped,
+                "old_format_entries": self.old_entries}
 
     def remove(self, digest: bytes) -> None:
         try:
@@ -327,26 +449,75 @@ def sweep_dead_temps(dirs: list[Path]) -> int:
     return swept
 
 
+def entry_size(size: int, block: int = BLOCK_SIZE) -> int:
+    """Bytes on disk of the whole entry of a chunk of ``size`` plain bytes."""
+    return _HEAD.size + _SUM.size * (_blocks(size, block) + 1) + size
+
+
+def pack_header(plain: bytes | memoryview, block: int = BLOCK_SIZE) -> bytes:
+    """The header of the entry of ``plain``: sizes, a checksum per block, its own checksum."""
+    view = memoryview(plain)
+    sums = [xxhash.xxh3_64_intdigest(view[at : at + block]) for at in range(0, max(len(view), 1), block)]
+    head = _HEAD.pack(_MAGIC, block, len(view)) + struct.pack(f"<{len(sums)}Q", *sums)
+    return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
+
+
 def check_entry(data: bytes) -> str | None:
-    """What is wrong with the bytes of an entry file (header, length, xxh3), or None."""
+    """What is wrong with the bytes of an entry file (header, length, a block's xxh3), or
+    None."""
     return _check(data)
 
 
-def unpack_entry(data: bytes) -> tuple[int, int, memoryview]:
-    """``(codec, size, payload)`` of an entry that ``check_entry`` passed."""
-    _, codec, size, _, _ = _HEADER.unpack_from(data)
-    return codec, size, memoryview(data)[_HEADER.size :]
+def entry_plain(data: bytes) -> memoryview:
+    """The plain bytes of an entry that ``check_entry`` passed."""
+    return memoryview(data)[_head_size(data) :]
+
+
+_OLD_FORMAT = "of the earlier cache format"
+
+
+def _blocks(size: int, block: int) -> int:
+    return max(-(-size // block), 1)
+
+
+def _head_size(data: bytes | bytearray) -> int:
+    _, block, size = _HEAD.unpack_from(data)
+    return _HEAD.size + _SUM.size * (_blocks(size, block) + 1)
+
+
+def _parse_head(head: bytes | bytearray) -> tuple[str | None, int, int, int]:
+    """``(problem, where the plain bytes start, block size, chunk size)`` from the first
+    bytes of an entry (at least its whole header)."""
+    if len(head) < _HEAD.size + 2 * _SUM.size:
+        return ("truncated" if head[:4] != _OLD_MAGIC else _OLD_FORMAT), 0, 0, 0
+    magic, block, size = _HEAD.unpack_from(head)
+    if magic != _MAGIC:
+        return (_OLD_FORMAT if magic == _OLD_MAGIC else "not a chunk entry"), 0, 0, 0
+    if block == 0 or size > 1 << 40:
+        return "corrupt (header)", 0, 0, 0
+    at = _head_size(head)
+    if len(head) < at:
+        return "truncated", 0, 0, 0
+    (own,) = _SUM.unpack_from(head, at - _SUM.size)
+    if xxhash.xxh3_64_intdigest(memoryview(head)[: at - _SUM.size]) != own:
+        return "corrupt (header checksum mismatch)", 0, 0, 0
+    return None, at, block, size
+
+
+def _check_blocks(head: bytes | bytearray, data: memoryview, first: int, block: int) -> str | None:
+    """Check ``data``, the bytes of blocks ``first``, ``first + 1``... against the
+    checksums in ``head``."""
+    for i, at in enumerate(range(0, len(data), block)):
+        (want,) = _SUM.unpack_from(head, _HEAD.size + _SUM.size * (first + i))
+        if xxhash.xxh3_64_intdigest(data[at : at + block]) != want:
+            return f"corrupt (checksum mismatch in block {first + i})"
+    return None
 
 
 def _check(data: bytes) -> str | None:
-    if len(data) < _HEADER.size:
-        return "truncated"
-    magic, codec, _size, stored, checksum = _HEADER.unpack_from(data)
-    if magic != _MAGIC or codec not in CODECS:
-        return "not a chunk entry"
-    payload = memoryview(data)[_HEADER.size :]
-    if len(payload) != stored:
-        return "truncated"
-    if xxhash.xxh3_64_intdigest(payload) != checksum:
-        return "corrupt (checksum mismatch)"
-    return None
+    problem, at, block, size = _parse_head(data)
+    if problem is not None:
+        return problem
+    if len(data) != at + size:
+        return "truncated" if len(data) < at + size else "too long"
+    return _check_blocks(data, memoryview(data)[at:], 0, block)

@@ -1,8 +1,9 @@
-"""Check every cache entry in full: its xxh3 checksum, and that it decodes to bytes whose
-BLAKE3 digest is its name. A bad entry is deleted (it is fetched again when needed) and
-every image that counted on it loses its ``complete`` marker.
+"""Check every cache entry in full: its header and block checksums (xxh3), and that its
+bytes' BLAKE3 digest is its name (an entry of the earlier format counts as bad). A bad
+entry is deleted (it is fetched again when needed) and every image that counted on it
+loses its ``complete`` marker.
 
-Reads check the xxh3 of each entry they use, and the mount's completeness scan checks
+Reads check the xxh3 of each block they use, and the mount's completeness scan checks
 only lengths (one stat per chunk), so a whole-length entry with flipped bytes would
 otherwise be found only when read: with the registry gone, that read fails. ``lazyfs
 cache verify`` finds it first.
@@ -14,11 +15,11 @@ import dataclasses
 import logging
 import os
 
-from blockindex.codec import ChunkDecodeError, chunk_digest, decode
+from blockindex.codec import chunk_digest
 
 from .evict import unmark_complete
 from .images import ImageStore
-from .store import ChunkStore, check_entry, unpack_entry
+from .store import ChunkStore, check_entry, entry_plain
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,7 @@ def entry_problem(store: ChunkStore, digest: bytes) -> str | None:
     problem = check_entry(data)
     if problem:
         return problem
-    codec, size, payload = unpack_entry(data)
-    try:
-        plain = decode(codec, size, payload)
-    except ChunkDecodeError as exc:
-        return f"does not decode ({exc})"
-    if chunk_digest(plain) != digest:
+    if chunk_digest(entry_plain(data)) != digest:
         return "wrong bytes (BLAKE3 digest mismatch)"
     return None
 

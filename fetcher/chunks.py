@@ -41,7 +41,7 @@ from .peers import PeerTier
 from .plan import Range, amplify, asked_first, claim, plan_ranges
 from .rereads import RereadDeadlines
 from .source import BlobSource
-from .verify import Verified, Verifier, integrity_error
+from .verify import Verified, Verifier, integrity_error, stored_payload
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,16 @@ class ChunkFetcher:
         fetched = await self.get(rest, speculative=speculative)
         return {**hits, **fetched}, hits.keys()
 
-    async def _cached(self, c: Chunk) -> tuple[bytes | memoryview, memoryview] | None:
+    async def read_range(self, c: Chunk, offset: int, size: int) -> bytes | memoryview | None:
+        """For a demand reader: bytes ``[offset, offset + size)`` of ``c`` from the node
+        cache alone, reading and checking only the blocks they touch, or None when the
+        cache lacks the chunk (then ``read`` loads it). No in-flight entry: a read of a
+        few blocks costs less than waiting for another reader's."""
+        if self._store is None:
+            return None
+        return await self._verifier.cached_range(self._store, c, offset, size)
+
+    async def _cached(self, c: Chunk) -> memoryview | None:
         assert self._store is not None
         return await self._verifier.cached(self._store, c)
 
@@ -124,7 +133,12 @@ class ChunkFetcher:
         """The verified stored payload of one chunk (what a peer is sent), fetched from the
         origin (never from peers) and cached, once however many peers ask."""
         [(_, p)] = await self._wait([chunk], False, False)
-        assert p.payload is not None
+        if p.payload is None:  # it joined a load from the node cache, which keeps plain bytes
+            assert p.data is not None
+            payload = await trio.to_thread.run_sync(stored_payload, p.data, chunk)
+            if payload is None:
+                raise FetchError(f"chunk {chunk.hexdigest[:16]} does not encode to its stored form")
+            return bytes(payload[1])
         return bytes(p.payload)
 
     async def _wait(self, chunks: Sequence[Chunk], background: bool,
@@ -290,7 +304,7 @@ class ChunkFetcher:
         store = self._store
         out = amplify(rng, self._neighbours(rng.chunks[-1], room), window=window,
                       free=lambda c: self._inflight.get(c.digest) is None and not (
-                          store is not None and store.contains(c.digest, c.stored_size)))
+                          store is not None and store.contains(c.digest, c.size)))
         for c in out.chunks[len(rng.chunks):]:
             self._inflight.start(c.digest)
         return out
@@ -403,11 +417,11 @@ class ChunkFetcher:
             self._inflight.done(c.digest, p)
 
     async def _keep(self, c: Chunk, p: Pending, background: bool) -> None:
-        assert p.payload is not None
+        assert p.data is not None
         if self._store is None:
             return
         if background:  # the prefetcher counts on a chunk being cached when it returns
-            await self._cache(c, p.payload)
+            await self._cache(c, p.data)
         else:  # a reader should not wait for the disk; until the entry is written, the
             # in-flight map answers for it (else a peer asking just then fetches it again)
             p.caching = True
@@ -432,7 +446,7 @@ class ChunkFetcher:
 
     async def _cache_then_forget(self, c: Chunk, p: Pending) -> None:
         try:
-            await self._cache(c, p.payload or b"")
+            await self._cache(c, p.data if p.data is not None else b"")
         finally:
             self._inflight.done(c.digest, p)
 
@@ -498,6 +512,6 @@ class ChunkFetcher:
         assert self._origin is not None  # a fetcher without a source fetches nothing (_fetch_new)
         return await self._origin.request(rng, deadline)
 
-    async def _cache(self, chunk: Chunk, payload: bytes | memoryview) -> None:
+    async def _cache(self, chunk: Chunk, plain: bytes | memoryview) -> None:
         assert self._store is not None
-        await trio.to_thread.run_sync(self._store.put, chunk.digest, chunk.codec, chunk.size, payload)
+        await trio.to_thread.run_sync(self._store.put, chunk.digest, plain)

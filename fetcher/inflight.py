@@ -50,7 +50,9 @@ class Pending:
         a demand reader or a peer that wants the chunk takes it over (see ``ChunkFetcher``)."""
         self.event = trio.Event()
         self.data: bytes | memoryview | None = None
-        self.payload: bytes | memoryview | None = None  # as stored in the blob (what peers are sent)
+        self.payload: bytes | memoryview | None = None
+        """As stored in the blob (what peers are sent); None when it came from the node
+        cache, which keeps plain bytes."""
         self.error: FetchError | None = None
         self.caching = False  # stays in the in-flight map until the cache has it
         self.range: Underway | None = None  # the background range fetching it, once under way
@@ -88,10 +90,10 @@ class InFlight:
 
     async def from_cache(
         self, chunks: Iterable[Chunk],
-        load: Callable[[Chunk], Awaitable[tuple[bytes | memoryview, bytes | memoryview] | None]],
+        load: Callable[[Chunk], Awaitable[bytes | memoryview | None]],
     ) -> tuple[dict[ChunkDigest, bytes | memoryview], list[Chunk]]:
         """The bytes of those of ``chunks`` that the node cache holds, each read by
-        ``load`` (plain bytes and stored payload, or None if absent) once however many
+        ``load`` (plain bytes, or None if absent) once however many
         readers want it; and the rest, in order, for the network. A chunk that no entry
         covers gets one for its read from the cache; if the cache lacks it, the entry stays
         (``queued``) and the first demand reader to ask the network for it fetches it
@@ -128,7 +130,7 @@ class InFlight:
                     handed.append((c, p))
                     rest.append(c)
                     continue
-                p.data, p.payload = got
+                p.data = got
                 p.cached = True
                 p.event.set()
                 p.disk.set()

@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import trio
 
-from blockindex.codec import ChunkDecodeError, decode, decode_verified, encode
-from blockindex.format import CODEC_RAW, Chunk
+from blockindex.codec import ChunkDecodeError, decode_verified, encode
+from blockindex.format import CODEC_LZ4, CODEC_RAW, Chunk
 from cache.store import ChunkStore
 
 from .errors import FetchError, IntegrityError
@@ -62,41 +62,39 @@ def verify_range(rng: Range, data: bytes | bytearray | memoryview, store: ChunkS
             out.append(exc)
             continue
         if store is not None:
-            store.put(c.digest, c.codec, c.size, payload)
+            store.put(c.digest, plain)
         out.append(plain)
     return out
 
 
-def load_cached(store: ChunkStore, c: Chunk) -> tuple[bytes | memoryview, memoryview] | None:
-    """The plain bytes and stored payload of ``c`` from the node cache, or None. What the
-    cache holds was checked when it was written, and the store checks each entry's own
-    checksum as it reads it, so it is decoded, not hashed again; an entry that does not
-    match the index's size, or does not decode, is dropped.
-
-    The codec may differ from the index's: the store is shared by every image on the node,
-    and an lz4 image and a zstd one hold the same bytes under one digest. Such an entry
-    serves the read; the payload (what a peer is sent, labelled with this image's codec)
-    is then encoded again in this image's codec."""
-    entry = store.get(c.digest)
-    if entry is None:
+def load_cached(store: ChunkStore, c: Chunk) -> memoryview | None:
+    """The plain bytes of ``c`` from the node cache, or None. What the cache holds was
+    checked when it was written, and the store checks each block's own checksum as it
+    reads it, so it is not hashed again; an entry of another size than the index says is
+    dropped."""
+    plain = store.get(c.digest)
+    if plain is None:
         return None
-    codec, size, payload = entry
-    try:
-        if size != c.size:
-            raise ChunkDecodeError("entry does not match the index")
-        plain = decode(codec, size, payload)
-    except ChunkDecodeError as exc:
-        log.warning("cache entry %s unusable (%s); dropped", c.hexdigest, exc)
+    if len(plain) != c.size:
+        log.warning("cache entry %s unusable (%d bytes, the index says %d); dropped",
+                    c.hexdigest, len(plain), c.size)
         store.remove(c.digest)
         return None
-    if codec == c.codec:
-        return plain, payload
-    if c.codec == CODEC_RAW:
-        return plain, memoryview(plain)
-    again, stored = encode(bytes(plain), codec=c.codec)
-    if again != c.codec:  # this library no longer compresses it as convert did
+    return plain
+
+
+def stored_payload(plain: bytes | memoryview, c: Chunk | None = None) -> tuple[int, bytes] | None:
+    """``(codec, payload)``: the plain bytes of a chunk encoded as convert encodes them,
+    which is how its blob stores them (the node cache keeps plain bytes; a peer is sent the
+    stored form). Given the chunk ``c``, None unless that is its codec and stored size (an
+    image converted by another encoder): whoever receives it checks its digest anyway."""
+    if c is not None and c.codec == CODEC_RAW:
+        codec, payload = CODEC_RAW, bytes(plain)
+    else:  # in the chunk's own codec: lz4 and zstd images share the node cache
+        codec, payload = encode(bytes(plain), codec=CODEC_LZ4 if c is None else c.codec)
+    if c is not None and (codec, len(payload)) != (c.codec, c.stored_size):
         return None
-    return plain, memoryview(stored)
+    return codec, payload
 
 
 class Verifier:
@@ -115,12 +113,25 @@ class Verifier:
             return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
         return decode_verified(c, payload)
 
-    async def cached(self, store: ChunkStore, c: Chunk) -> tuple[bytes | memoryview, memoryview] | None:
-        """The plain bytes and stored payload of ``c`` from the node cache (``load_cached``),
-        in a worker thread if it is large; None if the cache lacks it."""
+    async def cached(self, store: ChunkStore, c: Chunk) -> memoryview | None:
+        """The plain bytes of ``c`` from the node cache (``load_cached``), in a worker
+        thread if it is large; None if the cache lacks it."""
         if c.size > self.thread_above:
             return await trio.to_thread.run_sync(load_cached, store, c, limiter=self._disk)
         return load_cached(store, c)
+
+    async def cached_range(self, store: ChunkStore, c: Chunk, offset: int,
+                           size: int) -> bytes | memoryview | None:
+        """Bytes ``[offset, offset + size)`` of ``c`` from the node cache alone
+        (``ChunkStore.read_range``: the blocks they touch, checked), or None if it lacks
+        the chunk. On the trio loop when the bytes are in the page cache and the read is
+        small; otherwise in a worker thread, so that a disk wait never holds the loop."""
+        if size <= self.thread_above:
+            try:
+                return store.read_range(c.digest, offset, size, nowait=True)
+            except BlockingIOError:
+                pass
+        return await trio.to_thread.run_sync(store.read_range, c.digest, offset, size, limiter=self._disk)
 
     async def range(self, rng: Range, data: bytes | bytearray | memoryview, store: ChunkStore | None = None,
                     give_way: Callable[[], object] | None = None) -> Checked:

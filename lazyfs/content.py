@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import trio
 
-from blockindex.format import Chunk, ChunkDigest, InodeT
+from blockindex.format import Chunk, ChunkDigest, InodeT, Span
 from blockindex.reader import IndexReader
 from fetcher.chunks import ChunkFetcher
 from fetcher.errors import FetchError
@@ -38,8 +38,10 @@ class ReadStats:
 
 
 class ImageContent:
-    """Reads byte ranges of files. Decoded chunks are kept in a small in-memory LRU so
-    that the kernel's many small reads of one chunk decode it once.
+    """Reads byte ranges of files. A chunk that the node cache holds is read by range:
+    only the blocks a read touches (``ChunkFetcher.read_range``). Whole chunks (fetched,
+    or loaded by readahead) are kept in a small in-memory LRU, so that the kernel's many
+    small reads of one chunk find it there.
 
     When a file is read sequentially, the next ``readahead_chunks`` chunks are loaded
     (from the cache, else the network) in the background, so that disk reads and round
@@ -90,9 +92,10 @@ class ImageContent:
             rlog.first_reads(ino, spans)
         if self._readahead and self._is_sequential(ino, offset, size):
             self._read_ahead(ino, spans[-1].file_offset + spans[-1].length)
-        chunks = [s.chunk for s in spans if s.chunk is not None]
         tiers: set[ReadSource] = set()
         sources: dict[ChunkDigest, ReadSource] | None = {} if rlog is not None else None
+        pieces = await self._from_disk(spans, tiers, sources)
+        chunks = [s.chunk for i, s in enumerate(spans) if s.chunk is not None and i not in pieces]
         try:
             data = await self._chunks(chunks, tiers=tiers, sources=sources,
                                       read=(ino, offset, size)) if chunks else {}
@@ -106,15 +109,39 @@ class ImageContent:
                                    else "cache" if "cache" in tiers else "memory")
             self.observe_read(slowest, time.perf_counter() - started)
         parts: list[bytes | memoryview] = []
-        for s in spans:
+        for i, s in enumerate(spans):
             if s.chunk is None:
                 parts.append(_zeros(s.length))
+            elif i in pieces:
+                parts.append(pieces[i])
             else:
                 parts.append(memoryview(data[s.chunk.digest])[s.chunk_offset : s.chunk_offset + s.length])
         self.stats.bytes_read += sum(s.length for s in spans)
         if rlog is not None and sources is not None:
             rlog.served(ino, spans, sources)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _from_disk(self, spans: list[Span], tiers: set[ReadSource],
+                         sources: dict[ChunkDigest, ReadSource] | None) -> dict[int, bytes | memoryview]:
+        """The bytes of those ``spans`` (by position) whose chunks memory lacks and the node
+        cache holds, each read by range: the blocks it touches, no more."""
+        out: dict[int, bytes | memoryview] = {}
+        for i, s in enumerate(spans):
+            c = s.chunk
+            if c is None or c.digest in self._lru:
+                continue
+            piece = await self.fetcher.read_range(c, s.chunk_offset, s.length)
+            if piece is None or len(piece) != s.length:  # a short entry: ``read`` drops it
+                continue
+            out[i] = piece
+            self.stats.chunk_hits_cache += 1
+            self.stats.bytes_from_cache += s.length
+            tiers.add("cache")
+            if sources is not None:
+                sources[c.digest] = "cache"
+            if self._on_cached is not None:
+                self._on_cached(c)
+        return out
 
     def _is_sequential(self, ino: InodeT, offset: int, size: int) -> bool:
         last = self._last_end.pop(ino, None)

@@ -22,7 +22,10 @@ codec, ``registry/repository``) is fetched from the origin with this node's own
 credentials, once however many peers ask at the same time (the ``ChunkFetcher``'s
 in-flight map), verified, cached and sent. The server never asks another peer, so
 requests cannot loop. It runs on the trio loop of its process (with FUSE in a mount):
-reading an entry larger than ``thread_above`` from disk goes to a worker thread.
+reading an entry larger than ``thread_above`` from disk goes to a worker thread. The
+node cache keeps plain bytes: a cached chunk is sent in its stored form, encoded again as
+convert encodes it (``fetcher.verify.stored_payload``), so a peer's answer is what the
+blob holds and the asker checks it as it would the origin's.
 
 Nothing a caller sends can end that process (see ``peerhttp``, which holds the
 connections). The wire format, shared with ``fetcher.peers``, is ``fetcher.peerwire``'s.
@@ -41,7 +44,7 @@ from pathlib import Path
 
 import trio
 
-from blockindex.format import ChunkDigest
+from blockindex.format import Chunk, ChunkDigest
 from cache.errors import CacheError
 from cache.evict import CacheKeeper
 from cache.images import ImageStore
@@ -62,6 +65,7 @@ from fetcher.peerwire import (
     peer_url,
 )
 from fetcher.registry import RegistryClient
+from fetcher.verify import stored_payload
 
 from .errors import ExitCode, UserError
 from .httphead import RequestHead
@@ -275,9 +279,8 @@ class ChunkServer:
             chunk, repo = parse_chunk_query(digest, query)
         except ValueError:
             raise _BadRequest(400, "bad chunk location in the query") from None
-        entry = await self._load(digest)
-        if entry is not None and (chunk is None or entry[:2] == (chunk.codec, chunk.size)
-                                  and len(entry[2]) == chunk.stored_size):
+        entry = await self._load(digest, chunk)
+        if entry is not None and (chunk is None or entry[1] == chunk.size):
             return entry
         if chunk is None or repo is None or self._origins is None:
             raise _BadRequest(404, f"chunk {digest.hex()} is not cached here")
@@ -294,15 +297,24 @@ class ChunkServer:
             return chunk.codec, chunk.size, payload
         raise _BadRequest(502, f"chunk {digest.hex()[:16]} not fetched in {self.config.fetch_deadline:g}s")
 
-    async def _load(self, digest: bytes) -> tuple[int, int, memoryview] | None:
+    async def _load(self, digest: bytes, chunk: Chunk | None) -> tuple[int, int, bytes] | None:
         path = self.store.path(digest)
         try:
             size = os.stat(path).st_size  # noqa: ASYNC240 - one stat of a cached inode, like open()
         except OSError:
             return None
         if size > self.config.thread_above:
-            return await trio.to_thread.run_sync(self.store.get, digest, limiter=self._io)
-        return self.store.get(digest)
+            return await trio.to_thread.run_sync(self._stored, digest, chunk, limiter=self._io)
+        return self._stored(digest, chunk)
+
+    def _stored(self, digest: bytes, chunk: Chunk | None) -> tuple[int, int, bytes] | None:
+        """``(codec, size, payload)`` of a cached chunk in its stored form (the cache keeps
+        plain bytes: ``stored_payload``), or None."""
+        plain = self.store.get(digest)
+        if plain is None:
+            return None
+        encoded = stored_payload(plain, chunk)
+        return None if encoded is None else (encoded[0], len(plain), encoded[1])
 
 
 async def run_peer(cache_dir: Path, host: str, port: int, token: str, *, fetch_timeout: float = 30.0,

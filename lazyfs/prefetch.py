@@ -128,7 +128,7 @@ class Prefetcher:
         for c in chunks:
             p.total_chunks += 1
             p.total_bytes += c.size
-            if self._store.contains(c.digest, c.stored_size):  # a short (torn) entry is refetched
+            if self._store.contains(c.digest, c.size):  # a short (torn) entry is refetched
                 p.cached(c)
             else:
                 missing.append(c)
@@ -255,7 +255,7 @@ class Prefetcher:
             return False
         full = self._store.full
         for c in batch:
-            if full and not self._store.contains(c.digest, c.stored_size):
+            if full and not self._store.contains(c.digest, c.size):
                 continue  # fetched, but the full disk did not keep it
             if c.digest in got and p.cached(c):
                 p.fetched_bytes += c.stored_size

@@ -86,7 +86,7 @@ def file_state(index: Any, store: Any, readlog: ReadLog | None, ino: int) -> dic
     the bytes this mount handed its readers came from. One stat per chunk of the file."""
     node = index.attr(ino)
     chunks = index.chunks_of(ino)
-    cached = [c for c in chunks if store.contains(c.digest, c.stored_size)]
+    cached = [c for c in chunks if store.contains(c.digest, c.size)]
     stored = sum(c.size for c in chunks)
     state: dict[str, Any] = {
         "size": node.size,

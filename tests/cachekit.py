@@ -8,6 +8,7 @@ import random
 import shutil
 from pathlib import Path
 
+from blockindex.codec import decode
 from blockindex.convert import convert
 from blockindex.oci import Layout
 from blockindex.reader import IndexReader
@@ -51,7 +52,7 @@ def install(images_root: Path, name: str, cache: Path, *, ref: str | None = None
     try:
         for c in reader.all_chunks():
             blob = layout.read_blob(c.blob.digest)
-            store.put(c.digest, c.codec, c.size, blob[c.offset : c.offset + c.stored_size])
+            store.put(c.digest, decode(c.codec, c.size, blob[c.offset : c.offset + c.stored_size]))
     finally:
         reader.close()
     images.mark_complete(digest)

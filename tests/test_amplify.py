@@ -10,6 +10,7 @@ import os
 import pytest
 import trio
 
+from blockindex.codec import decode
 from blockindex.format import Chunk
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
@@ -81,7 +82,8 @@ def test_the_window_bounds_the_request_and_a_cached_neighbour_ends_it(tmp_path):
         await cached(store, chunks[:2])
         assert not store.contains(chunks[2].digest)
         # chunk 3 is cached now: a miss on chunk 2 fetches it alone
-        store.put(chunks[3].digest, chunks[3].codec, chunks[3].size, raw[chunks[3].offset : _end(chunks[3])])
+        c3 = chunks[3]
+        store.put(c3.digest, decode(c3.codec, c3.size, raw[c3.offset : _end(c3)]))
         await fetcher.read(chunks[2:3])
 
     source, chunks = run(tmp_path, body, amplify=8 * window)

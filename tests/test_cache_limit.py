@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from cache.images import ImageStore
-from cache.store import HEADER_SIZE, ChunkStore
+from cache.store import ChunkStore, entry_size
 from lazyfs.serve import make_server
 from testkit.waiting import wait_until
 from tests.cachekit import chunk_digests, make_image, manifest_of
@@ -38,7 +38,7 @@ def _entry_bytes(root, name: str) -> int:
     _, _, manifest = manifest_of(root, name)
     reader = IndexReader(Layout(root / name).blob_path(manifest["layers"][0]["digest"]))
     try:
-        return sum(HEADER_SIZE + c.stored_size for c in reader.all_chunks())
+        return sum(entry_size(c.size) for c in reader.all_chunks())
     finally:
         reader.close()
 

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from blockindex.codec import decode
 from blockindex.errors import IndexFormatError
 from blockindex.format import ROOT_INO
 from blockindex.reader import IndexReader
@@ -292,38 +293,75 @@ def test_a_reader_joins_the_fetch_of_a_chunk_instead_of_reading_the_cache_again(
     assert len(gets) == 1
 
 
-def test_readers_of_a_chunk_being_read_from_the_cache_share_that_read(tmp_path, monkeypatch):
-    big = os.urandom(300 << 10)  # read in a worker thread: the readers overlap it
-    blob, (chunk,), raw = make_blob([big])
-    w = IndexWriter(512 << 10)
+def _one_chunk_file(tmp_path, data: bytes):
+    """An index of one file ``f`` (inode 2) of one chunk, and a cache that holds it."""
+    blob, (chunk,), raw = make_blob([data])
+    w = IndexWriter(1 << 20)
     w.add_inode(1, mode=0o40755, uid=0, gid=0, size=0, mtime_ns=0, nlink=2)
-    w.add_inode(2, mode=0o100644, uid=0, gid=0, size=len(big), mtime_ns=0, nlink=1)
+    w.add_inode(2, mode=0o100644, uid=0, gid=0, size=len(data), mtime_ns=0, nlink=1)
     w.add_dirent(1, 0, b"f", 2)
     w.add_blob(1, blob.digest, blob.size)
     w.add_chunk(1, chunk.digest, blob=1, offset=chunk.offset, stored_size=chunk.stored_size,
                 size=chunk.size, codec=chunk.codec)
     w.add_extent(2, 0, 1)
     w.write(tmp_path / "index")
-    index = IndexReader(tmp_path / "index")
     store = ChunkStore(tmp_path / "cache")
-    store.put(chunk.digest, chunk.codec, chunk.size, raw[chunk.offset : chunk.offset + chunk.stored_size])
+    store.put(chunk.digest,
+              decode(chunk.codec, chunk.size, raw[chunk.offset : chunk.offset + chunk.stored_size]))
+    return IndexReader(tmp_path / "index"), store, chunk
+
+
+def test_loads_of_a_whole_chunk_from_the_cache_are_shared(tmp_path, monkeypatch):
+    big = os.urandom(300 << 10)  # read in a worker thread: the loads overlap it
+    _, store, chunk = _one_chunk_file(tmp_path, big)
     gets = counting_gets(monkeypatch)
     got: list[bytes] = []
 
     async def main():
         async with trio.open_nursery() as nursery:
             offline = ChunkFetcher(nursery, None, store)
-            content = ImageContent(index, offline, memory_chunks=0)  # no memory tier to hide it
 
             async def reader() -> None:
-                got.append(bytes(await content.read(2, 0, 4096)))
+                data, cached = await offline.read([chunk])
+                assert chunk.digest in cached
+                got.append(bytes(data[chunk.digest]))
 
             async with trio.open_nursery() as readers:
                 for _ in range(5):
                     readers.start_soon(reader)
-            assert content.stats.chunk_hits_cache == 5
             nursery.cancel_scope.cancel()
 
     trio.run(main)
-    assert got == [big[:4096]] * 5
+    assert got == [big] * 5
     assert gets == [chunk.digest]
+
+
+def test_a_read_of_a_cached_chunk_reads_only_the_blocks_it_touches(tmp_path, monkeypatch):
+    """A demand read of a chunk the cache holds is one read of the blocks it touches:
+    no load, hash or decode of the whole chunk."""
+    big = os.urandom(1 << 20)
+    index, store, _ = _one_chunk_file(tmp_path, big)
+    gets = counting_gets(monkeypatch)
+    preads: list[int] = []
+    real = os.pread
+
+    def pread(fd, n, at):
+        preads.append(n)
+        return real(fd, n, at)
+
+    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(store, "_nowait", False)  # every read goes through os.pread
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            offline = ChunkFetcher(nursery, None, store)
+            content = ImageContent(index, offline, memory_chunks=0)
+            for offset, size in [(0, 4096), (100_000, 4096), (65_530, 20), ((1 << 20) - 10, 4096)]:
+                assert bytes(await content.read(2, offset, size)) == big[offset : offset + size]
+            assert content.stats.chunk_hits_cache == 4
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert gets == []
+    # the header once, then one pread of one or two 64 KiB blocks per read
+    assert preads == [4096, 64 << 10, 64 << 10, 128 << 10, 64 << 10]

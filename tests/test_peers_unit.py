@@ -11,6 +11,7 @@ import pytest
 import trio
 import trio.testing
 
+from blockindex.codec import decode
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
 from fetcher.config import FetchConfig
@@ -468,13 +469,12 @@ def test_the_peer_server_caps_connections_and_drops_callers_that_stop_reading(tm
     """Past ``max_connections`` a connection is closed as it comes; a token holder that
     asks for a chunk and never reads the answer loses the connection after
     ``send_timeout``, and the server serves others all along."""
-    from blockindex.format import CODEC_RAW
     from lazyfs.peer import ChunkServer, PeerServerConfig
 
     store = ChunkStore(tmp_path / "cache")
     big = os.urandom(48 << 20)  # more than loopback's socket buffers hold
     digest = bytes(range(32))
-    assert store.put(digest, CODEC_RAW, len(big), big)
+    assert store.put(digest, big)
     config = PeerServerConfig(max_connections=3, send_timeout=1.0)
     request = (f"GET /v1/chunks/{digest.hex()} HTTP/1.1\r\nHost: x\r\n"
                f"Authorization: Bearer {PEER_TOKEN}\r\n\r\n").encode()
@@ -525,7 +525,7 @@ def test_the_peer_server_caps_connections_and_drops_callers_that_stop_reading(tm
 
 def test_a_peer_serves_zstd_chunks_from_its_cache_to_a_fetcher(tmp_path):
     """A node's fetcher gets zstd chunks from a real peer server on loopback, whose cache
-    holds them as zstd entries; the request names the chunk's codec (zstd) so that an
+    holds their bytes (re-encoded as zstd to be sent); the request names the chunk's codec (zstd) so that an
     owner without it could fetch it from the origin. The origin is never asked."""
     from blockindex.format import CODEC_RAW, CODEC_ZSTD
     from fetcher.peers import PeerClient
@@ -536,7 +536,7 @@ def test_a_peer_serves_zstd_chunks_from_its_cache_to_a_fetcher(tmp_path):
     assert [c.codec for c in chunks] == [CODEC_ZSTD, CODEC_ZSTD, CODEC_RAW]
     peer_store = ChunkStore(tmp_path / "peer")
     for c in chunks:
-        assert peer_store.put(c.digest, c.codec, c.size, raw[c.offset : c.offset + c.stored_size])
+        assert peer_store.put(c.digest, decode(c.codec, c.size, raw[c.offset : c.offset + c.stored_size]))
     origin = ScriptedSource({blob.digest: raw})
     out = {}
 

@@ -2,39 +2,137 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
+import xxhash
 
-from blockindex.format import CODEC_LZ4, CODEC_RAW
+from blockindex.format import CODEC_RAW
 from cache.errors import CacheError
 from cache.images import ImageStore
-from cache.store import ChunkStore
+from cache.store import BLOCK_SIZE, ChunkStore, entry_size
 
 
 def test_put_get_roundtrip(tmp_path):
     store = ChunkStore(tmp_path)
     digest = bytes(range(32))
-    assert store.get(digest) is None
-    assert store.put(digest, CODEC_LZ4, 1000, b"payload")
+    assert store.get(digest) is None and store.read_range(digest, 0, 10) is None
+    assert store.put(digest, b"plain bytes")
     assert store.contains(digest)
-    codec, size, payload = store.get(digest)
-    assert (codec, size, bytes(payload)) == (CODEC_LZ4, 1000, b"payload")
-    assert store.usage() == (1, 24 + 7)
+    assert bytes(store.get(digest)) == b"plain bytes"
+    assert bytes(store.read_range(digest, 6, 100)) == b"bytes"
+    assert store.usage() == (1, entry_size(11))
     assert os.listdir(store.path(digest).parent) == [digest.hex()]  # no temp file left
 
 
-def test_contains_with_stored_size_counts_only_whole_entries(tmp_path):
+def test_contains_with_size_counts_only_whole_entries(tmp_path):
     store = ChunkStore(tmp_path)
     digest = b"\x02" * 32
-    store.put(digest, CODEC_RAW, 5, b"hello")
+    store.put(digest, b"hello")
     assert store.contains(digest, 5) and store.contains(digest)
     with open(store.path(digest), "r+b") as f:
-        f.truncate(24 + 2)  # torn by a crash
+        f.truncate(entry_size(5) - 2)  # torn by a crash
     assert store.contains(digest)  # exists...
     assert not store.contains(digest, 5)  # ...but is not a whole entry
     assert not store.contains(b"\x03" * 32, 5)
+
+
+SIZES = [1, 4000, BLOCK_SIZE, BLOCK_SIZE + 1, 5 * BLOCK_SIZE - 7, 1 << 20]
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("nowait", [False, True])
+def test_ranges_at_odd_offsets_and_sizes_are_exact(tmp_path, size, nowait):
+    """Reads across block boundaries, from inside the first 4 KiB (read with the header)
+    and past it, past the chunk's end: exactly the chunk's bytes."""
+    store = ChunkStore(tmp_path)
+    rng = random.Random(size)
+    data = rng.randbytes(size)
+    digest = bytes(32)
+    store.put(digest, data)
+    spots = [(0, size), (0, 1), (size - 1, 10), (size, 5), (BLOCK_SIZE - 3, 7), (4000, 200)]
+    spots += [(rng.randrange(size), rng.randrange(1, 3 * BLOCK_SIZE)) for _ in range(60)]
+    for offset, n in spots:
+        try:
+            got = store.read_range(digest, offset, n, nowait=nowait)
+        except BlockingIOError:  # not in the page cache (it is, just written: still allowed)
+            got = store.read_range(digest, offset, n)
+        assert got is not None and bytes(got) == data[offset : offset + n], (offset, n)
+    assert store.dropped == 0
+
+
+def _entry_with_flip(store, digest, at: int) -> None:
+    path = store.path(digest)
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x04
+    path.write_bytes(raw)
+
+
+@pytest.mark.parametrize("read", ["range", "get"])
+def test_a_rotten_block_is_never_served_and_its_entry_is_dropped(tmp_path, read, caplog):
+    store = ChunkStore(tmp_path)
+    data = random.Random(3).randbytes(4 * BLOCK_SIZE + 100)
+    digest = b"\x05" * 32
+    store.put(digest, data)
+    k = 2
+    head = entry_size(len(data)) - len(data)
+    # a read of another block is served (only the blocks read are checked)...
+    _entry_with_flip(store, digest, head + k * BLOCK_SIZE + BLOCK_SIZE // 2)
+    assert bytes(store.read_range(digest, 10, 100)) == data[10:110]
+    # ...one that touches block k is not, and the entry is gone
+    got = store.read_range(digest, k * BLOCK_SIZE - 5, 10) if read == "range" else store.get(digest)
+    assert got is None
+    assert not store.path(digest).exists()
+    assert store.dropped == 1
+    assert f"checksum mismatch in block {k}" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage", "header", "zeros"])
+def test_damaged_entry_is_dropped_not_served(tmp_path, damage, caplog):
+    store = ChunkStore(tmp_path)
+    digest = b"\x01" * 32
+    store.put(digest, b"hello")
+    path = store.path(digest)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-1] ^= 1
+    elif damage == "truncate":
+        data = data[:-2]
+    elif damage == "empty":
+        data = bytearray()
+    elif damage == "garbage":
+        data = bytearray(b"X" * 40)
+    elif damage == "header":
+        data[8] ^= 1  # the chunk size: the header's own checksum catches it
+    else:  # a crash after the rename, before the data reached the disk
+        data = bytearray(len(data))
+    for read in (lambda: store.get(digest), lambda: store.read_range(digest, 0, 5)):
+        path.write_bytes(data)
+        assert read() is None
+        assert not path.exists()
+    assert store.dropped == 2
+    assert "fetched again" in caplog.text
+
+
+def test_an_entry_of_the_old_format_is_dropped_as_missing(tmp_path, caplog):
+    """Entries written by the earlier format (the stored payload, "LZC1") are refetched:
+    reported missing, deleted, logged once per store, not counted as corrupt."""
+    store = ChunkStore(tmp_path)
+    old = [bytes([i]) * 32 for i in range(3)]
+    for d in old:
+        store.path(d).parent.mkdir(parents=True, exist_ok=True)
+        payload = b"hello"
+        header = struct.pack("<4sB3xIIQ", b"LZC1", CODEC_RAW, 5, 5, xxhash.xxh3_64_intdigest(payload))
+        store.path(d).write_bytes(header + payload)
+    assert store.contains(old[0]) and not store.contains(old[0], 5)  # the prefetch refetches it
+    assert store.get(old[0]) is None and store.read_range(old[1], 0, 5) is None
+    assert not store.path(old[0]).exists() and not store.path(old[1]).exists()
+    assert store.dropped == 0 and store.old_entries == 2
+    assert caplog.text.count("old cache format") == 1
+    assert store.put(old[0], b"hello") and bytes(store.get(old[0])) == b"hello"
 
 
 def test_temp_entries_of_dead_writers_are_swept_on_open(tmp_path):
@@ -65,7 +163,7 @@ def test_writes_rename_within_one_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", replace)
     store = ChunkStore(tmp_path)
-    store.put(b"\x01" * 32, 0, 3, b"abc")
+    store.put(b"\x01" * 32, b"abc")
     images = ImageStore(tmp_path)
     images.save_manifest("reg/app:1", "sha256:" + hashlib.sha256(b"{}").hexdigest(), b"{}")
     assert len(renames) >= 2
@@ -73,32 +171,10 @@ def test_writes_rename_within_one_directory(tmp_path, monkeypatch):
     assert store.get(b"\x01" * 32) is not None
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "garbage"])
-def test_damaged_entry_is_dropped_not_served(tmp_path, damage, caplog):
-    store = ChunkStore(tmp_path)
-    digest = b"\x01" * 32
-    store.put(digest, CODEC_RAW, 5, b"hello")
-    path = store.path(digest)
-    data = bytearray(path.read_bytes())
-    if damage == "flip":
-        data[-1] ^= 1
-    elif damage == "truncate":
-        data = data[:-2]
-    elif damage == "empty":
-        data = bytearray()
-    else:
-        data = bytearray(b"X" * 40)
-    path.write_bytes(data)
-    assert store.get(digest) is None
-    assert not path.exists()
-    assert store.dropped == 1
-    assert "fetched again" in caplog.text
-
-
 def test_put_failure_is_reported_not_raised(tmp_path, caplog):
     store = ChunkStore(tmp_path)
     store.path(b"\x02" * 32).parent.write_text("the disk refuses writes here")  # not a directory
-    assert not store.put(b"\x02" * 32, CODEC_RAW, 1, b"x")
+    assert not store.put(b"\x02" * 32, b"x")
     assert store.write_errors == 1
     assert "serving it from the network" in caplog.text
     assert not store.contains(b"\x02" * 32)

@@ -72,7 +72,7 @@ def test_an_entry_another_image_cached_under_lz4_serves_a_zstd_image(tmp_path, c
     w.add_extent(2, 0, 1)
     w.write(tmp_path / "index")
     store = ChunkStore(tmp_path / "cache")
-    assert store.put(lz.digest, CODEC_LZ4, lz.size, lz_raw)
+    assert store.put(lz.digest, TEXT)  # what an lz4 image of the same bytes cached
 
     async def main() -> bytes:
         async with trio.open_nursery() as nursery:
@@ -143,14 +143,15 @@ def test_a_zstd_image_mounts_reads_back_and_verifies(served_zstd, mounts):
     cache = mounts.tmp / "cache"
     out = json.loads(lazyfs("cache", "verify", "--cache", str(cache), "--json").stdout)
     assert out["checked"] == index.totals()["chunks"] and out["bad"] == []
-    # an entry whose checksum is right but whose zstd payload is not: only decoding finds it
+    # an entry whose block checksums are right but whose bytes are not the chunk's: only
+    # the digest finds it
     _, chunk = _zstd_chunk_of_a_file(index, image)
     store = ChunkStore(cache)
-    codec, size, payload = store.get(chunk.digest)
-    assert codec == CODEC_ZSTD
-    damaged = bytearray(payload)
+    plain = store.get(chunk.digest)
+    assert plain is not None and len(plain) == chunk.size
+    damaged = bytearray(plain)
     damaged[len(damaged) // 2] ^= 0x55
-    assert store.put(chunk.digest, codec, size, bytes(damaged))
+    assert store.put(chunk.digest, bytes(damaged))
     out = json.loads(lazyfs("cache", "verify", "--cache", str(cache), "--json").stdout)
     assert [b["digest"] for b in out["bad"]] == [chunk.hexdigest]
     assert not store.contains(chunk.digest)

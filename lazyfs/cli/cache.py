@@ -89,7 +89,7 @@ def usage(store: ChunkStore, images: ImageStore) -> dict[str, Any]:
     # the index reader (sqlite3) and the pins: when used
     from cache.catalog import image_chunks, known_images
     from cache.pins import live_pins
-    from cache.store import HEADER_SIZE
+    from cache.store import entry_size
 
     entries = {d: st.st_size for d, st in store.entries()}
     pinned: dict[str, list[dict[str, Any]]] = {}
@@ -106,7 +106,7 @@ def usage(store: ChunkStore, images: ImageStore) -> dict[str, Any]:
             item.update(chunks=None, bytes=None, cached_chunks=None, cached_bytes=None, complete=False)
             out.append(item)
             continue
-        unique = {c.digest: HEADER_SIZE + c.stored_size for c in chunks}
+        unique = {c.digest: entry_size(c.size) for c in chunks}
         cached = [n for d, n in unique.items() if entries.get(d) == n]
         claimed.update(unique)
         item.update(chunks=len(unique), bytes=sum(unique.values()), cached_chunks=len(cached),
