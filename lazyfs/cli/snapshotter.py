@@ -49,6 +49,7 @@ def register(sub: SubParsers) -> None:
 def cmd_snapshotter(args: argparse.Namespace) -> int:
     # grpc and the generated containerd stubs: for the snapshotter only
     from ..snapshotter.filesystem import LazyFileSystem, PeerOptions
+    from ..snapshotter.pullsocket import PullServer, pull_socket
     from ..snapshotter.server import serve
     from ..snapshotter.service import SnapshotService
 
@@ -90,6 +91,11 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
             raise UserError(f"cannot serve the CRI image service on {args.cri_keychain}: {exc}",
                             ExitCode.USAGE) from None
     fs.start_mount_parent()
+    pulls = PullServer(pull_socket(Path(args.address).absolute()))
+    try:
+        pulls.start()
+    except OSError as exc:
+        raise UserError(f"cannot take pulls on {pulls.path}: {exc.strerror}", ExitCode.USAGE) from None
     if args.metrics is not None:
         from ..metrics import Metrics, snapshotter_samples  # prometheus_client: with --metrics only
 
@@ -99,6 +105,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
     try:
         serve(service, Path(args.address).absolute())
     finally:
+        pulls.stop()
         if proxy is not None:
             proxy.stop()
         fs.close()
