@@ -260,7 +260,7 @@ def measure_once(mode: str, n: int, work: Path, ref_lazy: str, ref_plain: str, a
         t1 = time.perf_counter()
         extra: dict[str, Any] = {}
         if lazy:
-            [mount_log] = [p for p in (d / "lazyfs" / "logs").glob("*.log") if p.name != "spare.log"]
+            [mount_log] = [p for p in (d / "lazyfs" / "logs").glob("*.log") if p.name != "mount-parent.log"]
             extra = {"steps": pulled["steps"], "prepare_parts": prepare_parts(
                 pulled["prepare_window"], access.times_since(mark), mounted_time(mount_log))}
         out = _ctr(sock, "run", "--rm", "--snapshotter", "lazyfs" if lazy else "overlayfs",

@@ -37,6 +37,38 @@ def wait_gone(pid: int, timeout: float, *, kill: bool = False) -> bool:
     return not alive(pid)
 
 
+def wait_exited(pid: int, timeout: float, *, kill: bool = False) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid``, a process this one did not start (so
+    cannot reap), to stop running; True if it did (see ``exited``). With ``kill``, it gets
+    SIGKILL first."""
+    if kill:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return True
+    deadline = time.monotonic() + timeout
+    while not exited(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.025)
+    return True
+
+
+def detach(log_fd: int, keep: int) -> None:
+    """Make this (just forked) process a daemon of its own: a new session (so that a
+    signal to its starter's process group misses it), stdin from /dev/null, stdout and
+    stderr to ``log_fd`` (closed here), and no descriptor open but those and ``keep``."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    for fd in {null, log_fd} - {0, 1, 2, keep}:
+        os.close(fd)
+    os.closerange(3, keep)  # what the starter left open (a pipe, a socket, a shell's fds)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+
+
 def reap_child(pid: int, timeout: float) -> int | None:
     """The exit status of child ``pid`` once it has exited (waiting up to ``timeout``
     seconds), else None."""

@@ -205,6 +205,7 @@ def test_the_snapshotter_makes_a_private_root_and_cache(served):
     channel = None
     try:
         kit.start_snapshotter(procs, sock, snap_root, tmp / "snapshotter.log", "--timeout", "10")
+        assert stat.S_IMODE((tmp / "s-pull.sock").stat().st_mode) == 0o600, "others may ask for pulls"
         channel, stub = kit.snapshots_stub(sock)
         kit.pull_remote(stub, ref(server), digest, layers)
         [mnt] = [p for p in (snap_root / "mounts").iterdir() if os.path.ismount(p)]

@@ -412,8 +412,14 @@ def _python_cache() -> Path:
 @pytest.mark.mount
 @CONTAINERD
 def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
-    done = lazyfs("pull", "--address", str(node.sock), node.ref)
+    # the snapshotter pulls: this process loads neither grpc nor trio (nor httpx)
+    done = lazyfs("pull", "--address", str(node.sock), "--snapshotter-address", str(node.snap_sock),
+                  node.ref, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
     assert "lazily" in done.stdout
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "socket" in imported and not {"grpc", "trio", "httpx"} & imported, sorted(imported)
+    assert f"pulled {node.ref}" in node.log("snapshotter")
     paths = [r[1] for r in node.server.requests() if r[0] == "GET"]
     assert any("/manifests/" in p for p in paths)
     assert node.chunk_blob_requests() == [], "a chunk blob was downloaded before the container started"
@@ -422,6 +428,20 @@ def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
                    "/usr/bin/python3", "-c", "print(1)")
     assert out.stdout.strip() == "1"
     assert node.chunk_blob_requests(), "the container read its files through the lazy mount"
+
+
+@pytest.mark.mount
+@CONTAINERD
+def test_a_pull_the_snapshotter_makes_fails_as_one_pulling_here_does(node):
+    missing = node.ref.replace("/python:1", "/missing:1")
+    here = lazyfs("pull", "--address", str(node.sock), "--snapshotter-address", str(node.tmp / "none.sock"),
+                  missing, check=False)
+    there = lazyfs("pull", "--address", str(node.sock), "--snapshotter-address", str(node.snap_sock),
+                   missing, check=False)
+    assert here.returncode == there.returncode == 4
+    assert here.stderr == there.stderr and there.stderr.startswith("lazyfs: error: ") \
+        and there.stderr.count("\n") == 1, (here.stderr, there.stderr)
+    assert f"pull of {missing}" not in node.log("snapshotter")  # no traceback: a user's error
 
 
 @pytest.mark.mount

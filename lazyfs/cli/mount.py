@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, BinaryIO, NoReturn
 from cache.private import claim
 
 from ..errors import ExitCode, MountError, UserError
-from ..process import read_ready, reap_child
+from ..process import detach, read_ready, reap_child
 from .common import DEFAULT_CACHE, add_cache_size, add_metrics, run, seconds, setup_logging, size, user_error
 from .peer import checked_peers
 from .registry import add_registry_arguments, registry_options
@@ -201,15 +201,9 @@ def _mount_child(args: argparse.Namespace, logf: BinaryIO, r: int, w: int) -> No
     code = 1
     try:
         os.close(r)
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(logf.fileno(), 1)
-        os.dup2(logf.fileno(), 2)
-        os.close(null)
+        log_fd = os.dup(logf.fileno())
         logf.close()
-        os.closerange(3, w)  # what the caller left open (a subprocess pipe, a shell's fds)
-        os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
+        detach(log_fd, keep=w)
         args.foreground, args.ready_fd = True, w
         setup_logging(args, force=True)
         code = run(args)

@@ -5,28 +5,26 @@ The snapshot service depends on the three-method ``FileSystem`` interface (starg
 one: one ``lazyfs mount`` process per image, at ``ROOT/mounts/<hash of the ref>``, with
 the node's shared cache at ``ROOT/cache``. Mount processes run in their own session, so
 they outlive a snapshotter that dies; a restarted snapshotter finds them by mountpoint.
-With ``spare``, one mount process waits ready, Python started and lazyfs imported
-(``lazyfs.spare``), for the next image to mount.
+With ``mount_parent``, the mount processes are forked from one process that has Python
+started and lazyfs imported (``lazyfs.mountparent``): they start at once and share its
+memory.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from .. import mountinfo
 from ..errors import ExitCode, MountError, NotLazyImageError, UserError
-from ..process import exited, read_ready, wait_gone
+from ..mountparent import MountParent, MountParentGone
+from ..process import exited, read_ready, wait_exited
 from .usage import CacheUsage
 
 if TYPE_CHECKING:
@@ -88,7 +86,7 @@ class LazyFileSystem:
 
     def __init__(self, root: Path, *, timeout: float = 30.0, prefetch: bool = True,
                  cache_size: int | None = None, peers: PeerOptions | None = None,
-                 spare: bool = False, keychain: Keychain | None = None) -> None:
+                 mount_parent: bool = False, keychain: Keychain | None = None) -> None:
         self.root = root
         self.cache = root / "cache"
         self.timeout = timeout
@@ -102,10 +100,8 @@ class LazyFileSystem:
         """How long a mount process may take to say it is mounted (it has its own
         network deadlines; this is the backstop against a hung one)."""
         self._children: dict[int, subprocess.Popen] = {}  # mount processes started here, to reap
-        self.keep_spare = spare
-        """Keep one mount process started ahead of need (see ``start_spare``)."""
-        self._spare: tuple[subprocess.Popen, int] | None = None  # the process, its ready pipe
-        self._spare_lock = threading.Lock()
+        self.parent = MountParent(root / "logs" / "mount-parent.log", _ENV) if mount_parent else None
+        """What image mounts are forked from (None: each starts a Python of its own)."""
         self._pids: dict[str, int] = {}
         """The mount process of each mountpoint (by name) seen answering: what a stuck one is
         killed by."""
@@ -152,31 +148,54 @@ class LazyFileSystem:
                 *([] if self.prefetch else ["--no-prefetch"]),
                 *([] if self.cache_size is None else ["--cache-size", str(self.cache_size)]),
                 *([] if self.peers is None else self.peers.argv()), *self._creds_args(ref, mnt)]
-        child, r = self._hand_to_spare(args, log_file) or self._start(args, log_file)
-        try:
-            answer = read_ready(r, self.ready_timeout)
-        finally:
-            self.start_spare()
+        child, pid, r = self._fork(args, log_file) or self._start(args, log_file)
+        answer = read_ready(r, self.ready_timeout)
         if answer == "ok":
-            self._children[child.pid] = child
-            self._pids[mnt.name] = child.pid
-            log.info("mounted %s at %s (pid %d)", ref, mnt, child.pid)
+            if child is not None:
+                self._children[pid] = child
+            self._pids[mnt.name] = pid
+            log.info("mounted %s at %s (pid %d)", ref, mnt, pid)
             return mnt
         if answer.startswith("error "):
             _, code, message = (answer.split(" ", 2) + [""])[:3]
-            child.wait(timeout=30)
+            self._wait(pid, child, 30)
             if code == str(int(ExitCode.IMAGE)):
                 raise NotLazyImageError(message)
             raise UserError(f"cannot mount {ref}: {message}",
                             ExitCode(int(code)) if code.isdigit() and int(code) in set(ExitCode) else None)
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
+        if not exited(pid):
+            self._wait(pid, child, 10, kill=True)
             raise MountError(f"cannot mount {ref}: not ready in {self.ready_timeout:g}s; see {log_file}")
-        raise UserError(f"cannot mount {ref}: its process exited with status {child.returncode}; "
-                        f"see {log_file}")
+        status = f" with status {child.wait()}" if child is not None else ""
+        raise UserError(f"cannot mount {ref}: its process exited{status}; see {log_file}")
 
-    def _start(self, args: list[str], log_file: Path) -> tuple[subprocess.Popen, int]:
+    def _fork(self, args: list[str], log_file: Path) -> tuple[None, int, int] | None:
+        """(None, pid, ready pipe) of a mount forked by the mount parent; None when there
+        is no mount parent, or it cannot take the mount (the mount starts cold then)."""
+        if self.parent is None:
+            return None
+        r, w = os.pipe()
+        try:
+            return None, self.parent.fork(args, log_file, w), r
+        except MountParentGone as exc:
+            log.warning("%s: starting the mount process on its own", exc)
+            os.close(r)
+            return None
+        finally:
+            os.close(w)
+
+    @staticmethod
+    def _wait(pid: int, child: subprocess.Popen | None, timeout: float, *, kill: bool = False) -> None:
+        """Wait for a mount process to end: ``child`` if this process started it (and
+        must reap it), else a child of the mount parent's (which the kernel reaps)."""
+        if child is None:
+            wait_exited(pid, timeout, kill=kill)
+            return
+        if kill:
+            child.kill()
+        child.wait(timeout=timeout)
+
+    def _start(self, args: list[str], log_file: Path) -> tuple[subprocess.Popen, int, int]:
         """Start a mount process for ``lazyfs mount ARGS``: its own session, so that it
         outlives the snapshotter; it says "ok" or "error CODE MESSAGE" on the pipe whose
         read end is returned. Started here rather than through ``lazyfs mount``'s launcher:
@@ -194,76 +213,21 @@ class LazyFileSystem:
             raise
         finally:
             os.close(w)
-        return child, r
+        return child, child.pid, r
 
-    def start_spare(self) -> None:
-        """Start a spare mount process (``lazyfs.spare``) unless one is waiting already or
-        spares are off. Its output goes to ``ROOT/logs/spare.log`` until it is given an
-        image; it exits when the snapshotter closes its input, or dies."""
-        if not self.keep_spare:
-            return
-        with self._spare_lock:
-            if self._spare is not None and self._spare[0].poll() is None:
-                return
-            self._drop_spare()
-            logs = self.root / "logs"
-            r, w = os.pipe()
+    def start_mount_parent(self) -> None:
+        """Start the mount parent, if mounts are forked from one, so that it has imported
+        by the time the first image mounts."""
+        if self.parent is not None:
             try:
-                logs.mkdir(parents=True, exist_ok=True)
-                with open(logs / "spare.log", "ab") as logf:
-                    proc = subprocess.Popen([sys.executable, "-m", "lazyfs.spare", str(w)],
-                                            stdin=subprocess.PIPE, stdout=logf, stderr=logf,
-                                            pass_fds=(w,), start_new_session=True, cwd=PACKAGE_ROOT,
-                                            env=_ENV)
-            except OSError as exc:  # no spare: the next mount starts cold
-                os.close(r)
-                log.warning("cannot start a spare mount process: %s", exc)
-                return
-            finally:
-                os.close(w)
-            self._spare = (proc, r)
-
-    def _hand_to_spare(self, args: list[str], log_file: Path) -> tuple[subprocess.Popen, int] | None:
-        """Give the spare mount process its image; None when there is no live spare."""
-        with self._spare_lock:
-            spare, self._spare = self._spare, None
-        if spare is None:
-            return None
-        proc, r = spare
-        request = json.dumps({"argv": args, "log_file": str(log_file)}).encode() + b"\n"
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(request)
-            proc.stdin.close()
-        except OSError:  # it died waiting: start one the ordinary way
-            os.close(r)
-            proc.kill()
-            proc.wait(timeout=10)
-            return None
-        return proc, r
-
-    def _drop_spare(self) -> None:
-        if self._spare is None:
-            return
-        proc, r = self._spare
-        self._spare = None
-        os.close(r)
-        if proc.stdin is not None:
-            try:
-                proc.stdin.close()  # end of input: the spare exits without mounting
-            except OSError:
-                pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+                self.parent.start()
+            except OSError as exc:  # no parent yet: the next mount tries again
+                log.warning("cannot start the mount parent: %s", exc)
 
     def close(self) -> None:
-        """Stop the spare mount process (image mounts keep running)."""
-        with self._spare_lock:
-            self.keep_spare = False
-            self._drop_spare()
+        """Stop the mount parent (image mounts keep running)."""
+        if self.parent is not None:
+            self.parent.close()
 
     def usage(self, ref: str, layer: str) -> tuple[int, int]:
         return self._usage.layer(ref.rpartition("@")[2], layer)
@@ -286,21 +250,15 @@ class LazyFileSystem:
             child.kill()
             child.wait(timeout=10.0)
             return
-        try:  # started by an earlier snapshotter: make sure the pid is still a lazyfs process
+        try:  # the mount parent's, or an earlier snapshotter's: make sure it is still a lazyfs process
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return  # gone already
         if b"lazyfs" not in cmdline:
             return
         log.warning("killing mount process %d of %s, which does not answer", pid, mountpoint)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10.0  # its parent (an earlier snapshotter, or init) reaps it
-        while not exited(pid) and time.monotonic() < deadline:
-            time.sleep(0.025)
-        if not exited(pid):
+        # its parent (the mount parent, an earlier snapshotter, or init) reaps it
+        if not wait_exited(pid, 10.0, kill=True):
             log.warning("mount process %d did not end after SIGKILL", pid)
 
     def check(self, mountpoint: Path) -> None:
@@ -323,8 +281,9 @@ class LazyFileSystem:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait(timeout=10.0)
-        elif pid is not None:  # started by an earlier snapshotter: init reaps it
-            wait_gone(pid, 10.0, kill=True)
+        elif pid is not None:  # forked by the mount parent, or started by an earlier snapshotter
+            if not wait_exited(pid, 10.0):
+                wait_exited(pid, 10.0, kill=True)
         try:
             mountpoint.rmdir()
         except OSError:
