@@ -19,9 +19,9 @@ import logging
 import urllib.parse
 from pathlib import Path
 
+from .atomic import sweep_dead_temps, write_atomic
 from .errors import CacheError
 from .private import claim
-from .store import sweep_dead_temps, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import logging
 import os
 from pathlib import Path
 
+from .atomic import write_atomic
 from .images import ImageStore
 from .pids import alive
-from .store import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -45,35 +45,30 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import struct
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import xxhash
-
+from .atomic import sweep_dead_temps, write_atomic
+from .entry import (
+    FIRST_READ,
+    OLD_FORMAT,
+    check_blocks,
+    check_entry,
+    entry_size,
+    head_size,
+    pack_header,
+    parse_head,
+)
 from .errors import CacheError
-from .pids import alive
 from .private import claim
 
 log = logging.getLogger(__name__)
 
-_HEAD = struct.Struct("<4sIQ")  # magic, block size, chunk size
-_SUM = struct.Struct("<Q")
-_MAGIC = b"LZC2"
-_OLD_MAGIC = b"LZC1"
-
-BLOCK_SIZE = 64 << 10
-"""Bytes per checked block: a read checks the blocks it touches, no more."""
-
 _HEADS_KEPT = 1 << 15
 """Entry headers ``read_range`` keeps in memory (about 200 bytes each for 1 MiB chunks)."""
-
-_FIRST_READ = 4096
-"""Bytes read first from an entry: its header (up to 500 blocks) and, for a small chunk,
-all of its bytes in the same ``pread``."""
 
 TOUCH_AFTER = 600.0
 """Seconds after which reading an entry moves its mtime (its LRU position) forward."""
@@ -171,12 +166,12 @@ class ChunkStore:
         except OSError as exc:
             log.warning("cache entry %s unreadable (%s); fetching it again", digest.hex(), exc)
             return None
-        problem = _check(data)
+        problem = check_entry(data)
         if problem:
             self._drop(digest, problem)
             return None
         self._touched.add(digest)
-        return memoryview(data)[_head_size(data) :]
+        return memoryview(data)[head_size(data) :]
 
     def read_range(self, digest: bytes, offset: int, size: int, *,
                    nowait: bool = False) -> bytes | memoryview | None:
@@ -207,9 +202,9 @@ class ChunkStore:
                 at, block, chunk_size, head = known
                 problem = None
             else:
-                head = self._pread(fd, _FIRST_READ, 0, nowait)
-                problem, at, block, chunk_size = _parse_head(head)
-                if problem is not None and nowait and len(head) < _FIRST_READ:
+                head = self._pread(fd, FIRST_READ, 0, nowait)
+                problem, at, block, chunk_size = parse_head(head)
+                if problem is not None and nowait and len(head) < FIRST_READ:
                     raise BlockingIOError(errno.EAGAIN, "maybe read in part")  # the disk decides
             if problem is None:
                 offset = min(offset, chunk_size)
@@ -222,7 +217,7 @@ class ChunkStore:
                     data = memoryview(self._pread(fd, hi - lo, lo, nowait))
                     if len(data) < hi - lo and nowait:
                         raise BlockingIOError(errno.EAGAIN, "read in part")
-                problem = _check_blocks(head, data, first, block) if len(data) == hi - lo else "truncated"
+                problem = check_blocks(head, data, first, block) if len(data) == hi - lo else "truncated"
         except BlockingIOError:
             raise
         except OSError as exc:
@@ -260,7 +255,7 @@ class ChunkStore:
 
     def _drop(self, digest: bytes, problem: str) -> None:
         self._heads.pop(digest, None)
-        if problem == _OLD_FORMAT:
+        if problem == OLD_FORMAT:
             if not self.old_entries:
                 log.warning("old cache format in %s: entries are refetched", self.root)
             self.old_entries += 1
@@ -388,136 +383,3 @@ class ChunkStore:
             count += 1
             total += st.st_size
         return count, total
-
-
-TEMP_PREFIX = ".tmp."
-"""Names starting with a dot are never entries: listings skip them."""
-
-
-def temp_path(path: str | Path) -> str:
-    """Where ``write_atomic`` writes ``path`` before renaming it: the same directory (see
-    the module docstring for why), a name unique per writer thread without mkstemp's
-    cost, ending in ``.PID.TID`` so that a sweep can tell a dead writer's."""
-    parent, name = os.path.split(path)
-    return f"{parent}/{TEMP_PREFIX}{name}.{os.getpid()}.{threading.get_ident()}"
-
-
-def write_atomic(path: str | Path, parts: list[bytes | memoryview]) -> None:
-    """Write ``parts`` to ``path`` whole or not at all: into a temp file in ``path``'s own
-    directory (created if needed), then renamed into place. Raises OSError."""
-    tmp = temp_path(path)
-    try:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(tmp), exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            written = os.writev(fd, parts)
-            if written != sum(map(len, parts)):
-                raise OSError(errno.EIO, f"short write ({written} bytes)")
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def sweep_dead_temps(dirs: list[Path]) -> int:
-    """Remove the temp files of writers whose process is gone from ``dirs``; their count."""
-    swept = 0
-    for directory in dirs:
-        try:
-            names = [n for n in os.listdir(directory) if not n.startswith(".probe-")]
-        except OSError:
-            continue
-        for name in names:
-            parts = name.rsplit(".", 2)
-            if len(parts) != 3 or not parts[1].isdigit() or alive(int(parts[1])):
-                continue
-            if not name.startswith(TEMP_PREFIX):
-                continue
-            try:
-                os.unlink(directory / name)
-                swept += 1
-            except OSError:
-                pass
-    return swept
-
-
-def entry_size(size: int, block: int = BLOCK_SIZE) -> int:
-    """Bytes on disk of the whole entry of a chunk of ``size`` plain bytes."""
-    return _HEAD.size + _SUM.size * (_blocks(size, block) + 1) + size
-
-
-def pack_header(plain: bytes | memoryview, block: int = BLOCK_SIZE) -> bytes:
-    """The header of the entry of ``plain``: sizes, a checksum per block, its own checksum."""
-    view = memoryview(plain)
-    sums = [xxhash.xxh3_64_intdigest(view[at : at + block]) for at in range(0, max(len(view), 1), block)]
-    head = _HEAD.pack(_MAGIC, block, len(view)) + struct.pack(f"<{len(sums)}Q", *sums)
-    return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
-
-
-def check_entry(data: bytes) -> str | None:
-    """What is wrong with the bytes of an entry file (header, length, a block's xxh3), or
-    None."""
-    return _check(data)
-
-
-def entry_plain(data: bytes) -> memoryview:
-    """The plain bytes of an entry that ``check_entry`` passed."""
-    return memoryview(data)[_head_size(data) :]
-
-
-_OLD_FORMAT = "of the earlier cache format"
-
-
-def _blocks(size: int, block: int) -> int:
-    return max(-(-size // block), 1)
-
-
-def _head_size(data: bytes | bytearray) -> int:
-    _, block, size = _HEAD.unpack_from(data)
-    return _HEAD.size + _SUM.size * (_blocks(size, block) + 1)
-
-
-def _parse_head(head: bytes | bytearray) -> tuple[str | None, int, int, int]:
-    """``(problem, where the plain bytes start, block size, chunk size)`` from the first
-    bytes of an entry (at least its whole header)."""
-    if len(head) < _HEAD.size + 2 * _SUM.size:
-        return ("truncated" if head[:4] != _OLD_MAGIC else _OLD_FORMAT), 0, 0, 0
-    magic, block, size = _HEAD.unpack_from(head)
-    if magic != _MAGIC:
-        return (_OLD_FORMAT if magic == _OLD_MAGIC else "not a chunk entry"), 0, 0, 0
-    if block == 0 or size > 1 << 40:
-        return "corrupt (header)", 0, 0, 0
-    at = _head_size(head)
-    if len(head) < at:
-        return "truncated", 0, 0, 0
-    (own,) = _SUM.unpack_from(head, at - _SUM.size)
-    if xxhash.xxh3_64_intdigest(memoryview(head)[: at - _SUM.size]) != own:
-        return "corrupt (header checksum mismatch)", 0, 0, 0
-    return None, at, block, size
-
-
-def _check_blocks(head: bytes | bytearray, data: memoryview, first: int, block: int) -> str | None:
-    """Check ``data``, the bytes of blocks ``first``, ``first + 1``... against the
-    checksums in ``head``."""
-    for i, at in enumerate(range(0, len(data), block)):
-        (want,) = _SUM.unpack_from(head, _HEAD.size + _SUM.size * (first + i))
-        if xxhash.xxh3_64_intdigest(data[at : at + block]) != want:
-            return f"corrupt (checksum mismatch in block {first + i})"
-    return None
-
-
-def _check(data: bytes) -> str | None:
-    problem, at, block, size = _parse_head(data)
-    if problem is not None:
-        return problem
-    if len(data) != at + size:
-        return "truncated" if len(data) < at + size else "too long"
-    return _check_blocks(data, memoryview(data)[at:], 0, block)

@@ -46,9 +46,9 @@ from typing import Any
 
 from blockindex.format import Chunk, Span
 
+from .atomic import write_atomic
 from .errors import CacheError
 from .private import claim
-from .store import write_atomic
 
 log = logging.getLogger(__name__)
 

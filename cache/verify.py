@@ -17,9 +17,10 @@ import os
 
 from blockindex.codec import chunk_digest
 
+from .entry import check_entry, entry_plain
 from .evict import unmark_complete
 from .images import ImageStore
-from .store import ChunkStore, check_entry, entry_plain
+from .store import ChunkStore
 
 log = logging.getLogger(__name__)
 

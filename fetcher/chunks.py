@@ -12,9 +12,11 @@ between chunks while a demand fetch runs, so that the reader gets the CPU.
 With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
 that node first, then of the next owner, then of the origin (``peerroute.py``).
 
-The parts, one job each: ``plan.py`` (which range requests), ``gate.py`` (background
-gives way to demand), ``verify.py`` (checking, off the loop when large), ``rereads.py``
-(a re-read continues a failed read's deadline), ``peerroute.py`` (peers and hedging).
+The parts, one job each: ``plan.py`` (which range requests), ``amplify.py`` (what a
+demand miss brings along), ``gate.py`` (background gives way to demand), ``verify.py``
+(checking, off the loop when large), ``origin.py`` (requests to the source),
+``keeper.py`` (caching without making readers wait), ``rereads.py`` (a re-read continues
+a failed read's deadline), ``peerroute.py`` (peers and hedging).
 This module holds them together: one in-flight entry per chunk, joined by every reader.
 """
 
@@ -31,14 +33,16 @@ from blockindex.codec import ChunkDecodeError
 from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
+from .amplify import Amplifier
 from .config import FetchConfig, FetchStats
 from .errors import DeadlineError, FetchError, UnreachableError
 from .gate import DemandGate
 from .inflight import InFlight, Pending, Underway
+from .keeper import CacheWriter
 from .origin import Origin
 from .peerroute import Asks, PeerRoute
 from .peers import PeerTier
-from .plan import Range, amplify, asked_first, claim, plan_ranges
+from .plan import Range, asked_first, claim, plan_ranges
 from .rereads import RereadDeadlines
 from .source import BlobSource
 from .verify import Verified, Verifier, integrity_error, stored_payload
@@ -71,6 +75,7 @@ class ChunkFetcher:
         self._origin = (Origin(source, source_name, self.stats, self._answered)
                         if source is not None else None)
         self._inflight = InFlight()
+        self._writer = CacheWriter(nursery, store, self._inflight)
         self._verifier = Verifier(thread_above=config.thread_above)
         self._background = trio.CapacityLimiter(config.background_concurrency)
         self.peers = peers
@@ -81,12 +86,9 @@ class ChunkFetcher:
         self._route = PeerRoute(peers, self.stats, self._verifier, self.gate, self._from_origin,
                                 deadline=config.deadline, on_answer=self._answered) if peers else None
         self._rereads = RereadDeadlines(window=config.reread_window, short_try=config.reread_try)
-        self._neighbours = neighbours if config.amplify > 0 and peers is None else None
-        """The chunks following a chunk in its blob within so many bytes (the index's
-        ``chunks_after``), which a demand miss fetches along (``FetchConfig.amplify``)."""
-        self._streaks: dict[str, tuple[int, int]] = {}
-        """Per blob, where the last amplified request ended and its window: a miss right
-        there (a walk through the blob) doubles the window, any other starts small."""
+        self._amplifier = (Amplifier(neighbours, largest=min(config.amplify, config.max_request))
+                           if neighbours is not None and config.amplify > 0 and peers is None else None)
+        """What a demand miss fetches along: the chunks after it in its blob."""
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
                   use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
@@ -240,7 +242,7 @@ class ChunkFetcher:
         started = {c.digest for c in new} | own.keys() | {c.digest for c, _, _ in taken}
         self._fetch_new(new, background, use_peers, speculative)
         for c, p, under in taken:
-            self._nursery.start_soon(self._take_checked, c, p, under)
+            self._nursery.start_soon(self._verifier.take_checked, c, p, under, self.source_name)
         if own:
             for rng in self._plan([c for c, _ in waits if c.digest in own], False, use_peers):
                 self._nursery.start_soon(self._fetch_range, rng, False, own)
@@ -278,36 +280,17 @@ class ChunkFetcher:
                 self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
             new = to_origin
         for rng in self._plan(new, background, use_peers):
-            if not background and self._neighbours is not None:
-                rng = self._amplified(rng)
+            if not background and self._amplifier is not None:
+                grown = self._amplifier.extend(rng, self._free)
+                for c in grown.chunks[len(rng.chunks):]:  # a reader of one joins this fetch
+                    self._inflight.start(c.digest)
+                rng = grown
             self._nursery.start_soon(self._fetch_range, rng, background)
 
-    def _amplified(self, rng: Range) -> Range:
-        """``rng`` with the free chunks that follow it (``plan.amplify``), each given an
-        in-flight entry that its fetch fills, so that a reader of one joins it. The window
-        starts at an eighth of ``amplify`` and doubles while misses walk through the blob
-        (as the kernel's readahead grows), so that scattered reads fetch little beyond
-        what they asked for and a walk of a tree few requests."""
-        assert self._neighbours is not None
-        largest = min(self.config.amplify, self.config.max_request)
-        end, last = self._streaks.get(rng.blob, (-1, 0))
-        window = min(2 * last, largest) if rng.start == end else max(largest // 8, 1)
-        out = self._extend(rng, window)
-        self._streaks[rng.blob] = (out.end, window)
-        return out
-
-    def _extend(self, rng: Range, window: int) -> Range:
-        assert self._neighbours is not None
-        room = window - (rng.end - rng.start)
-        if room <= 0:
-            return rng
-        store = self._store
-        out = amplify(rng, self._neighbours(rng.chunks[-1], room), window=window,
-                      free=lambda c: self._inflight.get(c.digest) is None and not (
-                          store is not None and store.contains(c.digest, c.size)))
-        for c in out.chunks[len(rng.chunks):]:
-            self._inflight.start(c.digest)
-        return out
+    def _free(self, c: Chunk) -> bool:
+        """Whether ``c`` is neither being fetched nor in the node cache."""
+        return self._inflight.get(c.digest) is None and not (
+            self._store is not None and self._store.contains(c.digest, c.size))
 
     def note_failed_read(self, chunks: Sequence[Chunk], began: float) -> None:
         """A demand read over ``chunks`` (begun at ``began``, trio time) failed: a re-read of
@@ -400,7 +383,7 @@ class ChunkFetcher:
             p.payload = view[at : at + c.stored_size]
             self.stats.chunks_fetched += 1
             if not background:  # the prefetcher's chunks were cached with their check
-                await self._keep(c, p, background)
+                await self._writer.keep(c, p, background)
         self.stats.neighbours += sum(p.data is not None for p in in_order) if rng.neighbours else 0
         for sub in plan_ranges(retry, max_request=self.config.max_request, max_gap=0):
             await self._fetch_range(sub, False, {c.digest: queued[c.digest] for c in sub.chunks})
@@ -414,40 +397,6 @@ class ChunkFetcher:
             p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
         p.event.set()
         if not p.caching:
-            self._inflight.done(c.digest, p)
-
-    async def _keep(self, c: Chunk, p: Pending, background: bool) -> None:
-        assert p.data is not None
-        if self._store is None:
-            return
-        if background:  # the prefetcher counts on a chunk being cached when it returns
-            await self._cache(c, p.data)
-        else:  # a reader should not wait for the disk; until the entry is written, the
-            # in-flight map answers for it (else a peer asking just then fetches it again)
-            p.caching = True
-            self._nursery.start_soon(self._cache_then_forget, c, p)
-
-    async def _take_checked(self, c: Chunk, p: Pending, under: Underway) -> None:
-        """Check one chunk from the bytes of a background range under way, for a reader
-        (the range itself caches it)."""
-        assert under.data is not None
-        at = c.offset - under.start
-        payload = memoryview(under.data)[at : at + c.stored_size]
-        try:
-            p.data = await self._verifier.chunk(c, payload)
-            p.payload = payload
-        except ChunkDecodeError:  # the range logs it and counts it, once
-            p.error = integrity_error(c, self.source_name)
-        except Exception as exc:  # a bug must fail the read, never the whole mount
-            log.exception("unexpected error checking chunk %s", c.hexdigest)
-            p.error = FetchError(f"unexpected error checking chunk {c.hexdigest[:16]}: {exc!r}")
-        finally:
-            p.event.set()
-
-    async def _cache_then_forget(self, c: Chunk, p: Pending) -> None:
-        try:
-            await self._cache(c, p.data if p.data is not None else b"")
-        finally:
             self._inflight.done(c.digest, p)
 
     async def _fetch_via_peers(self, c: Chunk, asks: Asks, background: bool,
@@ -469,7 +418,7 @@ class ChunkFetcher:
                 plain, payload = await self._route.demand(c, asks, speculative=speculative)
             p.data, p.payload = plain, payload
             self.stats.chunks_fetched += 1
-            await self._keep(c, p, background)
+            await self._writer.keep(c, p, background)
         except FetchError as exc:
             self.stats.failed_requests += 1
             log.warning("fetching chunk %s of blob %s failed: %s", c.hexdigest[:16], c.blob.digest, exc)
@@ -480,29 +429,15 @@ class ChunkFetcher:
             p.error = FetchError(f"unexpected error fetching chunk {c.hexdigest[:16]}: {exc!r}")
         finally:
             if mine:
-                if p.data is None and p.error is None:
-                    p.error = FetchError(f"chunk {c.hexdigest[:16]} was not fetched")
-                p.event.set()
-                if not p.caching:
-                    self._inflight.done(c.digest, p)
+                self._settle(c, p)
 
     async def _from_origin(self, c: Chunk, background: bool) -> Verified:
         """One chunk from the origin alone, checked: the peer route's last attempt."""
-        rng = Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,))
+        assert self._origin is not None
         if background:
             async with self._background:
-                data = await self._request(rng, self.config.background_deadline)
-        else:
-            data = await self._request(rng, self.config.deadline)
-        payload = bytes(data)  # what is kept; a raw chunk's plain bytes are the same object
-        try:
-            plain = await self._verifier.chunk(c, payload)
-        except ChunkDecodeError as exc:
-            self.stats.integrity_failures += 1
-            log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
-                      c.hexdigest, c.offset, c.blob.digest, self.source_name, exc)
-            raise integrity_error(c, self.source_name) from exc
-        return plain, payload
+                return await self._origin.chunk(c, self.config.background_deadline, self._verifier)
+        return await self._origin.chunk(c, self.config.deadline, self._verifier)
 
     def _answered(self, source: str, nbytes: int, seconds: float) -> None:
         if self.on_request is not None:
@@ -511,7 +446,3 @@ class ChunkFetcher:
     async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
         assert self._origin is not None  # a fetcher without a source fetches nothing (_fetch_new)
         return await self._origin.request(rng, deadline)
-
-    async def _cache(self, chunk: Chunk, plain: bytes | memoryview) -> None:
-        assert self._store is not None
-        await trio.to_thread.run_sync(self._store.put, chunk.digest, plain)

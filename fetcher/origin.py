@@ -4,19 +4,27 @@ bounded by a deadline, checked for its length, and counted.
     origin = Origin(source, "origin", stats, on_answer)
     data = await origin.request(rng, deadline)     # exactly the range's bytes
     origin.blame(rng)                              # they failed their check: ask again?
+    plain, payload = await origin.chunk(c, deadline, verifier)   # one chunk, checked
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import trio
 
+from blockindex.codec import ChunkDecodeError
+from blockindex.format import Chunk
+
 from .config import FetchStats
 from .errors import DeadlineError, IntegrityError
 from .plan import Range
 from .source import BlobSource
+from .verify import Verified, Verifier, integrity_error
+
+log = logging.getLogger(__name__)
 
 
 class Origin:
@@ -55,3 +63,17 @@ class Origin:
         """The bytes of ``rng`` failed their check: whether another sender sent them (a
         mirror, now skipped), so that asking again reaches the next source."""
         return self.source.blame(rng.blob, rng.start, rng.end - rng.start)
+
+    async def chunk(self, c: Chunk, deadline: float, verifier: Verifier) -> Verified:
+        """One chunk alone, checked: ``(plain bytes, payload as stored)``;
+        ``IntegrityError`` if its bytes are not the chunk's (logged, never cached)."""
+        data = await self.request(Range(c.blob.digest, c.offset, c.offset + c.stored_size, (c,)), deadline)
+        payload = bytes(data)  # what is kept; a raw chunk's plain bytes are the same object
+        try:
+            plain = await verifier.chunk(c, payload)
+        except ChunkDecodeError as exc:
+            self._stats.integrity_failures += 1
+            log.error("chunk %s at %d in blob %s from %s failed verification (%s); not cached",
+                      c.hexdigest, c.offset, c.blob.digest, self.name, exc)
+            raise integrity_error(c, self.name) from exc
+        return plain, payload

@@ -30,7 +30,7 @@ from typing import TypeVar
 import httpx
 import trio
 
-from cache.store import temp_path
+from cache.atomic import temp_path
 
 from .auth import Authenticator
 from .bodies import check_identity, read_span, read_whole, whole_body

@@ -27,6 +27,7 @@ from blockindex.format import CODEC_LZ4, CODEC_RAW, Chunk
 from cache.store import ChunkStore
 
 from .errors import FetchError, IntegrityError
+from .inflight import Pending, Underway
 from .lowprio import BACKGROUND
 from .plan import Range
 
@@ -113,6 +114,23 @@ class Verifier:
             return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
         return decode_verified(c, payload)
 
+
+    async def take_checked(self, c: Chunk, p: Pending, under: Underway, source: str) -> None:
+        """Check one chunk from the bytes of a background range under way, for a reader
+        waiting on ``p`` (the range itself caches it, and logs and counts a bad one)."""
+        assert under.data is not None
+        at = c.offset - under.start
+        payload = memoryview(under.data)[at : at + c.stored_size]
+        try:
+            p.data = await self.chunk(c, payload)
+            p.payload = payload
+        except ChunkDecodeError:
+            p.error = integrity_error(c, source)
+        except Exception as exc:  # a bug must fail the read, never the whole mount
+            log.exception("unexpected error checking chunk %s", c.hexdigest)
+            p.error = FetchError(f"unexpected error checking chunk {c.hexdigest[:16]}: {exc!r}")
+        finally:
+            p.event.set()
     async def cached(self, store: ChunkStore, c: Chunk) -> memoryview | None:
         """The plain bytes of ``c`` from the node cache (``load_cached``), in a worker
         thread if it is large; None if the cache lacks it."""

@@ -18,7 +18,8 @@ from blockindex.convert import convert
 from blockindex.format import Chunk
 from blockindex.oci import Layout
 from blockindex.reader import IndexReader
-from cache.store import BLOCK_SIZE, ChunkStore, entry_size
+from cache.entry import BLOCK_SIZE, entry_size
+from cache.store import ChunkStore
 from lazyfs.serve import make_server
 from tests.cachekit import install, manifest_of
 

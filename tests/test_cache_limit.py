@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from cache.entry import entry_size
 from cache.images import ImageStore
-from cache.store import ChunkStore, entry_size
+from cache.store import ChunkStore
 from lazyfs.serve import make_server
 from testkit.waiting import wait_until
 from tests.cachekit import chunk_digests, make_image, manifest_of

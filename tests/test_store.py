@@ -11,9 +11,10 @@ import pytest
 import xxhash
 
 from blockindex.format import CODEC_RAW
+from cache.entry import BLOCK_SIZE, entry_size
 from cache.errors import CacheError
 from cache.images import ImageStore
-from cache.store import BLOCK_SIZE, ChunkStore, entry_size
+from cache.store import ChunkStore
 
 
 def test_put_get_roundtrip(tmp_path):

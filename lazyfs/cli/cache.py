@@ -88,8 +88,8 @@ def usage(store: ChunkStore, images: ImageStore) -> dict[str, Any]:
     """Usage in total and per known image (what ``lazyfs cache --json`` prints)."""
     # the index reader (sqlite3) and the pins: when used
     from cache.catalog import image_chunks, known_images
+    from cache.entry import entry_size
     from cache.pins import live_pins
-    from cache.store import entry_size
 
     entries = {d: st.st_size for d, st in store.entries()}
     pinned: dict[str, list[dict[str, Any]]] = {}
