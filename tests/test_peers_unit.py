@@ -547,7 +547,10 @@ def test_a_peer_serves_zstd_chunks_from_its_cache_to_a_fetcher(tmp_path):
         client = PeerClient(PEER_TOKEN)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve, listeners)
-            tier = PeerTier(PeerSet([url], self_url="http://127.0.0.1:1"), client, "reg/app")
+            # a hedge to the origin only after 5 s: a slow first answer on a busy machine is
+            # still the peer's (hedging has tests of its own)
+            calm = PeerConfig(hedge_delay=5.0, max_hedge_delay=5.0)
+            tier = PeerTier(PeerSet([url], self_url="http://127.0.0.1:1", config=calm), client, "reg/app")
             fetcher = ChunkFetcher(nursery, origin, ChunkStore(tmp_path / "node"),
                                    FetchConfig(deadline=10), peers=tier)
             out["data"] = await fetcher.get(chunks)

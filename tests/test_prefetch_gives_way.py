@@ -13,6 +13,7 @@ import trio
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
 from fetcher.config import FetchConfig
+from fetcher.gate import DemandGate
 from fetcher.lowprio import LowPriorityThreads
 
 from .fakes import make_blob
@@ -70,7 +71,7 @@ class GatedSource:
         return self.raw[offset : offset + length]
 
 
-class WatchedFetcher(ChunkFetcher):
+class WatchedGate(DemandGate):
     """Says when the background's checking of a range has its bytes and has come to
     giving way (in its worker thread), and whether each wait ended with no demand fetch
     in flight, as giving way should."""
@@ -80,10 +81,20 @@ class WatchedFetcher(ChunkFetcher):
         self.giving_way = threading.Event()
         self.ended_quiet: list[bool] = []
 
-    def _give_way(self, work) -> None:
+    def give_way(self, work) -> None:
         self.giving_way.set()
-        super()._give_way(work)
+        super().give_way(work)
         self.ended_quiet.append(self._quiet.is_set())
+
+
+class WatchedFetcher(ChunkFetcher):
+    """A fetcher whose gate is a ``WatchedGate``."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.gate = WatchedGate(pause=self.config.background_pause)
+        self.giving_way = self.gate.giving_way
+        self.ended_quiet = self.gate.ended_quiet
 
     async def wait_giving_way(self) -> None:
         """Return once the background is at its first give-way (its bytes are here)."""

@@ -192,6 +192,7 @@ def test_usage_of_lazy_layers_is_their_cache_share_and_of_containers_their_upper
 
 
 def test_cache_usage_counts_the_cached_entries_of_each_layer(rich, tmp_path):
+    from blockindex.codec import decode
     from blockindex.reader import IndexReader
     from cache.images import ImageStore
     from cache.store import ChunkStore
@@ -216,7 +217,7 @@ def test_cache_usage_counts_the_cached_entries_of_each_layer(rich, tmp_path):
     reader.close()
     data = layout.read_blob(blobs[0]["digest"])
     for c in first:
-        chunks.put(c.digest, c.codec, c.size, data[c.offset:c.offset + c.stored_size])
+        chunks.put(c.digest, decode(c.codec, c.size, data[c.offset:c.offset + c.stored_size]))
     assert usage.layer(digest, blobs[0]["digest"]) == (0, 0)  # one sweep's answer, kept for ttl
     now[0] += 5
     expected = sum(chunks.path(c.digest).stat().st_blocks * 512 for c in first)
