@@ -101,8 +101,9 @@ class ImageContent:
                                       read=(ino, offset, size)) if chunks else {}
         except FetchError:
             self.stats.failed_reads += 1
-            # the kernel re-reads it: the same deadline for all of it
-            self.fetcher.note_failed_read(chunks, began)
+            # the kernel re-reads it: the same deadline for all of it, the chunks it had from
+            # the node cache included (they may be gone from there by the re-read)
+            self.fetcher.note_failed_read([s.chunk for s in spans if s.chunk is not None], began)
             raise
         if self.observe_read is not None:
             slowest: ReadSource = ("network" if "network" in tiers
