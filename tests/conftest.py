@@ -156,13 +156,22 @@ def rich(tmp_path_factory):
     return image, tmp / "images"
 
 
-@pytest.fixture
-def served(rich, tmp_path):
-    """A private copy of the converted images, served on an ephemeral loopback port."""
-    image, images = rich
+def serve_copy(images: Path, tmp_path: Path) -> Iterator[tuple[Path, ServerHandle]]:
+    """A private copy of a directory of converted images, served on an ephemeral loopback
+    port until the generator is closed."""
     root = tmp_path / "images"
     shutil.copytree(images, root)
     server = make_server(root, "127.0.0.1", 0)
     server.start()
-    yield image, root, server
-    server.close()
+    try:
+        yield root, server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def served(rich, tmp_path):
+    """A private copy of the converted images, served on an ephemeral loopback port."""
+    image, images = rich
+    for root, server in serve_copy(images, tmp_path):
+        yield image, root, server

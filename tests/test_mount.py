@@ -136,17 +136,7 @@ def test_altered_chunk_is_eio_and_not_cached(served, mounts):
               key=lambda p: image.expected[p].size)
     node = _lookup(index, big)
     chunk = index.chunks_of(node.ino)[0]
-    blob = Layout(root / "rich").blob_path(chunk.blob.digest)
-    data = bytearray(blob.read_bytes())
-    data[chunk.offset + chunk.stored_size // 2] ^= 0x55
-    blob.write_bytes(data)
-    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
-    with pytest.raises(OSError) as e:
-        (mnt / os.fsdecode(big)).read_bytes()
-    assert e.value.errno == errno.EIO
-    assert chunk.hexdigest in mounts.log()
-    assert not (mounts.tmp / "cache" / "chunks" / chunk.hexdigest[:2] / chunk.hexdigest).exists()
-    assert mounts.status(mnt)["fetch"]["integrity_failures"] >= 1
+    altered_chunk_is_eio_and_not_cached(mounts, root, server, big, chunk)
 
 
 def test_index_that_does_not_match_its_digest_is_refused(served, mounts):
@@ -408,3 +398,19 @@ def test_a_registry_that_answers_byte_by_byte_fails_the_mount_within_its_deadlin
         listener.close()
     assert done.returncode == 4, done.stderr
     assert "did not arrive within 3 s" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def altered_chunk_is_eio_and_not_cached(mounts, root: Path, server, path: bytes, chunk) -> None:
+    """Alter one byte of ``chunk`` in its blob, then a read of ``path`` (whose chunk it is)
+    through a fresh mount is EIO, logged with the chunk, counted, and nothing is cached."""
+    blob = Layout(root / "rich").blob_path(chunk.blob.digest)
+    data = bytearray(blob.read_bytes())
+    data[chunk.offset + chunk.stored_size // 2] ^= 0x55
+    blob.write_bytes(data)
+    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
+    with pytest.raises(OSError) as e:
+        (mnt / os.fsdecode(path)).read_bytes()
+    assert e.value.errno == errno.EIO
+    assert chunk.hexdigest in mounts.log()
+    assert not (mounts.tmp / "cache" / "chunks" / chunk.hexdigest[:2] / chunk.hexdigest).exists()
+    assert mounts.status(mnt)["fetch"]["integrity_failures"] >= 1

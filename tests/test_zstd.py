@@ -4,10 +4,8 @@ lazyfs does not know."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
 
 import pytest
 import trio
@@ -21,13 +19,12 @@ from blockindex.writer import IndexWriter
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
 from lazyfs.content import ImageContent
-from lazyfs.serve import make_server
 from testkit import treecompare
 
-from .conftest import lazyfs
+from .conftest import lazyfs, serve_copy
 from .fakes import make_blob
 from .test_hostile import _hostile_index
-from .test_mount import index_of, ref
+from .test_mount import altered_chunk_is_eio_and_not_cached, index_of, ref
 
 TEXT = b"".join(b"line %d of a text file\n" % i for i in range(4000))
 
@@ -102,12 +99,8 @@ def rich_zstd(rich, tmp_path_factory):
 @pytest.fixture
 def served_zstd(rich_zstd, tmp_path):
     image, images = rich_zstd
-    root = tmp_path / "images"
-    shutil.copytree(images, root)
-    server = make_server(root, "127.0.0.1", 0)
-    server.start()
-    yield image, root, server
-    server.close()
+    for root, server in serve_copy(images, tmp_path):
+        yield image, root, server
 
 
 def _zstd_chunk_of_a_file(index, image):
@@ -161,17 +154,7 @@ def test_a_zstd_image_mounts_reads_back_and_verifies(served_zstd, mounts):
 def test_an_altered_zstd_chunk_is_eio_and_not_cached(served_zstd, mounts):
     image, root, server = served_zstd
     path, chunk = _zstd_chunk_of_a_file(index_of(root), image)
-    blob = Layout(root / "rich").blob_path(chunk.blob.digest)
-    data = bytearray(blob.read_bytes())
-    data[chunk.offset + chunk.stored_size // 2] ^= 0x55
-    blob.write_bytes(data)
-    mnt, _ = mounts.mount(ref(server), "--no-prefetch")
-    with pytest.raises(OSError) as e:
-        (mnt / os.fsdecode(path)).read_bytes()
-    assert e.value.errno == errno.EIO
-    assert chunk.hexdigest in mounts.log()
-    assert not (mounts.tmp / "cache" / "chunks" / chunk.hexdigest[:2] / chunk.hexdigest).exists()
-    assert mounts.status(mnt)["fetch"]["integrity_failures"] >= 1
+    altered_chunk_is_eio_and_not_cached(mounts, root, server, path, chunk)
 
 
 @pytest.mark.mount
