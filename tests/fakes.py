@@ -10,7 +10,7 @@ import trio.lowlevel
 
 from blockindex.codec import chunk_digest, encode
 from blockindex.format import CODEC_LZ4, Blob, Chunk
-from fetcher.errors import ServerError
+from fetcher.errors import ServerError, UnreachableError
 
 
 class ScriptedSource:
@@ -58,3 +58,17 @@ def make_blob(pieces: list[bytes], blob_id: int = 1,
     blob = Blob(blob_id, "sha256:" + hashlib.sha256(raw).hexdigest(), len(raw))
     chunks = [Chunk(d, blob, off, ss, size, codec) for d, off, ss, size, codec in metas]
     return blob, chunks, raw
+
+
+async def peer_answer(raw: bytes, chunk: Chunk, peer: str, outcome: str) -> bytearray:
+    """What a scripted peer answers for ``chunk`` of the blob ``raw``: ``ok`` (its stored
+    bytes), ``corrupt`` (one byte flipped), ``refused`` (UnreachableError) or ``stall``."""
+    await trio.lowlevel.checkpoint()
+    if outcome == "refused":
+        raise UnreachableError(f"cannot connect to {peer}")
+    if outcome == "stall":
+        await trio.sleep_forever()
+    data = bytearray(raw[chunk.offset : chunk.offset + chunk.stored_size])
+    if outcome == "corrupt":
+        data[0] ^= 0xFF
+    return data

@@ -215,23 +215,33 @@ def test_every_handler_answers_at_the_edge():
     assert [n for n, h in handlers.items() if not hasattr(h, "__wrapped__")] == []
 
 
-def test_many_readers_of_a_chunk_being_loaded_never_trip_over_each_other(tmp_path):
-    """Readers that find a chunk being loaded from the cache wait for that load; one that
-    arrives just as it ends starts its own. Readers keep coming while loads end: each
-    load's bookkeeping must stay its own (a reader that deleted another's crashed the
-    mount with a KeyError, which a benchmark's mount hit)."""
-    big = os.urandom(300 << 10)  # loaded in a worker thread: the loads overlap
-    blob, (chunk,), raw = make_blob([big])
-    w = IndexWriter(512 << 10)
+def _one_chunk_file(tmp_path, data: bytes, *, cached: bool = True):
+    """An index of one file ``f`` (inode 2) of one chunk, and a cache that holds it
+    (empty unless ``cached``)."""
+    blob, (chunk,), raw = make_blob([data])
+    w = IndexWriter(1 << 20)
     w.add_inode(1, mode=0o40755, uid=0, gid=0, size=0, mtime_ns=0, nlink=2)
-    w.add_inode(2, mode=0o100644, uid=0, gid=0, size=len(big), mtime_ns=0, nlink=1)
+    w.add_inode(2, mode=0o100644, uid=0, gid=0, size=len(data), mtime_ns=0, nlink=1)
     w.add_dirent(1, 0, b"f", 2)
     w.add_blob(1, blob.digest, blob.size)
     w.add_chunk(1, chunk.digest, blob=1, offset=chunk.offset, stored_size=chunk.stored_size,
                 size=chunk.size, codec=chunk.codec)
     w.add_extent(2, 0, 1)
     w.write(tmp_path / "index")
-    index = IndexReader(tmp_path / "index")
+    store = ChunkStore(tmp_path / "cache")
+    if cached:
+        store.put(chunk.digest,
+                  decode(chunk.codec, chunk.size, raw[chunk.offset : chunk.offset + chunk.stored_size]))
+    return IndexReader(tmp_path / "index"), store, chunk
+
+
+def test_many_readers_of_a_chunk_being_loaded_never_trip_over_each_other(tmp_path):
+    """Readers that find a chunk being loaded from the cache wait for that load; one that
+    arrives just as it ends starts its own. Readers keep coming while loads end: each
+    load's bookkeeping must stay its own (a reader that deleted another's crashed the
+    mount with a KeyError, which a benchmark's mount hit)."""
+    big = os.urandom(300 << 10)  # loaded in a worker thread: the loads overlap
+    index, _, _ = _one_chunk_file(tmp_path, big, cached=False)
     outcomes: list[str] = []
 
     async def main():
@@ -293,22 +303,6 @@ def test_a_reader_joins_the_fetch_of_a_chunk_instead_of_reading_the_cache_again(
     assert len(gets) == 1
 
 
-def _one_chunk_file(tmp_path, data: bytes):
-    """An index of one file ``f`` (inode 2) of one chunk, and a cache that holds it."""
-    blob, (chunk,), raw = make_blob([data])
-    w = IndexWriter(1 << 20)
-    w.add_inode(1, mode=0o40755, uid=0, gid=0, size=0, mtime_ns=0, nlink=2)
-    w.add_inode(2, mode=0o100644, uid=0, gid=0, size=len(data), mtime_ns=0, nlink=1)
-    w.add_dirent(1, 0, b"f", 2)
-    w.add_blob(1, blob.digest, blob.size)
-    w.add_chunk(1, chunk.digest, blob=1, offset=chunk.offset, stored_size=chunk.stored_size,
-                size=chunk.size, codec=chunk.codec)
-    w.add_extent(2, 0, 1)
-    w.write(tmp_path / "index")
-    store = ChunkStore(tmp_path / "cache")
-    store.put(chunk.digest,
-              decode(chunk.codec, chunk.size, raw[chunk.offset : chunk.offset + chunk.stored_size]))
-    return IndexReader(tmp_path / "index"), store, chunk
 
 
 def test_loads_of_a_whole_chunk_from_the_cache_are_shared(tmp_path, monkeypatch):

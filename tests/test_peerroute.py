@@ -12,13 +12,13 @@ import trio.lowlevel
 import trio.testing
 
 from fetcher.config import FetchStats
-from fetcher.errors import IntegrityError, UnreachableError
+from fetcher.errors import IntegrityError
 from fetcher.gate import DemandGate
 from fetcher.peerroute import PeerRoute
 from fetcher.peers import PeerConfig, PeerSet, PeerTier
 from fetcher.verify import Verifier
 
-from .fakes import make_blob
+from .fakes import make_blob, peer_answer
 
 OWNER, NEXT = "http://10.0.0.2:7070", "http://10.0.0.3:7070"
 PIECE = os.urandom(5000)
@@ -33,16 +33,7 @@ class Peers:
 
     async def fetch(self, peer, chunk, repository):
         self.asked.append((peer, trio.current_time(), repository))
-        await trio.lowlevel.checkpoint()
-        outcome = self.answers.get(peer, "ok")
-        data = bytearray(self.raw[chunk.offset : chunk.offset + chunk.stored_size])
-        if outcome == "refused":
-            raise UnreachableError(f"cannot connect to {peer}")
-        if outcome == "stall":
-            await trio.sleep_forever()
-        if outcome == "corrupt":
-            data[0] ^= 0xFF
-        return data
+        return await peer_answer(self.raw, chunk, peer, self.answers.get(peer, "ok"))
 
 
 def route_run(answers: dict[str, str], body, *, asks=((OWNER, False), (NEXT, False))):

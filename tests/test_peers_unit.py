@@ -18,7 +18,7 @@ from fetcher.config import FetchConfig
 from fetcher.errors import ServerError, UnreachableError
 from fetcher.peers import PeerConfig, PeerSet, PeerTier, read_peers_file, rendezvous
 
-from .fakes import ScriptedSource, make_blob
+from .fakes import ScriptedSource, make_blob, peer_answer
 
 PEERS = [f"http://10.0.0.{i}:7070" for i in range(1, 11)]
 
@@ -78,20 +78,6 @@ def test_peers_file_is_read_and_checked(tmp_path):
         read_peers_file(f)
 
 
-def _run(fn):
-    clock = trio.testing.MockClock(autojump_threshold=0)
-    return trio.run(fn, clock=clock)
-
-
-def _after(seconds: float, value: str, fail: bool = False):
-    async def go():
-        await trio.sleep(seconds)
-        if fail:
-            raise ServerError(value)
-        return value, trio.current_time()
-    return go
-
-
 # -- the fetcher with scripted peers ----------------------------------------------------
 
 class ScriptedPeers:
@@ -104,16 +90,7 @@ class ScriptedPeers:
 
     async def fetch(self, peer, chunk, repository):
         self.asked.append(peer)
-        await trio.lowlevel.checkpoint()
-        outcome = self.script.pop(0) if self.script else "ok"
-        data = bytearray(self.raw[chunk.offset : chunk.offset + chunk.stored_size])
-        if outcome == "refused":
-            raise UnreachableError(f"cannot connect to {peer}")
-        if outcome == "stall":
-            await trio.sleep_forever()
-        if outcome == "corrupt":
-            data[0] ^= 0xFF
-        return data
+        return await peer_answer(self.raw, chunk, peer, self.script.pop(0) if self.script else "ok")
 
 
 PIECES = [os.urandom(5000), b"a" * 7000, os.urandom(3000)]
