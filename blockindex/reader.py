@@ -12,6 +12,7 @@ bare ``sqlite3`` exception.
 
 from __future__ import annotations
 
+import collections
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -44,6 +45,14 @@ from .format import (
 
 _INODE_COLS = "ino, mode, uid, gid, size, mtime_ns, nlink, rdev"
 _BLOB_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+_MEMO_FILES = 256
+"""Files whose inode and chunk rows a reader keeps in memory (``chunks``): a file read
+in 128 KiB requests asks for the same rows eight times per 1 MiB chunk."""
+_UNREAD: dict[int, Chunk] = {}
+"""The chunk rows of a remembered file whose chunks were not asked for yet."""
+_MEMO_CHUNKS = 64
+"""Chunk rows of one file remembered whole; a longer file's are asked for each read."""
 
 def _inode(row: tuple) -> Inode:
     return Inode._make(row)
@@ -92,6 +101,9 @@ class IndexReader:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise IndexFormatError(f"{self.path}: a meta entry that is not text")
         self.meta: dict[str, str] = meta
+        self._memo: collections.OrderedDict[InodeT, tuple[Inode, dict[int, Chunk] | None]] = \
+            collections.OrderedDict()
+        """Recently read files: ``(inode, {chunk idx: Chunk})`` (None: too many to keep)."""
         self._totals: dict[str, int] | None = None
         self._blobs: dict[int, Blob] = {}
         for blob_id, digest, size in self._q("SELECT id, digest, size FROM blobs"):
@@ -198,10 +210,17 @@ class IndexReader:
     # -- the tree ---------------------------------------------------------------------
 
     def attr(self, ino: InodeT) -> Inode:
+        """The inode ``ino`` (remembered, as its chunks are, for the files asked of last:
+        a file is opened, then read)."""
+        memo = self._memo.get(ino)
+        if memo is not None:
+            return memo[0]
         row = self._one(f"SELECT {_INODE_COLS} FROM inodes WHERE ino = ?", (ino,))
         if row is None:
             raise KeyError(ino)
-        return _inode(row)
+        node = _inode(row)
+        self._keep(ino, (node, _UNREAD))
+        return node
 
     def lookup(self, parent: InodeT, name: bytes) -> Inode | None:
         """The inode named ``name`` in directory ``parent``, or None."""
@@ -268,14 +287,48 @@ class IndexReader:
 
     def chunks(self, ino: InodeT, offset: int, size: int) -> list[Span]:
         """The spans that make up bytes ``[offset, offset + size)`` of file ``ino``,
-        clipped to its size; holes come back with ``chunk=None``."""
-        file_size = self.attr(ino).size
+        clipped to its size; holes come back with ``chunk=None``.
+
+        The rows of the last ``_MEMO_FILES`` files read are kept (an index never
+        changes): a read of a file read before costs no query."""
+        memo = self._memo.get(ino)
+        if memo is None or memo[1] is _UNREAD:
+            memo = self._remember(ino)
+        else:
+            try:
+                self._memo.move_to_end(ino)
+            except KeyError:  # dropped meanwhile by a reader in another thread
+                pass
+        file_size, rows = memo[0].size, memo[1]
         end = min(offset + size, file_size)
         if offset >= end:
             return []
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        stored = {
+        stored = rows if rows is not None else self._extents(ino, first, last)
+        spans = []
+        for idx in range(first, last + 1):
+            lo, hi = max(offset, idx * cs), min(end, (idx + 1) * cs)
+            spans.append(Span(lo, hi - lo, stored.get(idx), lo - idx * cs))
+        return spans
+
+    def _remember(self, ino: InodeT) -> tuple[Inode, dict[int, Chunk] | None]:
+        node = self.attr(ino)
+        count = -(-node.size // self.chunk_size)
+        memo = (node, self._extents(ino, 0, count - 1) if count <= _MEMO_CHUNKS else None)
+        self._keep(ino, memo)
+        return memo
+
+    def _keep(self, ino: InodeT, memo: tuple[Inode, dict[int, Chunk] | None]) -> None:
+        self._memo[ino] = memo
+        while len(self._memo) > _MEMO_FILES:
+            try:
+                self._memo.popitem(last=False)
+            except KeyError:
+                break
+
+    def _extents(self, ino: InodeT, first: int, last: int) -> dict[int, Chunk]:
+        return {
             row[0]: self._chunk(row[1:])
             for row in self._q(
                 "SELECT e.idx, c.digest, c.blob, c.offset, c.stored_size, c.size, c.codec "
@@ -284,11 +337,6 @@ class IndexReader:
                 (ino, first, last),
             )
         }
-        spans = []
-        for idx in range(first, last + 1):
-            lo, hi = max(offset, idx * cs), min(end, (idx + 1) * cs)
-            spans.append(Span(lo, hi - lo, stored.get(idx), lo - idx * cs))
-        return spans
 
     def all_chunks(self) -> Iterator[Chunk]:
         """Every stored chunk once, in blob order (the order a prefetch wants)."""

@@ -48,7 +48,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .atomic import sweep_dead_temps, write_atomic
@@ -72,6 +72,10 @@ _HEADS_KEPT = 1 << 15
 
 TOUCH_AFTER = 600.0
 """Seconds after which reading an entry moves its mtime (its LRU position) forward."""
+
+STREAM_READ = 64 << 10
+"""A read of an entry from disk at least this big brings the rest of the entry in with it
+(random small reads bring only their blocks)."""
 
 _ROOM_MARGIN = 256 << 10
 """Free bytes a full disk must show beyond one entry before writes are tried again."""
@@ -214,6 +218,12 @@ class ChunkStore:
                 if known is None and hi <= len(head):
                     data = memoryview(head)[lo:hi]
                 else:
+                    if not nowait and hi - lo >= STREAM_READ:
+                        # A big read of an entry not in the page cache is a file being read
+                        # through: ask for the rest of the entry in the same disk request,
+                        # so the next reads find it (each read opens the entry anew, which
+                        # leaves the kernel no readahead state to go on)
+                        os.posix_fadvise(fd, lo, 0, os.POSIX_FADV_WILLNEED)
                     data = memoryview(self._pread(fd, hi - lo, lo, nowait))
                     if len(data) < hi - lo and nowait:
                         raise BlockingIOError(errno.EAGAIN, "read in part")
@@ -238,6 +248,25 @@ class ChunkStore:
         self._touched.add(digest)
         skip = offset - first * block
         return data[skip : skip + end - offset]
+
+    def will_need(self, digests: Iterable[bytes]) -> int:
+        """Ask the disk for the entries of ``digests`` (``POSIX_FADV_WILLNEED``: the
+        kernel reads them into the page cache in the background); blocking only for the
+        opens. Missing entries are skipped. Returns how many were asked for."""
+        asked = 0
+        for digest in digests:
+            try:
+                fd = os.open(self._entry(digest), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                asked += 1
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return asked
 
     def _pread(self, fd: int, n: int, at: int, nowait: bool) -> bytes | bytearray:
         if not nowait:

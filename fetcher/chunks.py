@@ -35,6 +35,7 @@ from cache.store import ChunkStore
 
 from .amplify import Amplifier
 from .config import FetchConfig, FetchStats
+from .diskahead import DiskAhead
 from .errors import DeadlineError, FetchError, UnreachableError
 from .gate import DemandGate
 from .inflight import InFlight, Pending, Underway
@@ -89,6 +90,9 @@ class ChunkFetcher:
         self._amplifier = (Amplifier(neighbours, largest=min(config.amplify, config.max_request))
                            if neighbours is not None and config.amplify > 0 and peers is None else None)
         """What a demand miss fetches along: the chunks after it in its blob."""
+        self._disk_ahead = (DiskAhead(store, neighbours) if store is not None and neighbours is not None
+                            else None)
+        """What a read from the node cache that waits for the disk asks the disk for along."""
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
                   use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
@@ -125,7 +129,8 @@ class ChunkFetcher:
         few blocks costs less than waiting for another reader's."""
         if self._store is None:
             return None
-        return await self._verifier.cached_range(self._store, c, offset, size)
+        return await self._verifier.cached_range(
+            self._store, c, offset, size, on_disk=self._disk_ahead.cold if self._disk_ahead else None)
 
     async def _cached(self, c: Chunk) -> memoryview | None:
         assert self._store is not None

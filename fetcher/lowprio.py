@@ -67,6 +67,11 @@ class LowPriorityThreads:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
 
+    def submit(self, fn: Callable[..., object], *args: Any) -> None:
+        """``fn(*args)`` in one of the threads, some time; nobody waits for it, and what it
+        raises is logged."""
+        self._submit((lambda: fn(*args), _log_failure))
+
     def _submit(self, job: _Job) -> None:
         with self._lock:
             start = self._started < self._max
@@ -83,6 +88,11 @@ class LowPriorityThreads:
         while True:
             fn, done = self._jobs.get()
             done(outcome.capture(fn))
+
+
+def _log_failure(result: outcome.Outcome) -> None:
+    if isinstance(result, outcome.Error):
+        log.warning("background job failed: %r", result.error)
 
 
 BACKGROUND = LowPriorityThreads()

@@ -138,17 +138,21 @@ class Verifier:
             return await trio.to_thread.run_sync(load_cached, store, c, limiter=self._disk)
         return load_cached(store, c)
 
-    async def cached_range(self, store: ChunkStore, c: Chunk, offset: int,
-                           size: int) -> bytes | memoryview | None:
+    async def cached_range(self, store: ChunkStore, c: Chunk, offset: int, size: int, *,
+                           on_disk: Callable[[Chunk, int], object] | None = None
+                           ) -> bytes | memoryview | None:
         """Bytes ``[offset, offset + size)`` of ``c`` from the node cache alone
         (``ChunkStore.read_range``: the blocks they touch, checked), or None if it lacks
         the chunk. On the trio loop when the bytes are in the page cache and the read is
-        small; otherwise in a worker thread, so that a disk wait never holds the loop."""
+        small; otherwise in a worker thread, so that a disk wait never holds the loop
+        (``on_disk(c, offset)`` is told first)."""
         if size <= self.thread_above:
             try:
                 return store.read_range(c.digest, offset, size, nowait=True)
             except BlockingIOError:
                 pass
+        if on_disk is not None:
+            on_disk(c, offset)
         return await trio.to_thread.run_sync(store.read_range, c.digest, offset, size, limiter=self._disk)
 
     async def range(self, rng: Range, data: bytes | bytearray | memoryview, store: ChunkStore | None = None,
