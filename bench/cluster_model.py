@@ -29,8 +29,7 @@ What is modelled (``Params`` has every number, its default and why), following
 - ``tree`` > 0: a node asks its parent in a ``tree``-ary tree over the piece's
   rendezvous order first (the owner at the root), as DADI and FaaSNet do.
 
-The command line, the scenarios, the calibration against ``peers_bench`` and the
-comparison with DADI and FaaSNet are ``bench/cluster_report.py`` (``main``).
+The command line, scenarios, calibration and comparisons: ``bench/cluster_report.py``.
 """
 
 from __future__ import annotations

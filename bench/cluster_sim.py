@@ -71,7 +71,7 @@ class Sim:
             t = min(next_event, next_flow)
             if t == math.inf or t > until:
                 return
-            self.now = max(self.now, t)
+            self.now = max(self.now, float(t))
             if next_flow <= next_event:
                 net.complete_due()
             else:
