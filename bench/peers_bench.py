@@ -284,6 +284,8 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
         "origin_sent_bytes": counted["sent_bytes"],
         "peer_bytes": from_peers,
         "stored_bytes": statuses[0]["image"]["stored_bytes"],
+        "chunks": statuses[0]["image"]["chunks"],
+        "origin_requests": counted["requests"],
     }
 
 
@@ -313,7 +315,8 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
         log(f"failed: mount logs and caches kept in {work}")
         raise
     shutil.rmtree(work, ignore_errors=True)
-    stored = next(iter(raw["peers"][counts[0]]))["stored_bytes"]
+    first = next(iter(raw["peers"][counts[0]]))
+    stored = first["stored_bytes"]
     results: dict[str, Any] = {}
     for mode in MODES:
         results[mode] = {}
@@ -326,6 +329,7 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
                 "mounted_s": stats([x["mounted_s"] for x in rs]),
                 "origin_bytes": origin,
                 "origin_sent_bytes": stats([float(x["origin_sent_bytes"]) for x in rs]),
+                "origin_requests": stats([float(x["origin_requests"]) for x in rs]),
                 "peer_bytes": stats([float(x["peer_bytes"]) for x in rs]),
                 "origin_vs_image": origin["median"] / stored,
             }
@@ -347,6 +351,7 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
         "params": {"quick": quick, "runs": runs, "nodes": list(counts), "origin_delay": origin_delay,
                    "origin_mibps": origin_mibps,
                    "image": repo, "image_stored_bytes": stored,
+                   "image_chunks": first["chunks"],  # for bench/cluster_model.py --calibrate
                    "program": "read every file" if quick else f"chroot MNT {PYTHON} -c {PROGRAM!r}"},
         "results": results,
         "ratios": ratios,

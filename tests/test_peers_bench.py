@@ -28,6 +28,7 @@ def test_quick_peers_benchmark_reports_every_figure_and_draws_the_plot(tmp_path)
     assert out["params"]["nodes"] == [1, 2]
     stored = out["params"]["image_stored_bytes"]
     assert stored > 0
+    assert out["params"]["image_chunks"] > 0  # what bench/cluster_model.py --calibrate reads
     for mode in ("peers", "no_peers"):
         for n in ("1", "2"):
             r = out["results"][mode][n]
@@ -42,6 +43,7 @@ def test_quick_peers_benchmark_reports_every_figure_and_draws_the_plot(tmp_path)
     assert out["results"]["peers"]["2"]["origin_bytes"]["median"] <= 1.5 * stored
     assert out["results"]["no_peers"]["2"]["origin_bytes"]["median"] >= 1.9 * stored
     assert out["results"]["peers"]["2"]["peer_bytes"]["median"] > 0
+    assert out["results"]["no_peers"]["2"]["origin_requests"]["median"] > 0
     png = tmp_path / out["plot"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert str(tmp_path / "peers.json") in done.stdout
