@@ -47,7 +47,7 @@ async def _route(tmp_path: Path, answer: bytes | None) -> tuple[str, list[float]
 
     async def origin(path: Path) -> None:
         asked.append(trio.current_time())
-        path.write_bytes(DATA)
+        await trio.Path(path).write_bytes(DATA)
 
     async with trio.open_nursery() as nursery:
         peer = await _peer(nursery, answer)
