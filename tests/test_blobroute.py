@@ -21,15 +21,16 @@ DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()
 
 
 async def _peer(nursery: trio.Nursery, answer: bytes | None) -> str:
-    """A peer that reads a request head and sends ``answer`` (None: nothing, ever)."""
+    """A peer that reads a request head, sends ``answer`` (None: nothing) and keeps the
+    connection open."""
 
     async def handle(stream: trio.SocketStream) -> None:
         buf = b""
         while b"\r\n\r\n" not in buf:
             buf += await stream.receive_some(65536)
-        if answer is None:
-            await trio.sleep_forever()
-        await stream.send_all(answer)
+        if answer is not None:
+            await stream.send_all(answer)
+        await trio.sleep_forever()  # the connection stays open: only the deadline ends it
 
     [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
     nursery.start_soon(trio.serve_listeners, handle, [listener])
