@@ -2,16 +2,19 @@
 and without peers.
 
 Each node is a ``lazyfs mount`` (background, prefetch on) with its own cache directory on
-loopback; with peers, each also serves its cache (``--listen``) and all share one peers
-file and token. All nodes are started at the same moment; as soon as a node's mount is
+loopback; with peers, each node's cache is served by its own ``lazyfs peer`` (started
+before the clock, as on a containerd node), the mount names it with ``--advertise``, and
+all share one peers file and token. All nodes are started at the same moment; as soon as a node's mount is
 there, it runs the program (``chroot MNT python3 -c 'import json, sqlite3, ssl'`` on the
 python image; in quick mode, reading every file of a tiny image). Measured per run:
 
     program_s         start to the moment every node's program has finished
     cache_complete_s  start to the moment every node's cache holds the whole image
-    origin_bytes      chunk bytes the origin sent (the sum of the ranges it answered;
-                      each node also fetches the manifest and the index, which are in
-                      ``origin_sent_bytes``, everything the proxy passed on)
+    origin_bytes      chunk bytes the origin sent (the sum of the ranges it answered)
+    origin_sent_bytes everything the proxy passed on (manifests, indexes, heads too)
+    origin_vs_one_node  origin_sent_bytes against what one node needs (its manifest, index
+                      and every chunk): with peers the goal is at most 1.05x
+    origin_index_gets whole-blob GETs at the origin (the index: one per cluster with peers)
 
 The origin (``lazyfs serve``'s server) sits behind a counting proxy that caps what it
 sends at ``--origin-mibps`` (25 MiB/s, about 200 Mbit/s, by default) for all nodes
@@ -25,6 +28,7 @@ beside it).
     python3 bench/peers_bench.py                 # 1, 2, 4, 8 nodes, 3 runs, python image
     python3 bench/peers_bench.py --quick         # 1 and 2 nodes, 1 run, tiny image (CI)
     python3 bench/peers_bench.py --out DIR --runs 5 --origin-delay 0.005
+    python3 bench/peers_bench.py --nodes 2,4 --runs 1
 
 ``run(quick, outdir)`` is the entry point for the benchmark suite. Needs root (FUSE,
 chroot). Everything is on loopback; ``--origin-delay`` adds a per-response delay to stand
@@ -139,13 +143,17 @@ def serve_origin(root: Path, delay: float, rate: float) -> None:
     proxy = CappedProxy(server.port, rate)
     print(proxy.port, flush=True)
     signal.sigwait({signal.SIGTERM})
-    ranges = 0
-    for _method, path, rng, status in list(server.requests):
+    ranges = whole = indexes = 0
+    for method, path, rng, status in list(server.requests):
         if "/blobs/" in path and rng and status == 206:
             first, last = rng.removeprefix("bytes=").split("-")
             ranges += int(last) - int(first) + 1
-    print(json.dumps({"range_bytes": ranges, "sent_bytes": proxy.sent, "requests": len(server.requests)}),
-          flush=True)
+        elif "/blobs/sha256:" in path and method == "GET" and status == 200:
+            hexd = path.rsplit(":", 1)[1]
+            whole += next(root.glob(f"*/blobs/sha256/{hexd}")).stat().st_size
+            indexes += 1
+    print(json.dumps({"range_bytes": ranges, "whole_blob_bytes": whole, "whole_blobs": indexes,
+                      "sent_bytes": proxy.sent, "requests": len(server.requests)}), flush=True)
     os._exit(0)  # proxy threads may sit in recv on idle keep-alive connections
 
 
@@ -223,9 +231,18 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
     token_file.write_text(TOKEN + "\n")
     mnts = [run_dir / f"mnt{i}" for i in range(n)]
     pids: dict[Path, int] = {}
+    daemons: list[subprocess.Popen[bytes]] = []
     try:
         for m in mnts:
             m.mkdir()
+        if peers:  # each node's `lazyfs peer` runs before the image is started, as a daemon does
+            for i, port in enumerate(ports):
+                daemons.append(subprocess.Popen(
+                    [sys.executable, "-m", "lazyfs", "peer", "--cache", str(run_dir / f"cache{i}"),
+                     "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file)],
+                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for port in ports:
+                wait_listening(port)
 
         def node(i: int) -> tuple[float, float]:
             """(mounted, program done) in seconds from the start."""
@@ -233,7 +250,7 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
                     str(mnts[i]), "--cache", str(run_dir / f"cache{i}"), "--timeout", "60",
                     "--log-file", str(run_dir / f"node{i}.log")]
             if peers:
-                args += ["--peers-file", str(peers_file), "--listen", f"127.0.0.1:{ports[i]}",
+                args += ["--peers-file", str(peers_file), "--advertise", f"http://127.0.0.1:{ports[i]}",
                          "--token-file", str(token_file)]
             done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
@@ -270,6 +287,9 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
             subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
         for pid in pids.values():
             wait_gone(pid, 10, kill=True)
+        for d in daemons:
+            d.terminate()
+            d.wait(timeout=30)
         try:
             counted = origin.stop()
         finally:
@@ -282,6 +302,8 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
         "cache_complete_s": max(complete.values()),
         "origin_bytes": counted["range_bytes"],
         "origin_sent_bytes": counted["sent_bytes"],
+        "origin_body_bytes": counted["range_bytes"] + counted["whole_blob_bytes"],
+        "origin_index_gets": counted["whole_blobs"],
         "peer_bytes": from_peers,
         "stored_bytes": statuses[0]["image"]["stored_bytes"],
         "chunks": statuses[0]["image"]["chunks"],
@@ -291,15 +313,46 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
 
 # -- the whole benchmark ---------------------------------------------------------------------------
 
+GOAL = 1.05
+"""With peers, the origin should send a cluster at most this many times one node's need."""
+
+
+def one_node_needs(images: Path, repo: str) -> int:
+    """What one node takes from the origin: the manifest, the index and every chunk."""
+    from blockindex.oci import Layout
+
+    layout = Layout(images / repo)
+    desc = layout.resolve("1")
+    manifest = json.loads(layout.read_blob(desc["digest"]))
+    index = manifest["layers"][0]
+    from blockindex.reader import IndexReader
+
+    reader = IndexReader(layout.blob_path(index["digest"]))
+    try:
+        chunks = reader.totals()["stored_bytes"]
+    finally:
+        reader.close()
+    return int(desc["size"]) + int(index["size"]) + int(chunks)
+
+
+def wait_listening(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"lazyfs peer on port {port} did not listen within {timeout:g} s")
+
 def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: float = 0.0,
-        origin_mibps: float = ORIGIN_MIBPS) -> dict[str, Any]:
+        origin_mibps: float = ORIGIN_MIBPS, nodes: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Measure, write ``outdir/peers.json`` and ``outdir/peers.png``; return the results."""
     outdir.mkdir(parents=True, exist_ok=True)
-    counts = (1, 2) if quick else (1, 2, 4, 8)
+    counts = nodes or ((1, 2) if quick else (1, 2, 4, 8))
     runs = runs or (1 if quick else 3)
     work = Path(tempfile.mkdtemp(prefix="lazyfs-peers-bench-"))
     try:
         images, repo = prepare_image(quick, work)
+        need = one_node_needs(images, repo)
         raw: dict[str, dict[int, list[dict[str, Any]]]] = {m: {n: [] for n in counts} for m in MODES}
         for r in range(runs):
             for n in counts:
@@ -332,6 +385,10 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
                 "origin_requests": stats([float(x["origin_requests"]) for x in rs]),
                 "peer_bytes": stats([float(x["peer_bytes"]) for x in rs]),
                 "origin_vs_image": origin["median"] / stored,
+                "origin_body_bytes": stats([float(x["origin_body_bytes"]) for x in rs]),
+                "origin_index_gets": stats([float(x["origin_index_gets"]) for x in rs]),
+                # everything the origin sent (heads included) against one node's need
+                "origin_vs_one_node": stats([x["origin_sent_bytes"] / need for x in rs]),
             }
     ratios = {}
     for n in counts:
@@ -350,7 +407,8 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
                     "python": platform.python_version()},
         "params": {"quick": quick, "runs": runs, "nodes": list(counts), "origin_delay": origin_delay,
                    "origin_mibps": origin_mibps,
-                   "image": repo, "image_stored_bytes": stored,
+                   "image": repo, "image_stored_bytes": stored, "one_node_needs_bytes": need,
+                   "goal_origin_vs_one_node": GOAL,
                    "image_chunks": first["chunks"],  # for bench/cluster_model.py --calibrate
                    "program": "read every file" if quick else f"chroot MNT {PYTHON} -c {PROGRAM!r}"},
         "results": results,
@@ -411,6 +469,8 @@ def main() -> int:
     parser.add_argument("--origin-mibps", type=float, default=ORIGIN_MIBPS,
                         help=f"the origin's bandwidth, shared by all nodes (default {ORIGIN_MIBPS:g} MiB/s; "
                              "0: uncapped)")
+    parser.add_argument("--nodes", type=lambda v: tuple(int(x) for x in v.split(",")),
+                        help="node counts, e.g. 2,4 (default 1,2,4,8; 1,2 with --quick)")
     parser.add_argument("--serve-origin", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_origin:
@@ -419,13 +479,18 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on ^C: unmount everything
     outdir = args.out or ROOT / "bench" / "results" / dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
     out = run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay,
-              origin_mibps=args.origin_mibps)
-    print(f"{'nodes':>5} {'mode':>9} {'program s':>10} {'complete s':>11} {'origin MiB':>11}")
+              origin_mibps=args.origin_mibps, nodes=args.nodes)
+    print(f"{'nodes':>5} {'mode':>9} {'program s':>10} {'complete s':>11} {'origin MiB':>11} "
+          f"{'x one node':>11} {'index GETs':>11}")
     for n in out["params"]["nodes"]:
         for mode in MODES:
             r = out["results"][mode][str(n)]
+            sent = r["origin_sent_bytes"]["median"] / 2**20
             print(f"{n:>5} {mode:>9} {r['program_s']['median']:>10.2f} "
-                  f"{r['cache_complete_s']['median']:>11.2f} {r['origin_bytes']['median'] / 2**20:>11.1f}")
+                  f"{r['cache_complete_s']['median']:>11.2f} {sent:>11.2f} "
+                  f"{r['origin_vs_one_node']['median']:>11.3f} {r['origin_index_gets']['median']:>11.0f}")
+    print(f"one node needs {out['params']['one_node_needs_bytes'] / 2**20:.2f} MiB; goal with peers: "
+          f"at most {GOAL}x")
     print(f"wrote {outdir / 'peers.json'} and {outdir / 'peers.png'}")
     return 0
 

@@ -22,12 +22,12 @@ import dataclasses
 import logging
 import math
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import trio
 
-from .errors import DeadlineError, ServerError, UnreachableError
+from .errors import DeadlineError, IntegrityError, ServerError, UnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,64 @@ class RangeClient:
         when that length is over ``max_size`` (nothing of the body is read), otherwise
         as ``get_range``."""
         return await self._get(path, None, max_size, headers or {}, False, deadline)
+
+    async def download(self, path: str, size: int, write: Callable[[memoryview], Awaitable[object]],
+                       headers: dict[str, str] | None = None, *, deadline: float) -> None:
+        """Pass the body of ``GET path``, a 200 of exactly ``size`` bytes, to ``write``
+        piece by piece as it arrives (memory: one piece, whatever the size). The head may
+        take until ``deadline`` (the server may fetch the content first); each later wait
+        ``timeout``. ``IntegrityError`` for a body announced at another size, otherwise
+        the errors of ``get_range``."""
+        conn = await self._connect(deadline)
+        conn.deadline = deadline
+        reusable = False
+        try:
+            reusable = await self._stream(conn, path, size, write, headers or {})
+        finally:
+            if reusable and len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+            else:
+                conn.sock.close()
+
+    async def _stream(self, conn: _Conn, path: str, size: int,
+                      write: Callable[[memoryview], Awaitable[object]], headers: dict[str, str]) -> bool:
+        lines = [f"GET {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Accept-Encoding: identity"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        conn.timeout = math.inf  # until the head: only the request's deadline
+        try:
+            await conn.wait(_send_all(conn.sock, request), "room to send the request")
+            status, resp_headers, rest = await self._read_head(conn)
+        except OSError as exc:
+            raise ServerError(f"{self.host}:{self.port}: connection dropped before the "
+                              f"answer: {exc.strerror or exc}") from exc
+        finally:
+            conn.timeout = self._timeout
+        clen = resp_headers.get("content-length")
+        if status != 200 or clen is None or "transfer-encoding" in resp_headers:
+            raise UnexpectedResponse(status, resp_headers)
+        if clen != str(size):
+            raise IntegrityError(f"{self.host}:{self.port}{path}: announced {clen[:40]!r} bytes, "
+                                 f"not the {size} its descriptor declares")
+        if len(rest) > size:
+            raise ServerError(f"{self.host}:{self.port}{path}: more bytes than announced")
+        if rest:
+            await write(memoryview(rest))
+        pos = len(rest)
+        buf = memoryview(bytearray(min(_RECV_STEP, max(size - pos, 1))))
+        try:
+            while pos < size:
+                got = await conn.wait(conn.sock.recv_into(buf, min(size - pos, len(buf))),
+                                      f"body bytes after {pos} of {size}")
+                if not got:
+                    raise ServerError(f"{self.host}:{self.port}{path}: connection closed after "
+                                      f"{pos} of {size} body bytes")
+                await write(buf[:got])
+                pos += got
+        except OSError as exc:
+            raise ServerError(f"{self.host}:{self.port}{path}: connection dropped after {pos} "
+                              f"of {size} body bytes: {exc.strerror or exc}") from exc
+        return resp_headers.get("connection", "").lower() != "close"
 
     async def _get(self, path: str, offset: int | None, length: int, headers: dict[str, str],
                    whole_ok: bool, deadline: float) -> bytearray:

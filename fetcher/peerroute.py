@@ -130,7 +130,7 @@ class PeerRoute:
             plain = await self._verifier.chunk(c, payload)
         except ChunkDecodeError as exc:
             self._stats.peer_integrity_failures += 1
-            tier.peers.mark_bad(peer, c, exc)
+            tier.peers.mark_bad(peer, f"chunk {c.hexdigest}", exc)
             raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}").about(
                 chunk=c.hexdigest, blob=c.blob.digest, source=f"peer {peer}") from exc
         tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)

@@ -7,7 +7,9 @@
     PeerSet                     the peer list (re-read from the peers file when it
                                 changes), which peers to avoid for now, bytes per peer
     PeerClient                  GET /v1/chunks/<blake3 hex> with the cluster token; also
-                                GET /v1/traces/sha256:<hex>, an image's prefetch trace
+                                GET /v1/traces/sha256:<hex>, an image's prefetch trace,
+                                and GET /v1/blobs/sha256:<hex>, a whole blob (an index)
+                                streamed to disk and checked against its digest
 
 A chunk's attempts (``fetcher.race``) are its owner, the next owner in rendezvous order,
 then the origin.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -43,11 +46,12 @@ import trio
 import xxhash
 
 from blockindex.format import Chunk
+from cache.atomic import temp_path
 
 from .address import parse_url
-from .errors import AuthError, FetchError, NotFoundError, ServerError
+from .errors import AuthError, FetchError, IntegrityError, NotFoundError, ServerError
 from .http1 import RangeClient, UnexpectedResponse
-from .peerwire import NODE_HEADER, TRACE_PATH, authorization, chunk_target, normalize_url
+from .peerwire import NODE_HEADER, TRACE_PATH, authorization, blob_target, chunk_target, normalize_url
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +143,15 @@ class PeerSet:
     straight to the origin."""
 
     def __init__(self, peers: Sequence[str] = (), *, self_url: str | None = None,
-                 config: PeerConfig = PeerConfig(), clock: Callable[[], float] = time.monotonic) -> None:
+                 config: PeerConfig = PeerConfig(), clock: Callable[[], float] = time.monotonic,
+                 served_elsewhere: bool = False) -> None:
         self.config = config
         self.self_url = normalize_url(self_url) if self_url else None
+        self.served_elsewhere = served_elsewhere
+        """``self_url`` is served by another process of this node (its ``lazyfs peer``):
+        what this node would fetch from the origin as a chunk's owner or next owner, it
+        asks there, so that the node fetches it once (that process's in-flight map)
+        however many of its mounts and other nodes want it at once."""
         self._clock = clock
         self.peers: list[str] = []
         self.health: dict[str, PeerHealth] = {}
@@ -158,13 +168,18 @@ class PeerSet:
     def owners(self, digest: bytes, limit: int = 2) -> list[str]:
         """The peers to ask for ``digest`` before the origin, in order: its owner and the
         next owners in rendezvous order (at most ``limit``), skipping peers being avoided
-        and stopping at this node, which fetches what it owns from the origin itself.
+        and stopping at this node, which fetches what it owns from the origin itself (or,
+        ``served_elsewhere``, through its node's ``lazyfs peer``, the last one asked).
         Every node computes the same list, so a failed owner's chunks all go to one next
         owner, which asks the origin once for the whole cluster."""
         now = self._clock()
         out: list[str] = []
         for p in rendezvous(digest, self.peers):
-            if self._is_self(p) or len(out) == limit:
+            if len(out) == limit:
+                break
+            if self._is_self(p):
+                if self.served_elsewhere and self.health[p].avoid_until <= now:
+                    out.append(p)
                 break
             if self.health[p].avoid_until <= now:
                 out.append(p)
@@ -196,6 +211,10 @@ class PeerSet:
                         peer, self.self_url or "not set")
             self._also_self.add(peer)
             self.self_url = self.self_url or peer
+
+    def is_self(self, peer: str) -> bool:
+        """Whether ``peer`` is this node."""
+        return self._is_self(peer)
 
     def _is_self(self, peer: str) -> bool:
         return peer == self.self_url or peer in self._also_self
@@ -234,12 +253,20 @@ class PeerSet:
         level = logging.WARNING if h.failures == 1 else logging.DEBUG
         log.log(level, "peer %s: %s; skipping it for %.1fs", peer, reason, pause)
 
-    def mark_bad(self, peer: str, chunk: Chunk, reason: object) -> None:
+    def mark_sent(self, peer: str, nbytes: int) -> None:
+        """``peer`` sent a whole blob that passed its check (its time says nothing of a
+        chunk's latency, so the hedge delay does not learn from it)."""
+        h = self.health[peer]
+        h.failures = 0
+        h.bytes += nbytes
+
+    def mark_bad(self, peer: str, what: str, reason: object) -> None:
+        """``peer`` sent wrong bytes for ``what`` (``chunk <hex>``, ``blob <digest>``)."""
         h = self.health[peer]
         h.bad_chunks += 1
         h.avoid_until = self._clock() + self.config.bad_peer_penalty
-        log.error("peer %s sent wrong bytes for chunk %s (%s); avoiding it for %gs",
-                  peer, chunk.hexdigest, reason, self.config.bad_peer_penalty)
+        log.error("peer %s sent wrong bytes for %s (%s); avoiding it for %gs",
+                  peer, what, reason, self.config.bad_peer_penalty)
 
     def stats(self) -> dict[str, PeerStats]:
         now = self._clock()
@@ -333,6 +360,33 @@ class PeerClient:
             if exc.status == 404:
                 raise NotFoundError(f"peer {peer} has no trace of {manifest} (404)") from None
             raise _refusal(peer, exc.status, " for a trace") from None
+
+    async def download_blob(self, peer: str, digest: str, size: int, path: Path,
+                            repository: str | None, *, deadline: float) -> None:
+        """Stream blob ``digest`` (``size`` bytes, as its descriptor declares) from ``peer``
+        into ``path``, written whole or not at all once it matches its digest
+        (``IntegrityError`` if it does not: a peer that lies). ``repository`` lets a peer
+        that lacks it fetch it from the origin; ``deadline`` (trio's clock) ends it all."""
+        tmp = trio.Path(temp_path(path))
+        hasher = hashlib.sha256()
+        try:
+            async with await trio.open_file(tmp, "wb") as f:
+                async def write(piece: memoryview) -> None:
+                    hasher.update(piece)
+                    await f.write(piece)
+                try:
+                    await self._client(peer).download(blob_target(digest, size, repository), size,
+                                                      write, self._auth, deadline=deadline)
+                except UnexpectedResponse as exc:
+                    if exc.status == 404:
+                        raise ServerError(f"peer {peer} has no blob {digest} (404)") from None
+                    raise _refusal(peer, exc.status, f" for blob {digest}") from None
+            if f"sha256:{hasher.hexdigest()}" != digest:
+                raise IntegrityError(f"peer {peer} sent a blob that does not match its digest {digest}")
+            await tmp.rename(path)
+        finally:
+            if await tmp.exists():
+                await tmp.unlink()
 
     async def aclose(self) -> None:
         for c in self._clients.values():

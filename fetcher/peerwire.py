@@ -4,6 +4,7 @@ statuses).
 
     GET /v1/chunks/<blake3 hex>[?blob=&offset=&stored=&size=&codec=&repo=]
     GET /v1/traces/sha256:<manifest hex>
+    GET /v1/blobs/sha256:<hex>?size=&repo=         a whole blob (an image's index)
         Authorization: Bearer <cluster token>
         X-Lazyfs-Node: <the asking process's random id>
     an answer with a chunk carries X-Lazyfs-Codec and X-Lazyfs-Size
@@ -23,6 +24,9 @@ from .imageref import is_digest
 CHUNK_PATH = "/v1/chunks/"
 TRACE_PATH = "/v1/traces/"
 """``GET /v1/traces/sha256:<hex>``: the learned prefetch trace a peer keeps for an image."""
+BLOB_PATH = "/v1/blobs/"
+"""``GET /v1/blobs/sha256:<hex>?size=N&repo=R``: a whole blob the node keeps (an image's
+index), fetched from repository ``R`` of the origin first if it lacks it."""
 NODE_HEADER = "X-Lazyfs-Node"
 """Sent with every peer request: the asking process's random id (see ``PeerClient``)."""
 CODEC_HEADER = "X-Lazyfs-Codec"
@@ -66,6 +70,26 @@ def parse_chunk_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, st
             or codec not in CODECS:
         raise ValueError("a field out of range")
     return Chunk(digest, Blob(0, blob, 0), offset, stored, size, codec), q.get("repo")
+
+
+def blob_target(digest: str, size: int, repository: str | None) -> str:
+    """The request target for the ``size``-byte blob ``digest``; with ``repository``, an
+    owner that lacks it fetches it from the origin."""
+    query = {"size": size, **({"repo": repository} if repository else {})}
+    return f"{BLOB_PATH}{digest}?{urlencode(query)}"
+
+
+def parse_blob_target(path: str, query: str, max_size: int) -> tuple[str, int | None, str | None]:
+    """The digest, size and ``registry/repo`` a ``blob_target`` names (size and repository
+    None when absent). ValueError for a malformed one, or a size over ``max_size``."""
+    digest = path[len(BLOB_PATH):]
+    if not digest.startswith("sha256:") or not is_digest(digest):
+        raise ValueError("expected /v1/blobs/sha256:<64 hex digits>")
+    q = {k: v[0] for k, v in parse_qs(query).items()}
+    size = q.get("size")
+    if size is not None and not (size.isdigit() and 0 < int(size) <= max_size):
+        raise ValueError(f"size out of range (1-{max_size})")
+    return digest, None if size is None else int(size), q.get("repo")
 
 
 def normalize_url(url: str) -> str:

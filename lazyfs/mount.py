@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
 
-from blockindex import format as fmt
 from blockindex.checks import CHECK_RULES
-from blockindex.errors import ImageError
-from blockindex.oci import check_digest
 from blockindex.reader import IndexReader
 from cache import pins
 from cache.errors import CacheError
@@ -35,21 +31,18 @@ from cache.store import ChunkStore
 from cache.trace import DEFAULT_WINDOW
 from fetcher.chunks import ChunkFetcher
 from fetcher.config import FetchConfig
-from fetcher.errors import DeadlineError, FetchError, UnreachableError
 from fetcher.imageref import ImageRef
-from fetcher.manifests import resolve_image_manifest
-from fetcher.mirrors import MirroredClient
 from fetcher.options import RegistryOptions
 from fetcher.peers import PeerClient, PeerConfig, PeerSet, PeersFileWatcher, PeerTier
 from fetcher.peerwire import WILDCARD_HOSTS, peer_url
-from fetcher.registry import RegistryClient
 
 from . import mountinfo
 from .content import ImageContent
-from .errors import ExitCode, MountError, NotLazyImageError, UserError
+from .errors import ExitCode, MountError, UserError
 from .failures import tag_warnings
 from .fs import LazyOperations
 from .learned import LearnedPrefetch
+from .opening import OpenedImage, open_image
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
 from .prefetch import Prefetcher
 from .readlog import ReadLog, file_state
@@ -58,9 +51,6 @@ if TYPE_CHECKING:  # imported when asked for: prometheus_client is a fiftieth of
     from .metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-MAX_INDEX_SIZE = 1 << 30
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MountOptions:
@@ -120,98 +110,6 @@ class MountOptions:
     amplify: int | None = None
     """Bytes a demand miss fetches in one request with the chunks after it in its blob
     (``FetchConfig.amplify``); None: its default, 0: off."""
-
-
-@dataclasses.dataclass
-class OpenedImage:
-    manifest_digest: str
-    index_digest: str
-    index_path: Path
-    from_cache_only: bool
-
-
-
-
-def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
-    annotations = manifest.get("annotations") or {}
-    layers = manifest.get("layers") or []
-    if not isinstance(annotations, dict) or annotations.get(fmt.ARTIFACT_ANNOTATION) is None:
-        raise NotLazyImageError(
-            f"{ref} is not a lazyfs image (convert it first: lazyfs convert SRC oci:DIR)"
-        )
-    for layer in layers if isinstance(layers, list) else []:
-        if isinstance(layer, dict) and layer.get("mediaType") in fmt.BLOCK_INDEX_MEDIA_TYPES:
-            try:
-                check_digest(layer.get("digest", ""))
-            except ImageError as exc:
-                raise NotLazyImageError(f"{ref}: index layer: {exc}") from None
-            return layer
-    raise NotLazyImageError(f"{ref}: lazyfs image manifest has no index layer")
-
-
-INDEX_MIN_RATE = 256 << 10
-"""Bytes a second below which fetching the index at mount counts as stalled (2 Mbit/s)."""
-
-
-@contextlib.contextmanager
-def _within(seconds: float, what: str) -> Iterator[None]:
-    try:
-        with trio.fail_after(seconds):
-            yield
-    except trio.TooSlowError as exc:
-        raise DeadlineError(f"{what} did not arrive within {seconds:.0f} s") from exc
-
-
-async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient | MirroredClient | None,
-                     images: ImageStore) -> OpenedImage:
-    """Resolve ``ref`` to a manifest and a verified index file, from the registry or,
-    when it cannot be reached (or ``offline``), from what this node cached before."""
-    from_cache = client is None
-    manifest_bytes: bytes | None = None
-    digest: str | None = None
-    if client is not None:
-        try:
-            # each wait has its own timeout; this bounds a server that answers byte by byte
-            with _within(3 * opts.timeout, f"the manifest of {ref}"):
-                m = await resolve_image_manifest(client, ref)
-            manifest_bytes, digest = m.data, m.digest
-        except UnreachableError as exc:
-            log.warning("registry unreachable (%s); trying the cache", exc)
-            from_cache = True
-            fallback_error: FetchError = exc
-    if from_cache:
-        digest = ref.digest or images.resolve(str(ref))
-        manifest_bytes = images.manifest(digest) if digest else None
-        if manifest_bytes is None:
-            if client is None:
-                raise MountError(f"{ref} is not in the cache at {images.root}; mount it online once")
-            raise fallback_error
-    assert digest is not None and manifest_bytes is not None
-    try:
-        manifest = json.loads(manifest_bytes)
-    except (ValueError, RecursionError) as exc:  # nested too deep: RecursionError
-        raise NotLazyImageError(f"{ref}: manifest is not JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise NotLazyImageError(f"{ref}: manifest is not a JSON object")
-    desc = _index_descriptor(manifest, str(ref))
-    index_digest = str(desc.get("digest"))
-    if not from_cache:
-        try:
-            images.save_manifest(str(ref), digest, manifest_bytes)
-        except CacheError as exc:  # a full cache disk: only an offline remount is lost
-            log.warning("%s; the image will not mount offline", exc)
-    path = images.verified_index(index_digest)
-    if path is None:
-        if client is None or from_cache:
-            raise MountError(f"the index of {ref} is not in the cache; mount it online once")
-        size = desc.get("size", 0)
-        if type(size) is not int or not 0 < size <= MAX_INDEX_SIZE:
-            raise NotLazyImageError(f"{ref}: index size {size} is out of range")
-        # streamed to disk and checked against its digest; never more than its declared size
-        path = images.index_path(index_digest)
-        with _within(opts.timeout + size / INDEX_MIN_RATE, f"the index of {ref} ({size} bytes)"):
-            await client.download_blob(index_digest, str(path), size=size)
-    return OpenedImage(digest, index_digest, path, from_cache)
 
 
 def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content: ImageContent,
@@ -298,6 +196,25 @@ async def _watch_signals(on_signal: Callable[[], None]) -> None:
             return
 
 
+def _peer_tier(opts: MountOptions, ref: ImageRef, token: str,
+               node_id: str) -> tuple[PeerTier, PeersFileWatcher]:
+    """The peers this mount asks, and the watcher of its peers file (loaded once here)."""
+    assert opts.peers_file is not None
+    self_url = opts.advertise
+    if self_url is None and opts.listen is not None:
+        if opts.listen[0] in WILDCARD_HOSTS:
+            log.warning("listening on %s without --advertise: this node learns its own "
+                        "address in the peers file only when it first asks itself", opts.listen[0])
+        else:
+            self_url = peer_url(*opts.listen)
+    # --advertise without --listen: the node's `lazyfs peer` serves this node's cache
+    peer_set = PeerSet(self_url=self_url, config=PeerConfig(hedge_delay=opts.hedge_delay),
+                       served_elsewhere=opts.listen is None and opts.advertise is not None)
+    watcher = PeersFileWatcher(opts.peers_file, peer_set)
+    watcher.load()
+    return PeerTier(peer_set, PeerClient(token, node_id=node_id), f"{ref.registry}/{ref.repository}"), watcher
+
+
 async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
     """Mount the image and serve it until unmounted or signalled."""
     started = time.monotonic()
@@ -313,63 +230,55 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
         if not opts.offline:
             client = opts.registry_options().reader(ref)
             stack.push_async_callback(client.aclose)
-        opened = await open_image(opts, ref, client, images)
-        tag_warnings(opened.manifest_digest)
-        index = IndexReader(opened.index_path)
-        stack.callback(index.close)
-        # The digest pins the index to its author, who may be hostile: one scan of every
-        # row before the kernel sees any of it (IndexFormatError: exit 3, one line), once
-        # per index and node (about 0.7 s per 100,000 entries).
-        if not images.index_checked(opened.index_digest, CHECK_RULES):
-            await trio.to_thread.run_sync(index.check)
-            try:
-                images.mark_index_checked(opened.index_digest, CHECK_RULES)
-            except CacheError as exc:  # a full disk: the next mount checks again
-                log.warning("%s", exc)
-        pin = await trio.to_thread.run_sync(_pin, images, opened, opts)
-        if pin is not None:
-            stack.callback(pins.unpin, pin)
-        keeper = CacheKeeper(store, images, opts.cache_size)
         token = read_token(opts.token_file) if opts.token_file else None
         listeners = None
         if opts.listen is not None and token is not None:
             listeners = await ChunkServer.listen_on(*opts.listen)
             for listener in listeners:
                 stack.callback(listener.socket.close)
-        tier = watcher = None
         node_id = os.urandom(8).hex()  # lets this process's server recognise its own requests
+        tier = watcher = None
         if opts.peers_file is not None and token is not None and client is not None:
-            self_url = opts.advertise
-            if self_url is None and opts.listen is not None:
-                if opts.listen[0] in WILDCARD_HOSTS:
-                    log.warning("listening on %s without --advertise: this node learns its own "
-                                "address in the peers file only when it first asks itself", opts.listen[0])
-                else:
-                    self_url = peer_url(*opts.listen)
-            peer_set = PeerSet(self_url=self_url, config=PeerConfig(hedge_delay=opts.hedge_delay))
-            watcher = PeersFileWatcher(opts.peers_file, peer_set)
-            watcher.load()
-            peer_client = PeerClient(token, node_id=node_id)
-            stack.push_async_callback(peer_client.aclose)
-            tier = PeerTier(peer_set, peer_client, f"{ref.registry}/{ref.repository}")
+            tier, watcher = _peer_tier(opts, ref, token, node_id)
+            stack.push_async_callback(tier.client.aclose)
+        repository = f"{ref.registry}/{ref.repository}"
         async with trio.open_nursery() as nursery:
+            server = origins = None
+            if listeners is not None and token is not None:
+                # serving before the index is open: peers may ask this node for it meanwhile
+                origins = OriginPool(nursery, store, timeout=opts.timeout, insecure=opts.insecure,
+                                     clients={repository: client} if client is not None else None)
+                stack.push_async_callback(origins.aclose)
+                server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=opts.timeout),
+                                     node_id=node_id, images=images)
+                nursery.start_soon(server.serve, listeners)
+                assert opts.listen is not None  # what the listeners listen on
+                log.info("serving this node's cache to peers at %s:%d", *opts.listen)
+            opened = await open_image(ref, client, images, wait=opts.timeout, peers=tier)
+            tag_warnings(opened.manifest_digest)
+            index = IndexReader(opened.index_path)
+            stack.callback(index.close)
+            # The digest pins the index to its author, who may be hostile: one scan of every
+            # row before the kernel sees any of it (IndexFormatError: exit 3, one line), once
+            # per index and node (about 0.7 s per 100,000 entries).
+            if not images.index_checked(opened.index_digest, CHECK_RULES):
+                await trio.to_thread.run_sync(index.check)
+                try:
+                    images.mark_index_checked(opened.index_digest, CHECK_RULES)
+                except CacheError as exc:  # a full disk: the next mount checks again
+                    log.warning("%s", exc)
+            pin = await trio.to_thread.run_sync(_pin, images, opened, opts)
+            if pin is not None:
+                stack.callback(pins.unpin, pin)
+            keeper = CacheKeeper(store, images, opts.cache_size)
             fetcher = None
-            server = None
             if client is not None:
                 config = FetchConfig(deadline=opts.timeout) if opts.amplify is None else FetchConfig(
                     deadline=opts.timeout, amplify=opts.amplify)
                 fetcher = ChunkFetcher(nursery, client, store, config, source_name="origin", peers=tier,
                                        neighbours=index.chunks_after)
-            if listeners is not None and token is not None:
-                own = {f"{ref.registry}/{ref.repository}": fetcher} if fetcher else {}
-                origins = OriginPool(nursery, store, timeout=opts.timeout, insecure=opts.insecure,
-                                     fetchers=own)
-                stack.push_async_callback(origins.aclose)
-                server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=opts.timeout),
-                                     node_id=node_id)
-                nursery.start_soon(server.serve, listeners)
-                assert opts.listen is not None  # what the listeners listen on
-                log.info("serving this node's cache to peers at %s:%d", *opts.listen)
+                if origins is not None:
+                    origins.adopt(repository, fetcher)
             if watcher is not None:
                 nursery.start_soon(watcher.run)
             nursery.start_soon(keeper.run)

@@ -11,6 +11,9 @@
         508      the request came from this very process (its ``X-Lazyfs-Node`` id): the
                  caller's peers file names this node by another address
 
+    GET /v1/blobs/sha256:<hex>?size=&repo=     an image's index (``peerblobs``): the same
+                                               token, limit and 508
+
     GET /v1/traces/sha256:<manifest hex>        the same token, limit and 508
         200      the learned prefetch trace this node's cache keeps for that image
                  (``cache.trace``, checked as it is read, without run sources), JSON
@@ -54,7 +57,9 @@ from fetcher.chunks import ChunkFetcher
 from fetcher.config import FetchConfig
 from fetcher.errors import FetchError
 from fetcher.imageref import ImageRef
+from fetcher.mirrors import MirroredClient
 from fetcher.peerwire import (
+    BLOB_PATH,
     CHUNK_PATH,
     CODEC_HEADER,
     NODE_HEADER,
@@ -69,6 +74,7 @@ from fetcher.verify import stored_payload
 
 from .errors import ExitCode, UserError
 from .httphead import RequestHead
+from .peerblobs import BlobServer
 from .peerhttp import Answer, Connections, listen, parse_range
 
 log = logging.getLogger(__name__)
@@ -127,6 +133,10 @@ class PeerServerStats:
     from_self: int = 0
     """Requests from this very process (answered 508)."""
     traces_served: int = 0
+    blobs_served: int = 0
+    """Whole blobs (indexes) sent."""
+    blobs_fetched_for_peers: int = 0
+    """Indexes fetched from the origin to answer a peer."""
     malformed: int = 0
     """Heads that could not be parsed (answered 400, connection closed)."""
     failed_connections: int = 0
@@ -134,30 +144,43 @@ class PeerServerStats:
 
 
 class OriginPool:
-    """Origin-only chunk fetchers, one per repository, made on first use (a mount passes
-    its own, so that its readers and its peers share one in-flight map)."""
+    """Origin-only chunk fetchers and registry clients, one per repository, made on first
+    use (a mount passes its own client, and its fetcher once it has one, so that its
+    readers and its peers share one in-flight map)."""
 
     def __init__(self, nursery: trio.Nursery, store: ChunkStore, *, timeout: float = 30.0,
-                 insecure: bool | None = None, fetchers: dict[str, ChunkFetcher] | None = None) -> None:
+                 insecure: bool | None = None, fetchers: dict[str, ChunkFetcher] | None = None,
+                 clients: dict[str, RegistryClient | MirroredClient] | None = None) -> None:
         self._nursery = nursery
         self._store = store
         self._timeout = timeout
         self._insecure = insecure
         self._fetchers = dict(fetchers or {})
-        self._clients: list[RegistryClient] = []
+        self._clients = dict(clients or {})
+        self._made: list[RegistryClient] = []
+
+    def adopt(self, repository: str, fetcher: ChunkFetcher) -> None:
+        """Use ``fetcher`` for ``repository`` from now on (a mount's, once it has its index)."""
+        self._fetchers[repository] = fetcher
+
+    def client(self, repository: str) -> RegistryClient | MirroredClient:
+        c = self._clients.get(repository)
+        if c is None:
+            ref = ImageRef.parse(repository)  # ValueError for a malformed one
+            made = RegistryClient(ref, timeout=self._timeout, insecure=self._insecure)
+            self._made.append(made)
+            c = self._clients[repository] = made
+        return c
 
     def get(self, repository: str) -> ChunkFetcher:
         f = self._fetchers.get(repository)
         if f is None:
-            ref = ImageRef.parse(repository)  # ValueError for a malformed one
-            client = RegistryClient(ref, timeout=self._timeout, insecure=self._insecure)
-            self._clients.append(client)
             f = self._fetchers[repository] = ChunkFetcher(
-                self._nursery, client, self._store, FetchConfig(deadline=self._timeout))
+                self._nursery, self.client(repository), self._store, FetchConfig(deadline=self._timeout))
         return f
 
     async def aclose(self) -> None:
-        for c in self._clients:
+        for c in self._made:
             with trio.CancelScope(shield=True):
                 await c.aclose()
 
@@ -172,7 +195,9 @@ class ChunkServer:
     """Answers chunk and trace requests from peers (the connections: ``peerhttp``)."""
 
     def __init__(self, store: ChunkStore, token: str, origins: OriginPool | None = None,
-                 config: PeerServerConfig = PeerServerConfig(), *, node_id: str | None = None) -> None:
+                 config: PeerServerConfig = PeerServerConfig(), *, node_id: str | None = None,
+                 images: ImageStore | None = None) -> None:
+        """``images`` (the same cache's) lets it serve indexes (``peerblobs``)."""
         self.store = store
         self.node_id = node_id
         self.config = config
@@ -183,6 +208,8 @@ class ChunkServer:
         self._active = 0
         self._io = trio.CapacityLimiter(4)
         self._traces: TraceStore | None = None  # made on first use (it creates CACHE/traces)
+        self._blobs = BlobServer(images, origins, fetch_timeout=config.fetch_deadline,
+                                 io=self._io) if images is not None else None
         self._connections = Connections(self._answer, config, self.stats)
 
     listen_on = staticmethod(listen)
@@ -205,6 +232,8 @@ class ChunkServer:
             return Answer(503, b"busy\n", {"Retry-After": "1"})
         if request.path.startswith(TRACE_PATH):
             return await self._trace_request(request.path)
+        if request.path.startswith(BLOB_PATH):
+            return await self._blob_request(request.path, request.query)
         self._active += 1
         try:
             codec, size, payload = await self._chunk(request.path, request.query)
@@ -229,6 +258,25 @@ class ChunkServer:
         self.stats.chunks_served += 1
         self.stats.bytes_served += len(payload)
         return Answer(status, payload, extra)
+
+    async def _blob_request(self, path: str, query: str) -> Answer:
+        if self._blobs is None:
+            self.stats.not_found += 1
+            return Answer(404, b"no blobs here\n")
+        self._active += 1
+        try:
+            answer = await self._blobs.answer(path, query)
+        finally:
+            self._active -= 1
+        self.stats.blobs_served = self._blobs.served
+        self.stats.blobs_fetched_for_peers = self._blobs.fetched
+        if answer.status == 404:
+            self.stats.not_found += 1
+        elif answer.status != 200:
+            self.stats.errors += 1
+        elif answer.file is not None:
+            self.stats.bytes_served += answer.file[1]
+        return answer
 
     async def _trace_request(self, path: str) -> Answer:
         manifest = path[len(TRACE_PATH):]
@@ -325,11 +373,13 @@ async def run_peer(cache_dir: Path, host: str, port: int, token: str, *, fetch_t
     ``cache_size`` bytes when given). ``advertise`` is the URL the peers file lists for
     this node (default ``http://HOST:PORT`` as bound)."""
     store = ChunkStore(cache_dir)
-    keeper = CacheKeeper(store, ImageStore(cache_dir), cache_size)
+    images = ImageStore(cache_dir)
+    keeper = CacheKeeper(store, images, cache_size)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keeper.run)
         origins = OriginPool(nursery, store, timeout=fetch_timeout, insecure=insecure)
-        server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=fetch_timeout))
+        server = ChunkServer(store, token, origins, PeerServerConfig(fetch_deadline=fetch_timeout),
+                             images=images)
         listeners = await server.listen_on(host, port)
         if metrics is not None:
             from .metrics import Metrics, peer_process_samples

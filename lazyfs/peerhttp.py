@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
 import trio
@@ -35,6 +36,9 @@ class Answer:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     content_type: str | None = None
     """Default: ``application/octet-stream`` for a success, ``text/plain`` otherwise."""
+    file: tuple[Path, int] | None = None
+    """The body is this file of this size instead (``body`` empty): sent a piece at a
+    time, read as it goes, so that a large blob is never held whole."""
 
 
 class ConnectionLimits(Protocol):
@@ -139,10 +143,11 @@ class Connections:
 
     async def _send(self, stream: trio.SocketStream, answer: Answer, *, keep: bool) -> None:
         status, body = answer.status, answer.body
+        length = answer.file[1] if answer.file else len(body)
         content_type = answer.content_type
         if content_type is None:
             content_type = "application/octet-stream" if status < 300 else "text/plain"
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Length: {len(body)}",
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Length: {length}",
                  f"Content-Type: {content_type}"]
         lines += [f"{k}: {v}" for k, v in answer.headers.items()]
         if not keep:
@@ -150,6 +155,11 @@ class Connections:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         # each piece must be taken within send_timeout (TooSlowError: _connection closes it)
         timeout = self._limits.send_timeout
+        if answer.file is not None:
+            with trio.fail_after(timeout):
+                await stream.send_all(head)
+            await _send_file(stream, *answer.file, timeout)
+            return
         if len(body) <= 64 << 10:
             with trio.fail_after(timeout):
                 await stream.send_all(head + body)
@@ -160,6 +170,20 @@ class Connections:
         for at in range(0, len(view), _SEND_PIECE):
             with trio.fail_after(timeout):
                 await stream.send_all(view[at : at + _SEND_PIECE])
+
+
+async def _send_file(stream: trio.SocketStream, path: Path, size: int, piece_seconds: float) -> None:
+    """Send the ``size`` bytes of ``path``; a file that turns out shorter ends the
+    connection (its head announced ``size``)."""
+    sent = 0
+    async with await trio.open_file(path, "rb") as f:
+        while sent < size:
+            piece = await f.read(min(_SEND_PIECE, size - sent))
+            if not piece:
+                raise trio.BrokenResourceError(f"{path} ended after {sent} of {size} bytes")
+            with trio.fail_after(piece_seconds):
+                await stream.send_all(piece)
+            sent += len(piece)
 
 
 def parse_range(header: str, n: int) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from blockindex.codec import decode_verified
+from blockindex.oci import Layout
 from lazyfs.process import wait_gone
 from testkit.treecompare import compare_tree
 from testkit.waiting import listening, wait_until
@@ -67,6 +68,11 @@ def origin_range_bytes(server) -> int:
     return total
 
 
+def index_size(root: Path) -> int:
+    layout = Layout(root / "rich")
+    return json.loads(layout.read_blob(layout.resolve("1")["digest"]))["layers"][0]["size"]
+
+
 def unique_stored_bytes(root: Path) -> int:
     return sum(c.stored_size for c in index_of(root).all_chunks())
 
@@ -93,9 +99,10 @@ def cluster():
 
 
 def start_nodes(cluster: Cluster, server, n: int, tmp: Path, token_file: Path, *, peers: bool,
-                extra_peers: list[str] = ()) -> list[Path]:
-    """Mount the image on ``n`` nodes at once; with ``peers`` each also serves its cache."""
-    ports = free_ports(n)
+                extra_peers: list[str] = (), ports: list[int] | None = None) -> list[Path]:
+    """Mount the image on ``n`` nodes at once; with ``peers`` each also serves its cache
+    (on ``ports``, default free ones)."""
+    ports = ports or free_ports(n)
     peers_file = tmp / "peers"
     peers_file.write_text("".join(f"http://127.0.0.1:{p}\n" for p in ports)
                           + "".join(u + "\n" for u in extra_peers))
@@ -318,7 +325,7 @@ def test_a_second_node_prefetches_from_the_first_not_the_origin(origin, mounts, 
           f"{from_a} from the first node; fetch {st['fetch']}")
     assert extra == 0, st["fetch"]
     assert st["bytes_by_source"]["origin"] == 0
-    assert from_a == unique
+    assert from_a == unique + index_size(root)  # the index came from A too
     assert compare_tree(b, image.expected) == []
     assert origin_range_bytes(server) == after_a + extra  # reading B's files came from its cache
 

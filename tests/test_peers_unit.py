@@ -69,6 +69,18 @@ def test_no_owner_for_a_chunk_of_this_node_and_avoided_peers_are_skipped():
     assert peers.health[PEERS[1]].avoid_until == pytest.approx(1.5 + 4.0)
 
 
+def test_a_node_served_by_its_lazyfs_peer_asks_it_for_what_it_owns():
+    """--advertise without --listen: the node's chunks go through its `lazyfs peer` (the
+    last one asked), which fetches each once for the node's mounts and the other nodes."""
+    peers = PeerSet(PEERS[:3], self_url=PEERS[0], served_elsewhere=True)
+    mine = next(d for d in _digests(100) if rendezvous(d, PEERS[:3])[0] == PEERS[0])
+    assert peers.owners(mine, 2) == [PEERS[0]]
+    second = next(d for d in _digests(100) if rendezvous(d, PEERS[:3])[1] == PEERS[0])
+    assert peers.owners(second, 2) == rendezvous(second, PEERS[:3])[:2]
+    peers.mark_down(PEERS[0], "refused")  # its lazyfs peer is down: the origin
+    assert peers.owners(mine, 2) == []
+
+
 def test_peers_file_is_read_and_checked(tmp_path):
     f = tmp_path / "peers"
     f.write_text("# cluster\nhttp://127.0.0.1:7001\n127.0.0.1:7002  # no scheme\n\nhttp://127.0.0.1:7001/\n")
