@@ -53,6 +53,7 @@ from .learned import LearnedPrefetch
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
 from .prefetch import Prefetcher
 from .readlog import ReadLog, file_state
+from .sideindex import is_lazy_image, open_side_index
 
 if TYPE_CHECKING:  # imported when asked for: prometheus_client is a fiftieth of every mount's start
     from .metrics import Metrics
@@ -133,12 +134,7 @@ class OpenedImage:
 
 
 def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
-    annotations = manifest.get("annotations") or {}
     layers = manifest.get("layers") or []
-    if not isinstance(annotations, dict) or annotations.get(fmt.ARTIFACT_ANNOTATION) is None:
-        raise NotLazyImageError(
-            f"{ref} is not a lazyfs image (convert it first: lazyfs convert SRC oci:DIR)"
-        )
     for layer in layers if isinstance(layers, list) else []:
         if isinstance(layer, dict) and layer.get("mediaType") in fmt.BLOCK_INDEX_MEDIA_TYPES:
             try:
@@ -193,6 +189,12 @@ async def open_image(opts: MountOptions, ref: ImageRef, client: RegistryClient |
         raise NotLazyImageError(f"{ref}: manifest is not JSON ({exc})") from exc
     if not isinstance(manifest, dict):
         raise NotLazyImageError(f"{ref}: manifest is not a JSON object")
+    if not is_lazy_image(manifest):  # an ordinary image: by its side index (``lazyfs index``)
+        if client is None or from_cache:
+            raise MountError(f"{ref} is an ordinary image, read by its side index: mount it online")
+        with _within(3 * opts.timeout + 60, f"the side index of {ref}"):
+            side_digest, side_path = await open_side_index(client, ref, digest, images)
+        return OpenedImage(digest, side_digest, side_path, False)
     desc = _index_descriptor(manifest, str(ref))
     index_digest = str(desc.get("digest"))
     if not from_cache:

@@ -23,7 +23,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("source", help="docker-archive:TAR, oci:DIR[:TAG], dir:ROOTFS, tar:ROOTFS.tar "
                                   "or docker://HOST/REPO[:TAG]")
     p.add_argument("dest", help="oci:DIR[:TAG] or docker://HOST/REPO:TAG")
-    p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE,
+    p.add_argument("--chunk-size", type=chunk_size_arg, default=DEFAULT_CHUNK_SIZE,
                    help="chunk size (default 1M; 4K..64M)")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform source (default: this machine's)")
@@ -70,7 +70,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chunk_size(text: str) -> int:
+def chunk_size_arg(text: str) -> int:
+    """A ``--chunk-size``: a power of two from 4K to 64M."""
     n = size(text)
     if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE or n & (n - 1):
         raise argparse.ArgumentTypeError(f"chunk size must be a power of two from 4K to 64M, not {text}")
