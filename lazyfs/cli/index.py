@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 
 from blockindex.format import DEFAULT_CHUNK_SIZE
 
-from .common import human, seconds, size
-from .convert import chunk_size_arg
+from .common import chunk_size_arg, human, seconds, size
 from .registry import add_registry_arguments, image_ref, registry_options
 
 if TYPE_CHECKING:
