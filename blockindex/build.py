@@ -26,9 +26,9 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, Protocol
 
 from .codec import chunk_digest, encode
 from .errors import PrefetchListError
@@ -53,6 +53,19 @@ class SpooledChunk:
     size: int
     codec: int
     layer: int  # the source layer that first provided it
+
+
+class Spool(Protocol):
+    """Where ``ingest`` puts file data as it streams past: a ``ChunkSpool`` keeps the
+    chunks, a side index's spool only where they lie (``sideindex.SideSpool``)."""
+
+    chunk_size: int
+    layer: int
+
+    def add_chunk(self, data: bytes) -> ChunkDigest | None: ...
+
+    def add_stream(self, f: IO[bytes], size: int, at: int | None = None
+                   ) -> tuple[tuple[int, ChunkDigest], ...]: ...
 
 
 class ChunkSpool:
@@ -85,9 +98,11 @@ class ChunkSpool:
             self._end += len(packed)
         return digest
 
-    def add_stream(self, f: IO[bytes], size: int) -> tuple[tuple[int, ChunkDigest], ...]:
+    def add_stream(self, f: IO[bytes], size: int,
+                   at: int | None = None) -> tuple[tuple[int, ChunkDigest], ...]:
         """Chunk ``size`` bytes read from ``f``: (chunk number, digest) of the chunks that
-        are not zeros; EOFError if ``f`` ends early."""
+        are not zeros; EOFError if ``f`` ends early. ``at``, where the bytes start in the
+        layer's tar, is for spools that record it (``sideindex.SideSpool``)."""
         out: list[tuple[int, ChunkDigest]] = []
         for idx, pos in enumerate(range(0, size, self.chunk_size)):
             digest = self.add_chunk(read_exactly(f, min(self.chunk_size, size - pos)))
@@ -149,62 +164,16 @@ def write_image(
     blob_limit: int = BLOB_LIMIT,
     prefetch_files: Sequence[bytes] = (),
 ) -> BuildStats:
-    """Number the inodes, pack the chunks the tree uses into blobs, write the index.
+    """Number the inodes, pack the chunks the tree uses into blobs, write the index
+    (``write_tree``; ``prefetch_files`` as it says).
 
-    Blobs and the index land in ``layout``; temp files go to ``tmpdir`` (inside it).
-    ``prefetch_files`` (paths in the image, symlinks followed) are recorded in the index
-    meta entry ``prefetch_files`` as JSON ``[[inode, path], ...]``: a mount fetches their
-    chunks first. PrefetchListError if one is not a regular file of the image."""
+    Blobs and the index land in ``layout``; temp files go to ``tmpdir`` (inside it)."""
     spool.flush()
     # The rows go to a work file beside the output, not memory (see IndexWriter).
     w = IndexWriter(chunk_size, spill=tmpdir / "index.work")
     packer = _Packer(spool, layout, tmpdir, w, blob_limit)
     try:
-        # Number the inodes in walk order (kept on the nodes: a map would cost more per
-        # entry than the number) and write the directory entries as they come.
-        tree.root.ino = ROOT_INO
-        order: list[Node] = [tree.root]
-        more_names: dict[int, int] = {}  # hard links: names of an inode past its first
-        for d, kids in walk(tree):
-            for pos, (name, node) in enumerate(kids):
-                if node.ino == 0:
-                    order.append(node)
-                    node.ino = len(order)
-                else:
-                    more_names[node.ino] = more_names.get(node.ino, 0) + 1
-                w.add_dirent(d.ino, pos, name, node.ino)
-
-        used = {d for node in order if node.is_reg for _, d in node.chunks}
-        w.set_meta("created_by", "lazyfs")
-        if prefetch_files:
-            first: dict[int, str] = {}
-            for path in prefetch_files:
-                found = resolve(tree, path)
-                if found is None or not found.is_reg:
-                    raise PrefetchListError(f"prefetch list: {path.decode(errors='replace')} is "
-                                            "not a regular file of the image")
-                first.setdefault(found.ino, path.decode(errors="surrogateescape").lstrip("/"))
-            w.set_meta("prefetch_files", json.dumps([[ino, p] for ino, p in first.items()]))
-        image_bytes = files = 0
-        ids = packer.pack(used)
-        for ino, node in enumerate(order, start=ROOT_INO):
-            if node.is_dir:
-                assert node.children is not None
-                nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
-            else:
-                nlink = 1 + more_names.get(ino, 0)
-            size = node.size if node.is_reg else len(node.target or b"")
-            w.add_inode(
-                ino, mode=node.mode, uid=node.uid, gid=node.gid, size=size,
-                mtime_ns=node.mtime_ns, nlink=nlink, rdev=node.rdev, target=node.target,
-            )
-            for name, value in sorted(node.xattrs.items()):
-                w.add_xattr(ino, name, value)
-            if node.is_reg:
-                files += 1
-                image_bytes += node.size
-                for idx, digest in node.chunks:
-                    w.add_extent(ino, idx, ids[digest])
+        image_bytes, files, ids = write_tree(tree, w, packer.pack, prefetch_files)
         index_path = tmpdir / "index.sqlite"
         w.write(index_path)
         format_version = w.format_version
@@ -213,6 +182,63 @@ def write_image(
         w.close()
     index_desc = _store_file(layout, index_path, MEDIA_TYPE_INDEX)
     return BuildStats(index_desc, packer.descs, image_bytes, files, len(ids), format_version)
+
+
+def write_tree(tree: Tree, w: IndexWriter, pack: Callable[[set[ChunkDigest]], dict[ChunkDigest, int]],
+               prefetch_files: Sequence[bytes] = ()) -> tuple[int, int, dict[ChunkDigest, int]]:
+    """Number the inodes, write the tree's rows; ``pack(used)`` writes the blob and chunk
+    rows of the chunks the tree uses and gives each its chunk id. Returns the sum of the
+    regular files' sizes, their number, and the chunk ids.
+
+    ``prefetch_files`` (paths in the image, symlinks followed) are recorded in the index
+    meta entry ``prefetch_files`` as JSON ``[[inode, path], ...]``: a mount fetches their
+    chunks first. PrefetchListError if one is not a regular file of the image."""
+    # Number the inodes in walk order (kept on the nodes: a map would cost more per
+    # entry than the number) and write the directory entries as they come.
+    tree.root.ino = ROOT_INO
+    order: list[Node] = [tree.root]
+    more_names: dict[int, int] = {}  # hard links: names of an inode past its first
+    for d, kids in walk(tree):
+        for pos, (name, node) in enumerate(kids):
+            if node.ino == 0:
+                order.append(node)
+                node.ino = len(order)
+            else:
+                more_names[node.ino] = more_names.get(node.ino, 0) + 1
+            w.add_dirent(d.ino, pos, name, node.ino)
+
+    used = {d for node in order if node.is_reg for _, d in node.chunks}
+    w.set_meta("created_by", "lazyfs")
+    if prefetch_files:
+        first: dict[int, str] = {}
+        for path in prefetch_files:
+            found = resolve(tree, path)
+            if found is None or not found.is_reg:
+                raise PrefetchListError(f"prefetch list: {path.decode(errors='replace')} is "
+                                        "not a regular file of the image")
+            first.setdefault(found.ino, path.decode(errors="surrogateescape").lstrip("/"))
+        w.set_meta("prefetch_files", json.dumps([[ino, p] for ino, p in first.items()]))
+    image_bytes = files = 0
+    ids = pack(used)
+    for ino, node in enumerate(order, start=ROOT_INO):
+        if node.is_dir:
+            assert node.children is not None
+            nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
+        else:
+            nlink = 1 + more_names.get(ino, 0)
+        size = node.size if node.is_reg else len(node.target or b"")
+        w.add_inode(
+            ino, mode=node.mode, uid=node.uid, gid=node.gid, size=size,
+            mtime_ns=node.mtime_ns, nlink=nlink, rdev=node.rdev, target=node.target,
+        )
+        for name, value in sorted(node.xattrs.items()):
+            w.add_xattr(ino, name, value)
+        if node.is_reg:
+            files += 1
+            image_bytes += node.size
+            for idx, digest in node.chunks:
+                w.add_extent(ino, idx, ids[digest])
+    return image_bytes, files, ids
 
 
 class _Packer:

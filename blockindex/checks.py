@@ -12,7 +12,7 @@ import functools
 import sqlite3
 from typing import Any
 
-from .format import SCHEMA
+from .format import CODEC_GZIP_SPAN, SCHEMA, SIDE_SCHEMA
 
 MAX_FILE_SIZE = 1 << 40  # as the converter (ingest.MAX_FILE_SIZE)
 MAX_BLOB_SIZE = 1 << 42
@@ -29,7 +29,7 @@ MAX_DIRENT_POS = (1 << 63) - 2
 # ``mtime_ns`` (EntryAttributes splits it into a time_t and nanoseconds).
 # Check rules change with the reader: a node that checked an index under older rules
 # checks it again (cache.images keeps the version a check passed under).
-CHECK_RULES = "2"
+CHECK_RULES = "3"
 INODE_RULES: list[tuple[str, str]] = [  # one scan of inodes answers all four
     ("an inode column that is not an integer",
      "typeof(ino) != 'integer' OR typeof(mode) != 'integer' OR typeof(uid) != 'integer' "
@@ -78,7 +78,9 @@ ROW_RULES: list[tuple[str, str]] = [
      "OR typeof(c.offset) != 'integer' OR typeof(c.stored_size) != 'integer' "
      "OR typeof(c.size) != 'integer' "
      "OR c.offset < 0 OR c.stored_size < 1 OR c.size < 1 OR c.size > :cs "
-     "OR c.offset + c.stored_size > b.size OR (c.codec = 0 AND c.stored_size != c.size) "
+     # a gzip span's offset is in the layer's uncompressed tar (its checkpoints, below)
+     f"OR (c.codec != {CODEC_GZIP_SPAN} AND c.offset + c.stored_size > b.size) "
+     f"OR (c.codec IN (0, {CODEC_GZIP_SPAN}) AND c.stored_size != c.size) "
      "OR c.stored_size > c.size + c.size / 255 + 16"),
     ("a file extent that is malformed, outside its file, or whose chunk has the wrong size",
      f"SELECT count(*) FROM extents e LEFT JOIN inodes i ON i.ino = e.ino "
@@ -93,6 +95,24 @@ ROW_RULES: list[tuple[str, str]] = [
 ]
 
 
+SIDE_ROW_RULES: list[tuple[str, str]] = [
+    ("a checkpoint that is malformed or lies outside its blob",
+     "SELECT count(*) FROM checkpoints k LEFT JOIN blobs b ON b.id = k.blob "
+     "WHERE b.id IS NULL OR typeof(k.uoffset) != 'integer' OR typeof(k.coffset) != 'integer' "
+     "OR typeof(k.bits) != 'integer' OR typeof(k.window) != 'blob' "
+     f"OR k.uoffset < 0 OR k.uoffset > {MAX_FILE_SIZE * 64} OR k.coffset < 0 "
+     "OR k.coffset >= b.size OR k.bits NOT BETWEEN 0 AND 7 OR length(k.window) > 65536"),
+    ("checkpoints of a blob whose compressed offsets do not grow with their uncompressed ones",
+     "SELECT count(*) FROM checkpoints k JOIN checkpoints n ON n.blob = k.blob "
+     "AND n.uoffset = (SELECT min(uoffset) FROM checkpoints WHERE blob = k.blob "
+     "AND uoffset > k.uoffset) WHERE n.coffset * 8 + n.bits <= k.coffset * 8 + k.bits"),
+    ("a gzip span chunk with no checkpoint at or before it in its blob",
+     f"SELECT count(*) FROM chunks c WHERE c.codec = {CODEC_GZIP_SPAN} AND NOT EXISTS "
+     "(SELECT 1 FROM checkpoints k WHERE k.blob = c.blob AND k.uoffset <= c.offset)"),
+]
+"""The rules of what only a side index has: its checkpoints, and the chunks read by them."""
+
+
 def schema_of(rows: list[Any]) -> dict[str, tuple[str, str, str]]:
     """``sqlite_master`` rows as ``{name: (type, table, definition)}``, whitespace folded."""
     return {str(name): (str(kind), str(table), " ".join(str(sql).split()))
@@ -100,12 +120,12 @@ def schema_of(rows: list[Any]) -> dict[str, tuple[str, str, str]]:
 
 
 @functools.cache
-def writer_schema() -> dict[str, tuple[str, str, str]]:
-    """What ``IndexWriter`` creates, read back from SQLite itself (so the unnamed indexes
-    of UNIQUE constraints are there as SQLite names them)."""
+def writer_schema(side: bool = False) -> dict[str, tuple[str, str, str]]:
+    """What ``IndexWriter`` creates (for a side index, ``side``), read back from SQLite
+    itself (so the unnamed indexes of UNIQUE constraints are there as SQLite names them)."""
     db = sqlite3.connect(":memory:")
     try:
-        db.executescript(SCHEMA)
+        db.executescript(SCHEMA + (SIDE_SCHEMA if side else ""))
         return schema_of(db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
                           .fetchall())
     finally:

@@ -14,7 +14,8 @@ import blake3
 import lz4.block
 import zstandard
 
-from .format import CODEC_LZ4, CODEC_RAW, CODEC_ZSTD, Chunk, ChunkDigest
+from .format import CODEC_GZIP_SPAN, CODEC_LZ4, CODEC_RAW, CODEC_ZSTD, Chunk, ChunkDigest
+from .gzspan import SpanError, inflate_span
 
 COMPRESSIONS = {"lz4": CODEC_LZ4, "zstd": CODEC_ZSTD}
 """What ``lazyfs convert --compression`` offers, and the codec each writes."""
@@ -72,6 +73,8 @@ def decode(codec: int, size: int, payload: bytes | memoryview) -> bytes | memory
         data = _zstd_decode(payload, size)
     elif codec == CODEC_RAW:
         data = payload
+    elif codec == CODEC_GZIP_SPAN:
+        raise ChunkDecodeError("a gzip span decodes only with its checkpoint (decode_verified)")
     else:
         raise ChunkDecodeError(f"unknown codec {codec}")
     if len(data) != size:
@@ -99,7 +102,15 @@ def _zstd_decode(payload: bytes | memoryview, size: int) -> bytes:
 
 def decode_verified(chunk: Chunk, payload: bytes | memoryview) -> bytes | memoryview:
     """Decode a payload that came from elsewhere and check it against the chunk's digest."""
-    data = decode(chunk.codec, chunk.size, payload)
+    if chunk.codec == CODEC_GZIP_SPAN:
+        if chunk.span is None:
+            raise ChunkDecodeError("a gzip span without its checkpoint")
+        try:
+            data: bytes | memoryview = inflate_span(payload, chunk.span, chunk.size)
+        except SpanError as exc:
+            raise ChunkDecodeError(str(exc)) from exc
+    else:
+        data = decode(chunk.codec, chunk.size, payload)
     if chunk_digest(data) != chunk.digest:
         raise ChunkDecodeError("BLAKE3 digest mismatch")
     return data

@@ -18,12 +18,22 @@ format 2 adds zstd. A converter writes the lowest format that has every codec it
 an lz4 image stays readable by every lazyfs, and a lazyfs that predates zstd refuses a
 zstd image at open ("index format '2', expected '1'") instead of finding an unknown codec
 in the middle of a read.
+
+Format 3 is a *side index* (``sideindex.py``): the index of an ordinary image that nobody
+converted, whose chunks are read from the image's own layers. It adds the table
+``checkpoints`` and the codec ``CODEC_GZIP_SPAN``: such a chunk's ``offset`` is where it
+starts in its layer's uncompressed tar (``blob`` is the gzip layer), ``stored_size`` equals
+``size``, and its bytes are inflated from the last checkpoint at or before it (``gzspan.py``);
+a chunk of an uncompressed layer is ``CODEC_RAW`` at its offset in the tar.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, NewType
+from typing import TYPE_CHECKING, NamedTuple, NewType
+
+if TYPE_CHECKING:
+    from .gzspan import GzipSpan
 
 FORMAT_VERSION = "1"
 """The format of an index of raw and lz4 chunks, the default; see ``format_for``."""
@@ -34,21 +44,28 @@ MAX_CHUNK_SIZE = 64 << 20
 CODEC_RAW = 0
 CODEC_LZ4 = 1
 CODEC_ZSTD = 2
-CODEC_NAMES = {CODEC_RAW: "raw", CODEC_LZ4: "lz4", CODEC_ZSTD: "zstd"}
+CODEC_GZIP_SPAN = 3
+CODEC_NAMES = {CODEC_RAW: "raw", CODEC_LZ4: "lz4", CODEC_ZSTD: "zstd", CODEC_GZIP_SPAN: "gzip-span"}
+SIDE_FORMAT_VERSION = "3"
 CODECS_OF_FORMAT: dict[str, frozenset[int]] = {
     "1": frozenset({CODEC_RAW, CODEC_LZ4}),
     "2": frozenset({CODEC_RAW, CODEC_LZ4, CODEC_ZSTD}),
+    SIDE_FORMAT_VERSION: frozenset({CODEC_RAW, CODEC_GZIP_SPAN}),
 }
 """The codecs each index format version may use; the versions this lazyfs reads."""
-CODECS = frozenset(CODEC_NAMES)
-"""Every codec this lazyfs decodes (cache entries and peers' answers carry one of them)."""
+CODECS = frozenset({CODEC_RAW, CODEC_LZ4, CODEC_ZSTD})
+"""Every codec a payload can be decoded from by itself (cache entries and peers' answers
+carry one of them); a gzip span needs its checkpoint too, which only the index has."""
 
 ROOT_INO = 1
 
 
 def format_for(codecs: set[int] | frozenset[int]) -> str:
-    """The lowest format version whose codecs include all of ``codecs``."""
+    """The lowest format version of a converted image whose codecs include all of
+    ``codecs`` (a side index is always ``SIDE_FORMAT_VERSION``)."""
     for version, allowed in sorted(CODECS_OF_FORMAT.items(), key=lambda kv: int(kv[0])):
+        if version == SIDE_FORMAT_VERSION:
+            continue
         if codecs <= allowed:
             return version
     raise ValueError(f"no index format has codecs {sorted(codecs)}")
@@ -77,6 +94,8 @@ BLOCK_INDEX_MEDIA_TYPES = frozenset({MEDIA_TYPE_INDEX, LEGACY_MEDIA_TYPE_INDEX})
 """The layer holding a lazy image's block index, current and legacy (not an OCI image
 index: ``fetcher.manifests.IMAGE_INDEX_MEDIA_TYPES``)."""
 ARTIFACT_ANNOTATION = "io.lazyfs.image"  # value: FORMAT_VERSION; marks a lazy image
+MEDIA_TYPE_SIDE_INDEX = "application/vnd.lazyfs.side-index.v1.sqlite"
+"""The artifact type (and layer type) of a side index attached to an ordinary image."""
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -124,6 +143,22 @@ CREATE TABLE extents (
 """
 
 
+SIDE_SCHEMA = """
+CREATE TABLE checkpoints (
+    id INTEGER PRIMARY KEY,
+    blob INTEGER NOT NULL REFERENCES blobs (id),
+    uoffset INTEGER NOT NULL,
+    coffset INTEGER NOT NULL,
+    bits INTEGER NOT NULL,
+    window BLOB NOT NULL
+);
+CREATE UNIQUE INDEX checkpoints_by_offset ON checkpoints (blob, uoffset);
+"""
+"""What a side index adds: deflate block boundaries of its gzip layers, each at
+``uoffset`` in the layer's tar, starting ``bits`` bits (0-7) into byte ``coffset`` of the
+compressed blob, after the output ``window`` (zlib-compressed; empty at a member's start)."""
+
+
 class Inode(NamedTuple):
     """The attributes of one inode, as lstat would report them. A named tuple rather
     than a frozen dataclass: a walk builds one per directory entry, and a tuple is built
@@ -158,6 +193,9 @@ class Chunk:
     stored_size: int
     size: int
     codec: int
+    span: GzipSpan | None = dataclasses.field(default=None, compare=False)
+    """For ``CODEC_GZIP_SPAN``: how to inflate the chunk from its stored bytes, which are
+    then the compressed range from its checkpoint to the next one past its end."""
 
     @property
     def hexdigest(self) -> str:

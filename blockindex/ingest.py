@@ -1,7 +1,7 @@
 """Feed entries into the merge Tree: tar members of a layer, or a directory on disk.
 
 Nothing is extracted: headers become Nodes, and regular file data goes straight from the
-tar stream (or the file) into the ChunkSpool, ``chunk_size`` bytes at a time.
+tar stream (or the file) into the spool (``build.Spool``), ``chunk_size`` bytes at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote_to_bytes
 
-from .build import ChunkSpool, read_exactly
+from .build import Spool, read_exactly
 from .errors import ImageError, UnsafeImageError
 from .format import ChunkDigest
 from .tree import NO_XATTRS, Node, Tree, is_whiteout, split_path
@@ -45,7 +45,7 @@ def _b(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def apply_tar(tree: Tree, spool: ChunkSpool, f: BinaryIO, name: str, layer: int) -> None:
+def apply_tar(tree: Tree, spool: Spool, f: BinaryIO, name: str, layer: int) -> None:
     """Apply one uncompressed layer tar stream to ``tree`` as layer number ``layer``."""
     tree.begin_layer(layer)
     try:
@@ -63,7 +63,7 @@ def apply_tar(tree: Tree, spool: ChunkSpool, f: BinaryIO, name: str, layer: int)
         raise ImageError(f"{name}: corrupt or truncated tar ({exc})") from exc
 
 
-def _apply_member(tree: Tree, spool: ChunkSpool, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+def _apply_member(tree: Tree, spool: Spool, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
     raw_name = _b(ti.name)
     if b"\0" in raw_name:
         raise UnsafeImageError(f"entry {raw_name!r} has a NUL byte in its name")
@@ -109,7 +109,7 @@ def _apply_member(tree: Tree, spool: ChunkSpool, tf: tarfile.TarFile, ti: tarfil
             # list of (offset, size) data segments)
             node.chunks = _add_sparse(spool, data.raw, ti.size, ti.sparse)  # type: ignore[attr-defined,arg-type]
         else:
-            node.chunks = spool.add_stream(data, ti.size)
+            node.chunks = spool.add_stream(data, ti.size, ti.offset_data)
     tree.add(parts, node)
 
 
@@ -120,7 +120,7 @@ def _symlink_target(name: bytes, target: bytes) -> bytes:
     return target
 
 
-def _add_sparse(spool: ChunkSpool, raw: BinaryIO, size: int,
+def _add_sparse(spool: Spool, raw: BinaryIO, size: int,
                 segments: list[tuple[int, int]]) -> tuple[tuple[int, ChunkDigest], ...]:
     """Chunk a GNU sparse member from its map: only the chunks a data segment touches are
     read, so a file that claims a terabyte of holes costs what its data costs. ``raw`` is
@@ -182,7 +182,7 @@ def _xattrs(ti: tarfile.TarInfo) -> Mapping[bytes, bytes]:
 # -- a root filesystem directory on disk ---------------------------------------------------
 
 
-def scan_dir(tree: Tree, spool: ChunkSpool, root: Path) -> None:
+def scan_dir(tree: Tree, spool: Spool, root: Path) -> None:
     """Read the directory ``root`` (not following symlinks) into ``tree`` as one layer."""
     tree.begin_layer(0)
     broot = os.fsencode(root)
@@ -255,7 +255,7 @@ def _listxattrs(path: bytes) -> dict[bytes, bytes]:
     }
 
 
-def _chunk_disk_file(spool: ChunkSpool, path: bytes,
+def _chunk_disk_file(spool: Spool, path: bytes,
                      size: int) -> tuple[tuple[int, ChunkDigest], ...]:
     """Chunk a file on disk, skipping ranges the filesystem reports as holes."""
     cs = spool.chunk_size

@@ -25,16 +25,19 @@ from .checks import (
     MAX_BLOB_SIZE,
     REACHED_DIRECTORIES,
     ROW_RULES,
+    SIDE_ROW_RULES,
     schema_of,
     writer_schema,
 )
 from .errors import IndexFormatError
 from .format import (
+    CODEC_GZIP_SPAN,
     CODEC_NAMES,
     CODECS_OF_FORMAT,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     ROOT_INO,
+    SIDE_FORMAT_VERSION,
     Blob,
     Chunk,
     ChunkDigest,
@@ -42,6 +45,7 @@ from .format import (
     InodeT,
     Span,
 )
+from .gzspan import GzipSpan
 
 _INODE_COLS = "ino, mode, uid, gid, size, mtime_ns, nlink, rdev"
 _BLOB_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -91,6 +95,9 @@ class IndexReader:
             )
         self.codecs = CODECS_OF_FORMAT[meta["format"]]
         """The codecs this index's format allows its chunks."""
+        if self.side != (meta["format"] == SIDE_FORMAT_VERSION):
+            raise IndexFormatError(f"{self.path}: not a lazyfs index (format {meta['format']} "
+                                   f"{'without' if not self.side else 'with'} checkpoints)")
         try:
             self.chunk_size = int(meta["chunk_size"])
         except (KeyError, ValueError, TypeError) as exc:
@@ -126,7 +133,9 @@ class IndexReader:
         entries). Nothing else, so no SQL of the file's own runs (views, triggers) and
         no ``sqlite_stat1`` steers the query planner away from an index."""
         have = schema_of(self._q("SELECT type, name, tbl_name, sql FROM sqlite_master"))
-        want = writer_schema()
+        self.side = "checkpoints" in have
+        """A side index (format 3): chunks read from an ordinary image's layers."""
+        want = writer_schema(self.side)
         problems = [f"no {want[n][0]} {n}" for n in sorted(want.keys() - have.keys())]
         problems += [f"an unexpected {have[n][0]} {n}" for n in sorted(have.keys() - want.keys())]
         problems += [f"{want[n][0]} {n} is not defined as lazyfs writes it"
@@ -180,7 +189,7 @@ class IndexReader:
             if bad:
                 raise IndexFormatError(f"{self.path}: hostile or corrupt index: {what}")
         self._check_codecs()
-        for what, sql in ROW_RULES:
+        for what, sql in ROW_RULES + (SIDE_ROW_RULES if self.side else []):
             (bad,) = self._one(sql, {"cs": self.chunk_size} if ":cs" in sql else ())
             if bad:
                 raise IndexFormatError(f"{self.path}: hostile or corrupt index: {what}")
@@ -280,10 +289,34 @@ class IndexReader:
         blob = self._blobs.get(blob_id)
         if (blob is None or codec not in self.codecs or not isinstance(digest, bytes)
                 or len(digest) != 32 or not all(type(v) is int for v in (offset, stored_size, size, codec))
-                or offset < 0 or stored_size < 1 or offset + stored_size > blob.size
+                or offset < 0 or stored_size < 1
+                or (codec != CODEC_GZIP_SPAN and offset + stored_size > blob.size)
                 or not 1 <= size <= self.chunk_size):
             raise IndexFormatError(f"{self.path}: malformed chunk record {str(digest)[:80]}")
+        if codec == CODEC_GZIP_SPAN:
+            return self._gzip_chunk(ChunkDigest(bytes(digest)), blob, offset, size)
         return Chunk(ChunkDigest(bytes(digest)), blob, offset, stored_size, size, codec)
+
+    def _gzip_chunk(self, digest: ChunkDigest, blob: Blob, uoffset: int, size: int) -> Chunk:
+        """A chunk of a gzip layer of a side index: its stored bytes are the compressed
+        range from the last checkpoint at or before it to the first at or past its end
+        (the end of the blob when there is none)."""
+        start = self._one("SELECT uoffset, coffset, bits, window FROM checkpoints "
+                          "WHERE blob = ? AND uoffset <= ? ORDER BY uoffset DESC LIMIT 1",
+                          (blob.id, uoffset))
+        after = self._one("SELECT coffset FROM checkpoints WHERE blob = ? AND uoffset >= ? "
+                          "ORDER BY uoffset LIMIT 1", (blob.id, uoffset + size))
+        if start is None or not all(type(v) is int for v in start[:3]) or not isinstance(start[3], bytes):
+            raise IndexFormatError(f"{self.path}: no checkpoint for chunk {digest.hex()[:80]}")
+        point, coffset, bits, window = start
+        end = blob.size if after is None else after[0]
+        # zran's bits count back from coffset: the block starts ``bits`` high bits into the
+        # byte before it; GzipSpan counts from the first byte fetched.
+        first = coffset - 1 if bits else coffset
+        if type(end) is not int or not 0 <= first < end <= blob.size or not 0 <= bits <= 7:
+            raise IndexFormatError(f"{self.path}: malformed checkpoint for chunk {digest.hex()[:80]}")
+        span = GzipSpan(bits=(8 - bits) % 8, skip=uoffset - point, window=window)
+        return Chunk(digest, blob, first, end - first, size, CODEC_GZIP_SPAN, span)
 
     def chunks(self, ino: InodeT, offset: int, size: int) -> list[Span]:
         """The spans that make up bytes ``[offset, offset + size)`` of file ``ino``,

@@ -6,7 +6,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .format import FORMAT_VERSION, SCHEMA, format_for
+from .format import FORMAT_VERSION, SCHEMA, SIDE_FORMAT_VERSION, SIDE_SCHEMA, format_for
 
 
 class IndexWriter:
@@ -17,23 +17,27 @@ class IndexWriter:
     file ``spill`` when given (what a conversion does: memory then stays at SQLite's page
     cache however many entries the image has; the file is a scratch copy, never synced).
     The ``format`` meta entry is the lowest version that has every codec of the chunks
-    added (``format.format_for``), so an index without zstd chunks stays format 1.
+    added (``format.format_for``), so an index without zstd chunks stays format 1. A side
+    index (``side``) has the checkpoints table too, and is format 3 whatever its codecs.
     """
 
-    def __init__(self, chunk_size: int, spill: str | Path | None = None) -> None:
+    def __init__(self, chunk_size: int, spill: str | Path | None = None, *, side: bool = False) -> None:
         self._db = sqlite3.connect(":memory:" if spill is None else str(spill))
         if spill is not None:
             self._db.execute("PRAGMA journal_mode = OFF")
             self._db.execute("PRAGMA synchronous = OFF")
             self._db.execute("PRAGMA cache_size = -4096")  # KiB: 4 MiB of pages
         self._db.executescript(SCHEMA)
+        if side:
+            self._db.executescript(SIDE_SCHEMA)
+        self._side = side
         self.set_meta("format", FORMAT_VERSION)
         self.set_meta("chunk_size", str(chunk_size))
         self._codecs: set[int] = set()
 
     @property
     def format_version(self) -> str:
-        return format_for(self._codecs)
+        return SIDE_FORMAT_VERSION if self._side else format_for(self._codecs)
 
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
@@ -81,6 +85,12 @@ class IndexWriter:
             "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
             (chunk_id, digest, blob, offset, stored_size, size, codec),
         )
+
+    def add_checkpoint(self, checkpoint_id: int, *, blob: int, uoffset: int, coffset: int,
+                       bits: int, window: bytes) -> None:
+        """A deflate block boundary of a gzip layer (a side index's ``checkpoints``)."""
+        self._db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+                         (checkpoint_id, blob, uoffset, coffset, bits, window))
 
     def add_extent(self, ino: int, idx: int, chunk_id: int) -> None:
         self._db.execute("INSERT INTO extents VALUES (?, ?, ?)", (ino, idx, chunk_id))

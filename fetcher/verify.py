@@ -23,7 +23,7 @@ from collections.abc import Callable
 import trio
 
 from blockindex.codec import ChunkDecodeError, decode_verified, encode
-from blockindex.format import CODEC_LZ4, CODEC_RAW, Chunk
+from blockindex.format import CODEC_LZ4, CODEC_RAW, CODECS, Chunk
 from cache.store import ChunkStore
 
 from .errors import FetchError, IntegrityError
@@ -89,6 +89,8 @@ def stored_payload(plain: bytes | memoryview, c: Chunk | None = None) -> tuple[i
     which is how its blob stores them (the node cache keeps plain bytes; a peer is sent the
     stored form). Given the chunk ``c``, None unless that is its codec and stored size (an
     image converted by another encoder): whoever receives it checks its digest anyway."""
+    if c is not None and c.codec not in CODECS:  # a gzip span: its stored form is not its own
+        return None
     if c is not None and c.codec == CODEC_RAW:
         codec, payload = CODEC_RAW, bytes(plain)
     else:  # in the chunk's own codec: lz4 and zstd images share the node cache

@@ -53,6 +53,11 @@ class NotLazyImageError(UserError):
     exit_code = ExitCode.IMAGE
 
 
+class NoSideIndexError(NotLazyImageError):
+    """An ordinary image without a side index: nothing to mount it lazily with (exit 3).
+    Where a caller that can pull an image whole falls back to doing so."""
+
+
 def exit_code_for(exc: BaseException) -> ExitCode | None:
     """The exit code of an error the user should see as one line; None for a bug."""
     if isinstance(exc, UserError):

@@ -37,6 +37,7 @@ from fetcher.peers import PeerTier
 from fetcher.registry import RegistryClient
 
 from .errors import MountError, NotLazyImageError
+from .sideindex import is_lazy_image, open_side_index
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,7 @@ class OpenedImage:
 
 
 def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
-    annotations = manifest.get("annotations") or {}
     layers = manifest.get("layers") or []
-    if not isinstance(annotations, dict) or annotations.get(fmt.ARTIFACT_ANNOTATION) is None:
-        raise NotLazyImageError(
-            f"{ref} is not a lazyfs image (convert it first: lazyfs convert SRC oci:DIR)"
-        )
     for layer in layers if isinstance(layers, list) else []:
         if isinstance(layer, dict) and layer.get("mediaType") in fmt.BLOCK_INDEX_MEDIA_TYPES:
             try:
@@ -109,6 +105,12 @@ async def open_image(ref: ImageRef, client: RegistryClient | MirroredClient | No
         raise NotLazyImageError(f"{ref}: manifest is not JSON ({exc})") from exc
     if not isinstance(manifest, dict):
         raise NotLazyImageError(f"{ref}: manifest is not a JSON object")
+    if not is_lazy_image(manifest):  # an ordinary image: by its side index (``lazyfs index``)
+        if client is None or from_cache:
+            raise MountError(f"{ref} is an ordinary image, read by its side index: mount it online")
+        with _within(3 * wait + 60, f"the side index of {ref}"):
+            side_digest, side_path = await open_side_index(client, ref, digest, images)
+        return OpenedImage(digest, side_digest, side_path, False, index_source="origin")
     desc = _index_descriptor(manifest, str(ref))
     index_digest = str(desc.get("digest"))
     if not from_cache:

@@ -24,12 +24,12 @@ import os
 from cache.private import PRIVATE_UMASK
 
 from ..process import hide_in_cmdline
-from . import cache, convert, images, mount, peer, pull, serve, snapshotter, status, trace
+from . import cache, convert, images, index, mount, peer, pull, serve, snapshotter, status, trace
 from .common import log, run, setup_logging
 from .registry import CREDS_ENV
 
 # the order of `lazyfs --help`
-_COMMANDS = (convert, serve, mount, images, peer, status, trace, snapshotter, pull, cache)
+_COMMANDS = (convert, index, serve, mount, images, peer, status, trace, snapshotter, pull, cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
+from blockindex.format import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fetcher.address import split_host_port
 
 from ..errors import ExitCode, UserError, exit_code_for
@@ -44,6 +45,14 @@ def size(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (a size is 0 or more)")
     return value
+
+
+def chunk_size_arg(text: str) -> int:
+    """A ``--chunk-size``: a power of two from 4K to 64M."""
+    n = size(text)
+    if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"chunk size must be a power of two from 4K to 64M, not {text}")
+    return n
 
 
 def seconds(text: str) -> float:

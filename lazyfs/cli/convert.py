@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blockindex.format import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from blockindex.format import DEFAULT_CHUNK_SIZE
 from blockindex.tree import MAX_ENTRIES
 
 from ..errors import ExitCode, UserError
-from .common import human, seconds, size
+from .common import chunk_size_arg, human, seconds
 from .registry import add_registry_arguments, image_ref, registry_options
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("source", help="docker-archive:TAR, oci:DIR[:TAG], dir:ROOTFS, tar:ROOTFS.tar "
                                   "or docker://HOST/REPO[:TAG]")
     p.add_argument("dest", help="oci:DIR[:TAG] or docker://HOST/REPO:TAG")
-    p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE,
+    p.add_argument("--chunk-size", type=chunk_size_arg, default=DEFAULT_CHUNK_SIZE,
                    help="chunk size (default 1M; 4K..64M)")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform source (default: this machine's)")
@@ -68,13 +68,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"{p.mounted} mounted from the source repository, {p.present} already there")
     print(f"manifest {result.manifest_digest}")
     return 0
-
-
-def _chunk_size(text: str) -> int:
-    n = size(text)
-    if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE or n & (n - 1):
-        raise argparse.ArgumentTypeError(f"chunk size must be a power of two from 4K to 64M, not {text}")
-    return n
 
 
 def _positive_int(text: str) -> int:

@@ -1,0 +1,225 @@
+"""Build a side index: the block index of an ordinary image, read from its own layers.
+
+    build_side_index(layout_dir, manifest_digest, out_path, spacing=2 << 20)
+
+Nothing is converted or stored again: each layer blob is read once, in order. While its
+tar streams past, ``ingest`` merges its entries into the tree as ``convert`` does
+(whiteouts, opaque directories, hard links) and cuts each regular file into the usual
+fixed-size chunks, each named by the BLAKE3 digest of its bytes; ``SideSpool`` keeps only
+where each chunk starts in the layer's uncompressed tar. For a gzip layer, indexed_gzip
+(zlib's zran method; Python's zlib cannot report deflate block boundaries) records a
+checkpoint at the first block boundary every ``spacing`` bytes of output, with the 32 KiB
+window before it; its exported index (the GZIDX format, parsed by ``parse_gzidx``) gives
+the rows of ``checkpoints``. The index then lists the layers as its blobs, each chunk as
+``CODEC_GZIP_SPAN`` at its tar offset (``CODEC_RAW`` in an uncompressed layer), and the
+tree as ``build.write_tree`` writes every index.
+
+A zstd layer is refused: its frames are not seekable in general. So is a GNU sparse member
+(its data is not one run of the tar). Chunks a later layer deleted are not listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import struct
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import indexed_gzip
+
+from .build import read_exactly, write_tree
+from .codec import chunk_digest
+from .errors import ImageError, UnsupportedImageError
+from .format import CODEC_GZIP_SPAN, CODEC_RAW, ChunkDigest
+from .ingest import apply_tar
+from .oci import Layout, check_digest
+from .sources import GZIP_MAGIC, ZSTD_MAGIC
+from .tree import MAX_ENTRIES, Tree
+from .writer import IndexWriter
+
+DEFAULT_SPACING = 2 << 20
+MIN_SPACING = 64 << 10
+MAX_SPACING = 1 << 30
+_GZIDX_HEADER = struct.Struct("<5sBBQQIII")
+_GZIDX_POINT = struct.Struct("<QQBB")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A deflate block boundary (GZIDX's point): the block starts ``bits`` bits before
+    byte ``coffset`` of the compressed blob (0: at it), at ``uoffset`` of the output."""
+
+    coffset: int
+    uoffset: int
+    bits: int
+    window: bytes  # the output before it, up to 32 KiB; empty at a member's start
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SideIndexResult:
+    """What a side index holds."""
+
+    image_bytes: int  # sum of the sizes of the regular files (each inode once)
+    files: int
+    chunks: int
+    checkpoints: int
+    layers: int
+    layer_bytes: int  # sum of the sizes of the layer blobs
+    index_bytes: int
+
+
+def parse_gzidx(data: bytes) -> list[Checkpoint]:
+    """The points of an index indexed_gzip exported (``zran.h``: a 35-byte header, 18
+    bytes per point, then the windows of the points that have one); ImageError if it is
+    not one."""
+    try:
+        magic, version, _, _, _, _, window_size, n = _GZIDX_HEADER.unpack_from(data, 0)
+    except struct.error as exc:
+        raise ImageError(f"not a gzip index ({exc})") from None
+    if magic != b"GZIDX" or version > 1:
+        raise ImageError(f"not a gzip index of a known version ({magic!r} {version})")
+    at = _GZIDX_HEADER.size + n * _GZIDX_POINT.size
+    points: list[Checkpoint] = []
+    for i in range(n):
+        coffset, uoffset, bits, has_window = _GZIDX_POINT.unpack_from(data, _GZIDX_HEADER.size + i * 18)
+        window = b""
+        if has_window or version == 0:
+            window = data[at : at + window_size]
+            at += window_size
+        points.append(Checkpoint(coffset, uoffset, bits, window))
+    if at != len(data):
+        raise ImageError("a gzip index of the wrong length")
+    return points
+
+
+class SideSpool:
+    """Where each chunk lies: ``ingest``'s spool for a side index. A chunk of zeros is a
+    hole, as in a converted image; one seen before keeps its first place."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self.layer = 0
+        self._zeros = bytes(chunk_size)
+        self.chunks: dict[ChunkDigest, tuple[int, int, int]] = {}
+        """(layer, offset in its tar, size) per digest, in the order they came."""
+
+    def add_chunk(self, data: bytes, at: int | None = None) -> ChunkDigest | None:
+        if data == self._zeros[: len(data)]:
+            return None
+        if at is None:
+            raise UnsupportedImageError("a GNU sparse file, which a side index cannot point into "
+                                        "(convert the image instead)")
+        digest = chunk_digest(data)
+        self.chunks.setdefault(digest, (self.layer, at, len(data)))
+        return digest
+
+    def add_stream(self, f: IO[bytes], size: int, at: int | None = None
+                   ) -> tuple[tuple[int, ChunkDigest], ...]:
+        out: list[tuple[int, ChunkDigest]] = []
+        for idx, pos in enumerate(range(0, size, self.chunk_size)):
+            data = read_exactly(f, min(self.chunk_size, size - pos))
+            digest = self.add_chunk(data, None if at is None else at + pos)
+            if digest is not None:
+                out.append((idx, digest))
+        return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Layer:
+    digest: str
+    size: int
+    gzip: bool
+    checkpoints: list[Checkpoint]
+
+
+def build_side_index(layout_dir: Path, manifest_digest: str, out_path: Path, *,
+                     chunk_size: int, spacing: int = DEFAULT_SPACING,
+                     max_entries: int = MAX_ENTRIES,
+                     prefetch_files: Sequence[bytes] = ()) -> SideIndexResult:
+    """Write the side index of the image whose manifest ``manifest_digest`` is in the OCI
+    layout ``layout_dir`` (with its blobs) to ``out_path``. ImageError (or its
+    Unsafe/UnsupportedImageError) for an image it cannot index."""
+    if not MIN_SPACING <= spacing <= MAX_SPACING:
+        raise ValueError(f"checkpoint spacing {spacing}: expected {MIN_SPACING} to {MAX_SPACING} bytes")
+    layout = Layout(layout_dir)
+    manifest = json.loads(layout.read_blob(check_digest(manifest_digest)))
+    descs = manifest.get("layers") if isinstance(manifest, dict) else None
+    if not isinstance(descs, list) or not all(isinstance(d, dict) for d in descs):
+        raise ImageError(f"manifest {manifest_digest} has no layers")
+    tree = Tree(max_entries)
+    spool = SideSpool(chunk_size)
+    layers: list[_Layer] = []
+    for number, desc in enumerate(descs):
+        digest = check_digest(str(desc.get("digest", "")))
+        spool.layer = number
+        layers.append(_index_layer(layout.blob_path(digest), digest, tree, spool, number, spacing))
+    with tempfile.TemporaryDirectory(prefix=".side-", dir=out_path.parent) as tmp:
+        w = IndexWriter(chunk_size, spill=Path(tmp) / "index.work", side=True)
+        try:
+            w.set_meta("spacing", str(spacing))
+
+            def pack(used: set[ChunkDigest]) -> dict[ChunkDigest, int]:
+                return _pack(w, layers, spool, used)
+
+            image_bytes, files, ids = write_tree(tree, w, pack, prefetch_files)
+            w.write(out_path)
+        finally:
+            w.close()
+    return SideIndexResult(
+        image_bytes=image_bytes, files=files, chunks=len(ids),
+        checkpoints=sum(len(layer.checkpoints) for layer in layers), layers=len(layers),
+        layer_bytes=sum(layer.size for layer in layers), index_bytes=out_path.stat().st_size)
+
+
+def _index_layer(path: Path, digest: str, tree: Tree, spool: SideSpool, number: int,
+                 spacing: int) -> _Layer:
+    name = f"layer {digest}"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({exc.strerror})") from exc
+    if magic.startswith(ZSTD_MAGIC):
+        raise UnsupportedImageError(f"{name} is zstd-compressed: a side index needs gzip or "
+                                    "uncompressed layers (convert the image instead)")
+    if not magic.startswith(GZIP_MAGIC):
+        with open(path, "rb") as f:
+            apply_tar(tree, spool, f, name, number)
+        return _Layer(digest, size, False, [])
+    try:
+        with indexed_gzip.IndexedGzipFile(str(path), spacing=spacing) as gz:
+            apply_tar(tree, spool, gz, name, number)
+            gz.build_full_index()
+            exported = io.BytesIO()
+            gz.export_index(fileobj=exported)
+    except (indexed_gzip.ZranError, ValueError, OSError) as exc:
+        raise ImageError(f"{name}: corrupt gzip ({exc})") from exc
+    # The point indexed_gzip makes at the very end of the stream has nothing after it; of
+    # two at one output offset (a member's end and the next one's start) the later is kept.
+    by_offset = {p.uoffset: p for p in parse_gzidx(exported.getvalue()) if p.coffset < size}
+    return _Layer(digest, size, True, sorted(by_offset.values(), key=lambda p: p.uoffset))
+
+
+def _pack(w: IndexWriter, layers: list[_Layer], spool: SideSpool,
+          used: set[ChunkDigest]) -> dict[ChunkDigest, int]:
+    """The blob, checkpoint and chunk rows: blob ``n + 1`` is layer ``n``."""
+    point_id = 0
+    for number, layer in enumerate(layers):
+        w.add_blob(number + 1, layer.digest, layer.size)
+        for p in layer.checkpoints:
+            point_id += 1
+            w.add_checkpoint(point_id, blob=number + 1, uoffset=p.uoffset, coffset=p.coffset,
+                             bits=p.bits, window=zlib.compress(p.window, 9) if p.window else b"")
+    ids: dict[ChunkDigest, int] = {}
+    for digest, (number, at, size) in spool.chunks.items():
+        if digest in used:
+            cid = ids[digest] = len(ids) + 1
+            codec = CODEC_GZIP_SPAN if layers[number].gzip else CODEC_RAW
+            w.add_chunk(cid, digest, blob=number + 1, offset=at, stored_size=size, size=size, codec=codec)
+    return ids
