@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from blockindex.convert import convert  # noqa: E402
 from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
-from lazyfs.process import wait_gone  # noqa: E402
+from lazyfs.process import wait_exited  # noqa: E402
 from lazyfs.serve import ServerHandle, make_server  # noqa: E402
 from testkit import imagegen  # noqa: E402
 from testkit.waiting import wait_until  # noqa: E402
@@ -92,7 +92,11 @@ class Mounts:
 
 
 def _kill(pid: int) -> None:
-    wait_gone(pid, 10, kill=True)
+    """Wait for a mount process to stop running, then SIGKILL it. A foreground mount the
+    test started is its child, a zombie until the test reaps it: it counts as stopped
+    (``exited``), or every such teardown would wait out the whole 10 s."""
+    if not wait_exited(pid, 10):
+        wait_exited(pid, 10, kill=True)
 
 
 @pytest.fixture
@@ -175,3 +179,4 @@ def served(rich, tmp_path):
     image, images = rich
     for root, server in serve_copy(images, tmp_path):
         yield image, root, server
+
