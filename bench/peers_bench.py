@@ -291,7 +291,8 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
 
 def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: float = 0.0,
         origin_mibps: float = ORIGIN_MIBPS) -> dict[str, Any]:
-    """Measure, write ``outdir/peers.json`` and ``outdir/peers.png``; return the results."""
+    """Measure, write ``outdir/peers.json`` and ``outdir/peers.png``, print a table of the
+    medians; return the results."""
     outdir.mkdir(parents=True, exist_ok=True)
     counts = (1, 2) if quick else (1, 2, 4, 8)
     runs = runs or (1 if quick else 3)
@@ -354,7 +355,19 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
     }
     (outdir / "peers.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(out, outdir / "peers.png")
+    _print_table(out, outdir)
     return out
+
+
+def _print_table(out: dict[str, Any], outdir: Path) -> None:
+    """The medians, and where the results went (the suite's output shows them too)."""
+    print(f"{'nodes':>5} {'mode':>9} {'program s':>10} {'complete s':>11} {'origin MiB':>11}")
+    for n in out["params"]["nodes"]:
+        for mode in MODES:
+            r = out["results"][mode][str(n)]
+            print(f"{n:>5} {mode:>9} {r['program_s']['median']:>10.2f} "
+                  f"{r['cache_complete_s']['median']:>11.2f} {r['origin_bytes']['median'] / 2**20:>11.1f}")
+    print(f"wrote {outdir / 'peers.json'} and {outdir / 'peers.png'}")
 
 
 def plot(out: dict[str, Any], path: Path) -> None:
@@ -413,15 +426,7 @@ def main() -> int:
         return 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on ^C: unmount everything
     outdir = args.out or ROOT / "bench" / "results" / dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
-    out = run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay,
-              origin_mibps=args.origin_mibps)
-    print(f"{'nodes':>5} {'mode':>9} {'program s':>10} {'complete s':>11} {'origin MiB':>11}")
-    for n in out["params"]["nodes"]:
-        for mode in MODES:
-            r = out["results"][mode][str(n)]
-            print(f"{n:>5} {mode:>9} {r['program_s']['median']:>10.2f} "
-                  f"{r['cache_complete_s']['median']:>11.2f} {r['origin_bytes']['median'] / 2**20:>11.1f}")
-    print(f"wrote {outdir / 'peers.json'} and {outdir / 'peers.png'}")
+    run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay, origin_mibps=args.origin_mibps)
     return 0
 
 

@@ -180,3 +180,38 @@ def served(rich, tmp_path):
     for root, server in serve_copy(images, tmp_path):
         yield image, root, server
 
+
+# -- the benchmark suite's quick run, once a session ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickSuite:
+    done: subprocess.CompletedProcess
+    out: Path
+    """The results directory: suite.json, summary.md, the plots, and one directory per node
+    benchmark (``out/soak/soak.json``, ...)."""
+
+    def result(self) -> dict:
+        path = self.out / "suite.json"
+        assert path.exists(), f"bench/run --quick exited {self.done.returncode}:\n{self.done.stderr[-3000:]}"
+        return json.loads(path.read_text())
+
+    def node(self, name: str) -> dict:
+        """What the node benchmark ``bench/<name>.py`` returned to the suite; it must have run."""
+        got = self.result()["scenarios"]["nodes"][name]
+        assert got["status"] == "ok", (f"bench/{name}.py in the suite: {got['status']}\n"
+                                       f"{self.done.stderr[-3000:]}")
+        return got["result"]
+
+
+@pytest.fixture(scope="session")
+def quick_suite(tmp_path_factory) -> QuickSuite:
+    """``bench/run --quick`` (every scenario of the benchmark suite on tiny inputs), run once
+    a session. Its nodes scenario calls the peers, registry, snapshotter and soak benchmarks'
+    ``run(quick=True, outdir)``, exactly what their own tests check, so those tests read the
+    suite's outputs rather than run each benchmark a second time (a few minutes on two cores).
+    Tests using it need ``@pytest.mark.timeout(1300)``: the first one waits for the run."""
+    out = tmp_path_factory.mktemp("quick-suite")
+    done = subprocess.run([str(ROOT / "bench" / "run"), "--no-setup", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    return QuickSuite(done, out)
