@@ -134,10 +134,15 @@ TOOLS = (
 )
 
 
-def fresh_cold() -> None:
+def fresh_cold(b: Bench) -> None:
     """Before anything is timed cold: the page cache dropped, so the image's bytes are read
     from where they live; then each tool's own program files read back (as on a node whose
-    container runtime and lazyfs are running already), so they are not what is timed."""
+    container runtime and lazyfs are running already), so they are not what is timed.
+    A quick run keeps the page cache, as ``bench/registry_bench.py --quick`` does: its
+    figures are not read, and each drop costs seconds (a sync and every tool read back) and
+    slows every other process on the machine it shares, some twenty-five times a run."""
+    if b.params.quick:
+        return
     drop_caches()
     for argv in TOOLS:
         if shutil.which(argv[0]):

@@ -72,7 +72,7 @@ def _tool(b: Bench, tool: str) -> dict[str, Any]:
     for i in range(p.runs):
         log(f"{tool} readiness run {i + 1}/{p.runs}")
         cache = b.h.fresh(f"{tool}-cache")
-        fresh_cold()
+        fresh_cold(b)
         rx0 = b.link.rx_bytes()
         t0 = time.perf_counter()
         m = _Mount(b, tool, b.files_url("rootfs/"), cache)
@@ -102,7 +102,7 @@ def _tool(b: Bench, tool: str) -> dict[str, Any]:
         cache = b.h.fresh(f"{tool}-cache")
         for label in ("cold", "warm"):
             m = _Mount(b, tool, b.files_url("seq/"), cache)
-            fresh_cold()
+            fresh_cold(b)
             rx0 = b.link.rx_bytes()
             t = time.perf_counter()
             n = read_all(m.mnt / "data" / "big")

@@ -345,7 +345,8 @@ def wait_listening(port: int, timeout: float = 30.0) -> None:
 
 def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: float = 0.0,
         origin_mibps: float = ORIGIN_MIBPS, nodes: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Measure, write ``outdir/peers.json`` and ``outdir/peers.png``; return the results."""
+    """Measure, write ``outdir/peers.json`` and ``outdir/peers.png``, print a table of the
+    medians; return the results."""
     outdir.mkdir(parents=True, exist_ok=True)
     counts = nodes or ((1, 2) if quick else (1, 2, 4, 8))
     runs = runs or (1 if quick else 3)
@@ -417,7 +418,23 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
     }
     (outdir / "peers.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(out, outdir / "peers.png")
+    _print_table(out, outdir)
     return out
+
+
+def _print_table(out: dict[str, Any], outdir: Path) -> None:
+    print(f"{'nodes':>5} {'mode':>9} {'program s':>10} {'complete s':>11} {'origin MiB':>11} "
+          f"{'x one node':>11} {'index GETs':>11}")
+    for n in out["params"]["nodes"]:
+        for mode in MODES:
+            r = out["results"][mode][str(n)]
+            sent = r["origin_sent_bytes"]["median"] / 2**20
+            print(f"{n:>5} {mode:>9} {r['program_s']['median']:>10.2f} "
+                  f"{r['cache_complete_s']['median']:>11.2f} {sent:>11.2f} "
+                  f"{r['origin_vs_one_node']['median']:>11.3f} {r['origin_index_gets']['median']:>11.0f}")
+    print(f"one node needs {out['params']['one_node_needs_bytes'] / 2**20:.2f} MiB; goal with peers: "
+          f"at most {GOAL}x")
+    print(f"wrote {outdir / 'peers.json'} and {outdir / 'peers.png'}")
 
 
 def plot(out: dict[str, Any], path: Path) -> None:
@@ -478,20 +495,8 @@ def main() -> int:
         return 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on ^C: unmount everything
     outdir = args.out or ROOT / "bench" / "results" / dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
-    out = run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay,
-              origin_mibps=args.origin_mibps, nodes=args.nodes)
-    print(f"{'nodes':>5} {'mode':>9} {'program s':>10} {'complete s':>11} {'origin MiB':>11} "
-          f"{'x one node':>11} {'index GETs':>11}")
-    for n in out["params"]["nodes"]:
-        for mode in MODES:
-            r = out["results"][mode][str(n)]
-            sent = r["origin_sent_bytes"]["median"] / 2**20
-            print(f"{n:>5} {mode:>9} {r['program_s']['median']:>10.2f} "
-                  f"{r['cache_complete_s']['median']:>11.2f} {sent:>11.2f} "
-                  f"{r['origin_vs_one_node']['median']:>11.3f} {r['origin_index_gets']['median']:>11.0f}")
-    print(f"one node needs {out['params']['one_node_needs_bytes'] / 2**20:.2f} MiB; goal with peers: "
-          f"at most {GOAL}x")
-    print(f"wrote {outdir / 'peers.json'} and {outdir / 'peers.png'}")
+    run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay,
+        origin_mibps=args.origin_mibps, nodes=args.nodes)
     return 0
 
 

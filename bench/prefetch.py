@@ -44,7 +44,7 @@ def scenario(b: Bench) -> dict[str, Any]:
         log(f"prefetch run {i + 1}/{p.runs}")
         # to completion, nothing else reading
         cache = b.h.fresh("cache-prefetch")
-        fresh_cold()
+        fresh_cold(b)
         rx0 = b.link.rx_bytes()
         t0 = time.perf_counter()
         mnt = b.h.mount(b.image.lazy, cache)
@@ -57,7 +57,7 @@ def scenario(b: Bench) -> dict[str, Any]:
         # the prefetch's own total counts the chunks' uncompressed bytes
         fill.append(blob_bytes / (t_done - t0))
         fill_mounted.append(blob_bytes / (t_done - t_mounted))
-        fresh_cold()
+        fresh_cold(b)
         cached += [timed_pread(mnt, path, off) for path, off in sample]
         b.h.umount(mnt)
         shutil.rmtree(cache)
@@ -68,7 +68,7 @@ def scenario(b: Bench) -> dict[str, Any]:
 
         # reads while the prefetch runs: only those that finished before it did count
         cache = b.h.fresh("cache-busy")
-        fresh_cold()
+        fresh_cold(b)
         mnt = b.h.mount(b.image.lazy, cache)
         for path, off in sample:
             took = timed_pread(mnt, path, off)
@@ -79,7 +79,7 @@ def scenario(b: Bench) -> dict[str, Any]:
         shutil.rmtree(cache)
 
         cache = b.h.fresh("cache-idle")
-        fresh_cold()
+        fresh_cold(b)
         mnt = b.h.mount(b.image.lazy, cache, "--no-prefetch")
         idle += [timed_pread(mnt, path, off) for path, off in sample]
         b.h.umount(mnt)

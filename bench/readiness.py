@@ -41,7 +41,7 @@ def recorded_available() -> str | None:
 
 
 def _lazy(b: Bench, cache, *extra: str) -> dict[str, float]:
-    fresh_cold()
+    fresh_cold(b)
     rx0 = b.link.rx_bytes()
     t0 = time.perf_counter()
     mnt = b.h.mount(b.image.lazy, cache, *extra)
@@ -58,7 +58,7 @@ def _lazy(b: Bench, cache, *extra: str) -> dict[str, float]:
 
 def _full_pull(b: Bench) -> dict[str, float]:
     root = b.h.fresh("pulled")
-    fresh_cold()
+    fresh_cold(b)
     rx0 = b.link.rx_bytes()
     t0 = time.perf_counter()
     for layer in b.image.layers:
@@ -72,13 +72,13 @@ def _full_pull(b: Bench) -> dict[str, float]:
     return out
 
 
-def _mounted(mnt) -> dict[str, float]:
-    fresh_cold()
+def _mounted(b: Bench, mnt) -> dict[str, float]:
+    fresh_cold(b)
     return run_programs(mnt, time.perf_counter())
 
 
 def _local(b: Bench) -> dict[str, float]:
-    fresh_cold()
+    fresh_cold(b)
     return run_programs(b.image.rootfs, time.perf_counter())
 
 
@@ -117,7 +117,7 @@ def scenario(b: Bench) -> dict[str, Any]:
         if "lazy_recorded" in rows:
             rows["lazy_recorded"].append(_recorded(b))
         rows["lazy_warm"].append(_lazy(b, warm, "--no-prefetch"))
-        rows["lazy_warm_mounted"].append(_mounted(mounted))
+        rows["lazy_warm_mounted"].append(_mounted(b, mounted))
         rows["local_disk"].append(_local(b))
     b.h.umount(mounted)
     modes: dict[str, Any] = {}

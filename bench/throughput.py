@@ -44,8 +44,8 @@ def _random(path: Path, offsets: list[int]) -> float:
     return len(offsets) * 4096 / took
 
 
-def _walk(root: Path) -> float:
-    fresh_cold()
+def _walk(b: Bench, root: Path) -> float:
+    fresh_cold(b)
     t = time.perf_counter()
     run("find", str(root), "-printf", "%s", timeout=1800)
     return time.perf_counter() - t
@@ -69,33 +69,33 @@ def scenario(b: Bench) -> dict[str, Any]:
         log(f"throughput run {i + 1}/{p.runs}")
         for mode in ("seq", "random"):
             mnt = b.h.mount(b.seq, b.h.fresh("cache-cold"), "--no-prefetch")
-            fresh_cold()
+            fresh_cold(b)
             if mode == "seq":
                 seq["lazy_cold"].append(_seq(mnt / "data" / "big", size))
             else:
                 rnd["lazy_cold"].append(_random(mnt / "data" / "big", cold_offsets))
             b.h.umount(mnt)
         mnt = b.h.mount(b.seq, warm, "--no-prefetch")
-        fresh_cold()
+        fresh_cold(b)
         seq["lazy_warm"].append(_seq(mnt / "data" / "big", size))
-        fresh_cold()
+        fresh_cold(b)
         rnd["lazy_warm"].append(_random(mnt / "data" / "big", offsets))
         b.h.umount(mnt)
         for mode, path in (("local_disk", local), ("memfs", memfs / "file")):
-            fresh_cold()
+            fresh_cold(b)
             seq[mode].append(_seq(path, size))
-            fresh_cold()
+            fresh_cold(b)
             rnd[mode].append(_random(path, offsets))
 
         cache = b.h.fresh("cache-walk")
         mnt = b.h.mount(b.image.lazy, cache, "--no-prefetch")
-        walks["lazy_debian"].append(_walk(mnt))
+        walks["lazy_debian"].append(_walk(b, mnt))
         b.h.umount(mnt)
-        walks["local_debian"].append(_walk(b.image.rootfs))
+        walks["local_debian"].append(_walk(b, b.image.rootfs))
         mnt = b.h.mount(b.walk, cache, "--no-prefetch")
-        walks["lazy_many"].append(_walk(mnt / "many"))
+        walks["lazy_many"].append(_walk(b, mnt / "many"))
         b.h.umount(mnt)
-        walks["memfs_many"].append(_walk(memfs / "many"))
+        walks["memfs_many"].append(_walk(b, memfs / "many"))
         shutil.rmtree(cache)
     shutil.rmtree(warm)
     out: dict[str, Any] = {

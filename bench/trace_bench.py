@@ -199,7 +199,7 @@ def one_start(b: Bench, ref: str, cache: Path, work: list[str]) -> dict[str, Any
 def run(quick: bool, outdir: Path, *, runs: int | None = None, delay: float = 0.03,
         mbit: float = 100.0) -> dict[str, Any]:
     """Measure, write ``outdir/trace.json`` and return its contents."""
-    runs = runs or (2 if quick else 5)
+    runs = runs or (1 if quick else 5)
     files = 60 if quick else 300
     outdir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix="lazyfs-trace-bench-"))
@@ -284,8 +284,8 @@ def table(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small image, two repetitions (CI)")
-    ap.add_argument("--runs", type=int, help="repetitions of each scenario (default 5; quick 2)")
+    ap.add_argument("--quick", action="store_true", help="small image, one repetition (CI)")
+    ap.add_argument("--runs", type=int, help="repetitions of each scenario (default 5; quick 1)")
     ap.add_argument("--delay", type=float, default=0.03, help="seconds the server waits before each response")
     ap.add_argument("--mbit", type=float, default=100.0, help="link bandwidth cap, Mbit/s")
     ap.add_argument("--out", type=Path, help="output directory (default bench/results/<UTC time>)")

@@ -197,6 +197,17 @@ class ServerHandle:
         """Every answered request, in order: (method, path, Range header, status)."""
         return self._server.requests
 
+    @property
+    def rate(self) -> float:
+        """Bytes a second that blob bodies go out at, over all connections (0: as fast as
+        they can). Settable while serving: a test widens a thin link once it has served its
+        purpose; bodies already being sent keep the rate they started with."""
+        return self._server.rate
+
+    @rate.setter
+    def rate(self, rate: float) -> None:
+        self._server.rate = rate
+
     def start(self) -> ServerHandle:
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.05,), name=f"lazyfs-serve:{self.port}", daemon=True

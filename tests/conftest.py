@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from blockindex.convert import convert  # noqa: E402
 from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # noqa: E402
-from lazyfs.process import wait_gone  # noqa: E402
+from lazyfs.process import wait_exited  # noqa: E402
 from lazyfs.serve import ServerHandle, make_server  # noqa: E402
 from testkit import imagegen  # noqa: E402
 from testkit.waiting import wait_until  # noqa: E402
@@ -92,7 +92,11 @@ class Mounts:
 
 
 def _kill(pid: int) -> None:
-    wait_gone(pid, 10, kill=True)
+    """Wait for a mount process to stop running, then SIGKILL it. A foreground mount the
+    test started is its child, a zombie until the test reaps it: it counts as stopped
+    (``exited``), or every such teardown would wait out the whole 10 s."""
+    if not wait_exited(pid, 10):
+        wait_exited(pid, 10, kill=True)
 
 
 @pytest.fixture
@@ -175,3 +179,39 @@ def served(rich, tmp_path):
     image, images = rich
     for root, server in serve_copy(images, tmp_path):
         yield image, root, server
+
+
+# -- the benchmark suite's quick run, once a session ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickSuite:
+    done: subprocess.CompletedProcess
+    out: Path
+    """The results directory: suite.json, summary.md, the plots, and one directory per node
+    benchmark (``out/soak/soak.json``, ...)."""
+
+    def result(self) -> dict:
+        path = self.out / "suite.json"
+        assert path.exists(), f"bench/run --quick exited {self.done.returncode}:\n{self.done.stderr[-3000:]}"
+        return json.loads(path.read_text())
+
+    def node(self, name: str) -> dict:
+        """What the node benchmark ``bench/<name>.py`` returned to the suite; it must have run."""
+        got = self.result()["scenarios"]["nodes"][name]
+        assert got["status"] == "ok", (f"bench/{name}.py in the suite: {got['status']}\n"
+                                       f"{self.done.stderr[-3000:]}")
+        return got["result"]
+
+
+@pytest.fixture(scope="session")
+def quick_suite(tmp_path_factory) -> QuickSuite:
+    """``bench/run --quick`` (every scenario of the benchmark suite on tiny inputs), run once
+    a session. Its nodes scenario calls the peers, registry, snapshotter and soak benchmarks'
+    ``run(quick=True, outdir)``, exactly what their own tests check, so those tests read the
+    suite's outputs rather than run each benchmark a second time (a few minutes on two cores).
+    Tests using it need ``@pytest.mark.timeout(1300)``: the first one waits for the run."""
+    out = tmp_path_factory.mktemp("quick-suite")
+    done = subprocess.run([str(ROOT / "bench" / "run"), "--no-setup", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    return QuickSuite(done, out)

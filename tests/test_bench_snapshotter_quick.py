@@ -3,7 +3,8 @@ reports every figure. Timings are only checked to exist: they belong in bench/. 
 behaviour: a lazy pull and run fetches less than the whole lazy image; the complete image
 reads as the same tar through lazyfs, overlayfs and memfs; a cold tree read fetches the
 whole image; more mounts take more memory; the distinct images mounted for that share their
-blobs on disk."""
+blobs on disk. The run checked is the one the session's ``bench/run --quick`` made
+(``quick_suite``): the suite calls the same ``run(quick=True, outdir)``."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ import pytest
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
 
-@pytest.mark.timeout(600)  # containerd pulls and runs of each mode
-def test_quick_snapshotter_benchmark_reports_every_figure(tmp_path):
+@pytest.mark.timeout(1300)  # the session's quick suite may take 1200 s
+def test_quick_snapshotter_benchmark_reports_every_figure(request):
     if not all(shutil.which(t) for t in ("containerd", "ctr", "runc", "containerd-shim-runc-v2")):
         pytest.skip("needs containerd, ctr and runc (tests/setup.sh installs them)")
-    from bench.snapshotter_bench import run
-
-    result = run(quick=True, outdir=tmp_path)
-    assert json.loads((tmp_path / "snapshotter.json").read_text()) == json.loads(json.dumps(result))
+    quick_suite = request.getfixturevalue("quick_suite")
+    result = quick_suite.node("snapshotter_bench")
+    assert json.loads((quick_suite.out / "snapshotter_bench" / "snapshotter.json").read_text()) == result
     assert result["image"]["name"] == "python"
     # the mounted variants share the image's blobs on disk: what they add is far less than one copy
     assert 0 < result["image"]["variants_own_bytes"] < result["image"]["lazy_stored_bytes"] / 2

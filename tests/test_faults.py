@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
 from testkit.faultproxy import FaultProxy
 from testkit.registryd import free_port
-from testkit.waiting import listening, wait_until
+from testkit.waiting import listening, stop_process, wait_until
 
 from .cachekit import CHUNK, install, make_image
 from .conftest import ROOT
@@ -186,8 +185,7 @@ def test_a_lying_peer_fails_no_read_and_is_reported(fault_image, origin, mounts,
             liar.clear()
             right(mnt, files, names[4])
     finally:
-        peer.terminate()
-        wait_gone(peer.pid, 10, kill=True)
+        stop_process(peer)
         log.close()
 
 

@@ -14,9 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cache.store import ChunkStore
 from lazyfs.metrics import Metrics
-from lazyfs.process import wait_gone
 from lazyfs.serve import make_server
-from testkit.waiting import wait_until
+from testkit.waiting import stop_process, wait_until
 from tests.cachekit import install, make_image
 from tests.conftest import ROOT, lazyfs
 
@@ -105,9 +104,7 @@ def _started(argv: list[str]) -> tuple[subprocess.Popen, str, str]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    wait_gone(proc.pid, 10, kill=True)
-    proc.wait()
+    stop_process(proc, sig=signal.SIGINT)
     proc.stderr.close()
 
 

@@ -1,17 +1,14 @@
 """The peers benchmark's quick mode runs end to end: every figure is there for 1 and 2
 nodes in both modes, and the plot is drawn. Timings are not checked (they belong in
-bench/); what peers must do to the origin's load is, since it does not depend on speed."""
+bench/); what peers must do to the origin's load is, since it does not depend on speed.
+The run checked is the one the session's ``bench/run --quick`` made (``quick_suite``): the
+suite calls the same ``run(quick=True, outdir)`` as ``bench/peers_bench.py --quick``."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.mount, pytest.mark.slow]
 
@@ -19,12 +16,11 @@ FIGURES = ["program_s", "cache_complete_s", "mounted_s", "origin_bytes", "origin
 RATIOS = ["program_peers_vs_no_peers", "cache_complete_peers_vs_no_peers", "origin_bytes_peers_vs_no_peers"]
 
 
-@pytest.mark.timeout(700)  # its subprocess may take 600 s
-def test_quick_peers_benchmark_reports_every_figure_and_draws_the_plot(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "peers_bench.py"), "--quick",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads((tmp_path / "peers.json").read_text())
+@pytest.mark.timeout(1300)  # the session's quick suite may take 1200 s
+def test_quick_peers_benchmark_reports_every_figure_and_draws_the_plot(quick_suite):
+    out = quick_suite.node("peers_bench")
+    tmp_path = quick_suite.out / "peers_bench"
+    assert json.loads((tmp_path / "peers.json").read_text()) == out
     assert out["params"]["nodes"] == [1, 2]
     stored = out["params"]["image_stored_bytes"]
     assert stored > 0
@@ -46,4 +42,4 @@ def test_quick_peers_benchmark_reports_every_figure_and_draws_the_plot(tmp_path)
     assert out["results"]["no_peers"]["2"]["origin_requests"]["median"] > 0
     png = tmp_path / out["plot"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert str(tmp_path / "peers.json") in done.stdout
+    assert str(tmp_path / "peers.json") in quick_suite.done.stdout

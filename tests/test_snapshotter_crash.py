@@ -225,6 +225,9 @@ def test_sigkill_loop_keeps_snapshots_mounts_and_cache_right(image):
         # the kills came in the middle of the prefetch, not after it
         assert sum(r[1] < len(digests) for r in report) >= ROUNDS // 2, report
 
+        # the thin link has kept the prefetch running through the rounds; what is left of it
+        # (much of the image after a round that dropped the cache) need not take half a minute
+        server.rate = 0
         mnt = node.image_mount()
         wait_until(lambda: _status(mnt)["prefetch"]["complete"], 180, "the prefetch completing",
                    interval=0.3, detail=lambda: _status(mnt)["prefetch"])
