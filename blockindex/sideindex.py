@@ -30,8 +30,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-import indexed_gzip
-
 from .build import read_exactly, write_tree
 from .codec import chunk_digest
 from .errors import ImageError, UnsupportedImageError
@@ -192,6 +190,8 @@ def _index_layer(path: Path, digest: str, tree: Tree, spool: SideSpool, number: 
         with open(path, "rb") as f:
             apply_tar(tree, spool, f, name, number)
         return _Layer(digest, size, False, [])
+    import indexed_gzip  # here only: 7 MB that no mount and no other command needs
+
     try:
         with indexed_gzip.IndexedGzipFile(str(path), spacing=spacing) as gz:
             apply_tar(tree, spool, gz, name, number)

@@ -132,6 +132,10 @@ class ChunkFetcher:
         return await self._verifier.cached_range(
             self._store, c, offset, size, on_disk=self._disk_ahead.cold if self._disk_ahead else None)
 
+    def has_cached(self, c: Chunk) -> bool:
+        """Whether the node cache holds a whole entry of ``c`` (one ``stat``)."""
+        return self._store is not None and self._store.contains(c.digest, c.size)
+
     async def _cached(self, c: Chunk) -> memoryview | None:
         assert self._store is not None
         return await self._verifier.cached(self._store, c)

@@ -43,10 +43,13 @@ class ImageContent:
     or loaded by readahead) are kept in a small in-memory LRU, so that the kernel's many
     small reads of one chunk find it there.
 
-    When a file is read sequentially, the next ``readahead_chunks`` chunks are loaded
-    (from the cache, else the network) in the background, so that disk reads and round
-    trips overlap instead of waiting one chunk at a time: the kernel's own readahead
-    asks for one chunk at most ahead."""
+    When a file is read sequentially, the next ``readahead_chunks`` chunks that the node
+    cache lacks are fetched in the background, so that round trips overlap instead of
+    waiting one chunk at a time: the kernel's own readahead asks for one chunk at most
+    ahead. Chunks the cache holds are left there (their reads are ranges of the page
+    cache, which ``fetcher.diskahead`` fills ahead of a walk): loading them whole into
+    memory cost a 1 MiB read, check and copy per chunk, and 64 MB held by a mount that
+    had read a whole image."""
 
     def __init__(
         self,
@@ -57,6 +60,7 @@ class ImageContent:
         nursery: trio.Nursery | None = None,
         readahead_chunks: int = 4,
         memory_chunks: int = 64,
+        memory_bytes: int = 8 << 20,
         readlog: ReadLog | None = None,
     ) -> None:
         """``readlog`` is told of every read (first-read trace, network waits, sources)."""
@@ -70,6 +74,8 @@ class ImageContent:
         self._on_cached = on_cached
         self._lru: collections.OrderedDict[ChunkDigest, bytes | memoryview] = collections.OrderedDict()
         self._lru_max = memory_chunks
+        self._lru_bytes_max = memory_bytes
+        self._lru_bytes = 0
         self._nursery = nursery
         self._readahead = readahead_chunks if nursery is not None else 0
         self._last_end: collections.OrderedDict[InodeT, int] = collections.OrderedDict()
@@ -157,6 +163,7 @@ class ImageContent:
         todo = [
             s.chunk for s in self.index.chunks(ino, pos, self._readahead * cs)
             if s.chunk is not None and s.chunk.digest not in self._lru and s.chunk.digest not in self._ahead
+            and not self.fetcher.has_cached(s.chunk)
         ]
         if todo:
             self._ahead.update(c.digest for c in todo)
@@ -226,10 +233,16 @@ class ImageContent:
     def _remember(self, digest: ChunkDigest, plain: bytes | memoryview) -> None:
         if isinstance(plain, memoryview) and memoryview(plain.obj).nbytes > 2 * plain.nbytes:
             plain = bytes(plain)  # do not pin a whole fetched range in memory for one chunk
+        old = self._lru.pop(digest, None)
+        if old is not None:
+            self._lru_bytes -= len(old)
         self._lru[digest] = plain
-        self._lru.move_to_end(digest)
-        while len(self._lru) > self._lru_max:
-            self._lru.popitem(last=False)
+        self._lru_bytes += len(plain)
+        while self._lru and (len(self._lru) > self._lru_max or self._lru_bytes > self._lru_bytes_max):
+            _, dropped = self._lru.popitem(last=False)
+            self._lru_bytes -= len(dropped)
+        if not self._lru:
+            self._lru_bytes = 0  # whatever emptied it
 
 
 def _zeros(n: int) -> bytes:
