@@ -17,8 +17,8 @@ splits that into
                         set-up and close)
     containerd_connect_s  the gRPC channel to containerd and the lease
     content_store_s     the manifest and config written into containerd's content store
-    snapshot_prepare_s  the layers' snapshots prepared through the snapshotter, which mounts
-                        the image (split further by ``prepare_parts``)
+    snapshot_prepare_s  the layers' snapshots prepared through the snapshotter, which starts
+                        the image's mount (its parts: ``prepare_parts``)
     image_create_s      the image record
     exit_s              from the pull's return until the process is gone (interpreter exit)
 
@@ -30,7 +30,9 @@ process's own log line ``mounted ...``:
                           (spare) mount process starting, until its first registry answer
     mount_registry_s      first to last registry answer of the mount process
     index_open_and_fuse_s last answer to the ``mounted`` log line (index opened, FUSE init)
-    mounted_to_reply_s    the ready pipe, the snapshotter's records, containerd's answer
+    mounted_to_reply_s    from the mount's ``mounted`` to the step's end: negative when the
+                          snapshotter answered before the mount was up (it does for
+                          ``lazyfs pull``, and a container's start waits for the mount)
 """
 
 from __future__ import annotations
@@ -142,15 +144,18 @@ def timed_pull(address: Path, ref: str, out: Path) -> dict[str, Any]:
 
 def prepare_parts(window: tuple[float, float], answers: list[float],
                   mounted: float | None) -> dict[str, float]:
-    """The snapshot step split by the registry's answers (wall-clock times, in order) and
-    the mount process's ``mounted`` time, all within ``window``."""
+    """The image's mount from the snapshot step's start (``window``), split by the
+    registry's answers (wall-clock times, in order) until the mount process's ``mounted``
+    time. The snapshotter brings the mount of a ``lazyfs pull`` up in the background, so
+    it may end after the step: ``mounted_to_reply_s`` is then negative (the pull's answer
+    came that long before the mount)."""
     start, end = window
-    inside = [t for t in answers if start <= t <= end]
+    inside = [t for t in answers if mounted is not None and start <= t <= mounted]
     if not inside or mounted is None:
         return {}
     return {"to_first_request_s": inside[0] - start, "mount_registry_s": inside[-1] - inside[0],
             "index_open_and_fuse_s": max(0.0, mounted - inside[-1]),
-            "mounted_to_reply_s": max(0.0, end - mounted)}
+            "mounted_to_reply_s": end - mounted}
 
 
 def mounted_time(log: Path) -> float | None:

@@ -26,9 +26,12 @@ sent during the pull and the run, from its access log.
 
 Then, in each run, the figures of an image once it is there (``bench/snapshotter_reads.py``):
 
-    pull steps  the lazy pull split into its steps (``bench/pull_phases.py``): interpreter,
-                imports, registry, containerd's content store, the snapshot prepare (the
-                image's mount) and its parts, exit.
+    lazy        ``lazyfs pull --snapshotter-address``: the pull a node makes, handed to the
+                running snapshotter (grpc and the registry client loaded there).
+    pull steps  in the first run only (mode ``lazy_in_process``): the pull made in the
+                ``lazyfs pull`` process itself, as with no snapshotter socket, split into its
+                steps (``bench/pull_phases.py``): interpreter, imports, registry,
+                containerd's content store, the snapshot prepare and its parts, exit.
     complete    the lazy image filled by the snapshotter's prefetch, then ``tar -c`` of
                 ``/usr`` and of the whole tree through lazyfs, overlayfs (the full pull's
                 snapshot) and memfs (the same tree served from memory by pyfuse3); random
@@ -97,8 +100,9 @@ from testkit import imagegen  # noqa: E402
 class Params:
     runs: int = 5
     """Repetitions of every mode."""
-    modes: tuple[str, ...] = ("lazy", "full_pull")
-    """What is measured, in turn, in each run."""
+    modes: tuple[str, ...] = ("lazy", "full_pull", "lazy_in_process")
+    """What is measured, in turn, in each run (``lazy_in_process`` in the first only: it is
+    there for its steps)."""
     mount_counts: tuple[int, ...] = (1, 5, 20)
     """Images mounted at once when their mount processes' PSS is summed."""
     random_reads: int = 2000
@@ -243,7 +247,7 @@ def measure_once(mode: str, n: int, work: Path, ref_lazy: str, ref_plain: str, a
     d = work / f"{mode}-{n}"
     d.mkdir()
     procs = kit.Procs()
-    lazy = mode == "lazy"
+    lazy = mode in ("lazy", "lazy_in_process")
     try:
         snap_sock = d / "s.sock"
         if lazy:
@@ -253,19 +257,25 @@ def measure_once(mode: str, n: int, work: Path, ref_lazy: str, ref_plain: str, a
         drop_caches()
         mark = access.mark()
         t0 = time.perf_counter()
-        if lazy:
+        if mode == "lazy_in_process":
             pulled = timed_pull(sock, ref_lazy, d / "pull.json")
+        elif lazy:
+            handed = subprocess.run([sys.executable, "-m", "lazyfs", "pull", "--address", str(sock),
+                                     "--snapshotter-address", str(snap_sock), ref_lazy],
+                                    capture_output=True, text=True, cwd=ROOT, timeout=600)
+            if handed.returncode != 0:
+                raise RuntimeError(f"lazyfs pull exited {handed.returncode}: {handed.stderr.strip()}")
         else:
             _ctr(sock, "image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref_plain)
         t1 = time.perf_counter()
-        extra: dict[str, Any] = {}
-        if lazy:
-            [mount_log] = [p for p in (d / "lazyfs" / "logs").glob("*.log") if p.name != "mount-parent.log"]
-            extra = {"steps": pulled["steps"], "prepare_parts": prepare_parts(
-                pulled["prepare_window"], access.times_since(mark), mounted_time(mount_log))}
         out = _ctr(sock, "run", "--rm", "--snapshotter", "lazyfs" if lazy else "overlayfs",
                    ref_lazy if lazy else ref_plain, f"bench-{n}", PYTHON, "-c", f"{PROGRAM}; print('ok')")
         t2 = time.perf_counter()
+        extra: dict[str, Any] = {}
+        if mode == "lazy_in_process":  # the mount is up by now (the pull may not wait for it)
+            [mount_log] = [p for p in (d / "lazyfs" / "logs").glob("*.log") if p.name != "mount-parent.log"]
+            extra = {"steps": pulled["steps"], "prepare_parts": prepare_parts(
+                pulled["prepare_window"], access.times_since(mark), mounted_time(mount_log))}
         if out.stdout.strip() != "ok":
             raise RuntimeError(f"the program printed {out.stdout!r}")
         sent, requests = access.since(mark)
@@ -302,6 +312,8 @@ def measure(params: Params, outdir: Path, image: str = "debian") -> dict[str, An
                 load_runs.append(os.getloadavg())
                 log(f"run {n}: load average {' '.join(f'{x:.2f}' for x in load_runs[-1])}")
                 for mode in params.modes:
+                    if mode == "lazy_in_process" and n > 1:
+                        continue
                     sample = measure_once(mode, n, work, ref_lazy, ref_plain, access)
                     log(f"run {n} {mode}: {sample['total_s']:.2f}s, "
                         f"{sample['registry_bytes'] / (1 << 20):.1f} MiB from the registry")
@@ -341,8 +353,8 @@ def measure(params: Params, outdir: Path, image: str = "debian") -> dict[str, An
         "cold": goals.cold_figures(cold, inputs.lazy_stored_bytes),
     }
     modes = result["modes"]
-    if "lazy" in modes:
-        result["pull_breakdown"] = goals.pull_breakdown(samples["lazy"])
+    if "lazy_in_process" in modes:
+        result["pull_breakdown"] = goals.pull_breakdown(samples["lazy_in_process"])
     if "lazy" in modes and "full_pull" in modes:
         lazy, full = modes["lazy"], modes["full_pull"]
         result["ratios"] = {

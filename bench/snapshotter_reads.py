@@ -42,6 +42,7 @@ from blockindex.oci import MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST, Layou
 from lazyfs import mountinfo
 from lazyfs.snapshotter.client import chain_ids
 from testkit import containerdkit as kit
+from testkit.waiting import wait_until
 
 VARIANT_FILE = "etc/lazyfs-bench-variant"
 
@@ -210,6 +211,9 @@ def measure_complete(d: Path, *, images: Path, ref_lazy: str, ref_plain: str, pl
         for ref in [ref_lazy, *variant_refs][:max(mount_counts)]:
             before = _live_mounts(snap_root)
             lazyfs("pull", "--address", str(sock), ref)
+            # the snapshotter brings a pulled image's mount up in the background
+            wait_until(lambda before=before: _live_mounts(snap_root) - before, timeout=120,
+                       what=f"the mount of {ref}")
             [mnt] = _live_mounts(snap_root) - before
             wait_complete(h, mnt, timeout=600)
             mounts.append(mnt)

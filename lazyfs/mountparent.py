@@ -61,10 +61,22 @@ def _import_for_mount() -> None:
         before = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PROCESS, 0, min(before + IMPORT_NICE, 19))
     try:
+        # pyfuse3, trio and lazyfs; and what a mount imports when it first talks HTTP or
+        # reads its config, and the system's TLS trust store: imported in a child, each was
+        # that child's own memory (the HTTP client's modules alone about 3 MB) and start time
+        import encodings.idna  # noqa: F401
+        import stringprep  # noqa: F401
+        import tomllib  # noqa: F401
+
+        import httpcore  # noqa: F401
         import pyfuse3  # noqa: F401 - the point of a mount parent: imported once, shared
         import trio  # noqa: F401
 
+        from fetcher.transport import tls_context
+
         from . import cli, mount  # noqa: F401
+
+        tls_context(None)
     finally:
         if niced:
             os.setpriority(os.PRIO_PROCESS, 0, before)

@@ -27,7 +27,7 @@ def test_quick_snapshotter_benchmark_reports_every_figure(request):
     # the mounted variants share the image's blobs on disk: what they add is far less than one copy
     assert 0 < result["image"]["variants_own_bytes"] < result["image"]["lazy_stored_bytes"] / 2
     assert len(result["meta"]["loadavg"]["runs"]) == result["meta"]["params"]["runs"]
-    for mode in ("lazy", "full_pull"):
+    for mode in ("lazy", "full_pull", "lazy_in_process"):
         figures = result["modes"][mode]
         for key in ("pull_s", "run_s", "total_s", "registry_bytes", "registry_requests"):
             assert figures[key]["median"] > 0, (mode, key)

@@ -30,6 +30,7 @@ from lazyfs.snapshotter.errors import (
 )
 from lazyfs.snapshotter.metadata import Kind, MetadataStore
 from lazyfs.snapshotter.service import (
+    LABEL_DEFER,
     LABEL_IMAGE_REF,
     LABEL_LAYER,
     LABEL_MANIFEST,
@@ -296,6 +297,62 @@ def test_a_slow_mount_holds_up_only_its_own_image(tmp_path):
     assert {s.key for s in svc.list()} == {"s1", "c1", "plain"}
 
 
+class GatedFileSystem(FakeFileSystem):
+    """Mounts of ``reg/app`` wait for ``release``; ``fail`` makes the next ones fail."""
+
+    def __init__(self, *a) -> None:
+        super().__init__(*a)
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.fail = False
+
+    def mount(self, ref: str, labels: dict[str, str]) -> Path:
+        self.entered.set()
+        assert self.release.wait(30)
+        if self.fail:
+            from lazyfs.errors import UserError
+
+            self.calls.append(("mount", ref))
+            raise UserError(f"cannot mount {ref}: the registry is gone")
+        return super().mount(ref, labels)
+
+
+def test_a_pull_that_defers_the_mount_returns_before_it_and_a_container_waits_for_it(tmp_path):
+    """``lazyfs pull``'s Prepares (LABEL_DEFER) are answered while the mount is still
+    coming up; the container's Prepare over the image waits for it, and gets the mount."""
+    fs = GatedFileSystem(tmp_path, {"reg/app"})
+    svc = SnapshotService(tmp_path / "root", fs)
+    deferred = {LABEL_DEFER: "1"}
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("extract-1 c1", "", {**lazy_labels("c1"), **deferred})
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("extract-2 c2", "c1", {**lazy_labels("c2"), **deferred})
+    assert fs.entered.wait(10) and not fs.mounted  # answered while the mount waits
+    assert [s.key for s in svc.list()] == ["c1", "c2"]
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(svc.prepare("ctr", "c2", {})))
+    t.start()
+    time.sleep(0.3)
+    assert not got  # the container waits for the mount
+    fs.release.set()
+    t.join(10)
+    [[m]] = got
+    assert f"lowerdir={fs.mountpoint('reg/app@sha256:m1')}" in m.options
+    assert fs.calls.count(("mount", "reg/app@sha256:m1")) == 1  # one mount for both layers
+
+
+def test_a_deferred_mount_that_fails_fails_the_container_with_its_reason(tmp_path):
+    fs = GatedFileSystem(tmp_path, {"reg/app"})
+    fs.fail = True
+    svc = SnapshotService(tmp_path / "root", fs)
+    with pytest.raises(AlreadyExistsError):
+        svc.prepare("extract-1 c1", "", {**lazy_labels("c1"), LABEL_DEFER: "1"})
+    fs.release.set()
+    with pytest.raises(UnavailableError, match="the registry is gone"):
+        svc.prepare("ctr", "c1", {})
+    assert fs.calls.count(("mount", "reg/app@sha256:m1")) == 2  # tried again for the container
+    assert not fs.mounted and not svc._mounting
+
+
 def test_image_of():
     assert image_of({LABEL_IMAGE_REF: "h:5000/a/b:1", LABEL_MANIFEST: "sha256:x"}) == "h:5000/a/b@sha256:x"
     assert image_of({LABEL_IMAGE_REF: "h:5000/a@sha256:y", LABEL_MANIFEST: "sha256:y"}) == "h:5000/a@sha256:y"
@@ -424,7 +481,11 @@ def test_lazy_pull_and_run_downloads_no_chunk_before_start(node):
     paths = [r[1] for r in node.server.requests() if r[0] == "GET"]
     assert any("/manifests/" in p for p in paths)
     assert node.chunk_blob_requests() == [], "a chunk blob was downloaded before the container started"
-    assert any(node.manifest["layers"][0]["digest"] in p for p in paths)  # the index
+    # the image's mount comes up in the background (the pull did not wait for it): it
+    # fetches the index, and no chunk
+    wait_until(lambda: any(node.manifest["layers"][0]["digest"] in r[1] for r in node.server.requests()),
+               timeout=60, what="the mount's fetch of the index")
+    assert node.chunk_blob_requests() == [], "a chunk blob was downloaded before the container started"
     out = node.ctr("run", "--rm", "--snapshotter", "lazyfs", node.ref, "t1",
                    "/usr/bin/python3", "-c", "print(1)")
     assert out.stdout.strip() == "1"

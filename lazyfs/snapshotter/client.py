@@ -12,11 +12,14 @@ then finds the image unpacked and starts a container over the lazy mount.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import trio
@@ -28,7 +31,7 @@ from fetcher.registry import RegistryClient
 
 from ..errors import ExitCode, NotLazyImageError, UserError
 from . import protos
-from .labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
+from .labels import LABEL_DEFER, LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 
 protos.generate()
 from ._gen.containerd.services.content.v1 import content_pb2, content_pb2_grpc  # noqa: E402
@@ -71,7 +74,11 @@ def _fetch(ref: ImageRef) -> tuple[bytes, str, str, bytes]:
     return trio.run(run)
 
 
-def pull(name: str, *, address: str, namespace: str, snapshotter: str = "lazyfs") -> PullResult:
+def pull(name: str, *, address: str, namespace: str, snapshotter: str = "lazyfs",
+         channels: Channels | None = None) -> PullResult:
+    """Pull ``name`` into containerd lazily. With ``channels`` (a long-lived caller: the
+    snapshotter's pull socket), the gRPC channel to containerd is kept for the next pull
+    instead of being opened and closed around this one."""
     try:
         ref = ImageRef.parse(name)
     except ValueError as exc:
@@ -89,11 +96,8 @@ def pull(name: str, *, address: str, namespace: str, snapshotter: str = "lazyfs"
                                 "(converted by an older lazyfs? convert it again)")
     chains = chain_ids(diff_ids)
     image_name = str(ref)
-    with grpc.insecure_channel(f"unix://{address}") as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=10)
-        except grpc.FutureTimeoutError:
-            raise UserError(f"containerd does not answer on {address}", ExitCode.NETWORK) from None
+    with (contextlib.nullcontext(channels.get(address)) if channels is not None
+          else _channel(address)) as channel:
         md: list[tuple[str, str]] = [("containerd-namespace", namespace)]
         leases = leases_pb2_grpc.LeasesStub(channel)
         lease_id = f"lazyfs-pull-{os.getpid()}-{time.time_ns()}"
@@ -114,7 +118,7 @@ def pull(name: str, *, address: str, namespace: str, snapshotter: str = "lazyfs"
                 for layer, chain in zip(layers, chains, strict=True):
                     _prepare_remote(snaps, snapshotter, chain, parent, leased, {
                         LABEL_TARGET: chain, LABEL_IMAGE_REF: image_name,
-                        LABEL_MANIFEST: digest, LABEL_LAYER: layer["digest"]})
+                        LABEL_MANIFEST: digest, LABEL_LAYER: layer["digest"], LABEL_DEFER: "1"})
                     parent = chain
                 _create_image(channel, image_name, media_type, digest, len(manifest_bytes), md)
             finally:
@@ -123,6 +127,43 @@ def pull(name: str, *, address: str, namespace: str, snapshotter: str = "lazyfs"
             raise UserError(f"containerd refused the pull: {exc.code().name}: {exc.details()}",
                             ExitCode.NETWORK) from exc
     return PullResult(image_name, digest, len(layers))
+
+
+@contextlib.contextmanager
+def _channel(address: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"unix://{address}") as channel:
+        _ready(channel, address)
+        yield channel
+
+
+def _ready(channel: grpc.Channel, address: str) -> None:
+    try:
+        grpc.channel_ready_future(channel).result(timeout=10)
+    except grpc.FutureTimeoutError:
+        raise UserError(f"containerd does not answer on {address}", ExitCode.NETWORK) from None
+
+
+class Channels:
+    """gRPC channels to containerd by socket path, opened on first use and kept (a channel
+    reconnects by itself when containerd restarts)."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> grpc.Channel:
+        with self._lock:
+            channel = self._open.get(address)
+            if channel is None:
+                channel = self._open[address] = grpc.insecure_channel(f"unix://{address}")
+        _ready(channel, address)
+        return channel
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._open.values():
+                channel.close()
+            self._open.clear()
 
 
 def _write(content, data: bytes, digest: str, md, labels: dict[str, str]) -> None:

@@ -99,9 +99,13 @@ class PullServer:
         self.path = path
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._channels: Any = None
+        """``client.Channels``: containerd's channel kept from one pull to the next."""
 
     def start(self) -> None:
-        from . import client  # noqa: F401 - imported here, ahead of the first pull
+        from .client import Channels  # imported here, ahead of the first pull
+
+        self._channels = Channels()
 
         self.path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -153,7 +157,8 @@ class PullServer:
         except (ValueError, KeyError, TypeError, AttributeError):
             return {"error": "malformed pull request", "code": int(ExitCode.USAGE)}
         try:
-            result = pull(ref, address=address, namespace=namespace, snapshotter=snapshotter)
+            result = pull(ref, address=address, namespace=namespace, snapshotter=snapshotter,
+                          channels=self._channels)
         except Exception as exc:  # noqa: BLE001 - every error goes back to the caller as one line
             code = exit_code_for(exc)
             if code is None:
@@ -175,3 +180,5 @@ class PullServer:
             self.path.unlink(missing_ok=True)
         if self._thread is not None:
             self._thread.join(5)
+        if self._channels is not None:
+            self._channels.close()

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import NotLazyImageError, UserError
@@ -34,7 +34,7 @@ from .errors import (
     UnavailableError,
 )
 from .filesystem import FileSystem
-from .labels import LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
+from .labels import LABEL_DEFER, LABEL_IMAGE_REF, LABEL_LAYER, LABEL_MANIFEST, LABEL_TARGET
 from .metadata import Kind, MetadataStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class SnapshotService:
         self._image_locks: dict[str, threading.Lock] = {}
         self._image_locks_guard = threading.Lock()
         self._not_lazy: set[str] = set()
+        self._mounting: dict[str, _Mounting] = {}
+        """Images whose mount comes up in the background (``LABEL_DEFER``), until it has."""
 
     # -- containerd's methods -----------------------------------------------------------
 
@@ -103,6 +105,7 @@ class SnapshotService:
             shutil.rmtree(self._dir(snap), ignore_errors=True)
         if snap.image:
             with self._image_lock(snap.image):  # no remote snapshot of it is made meanwhile
+                self._wait_mounting(snap.image)  # or it would come up after the unmount
                 if self.store.uses_image(snap.image) == 0:
                     self.fs.unmount(self.fs.mountpoint(snap.image))
 
@@ -222,7 +225,11 @@ class SnapshotService:
             raise AlreadyExistsError(f"target snapshot {target!r} already exists")
         with self._image_lock(image):
             try:
-                self.fs.mount(image, labels)
+                if labels.get(LABEL_DEFER) == "1":
+                    self._mount_in_background(image, labels)
+                else:
+                    self._wait_mounting(image)
+                    self.fs.mount(image, labels)
             except NotLazyImageError as exc:
                 log.info("%s is not a lazy image (%s): unpacking it as usual", image, exc)
                 self._not_lazy.add(image)
@@ -236,6 +243,36 @@ class SnapshotService:
         log.info("remote snapshot %s of %s", target, image)
         raise AlreadyExistsError(f"target snapshot {target!r} already exists (remote)")
 
+    def _mount_in_background(self, image: str, labels: dict[str, str]) -> None:
+        """Start mounting ``image`` unless it is mounting already, and return at once:
+        ``lazyfs pull`` knows the image is a lazyfs image, and its pull need not wait
+        for the mount process to fetch the index and come up. Whoever needs the mount
+        next waits for it (``_wait_mounting``). Called with the image's lock held."""
+        if image in self._mounting:
+            return
+        mounting = self._mounting[image] = _Mounting()
+
+        def mount() -> None:
+            try:
+                self.fs.mount(image, labels)
+            except Exception as exc:  # noqa: BLE001 - kept for whoever needs the mount
+                mounting.error = exc
+                log.error("background mount of %s failed: %s", image, exc)
+            finally:
+                mounting.done.set()
+
+        threading.Thread(target=mount, name=f"mount {image}", daemon=True).start()
+
+    def _wait_mounting(self, image: str) -> None:
+        """Wait for a background mount of ``image`` to come up or fail (its failure is
+        logged; the caller's own check then finds no mount and mounts again). Called with
+        the image's lock held, so no second mount starts meanwhile."""
+        mounting = self._mounting.get(image)
+        if mounting is None:
+            return
+        mounting.done.wait()  # bounded: the mount gives up after FileSystem.ready_timeout
+        self._mounting.pop(image, None)
+
     def _image_lock(self, image: str) -> threading.Lock:
         with self._image_locks_guard:
             return self._image_locks.setdefault(image, threading.Lock())
@@ -248,6 +285,7 @@ class SnapshotService:
         that a reboot took) is replaced before anything is handed the mountpoint."""
         mnt = self.fs.mountpoint(image)
         with self._image_lock(image):
+            self._wait_mounting(image)
             try:
                 self.fs.check(mnt)
                 return mnt
@@ -289,6 +327,14 @@ class SnapshotService:
         if len(lowers) == 1:
             return [Mount("bind", lowers[0], ["ro", "rbind"])]
         return [Mount("overlay", "overlay", [f"lowerdir={':'.join(lowers)}"])]
+
+
+@dataclass
+class _Mounting:
+    """A mount coming up in the background."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
 
 
 def _disk_usage(path: Path) -> tuple[int, int]:
