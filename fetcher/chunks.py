@@ -129,8 +129,14 @@ class ChunkFetcher:
         few blocks costs less than waiting for another reader's."""
         if self._store is None:
             return None
-        return await self._verifier.cached_range(
-            self._store, c, offset, size, on_disk=self._disk_ahead.cold if self._disk_ahead else None)
+        return await self._verifier.cached_range(self._store, c, offset, size, on_disk=self._on_disk)
+
+    def _on_disk(self, c: Chunk, offset: int) -> None:
+        """A read of ``c`` from ``offset`` waits for the disk: count it, and ask the disk
+        for what comes after it."""
+        self.stats.disk_reads += 1
+        if self._disk_ahead is not None:
+            self._disk_ahead.cold(c, offset)
 
     def has_cached(self, c: Chunk) -> bool:
         """Whether the node cache holds a whole entry of ``c`` (one ``stat``)."""

@@ -81,3 +81,7 @@ class FetchStats:
     """Chunks fetched along with a demand miss (``FetchConfig.amplify``) and found good."""
     timeouts: int = 0
     """Waits that ran past their deadline (a request with no answer, a read given up)."""
+    disk_reads: int = 0
+    """Reads of the node cache by range that went to a worker thread: their blocks were
+    not all in the page cache (or the read was above ``thread_above``), so they waited for
+    the disk; the others were served on the event loop."""

@@ -139,7 +139,7 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
                      "cached_chunks": p.cached_chunks, "total_chunks": p.total_chunks,
                      "cached_bytes": p.cached_bytes, "total_bytes": p.total_bytes},
         "reads": dataclasses.asdict(content.stats),
-        "fetch": dataclasses.asdict(f) if f else None,
+        "fetch": dataclasses.asdict(content.fetcher.stats),  # offline: the node cache's reads
         "bytes_by_source": by_source,
         "peers": None if peers is None else {
             "self": peers.self_url, "peers": peers.stats(), "bad_peers": peers.bad_peers(),
@@ -292,7 +292,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher,
                                     lead=learned.lead, lead_only=opts.lead_only)
             # offline, a fetcher without a source: the node cache alone answers reads
-            content = ImageContent(index, fetcher or ChunkFetcher(nursery, None, store),
+            content = ImageContent(index, fetcher or ChunkFetcher(nursery, None, store,
+                                                                  neighbours=index.chunks_after),
                                    on_cached=prefetcher.progress.cached, nursery=nursery, readlog=readlog)
             metrics = None
             if opts.metrics is not None:

@@ -45,6 +45,31 @@ def test_low_priority_threads_run_the_call_at_a_lower_priority():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is kept
 
 
+def test_a_submitted_call_runs_in_a_low_priority_thread_and_its_failure_is_logged(caplog):
+    """``submit`` is fire and forget (no trio needed): the call runs at the pool's
+    priority, and what it raises is logged, never lost nor raised to the caller."""
+    pool = LowPriorityThreads(1, nice=5)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    ran = threading.Event()
+    seen: list[tuple[int, int, str]] = []
+
+    def job(tag: str) -> None:
+        tid = threading.get_native_id()
+        seen.append((tid, os.getpriority(os.PRIO_PROCESS, tid), tag))
+        ran.set()
+
+    def fail() -> None:
+        raise ValueError("from the background")
+
+    with caplog.at_level("WARNING", logger="fetcher.lowprio"):
+        pool.submit(fail)
+        pool.submit(job, "after")  # one thread, in order: the failure is logged by now
+        assert ran.wait(HANG)
+    [(tid, nice, tag)] = seen
+    assert tid != threading.get_native_id() and nice == min(base + 5, 19) and tag == "after"
+    assert "background job failed: ValueError('from the background')" in caplog.text
+
+
 class GatedSource:
     """The first chunk's range (a demand read's) waits for ``release``; any other range
     (the background's) is answered once that demand request has been made, so that the

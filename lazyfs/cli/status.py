@@ -90,8 +90,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  peers     {len(peers['peers'])}, this node {peers['self'] or '(not in the list)'}"
               + (f", sent wrong bytes (avoided): {' '.join(bad)}" if bad else ""))
     r = status["reads"]
+    disk = f" ({status['fetch']['disk_reads']} waited for the disk)" if status.get("fetch") else ""
     print(f"  reads     {r['reads']} ({human(r['bytes_read'])}), chunk hits: memory "
-          f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}, misses {r['chunk_misses']}, "
+          f"{r['chunk_hits_memory']}, cache {r['chunk_hits_cache']}{disk}, misses {r['chunk_misses']}, "
           f"failed reads {r['failed_reads']}")
     c = status.get("cache_state") or {}
     if c.get("limit") is not None:
