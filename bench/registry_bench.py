@@ -64,11 +64,11 @@ def _run(*cmd: str, **kw: Any) -> subprocess.CompletedProcess:
     return done
 
 
-_ENV: dict[str, str] = {}
+ENV: dict[str, str] = {}
 
 
-def _lazyfs(*args: str) -> subprocess.CompletedProcess:
-    return _run(sys.executable, "-m", "lazyfs", *args, cwd=ROOT, env={**os.environ, **_ENV})
+def lazyfs(*args: str) -> subprocess.CompletedProcess:
+    return _run(sys.executable, "-m", "lazyfs", *args, cwd=ROOT, env={**os.environ, **ENV})
 
 
 def _drop_caches(quick: bool) -> None:
@@ -87,7 +87,7 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-class _Served:
+class Served:
     """The registry's access log read as byte counts: bytes sent since a mark."""
 
     def __init__(self, registry: Registry) -> None:
@@ -101,15 +101,16 @@ class _Served:
         return sum(int(m[1]) for m in _SIZE_RE.finditer(self.registry.log()[self._mark:]))
 
 
-def _lazy_run(registry: Registry, served: _Served, work: Path, n: int, quick: bool) -> dict[str, Any]:
+def lazy_run(ref: str, served: Served, work: Path, n: int | str, quick: bool) -> dict[str, Any]:
+    """Mount ``ref`` with a fresh cache and no prefetch, run the program in it: seconds and
+    the bytes the registry sent."""
     cache, mnt = work / f"lazy-cache-{n}", work / f"lazy-mnt-{n}"
     mnt.mkdir()
-    ref = f"{registry.host}/python:1-lazy"
     _drop_caches(quick)
     served.mark()
     try:
-        mount_s = _timed(lambda: _lazyfs("mount", ref, str(mnt), "--cache", str(cache), "--no-prefetch",
-                                         "--log-file", str(work / f"lazy-{n}.log")))
+        mount_s = _timed(lambda: lazyfs("mount", ref, str(mnt), "--cache", str(cache), "--no-prefetch",
+                                        "--log-file", str(work / f"lazy-{n}.log")))
         program_s = _timed(lambda: _run("chroot", str(mnt), PYTHON, "-c", PROGRAM))
         nbytes = served.since()
     finally:
@@ -121,12 +122,13 @@ def _lazy_run(registry: Registry, served: _Served, work: Path, n: int, quick: bo
     return {"mount_s": mount_s, "program_s": program_s, "total_s": mount_s + program_s, "bytes": nbytes}
 
 
-def _full_run(registry: Registry, served: _Served, work: Path, n: int, quick: bool) -> dict[str, Any]:
+def full_run(ref: str, served: Served, work: Path, n: int | str, quick: bool) -> dict[str, Any]:
+    """Pull ``ref`` whole (skopeo), unpack it (umoci), run the program in it."""
     layout, bundle = work / f"full-oci-{n}", work / f"full-bundle-{n}"
     _drop_caches(quick)
     served.mark()
     pull_s = _timed(lambda: _run("skopeo", "copy", "--quiet", "--src-tls-verify=false",
-                                 f"docker://{registry.host}/python:1", f"oci:{layout}:1", timeout=600))
+                                 f"docker://{ref}", f"oci:{layout}:1", timeout=600))
     nbytes = served.since()
     unpack_s = _timed(lambda: _run("umoci", "unpack", "--image", f"{layout}:1", str(bundle), timeout=600))
     program_s = _timed(lambda: _run("chroot", str(bundle / "rootfs"), PYTHON, "-c", PROGRAM))
@@ -143,27 +145,27 @@ def run(quick: bool, outdir: Path, runs: int | None = None) -> dict[str, Any]:
     outdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lazyfs-regbench-", dir="/var/tmp"))
     # the push record (fetcher/blobrepos.py) of this run's throwaway registry stays in `work`
-    _ENV["XDG_STATE_HOME"] = str(work / "state")
+    ENV["XDG_STATE_HOME"] = str(work / "state")
     registry = None
     try:
         tar = imagegen.build_python_image(work / "python.tar", cache_dir=INPUT_CACHE, with_pyc=True)
         registry = Registry(work, name="registry")
         registry.skopeo_copy(f"docker-archive:{tar}", "python:1")
         t = time.perf_counter()
-        _lazyfs("convert", f"docker://{registry.host}/python:1", f"docker://{registry.host}/python:1-lazy")
+        lazyfs("convert", f"docker://{registry.host}/python:1", f"docker://{registry.host}/python:1-lazy")
         convert_s = time.perf_counter() - t
-        info = json.loads(_lazyfs("images", f"{registry.host}/python:1-lazy", "--json").stdout)
+        info = json.loads(lazyfs("images", f"{registry.host}/python:1-lazy", "--json").stdout)
         original = json.loads(_run("skopeo", "inspect", "--raw", "--tls-verify=false",
                                    f"docker://{registry.host}/python:1").stdout)
         gzip_bytes = sum(layer["size"] for layer in original["layers"])
-        served = _Served(registry)
+        served = Served(registry)
         lazy: list[dict[str, Any]] = []
         full: list[dict[str, Any]] = []
         for n in range(runs):  # interleaved, so drift on a shared machine hits both alike
             _log(f"run {n + 1}/{runs}: lazy")
-            lazy.append(_lazy_run(registry, served, work, n, quick))
+            lazy.append(lazy_run(f"{registry.host}/python:1-lazy", served, work, n, quick))
             _log(f"run {n + 1}/{runs}: full pull")
-            full.append(_full_run(registry, served, work, n, quick))
+            full.append(full_run(f"{registry.host}/python:1", served, work, n, quick))
     finally:
         if registry is not None:
             registry.stop()

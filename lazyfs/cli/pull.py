@@ -1,5 +1,6 @@
-"""``lazyfs pull REF``: a lazyfs image into containerd lazily, its layers as remote
-snapshots of the snapshotter (nothing but the manifest and config is downloaded)."""
+"""``lazyfs pull REF``: a lazyfs image (or an ordinary one with a side index) into containerd
+lazily, its layers as remote snapshots of the snapshotter (nothing but the manifest and
+config is downloaded)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ if TYPE_CHECKING:
 
 
 def register(sub: SubParsers) -> None:
-    p = sub.add_parser("pull", help="pull a lazyfs image into containerd lazily (no layer download)")
+    p = sub.add_parser("pull", help="pull a lazyfs image, or one with a side index, into containerd "
+                                    "lazily (no layer download)")
     p.add_argument("ref", help="HOST[:PORT]/REPO[:TAG|@DIGEST]")
     p.add_argument("--address", "-a", help="containerd's socket ($CONTAINERD_ADDRESS)",
                    default=os.environ.get("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"))

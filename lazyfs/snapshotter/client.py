@@ -8,6 +8,10 @@ into the content store with the garbage-collection labels containerd's own unpac
 per layer through the ``lazyfs`` snapshotter with the CRI labels, which the snapshotter
 answers as already present (a remote snapshot), and creates the image record. ``ctr run``
 then finds the image unpacked and starts a container over the lazy mount.
+
+An ordinary image (not converted) is pulled the same way when a side index is attached to
+it (``lazyfs index``): the snapshotter's mount reads its layers through that index. One
+without a side index is refused (``NotLazyImageError``), for ``ctr image pull`` to pull whole.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import trio
 from blockindex import format as fmt
 from fetcher.imageref import ImageRef
 from fetcher.manifests import resolve_image_manifest
+from fetcher.referrers import find_referrers
 from fetcher.registry import RegistryClient
 
 from ..errors import ExitCode, NotLazyImageError, UserError
@@ -64,8 +69,10 @@ def _fetch(ref: ImageRef) -> tuple[bytes, str, str, bytes]:
         try:
             m = await resolve_image_manifest(client, ref)
             manifest = json.loads(m.data)
-            if (manifest.get("annotations") or {}).get(fmt.ARTIFACT_ANNOTATION) is None:
-                raise NotLazyImageError(f"{ref} is not a lazyfs image (pull it with ctr image pull)")
+            if (manifest.get("annotations") or {}).get(fmt.ARTIFACT_ANNOTATION) is None \
+                    and not await find_referrers(client, m.digest, fmt.MEDIA_TYPE_SIDE_INDEX):
+                raise NotLazyImageError(f"{ref} is not a lazyfs image and has no side index (pull it "
+                                        f"with ctr image pull, or attach one: lazyfs index docker://{ref})")
             config = await client.read_blob(manifest["config"]["digest"], max_size=4 << 20)
             return m.data, m.digest, m.media_type, config
         finally:
