@@ -413,6 +413,27 @@ class IndexReader:
             end = c.offset + c.stored_size
         return out
 
+    def digests_after(self, chunk: Chunk, nbytes: int, most: int = 1024) -> list[bytes]:
+        """The digests of at most ``most`` chunks that ``chunks_after`` would give, read
+        without checking each row (a hint for the disk: a wrong one costs a useless read,
+        never a wrong byte): a walk of a tree asks this for every window of its blob."""
+        end = chunk.offset + chunk.stored_size
+        limit = end + nbytes
+        out: list[bytes] = []
+        try:
+            for digest, blob, offset, stored in self._q(
+                    "SELECT digest, blob, offset, stored_size FROM chunks "
+                    "WHERE id > (SELECT id FROM chunks WHERE digest = ?) ORDER BY id LIMIT ?",
+                    (chunk.digest, most)):
+                if blob != chunk.blob.id or offset < end or offset + stored > limit:
+                    break
+                if isinstance(digest, bytes) and len(digest) == 32:
+                    out.append(digest)
+                end = offset + stored
+        except TypeError:  # a hostile row's types: the hint ends there
+            pass
+        return out
+
     def blobs(self) -> list[Blob]:
         return sorted(self._blobs.values(), key=lambda b: b.id)
 

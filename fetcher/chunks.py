@@ -12,12 +12,9 @@ between chunks while a demand fetch runs, so that the reader gets the CPU.
 With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
 that node first, then of the next owner, then of the origin (``peerroute.py``).
 
-The parts, one job each: ``plan.py`` (which range requests), ``amplify.py`` (what a
-demand miss brings along), ``gate.py`` (background gives way to demand), ``verify.py``
-(checking, off the loop when large), ``origin.py`` (requests to the source),
-``keeper.py`` (caching without making readers wait), ``rereads.py`` (a re-read continues
-a failed read's deadline), ``peerroute.py`` (peers and hedging).
-This module holds them together: one in-flight entry per chunk, joined by every reader.
+The parts, one job each: ``plan``, ``amplify``, ``gate``, ``verify``, ``origin``,
+``keeper``, ``rereads``, ``peerroute``, ``diskahead`` (the README's "How it is built" says
+what each does). This module holds them together: one in-flight entry per chunk.
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
 from .amplify import Amplifier
+from .cachereads import CacheReads
 from .config import FetchConfig, FetchStats
 from .diskahead import DiskAhead
 from .errors import DeadlineError, FetchError, UnreachableError
@@ -51,7 +49,7 @@ from .verify import Verified, Verifier, integrity_error, stored_payload
 log = logging.getLogger(__name__)
 
 
-class ChunkFetcher:
+class ChunkFetcher(CacheReads):
     """Fetches, verifies and caches chunks. Fetch tasks run in ``nursery`` so that a
     reader giving up (its deadline) does not cancel a fetch other readers wait for."""
 
@@ -65,6 +63,7 @@ class ChunkFetcher:
         source_name: str = "origin",
         peers: PeerTier | None = None,
         neighbours: Callable[[Chunk, int], Sequence[Chunk]] | None = None,
+        followers: Callable[[Chunk, int], Sequence[bytes]] | None = None,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -90,8 +89,7 @@ class ChunkFetcher:
         self._amplifier = (Amplifier(neighbours, largest=min(config.amplify, config.max_request))
                            if neighbours is not None and config.amplify > 0 and peers is None else None)
         """What a demand miss fetches along: the chunks after it in its blob."""
-        self._disk_ahead = (DiskAhead(store, neighbours) if store is not None and neighbours is not None
-                            else None)
+        self._disk_ahead = DiskAhead.of(store, followers, neighbours)
         """What a read from the node cache that waits for the disk asks the disk for along."""
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
@@ -121,30 +119,6 @@ class ChunkFetcher:
             return hits, hits.keys()
         fetched = await self.get(rest, speculative=speculative)
         return {**hits, **fetched}, hits.keys()
-
-    async def read_range(self, c: Chunk, offset: int, size: int) -> bytes | memoryview | None:
-        """For a demand reader: bytes ``[offset, offset + size)`` of ``c`` from the node
-        cache alone, reading and checking only the blocks they touch, or None when the
-        cache lacks the chunk (then ``read`` loads it). No in-flight entry: a read of a
-        few blocks costs less than waiting for another reader's."""
-        if self._store is None:
-            return None
-        return await self._verifier.cached_range(self._store, c, offset, size, on_disk=self._on_disk)
-
-    def _on_disk(self, c: Chunk, offset: int) -> None:
-        """A read of ``c`` from ``offset`` waits for the disk: count it, and ask the disk
-        for what comes after it."""
-        self.stats.disk_reads += 1
-        if self._disk_ahead is not None:
-            self._disk_ahead.cold(c, offset)
-
-    def has_cached(self, c: Chunk) -> bool:
-        """Whether the node cache holds a whole entry of ``c`` (one ``stat``)."""
-        return self._store is not None and self._store.contains(c.digest, c.size)
-
-    async def _cached(self, c: Chunk) -> memoryview | None:
-        assert self._store is not None
-        return await self._verifier.cached(self._store, c)
 
     async def get_payload(self, chunk: Chunk) -> bytes:
         """The verified stored payload of one chunk (what a peer is sent), fetched from the

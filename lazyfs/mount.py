@@ -276,7 +276,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 config = FetchConfig(deadline=opts.timeout) if opts.amplify is None else FetchConfig(
                     deadline=opts.timeout, amplify=opts.amplify)
                 fetcher = ChunkFetcher(nursery, client, store, config, source_name="origin", peers=tier,
-                                       neighbours=index.chunks_after)
+                                       neighbours=index.chunks_after,
+                                       followers=index.digests_after)
                 if origins is not None:
                     origins.adopt(repository, fetcher)
             if watcher is not None:
@@ -293,7 +294,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                                     lead=learned.lead, lead_only=opts.lead_only)
             # offline, a fetcher without a source: the node cache alone answers reads
             content = ImageContent(index, fetcher or ChunkFetcher(nursery, None, store,
-                                                                  neighbours=index.chunks_after),
+                                                                  followers=index.digests_after),
                                    on_cached=prefetcher.progress.cached, nursery=nursery, readlog=readlog)
             metrics = None
             if opts.metrics is not None:

@@ -10,7 +10,7 @@ import pytest
 
 from blockindex.format import Blob, Chunk, ChunkDigest
 from cache.store import ChunkStore
-from fetcher.diskahead import _REMEMBERED, WINDOW, DiskAhead
+from fetcher.diskahead import _REMEMBERED, AGAIN_AFTER, WINDOW, DiskAhead
 from testkit.waiting import wait_until
 
 from .cachekit import drop_from_page_cache
@@ -24,7 +24,7 @@ def chunk(i: int) -> Chunk:
 
 
 class Blobs:
-    """A fake ``chunks_after``: the next ``follow`` chunks of the blob, whatever the window;
+    """A fake ``digests_after``: the next ``follow`` chunks of the blob, whatever the window;
     and a fake ``submit`` that records the jobs instead of running them."""
 
     def __init__(self, follow: int = 3) -> None:
@@ -32,10 +32,10 @@ class Blobs:
         self.asked: list[tuple[Chunk, int]] = []
         self.jobs: list[tuple[object, tuple]] = []
 
-    def after(self, c: Chunk, nbytes: int) -> list[Chunk]:
+    def after(self, c: Chunk, nbytes: int) -> list[bytes]:
         self.asked.append((c, nbytes))
         i = c.offset // 1000
-        return [chunk(j) for j in range(i + 1, i + 1 + self.follow)]
+        return [chunk(j).digest for j in range(i + 1, i + 1 + self.follow)]
 
     def submit(self, fn: object, *args: object) -> None:
         self.jobs.append((fn, args))
@@ -72,20 +72,35 @@ def test_a_read_inside_a_chunk_asks_for_nothing(store):
     assert blobs.asked == [] and blobs.jobs == [] and ahead.asked == 0
 
 
-def test_a_walk_asks_for_each_entry_once(store):
-    """A reader walking through the blob meets each window many times: only the entries
-    not asked for before are asked for, and nothing at all when there are none."""
+def test_a_walk_asks_for_each_entry_once_and_the_index_once_a_window(store):
+    """A reader walking through the blob meets each window many times: a read of a chunk
+    asked for lately asks nothing (not even the index: its followers were asked with it),
+    and past the window only the entries not asked for before are asked for."""
     blobs = Blobs(follow=3)
-    ahead = DiskAhead(store, blobs.after, window=3000, submit=blobs.submit)
+    ahead = DiskAhead(store, blobs.after, window=3000, submit=blobs.submit, clock=lambda: 100.0)
     for i in range(6):
         ahead.cold(chunk(i), 0)
-    assert [nbytes for _, nbytes in blobs.asked] == [3000] * 6
+    assert [c for c, _ in blobs.asked] == [chunk(0), chunk(4)]  # 1-3 were asked with chunk 0
     assert blobs.submitted() == [[chunk(j).digest for j in (1, 2, 3)],
-                                 *([chunk(j).digest] for j in range(4, 9))]
-    assert ahead.asked == 8
+                                 [chunk(j).digest for j in (5, 6, 7)]]
+    assert ahead.asked == 6
     blobs.follow = 0  # the last chunk of its blob
     ahead.cold(chunk(20), 0)
-    assert len(blobs.jobs) == 6
+    assert len(blobs.jobs) == 2
+
+
+def test_a_second_walk_later_asks_again(store):
+    """The page cache may have let the entries go (a second tar after a drop of the page
+    cache): what was asked for more than AGAIN_AFTER seconds ago is asked for again."""
+    now = [100.0]
+    blobs = Blobs(follow=2)
+    ahead = DiskAhead(store, blobs.after, submit=blobs.submit, clock=lambda: now[0])
+    ahead.cold(chunk(0), 0)
+    ahead.cold(chunk(1), 0)
+    assert len(blobs.jobs) == 1
+    now[0] += AGAIN_AFTER + 0.1
+    ahead.cold(chunk(1), 0)
+    assert blobs.submitted()[-1] == [chunk(2).digest, chunk(3).digest]
 
 
 def test_what_it_remembers_is_bounded_and_the_oldest_is_asked_for_again(store):
