@@ -419,6 +419,14 @@ class Node:
         p = self.tmp / f"{name}.log"
         return p.read_text(errors="replace") if p.exists() else ""
 
+    def start(self) -> None:
+        """The snapshotter, then containerd using it (the test is skipped if containerd
+        does not answer here)."""
+        self.start_snapshotter()
+        kit.start_containerd(self.procs, self.tmp, kit.containerd_config(self.tmp, self.sock, self.snap_sock))
+        if self.ctr("plugins", "ls", check=False).returncode != 0:
+            pytest.skip(f"containerd does not answer here:\n{self.log('containerd')[-2000:]}")
+
     def start_snapshotter(self) -> subprocess.Popen:
         log = self.tmp / "snapshotter.log"
         self.snapshotter = kit.start_snapshotter(self.procs, self.snap_sock, self.snap_root, log,
@@ -449,10 +457,7 @@ def node(tmp_path_factory):
         manifest = json.loads(layout.read_blob(layout.resolve("1")["digest"]))
         n = Node(tmp, tmp / "c.sock", tmp / "s.sock", snap_root, procs, None, server,  # type: ignore[arg-type]
                  f"127.0.0.1:{server.port}/python:1", manifest)
-        n.start_snapshotter()
-        kit.start_containerd(procs, tmp, kit.containerd_config(tmp, n.sock, n.snap_sock))
-        if n.ctr("plugins", "ls", check=False).returncode != 0:
-            pytest.skip(f"containerd does not answer here:\n{n.log('containerd')[-2000:]}")
+        n.start()
         yield n
     finally:
         kit.teardown(tmp, procs)

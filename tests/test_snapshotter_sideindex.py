@@ -50,10 +50,7 @@ def node(tmp_path_factory):
             capture_output=True, text=True, check=True, timeout=60).stdout)
         n = Node(tmp, tmp / "c.sock", tmp / "s.sock", tmp / "lazyfs", procs, None,  # type: ignore[arg-type]
                  registry, f"{registry.host}/python:1", manifest)
-        n.start_snapshotter()
-        kit.start_containerd(procs, tmp, kit.containerd_config(tmp, n.sock, n.snap_sock))
-        if n.ctr("plugins", "ls", check=False).returncode != 0:
-            pytest.skip(f"containerd does not answer here:\n{n.log('containerd')[-2000:]}")
+        n.start()
         yield n
     finally:
         kit.teardown(tmp, procs)
