@@ -57,6 +57,9 @@ _UNREAD: dict[int, Chunk] = {}
 """The chunk rows of a remembered file whose chunks were not asked for yet."""
 _MEMO_CHUNKS = 64
 """Chunk rows of one file remembered whole; a longer file's are asked for each read."""
+_WITHIN_LIMIT = 4096
+"""Chunk ids ``chunks_within`` walks on each side: a tar holds at most one file per KiB,
+so this covers a span of 4 MiB of output even of empty files."""
 
 def _inode(row: tuple) -> Inode:
     return Inode._make(row)
@@ -315,7 +318,7 @@ class IndexReader:
         first = coffset - 1 if bits else coffset
         if type(end) is not int or not 0 <= first < end <= blob.size or not 0 <= bits <= 7:
             raise IndexFormatError(f"{self.path}: malformed checkpoint for chunk {digest.hex()[:80]}")
-        span = GzipSpan(bits=(8 - bits) % 8, skip=uoffset - point, window=window)
+        span = GzipSpan(bits=(8 - bits) % 8, skip=uoffset - point, window=window, point=point)
         return Chunk(digest, blob, first, end - first, size, CODEC_GZIP_SPAN, span)
 
     def chunks(self, ino: InodeT, offset: int, size: int) -> list[Span]:
@@ -411,6 +414,27 @@ class IndexReader:
                 break
             out.append(c)
             end = c.offset + c.stored_size
+        return out
+
+    def chunks_within(self, chunk: Chunk, start: int, end: int) -> list[Chunk]:
+        """The other chunks of ``chunk``'s blob whose stored bytes lie within ``[start, end)``
+        of it: for a chunk of a gzip layer, those that inflating a range fetched for it
+        gives as well (the other chunks of its span). A side index numbers its chunks in
+        the order of their layer's tar, so this walks the chunk ids on either side of
+        ``chunk``'s and stops at the first of another blob or starting outside the bytes
+        (a chunk that starts inside but ends past them is passed over)."""
+        out: list[Chunk] = []
+        for op, order in (("<", "DESC"), (">", "ASC")):
+            for row in self._rows(
+                "SELECT digest, blob, offset, stored_size, size, codec FROM chunks "
+                f"WHERE id {op} (SELECT id FROM chunks WHERE digest = ?) ORDER BY id {order} LIMIT ?",
+                (chunk.digest, _WITHIN_LIMIT),
+            ):
+                c = self._chunk(row)
+                if c.blob.id != chunk.blob.id or not start <= c.offset < end:
+                    break
+                if c.offset + c.stored_size <= end:
+                    out.append(c)
         return out
 
     def blobs(self) -> list[Blob]:
