@@ -39,11 +39,13 @@ class GzipSpan:
     """Where a chunk's bytes lie in a gzip layer, relative to the fetched compressed bytes:
     the checkpoint starts ``bits`` bits into the first fetched byte (0-7), its window is
     ``window`` (zlib-compressed, empty at the start of a member), and the chunk starts
-    ``skip`` bytes of output after the checkpoint."""
+    ``skip`` bytes of output after the checkpoint, which is at ``point`` in the layer's
+    tar (so the chunk at ``point + skip``)."""
 
     bits: int
     skip: int
     window: bytes = dataclasses.field(repr=False)
+    point: int = 0
 
 
 class _Bits:
@@ -118,37 +120,66 @@ def stream_from(payload: bytes | memoryview, bits: int) -> bytes:
     return primer[:-1] + bytes([primer[-1] | first]) + bytes(payload[1:])
 
 
+class SpanInflater:
+    """The output of a gzip layer from a checkpoint on, inflated only as far as asked:
+    the chunks of one fetched range come out of one inflate, each reader waiting only for
+    the output up to its own chunk's end (``fetcher.spans``).
+
+        inflater = SpanInflater(payload, bits, window)   # SpanError: a bad window
+        inflater.upto(n)       # inflate until there are n bytes of output (or no more)
+        inflater.read(a, b)    # output bytes [a, b), once upto(b) reached b
+
+    Once the bytes stop inflating (corrupt, or at their end), ``error`` says why and the
+    output so far stays readable."""
+
+    def __init__(self, payload: bytes | memoryview, bits: int, window: bytes) -> None:
+        try:
+            plain = zlib.decompress(window) if window else b""
+        except zlib.error as exc:
+            raise SpanError(f"the checkpoint's window does not inflate ({exc})") from None
+        if len(plain) > WINDOW:
+            raise SpanError("the checkpoint's window is larger than 32 KiB")
+        self._d = zlib.decompressobj(wbits=-15, zdict=plain) if plain else zlib.decompressobj(wbits=-15)
+        self._data = stream_from(payload, bits)
+        self._out = bytearray()
+        self.error: SpanError | None = None
+
+    def upto(self, want: int) -> int:
+        """Inflate until the output is ``want`` bytes long (never much further) or the
+        bytes end or fail (``error``); the output's length."""
+        try:
+            while len(self._out) < want and self.error is None:
+                piece = self._d.decompress(self._data, want - len(self._out))
+                self._out += piece
+                if len(self._out) >= want:
+                    self._data = self._d.unconsumed_tail
+                    break
+                if self._d.unconsumed_tail:
+                    self._data = self._d.unconsumed_tail
+                    continue
+                if not self._d.eof:
+                    self.error = SpanError(f"the compressed bytes end {want - len(self._out)} bytes short")
+                    break
+                rest = self._d.unused_data[8:]  # past the member's trailer (CRC-32, ISIZE)
+                if not rest:
+                    self.error = SpanError(f"the gzip stream ends {want - len(self._out)} bytes short")
+                    break
+                self._d, self._data = zlib.decompressobj(wbits=31), rest  # the next member, header and all
+        except zlib.error as exc:
+            self.error = SpanError(f"the compressed bytes do not inflate ({exc})")
+        return len(self._out)
+
+    def read(self, start: int, end: int) -> bytes:
+        """Output bytes ``[start, end)`` (a copy: the output may still grow)."""
+        return bytes(self._out[start:end])
+
+
 def inflate_span(payload: bytes | memoryview, span: GzipSpan, size: int) -> bytes:
     """The ``size`` bytes ``span.skip`` bytes after the checkpoint at the start of
     ``payload``; SpanError if the bytes do not give them."""
-    try:
-        window = zlib.decompress(span.window) if span.window else b""
-    except zlib.error as exc:
-        raise SpanError(f"the checkpoint's window does not inflate ({exc})") from None
-    if len(window) > WINDOW:
-        raise SpanError("the checkpoint's window is larger than 32 KiB")
+    inflater = SpanInflater(payload, span.bits, span.window)
     want = span.skip + size
-    parts: list[bytes] = []
-    got = 0
-    d = zlib.decompressobj(wbits=-15, zdict=window) if window else zlib.decompressobj(wbits=-15)
-    data = stream_from(payload, span.bits)
-    try:
-        while True:
-            piece = d.decompress(data, want - got)
-            parts.append(piece)
-            got += len(piece)
-            if got >= want:
-                break
-            if d.unconsumed_tail:
-                data = d.unconsumed_tail
-                continue
-            if not d.eof:
-                raise SpanError(f"the compressed bytes end {want - got} bytes short")
-            rest = d.unused_data[8:]  # past the member's trailer (CRC-32, ISIZE)
-            if not rest:
-                raise SpanError(f"the gzip stream ends {want - got} bytes short")
-            d, data = zlib.decompressobj(wbits=31), rest  # the next member, header and all
-    except zlib.error as exc:
-        raise SpanError(f"the compressed bytes do not inflate ({exc})") from None
-    out = b"".join(parts)
-    return out[span.skip : want]
+    if inflater.upto(want) < want:
+        assert inflater.error is not None
+        raise inflater.error
+    return inflater.read(span.skip, want)

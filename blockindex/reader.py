@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .bloborder import BlobOrder
 from .checks import (
     DIRECTORIES,
     INODE_RULES,
@@ -62,7 +63,7 @@ def _inode(row: tuple) -> Inode:
     return Inode._make(row)
 
 
-class IndexReader:
+class IndexReader(BlobOrder):
     """Answers filesystem questions about one image from its index.
 
     Every method is plain and fast (one indexed SQLite query); none touches the network.
@@ -315,7 +316,7 @@ class IndexReader:
         first = coffset - 1 if bits else coffset
         if type(end) is not int or not 0 <= first < end <= blob.size or not 0 <= bits <= 7:
             raise IndexFormatError(f"{self.path}: malformed checkpoint for chunk {digest.hex()[:80]}")
-        span = GzipSpan(bits=(8 - bits) % 8, skip=uoffset - point, window=window)
+        span = GzipSpan(bits=(8 - bits) % 8, skip=uoffset - point, window=window, point=point)
         return Chunk(digest, blob, first, end - first, size, CODEC_GZIP_SPAN, span)
 
     def chunks(self, ino: InodeT, offset: int, size: int) -> list[Span]:
@@ -389,50 +390,6 @@ class IndexReader:
                 (ino,),
             )
         ]
-
-    def chunks_after(self, chunk: Chunk, nbytes: int) -> list[Chunk]:
-        """The chunks of ``chunk``'s blob that follow it, in blob order, as far as they lie
-        within ``nbytes`` bytes of its end (what one request may fetch along with it).
-        The converter numbers chunks in blob order, so this walks the chunk ids after
-        ``chunk``'s and stops at the first that is of another blob, overlaps the one
-        before it, or ends past the limit (an index out of order only finds fewer)."""
-        end = chunk.offset + chunk.stored_size
-        limit = end + nbytes
-        out: list[Chunk] = []
-        if nbytes <= 0:
-            return out
-        for row in self._rows(
-            "SELECT digest, blob, offset, stored_size, size, codec FROM chunks "
-            "WHERE id > (SELECT id FROM chunks WHERE digest = ?) ORDER BY id LIMIT ?",
-            (chunk.digest, nbytes),
-        ):
-            c = self._chunk(row)
-            if c.blob.id != chunk.blob.id or c.offset < end or c.offset + c.stored_size > limit:
-                break
-            out.append(c)
-            end = c.offset + c.stored_size
-        return out
-
-    def digests_after(self, chunk: Chunk, nbytes: int, most: int = 1024) -> list[bytes]:
-        """The digests of at most ``most`` chunks that ``chunks_after`` would give, read
-        without checking each row (a hint for the disk: a wrong one costs a useless read,
-        never a wrong byte): a walk of a tree asks this for every window of its blob."""
-        end = chunk.offset + chunk.stored_size
-        limit = end + nbytes
-        out: list[bytes] = []
-        try:
-            for digest, blob, offset, stored in self._q(
-                    "SELECT digest, blob, offset, stored_size FROM chunks "
-                    "WHERE id > (SELECT id FROM chunks WHERE digest = ?) ORDER BY id LIMIT ?",
-                    (chunk.digest, most)):
-                if blob != chunk.blob.id or offset < end or offset + stored > limit:
-                    break
-                if isinstance(digest, bytes) and len(digest) == 32:
-                    out.append(digest)
-                end = offset + stored
-        except TypeError:  # a hostile row's types: the hint ends there
-            pass
-        return out
 
     def blobs(self) -> list[Blob]:
         return sorted(self._blobs.values(), key=lambda b: b.id)

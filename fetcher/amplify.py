@@ -5,6 +5,13 @@ chunk is likely followed by reads of the chunks after it (Nydus's ``amplify_io``
 window starts at an eighth of ``FetchConfig.amplify`` and doubles while misses walk
 through the blob (as the kernel's readahead grows), so that scattered reads fetch little
 beyond what they asked for and a walk of a tree takes few requests.
+
+A range of a gzip layer (a side index's) brings along the other chunks that its bytes
+inflate to, whatever the window (``spans.py``): they cost no byte more, and a chunk left
+out would be fetched again with its whole span when read.
+
+    along = FetchedAlong(inflight, store, amplifier=, within=)
+    rng = along.grow(rng, background)    # each chunk added gets its in-flight entry
 """
 
 from __future__ import annotations
@@ -12,8 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from blockindex.format import Chunk
+from cache.store import ChunkStore
 
+from .inflight import InFlight
 from .plan import Range, amplify
+from .spans import is_gzip, with_mates
 
 
 class Amplifier:
@@ -38,3 +48,33 @@ class Amplifier:
                                             window=window, free=free)
         self._streaks[rng.blob] = (out.end, window)
         return out
+
+
+class FetchedAlong:
+    """What a planned range fetches along with the chunks asked for: for a demand miss,
+    the free chunks after it (``amplifier``); for a range of a gzip layer, the free
+    chunks whose stored bytes lie within it (``within``: the index's ``chunks_within``).
+    Each gets its in-flight entry, so that a reader of one joins the fetch."""
+
+    def __init__(self, inflight: InFlight, store: ChunkStore | None, *, amplifier: Amplifier | None,
+                 within: Callable[[Chunk, int, int], Sequence[Chunk]] | None) -> None:
+        self._inflight = inflight
+        self._store = store
+        self._amplifier = amplifier
+        self._within = within
+
+    def free(self, c: Chunk) -> bool:
+        """Whether ``c`` is neither being fetched nor in the node cache."""
+        return self._inflight.get(c.digest) is None and not (
+            self._store is not None and self._store.contains(c.digest, c.size))
+
+    def grow(self, rng: Range, background: bool) -> Range:
+        """``rng`` with what it brings along, as its last chunks (``Range.neighbours``)."""
+        grown = rng
+        if not background and self._amplifier is not None:
+            grown = self._amplifier.extend(grown, self.free)
+        if self._within is not None and is_gzip(grown):
+            grown = with_mates(grown, self._within(grown.chunks[0], grown.start, grown.end), self.free)
+        for c in grown.chunks[len(rng.chunks):]:
+            self._inflight.start(c.digest, queued=background)
+        return grown

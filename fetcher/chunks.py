@@ -12,9 +12,10 @@ between chunks while a demand fetch runs, so that the reader gets the CPU.
 With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
 that node first, then of the next owner, then of the origin (``peerroute.py``).
 
-The parts, one job each: ``plan``, ``amplify``, ``gate``, ``verify``, ``origin``,
-``keeper``, ``rereads``, ``peerroute``, ``diskahead`` (the README's "How it is built" says
-what each does). This module holds them together: one in-flight entry per chunk.
+The parts, one job each: ``plan``, ``amplify``, ``gate``, ``verify``, ``spans`` (a gzip
+layer's range, inflated once), ``origin``, ``keeper``, ``rereads``, ``peerroute``,
+``cachereads``, ``diskahead`` (the README's "How it is built" says what each does). This
+module holds them together: one in-flight entry per chunk.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from blockindex.codec import ChunkDecodeError
 from blockindex.format import Chunk, ChunkDigest
 from cache.store import ChunkStore
 
-from .amplify import Amplifier
+from .amplify import Amplifier, FetchedAlong
 from .cachereads import CacheReads
 from .config import FetchConfig, FetchStats
 from .diskahead import DiskAhead
@@ -41,9 +42,10 @@ from .keeper import CacheWriter
 from .origin import Origin
 from .peerroute import Asks, PeerRoute
 from .peers import PeerTier
-from .plan import Range, asked_first, claim, plan_ranges
+from .plan import Range, asked_first, claim, plan_fetch, plan_ranges
 from .rereads import RereadDeadlines
 from .source import BlobSource
+from .spans import InflatedRange, is_gzip
 from .verify import Verified, Verifier, integrity_error, stored_payload
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class ChunkFetcher(CacheReads):
         peers: PeerTier | None = None,
         neighbours: Callable[[Chunk, int], Sequence[Chunk]] | None = None,
         followers: Callable[[Chunk, int], Sequence[bytes]] | None = None,
+        within: Callable[[Chunk, int, int], Sequence[Chunk]] | None = None,
     ) -> None:
         self._nursery = nursery
         self._store = store
@@ -86,9 +89,10 @@ class ChunkFetcher(CacheReads):
         self._route = PeerRoute(peers, self.stats, self._verifier, self.gate, self._from_origin,
                                 deadline=config.deadline, on_answer=self._answered) if peers else None
         self._rereads = RereadDeadlines(window=config.reread_window, short_try=config.reread_try)
-        self._amplifier = (Amplifier(neighbours, largest=min(config.amplify, config.max_request))
-                           if neighbours is not None and config.amplify > 0 and peers is None else None)
-        """What a demand miss fetches along: the chunks after it in its blob."""
+        self._along = FetchedAlong(self._inflight, store, within=within, amplifier=(
+            Amplifier(neighbours, largest=min(config.amplify, config.max_request))
+            if neighbours is not None and config.amplify > 0 and peers is None else None))
+        """What a range fetches along: the chunks after a demand miss, a gzip span's others."""
         self._disk_ahead = DiskAhead.of(store, followers, neighbours)
         """What a read from the node cache that waits for the disk asks the disk for along."""
 
@@ -233,15 +237,11 @@ class ChunkFetcher(CacheReads):
         for c, p, under in taken:
             self._nursery.start_soon(self._verifier.take_checked, c, p, under, self.source_name)
         if own:
-            for rng in self._plan([c for c, _ in waits if c.digest in own], False, use_peers):
+            alone = [c for c, _ in waits if c.digest in own]
+            gaps = self._route is None or not use_peers
+            for rng in plan_fetch(alone, self.config, background=False, gaps=gaps):
                 self._nursery.start_soon(self._fetch_range, rng, False, own)
         return waits, started
-
-    def _plan(self, chunks: Sequence[Chunk], background: bool, use_peers: bool) -> list[Range]:
-        # with peers, the chunks in a gap are other owners' (their bytes would be fetched twice)
-        max_gap = 0 if self.peers is not None and use_peers else self.config.max_gap
-        max_request = self.config.background_max_request if background else self.config.max_request
-        return plan_ranges(chunks, max_request=max_request, max_gap=max_gap)
 
     def _fetch_new(self, new: list[Chunk], background: bool, use_peers: bool, speculative: bool) -> None:
         """Start fetching chunks whose in-flight entries this call made (or took over):
@@ -253,33 +253,17 @@ class ChunkFetcher(CacheReads):
                 p.event.set()
                 self._inflight.done(c.digest, p)
             return
-        if self.peers is not None and use_peers and new:
+        if self._route is not None and use_peers and new:
             to_origin = []
-            peer_set = self.peers.peers
             for c in new:
-                owners = peer_set.owners(c.digest, peer_set.config.owners_asked)
-                if owners:
-                    asks = [(o, False) for o in owners]
-                elif background and (holder := peer_set.runner_up(c.digest)):
-                    # this node owns it, but a node that prefetched before may hold it
-                    asks = [(holder, True)]
-                else:
+                if (asks := self._route.asks(c, background)) is None:
                     to_origin.append(c)
-                    continue
-                self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
+                else:
+                    self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
             new = to_origin
-        for rng in self._plan(new, background, use_peers):
-            if not background and self._amplifier is not None:
-                grown = self._amplifier.extend(rng, self._free)
-                for c in grown.chunks[len(rng.chunks):]:  # a reader of one joins this fetch
-                    self._inflight.start(c.digest)
-                rng = grown
-            self._nursery.start_soon(self._fetch_range, rng, background)
-
-    def _free(self, c: Chunk) -> bool:
-        """Whether ``c`` is neither being fetched nor in the node cache."""
-        return self._inflight.get(c.digest) is None and not (
-            self._store is not None and self._store.contains(c.digest, c.size))
+        gaps = self._route is None or not use_peers
+        for rng in plan_fetch(new, self.config, background=background, gaps=gaps):
+            self._nursery.start_soon(self._fetch_range, self._along.grow(rng, background), background)
 
     def note_failed_read(self, chunks: Sequence[Chunk], began: float) -> None:
         """A demand read over ``chunks`` (begun at ``began``, trio time) failed: a re-read of
@@ -311,10 +295,11 @@ class ChunkFetcher(CacheReads):
                 with self.gate.demand():
                     data = await self._request(rng, self.config.deadline)
             whole = memoryview(data)
+            spans = InflatedRange(rng, whole) if is_gzip(rng) else None  # one inflate for all parts
             for part in asked_first(rng):
                 at = part.start - rng.start
                 await self._hand_over(part, whole[at : at + part.end - part.start], rng,
-                                      background, queued, work)
+                                      background, queued, work, spans)
         except FetchError as exc:
             self.stats.failed_requests += 1
             log.warning("fetching %d chunk(s) of blob %s [%d, %d) from %s failed: %s",
@@ -333,20 +318,21 @@ class ChunkFetcher(CacheReads):
                 self._settle(c, queued[c.digest])
 
     async def _hand_over(self, rng: Range, data: bytes | bytearray | memoryview, sent: Range,
-                         background: bool, queued: dict[ChunkDigest, Pending], work: Underway) -> None:
+                         background: bool, queued: dict[ChunkDigest, Pending], work: Underway,
+                         spans: InflatedRange | None) -> None:
         """Check the chunks of ``rng`` (``data`` is its bytes; ``sent`` the request they came
         in), wake their readers, cache the good ones. A neighbour (``rng.neighbours``) that
         fails its check is dropped: nobody asked for it, and a later read fetches it again."""
         in_order = [queued[c.digest] for c in rng.chunks]
         # the prefetcher's chunks are cached with their check
         if not background:
-            results = await self._verifier.range(rng, data)
+            results = await self._verifier.range(rng, data, spans=spans)
         elif self.peers is not None:
             # in a cluster, peers wait for these chunks (see ``background_pause``)
-            results = await self._verifier.range(rng, data, self._store)
+            results = await self._verifier.range(rng, data, self._store, spans=spans)
         else:
             results = await self._verifier.range(
-                rng, data, self._store, functools.partial(self.gate.give_way, work))
+                rng, data, self._store, functools.partial(self.gate.give_way, work), spans)
         view = memoryview(data)
         # bytes from a mirror that fail their check are asked for again from the next
         # source (the registry last), once: the mirror is skipped from now on (neighbours

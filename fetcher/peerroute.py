@@ -10,6 +10,7 @@ asked last, early enough to answer within the read's deadline.
     route = PeerRoute(tier, stats, verifier, gate, origin, deadline=30.0)
     plain, payload = await route.demand(chunk, asks, speculative=False)
     plain, payload = await route.background(chunk, asks)
+    asks = route.asks(chunk, background)     # whom to ask (None: the origin alone)
 
 The fetcher owns the chunk's in-flight entry and the origin request (``origin``); this
 module decides whom to ask, when to hedge, and what a peer's answer is worth.
@@ -57,6 +58,18 @@ class PeerRoute:
         self._origin = origin
         self._deadline = deadline
         self._on_answer = on_answer
+
+    def asks(self, c: Chunk, background: bool) -> Asks | None:
+        """Whom to ask for ``c``: its owners among the peers; for the background, when this
+        node owns it, the node that owned it before (it may hold it from its own
+        prefetch), cache-only; None when the origin is the one to ask."""
+        peer_set = self.tier.peers
+        owners = peer_set.owners(c.digest, peer_set.config.owners_asked)
+        if owners:
+            return [(o, False) for o in owners]
+        if background and (holder := peer_set.runner_up(c.digest)):
+            return [(holder, True)]
+        return None
 
     def _attempts(self, c: Chunk, asks: Asks, background: bool) -> list[Callable[[], Awaitable[Verified]]]:
         def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[Verified]]:

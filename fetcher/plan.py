@@ -2,12 +2,15 @@
 
 Missing chunks of one blob that lie close together are merged into one request (the gap's
 bytes are read and discarded: cheaper than another round trip), up to a size limit;
-chunks of different blobs never share one. A demand miss on small chunks brings the
+chunks of different blobs never share one. Chunks of a gzip layer whose stored bytes
+start at the same checkpoint (one span's: ``spans.py``) share one request even past the
+limit: their bytes overlap, and one inflate gives them all. A demand miss on small chunks brings the
 chunks that follow it in its blob along, up to a window (Nydus's ``amplify_io``): the
 converter lays a directory's files side by side, so a cold walk of a tree needs about one
 request per window instead of one per file.
 
     plan_ranges(chunks, max_request=, max_gap=)   the requests, as few as the limits allow
+    plan_fetch(chunks, config, background=, gaps=) the same with a fetcher's limits
     amplify(rng, following, window=, free=)       a demand request grown by its neighbours
     asked_first(rng)                              its parts: asked-for chunks, then neighbours
     claim(rng, entries)                           what a queued background request still
@@ -21,6 +24,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from blockindex.format import Chunk, ChunkDigest
+
+from .config import FetchConfig
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,7 +52,7 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
         start = end = 0
         for c in group:
             c_end = c.offset + c.stored_size
-            if cur and c.offset - end <= max_gap and c_end - start <= max_request:
+            if cur and c.offset - end <= max_gap and (c_end - start <= max_request or c.offset == start):
                 cur.append(c)
                 end = max(end, c_end)
                 continue
@@ -57,6 +62,14 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
         if cur:
             out.append(Range(blob, start, end, tuple(cur)))
     return out
+
+
+def plan_fetch(chunks: Iterable[Chunk], config: FetchConfig, *, background: bool, gaps: bool) -> list[Range]:
+    """``plan_ranges`` with the limits of ``config``: a background request's smaller size;
+    no gaps unless ``gaps`` (in a cluster, the chunks in a gap are other owners': their
+    bytes would be fetched twice)."""
+    max_request = config.background_max_request if background else config.max_request
+    return plan_ranges(chunks, max_request=max_request, max_gap=config.max_gap if gaps else 0)
 
 
 def amplify(rng: Range, following: Iterable[Chunk], *, window: int,
@@ -86,7 +99,7 @@ def asked_first(rng: Range) -> list[Range]:
     asked, extra = rng.chunks[: -rng.neighbours], rng.chunks[-rng.neighbours :]
     # the chunks of a side index's gzip spans overlap: the last one need not end last
     return [Range(rng.blob, rng.start, max(c.offset + c.stored_size for c in asked), asked),
-            Range(rng.blob, extra[0].offset, rng.end, extra, len(extra))]
+            Range(rng.blob, min(c.offset for c in extra), rng.end, extra, len(extra))]
 
 
 class Queued(Protocol):
@@ -105,4 +118,5 @@ def claim(rng: Range, entries: Mapping[ChunkDigest, Queued]) -> Range | None:
         return None
     if len(mine) == len(rng.chunks):
         return rng
-    return Range(rng.blob, mine[0].offset, max(c.offset + c.stored_size for c in mine), tuple(mine))
+    start = min(c.offset for c in mine)  # a gzip span's neighbours may lie before the asked
+    return Range(rng.blob, start, max(c.offset + c.stored_size for c in mine), tuple(mine))

@@ -30,6 +30,7 @@ from .errors import FetchError, IntegrityError
 from .inflight import Pending, Underway
 from .lowprio import BACKGROUND
 from .plan import Range
+from .spans import InflatedRange
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,12 @@ def integrity_error(c: Chunk, source: str) -> FetchError:
 
 
 def verify_range(rng: Range, data: bytes | bytearray | memoryview, store: ChunkStore | None = None,
-                 give_way: Callable[[], object] | None = None) -> Checked:
+                 give_way: Callable[[], object] | None = None, spans: InflatedRange | None = None
+                 ) -> Checked:
     """Decode and check every chunk of a fetched range; cache the good ones in ``store``
     when given. Runs in a worker thread for large ranges, calling ``give_way`` (which may
-    block) before each chunk."""
+    block) before each chunk. Chunks of a gzip layer come out of ``spans`` when given (the
+    inflate of the whole range that ``rng`` is part of, ``spans.py``)."""
     view = memoryview(data)
     out: Checked = []
     for c in rng.chunks:
@@ -58,7 +61,7 @@ def verify_range(rng: Range, data: bytes | bytearray | memoryview, store: ChunkS
             give_way()
         payload = view[c.offset - rng.start : c.offset - rng.start + c.stored_size]
         try:
-            plain = decode_verified(c, payload)
+            plain = spans.plain(c) if spans is not None else decode_verified(c, payload)
         except ChunkDecodeError as exc:
             out.append(exc)
             continue
@@ -158,12 +161,13 @@ class Verifier:
         return await trio.to_thread.run_sync(store.read_range, c.digest, offset, size, limiter=self._disk)
 
     async def range(self, rng: Range, data: bytes | bytearray | memoryview, store: ChunkStore | None = None,
-                    give_way: Callable[[], object] | None = None) -> Checked:
+                    give_way: Callable[[], object] | None = None, spans: InflatedRange | None = None
+                    ) -> Checked:
         """``verify_range`` of a fetched range: on the trio loop if it is small, else in
         a worker thread; with ``give_way`` (background work that must give way to reads)
         in one of the low-priority threads that never serve a read."""
         if rng.end - rng.start <= self.thread_above:
-            return verify_range(rng, data, store)
+            return verify_range(rng, data, store, None, spans)
         if give_way is not None:
-            return await BACKGROUND.run_sync(verify_range, rng, data, store, give_way)
-        return await trio.to_thread.run_sync(verify_range, rng, data, store, limiter=self._cpu)
+            return await BACKGROUND.run_sync(verify_range, rng, data, store, give_way, spans)
+        return await trio.to_thread.run_sync(verify_range, rng, data, store, None, spans, limiter=self._cpu)

@@ -276,7 +276,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 config = FetchConfig(deadline=opts.timeout) if opts.amplify is None else FetchConfig(
                     deadline=opts.timeout, amplify=opts.amplify)
                 fetcher = ChunkFetcher(nursery, client, store, config, source_name="origin", peers=tier,
-                                       neighbours=index.chunks_after,
+                                       neighbours=index.chunks_after, within=index.chunks_within,
                                        followers=index.digests_after)
                 if origins is not None:
                     origins.adopt(repository, fetcher)

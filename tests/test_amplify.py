@@ -129,10 +129,10 @@ def test_the_reader_waits_for_its_own_chunks_only(tmp_path):
     async def body(fetcher, store, chunks):
         check = fetcher._verifier.range
 
-        async def slow_neighbours(rng, data, *args):
+        async def slow_neighbours(rng, data, *args, **kwargs):
             if rng.neighbours:  # the neighbours' check takes until the read is done
                 await release.wait()
-            return await check(rng, data, *args)
+            return await check(rng, data, *args, **kwargs)
 
         fetcher._verifier.range = slow_neighbours
         with trio.fail_after(5):

@@ -370,7 +370,7 @@ def test_every_question_a_handler_asks_is_answered_from_an_index(good_index, tmp
     public = {n for n in dir(IndexReader) if not n.startswith("_") and callable(getattr(
         IndexReader, n))}
     asked = {"attr", "lookup", "children", "readlink", "xattrs", "getxattr", "chunks",
-             "chunks_of", "chunk", "chunks_after"}
+             "chunks_of", "chunk", "chunks_after", "chunks_within", "digests_after"}
     assert public == asked | WHOLE_INDEX
     r = IndexReader(good_index)
     rec = _Recorder(r._db)
@@ -388,6 +388,10 @@ def test_every_question_a_handler_asks_is_answered_from_an_index(good_index, tmp
     r.chunk(spans[0].chunk.digest)
     after = r.chunks_after(spans[0].chunk, 1 << 20)
     assert after[: len(spans) - 1] == [s.chunk for s in spans[1:]]
+    assert r.digests_after(spans[0].chunk, 1 << 20) == [c.digest for c in after]
+    middle = spans[1].chunk
+    assert r.chunks_within(middle, spans[0].chunk.offset, spans[2].chunk.offset + spans[2].chunk.stored_size
+                           ) == [spans[0].chunk, spans[2].chunk]
     assert len(rec.asked) >= len(asked)
     assert {sql: unindexed(rec.db, sql, args) for sql, args in rec.asked.items()} == {
         sql: [] for sql in rec.asked}
