@@ -9,14 +9,14 @@ while any demand fetch is in flight, are limited in number and in size (what a r
 find ahead of it on the link), and the checking and caching of what they brought pauses
 between chunks while a demand fetch runs, so that the reader gets the CPU.
 
-With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
-that node first, then of the next owner, then of the origin (``peerroute.py``).
+With a peer tier, a chunk owned by another node is asked of that node first (in one
+request with the others asked of it at once), the next owner, then the origin.
 
 The parts, one job each: ``plan.py`` (which range requests), ``amplify.py`` (what a
 demand miss brings along), ``gate.py`` (background gives way to demand), ``verify.py``
 (checking, off the loop when large), ``origin.py`` (requests to the source),
 ``keeper.py`` (caching without making readers wait), ``rereads.py`` (a re-read continues
-a failed read's deadline), ``peerroute.py`` (peers and hedging).
+a failed read's deadline), ``peerroute.py`` (peers and hedging), ``peerbatch.py``.
 This module holds them together: one in-flight entry per chunk, joined by every reader.
 """
 
@@ -80,12 +80,12 @@ class ChunkFetcher:
         self._verifier = Verifier(thread_above=config.thread_above)
         self._background = trio.CapacityLimiter(config.background_concurrency)
         self.peers = peers
-        self._peer_background = trio.CapacityLimiter(
-            peers.peers.config.background_concurrency if peers else 1)
         self.gate = DemandGate(pause=config.background_pause)
         """Demand fetches in flight, which background work waits for (``wait_idle``)."""
         self._route = PeerRoute(peers, self.stats, self._verifier, self.gate, self._from_origin,
-                                deadline=config.deadline, on_answer=self._answered) if peers else None
+                                deadline=config.deadline, on_answer=self._answered,
+                                batches=nursery) if peers else None
+        self._peer_background = self._route.background_slots if self._route else trio.CapacityLimiter(1)
         self._rereads = RereadDeadlines(window=config.reread_window, short_try=config.reread_try)
         self._amplifier = (Amplifier(neighbours, largest=min(config.amplify, config.max_request))
                            if neighbours is not None and config.amplify > 0 and peers is None else None)
@@ -116,7 +116,8 @@ class ChunkFetcher:
             hits: dict[ChunkDigest, bytes | memoryview] = {}
             rest = list(chunks)
         else:
-            hits, rest = await self._inflight.from_cache(chunks, self._cached)
+            hits, rest = await self._inflight.from_cache(
+                chunks, functools.partial(self._verifier.cached, self._store))
         if not rest:
             return hits, hits.keys()
         fetched = await self.get(rest, speculative=speculative)
@@ -131,10 +132,6 @@ class ChunkFetcher:
             return None
         return await self._verifier.cached_range(
             self._store, c, offset, size, on_disk=self._disk_ahead.cold if self._disk_ahead else None)
-
-    async def _cached(self, c: Chunk) -> memoryview | None:
-        assert self._store is not None
-        return await self._verifier.cached(self._store, c)
 
     async def get_payload(self, chunk: Chunk) -> bytes:
         """The verified stored payload of one chunk (what a peer is sent), fetched from the
@@ -306,6 +303,7 @@ class ChunkFetcher:
                            pendings: dict[ChunkDigest, Pending] | None = None) -> None:
         """Fetch, check and hand over one range; ``pendings`` (a demand fetch of chunks
         that a background range is fetching too) instead of the in-flight map's."""
+        assert self._origin is not None  # a fetcher without a source fetches nothing (_fetch_new)
         entries = pendings or self._inflight
         queued = {c.digest: entries[c.digest] for c in rng.chunks}
         fetching: Range | None = None if background else rng
@@ -321,11 +319,11 @@ class ChunkFetcher:
                     work.start = rng.start
                     for c in rng.chunks:
                         queued[c.digest].range = work
-                    data = work.data = await self._request(rng, self.config.background_deadline)
+                    data = work.data = await self._origin.request(rng, self.config.background_deadline)
             else:
                 self.stats.demand_requests += 1
                 with self.gate.demand():
-                    data = await self._request(rng, self.config.deadline)
+                    data = await self._origin.request(rng, self.config.deadline)
             whole = memoryview(data)
             for part in asked_first(rng):
                 at = part.start - rng.start
@@ -448,6 +446,3 @@ class ChunkFetcher:
         if self.on_request is not None:
             self.on_request(source, nbytes, seconds)
 
-    async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
-        assert self._origin is not None  # a fetcher without a source fetches nothing (_fetch_new)
-        return await self._origin.request(rng, deadline)

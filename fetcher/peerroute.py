@@ -30,7 +30,9 @@ from blockindex.format import Chunk
 from .config import FetchStats
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
 from .gate import DemandGate
+from .peerbatch import PeerBatcher
 from .peers import PeerIsSelf, PeerTier
+from .peerwire import MAX_BATCH_CHUNKS
 from .race import race
 from .verify import Verified, Verifier
 
@@ -49,7 +51,10 @@ class PeerRoute:
 
     def __init__(self, tier: PeerTier, stats: FetchStats, verifier: Verifier, gate: DemandGate,
                  origin: Callable[[Chunk, bool], Awaitable[Verified]], *, deadline: float,
-                 on_answer: Callable[[str, int, float], object] = lambda *_: None) -> None:
+                 on_answer: Callable[[str, int, float], object] = lambda *_: None,
+                 batches: trio.Nursery | None = None) -> None:
+        """With ``batches``, the chunks asked of one peer at once go in one request, sent
+        from that nursery (``peerbatch``); without it, each chunk is a request of its own."""
         self.tier = tier
         self._stats = stats
         self._verifier = verifier
@@ -57,11 +62,18 @@ class PeerRoute:
         self._origin = origin
         self._deadline = deadline
         self._on_answer = on_answer
+        config = tier.peers.config
+        self.background_slots = trio.CapacityLimiter(
+            config.background_concurrency * (MAX_BATCH_CHUNKS if batches else 1))
+        """Prefetch chunks on their way through the peers at once: with batches, enough for
+        ``background_concurrency`` full batches."""
+        self._batcher = PeerBatcher(tier.client, batches, deadline=config.request_deadline,
+                                    background_requests=config.background_concurrency) if batches else None
 
     def _attempts(self, c: Chunk, asks: Asks, background: bool) -> list[Callable[[], Awaitable[Verified]]]:
         def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[Verified]]:
             async def attempt() -> Verified:
-                return await self.ask(c, peer, cache_only)
+                return await self.ask(c, peer, cache_only, background=background)
             return attempt
 
         async def from_origin() -> Verified:
@@ -101,14 +113,16 @@ class PeerRoute:
         self._stats.hedge_wins += won.hedged
         return won.value
 
-    async def ask(self, c: Chunk, peer: str, cache_only: bool) -> Verified:
+    async def ask(self, c: Chunk, peer: str, cache_only: bool, *, background: bool = False) -> Verified:
         """The verified chunk from one peer. A peer that is down is put on backoff; one
         that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
         tier = self.tier
         started = time.monotonic()
         try:
             with trio.move_on_after(tier.peers.config.request_deadline) as scope:
-                received = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
+                repository = None if cache_only else tier.repository
+                received = await (self._batcher.fetch(peer, c, repository, background=background)
+                                  if self._batcher else tier.client.fetch(peer, c, repository))
             if scope.cancelled_caught:
                 self._stats.timeouts += 1
                 raise DeadlineError(f"peer {peer} sent no answer within "

@@ -1,0 +1,196 @@
+"""Many chunks in one request to a peer: the chunks a node asks one peer for at about the
+same time go as one batch (``POST /v1/chunks``, ``peerwire``), not one request each.
+
+    batcher = PeerBatcher(client, nursery, deadline=10.0)
+    payload = await batcher.fetch(peer, chunk, repository, background=False)
+
+Each ``fetch`` is one chunk's attempt (``peerroute``), and stays one: it joins the batch
+being gathered for that peer (same repository, demand or background), which is sent once
+the tasks started along with it have had their turn to join (a few trips through the
+scheduler, no sleep), or at once when it is full (``MAX_BATCH_CHUNKS``,
+``MAX_BATCH_BYTES``). A batch of one chunk goes as a plain ``GET``. The chunks of an
+answer are handed to their callers as they arrive, unverified: each caller checks its
+own, so a peer that lies about one chunk fails that chunk alone. A frame announcing more
+bytes than its chunk has, a chunk not asked for, or an answer cut short fails the chunks
+not yet answered (their callers go on to the next source); the bytes of the chunks
+already answered stay good.
+
+Background batches go at most ``background_requests`` at once (the prefetcher's share of
+the peers); demand batches never wait for them. A caller that gives up (its chunk came
+from elsewhere) leaves its batch; a batch that nobody waits for any more is not sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+import trio
+
+from blockindex.format import CODECS, Chunk, ChunkDigest
+
+from .errors import DeadlineError, FetchError, ServerError
+from .http1 import StreamReader
+from .peers import PeerClient
+from .peerwire import END, FRAME, MAX_BATCH_BYTES, MAX_BATCH_CHUNKS, OK
+
+log = logging.getLogger(__name__)
+
+_JOIN_TURNS = 3
+"""Trips through the scheduler a new batch waits for its siblings: the fetcher starts a
+chunk's attempt two turns after the request that wanted it."""
+
+
+class _Slot:
+    __slots__ = ("chunk", "event", "payload", "error", "waiting")
+
+    def __init__(self, chunk: Chunk) -> None:
+        self.chunk = chunk
+        self.event = trio.Event()
+        self.payload: bytearray | None = None
+        self.error: FetchError | None = None
+        self.waiting = 0
+
+    def settle(self, answer: bytearray | FetchError) -> None:
+        if self.event.is_set():
+            return
+        if isinstance(answer, FetchError):
+            self.error = answer
+        else:
+            self.payload = answer
+        self.event.set()
+
+
+class _Batch:
+    __slots__ = ("slots", "stored", "closed")
+
+    def __init__(self) -> None:
+        self.slots: dict[ChunkDigest, _Slot] = {}
+        self.stored = 0
+        self.closed = False
+
+    def takes(self, c: Chunk) -> bool:
+        return not self.closed and (c.digest in self.slots or len(self.slots) < MAX_BATCH_CHUNKS
+                                    and self.stored + c.stored_size <= MAX_BATCH_BYTES)
+
+    def add(self, c: Chunk) -> _Slot:
+        slot = self.slots.get(c.digest)
+        if slot is None:
+            slot = self.slots[c.digest] = _Slot(c)
+            self.stored += c.stored_size
+        return slot
+
+
+class PeerBatcher:
+    """Gathers each peer's chunks into batches sent from ``nursery``."""
+
+    def __init__(self, client: PeerClient, nursery: trio.Nursery, *, deadline: float,
+                 background_requests: int = 8) -> None:
+        """``deadline``: seconds a batch may take in all (a peer request's deadline)."""
+        self._client = client
+        self._nursery = nursery
+        self._deadline = deadline
+        self._background = trio.CapacityLimiter(background_requests)
+        self._open: dict[tuple[str, str | None, bool], _Batch] = {}
+        self.requests = 0
+        """Requests sent to peers (a batch of one is a plain GET)."""
+
+    async def fetch(self, peer: str, chunk: Chunk, repository: str | None, *,
+                    background: bool = False) -> bytearray:
+        """The stored payload of ``chunk`` from ``peer`` (unverified), as ``PeerClient.fetch``
+        gives it; ``repository`` None asks the peer's cache alone."""
+        if chunk.codec not in CODECS or chunk.stored_size > MAX_BATCH_BYTES:
+            self.requests += 1  # a gzip span (the peer cannot check it) or a huge chunk: alone
+            return await self._client.fetch(peer, chunk, repository)
+        key = (peer, repository, background)
+        batch = self._open.get(key)
+        if batch is None or not batch.takes(chunk):
+            batch = self._open[key] = _Batch()
+            self._nursery.start_soon(self._send, key, batch)
+        slot = batch.add(chunk)
+        if len(batch.slots) == MAX_BATCH_CHUNKS or batch.stored == MAX_BATCH_BYTES:
+            self._close(key, batch)  # full: it goes as soon as its sender runs
+        slot.waiting += 1
+        try:
+            await slot.event.wait()
+        finally:
+            slot.waiting -= 1
+        if slot.error is not None:
+            raise slot.error
+        assert slot.payload is not None
+        return slot.payload
+
+    def _close(self, key: tuple[str, str | None, bool], batch: _Batch) -> None:
+        batch.closed = True
+        if self._open.get(key) is batch:
+            del self._open[key]
+
+    async def _send(self, key: tuple[str, str | None, bool], batch: _Batch) -> None:
+        peer, repository, background = key
+        for _ in range(_JOIN_TURNS):
+            if batch.closed:
+                break
+            await trio.lowlevel.checkpoint()
+        async with self._background if background else contextlib.nullcontext():
+            self._close(key, batch)
+            slots = [s for s in batch.slots.values() if s.waiting]
+            for s in batch.slots.values():
+                if not s.waiting:
+                    s.settle(ServerError("nobody waits for it"))
+            if not slots:
+                return
+            self.requests += 1
+            try:
+                with trio.fail_after(self._deadline):
+                    if len(slots) == 1:
+                        slots[0].settle(await self._client.fetch(peer, slots[0].chunk, repository))
+                    else:
+                        await self._batch(peer, slots, repository)
+            except FetchError as exc:
+                error: FetchError = exc
+            except trio.TooSlowError:
+                error = DeadlineError(f"peer {peer} did not answer within {self._deadline:g}s")
+            except Exception as exc:  # a bug must fail these chunks, never the mount
+                log.exception("unexpected error asking peer %s for %d chunks", peer, len(slots))
+                error = FetchError(f"unexpected error asking peer {peer}: {exc!r}")
+            else:
+                error = ServerError(f"peer {peer} did not answer for the chunk")
+            for s in slots:
+                s.settle(error)
+
+    async def _batch(self, peer: str, slots: list[_Slot], repository: str | None) -> None:
+        by_digest = {s.chunk.digest: s for s in slots}
+
+        async def read(reader: StreamReader) -> None:
+            await read_frames(peer, [s.chunk for s in slots], reader,
+                              lambda c, answer: by_digest[c.digest].settle(answer))
+
+        await self._client.fetch_batch(peer, [s.chunk for s in slots], repository, read,
+                                       deadline=trio.current_time() + self._deadline)
+
+
+async def read_frames(peer: str, chunks: Sequence[Chunk], reader: StreamReader,
+                      on_chunk: Callable[[Chunk, bytearray | FetchError], object]) -> None:
+    """Hand each chunk of a batch answer to ``on_chunk`` as its frame arrives: its payload,
+    or the error the peer gave for it. ``ServerError`` for a frame that cannot be right
+    (more bytes than the chunk has, a chunk not asked for or sent twice): the rest of
+    the answer cannot be trusted to be framed."""
+    wanted = {c.digest: c for c in chunks}
+    while True:
+        digest, status, _codec, _size, length = FRAME.unpack(await reader.exactly(FRAME.size))
+        if status == END:
+            return
+        c = wanted.pop(ChunkDigest(digest), None)
+        if c is None:
+            raise ServerError(f"peer {peer} answered chunk {digest.hex()[:16]}, not asked for (or twice)")
+        if status != OK:
+            if length:
+                raise ServerError(f"peer {peer} sent bytes with a failure of chunk {c.hexdigest[:16]}")
+            why = "does not have it" if status == 1 else "could not fetch it"
+            on_chunk(c, ServerError(f"peer {peer} {why}: chunk {c.hexdigest[:16]}"))
+            continue
+        if length > c.stored_size:  # never read more than the chunk: a failed source
+            raise ServerError(f"peer {peer} announced {length} bytes for chunk {c.hexdigest[:16]} "
+                              f"of {c.stored_size}")
+        on_chunk(c, await reader.exactly(length))  # a short one fails its check, alone
