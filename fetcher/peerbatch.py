@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 _JOIN_TURNS = 3
 """Trips through the scheduler a new batch waits for its siblings: the fetcher starts a
 chunk's attempt two turns after the request that wanted it."""
+BACKGROUND_GATHER = 0.01
+"""Seconds a background batch that is not full waits for more chunks: the prefetcher's
+workers ask for their next chunks as each finishes a batch, a few milliseconds apart."""
 
 
 class _Slot:
@@ -63,12 +66,13 @@ class _Slot:
 
 
 class _Batch:
-    __slots__ = ("slots", "stored", "closed")
+    __slots__ = ("slots", "stored", "closed", "full")
 
     def __init__(self) -> None:
         self.slots: dict[ChunkDigest, _Slot] = {}
         self.stored = 0
         self.closed = False
+        self.full = trio.Event()
 
     def takes(self, c: Chunk) -> bool:
         return not self.closed and (c.digest in self.slots or len(self.slots) < MAX_BATCH_CHUNKS
@@ -123,6 +127,7 @@ class PeerBatcher:
 
     def _close(self, key: tuple[str, str | None, bool], batch: _Batch) -> None:
         batch.closed = True
+        batch.full.set()
         if self._open.get(key) is batch:
             del self._open[key]
 
@@ -132,6 +137,9 @@ class PeerBatcher:
             if batch.closed:
                 break
             await trio.lowlevel.checkpoint()
+        if background and not batch.closed:
+            with trio.move_on_after(BACKGROUND_GATHER):
+                await batch.full.wait()
         async with self._background if background else contextlib.nullcontext():
             self._close(key, batch)
             slots = [s for s in batch.slots.values() if s.waiting]
@@ -140,6 +148,8 @@ class PeerBatcher:
                     s.settle(ServerError("nobody waits for it"))
             if not slots:
                 return
+            log.debug("asking peer %s for %d chunks (%s)", peer, len(slots),
+                      "prefetch" if background else "reads")
             self.requests += 1
             try:
                 with trio.fail_after(self._deadline):

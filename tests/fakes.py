@@ -74,7 +74,7 @@ async def peer_answer(raw: bytes, chunk: Chunk, peer: str, outcome: str) -> byte
     return data
 
 
-class _FrameReader:
+class FrameReader:
     """A batch answer's bytes as a ``StreamReader`` gives them, from a channel of pieces."""
 
     def __init__(self, pieces: trio.MemoryReceiveChannel[bytes]) -> None:
@@ -124,6 +124,6 @@ class BatchesByChunk:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(every)
-            result = await read(_FrameReader(receive))
+            result = await read(FrameReader(receive))
             nursery.cancel_scope.cancel()
         return result
