@@ -240,6 +240,8 @@ class ChunkFetcher:
                 else:  # still on the network, up to background_max_request bytes of it:
                     # fetch this one chunk alone (its bytes come twice)
                     p = own[c.digest] = Pending()
+            elif not background and self._route is not None:  # a prefetch's peer batch has it
+                self._route.hurry(c.digest)
             waits.append((c, p))
         started = {c.digest for c in new} | own.keys() | {c.digest for c, _, _ in taken}
         self._fetch_new(new, background, use_peers, speculative)
@@ -443,6 +445,5 @@ class ChunkFetcher:
         return await self._origin.chunk(c, self.config.deadline, self._verifier)
 
     def _answered(self, source: str, nbytes: int, seconds: float) -> None:
-        if self.on_request is not None:
-            self.on_request(source, nbytes, seconds)
+        _ = self.on_request is not None and self.on_request(source, nbytes, seconds)
 

@@ -16,15 +16,18 @@ not yet answered (their callers go on to the next source); the bytes of the chun
 already answered stay good.
 
 Background batches go at most ``background_requests`` at once (the prefetcher's share of
-the peers); demand batches never wait for them. A caller that gives up (its chunk came
-from elsewhere) leaves its batch; a batch that nobody waits for any more is not sent.
+the peers), and only while no read waits for a fetch (the fetcher's ``DemandGate``);
+demand batches never wait for them, and a reader that waits for a chunk a background
+batch has (``hurry``) has it asked for in a demand batch too. A caller that gives up
+(its chunk came from elsewhere) leaves its batch; a batch that nobody waits for any more
+is not sent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -74,6 +77,10 @@ class _Batch:
         self.closed = False
         self.full = trio.Event()
 
+    def put(self, slot: _Slot) -> None:
+        self.slots[slot.chunk.digest] = slot
+        self.stored += slot.chunk.stored_size
+
     def takes(self, c: Chunk) -> bool:
         return not self.closed and (c.digest in self.slots or len(self.slots) < MAX_BATCH_CHUNKS
                                     and self.stored + c.stored_size <= MAX_BATCH_BYTES)
@@ -90,13 +97,19 @@ class PeerBatcher:
     """Gathers each peer's chunks into batches sent from ``nursery``."""
 
     def __init__(self, client: PeerClient, nursery: trio.Nursery, *, deadline: float,
-                 background_requests: int = 8) -> None:
-        """``deadline``: seconds a batch may take in all (a peer request's deadline)."""
+                 background_requests: int = 8,
+                 wait_idle: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint) -> None:
+        """``deadline``: seconds a batch may take in all (a peer request's deadline);
+        ``wait_idle`` returns when no read waits for a fetch (``DemandGate``): a background
+        batch is sent only then."""
+        self._wait_idle = wait_idle
         self._client = client
         self._nursery = nursery
         self._deadline = deadline
         self._background = trio.CapacityLimiter(background_requests)
         self._open: dict[tuple[str, str | None, bool], _Batch] = {}
+        self._prefetching: dict[ChunkDigest, tuple[tuple[str, str | None, bool], _Batch, _Slot]] = {}
+        """The background slots being waited for, by digest: a reader may hurry them."""
         self.requests = 0
         """Requests sent to peers (a batch of one is a plain GET)."""
 
@@ -108,22 +121,53 @@ class PeerBatcher:
             self.requests += 1  # a gzip span (the peer cannot check it) or a huge chunk: alone
             return await self._client.fetch(peer, chunk, repository)
         key = (peer, repository, background)
-        batch = self._open.get(key)
-        if batch is None or not batch.takes(chunk):
-            batch = self._open[key] = _Batch()
-            self._nursery.start_soon(self._send, key, batch)
+        batch = self._batch_for(key, chunk)
         slot = batch.add(chunk)
-        if len(batch.slots) == MAX_BATCH_CHUNKS or batch.stored == MAX_BATCH_BYTES:
-            self._close(key, batch)  # full: it goes as soon as its sender runs
+        self._close_if_full(key, batch)
         slot.waiting += 1
+        if background:
+            self._prefetching[chunk.digest] = (key, batch, slot)
         try:
             await slot.event.wait()
         finally:
             slot.waiting -= 1
+            if background and self._prefetching.get(chunk.digest, (None, None, None))[2] is slot:
+                del self._prefetching[chunk.digest]
         if slot.error is not None:
             raise slot.error
         assert slot.payload is not None
         return slot.payload
+
+    def hurry(self, digest: ChunkDigest) -> None:
+        """A reader waits for ``digest``: if a background batch is asking for it, ask for it
+        in a batch of reads too (out of the background one if that is not sent yet); the
+        first answer counts."""
+        entry = self._prefetching.pop(digest, None)
+        if entry is None or entry[2].event.is_set():
+            return
+        (peer, repository, _), batch, slot = entry
+        if not batch.closed and batch.slots.get(digest) is slot:
+            del batch.slots[digest]
+            batch.stored -= slot.chunk.stored_size
+        key = (peer, repository, False)
+        now = self._batch_for(key, slot.chunk)
+        if digest not in now.slots:
+            now.put(slot)
+            self._close_if_full(key, now)
+
+    def _batch_for(self, key: tuple[str, str | None, bool], chunk: Chunk) -> _Batch:
+        """The open batch of ``key`` that can take ``chunk`` (a new one if need be)."""
+        batch = self._open.get(key)
+        if batch is None or not batch.takes(chunk):
+            if batch is not None:
+                self._close(key, batch)  # it goes as it is
+            batch = self._open[key] = _Batch()
+            self._nursery.start_soon(self._send, key, batch)
+        return batch
+
+    def _close_if_full(self, key: tuple[str, str | None, bool], batch: _Batch) -> None:
+        if len(batch.slots) == MAX_BATCH_CHUNKS or batch.stored == MAX_BATCH_BYTES:
+            self._close(key, batch)  # it goes as soon as its sender runs
 
     def _close(self, key: tuple[str, str | None, bool], batch: _Batch) -> None:
         batch.closed = True
@@ -141,6 +185,8 @@ class PeerBatcher:
             with trio.move_on_after(BACKGROUND_GATHER):
                 await batch.full.wait()
         async with self._background if background else contextlib.nullcontext():
+            if background:
+                await self._wait_idle()
             self._close(key, batch)
             slots = [s for s in batch.slots.values() if s.waiting]
             for s in batch.slots.values():
@@ -156,7 +202,7 @@ class PeerBatcher:
                     if len(slots) == 1:
                         slots[0].settle(await self._client.fetch(peer, slots[0].chunk, repository))
                     else:
-                        await self._batch(peer, slots, repository)
+                        await self._batch(peer, slots, repository, background)
             except FetchError as exc:
                 error: FetchError = exc
             except trio.TooSlowError:
@@ -169,7 +215,7 @@ class PeerBatcher:
             for s in slots:
                 s.settle(error)
 
-    async def _batch(self, peer: str, slots: list[_Slot], repository: str | None) -> None:
+    async def _batch(self, peer: str, slots: list[_Slot], repository: str | None, background: bool) -> None:
         by_digest = {s.chunk.digest: s for s in slots}
 
         async def read(reader: StreamReader) -> None:
@@ -177,7 +223,7 @@ class PeerBatcher:
                               lambda c, answer: by_digest[c.digest].settle(answer))
 
         await self._client.fetch_batch(peer, [s.chunk for s in slots], repository, read,
-                                       deadline=trio.current_time() + self._deadline)
+                                       deadline=trio.current_time() + self._deadline, prefetch=background)
 
 
 async def read_frames(peer: str, chunks: Sequence[Chunk], reader: StreamReader,

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from blockindex.codec import ChunkDecodeError
-from blockindex.format import Chunk
+from blockindex.format import Chunk, ChunkDigest
 
 from .config import FetchStats
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
@@ -64,11 +64,13 @@ class PeerRoute:
         self._on_answer = on_answer
         config = tier.peers.config
         self.background_slots = trio.CapacityLimiter(
-            config.background_concurrency * (MAX_BATCH_CHUNKS if batches else 1))
-        """Prefetch chunks on their way through the peers at once: with batches, enough for
-        ``background_concurrency`` full batches."""
+            MAX_BATCH_CHUNKS if batches else config.background_concurrency)
+        """Prefetch chunks on their way through the peers at once: with batches, one full
+        batch's worth (a read that wants one of them hurries it). Eight batches' worth
+        made the programs of peers_bench finish only with the prefetch (cause not found)."""
         self._batcher = PeerBatcher(tier.client, batches, deadline=config.request_deadline,
-                                    background_requests=config.background_concurrency) if batches else None
+                                    background_requests=config.background_concurrency,
+                                    wait_idle=gate.wait_idle) if batches else None
 
     def _attempts(self, c: Chunk, asks: Asks, background: bool) -> list[Callable[[], Awaitable[Verified]]]:
         def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[Verified]]:
@@ -113,6 +115,12 @@ class PeerRoute:
         self._stats.hedge_wins += won.hedged
         return won.value
 
+    def hurry(self, digest: ChunkDigest) -> None:
+        """A reader waits for ``digest``, which a prefetch's peer attempt may be asking for:
+        ask for it at a read's priority too (``PeerBatcher.hurry``)."""
+        if self._batcher is not None:
+            self._batcher.hurry(digest)
+
     async def ask(self, c: Chunk, peer: str, cache_only: bool, *, background: bool = False) -> Verified:
         """The verified chunk from one peer. A peer that is down is put on backoff; one
         that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
@@ -147,7 +155,7 @@ class PeerRoute:
             tier.peers.mark_bad(peer, f"chunk {c.hexdigest}", exc)
             raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}").about(
                 chunk=c.hexdigest, blob=c.blob.digest, source=f"peer {peer}") from exc
-        tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
+        tier.peers.mark_ok(peer, len(payload), None if background else time.monotonic() - started)
         self._on_answer("peer", len(payload), time.monotonic() - started)
         self._stats.peer_chunks += 1
         return plain, payload

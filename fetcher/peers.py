@@ -248,11 +248,15 @@ class PeerSet:
         requests so far."""
         return hedged < self.config.hedge_budget * requests + 3
 
-    def mark_ok(self, peer: str, nbytes: int, seconds: float) -> None:
+    def mark_ok(self, peer: str, nbytes: int, seconds: float | None) -> None:
+        """``peer`` sent a chunk that passed its check, in ``seconds`` (None: a prefetch's,
+        whose wait in a batch says nothing of the latency a read sees)."""
         h = self.health[peer]
         h.failures = 0
         h.bytes += nbytes
         h.chunks += 1
+        if seconds is None:
+            return
         self.latency = seconds if not self.latency else 0.8 * self.latency + 0.2 * seconds
         self._recent.append(seconds)
 
@@ -363,11 +367,13 @@ class PeerClient:
             raise _refusal(peer, exc.status, "") from None
 
     async def fetch_batch(self, peer: str, chunks: Sequence[Chunk], repository: str | None,
-                          read: Callable[[StreamReader], Awaitable[T]], *, deadline: float) -> T:
-        """Ask ``peer`` for ``chunks`` in one request (``peerwire``'s batch) and hand its
-        answer to ``read`` as it arrives (``peerbatch.read_frames``); the errors of ``fetch``."""
+                          read: Callable[[StreamReader], Awaitable[T]], *, deadline: float,
+                          prefetch: bool = False) -> T:
+        """Ask ``peer`` for ``chunks`` in one request (``peerwire``'s batch; ``prefetch``:
+        nobody reads them yet) and hand its answer to ``read`` as it arrives
+        (``peerbatch.read_frames``); the errors of ``fetch``."""
         try:
-            return await self._client(peer).post(BATCH_PATH, batch_body(chunks, repository),
+            return await self._client(peer).post(BATCH_PATH, batch_body(chunks, repository, prefetch),
                                                  self._auth, read, deadline=deadline)
         except UnexpectedResponse as exc:
             raise _refusal(peer, exc.status, " for a batch") from None

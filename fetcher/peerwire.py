@@ -14,13 +14,15 @@ A peer is named by its URL, ``http://HOST:PORT``.
 
 A batch asks for up to ``MAX_BATCH_CHUNKS`` chunks of at most ``MAX_BATCH_BYTES`` stored
 bytes in all in one request. Its body is JSON, ``{"repo": "registry/repo" or null,
-"chunks": [[blake3 hex, blob, offset, stored, size, codec], ...]}`` (without ``repo`` the
-peer answers from its cache alone). The answer, 200, is a stream of frames ended by the
-close of the connection, in whatever order the chunks are had: each frame a ``FRAME``
-head (digest, status, codec, uncompressed size, length) and ``length`` bytes, then one
-``END`` frame. Status ``OK`` carries the chunk's stored payload; ``MISSING`` (not here)
-and ``FAILED`` (the owner could not fetch it) carry nothing. A stream that ends before
-its ``END`` frame was cut short: the chunks it did not carry go to the next source.
+"prefetch": bool, "chunks": [[blake3 hex, blob, offset, stored, size, codec], ...]}``
+(without ``repo`` the peer answers from its cache alone; ``prefetch``: nobody reads these
+chunks yet, so the owner fetches them at a lower rate than a read's). The answer, 200,
+is a stream of frames ended by the close of the connection, in whatever order the
+chunks are had: each frame a ``FRAME`` head (digest, status, codec, uncompressed size,
+length) and ``length`` bytes, then one ``END`` frame. Status ``OK`` carries the chunk's
+stored payload; ``MISSING`` (not here) and ``FAILED`` (the owner could not fetch it)
+carry nothing. A stream that ends before its ``END`` frame was cut short: the chunks it
+did not carry go to the next source.
 """
 
 from __future__ import annotations
@@ -81,16 +83,16 @@ def chunk_target(chunk: Chunk, repository: str | None) -> str:
     return path
 
 
-def batch_body(chunks: Sequence[Chunk], repository: str | None) -> bytes:
+def batch_body(chunks: Sequence[Chunk], repository: str | None, prefetch: bool = False) -> bytes:
     """The body of a batch request for ``chunks`` (see the module docstring)."""
-    return json.dumps({"repo": repository, "chunks": [
+    return json.dumps({"repo": repository, "prefetch": prefetch, "chunks": [
         [c.hexdigest, c.blob.digest, c.offset, c.stored_size, c.size, c.codec] for c in chunks]},
         separators=(",", ":")).encode()
 
 
-def parse_batch_body(body: bytes) -> tuple[list[Chunk], str | None]:
-    """The chunks and ``registry/repo`` of a ``batch_body``; ValueError for anything
-    else, a chunk out of range, or a batch over the caps."""
+def parse_batch_body(body: bytes) -> tuple[list[Chunk], str | None, bool]:
+    """The chunks, ``registry/repo`` and prefetch flag of a ``batch_body``; ValueError for
+    anything else, a chunk out of range, or a batch over the caps."""
     try:
         doc = json.loads(body)
         repo, rows = doc["repo"], doc["chunks"]
@@ -111,7 +113,7 @@ def parse_batch_body(body: bytes) -> tuple[list[Chunk], str | None]:
         chunks.append(_located(ChunkDigest(bytes.fromhex(digest)), blob, offset, stored, size, codec))
     if sum(c.stored_size for c in chunks) > MAX_BATCH_BYTES and len(chunks) > 1:
         raise ValueError(f"a batch asks for at most {MAX_BATCH_BYTES} bytes")
-    return chunks, repo
+    return chunks, repo, doc.get("prefetch") is True
 
 
 def _located(digest: ChunkDigest, blob: str, offset: int, stored: int, size: int, codec: int) -> Chunk:

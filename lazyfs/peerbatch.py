@@ -11,8 +11,8 @@ Each chunk is served as a ``GET`` of it would be (``serve``: the node cache, els
 origin once for the node, however many peers ask: the fetcher's in-flight map); one
 that cannot be had is a ``MISSING`` (404) or ``FAILED`` frame, and the rest of the batch
 goes on. A batch holds one of the server's request slots while it runs, fetches at most
-``FETCHES_PER_BATCH`` chunks at once, and sends what it has by ``deadline``: chunks not
-had by then are ``FAILED`` frames.
+``FETCHES_PER_BATCH`` chunks at once (prefetch batches: ``PREFETCH_FETCHES`` for all of
+them), and sends what it has by ``deadline``: chunks not had by then are ``FAILED`` frames.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ from .peerhttp import Answer, Send
 log = logging.getLogger(__name__)
 
 FETCHES_PER_BATCH = 16
-"""Chunks of one batch looked up or fetched at once."""
+"""Chunks of one batch of a read looked up or fetched at once."""
+PREFETCH_FETCHES = 8
+"""Chunks of every prefetch batch together looked up or fetched at once: a node's
+prefetch asks for 8 batches of 64 at once, and a read's batch must not queue behind them
+at the origin."""
 
 
 class Refused(Exception):
@@ -53,12 +57,13 @@ class BatchServer:
         self._serve = serve
         self._stats = stats
         self._deadline = deadline
+        self._prefetch = trio.CapacityLimiter(PREFETCH_FETCHES)
         self.active = 0
         """Batches being answered (each holds one of the server's request slots)."""
 
     def answer(self, body: bytes) -> Answer:
         try:
-            chunks, repo = parse_batch_body(body)
+            chunks, repo, prefetch = parse_batch_body(body)
         except ValueError as exc:
             self._stats.errors += 1
             return Answer(400, f"not a batch: {exc}\n".encode())
@@ -68,15 +73,16 @@ class BatchServer:
         async def stream(send: Send) -> None:
             self.active += 1
             try:
-                await self._frames(unique, repo, send)
+                await self._frames(unique, repo, send, self._prefetch if prefetch else None)
             finally:
                 self.active -= 1
 
         return Answer(200, b"", content_type=BATCH_CONTENT_TYPE, stream=stream)
 
-    async def _frames(self, chunks: Sequence[Chunk], repo: str | None, send: Send) -> None:
+    async def _frames(self, chunks: Sequence[Chunk], repo: str | None, send: Send,
+                      shared: trio.CapacityLimiter | None) -> None:
         out, frames = trio.open_memory_channel[list[bytes | memoryview]](len(chunks))
-        limit = trio.CapacityLimiter(FETCHES_PER_BATCH)
+        limit = shared or trio.CapacityLimiter(FETCHES_PER_BATCH)
         stats = self._stats
         answered: set[bytes] = set()
 

@@ -100,7 +100,7 @@ class BatchesByChunk:
 
     batches: list[int]
 
-    async def fetch_batch(self, peer, chunks, repository, read, *, deadline):
+    async def fetch_batch(self, peer, chunks, repository, read, *, deadline, prefetch=False):
         from fetcher.peerwire import END, FRAME, MISSING, OK
 
         self.batches = [*getattr(self, "batches", []), len(chunks)]

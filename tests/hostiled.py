@@ -180,7 +180,7 @@ class BatchPeer(_Base):
         if h.command != "POST":
             _send(h, 404, {}, b"", 0)
             return
-        chunks, _ = parse_batch_body(h.rfile.read(int(h.headers["Content-Length"])))
+        chunks, _, _ = parse_batch_body(h.rfile.read(int(h.headers["Content-Length"])))
         first = not self.batches
         self.batches.append(len(chunks))
         if self.mode.startswith("slow:"):
