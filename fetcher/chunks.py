@@ -9,13 +9,13 @@ while any demand fetch is in flight, are limited in number and in size (what a r
 find ahead of it on the link), and the checking and caching of what they brought pauses
 between chunks while a demand fetch runs, so that the reader gets the CPU.
 
-With a peer tier (``fetcher.peers.PeerTier``), a chunk owned by another node is asked of
-that node first, then of the next owner, then of the origin (``peerroute.py``).
+With a peer tier, a chunk owned by another node is asked of that node first (in one
+request with the others asked of it at once), the next owner, then the origin.
 
 The parts, one job each: ``plan``, ``amplify``, ``gate``, ``verify``, ``spans`` (a gzip
-layer's range, inflated once), ``origin``, ``keeper``, ``rereads``, ``peerroute``,
-``cachereads``, ``diskahead`` (the README's "How it is built" says what each does). This
-module holds them together: one in-flight entry per chunk.
+layer's range, inflated once), ``origin``, ``keeper``, ``rereads``, ``peerroute`` and
+``peerbatch``, ``cachereads``, ``diskahead`` (the README's "How it is built" says what each
+does). This module holds them together: one in-flight entry per chunk.
 """
 
 from __future__ import annotations
@@ -82,12 +82,12 @@ class ChunkFetcher(CacheReads):
         self._verifier = Verifier(thread_above=config.thread_above)
         self._background = trio.CapacityLimiter(config.background_concurrency)
         self.peers = peers
-        self._peer_background = trio.CapacityLimiter(
-            peers.peers.config.background_concurrency if peers else 1)
         self.gate = DemandGate(pause=config.background_pause)
         """Demand fetches in flight, which background work waits for (``wait_idle``)."""
         self._route = PeerRoute(peers, self.stats, self._verifier, self.gate, self._from_origin,
-                                deadline=config.deadline, on_answer=self._answered) if peers else None
+                                deadline=config.deadline, on_answer=self._answered,
+                                batches=nursery) if peers else None
+        self._peer_background = self._route.background_slots if self._route else trio.CapacityLimiter(1)
         self._rereads = RereadDeadlines(window=config.reread_window, short_try=config.reread_try)
         self._along = FetchedAlong(self._inflight, store, within=within, amplifier=(
             Amplifier(neighbours, largest=min(config.amplify, config.max_request))
@@ -118,7 +118,8 @@ class ChunkFetcher(CacheReads):
             hits: dict[ChunkDigest, bytes | memoryview] = {}
             rest = list(chunks)
         else:
-            hits, rest = await self._inflight.from_cache(chunks, self._cached)
+            hits, rest = await self._inflight.from_cache(
+                chunks, functools.partial(self._verifier.cached, self._store))
         if not rest:
             return hits, hits.keys()
         fetched = await self.get(rest, speculative=speculative)
@@ -231,6 +232,8 @@ class ChunkFetcher(CacheReads):
                 else:  # still on the network, up to background_max_request bytes of it:
                     # fetch this one chunk alone (its bytes come twice)
                     p = own[c.digest] = Pending()
+            elif not background and self._route is not None:  # a prefetch's peer batch has it
+                self._route.hurry(c.digest)
             waits.append((c, p))
         started = {c.digest for c in new} | own.keys() | {c.digest for c, _, _ in taken}
         self._fetch_new(new, background, use_peers, speculative)
@@ -274,6 +277,7 @@ class ChunkFetcher(CacheReads):
                            pendings: dict[ChunkDigest, Pending] | None = None) -> None:
         """Fetch, check and hand over one range; ``pendings`` (a demand fetch of chunks
         that a background range is fetching too) instead of the in-flight map's."""
+        assert self._origin is not None  # a fetcher without a source fetches nothing (_fetch_new)
         entries = pendings or self._inflight
         queued = {c.digest: entries[c.digest] for c in rng.chunks}
         fetching: Range | None = None if background else rng
@@ -289,11 +293,11 @@ class ChunkFetcher(CacheReads):
                     work.start = rng.start
                     for c in rng.chunks:
                         queued[c.digest].range = work
-                    data = work.data = await self._request(rng, self.config.background_deadline)
+                    data = work.data = await self._origin.request(rng, self.config.background_deadline)
             else:
                 self.stats.demand_requests += 1
                 with self.gate.demand():
-                    data = await self._request(rng, self.config.deadline)
+                    data = await self._origin.request(rng, self.config.deadline)
             whole = memoryview(data)
             spans = InflatedRange(rng, whole) if is_gzip(rng) else None  # one inflate for all parts
             for part in asked_first(rng):
@@ -415,9 +419,5 @@ class ChunkFetcher(CacheReads):
         return await self._origin.chunk(c, self.config.deadline, self._verifier)
 
     def _answered(self, source: str, nbytes: int, seconds: float) -> None:
-        if self.on_request is not None:
-            self.on_request(source, nbytes, seconds)
+        _ = self.on_request is not None and self.on_request(source, nbytes, seconds)
 
-    async def _request(self, rng: Range, deadline: float) -> bytes | bytearray:
-        assert self._origin is not None  # a fetcher without a source fetches nothing (_fetch_new)
-        return await self._origin.request(rng, deadline)

@@ -35,6 +35,7 @@ T = TypeVar("T")
 
 _MAX_HEAD = 64 << 10
 _RECV_STEP = 4 << 20
+_RECV_PIECE = 64 << 10
 _DISCARD_STEP = 256 << 10
 """The scratch buffer through which the bytes before a range in a whole body pass."""
 
@@ -66,6 +67,36 @@ class _Conn:
             return await step
         assert scope.cancelled_caught
         raise DeadlineError(f"{self.where}: no {what} within {self.timeout:g} s")
+
+
+class StreamReader:
+    """An answer's body that ends with its connection, taken a piece at a time (memory:
+    the piece asked for, plus at most what one read brings beyond it)."""
+
+    def __init__(self, conn: _Conn, rest: bytes) -> None:
+        self._conn = conn
+        self._buf = bytearray(rest)
+        self.taken = 0
+        """Body bytes handed out so far."""
+
+    async def exactly(self, n: int) -> bytearray:
+        """The next ``n`` bytes of the body; ``ServerError`` if it ends before them."""
+        conn = self._conn
+        try:
+            while len(self._buf) < n:
+                part = await conn.wait(conn.sock.recv(max(_RECV_PIECE, min(n - len(self._buf), _RECV_STEP))),
+                                       f"body bytes after {self.taken + len(self._buf)}")
+                if not part:
+                    raise ServerError(f"{conn.where}: connection closed after {self.taken + len(self._buf)} "
+                                      f"body bytes, in the middle of the answer")
+                self._buf += part
+        except OSError as exc:
+            raise ServerError(f"{conn.where}: connection dropped after {self.taken + len(self._buf)} "
+                              f"body bytes: {exc.strerror or exc}") from exc
+        out = self._buf[:n]
+        del self._buf[:n]
+        self.taken += n
+        return out
 
 
 class RangeClient:
@@ -142,6 +173,35 @@ class RangeClient:
                 self._idle.append(conn)
             else:
                 conn.sock.close()
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str],
+                   read: Callable[[StreamReader], Awaitable[T]], *, deadline: float) -> T:
+        """``POST path`` with ``body``, whose answer is a 200 body ended by the close of the
+        connection, handed to ``read`` as a ``StreamReader`` (so it takes what it expects as
+        it arrives); what ``read`` returns. The head may take until ``deadline``, each later
+        wait ``timeout``. ``UnexpectedResponse`` for any other status; otherwise the errors
+        of ``get_range``. The connection is not used again."""
+        conn = await self._connect(deadline)
+        conn.deadline = deadline
+        lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Accept-Encoding: identity",
+                 f"Content-Length: {len(body)}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        conn.timeout = math.inf  # until the head: only the request's deadline
+        try:
+            try:
+                await conn.wait(_send_all(conn.sock, request), "room to send the request")
+                status, resp_headers, rest = await self._read_head(conn)
+            except OSError as exc:
+                raise ServerError(f"{self.host}:{self.port}: connection dropped before the "
+                                  f"answer: {exc.strerror or exc}") from exc
+            finally:
+                conn.timeout = self._timeout
+            if status != 200 or "content-length" in resp_headers or "transfer-encoding" in resp_headers:
+                raise UnexpectedResponse(status, resp_headers)
+            return await read(StreamReader(conn, rest))
+        finally:
+            conn.sock.close()
 
     async def _stream(self, conn: _Conn, path: str, size: int,
                       write: Callable[[memoryview], Awaitable[object]], headers: dict[str, str]) -> bool:

@@ -26,12 +26,14 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from blockindex.codec import ChunkDecodeError
-from blockindex.format import Chunk
+from blockindex.format import Chunk, ChunkDigest
 
 from .config import FetchStats
 from .errors import AuthError, DeadlineError, FetchError, IntegrityError, UnreachableError
 from .gate import DemandGate
+from .peerbatch import PeerBatcher
 from .peers import PeerIsSelf, PeerTier
+from .peerwire import MAX_BATCH_CHUNKS
 from .race import race
 from .verify import Verified, Verifier
 
@@ -50,7 +52,10 @@ class PeerRoute:
 
     def __init__(self, tier: PeerTier, stats: FetchStats, verifier: Verifier, gate: DemandGate,
                  origin: Callable[[Chunk, bool], Awaitable[Verified]], *, deadline: float,
-                 on_answer: Callable[[str, int, float], object] = lambda *_: None) -> None:
+                 on_answer: Callable[[str, int, float], object] = lambda *_: None,
+                 batches: trio.Nursery | None = None) -> None:
+        """With ``batches``, the chunks asked of one peer at once go in one request, sent
+        from that nursery (``peerbatch``); without it, each chunk is a request of its own."""
         self.tier = tier
         self._stats = stats
         self._verifier = verifier
@@ -58,6 +63,15 @@ class PeerRoute:
         self._origin = origin
         self._deadline = deadline
         self._on_answer = on_answer
+        config = tier.peers.config
+        self.background_slots = trio.CapacityLimiter(
+            MAX_BATCH_CHUNKS if batches else config.background_concurrency)
+        """Prefetch chunks on their way through the peers at once: with batches, one full
+        batch's worth (a read that wants one of them hurries it). Eight batches' worth
+        made the programs of peers_bench finish only with the prefetch (cause not found)."""
+        self._batcher = PeerBatcher(tier.client, batches, deadline=config.request_deadline,
+                                    background_requests=config.background_concurrency,
+                                    wait_idle=gate.wait_idle) if batches else None
 
     def asks(self, c: Chunk, background: bool) -> Asks | None:
         """Whom to ask for ``c``: its owners among the peers; for the background, when this
@@ -74,7 +88,7 @@ class PeerRoute:
     def _attempts(self, c: Chunk, asks: Asks, background: bool) -> list[Callable[[], Awaitable[Verified]]]:
         def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[Verified]]:
             async def attempt() -> Verified:
-                return await self.ask(c, peer, cache_only)
+                return await self.ask(c, peer, cache_only, background=background)
             return attempt
 
         async def from_origin() -> Verified:
@@ -114,14 +128,22 @@ class PeerRoute:
         self._stats.hedge_wins += won.hedged
         return won.value
 
-    async def ask(self, c: Chunk, peer: str, cache_only: bool) -> Verified:
+    def hurry(self, digest: ChunkDigest) -> None:
+        """A reader waits for ``digest``, which a prefetch's peer attempt may be asking for:
+        ask for it at a read's priority too (``PeerBatcher.hurry``)."""
+        if self._batcher is not None:
+            self._batcher.hurry(digest)
+
+    async def ask(self, c: Chunk, peer: str, cache_only: bool, *, background: bool = False) -> Verified:
         """The verified chunk from one peer. A peer that is down is put on backoff; one
         that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
         tier = self.tier
         started = time.monotonic()
         try:
             with trio.move_on_after(tier.peers.config.request_deadline) as scope:
-                received = await tier.client.fetch(peer, c, None if cache_only else tier.repository)
+                repository = None if cache_only else tier.repository
+                received = await (self._batcher.fetch(peer, c, repository, background=background)
+                                  if self._batcher else tier.client.fetch(peer, c, repository))
             if scope.cancelled_caught:
                 self._stats.timeouts += 1
                 raise DeadlineError(f"peer {peer} sent no answer within "
@@ -146,7 +168,7 @@ class PeerRoute:
             tier.peers.mark_bad(peer, f"chunk {c.hexdigest}", exc)
             raise IntegrityError(f"peer {peer} sent wrong bytes for chunk {c.hexdigest[:16]}").about(
                 chunk=c.hexdigest, blob=c.blob.digest, source=f"peer {peer}") from exc
-        tier.peers.mark_ok(peer, len(payload), time.monotonic() - started)
+        tier.peers.mark_ok(peer, len(payload), None if background else time.monotonic() - started)
         self._on_answer("peer", len(payload), time.monotonic() - started)
         self._stats.peer_chunks += 1
         return plain, payload

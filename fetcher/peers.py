@@ -6,7 +6,8 @@
                                 leaves, only the chunks it owned move
     PeerSet                     the peer list (re-read from the peers file when it
                                 changes), which peers to avoid for now, bytes per peer
-    PeerClient                  GET /v1/chunks/<blake3 hex> with the cluster token; also
+    PeerClient                  GET /v1/chunks/<blake3 hex> with the cluster token, or
+                                POST /v1/chunks for many (``peerbatch``); also
                                 GET /v1/traces/sha256:<hex>, an image's prefetch trace,
                                 and GET /v1/blobs/sha256:<hex>, a whole blob (an index)
                                 streamed to disk and checked against its digest
@@ -38,9 +39,9 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, TypeVar
 
 import trio
 import xxhash
@@ -50,10 +51,21 @@ from cache.atomic import temp_path
 
 from .address import parse_url
 from .errors import AuthError, FetchError, IntegrityError, NotFoundError, ServerError
-from .http1 import RangeClient, UnexpectedResponse
-from .peerwire import NODE_HEADER, TRACE_PATH, authorization, blob_target, chunk_target, normalize_url
+from .http1 import RangeClient, StreamReader, UnexpectedResponse
+from .peerwire import (
+    BATCH_PATH,
+    NODE_HEADER,
+    TRACE_PATH,
+    authorization,
+    batch_body,
+    blob_target,
+    chunk_target,
+    normalize_url,
+)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 def _weight(peer: str, digest: bytes) -> int:
     return xxhash.xxh3_64_intdigest(peer.encode() + b"\0" + digest)
@@ -236,11 +248,15 @@ class PeerSet:
         requests so far."""
         return hedged < self.config.hedge_budget * requests + 3
 
-    def mark_ok(self, peer: str, nbytes: int, seconds: float) -> None:
+    def mark_ok(self, peer: str, nbytes: int, seconds: float | None) -> None:
+        """``peer`` sent a chunk that passed its check, in ``seconds`` (None: a prefetch's,
+        whose wait in a batch says nothing of the latency a read sees)."""
         h = self.health[peer]
         h.failures = 0
         h.bytes += nbytes
         h.chunks += 1
+        if seconds is None:
+            return
         self.latency = seconds if not self.latency else 0.8 * self.latency + 0.2 * seconds
         self._recent.append(seconds)
 
@@ -349,6 +365,18 @@ class PeerClient:
             if exc.status == 404:
                 raise ServerError(f"peer {peer} has no chunk {chunk.hexdigest[:16]} (404)") from None
             raise _refusal(peer, exc.status, "") from None
+
+    async def fetch_batch(self, peer: str, chunks: Sequence[Chunk], repository: str | None,
+                          read: Callable[[StreamReader], Awaitable[T]], *, deadline: float,
+                          prefetch: bool = False) -> T:
+        """Ask ``peer`` for ``chunks`` in one request (``peerwire``'s batch; ``prefetch``:
+        nobody reads them yet) and hand its answer to ``read`` as it arrives
+        (``peerbatch.read_frames``); the errors of ``fetch``."""
+        try:
+            return await self._client(peer).post(BATCH_PATH, batch_body(chunks, repository, prefetch),
+                                                 self._auth, read, deadline=deadline)
+        except UnexpectedResponse as exc:
+            raise _refusal(peer, exc.status, " for a batch") from None
 
     async def fetch_trace(self, peer: str, manifest: str, max_size: int) -> bytearray:
         """The trace document ``peer`` keeps for image ``manifest`` (unchecked: see

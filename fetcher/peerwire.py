@@ -3,6 +3,7 @@
 statuses).
 
     GET /v1/chunks/<blake3 hex>[?blob=&offset=&stored=&size=&codec=&repo=]
+    POST /v1/chunks                                 many chunks (a batch), see below
     GET /v1/traces/sha256:<manifest hex>
     GET /v1/blobs/sha256:<hex>?size=&repo=         a whole blob (an image's index)
         Authorization: Bearer <cluster token>
@@ -10,10 +11,25 @@ statuses).
     an answer with a chunk carries X-Lazyfs-Codec and X-Lazyfs-Size
 
 A peer is named by its URL, ``http://HOST:PORT``.
+
+A batch asks for up to ``MAX_BATCH_CHUNKS`` chunks of at most ``MAX_BATCH_BYTES`` stored
+bytes in all in one request. Its body is JSON, ``{"repo": "registry/repo" or null,
+"prefetch": bool, "chunks": [[blake3 hex, blob, offset, stored, size, codec], ...]}``
+(without ``repo`` the peer answers from its cache alone; ``prefetch``: nobody reads these
+chunks yet, so the owner fetches them at a lower rate than a read's). The answer, 200,
+is a stream of frames ended by the close of the connection, in whatever order the
+chunks are had: each frame a ``FRAME`` head (digest, status, codec, uncompressed size,
+length) and ``length`` bytes, then one ``END`` frame. Status ``OK`` carries the chunk's
+stored payload; ``MISSING`` (not here) and ``FAILED`` (the owner could not fetch it)
+carry nothing. A stream that ends before its ``END`` frame was cut short: the chunks it
+did not carry go to the next source.
 """
 
 from __future__ import annotations
 
+import json
+import struct
+from collections.abc import Sequence
 from urllib.parse import parse_qs, urlencode
 
 from blockindex.format import CODECS, Blob, Chunk, ChunkDigest
@@ -22,6 +38,8 @@ from .address import parse_url
 from .imageref import is_digest
 
 CHUNK_PATH = "/v1/chunks/"
+BATCH_PATH = "/v1/chunks"
+"""``POST`` a batch here (see above)."""
 TRACE_PATH = "/v1/traces/"
 """``GET /v1/traces/sha256:<hex>``: the learned prefetch trace a peer keeps for an image."""
 BLOB_PATH = "/v1/blobs/"
@@ -35,6 +53,17 @@ SIZE_HEADER = "X-Lazyfs-Size"
 """Of an answer with a chunk: its uncompressed size."""
 MAX_CHUNK_FIELD = 1 << 27
 """The largest stored or uncompressed size a query may give."""
+BATCH_CONTENT_TYPE = "application/vnd.lazyfs.chunk-frames"
+MAX_BATCH_CHUNKS = 64
+"""Chunks one batch may ask for."""
+MAX_BATCH_BYTES = 4 << 20
+"""Stored bytes one batch may ask for in all (a larger chunk is asked for alone)."""
+MAX_BATCH_BODY = 64 << 10
+"""The largest batch request body a server reads (64 chunks take about 12 KiB)."""
+FRAME = struct.Struct("!32sBBII")
+"""A frame's head: digest, status, codec, uncompressed size, length of what follows."""
+OK, MISSING, FAILED, END = 0, 1, 2, 255
+"""Frame statuses: the chunk; not here; the owner could not get it; the end of the answer."""
 
 
 def authorization(token: str) -> str:
@@ -54,6 +83,54 @@ def chunk_target(chunk: Chunk, repository: str | None) -> str:
     return path
 
 
+def batch_body(chunks: Sequence[Chunk], repository: str | None, prefetch: bool = False) -> bytes:
+    """The body of a batch request for ``chunks`` (see the module docstring)."""
+    return json.dumps({"repo": repository, "prefetch": prefetch, "chunks": [
+        [c.hexdigest, c.blob.digest, c.offset, c.stored_size, c.size, c.codec] for c in chunks]},
+        separators=(",", ":")).encode()
+
+
+def parse_batch_body(body: bytes) -> tuple[list[Chunk], str | None, bool]:
+    """The chunks, ``registry/repo`` and prefetch flag of a ``batch_body``; ValueError for
+    anything else, a chunk out of range, or a batch over the caps."""
+    try:
+        doc = json.loads(body)
+        repo, rows = doc["repo"], doc["chunks"]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError("expected a JSON object with repo and chunks") from None
+    if repo is not None and not isinstance(repo, str) or not isinstance(rows, list):
+        raise ValueError("expected a JSON object with repo and chunks")
+    if not 0 < len(rows) <= MAX_BATCH_CHUNKS:
+        raise ValueError(f"a batch asks for 1-{MAX_BATCH_CHUNKS} chunks")
+    chunks = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 6 and all(isinstance(v, str) for v in row[:2])
+                and all(type(v) is int for v in row[2:])):
+            raise ValueError("a chunk is [digest, blob, offset, stored, size, codec]")
+        digest, blob, offset, stored, size, codec = row
+        if len(digest) != 64 or not all(ch in "0123456789abcdef" for ch in digest):
+            raise ValueError("a chunk digest is 64 hex digits")
+        chunks.append(_located(ChunkDigest(bytes.fromhex(digest)), blob, offset, stored, size, codec))
+    if sum(c.stored_size for c in chunks) > MAX_BATCH_BYTES and len(chunks) > 1:
+        raise ValueError(f"a batch asks for at most {MAX_BATCH_BYTES} bytes")
+    return chunks, repo, doc.get("prefetch") is True
+
+
+def _located(digest: ChunkDigest, blob: str, offset: int, stored: int, size: int, codec: int) -> Chunk:
+    """The chunk at that place; ValueError for a field out of range."""
+    if not blob.startswith("sha256:") or not is_digest(blob) or offset < 0 \
+            or not 0 < stored <= MAX_CHUNK_FIELD or not 0 < size <= MAX_CHUNK_FIELD \
+            or codec not in CODECS:
+        raise ValueError("a field out of range")
+    return Chunk(digest, Blob(0, blob, 0), offset, stored, size, codec)
+
+
+def frame(digest: bytes, status: int, codec: int = 0, size: int = 0,
+          payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
+    """One frame of a batch answer: its head and its bytes."""
+    return [FRAME.pack(digest, status, codec, size, len(payload)), payload]
+
+
 def parse_chunk_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, str | None]:
     """The chunk and ``registry/repo`` a ``chunk_target`` query names; (None, None) for a
     query without a location. ValueError for one that names a location badly."""
@@ -65,11 +142,7 @@ def parse_chunk_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, st
         offset, stored, size, codec = (int(q[k]) for k in ("offset", "stored", "size", "codec"))
     except KeyError as exc:
         raise ValueError(f"no {exc.args[0]} in the query") from None
-    if not blob.startswith("sha256:") or not is_digest(blob) or offset < 0 \
-            or not 0 < stored <= MAX_CHUNK_FIELD or not 0 < size <= MAX_CHUNK_FIELD \
-            or codec not in CODECS:
-        raise ValueError("a field out of range")
-    return Chunk(digest, Blob(0, blob, 0), offset, stored, size, codec), q.get("repo")
+    return _located(digest, blob, offset, stored, size, codec), q.get("repo")
 
 
 def blob_target(digest: str, size: int, repository: str | None) -> str:

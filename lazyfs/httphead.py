@@ -9,8 +9,9 @@ next request starts). It never raises anything else, whatever the input.
 What is accepted is the origin form of RFC 9112 and no more: a token method, a target
 of visible ASCII starting with ``/``, ``HTTP/1.x``, and ``name: value`` lines whose
 values keep their raw bytes (compare secrets on bytes: ``hmac.compare_digest`` refuses
-non-ASCII ``str``). No request body is read, so one that announces a body is refused
-rather than read as the next request.
+non-ASCII ``str``). Only a ``POST`` may have a body (a batch of chunks), of at most
+``MAX_BODY`` bytes with a ``Content-Length``: any other request that announces a body is
+refused rather than read as the next request.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from fetcher.peerwire import MAX_BATCH_BODY
+
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/1\.[0-9]")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[^\x00\r\n]*")
+MAX_BODY = MAX_BATCH_BODY
 
 
 class MalformedRequest(ValueError):
@@ -39,6 +43,10 @@ class RequestHead:
     """The target after the first ``?`` (empty if none)."""
     headers: dict[str, bytes]
     """Lower-case names; the value's bytes without surrounding blanks (the last line wins)."""
+    body_length: int = 0
+    """The bytes of body that follow the head (a ``POST``'s)."""
+    body: bytes = b""
+    """That body, once the connection has read it."""
 
     def header(self, name: str) -> str:
         """A header's value as text (each byte one character: never fails); '' if absent."""
@@ -67,7 +75,11 @@ def parse_head(head: bytes) -> RequestHead:
         if not sep or not _NAME.fullmatch(name) or not _VALUE.fullmatch(value):
             raise MalformedRequest("malformed header line")
         headers[name.decode("ascii").lower()] = value.strip(b" \t")
-    if headers.get("content-length", b"0") != b"0" or "transfer-encoding" in headers:
+    length = headers.get("content-length", b"0")
+    if "transfer-encoding" in headers or length != b"0" and method != b"POST":
         raise MalformedRequest("a request body is not accepted")
+    if not (length.isdigit() and len(length) <= 9 and int(length) <= MAX_BODY):
+        raise MalformedRequest(f"a request body is 0-{MAX_BODY} bytes, with a Content-Length")
     path, _, query = target.decode("ascii").partition("?")
-    return RequestHead(method=method.decode("ascii"), path=path, query=query, headers=headers)
+    return RequestHead(method=method.decode("ascii"), path=path, query=query, headers=headers,
+                       body_length=int(length))

@@ -59,6 +59,7 @@ from fetcher.errors import FetchError
 from fetcher.imageref import ImageRef
 from fetcher.mirrors import MirroredClient
 from fetcher.peerwire import (
+    BATCH_PATH,
     BLOB_PATH,
     CHUNK_PATH,
     CODEC_HEADER,
@@ -74,6 +75,7 @@ from fetcher.verify import stored_payload
 
 from .errors import ExitCode, UserError
 from .httphead import RequestHead
+from .peerbatch import BatchServer, Refused
 from .peerblobs import BlobServer
 from .peerhttp import Answer, Connections, listen, parse_range
 
@@ -122,6 +124,8 @@ class PeerServerStats:
     chunks_served: int = 0
     bytes_served: int = 0
     fetched_for_peers: int = 0
+    batches: int = 0
+    """Batch requests (``POST /v1/chunks``) taken; their chunks count in ``chunks_served``."""
     unauthorized: int = 0
     busy: int = 0
     refused_connections: int = 0
@@ -185,12 +189,6 @@ class OriginPool:
                 await c.aclose()
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class ChunkServer:
     """Answers chunk and trace requests from peers (the connections: ``peerhttp``)."""
 
@@ -210,6 +208,8 @@ class ChunkServer:
         self._traces: TraceStore | None = None  # made on first use (it creates CACHE/traces)
         self._blobs = BlobServer(images, origins, fetch_timeout=config.fetch_deadline,
                                  io=self._io) if images is not None else None
+        self._batches = BatchServer(lambda c, repo: self._serve(c.digest, c, repo), self.stats,
+                                    deadline=config.fetch_deadline)
         self._connections = Connections(self._answer, config, self.stats)
 
     listen_on = staticmethod(listen)
@@ -218,8 +218,9 @@ class ChunkServer:
         await self._connections.serve(listeners)
 
     async def _answer(self, request: RequestHead) -> Answer:
-        if request.method != "GET":
-            return Answer(405, b"only GET\n")
+        batch = request.method == "POST" and request.path == BATCH_PATH
+        if request.method != "GET" and not batch:
+            return Answer(405, b"only GET, and POST of a batch\n")
         if not hmac.compare_digest(request.headers.get("authorization", b""), self._expected):
             self.stats.unauthorized += 1
             return Answer(401, b"cluster token required\n",
@@ -227,9 +228,11 @@ class ChunkServer:
         if self._node and hmac.compare_digest(request.headers.get(NODE_HEADER.lower(), b""), self._node):
             self.stats.from_self += 1
             return Answer(508, b"this request came from this node\n")
-        if self._active >= self.config.max_concurrent:
+        if self._active + self._batches.active >= self.config.max_concurrent:
             self.stats.busy += 1
             return Answer(503, b"busy\n", {"Retry-After": "1"})
+        if batch:
+            return self._batches.answer(request.body)
         if request.path.startswith(TRACE_PATH):
             return await self._trace_request(request.path)
         if request.path.startswith(BLOB_PATH):
@@ -237,7 +240,7 @@ class ChunkServer:
         self._active += 1
         try:
             codec, size, payload = await self._chunk(request.path, request.query)
-        except _BadRequest as exc:
+        except Refused as exc:
             if exc.status == 404:
                 self.stats.not_found += 1
             else:
@@ -316,34 +319,40 @@ class ChunkServer:
 
     async def _chunk(self, path: str, query: str) -> tuple[int, int, bytes | memoryview]:
         if not path.startswith(CHUNK_PATH):
-            raise _BadRequest(404, f"no such path {path[:100]}")
+            raise Refused(404, f"no such path {path[:100]}")
         try:
             digest = ChunkDigest(bytes.fromhex(path[len(CHUNK_PATH):]))
             if len(digest) != 32:
                 raise ValueError
         except ValueError:
-            raise _BadRequest(400, "expected /v1/chunks/<64 hex digits>") from None
+            raise Refused(400, "expected /v1/chunks/<64 hex digits>") from None
         try:
             chunk, repo = parse_chunk_query(digest, query)
         except ValueError:
-            raise _BadRequest(400, "bad chunk location in the query") from None
+            raise Refused(400, "bad chunk location in the query") from None
+        return await self._serve(digest, chunk, repo)
+
+    async def _serve(self, digest: ChunkDigest, chunk: Chunk | None, repo: str | None
+                     ) -> tuple[int, int, bytes | memoryview]:
+        """``(codec, size, stored payload)`` of a chunk for a peer: from the node cache, else
+        (``chunk`` and ``repo`` say where it lies) fetched from the origin."""
         entry = await self._load(digest, chunk)
         if entry is not None and (chunk is None or entry[1] == chunk.size):
             return entry
         if chunk is None or repo is None or self._origins is None:
-            raise _BadRequest(404, f"chunk {digest.hex()} is not cached here")
+            raise Refused(404, f"chunk {digest.hex()} is not cached here")
         try:
             fetcher = self._origins.get(repo)
         except ValueError as exc:
-            raise _BadRequest(400, f"bad repository: {exc}") from None
+            raise Refused(400, f"bad repository: {exc}") from None
         self.stats.fetched_for_peers += 1
         with trio.move_on_after(self.config.fetch_deadline):
             try:
                 payload = await fetcher.get_payload(chunk)
             except FetchError as exc:
-                raise _BadRequest(502, f"cannot fetch chunk {digest.hex()[:16]}: {exc}") from None
+                raise Refused(502, f"cannot fetch chunk {digest.hex()[:16]}: {exc}") from None
             return chunk.codec, chunk.size, payload
-        raise _BadRequest(502, f"chunk {digest.hex()[:16]} not fetched in {self.config.fetch_deadline:g}s")
+        raise Refused(502, f"chunk {digest.hex()[:16]} not fetched in {self.config.fetch_deadline:g}s")
 
     async def _load(self, digest: bytes, chunk: Chunk | None) -> tuple[int, int, bytes] | None:
         path = self.store.path(digest)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -39,6 +39,13 @@ class Answer:
     file: tuple[Path, int] | None = None
     """The body is this file of this size instead (``body`` empty): sent a piece at a
     time, read as it goes, so that a large blob is never held whole."""
+    stream: Callable[[Send], Awaitable[None]] | None = None
+    """The body is what this sends (``body`` empty), as it has it; the connection's close
+    ends it (its length is not known before)."""
+
+
+Send = Callable[[Sequence[bytes | memoryview]], Awaitable[None]]
+"""Sends pieces of a streamed answer, each taken by the caller within ``send_timeout``."""
 
 
 class ConnectionLimits(Protocol):
@@ -129,9 +136,21 @@ class Connections:
             except MalformedRequest as exc:
                 await self._refuse(stream, str(exc))
                 return
+            if request.body_length:
+                with trio.move_on_after(self._limits.idle_timeout):
+                    while len(buf) < request.body_length:
+                        part = await stream.receive_some(65536)
+                        if not part:
+                            return
+                        buf += part
+                if len(buf) < request.body_length:
+                    return  # too slow to send its body
+                request = dataclasses.replace(request, body=buf[: request.body_length])
+                buf = buf[request.body_length :]
             self._counts.requests += 1
-            await self._send(stream, await self._answer(request), keep=request.keep_alive)
-            if not request.keep_alive:
+            answer = await self._answer(request)
+            await self._send(stream, answer, keep=request.keep_alive and answer.stream is None)
+            if not request.keep_alive or answer.stream is not None:
                 return
 
     async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
@@ -147,14 +166,30 @@ class Connections:
         content_type = answer.content_type
         if content_type is None:
             content_type = "application/octet-stream" if status < 300 else "text/plain"
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Length: {length}",
-                 f"Content-Type: {content_type}"]
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Type: {content_type}"]
+        if answer.stream is None:
+            lines.append(f"Content-Length: {length}")
         lines += [f"{k}: {v}" for k, v in answer.headers.items()]
         if not keep:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         # each piece must be taken within send_timeout (TooSlowError: _connection closes it)
         timeout = self._limits.send_timeout
+        if answer.stream is not None:
+            with trio.fail_after(timeout):
+                await stream.send_all(head)
+
+            async def send(pieces: Sequence[bytes | memoryview]) -> None:
+                if sum(map(len, pieces)) <= 64 << 10:  # a frame's head and bytes in one write
+                    pieces = [b"".join(pieces)]
+                for piece in pieces:
+                    view = memoryview(piece)
+                    for at in range(0, len(view), _SEND_PIECE):
+                        with trio.fail_after(timeout):
+                            await stream.send_all(view[at : at + _SEND_PIECE])
+
+            await answer.stream(send)
+            return
         if answer.file is not None:
             with trio.fail_after(timeout):
                 await stream.send_all(head)

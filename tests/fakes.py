@@ -72,3 +72,58 @@ async def peer_answer(raw: bytes, chunk: Chunk, peer: str, outcome: str) -> byte
     if outcome == "corrupt":
         data[0] ^= 0xFF
     return data
+
+
+class FrameReader:
+    """A batch answer's bytes as a ``StreamReader`` gives them, from a channel of pieces."""
+
+    def __init__(self, pieces: trio.MemoryReceiveChannel[bytes]) -> None:
+        self._pieces = pieces
+        self._buf = bytearray()
+
+    async def exactly(self, n: int) -> bytearray:
+        while len(self._buf) < n:
+            try:
+                self._buf += await self._pieces.receive()
+            except trio.EndOfChannel:
+                raise ServerError("connection closed in the middle of the answer") from None
+        out = self._buf[:n]
+        del self._buf[:n]
+        return out
+
+
+class BatchesByChunk:
+    """Gives a scripted PeerClient ``fetch_batch``: each chunk of a batch is answered by
+    its own ``fetch`` (so per-chunk scripts hold), as the frame it would be on the wire,
+    when that answers; a refused one refuses the whole request, as a refused connection
+    would."""
+
+    batches: list[int]
+
+    async def fetch_batch(self, peer, chunks, repository, read, *, deadline, prefetch=False):
+        from fetcher.peerwire import END, FRAME, MISSING, OK
+
+        self.batches = [*getattr(self, "batches", []), len(chunks)]
+        send, receive = trio.open_memory_channel[bytes](len(chunks) + 1)
+
+        async def one(c):
+            try:
+                payload = await self.fetch(peer, c, repository)  # type: ignore[attr-defined]
+            except UnreachableError:
+                raise
+            except ServerError:
+                send.send_nowait(FRAME.pack(c.digest, MISSING, 0, 0, 0))
+                return
+            send.send_nowait(FRAME.pack(c.digest, OK, c.codec, c.size, len(payload)) + payload)
+
+        async def every():
+            async with trio.open_nursery() as nursery:
+                for c in chunks:
+                    nursery.start_soon(one, c)
+            send.send_nowait(FRAME.pack(bytes(32), END, 0, 0, 0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(every)
+            result = await read(FrameReader(receive))
+            nursery.cancel_scope.cancel()
+        return result

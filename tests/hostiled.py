@@ -13,6 +13,11 @@ tests of what a mount holds in memory whatever a server says (``test_bounded.py`
                                     Content-Length of ``n`` or none (until the close)
     peer = HostilePeer(announce)    every /v1/chunks/ GET answered 200 with
                                     Content-Length ``announce``, zeros until the client goes
+    peer = BatchPeer(layout, mode)  answers batches (POST /v1/chunks) from the blobs of
+                                    ``layout``, GETs 404; ``mode`` "lie": one byte of the
+                                    first chunk of its first batch flipped; "die": half
+                                    of its first batch, then the connection and the
+                                    server end; "slow:<s>": every batch after s seconds
 
 Each runs in threads of the calling process; ``close()`` stops it.
 """
@@ -22,11 +27,13 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from blockindex.oci import Layout
 from fetcher.imageref import is_digest
+from fetcher.peerwire import END, OK, frame, parse_batch_body
 
 _BLOCK = bytes(1 << 20)
 _PATH = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/?]+)$")
@@ -45,6 +52,9 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802 (the base's name)
+        self.server.owner.answer(self)
+
+    def do_POST(self) -> None:  # noqa: N802 (the base's name)
         self.server.owner.answer(self)
 
 
@@ -154,3 +164,44 @@ class HostilePeer(_Base):
             return
         self.asked += 1
         _send(h, 200, {}, b"", self.announce)
+
+
+class BatchPeer(_Base):
+    def __init__(self, layout: Layout, mode: str) -> None:
+        self.layout = layout
+        self.mode = mode
+        self.batches: list[int] = []
+        """Chunks asked for, per batch."""
+        self.sent = 0
+        """Chunks sent in good faith (the lie not counted)."""
+        super().__init__()
+
+    def answer(self, h: _Handler) -> None:
+        if h.command != "POST":
+            _send(h, 404, {}, b"", 0)
+            return
+        chunks, _, _ = parse_batch_body(h.rfile.read(int(h.headers["Content-Length"])))
+        first = not self.batches
+        self.batches.append(len(chunks))
+        if self.mode.startswith("slow:"):
+            time.sleep(float(self.mode[5:]))
+        h.send_response(200)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        if self.mode == "die" and first:
+            chunks = chunks[: len(chunks) // 2]
+        for i, c in enumerate(chunks):
+            with open(self.layout.blob_path(c.blob.digest), "rb") as f:
+                f.seek(c.offset)
+                payload = bytearray(f.read(c.stored_size))
+            if self.mode == "lie" and first and i == 0:
+                payload[0] ^= 0xFF
+            else:
+                self.sent += 1
+            h.wfile.write(b"".join(frame(c.digest, OK, c.codec, c.size, payload)))
+        if self.mode == "die" and first:
+            h.wfile.flush()
+            threading.Thread(target=self.close, daemon=True).start()  # never up again
+            return
+        h.wfile.write(b"".join(frame(bytes(32), END)))

@@ -18,13 +18,13 @@ from fetcher.peerroute import PeerRoute
 from fetcher.peers import PeerConfig, PeerSet, PeerTier
 from fetcher.verify import Verifier
 
-from .fakes import make_blob, peer_answer
+from .fakes import BatchesByChunk, make_blob, peer_answer
 
 OWNER, NEXT = "http://10.0.0.2:7070", "http://10.0.0.3:7070"
 PIECE = os.urandom(5000)
 
 
-class Peers:
+class Peers(BatchesByChunk):
     """A PeerClient answering per peer: ``ok``, ``corrupt``, ``refused`` or ``stall``."""
 
     def __init__(self, raw: bytes, answers: dict[str, str]) -> None:

@@ -18,7 +18,7 @@ from fetcher.config import FetchConfig
 from fetcher.errors import ServerError, UnreachableError
 from fetcher.peers import PeerConfig, PeerSet, PeerTier, read_peers_file, rendezvous
 
-from .fakes import ScriptedSource, make_blob, peer_answer
+from .fakes import BatchesByChunk, ScriptedSource, make_blob, peer_answer
 
 PEERS = [f"http://10.0.0.{i}:7070" for i in range(1, 11)]
 
@@ -92,7 +92,7 @@ def test_peers_file_is_read_and_checked(tmp_path):
 
 # -- the fetcher with scripted peers ----------------------------------------------------
 
-class ScriptedPeers:
+class ScriptedPeers(BatchesByChunk):
     """A PeerClient whose answers follow a script: ``ok``, ``corrupt``, ``refused``, ``stall``."""
 
     def __init__(self, raw: bytes, script: list[str]) -> None:
@@ -173,7 +173,7 @@ def test_runner_up_skips_this_node_and_avoided_peers():
 
 # -- owner, next owner, origin ------------------------------------------------------------
 
-class ClusterPeers:
+class ClusterPeers(BatchesByChunk):
     """A PeerClient with a script per peer: ``ok``, ``corrupt``, ``refused``, ``missing``
     (404), ``stall``, or ``slow:<seconds>`` (answers right after that long)."""
 
@@ -373,7 +373,7 @@ class DelaySource:
         return self.raw[offset : offset + length]
 
 
-class Loopback:
+class Loopback(BatchesByChunk):
     """A PeerClient that asks the other fetcher as a node's chunk server does."""
 
     def __init__(self) -> None:

@@ -1,0 +1,252 @@
+"""Many chunks in one request to a peer: the chunks a node asks one peer for at about the
+same time go as one batch (``POST /v1/chunks``, ``peerwire``), not one request each.
+
+    batcher = PeerBatcher(client, nursery, deadline=10.0)
+    payload = await batcher.fetch(peer, chunk, repository, background=False)
+
+Each ``fetch`` is one chunk's attempt (``peerroute``), and stays one: it joins the batch
+being gathered for that peer (same repository, demand or background), which is sent once
+the tasks started along with it have had their turn to join (a few trips through the
+scheduler, no sleep), or at once when it is full (``MAX_BATCH_CHUNKS``,
+``MAX_BATCH_BYTES``). A batch of one chunk goes as a plain ``GET``. The chunks of an
+answer are handed to their callers as they arrive, unverified: each caller checks its
+own, so a peer that lies about one chunk fails that chunk alone. A frame announcing more
+bytes than its chunk has, a chunk not asked for, or an answer cut short fails the chunks
+not yet answered (their callers go on to the next source); the bytes of the chunks
+already answered stay good.
+
+Background batches go at most ``background_requests`` at once (the prefetcher's share of
+the peers), and only while no read waits for a fetch (the fetcher's ``DemandGate``);
+demand batches never wait for them, and a reader that waits for a chunk a background
+batch has (``hurry``) has it asked for in a demand batch too. A caller that gives up
+(its chunk came from elsewhere) leaves its batch; a batch that nobody waits for any more
+is not sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+from blockindex.format import CODECS, Chunk, ChunkDigest
+
+from .errors import DeadlineError, FetchError, ServerError
+from .http1 import StreamReader
+from .peers import PeerClient
+from .peerwire import END, FRAME, MAX_BATCH_BYTES, MAX_BATCH_CHUNKS, OK
+
+log = logging.getLogger(__name__)
+
+_JOIN_TURNS = 3
+"""Trips through the scheduler a new batch waits for its siblings: the fetcher starts a
+chunk's attempt two turns after the request that wanted it."""
+BACKGROUND_GATHER = 0.01
+"""Seconds a background batch that is not full waits for more chunks: the prefetcher's
+workers ask for their next chunks as each finishes a batch, a few milliseconds apart."""
+
+
+class _Slot:
+    __slots__ = ("chunk", "event", "payload", "error", "waiting")
+
+    def __init__(self, chunk: Chunk) -> None:
+        self.chunk = chunk
+        self.event = trio.Event()
+        self.payload: bytearray | None = None
+        self.error: FetchError | None = None
+        self.waiting = 0
+
+    def settle(self, answer: bytearray | FetchError) -> None:
+        if self.event.is_set():
+            return
+        if isinstance(answer, FetchError):
+            self.error = answer
+        else:
+            self.payload = answer
+        self.event.set()
+
+
+class _Batch:
+    __slots__ = ("slots", "stored", "closed", "full")
+
+    def __init__(self) -> None:
+        self.slots: dict[ChunkDigest, _Slot] = {}
+        self.stored = 0
+        self.closed = False
+        self.full = trio.Event()
+
+    def put(self, slot: _Slot) -> None:
+        self.slots[slot.chunk.digest] = slot
+        self.stored += slot.chunk.stored_size
+
+    def takes(self, c: Chunk) -> bool:
+        return not self.closed and (c.digest in self.slots or len(self.slots) < MAX_BATCH_CHUNKS
+                                    and self.stored + c.stored_size <= MAX_BATCH_BYTES)
+
+    def add(self, c: Chunk) -> _Slot:
+        slot = self.slots.get(c.digest)
+        if slot is None:
+            slot = self.slots[c.digest] = _Slot(c)
+            self.stored += c.stored_size
+        return slot
+
+
+class PeerBatcher:
+    """Gathers each peer's chunks into batches sent from ``nursery``."""
+
+    def __init__(self, client: PeerClient, nursery: trio.Nursery, *, deadline: float,
+                 background_requests: int = 8,
+                 wait_idle: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint) -> None:
+        """``deadline``: seconds a batch may take in all (a peer request's deadline);
+        ``wait_idle`` returns when no read waits for a fetch (``DemandGate``): a background
+        batch is sent only then."""
+        self._wait_idle = wait_idle
+        self._client = client
+        self._nursery = nursery
+        self._deadline = deadline
+        self._background = trio.CapacityLimiter(background_requests)
+        self._open: dict[tuple[str, str | None, bool], _Batch] = {}
+        self._prefetching: dict[ChunkDigest, tuple[tuple[str, str | None, bool], _Batch, _Slot]] = {}
+        """The background slots being waited for, by digest: a reader may hurry them."""
+        self.requests = 0
+        """Requests sent to peers (a batch of one is a plain GET)."""
+
+    async def fetch(self, peer: str, chunk: Chunk, repository: str | None, *,
+                    background: bool = False) -> bytearray:
+        """The stored payload of ``chunk`` from ``peer`` (unverified), as ``PeerClient.fetch``
+        gives it; ``repository`` None asks the peer's cache alone."""
+        if chunk.codec not in CODECS or chunk.stored_size > MAX_BATCH_BYTES:
+            self.requests += 1  # a gzip span (the peer cannot check it) or a huge chunk: alone
+            return await self._client.fetch(peer, chunk, repository)
+        key = (peer, repository, background)
+        batch = self._batch_for(key, chunk)
+        slot = batch.add(chunk)
+        self._close_if_full(key, batch)
+        slot.waiting += 1
+        if background:
+            self._prefetching[chunk.digest] = (key, batch, slot)
+        try:
+            await slot.event.wait()
+        finally:
+            slot.waiting -= 1
+            if background and self._prefetching.get(chunk.digest, (None, None, None))[2] is slot:
+                del self._prefetching[chunk.digest]
+        if slot.error is not None:
+            raise slot.error
+        assert slot.payload is not None
+        return slot.payload
+
+    def hurry(self, digest: ChunkDigest) -> None:
+        """A reader waits for ``digest``: if a background batch is asking for it, ask for it
+        in a batch of reads too (out of the background one if that is not sent yet); the
+        first answer counts."""
+        entry = self._prefetching.pop(digest, None)
+        if entry is None or entry[2].event.is_set():
+            return
+        (peer, repository, _), batch, slot = entry
+        if not batch.closed and batch.slots.get(digest) is slot:
+            del batch.slots[digest]
+            batch.stored -= slot.chunk.stored_size
+        key = (peer, repository, False)
+        now = self._batch_for(key, slot.chunk)
+        if digest not in now.slots:
+            now.put(slot)
+            self._close_if_full(key, now)
+
+    def _batch_for(self, key: tuple[str, str | None, bool], chunk: Chunk) -> _Batch:
+        """The open batch of ``key`` that can take ``chunk`` (a new one if need be)."""
+        batch = self._open.get(key)
+        if batch is None or not batch.takes(chunk):
+            if batch is not None:
+                self._close(key, batch)  # it goes as it is
+            batch = self._open[key] = _Batch()
+            self._nursery.start_soon(self._send, key, batch)
+        return batch
+
+    def _close_if_full(self, key: tuple[str, str | None, bool], batch: _Batch) -> None:
+        if len(batch.slots) == MAX_BATCH_CHUNKS or batch.stored == MAX_BATCH_BYTES:
+            self._close(key, batch)  # it goes as soon as its sender runs
+
+    def _close(self, key: tuple[str, str | None, bool], batch: _Batch) -> None:
+        batch.closed = True
+        batch.full.set()
+        if self._open.get(key) is batch:
+            del self._open[key]
+
+    async def _send(self, key: tuple[str, str | None, bool], batch: _Batch) -> None:
+        peer, repository, background = key
+        for _ in range(_JOIN_TURNS):
+            if batch.closed:
+                break
+            await trio.lowlevel.checkpoint()
+        if background and not batch.closed:
+            with trio.move_on_after(BACKGROUND_GATHER):
+                await batch.full.wait()
+        async with self._background if background else contextlib.nullcontext():
+            if background:
+                await self._wait_idle()
+            self._close(key, batch)
+            slots = [s for s in batch.slots.values() if s.waiting]
+            for s in batch.slots.values():
+                if not s.waiting:
+                    s.settle(ServerError("nobody waits for it"))
+            if not slots:
+                return
+            log.debug("asking peer %s for %d chunks (%s)", peer, len(slots),
+                      "prefetch" if background else "reads")
+            self.requests += 1
+            try:
+                with trio.fail_after(self._deadline):
+                    if len(slots) == 1:
+                        slots[0].settle(await self._client.fetch(peer, slots[0].chunk, repository))
+                    else:
+                        await self._batch(peer, slots, repository, background)
+            except FetchError as exc:
+                error: FetchError = exc
+            except trio.TooSlowError:
+                error = DeadlineError(f"peer {peer} did not answer within {self._deadline:g}s")
+            except Exception as exc:  # a bug must fail these chunks, never the mount
+                log.exception("unexpected error asking peer %s for %d chunks", peer, len(slots))
+                error = FetchError(f"unexpected error asking peer {peer}: {exc!r}")
+            else:
+                error = ServerError(f"peer {peer} did not answer for the chunk")
+            for s in slots:
+                s.settle(error)
+
+    async def _batch(self, peer: str, slots: list[_Slot], repository: str | None, background: bool) -> None:
+        by_digest = {s.chunk.digest: s for s in slots}
+
+        async def read(reader: StreamReader) -> None:
+            await read_frames(peer, [s.chunk for s in slots], reader,
+                              lambda c, answer: by_digest[c.digest].settle(answer))
+
+        await self._client.fetch_batch(peer, [s.chunk for s in slots], repository, read,
+                                       deadline=trio.current_time() + self._deadline, prefetch=background)
+
+
+async def read_frames(peer: str, chunks: Sequence[Chunk], reader: StreamReader,
+                      on_chunk: Callable[[Chunk, bytearray | FetchError], object]) -> None:
+    """Hand each chunk of a batch answer to ``on_chunk`` as its frame arrives: its payload,
+    or the error the peer gave for it. ``ServerError`` for a frame that cannot be right
+    (more bytes than the chunk has, a chunk not asked for or sent twice): the rest of
+    the answer cannot be trusted to be framed."""
+    wanted = {c.digest: c for c in chunks}
+    while True:
+        digest, status, _codec, _size, length = FRAME.unpack(await reader.exactly(FRAME.size))
+        if status == END:
+            return
+        c = wanted.pop(ChunkDigest(digest), None)
+        if c is None:
+            raise ServerError(f"peer {peer} answered chunk {digest.hex()[:16]}, not asked for (or twice)")
+        if status != OK:
+            if length:
+                raise ServerError(f"peer {peer} sent bytes with a failure of chunk {c.hexdigest[:16]}")
+            why = "does not have it" if status == 1 else "could not fetch it"
+            on_chunk(c, ServerError(f"peer {peer} {why}: chunk {c.hexdigest[:16]}"))
+            continue
+        if length > c.stored_size:  # never read more than the chunk: a failed source
+            raise ServerError(f"peer {peer} announced {length} bytes for chunk {c.hexdigest[:16]} "
+                              f"of {c.stored_size}")
+        on_chunk(c, await reader.exactly(length))  # a short one fails its check, alone

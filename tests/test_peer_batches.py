@@ -1,0 +1,159 @@
+"""Batches for real: a node's prefetch asks an owner for many chunks in one request
+(``POST /v1/chunks``). Mount processes on loopback in front of one counting origin, and
+hostile peers (``hostiled.BatchPeer``) that lie about one chunk of a batch, die in the
+middle of one, or answer slowly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from blockindex.oci import Layout
+from fetcher.peerwire import MAX_BATCH_CHUNKS
+from testkit.treecompare import compare_tree
+
+from .hostiled import BatchPeer
+from .test_peers import (
+    TOKEN,
+    files_of,
+    free_ports,
+    index_size,
+    origin_range_bytes,
+    read_all,
+    status,
+    unique_stored_bytes,
+)
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def token(tmp_path):
+    f = tmp_path / "token"
+    f.write_text(TOKEN + "\n")
+    return f
+
+
+def _node(mounts, server, tmp_path, name, peers, token, *extra):
+    """A mount whose peers file lists ``peers`` (not itself: they own every chunk)."""
+    (tmp_path / f"peers-{name}").write_text("".join(p + "\n" for p in peers))
+    mnt, _ = mounts.mount(f"127.0.0.1:{server.port}/rich:1", "--peers-file", str(tmp_path / f"peers-{name}"),
+                          "--token-file", str(token), *extra, name=name, cache=tmp_path / f"cache-{name}")
+    return mnt
+
+
+def _owner(mounts, server, tmp_path, token):
+    """A mount that serves its cache to peers and owns every chunk (its peers file names
+    it alone): what it lacks it fetches from the origin."""
+    [port] = free_ports(1)
+    url = f"http://127.0.0.1:{port}"
+    mnt = _node(mounts, server, tmp_path, "owner", [url], token, "--no-prefetch",
+                "--listen", f"127.0.0.1:{port}")
+    return url, mnt
+
+
+def test_nodes_prefetch_from_an_owner_in_few_requests_and_it_fetches_each_chunk_once(
+        served, mounts, tmp_path, token):
+    """Two nodes prefetch the whole image at once from one owner with an empty cache: the
+    owner takes far fewer requests than chunks, and the origin sends each chunk once (the
+    owner fetches a chunk both nodes ask for once)."""
+    image, root, server = served
+    unique = unique_stored_bytes(root)
+    url, owner = _owner(mounts, server, tmp_path, token)
+    nodes = [_node(mounts, server, tmp_path, name, [url], token) for name in ("b", "c")]
+    for mnt in nodes:
+        mounts.wait_complete(mnt, timeout=90)
+    n = status(nodes[0])["prefetch"]["total_chunks"]
+    served_by = status(owner)["peer_server"]
+    print(f"\n{n} chunks to each of 2 nodes: {served_by['requests']} requests at the owner, "
+          f"{served_by['batches']} of them batches; origin {origin_range_bytes(server)} of {unique}")
+    assert served_by["batches"] >= 2 * math.ceil(n / MAX_BATCH_CHUNKS)
+    # one request per chunk before batches; now a prefetch keeps one batch's worth of
+    # chunks on their way at a time, so after the first full batch they go as they free up
+    assert served_by["requests"] <= 2 * n / 8
+    assert origin_range_bytes(server) == unique
+    for mnt in nodes:
+        st = status(mnt)
+        assert st["bytes_by_source"].get("origin", 0) == 0
+        assert st["bytes_by_source"][f"peer {url}"] == unique + index_size(root)
+        assert compare_tree(mnt, image.expected) == []
+
+
+def test_a_batch_that_lies_about_one_chunk_loses_that_chunk_only(served, mounts, tmp_path, token):
+    """The peer flips a byte of one chunk of its first batch: that chunk comes from the
+    origin, the others of the batch are used, and the peer is reported and avoided."""
+    image, root, server = served
+    with BatchPeer(Layout(root / "rich"), "lie") as liar:
+        mnt = _node(mounts, server, tmp_path, "b", [liar.url], token)
+        mounts.wait_complete(mnt, timeout=90)
+    st = status(mnt)
+    assert liar.batches[0] > 1 and liar.sent == sum(liar.batches) - 1
+    assert st["fetch"]["peer_integrity_failures"] == 1
+    assert st["fetch"]["peer_chunks"] == liar.sent  # every honest chunk was used
+    assert 0 < origin_range_bytes(server) < unique_stored_bytes(root) / len(liar.batches)
+    assert liar.url in st["peers"]["bad_peers"]
+    assert compare_tree(mnt, image.expected) == []
+
+
+def test_an_owner_that_dies_in_the_middle_of_a_batch_hands_the_rest_to_the_next_owner(
+        served, mounts, tmp_path, token):
+    """The owner of half the chunks sends half of its first batch and dies: the chunks it
+    sent are used, the rest come from the next owner (which fetches each from the origin
+    once), none straight from the origin."""
+    image, root, server = served
+    unique = unique_stored_bytes(root)
+    url, _ = _owner(mounts, server, tmp_path, token)
+    with BatchPeer(Layout(root / "rich"), "die") as dying:
+        mnt = _node(mounts, server, tmp_path, "b", [dying.url, url], token)
+        mounts.wait_complete(mnt, timeout=90)
+    st = status(mnt)
+    assert len(dying.batches) == 1 and dying.sent == dying.batches[0] // 2 > 0
+    assert st["bytes_by_source"][f"peer {dying.url}"] > 0
+    assert st["bytes_by_source"].get("origin", 0) == 0
+    assert origin_range_bytes(server) <= unique
+    assert compare_tree(mnt, image.expected) == []
+
+
+def test_a_slow_owner_is_waited_for_not_doubled_at_the_origin(served, mounts, tmp_path, token):
+    """While a peer fetch of a chunk is under way and within its deadline, the node does
+    not ask the origin for it: a prefetch from an owner that takes 1.5 s a batch (the
+    hedge delay is 0.08 s, a peer's deadline 10 s) costs the origin nothing."""
+    image, root, server = served
+    with BatchPeer(Layout(root / "rich"), "slow:1.5") as slow:
+        mnt = _node(mounts, server, tmp_path, "b", [slow.url], token)
+        mounts.wait_complete(mnt, timeout=90)
+    assert origin_range_bytes(server) == 0
+    assert status(mnt)["fetch"]["origin_after_peers"] == 0
+    assert read_all(mnt, image, files_of(image)) == []
+
+
+def test_a_frame_longer_than_its_chunk_fails_the_rest_of_the_answer_unread():
+    """Never more bytes than a chunk has: the chunks answered before are kept, the frame
+    that announces more is not read, and the call fails (the rest go to the next source)."""
+    import trio
+
+    from fetcher.errors import ServerError
+    from fetcher.peerbatch import read_frames
+    from fetcher.peerwire import OK, frame
+
+    from .fakes import FrameReader, make_blob
+
+    _, chunks, raw = make_blob([b"a" * 3000, b"b" * 5000, b"c" * 4000])
+    a, b, c = chunks
+
+    def payload(x):
+        return raw[x.offset : x.offset + x.stored_size]
+
+    got = {}
+
+    async def main():
+        send, receive = trio.open_memory_channel(10)
+        send.send_nowait(b"".join(frame(a.digest, OK, a.codec, a.size, payload(a))))
+        send.send_nowait(b"".join(frame(b.digest, OK, b.codec, b.size, payload(b) + bytes(1 << 20))))
+        send.close()
+        with pytest.raises(ServerError, match="announced"):
+            await read_frames("p", chunks, FrameReader(receive), lambda ch, ans: got.update({ch: ans}))
+
+    trio.run(main)
+    assert got == {a: payload(a)}
