@@ -183,20 +183,10 @@ class RangeClient:
         of ``get_range``. The connection is not used again."""
         conn = await self._connect(deadline)
         conn.deadline = deadline
-        lines = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Accept-Encoding: identity",
-                 f"Content-Length: {len(body)}", "Connection: close"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-        conn.timeout = math.inf  # until the head: only the request's deadline
         try:
-            try:
-                await conn.wait(_send_all(conn.sock, request), "room to send the request")
-                status, resp_headers, rest = await self._read_head(conn)
-            except OSError as exc:
-                raise ServerError(f"{self.host}:{self.port}: connection dropped before the "
-                                  f"answer: {exc.strerror or exc}") from exc
-            finally:
-                conn.timeout = self._timeout
+            status, resp_headers, rest = await self._ask(
+                conn, "POST", path, [f"Content-Length: {len(body)}", "Connection: close"], headers,
+                body, head_deadline_only=True)
             if status != 200 or "content-length" in resp_headers or "transfer-encoding" in resp_headers:
                 raise UnexpectedResponse(status, resp_headers)
             return await read(StreamReader(conn, rest))
@@ -205,18 +195,8 @@ class RangeClient:
 
     async def _stream(self, conn: _Conn, path: str, size: int,
                       write: Callable[[memoryview], Awaitable[object]], headers: dict[str, str]) -> bool:
-        lines = [f"GET {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Accept-Encoding: identity"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        conn.timeout = math.inf  # until the head: only the request's deadline
-        try:
-            await conn.wait(_send_all(conn.sock, request), "room to send the request")
-            status, resp_headers, rest = await self._read_head(conn)
-        except OSError as exc:
-            raise ServerError(f"{self.host}:{self.port}: connection dropped before the "
-                              f"answer: {exc.strerror or exc}") from exc
-        finally:
-            conn.timeout = self._timeout
+        status, resp_headers, rest = await self._ask(conn, "GET", path, [], headers, b"",
+                                                     head_deadline_only=True)
         clen = resp_headers.get("content-length")
         if status != 200 or clen is None or "transfer-encoding" in resp_headers:
             raise UnexpectedResponse(status, resp_headers)
@@ -257,22 +237,33 @@ class RangeClient:
             else:
                 conn.sock.close()
 
+    async def _ask(self, conn: _Conn, method: str, path: str, own: list[str], headers: dict[str, str],
+                   body: bytes, *, head_deadline_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+        """Send one request on ``conn`` (``own`` header lines, then ``headers``, then
+        ``body``) and read the answer's head: ``(status, headers, bytes after the head)``.
+        With ``head_deadline_only``, the head may take until the connection's deadline
+        (the server may fetch the content first), not ``timeout``."""
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", *own,
+                 "Accept-Encoding: identity", *(f"{k}: {v}" for k, v in headers.items())]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        if head_deadline_only:
+            conn.timeout = math.inf
+        try:
+            await conn.wait(_send_all(conn.sock, request), "room to send the request")
+            return await self._read_head(conn)
+        except OSError as exc:
+            raise ServerError(f"{self.host}:{self.port}: connection dropped before the "
+                              f"answer: {exc.strerror or exc}") from exc
+        finally:
+            conn.timeout = self._timeout
+
     async def _exchange(self, conn: _Conn, path: str, offset: int | None, length: int,
                         headers: dict[str, str], whole_ok: bool) -> tuple[bytearray, bool]:
         """One request on ``conn``: bytes ``offset``+``length`` (``offset`` None: the
         whole body, at most ``length`` bytes)."""
-        lines = [f"GET {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
-        if offset is not None:
-            lines.append(f"Range: bytes={offset}-{offset + length - 1}")
-        lines.append("Accept-Encoding: identity")
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        try:
-            await conn.wait(_send_all(conn.sock, request), "room to send the request")
-            status, resp_headers, rest = await self._read_head(conn)
-        except OSError as exc:
-            raise ServerError(f"{self.host}:{self.port}: connection dropped before the "
-                              f"answer: {exc.strerror or exc}") from exc
+        status, resp_headers, rest = await self._ask(
+            conn, "GET", path, [] if offset is None else [f"Range: bytes={offset}-{offset + length - 1}"],
+            headers, b"")
         clen = resp_headers.get("content-length")
         if status not in (200, 206) or clen is None or "transfer-encoding" in resp_headers:
             raise UnexpectedResponse(status, resp_headers)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from blockindex.oci import Layout
 from fetcher.imageref import is_digest
-from fetcher.peerwire import END, OK, frame, parse_batch_body
+from fetcher.peerwire import END, FRAME, OK, frame, parse_batch_body
 
 _BLOCK = bytes(1 << 20)
 _PATH = re.compile(r"^/v2/(?P<name>.+)/(?P<kind>manifests|blobs)/(?P<ref>[^/?]+)$")
@@ -159,6 +159,16 @@ class HostilePeer(_Base):
         super().__init__()
 
     def answer(self, h: _Handler) -> None:
+        if h.command == "POST" and h.path.startswith("/v1/chunks"):  # a batch: its first frame
+            chunks, _, _ = parse_batch_body(h.rfile.read(int(h.headers["Content-Length"])))
+            self.asked += 1                                         # announces the huge length
+            h.send_response(200)
+            h.send_header("Connection", "close")
+            h.end_headers()
+            h.close_connection = True
+            c = chunks[0]
+            h.wfile.write(FRAME.pack(c.digest, OK, c.codec, c.size, min(self.announce, 0xFFFFFFFF)))
+            return
         if not h.path.startswith("/v1/chunks/"):
             _send(h, 404, {}, b"", 0)
             return
