@@ -58,7 +58,9 @@ _REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Ga
 
 
 def is_chunk_request(method: str, path: str, headers: dict[str, str]) -> bool:
-    """Whether faults apply: a ranged blob GET or a peer's chunk GET."""
+    """Whether faults apply: a ranged blob GET, a peer's chunk GET or batch POST."""
+    if method == "POST":
+        return path.startswith("/v1/chunks")
     if method != "GET":
         return False
     return ("/blobs/" in path and "range" in headers) or path.startswith("/v1/chunks/")
@@ -275,12 +277,17 @@ class FaultProxy:
             _send_head(client, 502, {"Content-Type": "text/plain"}, len(msg), "Bad Gateway")
             client.sendall(msg)
             return True
+        # a batch answer is ended by the close of its connection: forwarded so, not sized
+        until_close = method != "HEAD" and "content-length" not in out_headers
         length = len(data) if method != "HEAD" else int(out_headers.pop("content-length", "0") or 0)
         out_headers.pop("content-length", None)
         if fault == "altered" and data:
             at = random.randrange(len(data))
             data = data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1:]
-        _send_head(client, status, out_headers, length, reason)
+        if until_close:
+            _send_head(client, status, {**out_headers, "Connection": "close"}, None, reason)
+        else:
+            _send_head(client, status, out_headers, length, reason)
         if method == "HEAD":
             return True
         if fault == "reset":
@@ -292,9 +299,9 @@ class FaultProxy:
             client.shutdown(socket.SHUT_WR)
             return False
         if fault == "drip":
-            return self._drip(client, data)
+            return self._drip(client, data) and not until_close
         client.sendall(data)
-        return True
+        return not until_close
 
     def _stall(self, client: socket.socket) -> None:
         """Send nothing until the client goes away, ``clear()`` or ``max_stall``."""
@@ -370,11 +377,13 @@ def _forward(upstream: http.client.HTTPConnection, method: str, path: str,
     return resp.status, resp.reason, out, data
 
 
-def _send_head(client: socket.socket, status: int, headers: dict[str, str], length: int,
+def _send_head(client: socket.socket, status: int, headers: dict[str, str], length: int | None,
                reason: str | None = None) -> None:
+    """The head of an answer; ``length`` None: one ended by the close of the connection."""
     lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'OK')}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
-    lines.append(f"Content-Length: {length}")
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
     client.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
 
