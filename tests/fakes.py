@@ -122,8 +122,18 @@ class BatchesByChunk:
                     nursery.start_soon(one, c)
             send.send_nowait(FRAME.pack(bytes(32), END, 0, 0, 0))
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(every)
-            result = await read(FrameReader(receive))
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(every)
+                result = await read(FrameReader(receive))
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # trio >= 0.25 groups what a nursery raises: a
+            raise _first_leaf(group) from None  # refused connection raises alone, as the real one
         return result
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
