@@ -72,11 +72,10 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
     if ca_file is None:
         return _system_tls_context()
     ctx = ssl.create_default_context()
-    if ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise UnreachableError(f"cannot use CA file {ca_file}: {exc}") from exc
+    try:
+        ctx.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise UnreachableError(f"cannot use CA file {ca_file}: {exc}") from exc
     return ctx
 
 

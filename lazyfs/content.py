@@ -80,6 +80,8 @@ class ImageContent:
         self._readahead = readahead_chunks if nursery is not None else 0
         self._last_end: collections.OrderedDict[InodeT, int] = collections.OrderedDict()
         self._ahead: set[ChunkDigest] = set()
+        self._looked: collections.OrderedDict[InodeT, int] = collections.OrderedDict()
+        """Per file read in order, where readahead has looked up to."""
 
     async def read(self, ino: InodeT, offset: int, size: int) -> bytes | memoryview:
         """Bytes ``[offset, offset + size)`` of file ``ino`` (short at end of file).
@@ -159,9 +161,18 @@ class ImageContent:
 
     def _read_ahead(self, ino: InodeT, pos: int) -> None:
         assert self._nursery is not None
-        cs = self.index.chunk_size
+        end = pos + self._readahead * self.index.chunk_size
+        # the chunks up to where the last read of this file looked were looked at then: each
+        # 128 KiB read of a 1 MiB chunk asked the same, a stat of each chunk on the loop
+        looked = self._looked.pop(ino, 0)
+        start = looked if pos <= looked <= end else pos  # else a new walk (or one started over)
+        self._looked[ino] = end
+        if len(self._looked) > 256:
+            self._looked.popitem(last=False)
+        if start >= end:
+            return
         todo = [
-            s.chunk for s in self.index.chunks(ino, pos, self._readahead * cs)
+            s.chunk for s in self.index.chunks(ino, start, end - start)
             if s.chunk is not None and s.chunk.digest not in self._lru and s.chunk.digest not in self._ahead
             and not self.fetcher.has_cached(s.chunk)
         ]

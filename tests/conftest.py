@@ -181,6 +181,24 @@ def served(rich, tmp_path):
         yield image, root, server
 
 
+PEER_TOKEN = "s3cret-cluster-token-0123456789"
+"""The cluster token of the peer tests' nodes."""
+
+
+@pytest.fixture
+def origin(served):
+    """The rich image served per test (the peer tests' origin; a module may define its own)."""
+    return served
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    """A file holding ``PEER_TOKEN``."""
+    f = tmp_path / "token"
+    f.write_text(PEER_TOKEN + "\n")
+    return f
+
+
 # -- the benchmark suite's quick run, once a session ---------------------------------------
 
 

@@ -27,25 +27,12 @@ from lazyfs.process import wait_gone
 from testkit.treecompare import compare_tree
 from testkit.waiting import listening, wait_until
 
-from .conftest import ROOT, lazyfs
+from .conftest import PEER_TOKEN, ROOT, lazyfs
 from .test_mount import index_of
 
 pytestmark = pytest.mark.mount
 
-TOKEN = "s3cret-cluster-token-0123456789"
-
-
-@pytest.fixture
-def origin(served):
-    """The rich image (converted once for the session, see conftest), served per test."""
-    return served
-
-
-@pytest.fixture
-def token_file(tmp_path):
-    f = tmp_path / "token"
-    f.write_text(TOKEN + "\n")
-    return f
+TOKEN = PEER_TOKEN
 
 
 def free_ports(n: int) -> list[int]:

@@ -40,20 +40,6 @@ pytestmark = pytest.mark.mount
 
 
 @pytest.fixture
-def origin(served):
-    return served
-
-
-@pytest.fixture
-def token_file(tmp_path):
-    from .test_peers import TOKEN
-
-    f = tmp_path / "token"
-    f.write_text(TOKEN + "\n")
-    return f
-
-
-@pytest.fixture
 def cluster():
     c = Cluster()
     yield c

@@ -439,12 +439,17 @@ class Node:
                 if r[0] == "GET" and any(r[1].endswith(b) for b in blobs)]
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory):
+def skip_without_containerd() -> None:
+    """Skip the test unless this is root with containerd, ctr, runc and FUSE."""
     if os.geteuid() != 0 or not all(shutil.which(c) for c in ("containerd", "ctr", "runc")):
         pytest.skip("needs root, containerd, ctr and runc (tests/setup.sh installs them)")
     if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
         pytest.skip("needs /dev/fuse and fusermount3")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    skip_without_containerd()
     tmp = Path(tempfile.mkdtemp(prefix="lzc-"))  # short: unix socket paths are limited
     procs = kit.Procs()
     server = None

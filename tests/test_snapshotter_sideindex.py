@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -21,7 +20,7 @@ from testkit import imagegen
 from testkit.registryd import Registry, needs_registry
 
 from .conftest import lazyfs
-from .test_snapshotter import CONTAINERD, Node, _python_cache
+from .test_snapshotter import CONTAINERD, Node, _python_cache, skip_without_containerd
 
 pytestmark = [needs_registry, pytest.mark.mount, CONTAINERD]
 
@@ -32,10 +31,7 @@ PROGRAM = ("import hashlib, json, os, sys\n"
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    if os.geteuid() != 0 or not all(shutil.which(c) for c in ("containerd", "ctr", "runc")):
-        pytest.skip("needs root, containerd, ctr and runc (tests/setup.sh installs them)")
-    if not os.path.exists("/dev/fuse") or not shutil.which("fusermount3"):
-        pytest.skip("needs /dev/fuse and fusermount3")
+    skip_without_containerd()
     tmp = Path(tempfile.mkdtemp(prefix="lzi-"))  # short: unix socket paths are limited
     procs = kit.Procs()
     registry = None

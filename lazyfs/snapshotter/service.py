@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NotLazyImageError, UserError
@@ -77,8 +77,9 @@ class SnapshotService:
         self._image_locks: dict[str, threading.Lock] = {}
         self._image_locks_guard = threading.Lock()
         self._not_lazy: set[str] = set()
-        self._mounting: dict[str, _Mounting] = {}
-        """Images whose mount comes up in the background (``LABEL_DEFER``), until it has."""
+        self._mounting: dict[str, threading.Event] = {}
+        """Images whose mount comes up in the background (``LABEL_DEFER``): set when it has
+        come up or failed."""
 
     # -- containerd's methods -----------------------------------------------------------
 
@@ -250,16 +251,15 @@ class SnapshotService:
         next waits for it (``_wait_mounting``). Called with the image's lock held."""
         if image in self._mounting:
             return
-        mounting = self._mounting[image] = _Mounting()
+        done = self._mounting[image] = threading.Event()
 
         def mount() -> None:
             try:
                 self.fs.mount(image, labels)
-            except Exception as exc:  # noqa: BLE001 - kept for whoever needs the mount
-                mounting.error = exc
+            except Exception as exc:  # noqa: BLE001 - whoever needs the mount tries again
                 log.error("background mount of %s failed: %s", image, exc)
             finally:
-                mounting.done.set()
+                done.set()
 
         threading.Thread(target=mount, name=f"mount {image}", daemon=True).start()
 
@@ -267,10 +267,10 @@ class SnapshotService:
         """Wait for a background mount of ``image`` to come up or fail (its failure is
         logged; the caller's own check then finds no mount and mounts again). Called with
         the image's lock held, so no second mount starts meanwhile."""
-        mounting = self._mounting.get(image)
-        if mounting is None:
+        done = self._mounting.get(image)
+        if done is None:
             return
-        mounting.done.wait()  # bounded: the mount gives up after FileSystem.ready_timeout
+        done.wait()  # bounded: the mount gives up after FileSystem.ready_timeout
         self._mounting.pop(image, None)
 
     def _image_lock(self, image: str) -> threading.Lock:
@@ -327,14 +327,6 @@ class SnapshotService:
         if len(lowers) == 1:
             return [Mount("bind", lowers[0], ["ro", "rbind"])]
         return [Mount("overlay", "overlay", [f"lowerdir={':'.join(lowers)}"])]
-
-
-@dataclass
-class _Mounting:
-    """A mount coming up in the background."""
-
-    done: threading.Event = field(default_factory=threading.Event)
-    error: Exception | None = None
 
 
 def _disk_usage(path: Path) -> tuple[int, int]:
