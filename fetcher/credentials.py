@@ -28,15 +28,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import AuthError
+from .errors import AuthError, HelperMissingError
 from .imageref import DOCKER_HUB
 
 HELPER_TIMEOUT = 30.0
 HUB_SERVER = "https://index.docker.io/v1/"
-
-
-class HelperMissingError(AuthError):
-    """The config names a credential helper that is not installed (a usage error)."""
 
 
 _helper_answers: dict[tuple[str, str], tuple[str, str] | None] = {}

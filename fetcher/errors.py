@@ -40,6 +40,10 @@ class AuthError(FetchError):
     pass
 
 
+class HelperMissingError(AuthError):
+    """The config names a credential helper that is not installed (a usage error)."""
+
+
 class UnreachableError(FetchError):
     pass
 

@@ -19,8 +19,7 @@ import enum
 
 from blockindex.errors import ImageError, IndexFormatError
 from cache.errors import CacheError
-from fetcher.credentials import HelperMissingError
-from fetcher.errors import FetchError, IntegrityError
+from fetcher.errors import FetchError, HelperMissingError, IntegrityError
 
 
 class ExitCode(enum.IntEnum):

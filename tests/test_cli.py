@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +159,27 @@ def test_snapshotter_sockets_in_a_place_it_cannot_use_are_one_line_errors(tmp_pa
         done = lazyfs("snapshotter", *extra, "--root", root, "--no-spare", check=False, timeout=30)
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr and done.stderr.splitlines()[-1].startswith("lazyfs: error:")
+
+
+def test_a_handed_off_pull_loads_no_other_command_and_nothing_it_does_not_run(tmp_path):
+    """``lazyfs pull`` with a snapshotter to hand the pull to starts from a cold page cache
+    on a node: every module it imports is a file read from disk. It loads its own command
+    alone, and none of grpc, trio, httpx, sqlite3 or the format's dataclasses."""
+    probe = (
+        "import sys, runpy\n"
+        "from lazyfs.cli import build_parser\n"
+        "build_parser(['-v', 'pull', 'r/x:1'])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('grpc', 'trio', 'httpx', 'sqlite3', 'dataclasses', 'pyfuse3')\n"
+        "        or m.startswith('lazyfs.cli.') and m not in ('lazyfs.cli.pull', 'lazyfs.cli.common'))\n"
+        "print(' '.join(heavy))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent, check=True)
+    assert done.stdout.strip() == "", done.stdout
+    # and every command is still there for --help and for a name it does not know
+    help_text = lazyfs("--help").stdout
+    for command in ("convert", "index", "serve", "mount", "images", "peer", "umount", "status", "trace",
+                    "snapshotter", "pull", "cache"):
+        assert command in help_text
+    wrong = lazyfs("pul", check=False)
+    assert wrong.returncode == 2 and "'pull'" in wrong.stderr

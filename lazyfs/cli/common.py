@@ -15,9 +15,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
-from blockindex.format import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from fetcher.address import split_host_port
-
 from ..errors import ExitCode, UserError, exit_code_for
 
 if TYPE_CHECKING:
@@ -49,6 +46,8 @@ def size(text: str) -> int:
 
 def chunk_size_arg(text: str) -> int:
     """A ``--chunk-size``: a power of two from 4K to 64M."""
+    from blockindex.format import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE  # dataclasses: 10 ms of a cold start
+
     n = size(text)
     if not MIN_CHUNK_SIZE <= n <= MAX_CHUNK_SIZE or n & (n - 1):
         raise argparse.ArgumentTypeError(f"chunk size must be a power of two from 4K to 64M, not {text}")
@@ -144,6 +143,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 def _listen_addresses(args: argparse.Namespace) -> None:
     """``--listen`` and ``--metrics`` as ``(host, port)``, checked here rather than by
     argparse so that a mistake is one line (port 0: any free port)."""
+    from fetcher.address import split_host_port  # dataclasses: 10 ms of a cold start
+
     for name in ("listen", "metrics"):
         text = getattr(args, name, None)
         if isinstance(text, str):
