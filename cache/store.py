@@ -218,13 +218,15 @@ class ChunkStore:
                 if known is None and hi <= len(head):
                     data = memoryview(head)[lo:hi]
                 else:
-                    if not nowait and hi - lo >= STREAM_READ:
-                        # A big read of an entry not in the page cache is a file being read
-                        # through: ask for the rest of the entry in the same disk request,
-                        # so the next reads find it (each read opens the entry anew, which
-                        # leaves the kernel no readahead state to go on)
-                        os.posix_fadvise(fd, lo, 0, os.POSIX_FADV_WILLNEED)
                     data = memoryview(self._pread(fd, hi - lo, lo, nowait))
+                    if not nowait and hi - lo >= STREAM_READ:
+                        # A read of an entry not in the page cache may be the first of a file
+                        # read through, or of random reads that come back to this entry: ask
+                        # for the rest of it, so that the next reads find it (each read opens
+                        # the entry anew, which leaves the kernel no readahead state to go
+                        # on). After the read, not before: its own blocks then come in one
+                        # small disk request, not at the end of the entry's megabyte
+                        os.posix_fadvise(fd, hi, 0, os.POSIX_FADV_WILLNEED)
                     if len(data) < hi - lo and nowait:
                         raise BlockingIOError(errno.EAGAIN, "read in part")
                 problem = check_blocks(head, data, first, block) if len(data) == hi - lo else "truncated"
