@@ -3,7 +3,9 @@ chunks, and a way to put an image's manifest, index and chunks into a cache dire
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import random
 import shutil
@@ -81,3 +83,34 @@ def drop_from_page_cache(paths: Iterable[Path | str]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def resident_pages(path: Path | str) -> tuple[int, int]:
+    """(pages of ``path`` in the page cache, pages it has), asked with ``mincore``, which
+    reads nothing: a read that must not wait (``RWF_NOWAIT``) still starts the kernel's
+    readahead, so on a fast disk asking that way brings in the pages it asks about."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pages = -(-size // mmap.PAGESIZE)
+        if not pages:
+            return 0, 0
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path}")
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            if _libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path}")
+            return sum(b & 1 for b in vec.raw), pages
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
