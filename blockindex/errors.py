@@ -1,6 +1,7 @@
 """Errors of the image format.
 
     IndexFormatError            the index file is not one lazyfs can read
+      └── LayerMismatchError    a side index does not match the layers it reads
     ImageError                  an input image is missing, unreadable or not an image
       ├── UnsafeImageError      an entry would escape the tree or lies about itself
       ├── UnsupportedImageError a valid image that uses something lazyfs does not handle
@@ -34,3 +35,8 @@ class NoPlatformError(ImageError):
 
 class PrefetchListError(ImageError):
     """A path given to prefetch first does not name a regular file of the image."""
+
+
+class LayerMismatchError(IndexFormatError):
+    """A side index does not match the image's own layers: a chunk it places in a layer is
+    not the bytes its digest names, or it lists a blob the image manifest does not."""

@@ -7,6 +7,8 @@ Under the cache root::
     refs/<quoted ref>      the manifest digest a reference last resolved to
     complete/<hex>         present once every chunk of that manifest's image is cached
     checked/<hex>          the version of the check that index passed here
+    layers/<hex>-<hex>     a side index's layer check for an image (manifest, index):
+                           ``verified``, or ``failed: why``
 
 With these an image whose prefetch completed mounts again with no network at all.
 Everything read back is checked against its digest first.
@@ -50,13 +52,13 @@ class ImageStore:
         self.root = Path(root)
         claim(self.root)
         try:
-            for sub in ("manifests", "indexes", "refs", "complete", "checked"):
+            for sub in ("manifests", "indexes", "refs", "complete", "checked", "layers"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
         # temp files of dead writers; these directories hold a few files per image
         sweep_dead_temps([self.root / d for d in ("manifests", "indexes", "refs", "complete",
-                                                   "checked", "pins", "traces")])
+                                                   "checked", "layers", "pins", "traces")])
 
     def _write(self, path: Path, data: bytes) -> None:
         try:
@@ -128,6 +130,24 @@ class ImageStore:
 
     def mark_index_checked(self, digest: str, rules: str) -> None:
         self._write(self.root / "checked" / _hex(digest), rules.encode())
+
+    # -- side indexes checked against their layers (``lazyfs.layercheck``) ----------------
+
+    def _layers_path(self, manifest_digest: str, index_digest: str) -> Path:
+        return self.root / "layers" / f"{_hex(manifest_digest)}-{_hex(index_digest)}"
+
+    def record_layer_check(self, manifest_digest: str, index_digest: str, problem: str | None) -> None:
+        """The side index ``index_digest`` matched the layers of image ``manifest_digest``
+        (``problem`` None), or did not, and why."""
+        verdict = "verified" if problem is None else f"failed: {problem}"
+        self._write(self._layers_path(manifest_digest, index_digest), verdict.encode())
+
+    def layer_check(self, manifest_digest: str, index_digest: str) -> str | None:
+        """``verified``, ``failed: why``, or None if this node never finished the check."""
+        try:
+            return self._layers_path(manifest_digest, index_digest).read_bytes().decode(errors="replace")
+        except OSError:
+            return None
 
     # -- completion -----------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ PRIVATE_UMASK = 0o077
 
 _OPEN = 0o077
 
-CACHE_ENTRIES = frozenset({"chunks", "manifests", "refs", "indexes", "checked", "complete", "pins",
+CACHE_ENTRIES = frozenset({"chunks", "manifests", "refs", "indexes", "checked", "layers", "complete", "pins",
                            "traces", "logs", "evict.lock"})
 """What lazyfs makes at the top of a cache (``cache.store``, ``cache.images``,
 ``cache.trace``, ``cache.evict``, the mount launcher's logs)."""

@@ -7,7 +7,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -71,6 +71,9 @@ class ImageContent:
         self.observe_read: Callable[[ReadSource, float], object] | None = None
         """Called with (slowest source: memory, cache or network, seconds) after each read
         that succeeds."""
+        self.admit: Callable[[], Awaitable[None]] | None = None
+        """Asked before a read serves any byte (a side index's layer check): raises the
+        ``FetchError`` that fails the read."""
         self._on_cached = on_cached
         self._lru: collections.OrderedDict[ChunkDigest, bytes | memoryview] = collections.OrderedDict()
         self._lru_max = memory_chunks
@@ -95,6 +98,12 @@ class ImageContent:
             if self.observe_read is not None:
                 self.observe_read("memory", time.perf_counter() - started)
             return b""
+        if self.admit is not None:
+            try:
+                await self.admit()
+            except FetchError:
+                self.stats.failed_reads += 1
+                raise
         rlog = self.readlog
         if rlog is not None:
             rlog.first_reads(ino, spans)

@@ -41,6 +41,7 @@ from .content import ImageContent
 from .errors import ExitCode, MountError, UserError
 from .failures import tag_warnings
 from .fs import LazyOperations
+from .layercheck import LayerVerifier
 from .learned import LearnedPrefetch
 from .opening import OpenedImage, open_image
 from .peer import ChunkServer, OriginPool, PeerServerConfig, read_token
@@ -107,6 +108,9 @@ class MountOptions:
     refresh_trace_after: float = 10.0
     """Seconds after the start at which a mount that has its node's trace asks the registry
     and the peers for newer runs (``LearnedPrefetch.refresh``); 0: never."""
+    verify_layers: bool = False
+    """For an ordinary image read by its side index: serve no file bytes before every
+    layer is checked against the image manifest (``layercheck``); reads wait for it."""
     amplify: int | None = None
     """Bytes a demand miss fetches in one request with the chunks after it in its blob
     (``FetchConfig.amplify``); None: its default, 0: off."""
@@ -116,7 +120,7 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
             store: ChunkStore, fetcher: ChunkFetcher | None, prefetcher: Prefetcher, started: float,
             server: ChunkServer | None = None, keeper: CacheKeeper | None = None,
             metrics: Metrics | None = None, learned: LearnedPrefetch | None = None,
-            slow: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            slow: list[dict[str, Any]] | None = None, layers: LayerVerifier | None = None) -> dict[str, Any]:
     p = prefetcher.progress
     totals = index.totals()
     f = fetcher.stats if fetcher else None
@@ -148,6 +152,7 @@ def _status(opts: MountOptions, opened: OpenedImage, index: IndexReader, content
         "metrics": metrics.url if metrics else None,
         "cache_state": {**store.cache_state(), **(keeper.state() if keeper else {})},
         "trace": learned.status(p) if learned else None,
+        "layers": layers.status() if layers else None,
         "slow": slow or [],
     }
 
@@ -290,12 +295,20 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                                       peers=tier if not opened.from_cache_only else None,
                                       before_ask=fetcher.gate.wait_idle if fetcher else None,
                                       refresh_after=opts.refresh_trace_after)
+            layers = None
+            if opened.layers is not None and client is not None:  # trust in a side index: checked
+                layers = LayerVerifier(opened, client, store, images, timeout=opts.timeout,
+                                       strict=opts.verify_layers, gate=fetcher.gate if fetcher else None)
             prefetcher = Prefetcher(opened.index_path, store, images, opened.manifest_digest, fetcher,
-                                    lead=learned.lead, lead_only=opts.lead_only)
+                                    lead=learned.lead, lead_only=opts.lead_only,
+                                    layers=layers.run if layers else None)
             # offline, a fetcher without a source: the node cache alone answers reads
             content = ImageContent(index, fetcher or ChunkFetcher(nursery, None, store,
                                                                   followers=index.digests_after),
                                    on_cached=prefetcher.progress.cached, nursery=nursery, readlog=readlog)
+            if layers is not None:
+                layers.on_cached = prefetcher.progress.cached
+                content.admit = layers.admit
             metrics = None
             if opts.metrics is not None:
                 from .metrics import Metrics, mount_samples
@@ -310,7 +323,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
             ops = LazyOperations(
                 index, content,
                 lambda: _status(opts, opened, index, content, store, fetcher, prefetcher, started, server,
-                                keeper, metrics, learned, _slow_reads(index, readlog)),
+                                keeper, metrics, learned, _slow_reads(index, readlog), layers),
                 image=opened.manifest_digest,
                 file_state=lambda ino: file_state(index, store, readlog, ino),
             )
@@ -340,6 +353,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 nursery.start_soon(_watch_signals, pyfuse3.terminate)
                 nursery.start_soon(learned.record)
                 nursery.start_soon(learned.refresh)
+                if layers is not None and layers.strict:  # whatever the prefetch does
+                    nursery.start_soon(layers.run)
                 if opts.prefetch or fetcher is None:
                     nursery.start_soon(prefetcher.run)
                 else:

@@ -50,6 +50,9 @@ class OpenedImage:
     from_cache_only: bool
     index_source: str = "cache"
     """Where the index came from: ``cache``, ``origin`` or a peer's URL."""
+    layers: tuple[tuple[str, int], ...] | None = None
+    """For an ordinary image read by its side index: the manifest's layers (digest, size),
+    which the image digest covers and the side index does not."""
 
 
 def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
@@ -62,6 +65,21 @@ def _index_descriptor(manifest: dict[str, Any], ref: str) -> dict[str, Any]:
                 raise NotLazyImageError(f"{ref}: index layer: {exc}") from None
             return layer
     raise NotLazyImageError(f"{ref}: lazyfs image manifest has no index layer")
+
+
+def _layers(manifest: dict[str, Any], ref: str) -> tuple[tuple[str, int], ...]:
+    """The manifest's layers as (digest, size): what a side index is checked against."""
+    layers = manifest.get("layers")
+    out = []
+    for layer in layers if isinstance(layers, list) else []:
+        size = layer.get("size") if isinstance(layer, dict) else None
+        if type(size) is not int or size < 0:
+            raise NotLazyImageError(f"{ref}: a layer without a size")
+        try:
+            out.append((check_digest(str(layer.get("digest", ""))), size))
+        except ImageError as exc:
+            raise NotLazyImageError(f"{ref}: a layer: {exc}") from None
+    return tuple(out)
 
 
 @contextlib.contextmanager
@@ -110,7 +128,8 @@ async def open_image(ref: ImageRef, client: RegistryClient | MirroredClient | No
             raise MountError(f"{ref} is an ordinary image, read by its side index: mount it online")
         with _within(3 * wait + 60, f"the side index of {ref}"):
             side_digest, side_path = await open_side_index(client, ref, digest, images)
-        return OpenedImage(digest, side_digest, side_path, False, index_source="origin")
+        return OpenedImage(digest, side_digest, side_path, False, index_source="origin",
+                           layers=_layers(manifest, str(ref)))
     desc = _index_descriptor(manifest, str(ref))
     index_digest = str(desc.get("digest"))
     if not from_cache:

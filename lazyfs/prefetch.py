@@ -10,6 +10,11 @@ those go first, in that order, in waves of up to ``lead_wave_bytes`` handed to t
 fetcher at once so that neighbours in a blob merge into a few large requests; they are
 background requests too, so a read is never queued behind them. ``lead_only`` stops
 after them (``lazyfs mount --prefetch trace``).
+
+Given ``layers`` (an ordinary image read by its side index: ``layercheck.LayerVerifier.run``),
+the fill streams each layer whole and checks the side index against it, caching every
+chunk it cuts; only what that left missing is fetched after, by span. A side index that
+fails the check stops the prefetch: nothing more is read through it.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ log = logging.getLogger(__name__)
 class Progress:
     """How far the prefetch of one image has got."""
 
-    state: str = "pending"  # pending, running, complete, off, failed-retrying, paused-cache-full
+    state: str = "pending"  # pending, running, complete, off, failed-retrying, paused-cache-full, stopped
     total_chunks: int = 0
     total_bytes: int = 0
     cached_chunks: int = 0
@@ -93,6 +98,7 @@ class Prefetcher:
         lead: Callable[[IndexReader], Awaitable[tuple[list[ChunkDigest], str | None]]] | None = None,
         lead_only: bool = False,
         lead_wave_bytes: int = 16 << 20,
+        layers: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         """``lead(index)`` returns the digests to fetch first and where they came from.
         ``concurrency`` batches are under way at once: the fetcher's limit on background
@@ -110,6 +116,7 @@ class Prefetcher:
         self._lead = lead
         self._lead_only = lead_only
         self._lead_wave = lead_wave_bytes
+        self._layers = layers
         self.progress = Progress()
         self._pausing = 0
         self._chunks: list[Chunk] | None = None
@@ -171,6 +178,11 @@ class Prefetcher:
             if self._lead_only:
                 p.state = "off"
                 return
+        if self._layers is not None:
+            if not await self._layers():  # the side index lied: read nothing more through it
+                p.state = "stopped"
+                return
+            missing = await self.scan()
         while missing:
             failures = 0
             batches = iter(_batches(missing, self._batch_bytes))

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,10 +86,12 @@ async def _attach(ref: ImageRef, options: RegistryOptions, platform: str | None,
         return await push_referrer(client, manifest, MEDIA_TYPE_SIDE_INDEX, data, annotations)
 
 
-async def find_side_index(client: RegistryClient | MirroredClient,
-                          manifest_digest: str) -> tuple[str, bytes] | None:
+async def find_side_index(client: RegistryClient | MirroredClient, manifest_digest: str,
+                          refused: Callable[[str], str | None] = lambda _: None) -> tuple[str, bytes] | None:
     """The newest side index attached to the image ``manifest_digest``: its digest and
-    bytes (checked against the digest its artifact names); None when it has none."""
+    bytes (checked against the digest its artifact names); None when it has none.
+    ``refused(digest)`` says why one must not be used (it failed its layer check on this
+    node), and it is passed over for the next newest."""
     origin = client.origin if isinstance(client, MirroredClient) else client  # referrers: the registry's
     found = await find_referrers(origin, manifest_digest, MEDIA_TYPE_SIDE_INDEX)
     for desc in reversed(found):
@@ -97,7 +100,11 @@ async def find_side_index(client: RegistryClient | MirroredClient,
         except FetchError as exc:
             log.warning("side index %s of %s unusable: %s", desc.get("digest"), manifest_digest, exc)
             continue
-        return sha256_digest(data), data
+        digest = sha256_digest(data)
+        if (why := refused(digest)) is not None:
+            log.warning("side index %s of %s passed over: %s", digest, manifest_digest, why)
+            continue
+        return digest, data
     return None
 
 
@@ -106,7 +113,20 @@ async def open_side_index(client: RegistryClient | MirroredClient, ref: ImageRef
     """The side index of the ordinary image ``manifest_digest``, kept in the node cache: its
     digest and path. NoSideIndexError (exit 3) when it has none: the hook for whoever can
     fall back to pulling the image whole."""
-    found = await find_side_index(client, manifest_digest)
+    bad: list[str] = []
+
+    def refused(digest: str) -> str | None:
+        verdict = images.layer_check(manifest_digest, digest)
+        if verdict is None or not verdict.startswith("failed"):
+            return None
+        bad.append(digest)
+        return f"it failed its layer check on this node ({verdict.removeprefix('failed: ')})"
+
+    found = await find_side_index(client, manifest_digest, refused)
+    if found is None and bad:
+        raise NoSideIndexError(f"{ref} is not a lazyfs image, and its side index {bad[0]} failed its "
+                               f"layer check on this node (it does not match the image's layers): "
+                               f"attach an honest one (lazyfs index docker://{ref}) or convert the image")
     if found is None:
         raise NoSideIndexError(f"{ref} is not a lazyfs image and has no side index (attach one: "
                                f"lazyfs index docker://{ref}; or convert it)")

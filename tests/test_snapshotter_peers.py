@@ -67,6 +67,18 @@ def _flag(argv: list[str], name: str) -> str | None:
     return argv[argv.index(name) + 1] if name in argv else None
 
 
+def test_the_snapshotter_hands_verify_layers_to_its_mounts(tmp_path, monkeypatch):
+    fake = FakeMounts(monkeypatch)
+    labels = {LABEL_TARGET: "sha256:" + "11" * 32, LABEL_IMAGE_REF: IMAGE.split("@")[0] + ":1",
+              LABEL_MANIFEST: IMAGE.split("@")[1], LABEL_LAYER: "sha256:" + "22" * 32}
+    strict = SnapshotService(tmp_path, LazyFileSystem(tmp_path, verify_layers=True))
+    with pytest.raises(AlreadyExistsError):
+        strict.prepare("extract-1", "", labels)
+    fake.alive.clear()
+    SnapshotService(tmp_path, LazyFileSystem(tmp_path)).restore()
+    assert ["--verify-layers" in argv for argv in fake.argvs] == [True, False]
+
+
 def test_the_snapshotter_hands_its_peer_options_to_every_mount_remounts_included(tmp_path, monkeypatch):
     """Peers are node-wide: every image mount the snapshotter starts asks them (and never
     listens: the node's `lazyfs peer` serves the cache), and so does a mount that a

@@ -41,6 +41,10 @@ def register(sub: SubParsers) -> None:
                    help=f"node cache directory (default {DEFAULT_CACHE}, or $LAZYFS_CACHE)")
     p.add_argument("--foreground", "-f", action="store_true", help="stay attached")
     p.add_argument("--no-prefetch", action="store_true", help="fetch only what is read")
+    p.add_argument("--verify-layers", action="store_true",
+                   help="an ordinary image read by its side index serves no file bytes until each "
+                        "layer has been read whole and the side index checked against the image's "
+                        "layer digests (reads wait for it; EIO if it fails)")
     p.add_argument("--offline", action="store_true", help="use the cache alone, no network")
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     p.add_argument("--insecure", action="store_true", help="plain HTTP to a non-loopback registry")
@@ -110,6 +114,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         lead_only=args.prefetch == "trace",
         refresh_trace_after=args.refresh_trace_after,
         amplify=args.amplify,
+        verify_layers=args.verify_layers,
     )
     if peers is None:
         return opts

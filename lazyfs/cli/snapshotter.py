@@ -26,6 +26,9 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT,
                    help="network deadline of the image mounts (default 30)")
     p.add_argument("--no-prefetch", action="store_true", help="image mounts fetch only what is read")
+    p.add_argument("--verify-layers", action="store_true",
+                   help="image mounts of ordinary images (side indexes) serve no file bytes until "
+                        "every layer is checked against the image manifest (lazyfs mount --verify-layers)")
     p.add_argument("--no-mount-parent", "--no-spare", action="store_true",
                    help="start each image's mount process as a Python of its own, rather than forking "
                         "it from one process that has lazyfs loaded (which saves ~1 s and ~25 MB a mount)")
@@ -81,7 +84,7 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
         proxy = ImageServiceProxy(keychain, Path(args.cri_keychain).absolute(), args.containerd)
     fs = LazyFileSystem(root, timeout=args.timeout, prefetch=not args.no_prefetch,
                         cache_size=args.cache_size, peers=peers, mount_parent=not args.no_mount_parent,
-                        keychain=keychain)
+                        keychain=keychain, verify_layers=args.verify_layers)
     service = SnapshotService(root, fs)
     service.restore()
     if proxy is not None:

@@ -103,10 +103,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     if c.get("full"):
         print(f"  cache     FULL ({c['dir']}): {c['served_uncached']} chunks served without caching; "
               "the prefetch waits for space")
+    _print_layers(status)
     _print_trace(status)
     if args.slow:
         _print_slow(status)
     return 0
+
+
+def _print_layers(status: dict[str, Any]) -> None:
+    """The side index's layer check (an ordinary image), in one line."""
+    lc = status.get("layers")
+    if not lc:
+        return
+    strict = " (--verify-layers: reads wait for it)" if lc["strict"] else ""
+    if lc["state"] == "verified":
+        how = "on this node before" if lc["recorded"] else f"{lc['checked_layers']} layers read whole"
+        line = f"verified: the side index matches the image's layers ({how})"
+    elif lc["state"] == "failed":
+        line = f"FAILED, every read of this image is refused: {lc['problem']}"
+    elif lc["state"] == "unchecked":
+        line = "unchecked: nothing has read the layers whole (--no-prefetch); trusted as pushed"
+    else:
+        line = f"{lc['state']}: {lc['checked_layers']} of {lc['layers_to_check']} layers"
+    print(f"  layers    {line}{strict}")
 
 
 def _print_trace(status: dict[str, Any]) -> None:

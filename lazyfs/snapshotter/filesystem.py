@@ -86,11 +86,15 @@ class LazyFileSystem:
 
     def __init__(self, root: Path, *, timeout: float = 30.0, prefetch: bool = True,
                  cache_size: int | None = None, peers: PeerOptions | None = None,
-                 mount_parent: bool = False, keychain: Keychain | None = None) -> None:
+                 mount_parent: bool = False, keychain: Keychain | None = None,
+                 verify_layers: bool = False) -> None:
         self.root = root
         self.cache = root / "cache"
         self.timeout = timeout
         self.prefetch = prefetch
+        self.verify_layers = verify_layers
+        """Passed to every image mount: an image read by its side index serves nothing
+        before its layers are checked (``lazyfs mount --verify-layers``)."""
         self.cache_size = cache_size
         """Passed to every image mount: the node-wide limit of the shared cache."""
         self.peers = peers
@@ -146,6 +150,7 @@ class LazyFileSystem:
         log_file = logs / f"{mnt.name}.log"
         args = [ref, str(mnt), "--cache", str(self.cache), "--allow-other", "--timeout", str(self.timeout),
                 *([] if self.prefetch else ["--no-prefetch"]),
+                *(["--verify-layers"] if self.verify_layers else []),
                 *([] if self.cache_size is None else ["--cache-size", str(self.cache_size)]),
                 *([] if self.peers is None else self.peers.argv()), *self._creds_args(ref, mnt)]
         child, pid, r = self._fork(args, log_file) or self._start(args, log_file)
