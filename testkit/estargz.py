@@ -2,7 +2,8 @@
 independently of ``blockindex.estargz``, which reads them.
 
     layer = write_estargz(entries, chunk_size=64 << 10)   # -> EstargzBlob
-    push_estargz(registry, [entries1, entries2], "app:1")
+    layer = write_estargz(entries_of_dir(rootfs))          # a root filesystem directory
+    push_estargz(registry, tmp, [layer1, layer2], "app:1")
 
 The blob is a gzip-compatible tar, cut into gzip members where the spec puts them: at the
 start of the stream, at the start of each non-empty regular file's content and every
@@ -20,6 +21,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import os
 import stat
 import tarfile
 import time
@@ -108,6 +110,39 @@ def write_estargz(entries: Sequence[Entry], *, chunk_size: int = 64 << 10, landm
     toc_offset = len(blob)
     blob += gzip.compress(toc_tar, mtime=0) + footer(toc_offset)
     return EstargzBlob(bytes(blob), toc_json, _sha(toc_json), _sha(bytes(tar) + toc_tar), toc_offset)
+
+
+def entries_of_dir(root: Path) -> list[Entry]:
+    """The entries of a root filesystem directory (not following symlinks; a file's second
+    name a hard link to its first in path order; sockets left out), with their modes,
+    owners and whole-second mtimes."""
+    kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chr",
+             stat.S_IFBLK: "blk", stat.S_IFIFO: "fifo"}
+    broot = os.fsencode(root)
+    found = [os.path.relpath(os.path.join(d, n), broot) for d, dirs, files in os.walk(broot)
+             for n in dirs + files]
+    out: list[Entry] = []
+    first: dict[tuple[int, int], bytes] = {}
+    for rel in sorted(found, key=_path_key):
+        path = os.path.join(broot, rel)
+        st = os.lstat(path)
+        kind = kinds.get(stat.S_IFMT(st.st_mode))
+        if kind is None:
+            continue
+        e = Entry(path=rel, kind=kind, perm=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                  mtime_ns=st.st_mtime_ns // NS * NS)
+        if kind == "file" and st.st_nlink > 1 and (st.st_dev, st.st_ino) in first:
+            e = dataclasses.replace(e, kind="hardlink", target=first[(st.st_dev, st.st_ino)])
+        elif kind == "file":
+            first[(st.st_dev, st.st_ino)] = rel
+            with open(path, "rb") as f:
+                e = dataclasses.replace(e, data=f.read())
+        elif kind == "symlink":
+            e = dataclasses.replace(e, target=os.readlink(path))
+        elif kind in ("chr", "blk"):
+            e = dataclasses.replace(e, rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)))
+        out.append(e)
+    return out
 
 
 def _toc_entry(e: Entry) -> dict:
