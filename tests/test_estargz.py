@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 
 import pytest
 
@@ -86,6 +87,19 @@ def test_an_index_built_from_two_layers_reads_back_every_file(tmp_path):
     assert index.lookup(app, b"empty").size == 0 and index.chunks_of(index.lookup(app, b"empty").ino) == []
     assert index.lookup(1, b".no.prefetch.landmark") is None
     assert {c.codec for c in index.all_chunks()} == {CODEC_GZIP_MEMBER}
+
+
+def test_the_files_before_a_prefetch_landmark_are_fetched_first(tmp_path):
+    def edit(toc: dict) -> None:
+        at = next(i for i, e in enumerate(toc["entries"]) if e["name"] == "app/empty")
+        toc["entries"].insert(at + 1, {"name": ".prefetch.landmark", "type": "reg", "mode": 0o644})
+
+    blob = write_estargz(_layers()[0], chunk_size=CHUNK, edit_toc=edit)
+    build_estargz_index([_read(blob)], tmp_path / "i")
+    index = IndexReader(tmp_path / "i")
+    # the files before it in the layer (the landmarks themselves neither shown nor listed)
+    assert [p for _, p in json.loads(index.meta["prefetch_files"])] == ["app/big", "app/empty"]
+    assert index.lookup(1, b".prefetch.landmark") is None
 
 
 def test_a_member_is_checked_by_its_sha256():
