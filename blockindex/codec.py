@@ -8,14 +8,15 @@ threads: each thread keeps its own, made on first use.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import blake3
 import lz4.block
 import zstandard
 
-from .format import CODEC_GZIP_SPAN, CODEC_LZ4, CODEC_RAW, CODEC_ZSTD, Chunk, ChunkDigest
-from .gzspan import SpanError, inflate_span
+from .format import CODEC_GZIP_MEMBER, CODEC_GZIP_SPAN, CODEC_LZ4, CODEC_RAW, CODEC_ZSTD, Chunk, ChunkDigest
+from .gzspan import SpanError, inflate_member, inflate_span
 
 COMPRESSIONS = {"lz4": CODEC_LZ4, "zstd": CODEC_ZSTD}
 """What ``lazyfs convert --compression`` offers, and the codec each writes."""
@@ -42,6 +43,12 @@ class ChunkDecodeError(ValueError):
 
 def chunk_digest(data: bytes | memoryview) -> ChunkDigest:
     return ChunkDigest(blake3.blake3(data).digest())
+
+
+def named_by(data: bytes | memoryview, digest: bytes) -> bool:
+    """Whether ``digest`` names ``data``: its BLAKE3 digest, or (an eStargz chunk's, format
+    4) its sha256. Both are 256-bit: no bytes have one's digest as the other's."""
+    return chunk_digest(data) == digest or hashlib.sha256(data).digest() == digest
 
 
 def encode(data: bytes, *, codec: int = CODEC_LZ4) -> tuple[int, bytes]:
@@ -73,8 +80,8 @@ def decode(codec: int, size: int, payload: bytes | memoryview) -> bytes | memory
         data = _zstd_decode(payload, size)
     elif codec == CODEC_RAW:
         data = payload
-    elif codec == CODEC_GZIP_SPAN:
-        raise ChunkDecodeError("a gzip span decodes only with its checkpoint (decode_verified)")
+    elif codec in (CODEC_GZIP_SPAN, CODEC_GZIP_MEMBER):
+        raise ChunkDecodeError("a gzip span or member decodes only with its index (decode_verified)")
     else:
         raise ChunkDecodeError(f"unknown codec {codec}")
     if len(data) != size:
@@ -101,7 +108,16 @@ def _zstd_decode(payload: bytes | memoryview, size: int) -> bytes:
 
 
 def decode_verified(chunk: Chunk, payload: bytes | memoryview) -> bytes | memoryview:
-    """Decode a payload that came from elsewhere and check it against the chunk's digest."""
+    """Decode a payload that came from elsewhere and check it against the chunk's digest
+    (BLAKE3; an eStargz member's, sha256)."""
+    if chunk.codec == CODEC_GZIP_MEMBER:
+        try:
+            member = inflate_member(payload, chunk.size)
+        except SpanError as exc:
+            raise ChunkDecodeError(str(exc)) from exc
+        if hashlib.sha256(member).digest() != chunk.digest:
+            raise ChunkDecodeError("sha256 digest mismatch")
+        return member
     if chunk.codec == CODEC_GZIP_SPAN:
         if chunk.span is None:
             raise ChunkDecodeError("a gzip span without its checkpoint")

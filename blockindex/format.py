@@ -25,6 +25,13 @@ converted, whose chunks are read from the image's own layers. It adds the table
 starts in its layer's uncompressed tar (``blob`` is the gzip layer), ``stored_size`` equals
 ``size``, and its bytes are inflated from the last checkpoint at or before it (``gzspan.py``);
 a chunk of an uncompressed layer is ``CODEC_RAW`` at its offset in the tar.
+
+Format 4 is the index of an eStargz image (``estargz.py``), built on the node from the
+layers' tables of contents and never published. Its one codec, ``CODEC_GZIP_MEMBER``: the
+chunk's stored bytes are the gzip member(s) of an eStargz layer from the member that starts
+with the chunk to the next member the TOC names; the chunk is the first ``size`` bytes they
+inflate to, and its digest is the sha256 of those bytes (the TOC's ``chunkDigest``: an eStargz
+chunk can be named only by what its TOC says of it before it is fetched), not BLAKE3.
 """
 
 from __future__ import annotations
@@ -45,26 +52,32 @@ CODEC_RAW = 0
 CODEC_LZ4 = 1
 CODEC_ZSTD = 2
 CODEC_GZIP_SPAN = 3
-CODEC_NAMES = {CODEC_RAW: "raw", CODEC_LZ4: "lz4", CODEC_ZSTD: "zstd", CODEC_GZIP_SPAN: "gzip-span"}
+CODEC_GZIP_MEMBER = 4
+CODEC_NAMES = {CODEC_RAW: "raw", CODEC_LZ4: "lz4", CODEC_ZSTD: "zstd", CODEC_GZIP_SPAN: "gzip-span",
+               CODEC_GZIP_MEMBER: "gzip-member"}
 SIDE_FORMAT_VERSION = "3"
+ESTARGZ_FORMAT_VERSION = "4"
 CODECS_OF_FORMAT: dict[str, frozenset[int]] = {
     "1": frozenset({CODEC_RAW, CODEC_LZ4}),
     "2": frozenset({CODEC_RAW, CODEC_LZ4, CODEC_ZSTD}),
     SIDE_FORMAT_VERSION: frozenset({CODEC_RAW, CODEC_GZIP_SPAN}),
+    ESTARGZ_FORMAT_VERSION: frozenset({CODEC_GZIP_MEMBER}),
 }
 """The codecs each index format version may use; the versions this lazyfs reads."""
 CODECS = frozenset({CODEC_RAW, CODEC_LZ4, CODEC_ZSTD})
 """Every codec a payload can be decoded from by itself (cache entries and peers' answers
-carry one of them); a gzip span needs its checkpoint too, which only the index has."""
+carry one of them); a gzip span needs its checkpoint too, which only the index has, and a
+gzip member is checked by its sha256 (format 4)."""
 
 ROOT_INO = 1
 
 
 def format_for(codecs: set[int] | frozenset[int]) -> str:
     """The lowest format version of a converted image whose codecs include all of
-    ``codecs`` (a side index is always ``SIDE_FORMAT_VERSION``)."""
+    ``codecs`` (a side index is always ``SIDE_FORMAT_VERSION``, an eStargz index
+    ``ESTARGZ_FORMAT_VERSION``)."""
     for version, allowed in sorted(CODECS_OF_FORMAT.items(), key=lambda kv: int(kv[0])):
-        if version == SIDE_FORMAT_VERSION:
+        if version in (SIDE_FORMAT_VERSION, ESTARGZ_FORMAT_VERSION):
             continue
         if codecs <= allowed:
             return version
@@ -72,7 +85,7 @@ def format_for(codecs: set[int] | frozenset[int]) -> str:
 
 
 InodeT = NewType("InodeT", int)
-ChunkDigest = NewType("ChunkDigest", bytes)  # 32 raw bytes of BLAKE3
+ChunkDigest = NewType("ChunkDigest", bytes)  # 32 raw bytes of BLAKE3 (sha256: CODEC_GZIP_MEMBER)
 
 # Media types of the layers in the OCI manifest of a converted image. containerd (1.6,
 # images.IsLayerType) treats only ``application/vnd.oci.image.layer.*`` (and Docker's layer

@@ -19,6 +19,9 @@ length codes, 95 with 19), so every residue 0-7 is reached (``PRIMERS``).
 
 A span that runs past the end of a gzip member (layers of concatenated members) goes on
 into the next member, its trailer skipped and header read by zlib.
+
+An eStargz chunk needs none of this: it starts a gzip member of its own, which inflates
+without a window (``inflate_member``).
 """
 
 from __future__ import annotations
@@ -183,3 +186,17 @@ def inflate_span(payload: bytes | memoryview, span: GzipSpan, size: int) -> byte
         assert inflater.error is not None
         raise inflater.error
     return inflater.read(span.skip, want)
+
+
+def inflate_member(payload: bytes | memoryview, size: int) -> bytes:
+    """The first ``size`` bytes that the gzip member at the start of ``payload`` inflates to
+    (an eStargz chunk: what follows them in the member, or in later members, is not
+    inflated); SpanError if it does not give them."""
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(payload, size)
+    except zlib.error as exc:
+        raise SpanError(f"the gzip member does not inflate ({exc})") from None
+    if len(out) < size:
+        raise SpanError(f"the gzip member inflates to {len(out)} bytes, expected {size}")
+    return out

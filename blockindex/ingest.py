@@ -92,7 +92,7 @@ def _apply_member(tree: Tree, spool: Spool, tf: tarfile.TarFile, ti: tarfile.Tar
         xattrs=_xattrs(ti),
     )
     if ti.issym():
-        node.target = _symlink_target(raw_name, _b(ti.linkname))
+        node.target = symlink_target(raw_name, _b(ti.linkname))
     elif ti.ischr() or ti.isblk():
         # Kept as metadata only: nothing is ever created on this host.
         if not (0 <= ti.devmajor <= MAX_MAJOR and 0 <= ti.devminor <= MAX_MINOR):
@@ -113,7 +113,7 @@ def _apply_member(tree: Tree, spool: Spool, tf: tarfile.TarFile, ti: tarfile.Tar
     tree.add(parts, node)
 
 
-def _symlink_target(name: bytes, target: bytes) -> bytes:
+def symlink_target(name: bytes, target: bytes) -> bytes:
     if not target or b"\0" in target or len(target) > MAX_TARGET:
         raise UnsafeImageError(
             f"symlink {name!r}: a target that is empty, holds a NUL or is over {MAX_TARGET} bytes")

@@ -6,7 +6,15 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .format import FORMAT_VERSION, SCHEMA, SIDE_FORMAT_VERSION, SIDE_SCHEMA, format_for
+from .format import (
+    CODEC_GZIP_MEMBER,
+    ESTARGZ_FORMAT_VERSION,
+    FORMAT_VERSION,
+    SCHEMA,
+    SIDE_FORMAT_VERSION,
+    SIDE_SCHEMA,
+    format_for,
+)
 
 
 class IndexWriter:
@@ -18,7 +26,8 @@ class IndexWriter:
     cache however many entries the image has; the file is a scratch copy, never synced).
     The ``format`` meta entry is the lowest version that has every codec of the chunks
     added (``format.format_for``), so an index without zstd chunks stays format 1. A side
-    index (``side``) has the checkpoints table too, and is format 3 whatever its codecs.
+    index (``side``) has the checkpoints table too, and is format 3 whatever its codecs; an
+    index of eStargz members is format 4.
     """
 
     def __init__(self, chunk_size: int, spill: str | Path | None = None, *, side: bool = False) -> None:
@@ -37,7 +46,11 @@ class IndexWriter:
 
     @property
     def format_version(self) -> str:
-        return SIDE_FORMAT_VERSION if self._side else format_for(self._codecs)
+        if self._side:
+            return SIDE_FORMAT_VERSION
+        if CODEC_GZIP_MEMBER in self._codecs:
+            return ESTARGZ_FORMAT_VERSION
+        return format_for(self._codecs)
 
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))

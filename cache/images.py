@@ -4,6 +4,8 @@ Under the cache root::
 
     manifests/<hex>        manifest bytes, named by their sha256
     indexes/<hex>          block index files, named by their sha256
+    built/<hex>            the digest of the index this node built from what <hex> hashes
+                           (an eStargz image's: its layers and their TOCs)
     refs/<quoted ref>      the manifest digest a reference last resolved to
     complete/<hex>         present once every chunk of that manifest's image is cached
     checked/<hex>          the version of the check that index passed here
@@ -52,13 +54,13 @@ class ImageStore:
         self.root = Path(root)
         claim(self.root)
         try:
-            for sub in ("manifests", "indexes", "refs", "complete", "checked", "layers"):
+            for sub in ("manifests", "indexes", "refs", "complete", "checked", "layers", "built"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CacheError(f"cache directory {self.root} is not usable: {exc.strerror}") from exc
         # temp files of dead writers; these directories hold a few files per image
         sweep_dead_temps([self.root / d for d in ("manifests", "indexes", "refs", "complete",
-                                                   "checked", "layers", "pins", "traces")])
+                                                   "checked", "layers", "built", "pins", "traces")])
 
     def _write(self, path: Path, data: bytes) -> None:
         try:
@@ -116,6 +118,22 @@ class ImageStore:
     def save_index(self, digest: str, data: bytes) -> Path:
         path = self.index_path(digest)
         self._write(path, data)
+        return path
+
+    def built_index(self, key: str) -> Path | None:
+        """The index this node built from what ``key`` (a sha256 digest) names, checked
+        against its digest; None when it built none (or it is gone)."""
+        try:
+            digest = (self.root / "built" / _hex(key)).read_text().strip()
+            _hex(digest)
+        except (OSError, ValueError):
+            return None
+        return self.verified_index(digest)
+
+    def save_built_index(self, key: str, digest: str, data: bytes) -> Path:
+        """Keep an index this node built (``data``, whose sha256 is ``digest``) under ``key``."""
+        path = self.save_index(digest, data)
+        self._write(self.root / "built" / _hex(key), digest.encode())
         return path
 
     def index_checked(self, digest: str, rules: str) -> bool:

@@ -1,5 +1,6 @@
 """Check every cache entry in full: its header and block checksums (xxh3), and that its
-bytes' BLAKE3 digest is its name (an entry of the earlier format counts as bad). A bad
+bytes' BLAKE3 digest is its name (or their sha256: an eStargz chunk's; an entry of the
+earlier format counts as bad). A bad
 entry is deleted (it is fetched again when needed) and every image that counted on it
 loses its ``complete`` marker.
 
@@ -15,7 +16,7 @@ import dataclasses
 import logging
 import os
 
-from blockindex.codec import chunk_digest
+from blockindex.codec import named_by
 
 from .entry import check_entry, entry_plain
 from .evict import unmark_complete
@@ -47,8 +48,8 @@ def entry_problem(store: ChunkStore, digest: bytes) -> str | None:
     problem = check_entry(data)
     if problem:
         return problem
-    if chunk_digest(entry_plain(data)) != digest:
-        return "wrong bytes (BLAKE3 digest mismatch)"
+    if not named_by(entry_plain(data), digest):
+        return "wrong bytes (digest mismatch)"
     return None
 
 

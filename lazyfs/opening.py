@@ -3,7 +3,9 @@
     opened = await open_image(ref, client, images, wait=30.0, peers=tier)
 
 The manifest comes from the registry (or, when it cannot be reached or the mount is
-offline, from what this node cached before). The index comes from the node's cache if it
+offline, from what this node cached before). An ordinary image is read through the index
+this node builds from its eStargz TOCs (``estargz.py``) when every layer names one, else
+through its side index (``sideindex.py``). The index comes from the node's cache if it
 is there; otherwise it is fetched once for the node (``cache.onefetch``), from its owner
 among the peers first, then the next owner, then the origin (``fetcher.blobroute``),
 streamed to disk, never more than its declared size, and checked against its digest
@@ -24,6 +26,7 @@ import trio
 
 from blockindex import format as fmt
 from blockindex.errors import ImageError
+from blockindex.estargz import is_estargz_image
 from blockindex.oci import check_digest
 from cache.errors import CacheError
 from cache.images import ImageStore
@@ -37,6 +40,7 @@ from fetcher.peers import PeerTier
 from fetcher.registry import RegistryClient
 
 from .errors import MountError, NotLazyImageError
+from .estargz import open_estargz
 from .sideindex import is_lazy_image, open_side_index
 
 log = logging.getLogger(__name__)
@@ -123,9 +127,15 @@ async def open_image(ref: ImageRef, client: RegistryClient | MirroredClient | No
         raise NotLazyImageError(f"{ref}: manifest is not JSON ({exc})") from exc
     if not isinstance(manifest, dict):
         raise NotLazyImageError(f"{ref}: manifest is not a JSON object")
-    if not is_lazy_image(manifest):  # an ordinary image: by its side index (``lazyfs index``)
+    if not is_lazy_image(manifest):  # an ordinary image: by its TOCs (eStargz) or side index
         if client is None or from_cache:
-            raise MountError(f"{ref} is an ordinary image, read by its side index: mount it online")
+            raise MountError(f"{ref} is an ordinary image, read by its side index or eStargz TOCs: "
+                             "mount it online")
+        if is_estargz_image(manifest):
+            with _within(3 * wait + 60, f"the eStargz TOCs of {ref}"):
+                built_digest, built_path, fetched = await open_estargz(client, ref, manifest, images)
+            return OpenedImage(digest, built_digest, built_path, False,
+                               index_source="origin" if fetched else "cache")
         with _within(3 * wait + 60, f"the side index of {ref}"):
             side_digest, side_path = await open_side_index(client, ref, digest, images)
         return OpenedImage(digest, side_digest, side_path, False, index_source="origin",

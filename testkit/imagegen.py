@@ -72,7 +72,7 @@ class RichImage:
 # The rich image
 
 
-def _rich_layers() -> list[list[Entry]]:
+def rich_layers() -> list[list[Entry]]:
     rng = random.Random(20231114)
     random_bin = rng.randbytes(5 * 2**20 + 123)  # incompressible, not chunk aligned
     shared_bin = rng.randbytes(3 * 2**19 + 7)  # 1.5 MiB, identical in both layers
@@ -173,7 +173,7 @@ def build_rich_image(out: Path) -> RichImage:
     """Write the two-layer docker-archive covering every case the converter and mount must
     handle (layer 2 gzip-compressed) and return it with the merged tree it must produce."""
     out = Path(out)
-    layers = _rich_layers()
+    layers = rich_layers()
     tars = [write_tar(layer) for layer in layers]
     write_docker_archive(out, tars, gzip_layers={1}, repo_tag="rich:1")
     return RichImage(path=out, format="docker-archive", expected=merge(layers))

@@ -65,7 +65,7 @@ def pax_time_ns(value: str) -> int:
     return int(whole) * NS + int((frac + "000000000")[:9] or "0")
 
 
-def _tarinfo(e: Entry) -> tarfile.TarInfo:
+def tarinfo_of(e: Entry) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(e.path.decode("utf-8", "surrogateescape"))
     ti.mode = e.perm
     ti.uid, ti.gid = e.uid, e.gid
@@ -105,7 +105,7 @@ def write_tar(entries: Iterable[Entry]) -> bytes:
             if e.kind == "hardlink" and e.target not in seen:
                 raise ValueError(f"hard link {e.path!r} precedes its target {e.target!r}")
             seen.add(e.path)
-            ti = _tarinfo(e)
+            ti = tarinfo_of(e)
             tf.addfile(ti, io.BytesIO(e.data) if e.kind == "file" else None)
     return buf.getvalue()
 

@@ -36,7 +36,7 @@ def registry(tmp_path):
 
 def _second_image(path, tag: str) -> None:
     """An image on the rich image's base layer with a different top layer."""
-    tars = [tarwriter.write_tar(layer) for layer in imagegen._rich_layers()]
+    tars = [tarwriter.write_tar(layer) for layer in imagegen.rich_layers()]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         data = b"version two\n" * 1000
@@ -122,7 +122,7 @@ def test_zstd_layers_and_image_index_with_platform(registry, rich, tmp_path):
     # an image index with two platforms: the host's by default, --platform to choose
     lay = Layout(tmp_path / "multi")
     lay.init()
-    layer = lay.write_blob(tarwriter.write_tar(imagegen._rich_layers()[0]),
+    layer = lay.write_blob(tarwriter.write_tar(imagegen.rich_layers()[0]),
                            "application/vnd.oci.image.layer.v1.tar")
     descs = []
     for arch in ("amd64", "arm64"):

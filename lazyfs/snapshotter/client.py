@@ -9,9 +9,11 @@ per layer through the ``lazyfs`` snapshotter with the CRI labels, which the snap
 answers as already present (a remote snapshot), and creates the image record. ``ctr run``
 then finds the image unpacked and starts a container over the lazy mount.
 
-An ordinary image (not converted) is pulled the same way when a side index is attached to
-it (``lazyfs index``): the snapshotter's mount reads its layers through that index. One
-without a side index is refused (``NotLazyImageError``), for ``ctr image pull`` to pull whole.
+An ordinary image (not converted) is pulled the same way when its layers are eStargz (each
+names its TOC digest) or a side index is attached to it (``lazyfs index``): the
+snapshotter's mount reads its layers through the index it builds from their TOCs, or through
+the side index. Any other is refused (``NotLazyImageError``), for ``ctr image pull`` to
+pull whole.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import grpc
 import trio
 
 from blockindex import format as fmt
+from blockindex.estargz import is_estargz_image
 from fetcher.imageref import ImageRef
 from fetcher.manifests import resolve_image_manifest
 from fetcher.referrers import find_referrers
@@ -70,6 +73,7 @@ def _fetch(ref: ImageRef) -> tuple[bytes, str, str, bytes]:
             m = await resolve_image_manifest(client, ref)
             manifest = json.loads(m.data)
             if (manifest.get("annotations") or {}).get(fmt.ARTIFACT_ANNOTATION) is None \
+                    and not is_estargz_image(manifest) \
                     and not await find_referrers(client, m.digest, fmt.MEDIA_TYPE_SIDE_INDEX):
                 raise NotLazyImageError(f"{ref} is not a lazyfs image and has no side index (pull it "
                                         f"with ctr image pull, or attach one: lazyfs index docker://{ref})")
