@@ -87,6 +87,11 @@ class Registry:
         return [uri for method, uri, status in self.requests()
                 if method == "GET" and "/blobs/sha256" in uri]
 
+    def blob_file(self, digest: str) -> Path:
+        """Where the registry stores blob ``digest`` (to alter it under a test's feet)."""
+        hexd = digest.removeprefix("sha256:")
+        return self.dir / "data/docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
+
     def stop(self) -> None:
         stop_process(self.proc)
         self._log.close()

@@ -22,6 +22,7 @@ from blockindex.oci import MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json  # no
 from lazyfs.process import wait_exited  # noqa: E402
 from lazyfs.serve import ServerHandle, make_server  # noqa: E402
 from testkit import imagegen  # noqa: E402
+from testkit.registryd import Registry  # noqa: E402
 from testkit.waiting import wait_until  # noqa: E402
 
 
@@ -233,3 +234,11 @@ def quick_suite(tmp_path_factory) -> QuickSuite:
     done = subprocess.run([str(ROOT / "bench" / "run"), "--no-setup", "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=1200, cwd=ROOT)
     return QuickSuite(done, out)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """Debian's docker-registry on loopback, stopped after the test (``testkit.registryd``)."""
+    r = Registry(tmp_path)
+    yield r
+    r.stop()

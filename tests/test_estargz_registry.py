@@ -38,21 +38,9 @@ def rich():
     return [write_estargz(layer, chunk_size=CHUNK) for layer in layers], merge(layers)
 
 
-@pytest.fixture
-def registry(tmp_path):
-    r = Registry(tmp_path)
-    yield r
-    r.stop()
-
-
 def _index(cache: Path) -> IndexReader:
     [path] = (cache / "indexes").iterdir()
     return IndexReader(path)
-
-
-def _blob_file(registry: Registry, digest: str) -> Path:
-    hexd = digest.removeprefix("sha256:")
-    return registry.dir / "data/docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
 
 
 def _blob_bytes(registry: Registry, since: int) -> int:
@@ -92,7 +80,7 @@ def test_an_altered_member_is_eio_and_not_cached(registry, rich, mounts, tmp_pat
     index = _index(tmp_path / "c1")
     chunk = index.chunks_of(index.lookup(index.lookup(1, b"data").ino, b"random.bin").ino)[2]
     mounts.unmount_all()
-    blob = _blob_file(registry, chunk.blob.digest)
+    blob = registry.blob_file(chunk.blob.digest)
     data = bytearray(blob.read_bytes())
     data[chunk.offset + chunk.size // 2] ^= 0x55  # random bytes: a stored block's, within its member
     blob.write_bytes(data)

@@ -13,7 +13,7 @@ import pytest
 from blockindex.oci import MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, Layout, canonical_json
 from lazyfs.convert import convert
 from testkit import imagegen, tarwriter, treecompare
-from testkit.registryd import Registry, needs_registry
+from testkit.registryd import needs_registry
 
 from .conftest import lazyfs
 
@@ -25,13 +25,6 @@ CS = 64 << 10
 def rich(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("regrich")
     return imagegen.build_rich_image(tmp / "rich.tar")
-
-
-@pytest.fixture
-def registry(tmp_path):
-    r = Registry(tmp_path)
-    yield r
-    r.stop()
 
 
 def _second_image(path, tag: str) -> None:

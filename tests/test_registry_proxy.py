@@ -11,19 +11,12 @@ import urllib.parse
 import pytest
 
 from testkit import imagegen, treecompare
-from testkit.registryd import Registry, needs_registry
+from testkit.registryd import needs_registry
 
 from .conftest import lazyfs
 from .proxyd import Tinyproxy, needs_tinyproxy
 
 pytestmark = [needs_registry, needs_tinyproxy]
-
-
-@pytest.fixture
-def registry(tmp_path):
-    r = Registry(tmp_path)
-    yield r
-    r.stop()
 
 
 @pytest.fixture

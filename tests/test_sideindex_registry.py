@@ -32,13 +32,6 @@ def rich(tmp_path_factory):
     return imagegen.build_rich_image(tmp_path_factory.mktemp("siderich") / "rich.tar")
 
 
-@pytest.fixture
-def registry(tmp_path):
-    r = Registry(tmp_path)
-    yield r
-    r.stop()
-
-
 def _index(registry: Registry, rich) -> str:
     registry.skopeo_copy(f"docker-archive:{rich.path}", "app:1")
     done = lazyfs("index", f"docker://{registry.host}/app:1", "--chunk-size", "64K", "--spacing", "64K")
@@ -49,11 +42,6 @@ def _index(registry: Registry, rich) -> str:
 def _side_index(cache: Path) -> IndexReader:
     [path] = (cache / "indexes").iterdir()
     return IndexReader(path)
-
-
-def _blob_file(registry: Registry, digest: str) -> Path:
-    hexd = digest.removeprefix("sha256:")
-    return registry.dir / "data/docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data"
 
 
 def test_indexed_image_mounts_lazily_as_it_is(registry, rich, mounts):
@@ -88,7 +76,7 @@ def test_an_altered_span_is_eio_and_not_cached(registry, rich, mounts, tmp_path)
     chunk = index.chunks_of(ino)[2]
     assert chunk.codec == CODEC_GZIP_SPAN
     mounts.unmount_all()
-    blob = _blob_file(registry, chunk.blob.digest)
+    blob = registry.blob_file(chunk.blob.digest)
     data = bytearray(blob.read_bytes())
     # random bytes are stored blocks: this byte is the chunk's own (past its checkpoint's
     # window of output, inside its range), so it comes out wrong rather than not at all
@@ -161,7 +149,7 @@ def test_a_neighbour_altered_in_the_registry_fails_only_itself(registry, mounts,
     app = index.lookup(1, b"app").ino
     [bad] = index.chunks_of(index.lookup(app, b"g.bin").ino)
     mounts.unmount_all()
-    blob = _blob_file(registry, bad.blob.digest)
+    blob = registry.blob_file(bad.blob.digest)
     data = bytearray(blob.read_bytes())
     at = data.index(files["g.bin"][20_000:20_032])  # a stored byte of g.bin, in the blob
     data[at] ^= 0x55

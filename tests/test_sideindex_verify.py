@@ -29,7 +29,7 @@ from testkit.registryd import Registry, needs_registry
 from testkit.waiting import wait_until
 
 from .conftest import lazyfs
-from .test_sideindex_registry import _blob_file, _index, _layer_reads, _side_index, _small_files_image
+from .test_sideindex_registry import _index, _layer_reads, _side_index, _small_files_image
 
 pytestmark = [needs_registry, pytest.mark.mount]
 
@@ -37,13 +37,6 @@ pytestmark = [needs_registry, pytest.mark.mount]
 @pytest.fixture(scope="module")
 def rich(tmp_path_factory):
     return imagegen.build_rich_image(tmp_path_factory.mktemp("siderich") / "rich.tar")
-
-
-@pytest.fixture
-def registry(tmp_path):
-    r = Registry(tmp_path)
-    yield r
-    r.stop()
 
 
 def _lying_index(registry: Registry, honest: Path, out: Path) -> dict[bytes, bytes]:
@@ -63,7 +56,7 @@ def _lying_index(registry: Registry, honest: Path, out: Path) -> dict[bytes, byt
     try:
         for c in index.all_chunks():
             assert c.codec == CODEC_GZIP_SPAN and c.span is not None
-            layer = _blob_file(registry, c.blob.digest).read_bytes()
+            layer = registry.blob_file(c.blob.digest).read_bytes()
             plain = inflate_span(layer[c.offset : c.offset + c.stored_size], c.span, c.size)
             lying = chunk_digest(plain)
             if lying != c.digest:
