@@ -74,7 +74,7 @@ def test_race_hedges_down_the_chain_and_the_first_success_wins():
 def test_race_without_budget_moves_on_at_failures_and_at_last_by():
     async def main():
         return await race([_after(1.0, "owner", fail=True), _after(100, "next"), _after(0.001, "origin")],
-                          0.05, take_hedge=lambda: False, last_by=5.0)
+                          0.05, take_hedge=lambda stalled: False, last_by=5.0)
 
     won = _run(main)
     assert won.value == ("origin", pytest.approx(5.001)) and won.winner == 2
