@@ -71,6 +71,7 @@ from fetcher.peerwire import (
     peer_url,
 )
 from fetcher.registry import RegistryClient
+from fetcher.transport import prepare as prepare_clients
 from fetcher.verify import stored_payload
 
 from .errors import ExitCode, UserError
@@ -384,6 +385,7 @@ async def run_peer(cache_dir: Path, host: str, port: int, token: str, *, fetch_t
     store = ChunkStore(cache_dir)
     images = ImageStore(cache_dir)
     keeper = CacheKeeper(store, images, cache_size)
+    await trio.to_thread.run_sync(prepare_clients)  # not on the loop at the first request
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keeper.run)
         origins = OriginPool(nursery, store, timeout=fetch_timeout, insecure=insecure)
