@@ -210,7 +210,7 @@ class ChunkServer:
         self._blobs = BlobServer(images, origins, fetch_timeout=config.fetch_deadline,
                                  io=self._io) if images is not None else None
         self._batches = BatchServer(lambda c, repo: self._serve(c.digest, c, repo), self.stats,
-                                    deadline=config.fetch_deadline)
+                                    deadline=config.fetch_deadline, cached=self._had)
         self._connections = Connections(self._answer, config, self.stats)
 
     listen_on = staticmethod(listen)
@@ -354,6 +354,11 @@ class ChunkServer:
                 raise Refused(502, f"cannot fetch chunk {digest.hex()[:16]}: {exc}") from None
             return chunk.codec, chunk.size, payload
         raise Refused(502, f"chunk {digest.hex()[:16]} not fetched in {self.config.fetch_deadline:g}s")
+
+    async def _had(self, chunk: Chunk) -> tuple[int, int, bytes] | None:
+        """``chunk`` as ``_serve`` gives it, if the node cache holds it; else None."""
+        entry = await self._load(chunk.digest, chunk)
+        return entry if entry is not None and entry[1] == chunk.size else None
 
     async def _load(self, digest: bytes, chunk: Chunk | None) -> tuple[int, int, bytes] | None:
         path = self.store.path(digest)
