@@ -69,12 +69,17 @@ class FetchStats:
     peer_failures: int = 0
     peer_integrity_failures: int = 0
     hedged: int = 0
-    """Hedges: requests sent to the next owner or the origin because the one before was
-    slower than the hedge delay (failures move on too, but are not counted here)."""
+    """Hedges: requests sent to the next owner or the origin because the one before had
+    not answered within the hedge delay, nor sent a frame of its batch (failures and
+    stalls move on too, but are not counted here)."""
     peer_requests: int = 0
     """Demand chunks asked of a peer first (the hedge budget is a fraction of these)."""
     hedge_wins: int = 0
     """Chunks answered first by a hedged request."""
+    stalled: int = 0
+    """Chunks sent on to the next source because their peer's batch had begun answering
+    and then sent no frame for the hedge delay (not counted in ``hedged`` nor against
+    its budget: a stall is taken as a failure, though its answer may still win)."""
     origin_after_peers: int = 0
     """Chunks asked of the origin after their peers failed or were slow."""
     neighbours: int = 0

@@ -2,7 +2,7 @@
 same time go as one batch (``POST /v1/chunks``, ``peerwire``), not one request each.
 
     batcher = PeerBatcher(client, nursery, deadline=10.0)
-    payload = await batcher.fetch(peer, chunk, repository, background=False)
+    payload = await batcher.fetch(peer, chunk, repository, background=False, pulse=pulse)
 
 Each ``fetch`` is one chunk's attempt (``peerroute``), and stays one: it joins the batch
 being gathered for that peer (same repository, demand or background), which is sent once
@@ -14,6 +14,12 @@ own, so a peer that lies about one chunk fails that chunk alone. A frame announc
 bytes than its chunk has, a chunk not asked for, or an answer cut short fails the chunks
 not yet answered (their callers go on to the next source); the bytes of the chunks
 already answered stay good.
+
+Each frame that arrives beats the ``race.Pulse`` of every caller still waiting in its
+batch: an owner that streams a large batch slowly but steadily is alive, and its late
+chunks are not hedged to the origin (``race``); one that falls silent is. A batch may
+take ``deadline`` for a single chunk and up to twice that for a full one
+(``bound``), so that one trickling a byte at a time still ends.
 
 Background batches go at most ``background_requests`` at once (the prefetcher's share of
 the peers), and only while no read waits for a fetch (the fetcher's ``DemandGate``);
@@ -37,6 +43,7 @@ from .errors import DeadlineError, FetchError, ServerError
 from .http1 import StreamReader
 from .peers import PeerClient
 from .peerwire import END, FRAME, MAX_BATCH_BYTES, MAX_BATCH_CHUNKS, OK
+from .race import Pulse
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ workers ask for their next chunks as each finishes a batch, a few milliseconds a
 
 
 class _Slot:
-    __slots__ = ("chunk", "event", "payload", "error", "waiting")
+    __slots__ = ("chunk", "event", "payload", "error", "waiting", "pulses")
 
     def __init__(self, chunk: Chunk) -> None:
         self.chunk = chunk
@@ -57,6 +64,8 @@ class _Slot:
         self.payload: bytearray | None = None
         self.error: FetchError | None = None
         self.waiting = 0
+        self.pulses: list[Pulse] = []
+        """Those of the callers waiting for it (beaten at each frame of its batch)."""
 
     def settle(self, answer: bytearray | FetchError) -> None:
         if self.event.is_set():
@@ -113,10 +122,16 @@ class PeerBatcher:
         self.requests = 0
         """Requests sent to peers (a batch of one is a plain GET)."""
 
+    def bound(self, stored: int) -> float:
+        """Seconds a batch of ``stored`` bytes may take in all: ``deadline``, plus as much
+        again for a full batch (``MAX_BATCH_BYTES``) in proportion to its bytes."""
+        return self._deadline * (1 + min(stored, MAX_BATCH_BYTES) / MAX_BATCH_BYTES)
+
     async def fetch(self, peer: str, chunk: Chunk, repository: str | None, *,
-                    background: bool = False) -> bytearray:
+                    background: bool = False, pulse: Pulse | None = None) -> bytearray:
         """The stored payload of ``chunk`` from ``peer`` (unverified), as ``PeerClient.fetch``
-        gives it; ``repository`` None asks the peer's cache alone."""
+        gives it; ``repository`` None asks the peer's cache alone. ``pulse`` is beaten
+        at each frame of the batch it goes in while it waits."""
         if chunk.codec not in CODECS or chunk.stored_size > MAX_BATCH_BYTES:
             self.requests += 1  # a gzip span (the peer cannot check it) or a huge chunk: alone
             return await self._client.fetch(peer, chunk, repository)
@@ -125,12 +140,16 @@ class PeerBatcher:
         slot = batch.add(chunk)
         self._close_if_full(key, batch)
         slot.waiting += 1
+        if pulse is not None:
+            slot.pulses.append(pulse)
         if background:
             self._prefetching[chunk.digest] = (key, batch, slot)
         try:
             await slot.event.wait()
         finally:
             slot.waiting -= 1
+            if pulse is not None:
+                slot.pulses.remove(pulse)
             if background and self._prefetching.get(chunk.digest, (None, None, None))[2] is slot:
                 del self._prefetching[chunk.digest]
         if slot.error is not None:
@@ -197,16 +216,17 @@ class PeerBatcher:
             log.debug("asking peer %s for %d chunks (%s)", peer, len(slots),
                       "prefetch" if background else "reads")
             self.requests += 1
+            bound = self.bound(sum(s.chunk.stored_size for s in slots))
             try:
-                with trio.fail_after(self._deadline):
+                with trio.fail_after(bound):
                     if len(slots) == 1:
                         slots[0].settle(await self._client.fetch(peer, slots[0].chunk, repository))
                     else:
-                        await self._batch(peer, slots, repository, background)
+                        await self._batch(peer, slots, repository, background, bound)
             except FetchError as exc:
                 error: FetchError = exc
             except trio.TooSlowError:
-                error = DeadlineError(f"peer {peer} did not answer within {self._deadline:g}s")
+                error = DeadlineError(f"peer {peer} did not answer {len(slots)} chunks within {bound:g}s")
             except Exception as exc:  # a bug must fail these chunks, never the mount
                 log.exception("unexpected error asking peer %s for %d chunks", peer, len(slots))
                 error = FetchError(f"unexpected error asking peer {peer}: {exc!r}")
@@ -215,26 +235,36 @@ class PeerBatcher:
             for s in slots:
                 s.settle(error)
 
-    async def _batch(self, peer: str, slots: list[_Slot], repository: str | None, background: bool) -> None:
+    async def _batch(self, peer: str, slots: list[_Slot], repository: str | None, background: bool,
+                     bound: float) -> None:
         by_digest = {s.chunk.digest: s for s in slots}
+
+        def heard() -> None:  # a frame came: every caller still waiting in it is alive
+            for s in slots:
+                if not s.event.is_set():
+                    for p in s.pulses:
+                        p.beat()
 
         async def read(reader: StreamReader) -> None:
             await read_frames(peer, [s.chunk for s in slots], reader,
-                              lambda c, answer: by_digest[c.digest].settle(answer))
+                              lambda c, answer: by_digest[c.digest].settle(answer), heard)
 
         await self._client.fetch_batch(peer, [s.chunk for s in slots], repository, read,
-                                       deadline=trio.current_time() + self._deadline, prefetch=background)
+                                       deadline=trio.current_time() + bound, prefetch=background)
 
 
 async def read_frames(peer: str, chunks: Sequence[Chunk], reader: StreamReader,
-                      on_chunk: Callable[[Chunk, bytearray | FetchError], object]) -> None:
+                      on_chunk: Callable[[Chunk, bytearray | FetchError], object],
+                      heard: Callable[[], object] = lambda: None) -> None:
     """Hand each chunk of a batch answer to ``on_chunk`` as its frame arrives: its payload,
-    or the error the peer gave for it. ``ServerError`` for a frame that cannot be right
-    (more bytes than the chunk has, a chunk not asked for or sent twice): the rest of
-    the answer cannot be trusted to be framed."""
+    or the error the peer gave for it; ``heard()`` at each frame's head and end.
+    ``ServerError`` for a frame that cannot be right (more bytes than the chunk has, a
+    chunk not asked for or sent twice): the rest of the answer cannot be trusted to be
+    framed."""
     wanted = {c.digest: c for c in chunks}
     while True:
         digest, status, _codec, _size, length = FRAME.unpack(await reader.exactly(FRAME.size))
+        heard()
         if status == END:
             return
         c = wanted.pop(ChunkDigest(digest), None)
@@ -249,4 +279,6 @@ async def read_frames(peer: str, chunks: Sequence[Chunk], reader: StreamReader,
         if length > c.stored_size:  # never read more than the chunk: a failed source
             raise ServerError(f"peer {peer} announced {length} bytes for chunk {c.hexdigest[:16]} "
                               f"of {c.stored_size}")
-        on_chunk(c, await reader.exactly(length))  # a short one fails its check, alone
+        payload = await reader.exactly(length)  # a short one fails its check, alone
+        heard()
+        on_chunk(c, payload)

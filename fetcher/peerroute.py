@@ -3,9 +3,13 @@
 With a peer tier (``peers.PeerTier``), a chunk owned by another node is asked of that
 node first, then of the next owner in rendezvous order, then of the origin: each one
 when the ones before have failed (down, busy, wrong bytes) or, for a demand read, have
-not answered within the hedge delay (a hedged request, within a budget); the first
-verified answer wins (``race.race``). A peer never fails a read: the origin is always
-asked last, early enough to answer within the read's deadline.
+been silent for the hedge delay; the first verified answer wins (``race.race``). Silent
+is counted from the last frame of the chunk's batch (``peerbatch``), not from its start:
+an owner busy streaming a large batch is alive, and its late chunks are waited for. A
+peer that has not answered yet is hedged within a budget (it may be fetching from the
+origin for the whole cluster); a batch that had answered and then stopped (stalled) has
+its remaining chunks sent on to the next source at once. A peer never fails a read: the
+origin is always asked last, early enough to answer within the read's deadline.
 
     route = PeerRoute(tier, stats, verifier, gate, origin, deadline=30.0)
     plain, payload = await route.demand(chunk, asks, speculative=False)
@@ -33,8 +37,8 @@ from .errors import AuthError, DeadlineError, FetchError, IntegrityError, Unreac
 from .gate import DemandGate
 from .peerbatch import PeerBatcher
 from .peers import PeerIsSelf, PeerTier
-from .peerwire import MAX_BATCH_CHUNKS
-from .race import race
+from .peerwire import MAX_BATCH_BYTES, MAX_BATCH_CHUNKS
+from .race import Pulse, race
 from .verify import Verified, Verifier
 
 log = logging.getLogger(__name__)
@@ -85,26 +89,31 @@ class PeerRoute:
             return [(holder, True)]
         return None
 
-    def _attempts(self, c: Chunk, asks: Asks, background: bool) -> list[Callable[[], Awaitable[Verified]]]:
-        def from_peer(peer: str, cache_only: bool) -> Callable[[], Awaitable[Verified]]:
+    def _attempts(self, c: Chunk, asks: Asks, background: bool,
+                  pulses: list[Pulse] | None = None) -> list[Callable[[], Awaitable[Verified]]]:
+        def from_peer(i: int, peer: str, cache_only: bool) -> Callable[[], Awaitable[Verified]]:
             async def attempt() -> Verified:
-                return await self.ask(c, peer, cache_only, background=background)
+                return await self.ask(c, peer, cache_only, background=background,
+                                      pulse=pulses[i] if pulses else None)
             return attempt
 
         async def from_origin() -> Verified:
             self._stats.origin_after_peers += 1
             return await self._origin(c, background)
 
-        return [from_peer(peer, cache_only) for peer, cache_only in asks] + [from_origin]
+        return [from_peer(i, peer, cache_only) for i, (peer, cache_only) in enumerate(asks)] + [from_origin]
 
     async def demand(self, c: Chunk, asks: Asks, *, speculative: bool = False) -> Verified:
-        """The chunk for a reader: each next source is asked when the ones before failed
-        or (a hedge, within the budget) are slower than the hedge delay; ``speculative``
-        (readahead) waits five hedge delays, so that guesses do not add to the origin's
-        load. Background work gives way meanwhile (``gate``)."""
+        """The chunk for a reader: each next source is asked when the ones before failed,
+        stalled, or (a hedge, within the budget) have not answered within the hedge delay;
+        ``speculative`` (readahead) waits five hedge delays, so that guesses do not add to
+        the origin's load. Background work gives way meanwhile (``gate``)."""
         peers = self.tier.peers
 
-        def take_hedge() -> bool:
+        def take_hedge(stalled: bool) -> bool:
+            if stalled:  # its batch answered, then stopped: no budget, as for a failure
+                self._stats.stalled += 1
+                return True
             if not peers.may_hedge(self._stats.hedged, self._stats.peer_requests):
                 return False
             self._stats.hedged += 1
@@ -116,7 +125,9 @@ class PeerRoute:
             self._stats.peer_requests += 1
             # the origin starts early enough to answer within the read's deadline
             last_by = min(peers.config.request_deadline, self._deadline / 2)
-            won = await race(self._attempts(c, asks, False), delay, take_hedge=take_hedge, last_by=last_by)
+            pulses = [Pulse() for _ in asks]
+            won = await race(self._attempts(c, asks, False, pulses), delay, take_hedge=take_hedge,
+                             last_by=last_by, pulses=pulses)
         self._stats.hedge_wins += won.hedged
         return won.value
 
@@ -134,20 +145,24 @@ class PeerRoute:
         if self._batcher is not None:
             self._batcher.hurry(digest)
 
-    async def ask(self, c: Chunk, peer: str, cache_only: bool, *, background: bool = False) -> Verified:
-        """The verified chunk from one peer. A peer that is down is put on backoff; one
-        that sends wrong bytes is logged and avoided; either way a ``FetchError``."""
+    async def ask(self, c: Chunk, peer: str, cache_only: bool, *, background: bool = False,
+                  pulse: Pulse | None = None) -> Verified:
+        """The verified chunk from one peer (``pulse`` beaten at each frame of its batch). A
+        peer that is down is put on backoff; one that sends wrong bytes is logged and
+        avoided; either way a ``FetchError``."""
         tier = self.tier
         started = time.monotonic()
+        # the chunk's batch ends by its own bound, longer than one request's for more bytes
+        limit = (self._batcher.bound(MAX_BATCH_BYTES) if self._batcher
+                 else tier.peers.config.request_deadline)
         try:
-            with trio.move_on_after(tier.peers.config.request_deadline) as scope:
+            with trio.move_on_after(limit) as scope:
                 repository = None if cache_only else tier.repository
-                received = await (self._batcher.fetch(peer, c, repository, background=background)
+                received = await (self._batcher.fetch(peer, c, repository, background=background, pulse=pulse)
                                   if self._batcher else tier.client.fetch(peer, c, repository))
             if scope.cancelled_caught:
                 self._stats.timeouts += 1
-                raise DeadlineError(f"peer {peer} sent no answer within "
-                                    f"{tier.peers.config.request_deadline:g}s")
+                raise DeadlineError(f"peer {peer} sent no answer within {limit:g}s")
         except (UnreachableError, AuthError) as exc:
             self._stats.peer_failures += 1
             tier.peers.mark_down(peer, exc)

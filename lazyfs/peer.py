@@ -71,6 +71,7 @@ from fetcher.peerwire import (
     peer_url,
 )
 from fetcher.registry import RegistryClient
+from fetcher.transport import prepare as prepare_clients
 from fetcher.verify import stored_payload
 
 from .errors import ExitCode, UserError
@@ -209,7 +210,7 @@ class ChunkServer:
         self._blobs = BlobServer(images, origins, fetch_timeout=config.fetch_deadline,
                                  io=self._io) if images is not None else None
         self._batches = BatchServer(lambda c, repo: self._serve(c.digest, c, repo), self.stats,
-                                    deadline=config.fetch_deadline)
+                                    deadline=config.fetch_deadline, cached=self._had)
         self._connections = Connections(self._answer, config, self.stats)
 
     listen_on = staticmethod(listen)
@@ -354,6 +355,11 @@ class ChunkServer:
             return chunk.codec, chunk.size, payload
         raise Refused(502, f"chunk {digest.hex()[:16]} not fetched in {self.config.fetch_deadline:g}s")
 
+    async def _had(self, chunk: Chunk) -> tuple[int, int, bytes] | None:
+        """``chunk`` as ``_serve`` gives it, if the node cache holds it; else None."""
+        entry = await self._load(chunk.digest, chunk)
+        return entry if entry is not None and entry[1] == chunk.size else None
+
     async def _load(self, digest: bytes, chunk: Chunk | None) -> tuple[int, int, bytes] | None:
         path = self.store.path(digest)
         try:
@@ -384,6 +390,7 @@ async def run_peer(cache_dir: Path, host: str, port: int, token: str, *, fetch_t
     store = ChunkStore(cache_dir)
     images = ImageStore(cache_dir)
     keeper = CacheKeeper(store, images, cache_size)
+    await trio.to_thread.run_sync(prepare_clients)  # not on the loop at the first request
     async with trio.open_nursery() as nursery:
         nursery.start_soon(keeper.run)
         origins = OriginPool(nursery, store, timeout=fetch_timeout, insecure=insecure)

@@ -13,6 +13,8 @@ that cannot be had is a ``MISSING`` (404) or ``FAILED`` frame, and the rest of t
 goes on. A batch holds one of the server's request slots while it runs, fetches at most
 ``FETCHES_PER_BATCH`` chunks at once (prefetch batches: ``PREFETCH_FETCHES`` for all of
 them), and sends what it has by ``deadline``: chunks not had by then are ``FAILED`` frames.
+Chunks the node cache holds (``cached``) are read without waiting for those limits: an
+owner's cache hits must not queue behind its origin fetches for other nodes.
 """
 
 from __future__ import annotations
@@ -48,13 +50,18 @@ class Refused(Exception):
 
 Serve = Callable[[Chunk, "str | None"], Awaitable[tuple[int, int, "bytes | memoryview"]]]
 """One chunk's ``(codec, size, stored payload)`` for a peer, or ``Refused``."""
+Cached = Callable[[Chunk], Awaitable["tuple[int, int, bytes | memoryview] | None"]]
+"""The same from the node cache alone, or None."""
 
 
 class BatchServer:
-    """Answers batches with ``serve``, counting in ``stats`` (``PeerServerStats``)."""
+    """Answers batches with ``cached``, else ``serve``, counting in ``stats``
+    (``PeerServerStats``)."""
 
-    def __init__(self, serve: Serve, stats: BatchCounts, *, deadline: float) -> None:
+    def __init__(self, serve: Serve, stats: BatchCounts, *, deadline: float,
+                 cached: Cached | None = None) -> None:
         self._serve = serve
+        self._cached = cached
         self._stats = stats
         self._deadline = deadline
         self._prefetch = trio.CapacityLimiter(PREFETCH_FETCHES)
@@ -87,17 +94,21 @@ class BatchServer:
         answered: set[bytes] = set()
 
         async def one(c: Chunk) -> None:
-            async with limit:
-                try:
-                    codec, size, payload = await self._serve(c, repo)
-                except Refused as exc:
-                    if exc.status == 404:
-                        stats.not_found += 1
-                    else:
-                        stats.errors += 1
-                    answered.add(c.digest)
-                    out.send_nowait(frame(c.digest, MISSING if exc.status == 404 else FAILED))
-                    return
+            had = await self._cached(c) if self._cached is not None else None
+            if had is not None:
+                codec, size, payload = had
+            else:
+                async with limit:
+                    try:
+                        codec, size, payload = await self._serve(c, repo)
+                    except Refused as exc:
+                        if exc.status == 404:
+                            stats.not_found += 1
+                        else:
+                            stats.errors += 1
+                        answered.add(c.digest)
+                        out.send_nowait(frame(c.digest, MISSING if exc.status == 404 else FAILED))
+                        return
             stats.chunks_served += 1
             stats.bytes_served += len(payload)
             answered.add(c.digest)

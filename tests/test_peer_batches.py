@@ -157,3 +157,53 @@ def test_a_frame_longer_than_its_chunk_fails_the_rest_of_the_answer_unread():
 
     trio.run(main)
     assert got == {a: payload(a)}
+
+
+def test_an_owner_sends_what_it_has_cached_while_its_origin_fetches_are_held_up():
+    """Prefetch batches share a few origin fetches at a server (``PREFETCH_FETCHES``): with
+    all of them held up by a slow origin, a batch of chunks the node cache holds is still
+    answered at once, not queued behind them."""
+    import trio
+    import trio.testing
+
+    from fetcher.peerwire import FRAME, batch_body
+    from lazyfs.peer import PeerServerStats
+    from lazyfs.peerbatch import PREFETCH_FETCHES, BatchServer
+
+    from .fakes import make_blob
+
+    _, chunks, raw = make_blob([bytes([i]) * 3000 for i in range(PREFETCH_FETCHES + 4)])
+    slow, have = chunks[:PREFETCH_FETCHES], chunks[PREFETCH_FETCHES:]
+
+    def payload(c):
+        return c.codec, c.size, raw[c.offset : c.offset + c.stored_size]
+
+    held = {c.digest for c in have}
+
+    async def serve(c, repo):  # as the chunk server's: the cache, else an hour at the origin
+        if c.digest not in held:
+            await trio.sleep(3600)
+        return payload(c)
+
+    async def cached(c):
+        await trio.lowlevel.checkpoint()
+        return payload(c) if c.digest in held else None
+
+    answered = {}
+
+    async def main():
+        server = BatchServer(serve, PeerServerStats(), deadline=7200, cached=cached)
+        async with trio.open_nursery() as nursery:
+            for name, asked in (("slow", slow), ("have", have)):
+                async def send(pieces, name=name):
+                    head = bytes(pieces[0])[: FRAME.size]
+                    if FRAME.unpack(head)[0] != bytes(32):  # not the END frame
+                        answered.setdefault(name, []).append(trio.current_time())
+
+                answer = server.answer(batch_body(asked, "reg/app", True))
+                nursery.start_soon(answer.stream, send)
+                await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert answered == {"have": [1.0] * len(have)}

@@ -74,7 +74,7 @@ def test_race_hedges_down_the_chain_and_the_first_success_wins():
 def test_race_without_budget_moves_on_at_failures_and_at_last_by():
     async def main():
         return await race([_after(1.0, "owner", fail=True), _after(100, "next"), _after(0.001, "origin")],
-                          0.05, take_hedge=lambda: False, last_by=5.0)
+                          0.05, take_hedge=lambda stalled: False, last_by=5.0)
 
     won = _run(main)
     assert won.value == ("origin", pytest.approx(5.001)) and won.winner == 2
@@ -85,3 +85,49 @@ def test_race_without_budget_moves_on_at_failures_and_at_last_by():
 
     with pytest.raises(ServerError, match="origin"):
         _run(failing)
+
+
+def test_an_attempt_that_beats_its_pulse_is_waited_for_and_one_that_stops_is_stalled():
+    """Beats 0.04 s apart keep a 0.05 s hedge away for as long as they come; when they stop,
+    the next attempt starts one delay after the last, and ``take_hedge`` is told it stalled
+    (an attempt never heard from is not)."""
+    from fetcher.race import Pulse
+
+    asked: list[tuple[bool, float]] = []
+
+    def take(stalled: bool) -> bool:
+        asked.append((stalled, trio.current_time()))
+        return True
+
+    def beating(pulse: Pulse, beats: int, then: float):
+        async def go():
+            for _ in range(beats):
+                await trio.sleep(0.04)
+                pulse.beat()
+            await trio.sleep(then)
+            return "peer", trio.current_time()
+        return go
+
+    async def alive():
+        p = Pulse()
+        return await race([beating(p, 10, 0.03), _after(0.001, "origin")], 0.05, take_hedge=take,
+                          pulses=[p])
+
+    won = _run(alive)
+    assert won.value == ("peer", pytest.approx(0.43)) and asked == []
+
+    async def stops():
+        p = Pulse()
+        return await race([beating(p, 3, 100), _after(0.001, "origin")], 0.05, take_hedge=take,
+                          pulses=[p])
+
+    won = _run(stops)
+    assert won.value == ("origin", pytest.approx(0.171)) and won.hedged
+    assert asked == [(True, pytest.approx(0.17))]
+    asked.clear()
+
+    async def silent():
+        return await race([_after(100, "peer"), _after(0.001, "origin")], 0.05, take_hedge=take,
+                          pulses=[Pulse()])
+
+    assert _run(silent).value[0] == "origin" and asked == [(False, pytest.approx(0.05))]
