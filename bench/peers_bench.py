@@ -1,34 +1,51 @@
-"""The peers benchmark (issue 4): 1, 2, 4 and 8 nodes start the same image at once, with
-and without peers.
+"""The peers benchmark: 1, 2, 4 and 8 nodes start the same image at once, in four
+arrangements (``MODES``): with peers, alone, through a site mirror, through Dragonfly-style
+node proxies.
 
 Each node is a ``lazyfs mount`` (background, prefetch on) with its own cache directory on
-loopback; with peers, each node's cache is served by its own ``lazyfs peer`` (started
+loopback. With ``peers``, each node's cache is served by its own ``lazyfs peer`` (started
 before the clock, as on a containerd node), the mount names it with ``--advertise``, and
-all share one peers file and token. All nodes are started at the same moment; as soon as a node's mount is
+all share one peers file and token. ``no_peers``: each node reads the origin alone.
+``mirror``: one nginx caching whole blobs in front of the origin (the README's mirror,
+``testkit/nginxd.py``), every node mounting with ``--mirror`` at it. ``proxy``: each node's
+mount goes through its own nginx forward proxy (``--proxy``), which caches blobs in 4 MiB
+slices taken from one shared seed nginx (slices too) in front of the origin; manifests go
+from the node proxy straight to the origin. That is Dragonfly's dfdaemon and seed peer as
+nginx can play them; what differs: no piece exchange between the nodes' proxies (each node
+takes every piece from the seed, a tree of depth two, not a swarm) and no scheduler; plain
+HTTP only (nginx does not answer ``CONNECT``). The caches start empty, before the clock.
+All nodes are started at the same moment; as soon as a node's mount is
 there, it runs the program (``chroot MNT python3 -c 'import json, sqlite3, ssl'`` on the
 python image; in quick mode, reading every file of a tiny image). Measured per run:
 
-    program_s         start to the moment every node's program has finished
+    program_s         start to the moment every node's program has finished (ready, max)
+    ready_p50_s       the median node's program finished
     cache_complete_s  start to the moment every node's cache holds the whole image
     origin_bytes      chunk bytes the origin sent (the sum of the ranges it answered)
     origin_sent_bytes everything the proxy passed on (manifests, indexes, heads too)
     origin_vs_one_node  origin_sent_bytes against what one node needs (its manifest, index
                       and every chunk): with peers the goal is at most 1.05x
-    origin_index_gets whole-blob GETs at the origin (the index: one per cluster with peers)
+    origin_index_gets whole-blob GETs at the origin (the index: one per cluster with peers;
+                      the mirror takes every blob whole, the seed takes slices)
+    origin_requests   every request the origin answered
+    node_cpu_s        CPU seconds per node: its mount, and its peer or node proxy
+    node_proxy_cache_bytes  the node proxy's own copy on each node's disk (proxy)
+    site_cache_bytes, site_cpu_s  the shared mirror's or seed's cache and CPU
 
 The origin (``lazyfs serve``'s server) sits behind a counting proxy that caps what it
 sends at ``--origin-mibps`` (25 MiB/s, about 200 Mbit/s, by default) for all nodes
 together: a registry's uplink is what a cluster starting one image runs out of, and what
 peers exist to spare. Every run gets a fresh origin process (so its counters start at
-zero), fresh caches and fresh ports; runs of the two modes alternate, so both see the
-same machine. Results are medians over ``runs``, written to ``peers.json`` with a plot,
-``peers.png`` (nodes on x, seconds on y, one line per mode and measure; origin bytes
-beside it).
+zero), fresh caches and fresh ports; the modes run one after another, in reverse order
+every other run, so all see the same machine. Results are medians over ``runs``, written
+to ``peers.json`` with a plot, ``peers.png`` (nodes on x, seconds on y, one line per mode
+and measure; origin bytes beside it).
 
     python3 bench/peers_bench.py                 # 1, 2, 4, 8 nodes, 3 runs, python image
     python3 bench/peers_bench.py --quick         # 1 and 2 nodes, 1 run, tiny image (CI)
     python3 bench/peers_bench.py --out DIR --runs 5 --origin-delay 0.005
     python3 bench/peers_bench.py --nodes 2,4 --runs 1
+    python3 bench/peers_bench.py --nodes 2,4 --modes peers,mirror,proxy
 
 ``run(quick, outdir)`` is the entry point for the benchmark suite. Needs root (FUSE,
 chroot). Everything is on loopback; ``--origin-delay`` adds a per-response delay to stand
@@ -47,6 +64,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,11 +90,18 @@ from bench.harness import (  # noqa: E402
     stats,
 )
 from bench.memfs import pseudo_random  # noqa: E402
+from bench.prefetch_cpu import cpu_seconds  # noqa: E402
 from lazyfs.mountinfo import STATUS_XATTR  # noqa: E402
 from lazyfs.process import wait_gone  # noqa: E402
 from testkit import imagegen  # noqa: E402
+from testkit.nginxd import Nginx, mirror_locations, node_proxy_locations, seed_locations  # noqa: E402
 
-MODES = ("peers", "no_peers")
+MODES = ("peers", "no_peers", "mirror", "proxy")
+"""How the nodes reach the image: ``peers`` (each node's cache served by its ``lazyfs
+peer``), ``no_peers`` (each node alone, straight from the origin), ``mirror`` (one nginx
+caching whole blobs in front of the origin, shared by every node: ``--mirror``) and
+``proxy`` (Dragonfly-style: each node's own caching forward proxy, ``--proxy``, taking
+4 MiB pieces from one shared seed cache in front of the origin)."""
 ORIGIN_MIBPS = 25.0
 """The origin's uplink, MiB/s, shared by every node (about 200 Mbit/s)."""
 TOKEN = "bench-cluster-token-" + "0" * 16
@@ -145,12 +170,14 @@ def serve_origin(root: Path, delay: float, rate: float) -> None:
     signal.sigwait({signal.SIGTERM})
     ranges = whole = indexes = 0
     for method, path, rng, status in list(server.requests):
-        if "/blobs/" in path and rng and status == 206:
+        if "/blobs/sha256:" not in path or method != "GET":
+            continue
+        size = next(root.glob(f"*/blobs/sha256/{path.rsplit(':', 1)[1]}")).stat().st_size
+        if rng and status == 206:  # a cache's slice may reach past the blob's end
             first, last = rng.removeprefix("bytes=").split("-")
-            ranges += int(last) - int(first) + 1
-        elif "/blobs/sha256:" in path and method == "GET" and status == 200:
-            hexd = path.rsplit(":", 1)[1]
-            whole += next(root.glob(f"*/blobs/sha256/{hexd}")).stat().st_size
+            ranges += min(int(last), size - 1) - int(first) + 1
+        elif status == 200:
+            whole += size
             indexes += 1
     print(json.dumps({"range_bytes": ranges, "whole_blob_bytes": whole, "whole_blobs": indexes,
                       "sent_bytes": proxy.sent, "requests": len(server.requests)}), flush=True)
@@ -221,9 +248,36 @@ def status_of(mnt: Path) -> dict[str, Any]:
     return json.loads(os.getxattr(mnt, STATUS_XATTR))
 
 
-def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Path,
+def start_caches(mode: str, run_dir: Path, origin: int, n: int, started: list[Nginx]) -> list[list[str]]:
+    """Start the nginx caches ``mode`` puts between the nodes and the origin (appended to
+    ``started``, the site's first, then one per node), and return each node's mount
+    arguments that lead to them (none for peers and no_peers)."""
+    upstream = f"127.0.0.1:{origin}"
+    if mode == "mirror":
+        started.append(Nginx(run_dir / "mirror", mirror_locations(upstream)))
+        return [["--mirror", started[0].url] for _ in range(n)]
+    if mode == "proxy":
+        started.append(Nginx(run_dir / "seed", seed_locations(upstream)))
+        seed = f"127.0.0.1:{started[0].port}"
+        for i in range(n):
+            started.append(Nginx(run_dir / f"proxy{i}", node_proxy_locations(seed)))
+        return [["--proxy", c.url] for c in started[1:]]
+    return [[] for _ in range(n)]
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds so far of a process and its children (nginx: the master and its worker)."""
+    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    return sum(sum(cpu_seconds(p)) for p in pids)
+
+
+def bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def one_run(quick: bool, images: Path, repo: str, n: int, mode: str, work: Path,
             origin_delay: float, origin_rate: float) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix=f"n{n}-{'p' if peers else 'o'}-", dir=work))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"n{n}-{mode}-", dir=work))
     origin = Origin(images, origin_delay, origin_rate)
     ports = [free_port() for _ in range(n)]
     peers_file, token_file = run_dir / "peers", run_dir / "token"
@@ -232,10 +286,12 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
     mnts = [run_dir / f"mnt{i}" for i in range(n)]
     pids: dict[Path, int] = {}
     daemons: list[subprocess.Popen[bytes]] = []
+    caches: list[Nginx] = []
+    node_cpu = [0.0] * n  # each node's mount, and its peer or proxy
     try:
         for m in mnts:
             m.mkdir()
-        if peers:  # each node's `lazyfs peer` runs before the image is started, as a daemon does
+        if mode == "peers":  # each node's `lazyfs peer` runs before the image is started, as a daemon does
             for i, port in enumerate(ports):
                 daemons.append(subprocess.Popen(
                     [sys.executable, "-m", "lazyfs", "peer", "--cache", str(run_dir / f"cache{i}"),
@@ -243,13 +299,14 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             for port in ports:
                 wait_listening(port)
+        via = start_caches(mode, run_dir, origin.port, n, caches)
 
         def node(i: int) -> tuple[float, float]:
             """(mounted, program done) in seconds from the start."""
             args = [sys.executable, "-m", "lazyfs", "mount", f"127.0.0.1:{origin.port}/{repo}:1",
                     str(mnts[i]), "--cache", str(run_dir / f"cache{i}"), "--timeout", "60",
-                    "--log-file", str(run_dir / f"node{i}.log")]
-            if peers:
+                    "--log-file", str(run_dir / f"node{i}.log"), *via[i]]
+            if mode == "peers":
                 args += ["--peers-file", str(peers_file), "--advertise", f"http://127.0.0.1:{ports[i]}",
                          "--token-file", str(token_file)]
             done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -282,6 +339,16 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
             per_node = [f.result() for f in nodes]
             watcher.result()
         statuses = [status_of(m) for m in mnts]
+        for i, m in enumerate(mnts):
+            node_cpu[i] += sum(cpu_seconds(pids[m]))
+        for i, d in enumerate(daemons):
+            node_cpu[i] += tree_cpu_s(d.pid)
+        node_proxies = caches[1:] if mode == "proxy" else []
+        for i, c in enumerate(node_proxies):
+            node_cpu[i] += tree_cpu_s(c.proc.pid)
+        site_cpu = tree_cpu_s(caches[0].proc.pid) if caches else 0.0
+        site_cache = bytes_under(caches[0].dir / "cache") if caches else 0
+        node_proxy_cache = [bytes_under(c.dir / "cache") for c in node_proxies]
     finally:
         for m in mnts:
             subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True)
@@ -290,6 +357,8 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
         for d in daemons:
             d.terminate()
             d.wait(timeout=30)
+        for c in caches:
+            c.stop()
         try:
             counted = origin.stop()
         finally:
@@ -298,6 +367,7 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "program_s": max(done for _, done in per_node),
+        "ready_p50_s": statistics.median(done for _, done in per_node),
         "mounted_s": max(mounted for mounted, _ in per_node),
         "cache_complete_s": max(complete.values()),
         "origin_bytes": counted["range_bytes"],
@@ -308,6 +378,10 @@ def one_run(quick: bool, images: Path, repo: str, n: int, peers: bool, work: Pat
         "stored_bytes": statuses[0]["image"]["stored_bytes"],
         "chunks": statuses[0]["image"]["chunks"],
         "origin_requests": counted["requests"],
+        "node_cpu_s": statistics.mean(node_cpu),
+        "node_proxy_cache_bytes": statistics.mean(node_proxy_cache) if node_proxy_cache else 0,
+        "site_cache_bytes": site_cache,
+        "site_cpu_s": site_cpu,
     }
 
 
@@ -344,7 +418,8 @@ def wait_listening(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"lazyfs peer on port {port} did not listen within {timeout:g} s")
 
 def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: float = 0.0,
-        origin_mibps: float = ORIGIN_MIBPS, nodes: tuple[int, ...] | None = None) -> dict[str, Any]:
+        origin_mibps: float = ORIGIN_MIBPS, nodes: tuple[int, ...] | None = None,
+        modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     """Measure, write ``outdir/peers.json`` and ``outdir/peers.png``, print a table of the
     medians; return the results."""
     outdir.mkdir(parents=True, exist_ok=True)
@@ -354,31 +429,31 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
     try:
         images, repo = prepare_image(quick, work)
         need = one_node_needs(images, repo)
-        raw: dict[str, dict[int, list[dict[str, Any]]]] = {m: {n: [] for n in counts} for m in MODES}
+        raw: dict[str, dict[int, list[dict[str, Any]]]] = {m: {n: [] for n in counts} for m in modes}
         for r in range(runs):
             for n in counts:
-                for mode in MODES if r % 2 == 0 else MODES[::-1]:
-                    res = one_run(quick, images, repo, n, mode == "peers", work, origin_delay,
-                                  origin_mibps * 2**20)
+                for mode in modes if r % 2 == 0 else modes[::-1]:
+                    res = one_run(quick, images, repo, n, mode, work, origin_delay, origin_mibps * 2**20)
                     raw[mode][n].append(res)
                     log(f"run {r + 1}/{runs}: {n} node(s), {mode}: program {res['program_s']:.2f}s, "
-                        f"cache complete {res['cache_complete_s']:.2f}s, origin "
-                        f"{res['origin_bytes'] / 2**20:.1f} MiB, "
+                        f"cache complete {res['cache_complete_s']:.2f}s, origin sent "
+                        f"{res['origin_sent_bytes'] / 2**20:.1f} MiB, "
                         f"from peers {res['peer_bytes'] / 2**20:.1f} MiB")
     except BaseException:
         log(f"failed: mount logs and caches kept in {work}")
         raise
     shutil.rmtree(work, ignore_errors=True)
-    first = next(iter(raw["peers"][counts[0]]))
+    first = next(iter(raw[modes[0]][counts[0]]))
     stored = first["stored_bytes"]
     results: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in modes:
         results[mode] = {}
         for n in counts:
             rs = raw[mode][n]
             origin = stats([float(x["origin_bytes"]) for x in rs])
             results[mode][str(n)] = {
-                "program_s": stats([x["program_s"] for x in rs]),
+                "program_s": stats([x["program_s"] for x in rs]),  # the last node ready
+                "ready_p50_s": stats([x["ready_p50_s"] for x in rs]),  # the middle node ready
                 "cache_complete_s": stats([x["cache_complete_s"] for x in rs]),
                 "mounted_s": stats([x["mounted_s"] for x in rs]),
                 "origin_bytes": origin,
@@ -390,9 +465,15 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
                 "origin_index_gets": stats([float(x["origin_index_gets"]) for x in rs]),
                 # everything the origin sent (heads included) against one node's need
                 "origin_vs_one_node": stats([x["origin_sent_bytes"] / need for x in rs]),
+                # what the arrangement costs: CPU on each node (its mount, and its peer or
+                # proxy), and disk for a node proxy's copy; the site cache's (mirror, seed)
+                "node_cpu_s": stats([x["node_cpu_s"] for x in rs]),
+                "node_proxy_cache_bytes": stats([float(x["node_proxy_cache_bytes"]) for x in rs]),
+                "site_cache_bytes": stats([float(x["site_cache_bytes"]) for x in rs]),
+                "site_cpu_s": stats([x["site_cpu_s"] for x in rs]),
             }
     ratios = {}
-    for n in counts:
+    for n in counts if {"peers", "no_peers"} <= set(modes) else ():
         p, o = results["peers"][str(n)], results["no_peers"][str(n)]
         ratios[str(n)] = {
             "program_peers_vs_no_peers": p["program_s"]["median"] / o["program_s"]["median"],
@@ -406,7 +487,8 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
         "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"cpus": os.cpu_count(), "machine": platform.machine(),
                     "python": platform.python_version()},
-        "params": {"quick": quick, "runs": runs, "nodes": list(counts), "origin_delay": origin_delay,
+        "params": {"quick": quick, "runs": runs, "nodes": list(counts), "modes": list(modes),
+                   "origin_delay": origin_delay,
                    "origin_mibps": origin_mibps,
                    "image": repo, "image_stored_bytes": stored, "one_node_needs_bytes": need,
                    "goal_origin_vs_one_node": GOAL,
@@ -423,15 +505,16 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
 
 
 def _print_table(out: dict[str, Any], outdir: Path) -> None:
-    print(f"{'nodes':>5} {'mode':>9} {'program s':>10} {'complete s':>11} {'origin MiB':>11} "
-          f"{'x one node':>11} {'index GETs':>11}")
+    print(f"{'nodes':>5} {'mode':>9} {'ready p50 s':>11} {'ready max s':>11} {'complete s':>11} "
+          f"{'origin MiB':>11} {'x one node':>11} {'origin reqs':>11} {'node CPU s':>10} "
+          f"{'node proxy MiB':>14}")
     for n in out["params"]["nodes"]:
-        for mode in MODES:
-            r = out["results"][mode][str(n)]
-            sent = r["origin_sent_bytes"]["median"] / 2**20
-            print(f"{n:>5} {mode:>9} {r['program_s']['median']:>10.2f} "
-                  f"{r['cache_complete_s']['median']:>11.2f} {sent:>11.2f} "
-                  f"{r['origin_vs_one_node']['median']:>11.3f} {r['origin_index_gets']['median']:>11.0f}")
+        for mode in out["params"]["modes"]:
+            r = {k: v["median"] for k, v in out["results"][mode][str(n)].items() if isinstance(v, dict)}
+            print(f"{n:>5} {mode:>9} {r['ready_p50_s']:>11.2f} {r['program_s']:>11.2f} "
+                  f"{r['cache_complete_s']:>11.2f} {r['origin_sent_bytes'] / 2**20:>11.2f} "
+                  f"{r['origin_vs_one_node']:>11.3f} {r['origin_requests']:>11.0f} "
+                  f"{r['node_cpu_s']:>10.2f} {r['node_proxy_cache_bytes'] / 2**20:>14.2f}")
     print(f"one node needs {out['params']['one_node_needs_bytes'] / 2**20:.2f} MiB; goal with peers: "
           f"at most {GOAL}x")
     print(f"wrote {outdir / 'peers.json'} and {outdir / 'peers.png'}")
@@ -446,15 +529,15 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
     counts = out["params"]["nodes"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"peers": "tab:blue", "no_peers": "tab:orange"}
-    for mode in MODES:
+    colors = {"peers": "tab:blue", "no_peers": "tab:orange", "mirror": "tab:green", "proxy": "tab:purple"}
+    for mode in out["params"]["modes"]:
         res = out["results"][mode]
-        label = "peers" if mode == "peers" else "no peers"
+        label = mode.replace("_", " ")
         for key, name, style in (("program_s", "every program done", "-o"),
                                  ("cache_complete_s", "every cache complete", "--s")):
             left.plot(counts, [res[str(n)][key]["median"] for n in counts], style, color=colors[mode],
                       label=f"{name}, {label}")
-        right.plot(counts, [res[str(n)]["origin_bytes"]["median"] / 2**20 for n in counts], "-o",
+        right.plot(counts, [res[str(n)]["origin_sent_bytes"]["median"] / 2**20 for n in counts], "-o",
                    color=colors[mode], label=label)
     right.axhline(out["params"]["image_stored_bytes"] / 2**20, color="grey", linewidth=0.8,
                   label="image (stored)")
@@ -488,15 +571,19 @@ def main() -> int:
                              "0: uncapped)")
     parser.add_argument("--nodes", type=lambda v: tuple(int(x) for x in v.split(",")),
                         help="node counts, e.g. 2,4 (default 1,2,4,8; 1,2 with --quick)")
+    parser.add_argument("--modes", type=lambda v: tuple(v.split(",")), default=MODES,
+                        help=f"arrangements to run, e.g. peers,mirror (default {','.join(MODES)})")
     parser.add_argument("--serve-origin", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if unknown := set(args.modes) - set(MODES):
+        parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}: choose from {', '.join(MODES)}")
     if args.serve_origin:
         serve_origin(args.serve_origin, args.origin_delay, args.origin_mibps * 2**20)
         return 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on ^C: unmount everything
     outdir = args.out or ROOT / "bench" / "results" / dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
     run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay,
-        origin_mibps=args.origin_mibps, nodes=args.nodes)
+        origin_mibps=args.origin_mibps, nodes=args.nodes, modes=args.modes)
     return 0
 
 
