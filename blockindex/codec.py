@@ -107,17 +107,29 @@ def _zstd_decode(payload: bytes | memoryview, size: int) -> bytes:
         raise ChunkDecodeError(f"zstd payload does not decode: {exc}") from exc
 
 
+def check_plain(chunk: Chunk, data: bytes | memoryview) -> bytes | memoryview:
+    """``data``, the plain bytes of ``chunk`` from elsewhere (a peer's answer for a chunk
+    whose stored form only its index decodes), once they are its ``size`` and match its
+    digest by the chunk's own function (an eStargz member's, sha256; else BLAKE3);
+    ChunkDecodeError if not."""
+    if len(data) != chunk.size:
+        raise ChunkDecodeError(f"{len(data)} bytes, expected {chunk.size}")
+    if chunk.codec == CODEC_GZIP_MEMBER:
+        if hashlib.sha256(data).digest() != chunk.digest:
+            raise ChunkDecodeError("sha256 digest mismatch")
+    elif chunk_digest(data) != chunk.digest:
+        raise ChunkDecodeError("BLAKE3 digest mismatch")
+    return data
+
+
 def decode_verified(chunk: Chunk, payload: bytes | memoryview) -> bytes | memoryview:
     """Decode a payload that came from elsewhere and check it against the chunk's digest
     (BLAKE3; an eStargz member's, sha256)."""
     if chunk.codec == CODEC_GZIP_MEMBER:
         try:
-            member = inflate_member(payload, chunk.size)
+            return check_plain(chunk, inflate_member(payload, chunk.size))
         except SpanError as exc:
             raise ChunkDecodeError(str(exc)) from exc
-        if hashlib.sha256(member).digest() != chunk.digest:
-            raise ChunkDecodeError("sha256 digest mismatch")
-        return member
     if chunk.codec == CODEC_GZIP_SPAN:
         if chunk.span is None:
             raise ChunkDecodeError("a gzip span without its checkpoint")
@@ -127,6 +139,4 @@ def decode_verified(chunk: Chunk, payload: bytes | memoryview) -> bytes | memory
             raise ChunkDecodeError(str(exc)) from exc
     else:
         data = decode(chunk.codec, chunk.size, payload)
-    if chunk_digest(data) != chunk.digest:
-        raise ChunkDecodeError("BLAKE3 digest mismatch")
-    return data
+    return check_plain(chunk, data)

@@ -37,12 +37,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from blockindex.format import CODECS, Chunk, ChunkDigest
+from blockindex.format import Chunk, ChunkDigest
 
 from .errors import DeadlineError, FetchError, ServerError
 from .http1 import StreamReader
 from .peers import PeerClient
-from .peerwire import END, FRAME, MAX_BATCH_BYTES, MAX_BATCH_CHUNKS, OK
+from .peerwire import END, FRAME, MAX_BATCH_BYTES, MAX_BATCH_CHUNKS, OK, sent_size
 from .race import Pulse
 
 log = logging.getLogger(__name__)
@@ -88,17 +88,17 @@ class _Batch:
 
     def put(self, slot: _Slot) -> None:
         self.slots[slot.chunk.digest] = slot
-        self.stored += slot.chunk.stored_size
+        self.stored += sent_size(slot.chunk)
 
     def takes(self, c: Chunk) -> bool:
         return not self.closed and (c.digest in self.slots or len(self.slots) < MAX_BATCH_CHUNKS
-                                    and self.stored + c.stored_size <= MAX_BATCH_BYTES)
+                                    and self.stored + sent_size(c) <= MAX_BATCH_BYTES)
 
     def add(self, c: Chunk) -> _Slot:
         slot = self.slots.get(c.digest)
         if slot is None:
             slot = self.slots[c.digest] = _Slot(c)
-            self.stored += c.stored_size
+            self.stored += sent_size(c)
         return slot
 
 
@@ -132,8 +132,8 @@ class PeerBatcher:
         """The stored payload of ``chunk`` from ``peer`` (unverified), as ``PeerClient.fetch``
         gives it; ``repository`` None asks the peer's cache alone. ``pulse`` is beaten
         at each frame of the batch it goes in while it waits."""
-        if chunk.codec not in CODECS or chunk.stored_size > MAX_BATCH_BYTES:
-            self.requests += 1  # a gzip span (the peer cannot check it) or a huge chunk: alone
+        if sent_size(chunk) > MAX_BATCH_BYTES:
+            self.requests += 1  # a huge chunk: alone
             return await self._client.fetch(peer, chunk, repository)
         key = (peer, repository, background)
         batch = self._batch_for(key, chunk)
@@ -167,7 +167,7 @@ class PeerBatcher:
         (peer, repository, _), batch, slot = entry
         if not batch.closed and batch.slots.get(digest) is slot:
             del batch.slots[digest]
-            batch.stored -= slot.chunk.stored_size
+            batch.stored -= sent_size(slot.chunk)
         key = (peer, repository, False)
         now = self._batch_for(key, slot.chunk)
         if digest not in now.slots:
@@ -276,9 +276,9 @@ async def read_frames(peer: str, chunks: Sequence[Chunk], reader: StreamReader,
             why = "does not have it" if status == 1 else "could not fetch it"
             on_chunk(c, ServerError(f"peer {peer} {why}: chunk {c.hexdigest[:16]}"))
             continue
-        if length > c.stored_size:  # never read more than the chunk: a failed source
+        if length > sent_size(c):  # never read more than the chunk: a failed source
             raise ServerError(f"peer {peer} announced {length} bytes for chunk {c.hexdigest[:16]} "
-                              f"of {c.stored_size}")
+                              f"of {sent_size(c)}")
         payload = await reader.exactly(length)  # a short one fails its check, alone
         heard()
         on_chunk(c, payload)

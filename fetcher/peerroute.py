@@ -37,7 +37,7 @@ from .errors import AuthError, DeadlineError, FetchError, IntegrityError, Unreac
 from .gate import DemandGate
 from .peerbatch import PeerBatcher
 from .peers import PeerIsSelf, PeerTier
-from .peerwire import MAX_BATCH_BYTES, MAX_BATCH_CHUNKS
+from .peerwire import MAX_BATCH_BYTES, MAX_BATCH_CHUNKS, sends_plain
 from .race import Pulse, race
 from .verify import Verified, Verifier
 
@@ -177,7 +177,7 @@ class PeerRoute:
             raise
         payload = bytes(received)  # what is kept; a raw chunk's plain bytes are the same object
         try:
-            plain = await self._verifier.chunk(c, payload)
+            plain = await self._verifier.chunk(c, payload, plain=sends_plain(c))
         except ChunkDecodeError as exc:
             self._stats.peer_integrity_failures += 1
             tier.peers.mark_bad(peer, f"chunk {c.hexdigest}", exc)

@@ -61,6 +61,7 @@ from .peerwire import (
     blob_target,
     chunk_target,
     normalize_url,
+    sent_size,
 )
 
 log = logging.getLogger(__name__)
@@ -343,6 +344,10 @@ class PeerClient:
             self._auth[NODE_HEADER] = node_id
         self._clients: dict[str, RangeClient] = {}
         self._connect_timeout = connect_timeout
+        self.side_index: str | None = None
+        """The digest of the side index the image is read by, if it is (one mount's client,
+        one image): sent with its gzip spans, so that an owner that lacks one finds its
+        checkpoint there."""
 
     def _client(self, peer: str) -> RangeClient:
         c = self._clients.get(peer)
@@ -354,13 +359,16 @@ class PeerClient:
         return c
 
     async def fetch(self, peer: str, chunk: Chunk, repository: str | None) -> bytearray:
-        """The stored payload of ``chunk`` (unverified). ``repository`` (``registry/repo``)
-        lets an owner that lacks the chunk fetch it from the origin; without it the peer
-        answers from its cache alone (404 if it lacks it)."""
+        """The stored payload of ``chunk`` (unverified; a gzip span's or member's plain
+        bytes: ``peerwire.sends_plain``). ``repository`` (``registry/repo``) lets an owner
+        that lacks the chunk fetch it from the origin (a gzip span's checkpoint from
+        ``side_index``); without it the peer answers from its cache alone (404 if it lacks
+        it)."""
         try:
             # a peer's answer is the chunk, no more: anything longer is a failed source
-            return await self._client(peer).get_range(chunk_target(chunk, repository), 0,
-                                                      chunk.stored_size, self._auth, whole_ok=False)
+            target = chunk_target(chunk, repository, self.side_index)
+            return await self._client(peer).get_range(target, 0,
+                                                      sent_size(chunk), self._auth, whole_ok=False)
         except UnexpectedResponse as exc:
             if exc.status == 404:
                 raise ServerError(f"peer {peer} has no chunk {chunk.hexdigest[:16]} (404)") from None
@@ -373,8 +381,8 @@ class PeerClient:
         nobody reads them yet) and hand its answer to ``read`` as it arrives
         (``peerbatch.read_frames``); the errors of ``fetch``."""
         try:
-            return await self._client(peer).post(BATCH_PATH, batch_body(chunks, repository, prefetch),
-                                                 self._auth, read, deadline=deadline)
+            body = batch_body(chunks, repository, prefetch, self.side_index)
+            return await self._client(peer).post(BATCH_PATH, body, self._auth, read, deadline=deadline)
         except UnexpectedResponse as exc:
             raise _refusal(peer, exc.status, " for a batch") from None
 

@@ -2,7 +2,7 @@
 ``lazyfs.peer.ChunkServer`` answers, in one place (the server's docstring tells the
 statuses).
 
-    GET /v1/chunks/<blake3 hex>[?blob=&offset=&stored=&size=&codec=&repo=]
+    GET /v1/chunks/<blake3 hex>[?blob=&offset=&stored=&size=&codec=&repo=&index=]
     POST /v1/chunks                                 many chunks (a batch), see below
     GET /v1/traces/sha256:<manifest hex>
     GET /v1/blobs/sha256:<hex>?size=&repo=         a whole blob (an image's index)
@@ -14,15 +14,25 @@ A peer is named by its URL, ``http://HOST:PORT``.
 
 A batch asks for up to ``MAX_BATCH_CHUNKS`` chunks of at most ``MAX_BATCH_BYTES`` stored
 bytes in all in one request. Its body is JSON, ``{"repo": "registry/repo" or null,
-"prefetch": bool, "chunks": [[blake3 hex, blob, offset, stored, size, codec], ...]}``
-(without ``repo`` the peer answers from its cache alone; ``prefetch``: nobody reads these
-chunks yet, so the owner fetches them at a lower rate than a read's). The answer, 200,
+"index": "sha256:<hex>" (optional), "prefetch": bool, "chunks": [[blake3 hex, blob,
+offset, stored, size, codec], ...]}`` (without ``repo`` the peer answers from its cache
+alone; ``prefetch``: nobody reads these chunks yet, so the owner fetches them at a lower
+rate than a read's). The answer, 200,
 is a stream of frames ended by the close of the connection, in whatever order the
 chunks are had: each frame a ``FRAME`` head (digest, status, codec, uncompressed size,
 length) and ``length`` bytes, then one ``END`` frame. Status ``OK`` carries the chunk's
 stored payload; ``MISSING`` (not here) and ``FAILED`` (the owner could not fetch it)
 carry nothing. A stream that ends before its ``END`` frame was cut short: the chunks it
 did not carry go to the next source.
+
+A chunk of an image nobody converted (a side index's gzip span, an eStargz image's gzip
+member) has no stored form of its own that a node keeps: its stored bytes are a piece of
+the image's layer that only the index can inflate. A peer sends its plain bytes instead
+(codec ``CODEC_RAW``, ``size`` bytes: ``sends_plain``), which the asker checks against the
+chunk's digest by the chunk's own function (``blockindex.codec.check_plain``). A request
+for a gzip span names the side index it comes from (``index``): an owner that lacks the
+span finds its checkpoint there (in its node cache) to fetch it from the origin; a gzip
+member needs nothing more than its place.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import struct
 from collections.abc import Sequence
 from urllib.parse import parse_qs, urlencode
 
-from blockindex.format import CODECS, Blob, Chunk, ChunkDigest
+from blockindex.format import CODEC_GZIP_SPAN, CODEC_NAMES, CODECS, Blob, Chunk, ChunkDigest
 
 from .address import parse_url
 from .imageref import is_digest
@@ -71,28 +81,46 @@ def authorization(token: str) -> str:
     return f"Bearer {token}"
 
 
-def chunk_target(chunk: Chunk, repository: str | None) -> str:
+def sends_plain(chunk: Chunk) -> bool:
+    """Whether a peer sends ``chunk``'s plain bytes rather than its stored payload (a gzip
+    span or member: see the module docstring)."""
+    return chunk.codec not in CODECS
+
+
+def sent_size(chunk: Chunk) -> int:
+    """The bytes a peer's answer for ``chunk`` holds."""
+    return chunk.size if sends_plain(chunk) else chunk.stored_size
+
+
+def chunk_target(chunk: Chunk, repository: str | None, index: str | None = None) -> str:
     """The request target for ``chunk``; with ``repository`` (``registry/repo``), its
     query says where the chunk lies, so that an owner that lacks it can fetch it from
-    the origin."""
+    the origin (a gzip span's, with ``index``: the side index that has its checkpoint).
+    A chunk a peer sends plain is always named with its place: its codec says so."""
     path = f"{CHUNK_PATH}{chunk.hexdigest}"
-    if repository:
-        path += "?" + urlencode({"blob": chunk.blob.digest, "offset": chunk.offset,
-                                 "stored": chunk.stored_size, "size": chunk.size,
-                                 "codec": chunk.codec, "repo": repository})
+    if repository or sends_plain(chunk):
+        query = {"blob": chunk.blob.digest, "offset": chunk.offset, "stored": chunk.stored_size,
+                 "size": chunk.size, "codec": chunk.codec}
+        if repository:
+            query["repo"] = repository
+        if index and chunk.codec == CODEC_GZIP_SPAN:
+            query["index"] = index
+        path += "?" + urlencode(query)
     return path
 
 
-def batch_body(chunks: Sequence[Chunk], repository: str | None, prefetch: bool = False) -> bytes:
+def batch_body(chunks: Sequence[Chunk], repository: str | None, prefetch: bool = False,
+               index: str | None = None) -> bytes:
     """The body of a batch request for ``chunks`` (see the module docstring)."""
-    return json.dumps({"repo": repository, "prefetch": prefetch, "chunks": [
-        [c.hexdigest, c.blob.digest, c.offset, c.stored_size, c.size, c.codec] for c in chunks]},
-        separators=(",", ":")).encode()
+    return json.dumps({"repo": repository, "prefetch": prefetch, **({"index": index} if index else {}),
+                       "chunks": [[c.hexdigest, c.blob.digest, c.offset, c.stored_size, c.size, c.codec]
+                                  for c in chunks]},
+                      separators=(",", ":")).encode()
 
 
-def parse_batch_body(body: bytes) -> tuple[list[Chunk], str | None, bool]:
-    """The chunks, ``registry/repo`` and prefetch flag of a ``batch_body``; ValueError for
-    anything else, a chunk out of range, or a batch over the caps."""
+def parse_batch_body(body: bytes) -> tuple[list[Chunk], str | None, bool, str | None]:
+    """The chunks, ``registry/repo``, prefetch flag and side index of a ``batch_body``;
+    ValueError for anything else, a chunk out of range, or a batch over the caps."""
     try:
         doc = json.loads(body)
         repo, rows = doc["repo"], doc["chunks"]
@@ -100,6 +128,7 @@ def parse_batch_body(body: bytes) -> tuple[list[Chunk], str | None, bool]:
         raise ValueError("expected a JSON object with repo and chunks") from None
     if repo is not None and not isinstance(repo, str) or not isinstance(rows, list):
         raise ValueError("expected a JSON object with repo and chunks")
+    index = _index(doc.get("index"))
     if not 0 < len(rows) <= MAX_BATCH_CHUNKS:
         raise ValueError(f"a batch asks for 1-{MAX_BATCH_CHUNKS} chunks")
     chunks = []
@@ -111,16 +140,26 @@ def parse_batch_body(body: bytes) -> tuple[list[Chunk], str | None, bool]:
         if len(digest) != 64 or not all(ch in "0123456789abcdef" for ch in digest):
             raise ValueError("a chunk digest is 64 hex digits")
         chunks.append(_located(ChunkDigest(bytes.fromhex(digest)), blob, offset, stored, size, codec))
-    if sum(c.stored_size for c in chunks) > MAX_BATCH_BYTES and len(chunks) > 1:
+    if sum(sent_size(c) for c in chunks) > MAX_BATCH_BYTES and len(chunks) > 1:
         raise ValueError(f"a batch asks for at most {MAX_BATCH_BYTES} bytes")
-    return chunks, repo, doc.get("prefetch") is True
+    return chunks, repo, doc.get("prefetch") is True, index
+
+
+def _index(value: object) -> str | None:
+    """A side index's digest as a request names it (None when it names none); ValueError
+    for anything but ``sha256:<64 hex digits>``."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("sha256:") or not is_digest(value):
+        raise ValueError("an index is sha256:<64 hex digits>")
+    return value
 
 
 def _located(digest: ChunkDigest, blob: str, offset: int, stored: int, size: int, codec: int) -> Chunk:
     """The chunk at that place; ValueError for a field out of range."""
     if not blob.startswith("sha256:") or not is_digest(blob) or offset < 0 \
             or not 0 < stored <= MAX_CHUNK_FIELD or not 0 < size <= MAX_CHUNK_FIELD \
-            or codec not in CODECS:
+            or codec not in CODEC_NAMES:
         raise ValueError("a field out of range")
     return Chunk(digest, Blob(0, blob, 0), offset, stored, size, codec)
 
@@ -131,18 +170,18 @@ def frame(digest: bytes, status: int, codec: int = 0, size: int = 0,
     return [FRAME.pack(digest, status, codec, size, len(payload)), payload]
 
 
-def parse_chunk_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, str | None]:
-    """The chunk and ``registry/repo`` a ``chunk_target`` query names; (None, None) for a
-    query without a location. ValueError for one that names a location badly."""
+def parse_chunk_query(digest: ChunkDigest, query: str) -> tuple[Chunk | None, str | None, str | None]:
+    """The chunk, ``registry/repo`` and side index a ``chunk_target`` query names; all
+    None for a query without a location. ValueError for one that names a location badly."""
     q = {k: v[0] for k, v in parse_qs(query).items()}
     if "blob" not in q:
-        return None, None
+        return None, None, None
     try:
         blob = q["blob"]
         offset, stored, size, codec = (int(q[k]) for k in ("offset", "stored", "size", "codec"))
     except KeyError as exc:
         raise ValueError(f"no {exc.args[0]} in the query") from None
-    return _located(digest, blob, offset, stored, size, codec), q.get("repo")
+    return _located(digest, blob, offset, stored, size, codec), q.get("repo"), _index(q.get("index"))
 
 
 def blob_target(digest: str, size: int, repository: str | None) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import trio
 
-from blockindex.codec import ChunkDecodeError, decode_verified, encode
+from blockindex.codec import ChunkDecodeError, check_plain, decode_verified, encode
 from blockindex.format import CODEC_LZ4, CODEC_RAW, CODECS, Chunk
 from cache.store import ChunkStore
 
@@ -112,12 +112,15 @@ class Verifier:
         self._cpu = trio.CapacityLimiter(2)
         self._disk = trio.CapacityLimiter(4)  # reads of the node cache
 
-    async def chunk(self, c: Chunk, payload: bytes | memoryview) -> bytes | memoryview:
-        """The plain bytes of ``c`` from its stored ``payload``; ``ChunkDecodeError`` if
-        they are not the chunk's."""
+    async def chunk(self, c: Chunk, payload: bytes | memoryview, *, plain: bool = False
+                    ) -> bytes | memoryview:
+        """The plain bytes of ``c`` from its stored ``payload`` (``plain``: the payload is
+        its plain bytes, as a peer sends a gzip span's); ``ChunkDecodeError`` if they are
+        not the chunk's."""
+        check = check_plain if plain else decode_verified
         if c.size > self.thread_above:
-            return await trio.to_thread.run_sync(decode_verified, c, payload, limiter=self._cpu)
-        return decode_verified(c, payload)
+            return await trio.to_thread.run_sync(check, c, payload, limiter=self._cpu)
+        return check(c, payload)
 
 
     async def take_checked(self, c: Chunk, p: Pending, under: Underway, source: str) -> None:

@@ -260,6 +260,8 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                 assert opts.listen is not None  # what the listeners listen on
                 log.info("serving this node's cache to peers at %s:%d", *opts.listen)
             opened = await open_image(ref, client, images, wait=opts.timeout, peers=tier)
+            if tier is not None and opened.layers is not None:  # an owner finds its spans there
+                tier.client.side_index = opened.index_digest
             tag_warnings(opened.manifest_digest)
             index = IndexReader(opened.index_path)
             stack.callback(index.close)

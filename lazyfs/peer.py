@@ -1,9 +1,10 @@
 """Serve the node's cached chunks to the other nodes of a cluster (``lazyfs peer``, and
 ``lazyfs mount --listen``).
 
-    GET /v1/chunks/<blake3 hex>[?blob=&offset=&stored=&size=&codec=&repo=]
+    GET /v1/chunks/<blake3 hex>[?blob=&offset=&stored=&size=&codec=&repo=&index=]
         Authorization: Bearer <cluster token>      401 without it (compared in constant time)
-        200/206  the payload as stored in the blob; X-Lazyfs-Codec, X-Lazyfs-Size headers
+        200/206  the payload as stored in the blob (a gzip span's or member's: its plain
+                 bytes, codec raw); X-Lazyfs-Codec, X-Lazyfs-Size headers
         400      a head that cannot be parsed (the connection is then closed)
         404      not cached, and the query does not say where it comes from
         502      the owner could not get it from the origin
@@ -23,12 +24,16 @@
 A chunk that is not cached but whose request says where it lies (blob, offset, sizes,
 codec, ``registry/repository``) is fetched from the origin with this node's own
 credentials, once however many peers ask at the same time (the ``ChunkFetcher``'s
-in-flight map), verified, cached and sent. The server never asks another peer, so
+in-flight map), verified, cached and sent (a gzip span: if the side index the request
+names is in this node's cache, which has its checkpoint, ``peerspans``; else 404). The
+server never asks another peer, so
 requests cannot loop. It runs on the trio loop of its process (with FUSE in a mount):
 reading an entry larger than ``thread_above`` from disk goes to a worker thread. The
 node cache keeps plain bytes: a cached chunk is sent in its stored form, encoded again as
 convert encodes it (``fetcher.verify.stored_payload``), so a peer's answer is what the
-blob holds and the asker checks it as it would the origin's.
+blob holds and the asker checks it as it would the origin's; a gzip span or member, whose
+stored form is a piece of a layer no node keeps, is sent as it is cached, plain
+(``fetcher.peerwire.sends_plain``), and the asker checks it by its digest alone.
 
 Nothing a caller sends can end that process (see ``peerhttp``, which holds the
 connections). The wire format, shared with ``fetcher.peers``, is ``fetcher.peerwire``'s.
@@ -47,7 +52,7 @@ from pathlib import Path
 
 import trio
 
-from blockindex.format import Chunk, ChunkDigest
+from blockindex.format import CODEC_GZIP_SPAN, CODEC_RAW, Chunk, ChunkDigest
 from cache.errors import CacheError
 from cache.evict import CacheKeeper
 from cache.images import ImageStore
@@ -69,6 +74,7 @@ from fetcher.peerwire import (
     authorization,
     parse_chunk_query,
     peer_url,
+    sends_plain,
 )
 from fetcher.registry import RegistryClient
 from fetcher.transport import prepare as prepare_clients
@@ -79,6 +85,7 @@ from .httphead import RequestHead
 from .peerbatch import BatchServer, Refused
 from .peerblobs import BlobServer
 from .peerhttp import Answer, Connections, listen, parse_range
+from .peerspans import SideIndexes
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +216,9 @@ class ChunkServer:
         self._traces: TraceStore | None = None  # made on first use (it creates CACHE/traces)
         self._blobs = BlobServer(images, origins, fetch_timeout=config.fetch_deadline,
                                  io=self._io) if images is not None else None
-        self._batches = BatchServer(lambda c, repo: self._serve(c.digest, c, repo), self.stats,
-                                    deadline=config.fetch_deadline, cached=self._had)
+        self._spans = SideIndexes(images) if images is not None else None
+        self._batches = BatchServer(lambda c, repo, index: self._serve(c.digest, c, repo, index),
+                                    self.stats, deadline=config.fetch_deadline, cached=self._had)
         self._connections = Connections(self._answer, config, self.stats)
 
     listen_on = staticmethod(listen)
@@ -328,20 +336,26 @@ class ChunkServer:
         except ValueError:
             raise Refused(400, "expected /v1/chunks/<64 hex digits>") from None
         try:
-            chunk, repo = parse_chunk_query(digest, query)
+            chunk, repo, index = parse_chunk_query(digest, query)
         except ValueError:
             raise Refused(400, "bad chunk location in the query") from None
-        return await self._serve(digest, chunk, repo)
+        return await self._serve(digest, chunk, repo, index)
 
-    async def _serve(self, digest: ChunkDigest, chunk: Chunk | None, repo: str | None
-                     ) -> tuple[int, int, bytes | memoryview]:
+    async def _serve(self, digest: ChunkDigest, chunk: Chunk | None, repo: str | None,
+                     index: str | None = None) -> tuple[int, int, bytes | memoryview]:
         """``(codec, size, stored payload)`` of a chunk for a peer: from the node cache, else
-        (``chunk`` and ``repo`` say where it lies) fetched from the origin."""
+        (``chunk`` and ``repo`` say where it lies; a gzip span's checkpoint, the side index
+        ``index``) fetched from the origin."""
         entry = await self._load(digest, chunk)
         if entry is not None and (chunk is None or entry[1] == chunk.size):
             return entry
         if chunk is None or repo is None or self._origins is None:
             raise Refused(404, f"chunk {digest.hex()} is not cached here")
+        if chunk.codec == CODEC_GZIP_SPAN:
+            located = await self._spans.locate(index, chunk) if index and self._spans else None
+            if located is None:
+                raise Refused(404, f"chunk {digest.hex()} is a gzip span of a side index not kept here")
+            chunk = located
         try:
             fetcher = self._origins.get(repo)
         except ValueError as exc:
@@ -349,6 +363,9 @@ class ChunkServer:
         self.stats.fetched_for_peers += 1
         with trio.move_on_after(self.config.fetch_deadline):
             try:
+                if sends_plain(chunk):
+                    got = await fetcher.get([chunk], use_peers=False)
+                    return CODEC_RAW, chunk.size, got[chunk.digest]
                 payload = await fetcher.get_payload(chunk)
             except FetchError as exc:
                 raise Refused(502, f"cannot fetch chunk {digest.hex()[:16]}: {exc}") from None
@@ -376,6 +393,8 @@ class ChunkServer:
         plain = self.store.get(digest)
         if plain is None:
             return None
+        if chunk is not None and sends_plain(chunk):
+            return CODEC_RAW, len(plain), bytes(plain)
         encoded = stored_payload(plain, chunk)
         return None if encoded is None else (encoded[0], len(plain), encoded[1])
 

@@ -48,8 +48,9 @@ class Refused(Exception):
         self.status = status
 
 
-Serve = Callable[[Chunk, "str | None"], Awaitable[tuple[int, int, "bytes | memoryview"]]]
-"""One chunk's ``(codec, size, stored payload)`` for a peer, or ``Refused``."""
+Serve = Callable[[Chunk, "str | None", "str | None"], Awaitable[tuple[int, int, "bytes | memoryview"]]]
+"""One chunk's ``(codec, size, stored payload)`` for a peer, or ``Refused``, given the
+batch's repository and side index."""
 Cached = Callable[[Chunk], Awaitable["tuple[int, int, bytes | memoryview] | None"]]
 """The same from the node cache alone, or None."""
 
@@ -70,7 +71,7 @@ class BatchServer:
 
     def answer(self, body: bytes) -> Answer:
         try:
-            chunks, repo, prefetch = parse_batch_body(body)
+            chunks, repo, prefetch, index = parse_batch_body(body)
         except ValueError as exc:
             self._stats.errors += 1
             return Answer(400, f"not a batch: {exc}\n".encode())
@@ -80,13 +81,13 @@ class BatchServer:
         async def stream(send: Send) -> None:
             self.active += 1
             try:
-                await self._frames(unique, repo, send, self._prefetch if prefetch else None)
+                await self._frames(unique, repo, index, send, self._prefetch if prefetch else None)
             finally:
                 self.active -= 1
 
         return Answer(200, b"", content_type=BATCH_CONTENT_TYPE, stream=stream)
 
-    async def _frames(self, chunks: Sequence[Chunk], repo: str | None, send: Send,
+    async def _frames(self, chunks: Sequence[Chunk], repo: str | None, index: str | None, send: Send,
                       shared: trio.CapacityLimiter | None) -> None:
         out, frames = trio.open_memory_channel[list[bytes | memoryview]](len(chunks))
         limit = shared or trio.CapacityLimiter(FETCHES_PER_BATCH)
@@ -100,7 +101,7 @@ class BatchServer:
             else:
                 async with limit:
                     try:
-                        codec, size, payload = await self._serve(c, repo)
+                        codec, size, payload = await self._serve(c, repo, index)
                     except Refused as exc:
                         if exc.status == 404:
                             stats.not_found += 1

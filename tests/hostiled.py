@@ -160,7 +160,7 @@ class HostilePeer(_Base):
 
     def answer(self, h: _Handler) -> None:
         if h.command == "POST" and h.path.startswith("/v1/chunks"):  # a batch: its first frame
-            chunks, _, _ = parse_batch_body(h.rfile.read(int(h.headers["Content-Length"])))
+            chunks, _, _, _ = parse_batch_body(h.rfile.read(int(h.headers["Content-Length"])))
             self.asked += 1                                         # announces the huge length
             h.send_response(200)
             h.send_header("Connection", "close")
@@ -190,7 +190,7 @@ class BatchPeer(_Base):
         if h.command != "POST":
             _send(h, 404, {}, b"", 0)
             return
-        chunks, _, _ = parse_batch_body(h.rfile.read(int(h.headers["Content-Length"])))
+        chunks, _, _, _ = parse_batch_body(h.rfile.read(int(h.headers["Content-Length"])))
         first = not self.batches
         self.batches.append(len(chunks))
         if self.mode.startswith("slow:"):
