@@ -54,3 +54,25 @@ def test_threads_allocate_from_the_one_arena() -> None:
         libc.malloc_stats()  # one "Arena N:" paragraph per arena, on stderr
     """)
     assert out.stderr.count("Arena ") == 1, out.stderr
+
+
+def test_give_back_returns_the_free_middle_of_the_heap() -> None:
+    out = _run("""
+        from lazyfs.malloc import give_back
+
+        def heap_rss():
+            lines = open("/proc/self/smaps").read().splitlines()
+            at = next(i for i, line in enumerate(lines) if line.endswith("[heap]"))
+            return next(int(line.split()[1]) for line in lines[at:] if line.startswith("Rss:"))
+
+        assert tune_for_mount()
+        buffers, kept = [], []
+        for _ in range(256):  # read buffers, each followed by a longer-lived object
+            buffers.append(bytearray(b"x" * (64 << 10)))
+            kept.append(bytearray(b"y" * 1024))
+        del buffers
+        before = heap_rss()
+        give_back()
+        print(before - heap_rss())
+    """)
+    assert int(out.stdout) >= 8 << 10  # KiB: most of the 16 MiB of freed buffers
