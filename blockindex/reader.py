@@ -58,6 +58,11 @@ _UNREAD: dict[int, Chunk] = {}
 """The chunk rows of a remembered file whose chunks were not asked for yet."""
 _MEMO_CHUNKS = 64
 """Chunk rows of one file remembered whole; a longer file's are asked for each read."""
+PAGE_CACHE_KIB = 256
+"""SQLite's page cache of a reader's connection. The index is immutable and the kernel's
+page cache holds it anyway (a page missed here is a ``pread`` of memory); SQLite's default
+of 2 MiB a connection was a whole small index copied into every mount process that
+had walked it (the prefetcher's reader and the adapter's, each)."""
 
 def _inode(row: tuple) -> Inode:
     return Inode._make(row)
@@ -87,6 +92,7 @@ class IndexReader(BlobOrder):
 
     def _open(self) -> None:
         self._q("PRAGMA trusted_schema = OFF")
+        self._q(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
         self._check_schema()
         meta: dict[Any, Any] = dict(self._q("SELECT key, value FROM meta"))
         if meta.get("format") not in CODECS_OF_FORMAT:

@@ -74,7 +74,8 @@ def _import_for_mount() -> None:
 
         from fetcher.transport import tls_context
 
-        from . import cli, mount  # noqa: F401
+        from . import cli, malloc, mount, process  # noqa: F401
+        from .cli import mount as mount_command  # noqa: F401 - and what it imports: the child's argv
 
         tls_context(None)
     finally:

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from blockindex.format import ROOT_INO, InodeT
-from blockindex.reader import _MEMO_CHUNKS, _MEMO_FILES, IndexReader
+from blockindex.reader import _MEMO_CHUNKS, _MEMO_FILES, PAGE_CACHE_KIB, IndexReader
 from blockindex.writer import IndexWriter
 
 CS = 4096
@@ -125,3 +125,15 @@ def test_more_files_than_it_remembers_are_all_answered_right(index):
     first = Queries(reader)
     assert reader.chunks(InodeT(SMALL[0]), 0, CS) == want[SMALL[0]]  # forgotten: asked again
     assert first.count > 0
+
+
+def test_a_reader_keeps_a_small_page_cache(index) -> None:
+    """The index is in the kernel's page cache already: a reader's own SQLite cache is
+    PAGE_CACHE_KIB, not SQLite's 2 MiB a connection."""
+    reader = IndexReader(index)
+    try:
+        for ino in SMALL:
+            reader.chunks(InodeT(ino), 0, CS)
+        assert reader._db.execute("PRAGMA cache_size").fetchone() == (-PAGE_CACHE_KIB,)
+    finally:
+        reader.close()

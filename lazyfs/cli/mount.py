@@ -123,6 +123,9 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
 
 
 def _mount_foreground(args: argparse.Namespace) -> int:
+    from ..malloc import tune_for_mount
+
+    tune_for_mount()  # before the first thread
     import trio  # the mount process's own imports, with pyfuse3 below
 
     from ..mount import serve
