@@ -96,7 +96,7 @@ class ChunkFetcher(CacheReads):
         """What a range fetches along: the chunks after a demand miss, a gzip span's others."""
         self._disk_ahead = DiskAhead.of(store, followers, neighbours)
         """What a read from the node cache that waits for the disk asks the disk for along."""
-        self._for_peers = Together(nursery, lambda new: self._to_origin(new, False, True))
+        self._for_peers = Together(nursery, lambda new: self._to_origin(new, False, True, owner=True))
         """The chunks peers' requests want from the origin at once (``get_payload``)."""
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
@@ -274,8 +274,8 @@ class ChunkFetcher(CacheReads):
             return
         self._to_origin(new, background, self._route is None or not use_peers)
 
-    def _to_origin(self, new: list[Chunk], background: bool, gaps: bool) -> None:
-        for rng in plan_fetch(new, self.config, background=background, gaps=gaps):
+    def _to_origin(self, new: list[Chunk], background: bool, gaps: bool, owner: bool = False) -> None:
+        for rng in plan_fetch(new, self.config, background=background, gaps=gaps, owner=owner):
             self._nursery.start_soon(self._fetch_range, self._along.grow(rng, background), background)
 
     def note_failed_read(self, chunks: Sequence[Chunk], began: float) -> None:
