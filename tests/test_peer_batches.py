@@ -91,9 +91,10 @@ def test_nodes_prefetch_from_an_owner_in_few_requests_and_it_fetches_each_chunk_
     print(f"\n{n} chunks to each of 2 nodes: {served_by['requests']} requests at the owner, "
           f"{served_by['batches']} of them batches; origin {origin_range_bytes(server)} of {unique} "
           f"in {len(ranges)} range requests")
-    assert served_by["batches"] >= 2 * math.ceil(n / MAX_BATCH_CHUNKS)
-    # one request per chunk before batches; now a prefetch keeps one batch's worth of
-    # chunks on their way at a time, so after the first full batch they go as they free up
+    fewest = 2 * math.ceil(n / MAX_BATCH_CHUNKS)
+    # a prefetch keeps a few full batches on their way (PREFETCH_BATCHES): with one, its
+    # later batches went as chunks freed up, about 7 chunks each (20 to 30 batches here)
+    assert fewest <= served_by["batches"] <= 1.5 * fewest
     assert served_by["requests"] <= 2 * n / 8
     # neighbours go in one range request, with the bytes between them (up to
     # owner_max_gap): one request per chunk before
@@ -125,8 +126,8 @@ def test_a_batch_that_lies_about_one_chunk_loses_that_chunk_only(served, mounts,
 def test_an_owner_that_dies_in_the_middle_of_a_batch_hands_the_rest_to_the_next_owner(
         served, mounts, tmp_path, token):
     """The owner of half the chunks sends half of its first batch and dies: the chunks it
-    sent are used, the rest come from the next owner (which fetches each from the origin
-    once), none straight from the origin."""
+    sent are used, the rest come from the next owner (which fetches them from the origin,
+    neighbours joined), none straight from the origin."""
     image, root, server = served
     unique = unique_stored_bytes(root)
     url, _ = _owner(mounts, server, tmp_path, token)
@@ -134,7 +135,8 @@ def test_an_owner_that_dies_in_the_middle_of_a_batch_hands_the_rest_to_the_next_
         mnt = _node(mounts, server, tmp_path, "b", [dying.url, url], token)
         mounts.wait_complete(mnt, timeout=90)
     st = status(mnt)
-    assert len(dying.batches) == 1 and dying.sent == dying.batches[0] // 2 > 0
+    # the batches it took before it died (a prefetch keeps a few on their way) are sent whole
+    assert dying.sent == dying.batches[0] // 2 + sum(dying.batches[1:]) and dying.batches[0] > 1
     assert st["bytes_by_source"][f"peer {dying.url}"] > 0
     assert st["bytes_by_source"].get("origin", 0) == 0
     # the next owner's ranges join neighbours with the bytes between them (up to
