@@ -68,9 +68,10 @@ def plan_fetch(chunks: Iterable[Chunk], config: FetchConfig, *, background: bool
                owner: bool = False) -> list[Range]:
     """``plan_ranges`` with the limits of ``config``: a background request's smaller size;
     no gaps unless ``gaps`` (in a cluster, the chunks in a gap are other owners': their
-    bytes would be fetched twice), small ones for an ``owner`` fetching for its peers
-    (``FetchConfig.owner_max_gap``)."""
-    max_request = config.background_max_request if background else config.max_request
+    bytes would be fetched twice). An ``owner`` fetching for its peers: small gaps
+    (``FetchConfig.owner_max_gap``), and a background request's size, as most of what it
+    fetches is their prefetch, which a read's chunk may join."""
+    max_request = config.background_max_request if background or owner else config.max_request
     max_gap = 0 if not gaps else config.owner_max_gap if owner else config.max_gap
     return plan_ranges(chunks, max_request=max_request, max_gap=max_gap)
 

@@ -44,15 +44,15 @@ def _frames(sent: bytes) -> dict[bytes, tuple[int, bytes]]:
         at += length
 
 
-def _ask(tmp_path, batches: list[list[Chunk]], origin: ScriptedSource, prefetch: bool = False
-         ) -> list[dict[bytes, tuple[int, bytes]]]:
+def _ask(tmp_path, batches: list[list[Chunk]], origin: ScriptedSource, prefetch: bool = False,
+         config: FetchConfig = FetchConfig(deadline=10)) -> list[dict[bytes, tuple[int, bytes]]]:
     """Sends ``batches`` to an owner with an empty cache, all at once; their answers."""
     answers: list[bytes] = [b""] * len(batches)
     store = ChunkStore(tmp_path / "owner")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            fetcher = ChunkFetcher(nursery, origin, store, FetchConfig(deadline=10))
+            fetcher = ChunkFetcher(nursery, origin, store, config)
             server = ChunkServer(store, TOKEN, OriginPool(nursery, store, fetchers={REPO: fetcher}))
 
             async def one(i: int, head: RequestHead) -> None:
@@ -106,3 +106,15 @@ def test_a_wrong_chunk_in_a_range_is_not_served_and_the_others_are(tmp_path):
     assert [decode(c.codec, c.size, answer[c.digest][1]) for c in good] == PIECES[:7] + PIECES[8:]
     assert not ChunkStore(tmp_path / "owner").contains(bad.digest, bad.size)
     assert len(origin.requests) <= 2  # the range, and perhaps the bad chunk asked again alone
+
+
+def test_an_owners_ranges_are_no_larger_than_a_background_request(tmp_path):
+    """Most of what an owner fetches is its peers' prefetch, which a read's chunk may join:
+    its ranges keep to the prefetch's size (``background_max_request``)."""
+    blob, chunks, raw = make_blob(PIECES)
+    origin = ScriptedSource({blob.digest: raw})
+    config = FetchConfig(deadline=10, background_max_request=len(raw) // 4)
+    [answer] = _ask(tmp_path, [chunks], origin, config=config)
+    assert all(status == OK for status, _ in answer.values()) and len(answer) == len(chunks)
+    assert 4 <= len(origin.requests) <= 8
+    assert all(length <= len(raw) // 4 for _, _, length in origin.requests)
