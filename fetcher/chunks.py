@@ -46,6 +46,7 @@ from .plan import Range, asked_first, claim, plan_fetch, plan_ranges
 from .rereads import RereadDeadlines
 from .source import BlobSource
 from .spans import InflatedRange, is_gzip
+from .together import Together
 from .verify import Verified, Verifier, integrity_error, stored_payload
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class ChunkFetcher(CacheReads):
         """What a range fetches along: the chunks after a demand miss, a gzip span's others."""
         self._disk_ahead = DiskAhead.of(store, followers, neighbours)
         """What a read from the node cache that waits for the disk asks the disk for along."""
+        self._for_peers = Together(nursery, lambda new: self._to_origin(new, False, True, owner=True))
+        """The chunks peers' requests want from the origin at once (``get_payload``)."""
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
                   use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
@@ -127,7 +130,9 @@ class ChunkFetcher(CacheReads):
 
     async def get_payload(self, chunk: Chunk) -> bytes:
         """The verified stored payload of one chunk (what a peer is sent), fetched from the
-        origin (never from peers) and cached, once however many peers ask."""
+        origin (never from peers) and cached, once however many peers ask. The chunks that
+        the tasks running at once ask for are planned together (``together``): neighbours
+        in one range request."""
         [(_, p)] = await self._wait([chunk], False, False)
         if p.payload is None:  # it joined a load from the node cache, which keeps plain bytes
             assert p.data is not None
@@ -264,8 +269,13 @@ class ChunkFetcher(CacheReads):
                 else:
                     self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
             new = to_origin
-        gaps = self._route is None or not use_peers
-        for rng in plan_fetch(new, self.config, background=background, gaps=gaps):
+        elif not use_peers and not background:  # for peers: with those of the others asking
+            self._for_peers.add(new)
+            return
+        self._to_origin(new, background, self._route is None or not use_peers)
+
+    def _to_origin(self, new: list[Chunk], background: bool, gaps: bool, owner: bool = False) -> None:
+        for rng in plan_fetch(new, self.config, background=background, gaps=gaps, owner=owner):
             self._nursery.start_soon(self._fetch_range, self._along.grow(rng, background), background)
 
     def note_failed_read(self, chunks: Sequence[Chunk], began: float) -> None:

@@ -48,6 +48,12 @@ Asks = list[tuple[str, bool]]
 will not fetch from the origin for us)."""
 
 
+PREFETCH_BATCHES = 4
+"""Full batches' worth of prefetch chunks on their way through the peers at once (a read
+that wants one of them hurries it). With one, its later batches went as slots freed up,
+about 7 chunks each, one round trip after another."""
+
+
 class PeerRoute:
     """Asks a chunk's peers, then ``origin(chunk, background)``, counting in ``stats``.
 
@@ -69,10 +75,8 @@ class PeerRoute:
         self._on_answer = on_answer
         config = tier.peers.config
         self.background_slots = trio.CapacityLimiter(
-            MAX_BATCH_CHUNKS if batches else config.background_concurrency)
-        """Prefetch chunks on their way through the peers at once: with batches, one full
-        batch's worth (a read that wants one of them hurries it). Eight batches' worth
-        made the programs of peers_bench finish only with the prefetch (cause not found)."""
+            PREFETCH_BATCHES * MAX_BATCH_CHUNKS if batches else config.background_concurrency)
+        """Prefetch chunks on their way through the peers at once (``PREFETCH_BATCHES``)."""
         self._batcher = PeerBatcher(tier.client, batches, deadline=config.request_deadline,
                                     background_requests=config.background_concurrency,
                                     wait_idle=gate.wait_idle) if batches else None

@@ -10,7 +10,7 @@ converter lays a directory's files side by side, so a cold walk of a tree needs 
 request per window instead of one per file.
 
     plan_ranges(chunks, max_request=, max_gap=)   the requests, as few as the limits allow
-    plan_fetch(chunks, config, background=, gaps=) the same with a fetcher's limits
+    plan_fetch(chunks, config, background=, gaps=, owner=)   with a fetcher's limits
     amplify(rng, following, window=, free=)       a demand request grown by its neighbours
     asked_first(rng)                              its parts: asked-for chunks, then neighbours
     claim(rng, entries)                           what a queued background request still
@@ -64,12 +64,16 @@ def plan_ranges(chunks: Iterable[Chunk], *, max_request: int, max_gap: int) -> l
     return out
 
 
-def plan_fetch(chunks: Iterable[Chunk], config: FetchConfig, *, background: bool, gaps: bool) -> list[Range]:
+def plan_fetch(chunks: Iterable[Chunk], config: FetchConfig, *, background: bool, gaps: bool,
+               owner: bool = False) -> list[Range]:
     """``plan_ranges`` with the limits of ``config``: a background request's smaller size;
     no gaps unless ``gaps`` (in a cluster, the chunks in a gap are other owners': their
-    bytes would be fetched twice)."""
-    max_request = config.background_max_request if background else config.max_request
-    return plan_ranges(chunks, max_request=max_request, max_gap=config.max_gap if gaps else 0)
+    bytes would be fetched twice). An ``owner`` fetching for its peers: small gaps
+    (``FetchConfig.owner_max_gap``), and a background request's size, as most of what it
+    fetches is their prefetch, which a read's chunk may join."""
+    max_request = config.background_max_request if background or owner else config.max_request
+    max_gap = 0 if not gaps else config.owner_max_gap if owner else config.max_gap
+    return plan_ranges(chunks, max_request=max_request, max_gap=max_gap)
 
 
 def amplify(rng: Range, following: Iterable[Chunk], *, window: int,

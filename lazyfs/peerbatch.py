@@ -26,18 +26,28 @@ from typing import Protocol
 import trio
 
 from blockindex.format import Chunk
-from fetcher.peerwire import BATCH_CONTENT_TYPE, END, FAILED, MISSING, OK, frame, parse_batch_body
+from fetcher.peerwire import (
+    BATCH_CONTENT_TYPE,
+    END,
+    FAILED,
+    MAX_BATCH_CHUNKS,
+    MISSING,
+    OK,
+    frame,
+    parse_batch_body,
+)
 
 from .peerhttp import Answer, Send
 
 log = logging.getLogger(__name__)
 
-FETCHES_PER_BATCH = 16
-"""Chunks of one batch of a read looked up or fetched at once."""
-PREFETCH_FETCHES = 8
-"""Chunks of every prefetch batch together looked up or fetched at once: a node's
-prefetch asks for 8 batches of 64 at once, and a read's batch must not queue behind them
-at the origin."""
+FETCHES_PER_BATCH = MAX_BATCH_CHUNKS
+"""Chunks of one batch of a read looked up or fetched at once: all of them, so that the
+origin fetch plans them together (neighbours in one range request: ``fetcher.together``)."""
+PREFETCH_FETCHES = 4 * MAX_BATCH_CHUNKS
+"""Chunks of every prefetch batch together looked up or fetched at once: a few batches'
+worth, planned together (one at a time, each was a request to the origin of its own), and
+few enough that a read's batch does not queue behind them at the origin."""
 
 
 class Refused(Exception):
