@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -85,9 +86,13 @@ def cluster():
     c.teardown()
 
 
-def start_nodes(cluster: Cluster, server, n: int, tmp: Path, token_file: Path, *, peers: bool,
-                extra_peers: list[str] = (), ports: list[int] | None = None) -> list[Path]:
-    """Mount the image on ``n`` nodes at once; with ``peers`` each also serves its cache
+def rich_ref(server) -> str:
+    return f"127.0.0.1:{server.port}/rich:1"
+
+
+def start_nodes(cluster: Cluster, ref: str, n: int, tmp: Path, token_file: Path, *, peers: bool,
+                extra_peers: Sequence[str] = (), ports: list[int] | None = None) -> list[Path]:
+    """Mount ``ref`` on ``n`` nodes at once; with ``peers`` each also serves its cache
     (on ``ports``, default free ones)."""
     ports = ports or free_ports(n)
     peers_file = tmp / "peers"
@@ -97,7 +102,7 @@ def start_nodes(cluster: Cluster, server, n: int, tmp: Path, token_file: Path, *
     for i, port in enumerate(ports):
         mnt = tmp / f"node{i}"
         mnt.mkdir()
-        args = ["mount", f"127.0.0.1:{server.port}/rich:1", str(mnt), "--cache", str(tmp / f"cache{i}"),
+        args = ["mount", ref, str(mnt), "--cache", str(tmp / f"cache{i}"),
                 "--timeout", "10", "--no-prefetch", "--log-file", str(tmp / f"node{i}.log")]
         if peers:
             args += ["--peers-file", str(peers_file), "--listen", f"127.0.0.1:{port}",
@@ -148,7 +153,7 @@ NODES = 6
 def test_a_cluster_asks_the_origin_about_once_per_chunk(origin, mounts, cluster, tmp_path, token_file):
     image, root, server = origin
     unique = unique_stored_bytes(root)
-    points = start_nodes(cluster, server, NODES, tmp_path, token_file, peers=True)
+    points = start_nodes(cluster, rich_ref(server), NODES, tmp_path, token_file, peers=True)
     assert read_everywhere(points, image) == []
     sent = origin_range_bytes(server)
     fetch = [{k: status(m)["fetch"][k] for k in ("bytes_received", "peer_chunks", "hedged",
@@ -168,7 +173,7 @@ def test_without_peers_every_node_asks_the_origin(origin, cluster, tmp_path, tok
     image, root, server = origin
     unique = unique_stored_bytes(root)
     # 4 nodes, not 6, to keep the suite short: ~4x still shows the test above can fail
-    points = start_nodes(cluster, server, 4, tmp_path, token_file, peers=False)
+    points = start_nodes(cluster, rich_ref(server), 4, tmp_path, token_file, peers=False)
     assert read_everywhere(points, image) == []
     sent = origin_range_bytes(server)
     assert sent > 3 * unique
@@ -178,7 +183,7 @@ def test_without_peers_every_node_asks_the_origin(origin, cluster, tmp_path, tok
 
 def test_a_peer_killed_in_the_middle_fails_no_read(origin, cluster, tmp_path, token_file):
     image, _root, server = origin
-    points = start_nodes(cluster, server, 2, tmp_path, token_file, peers=True)
+    points = start_nodes(cluster, rich_ref(server), 2, tmp_path, token_file, peers=True)
     victim = cluster.pids[points[0]]
     files = files_of(image)
     half = len(files) // 2
@@ -214,7 +219,8 @@ def test_a_lying_peer_is_caught_reported_and_avoided(origin, cluster, tmp_path, 
     threading.Thread(target=liar.serve_forever, daemon=True).start()
     liar_url = f"http://127.0.0.1:{liar.server_address[1]}"
     try:
-        points = start_nodes(cluster, server, 2, tmp_path, token_file, peers=True, extra_peers=[liar_url])
+        points = start_nodes(cluster, rich_ref(server), 2, tmp_path, token_file, peers=True,
+                             extra_peers=[liar_url])
         assert read_everywhere(points, image) == []
     finally:
         liar.shutdown()

@@ -31,6 +31,7 @@ from .test_peers import (
     origin_range_bytes,
     read_all,
     read_everywhere,
+    rich_ref,
     start_nodes,
     status,
     unique_stored_bytes,
@@ -181,7 +182,7 @@ def test_the_index_owner_is_asked_first_and_checked(origin, cluster, tmp_path, t
     peer, asked = _owning_peer(digest, node_url, body, delay=0 if lies else 1.5)
     peer_url = f"http://127.0.0.1:{peer.server_address[1]}"
     try:
-        [mnt] = start_nodes(cluster, server, 1, tmp_path, token_file, peers=True,
+        [mnt] = start_nodes(cluster, rich_ref(server), 1, tmp_path, token_file, peers=True,
                             extra_peers=[peer_url], ports=[port])
     finally:
         peer.shutdown()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,9 +25,9 @@ from testkit.layermerge import merge
 from testkit.registryd import Registry, needs_registry
 from testkit.treecompare import compare_tree
 
-from .conftest import ROOT, lazyfs
+from .conftest import lazyfs
 from .test_estargz_registry import CHUNK, _whole_seconds
-from .test_peers import Cluster, free_ports, status
+from .test_peers import Cluster, start_nodes, status
 
 pytestmark = [needs_registry, pytest.mark.mount]
 
@@ -48,13 +46,6 @@ def rich_estargz():
 
 
 @pytest.fixture
-def registry(tmp_path):
-    r = Registry(tmp_path)
-    yield r
-    r.stop()
-
-
-@pytest.fixture
 def cluster():
     c = Cluster()
     yield c
@@ -65,32 +56,6 @@ def _layer_bytes(registry: Registry, layers: set[str]) -> int:
     """Bytes of ``layers`` the registry sent (every GET of them, ranges or whole)."""
     return sum(int(m[2]) for m in re.finditer(r'"GET \S+/blobs/(sha256:\w+) HTTP/[\d.]+" 20\d (\d+)',
                                                registry.log()) if m[1] in layers)
-
-
-def _start(cluster: Cluster, ref: str, n: int, tmp: Path, token_file: Path, *, peers: bool,
-           extra_peers: tuple[str, ...] = ()) -> list[Path]:
-    """Mount ``ref`` on ``n`` nodes at once; with ``peers`` each serves its cache too."""
-    ports = free_ports(n)
-    peers_file = tmp / "peers"
-    peers_file.write_text("".join(f"http://127.0.0.1:{p}\n" for p in ports)
-                          + "".join(u + "\n" for u in extra_peers))
-    procs, points = [], []
-    for i, port in enumerate(ports):
-        mnt = tmp / f"node{i}"
-        mnt.mkdir()
-        args = ["mount", ref, str(mnt), "--cache", str(tmp / f"cache{i}"), "--timeout", "10",
-                "--no-prefetch", "--log-file", str(tmp / f"node{i}.log")]
-        if peers:
-            args += ["--peers-file", str(peers_file), "--listen", f"127.0.0.1:{port}",
-                     "--token-file", str(token_file)]
-        procs.append(subprocess.Popen([sys.executable, "-m", "lazyfs", *args], cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        points.append(mnt)
-    for p, mnt in zip(procs, points, strict=True):
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err
-        cluster.pids[mnt] = int(re.search(r"\(pid (\d+),", out)[1])
-    return points
 
 
 def _read_everywhere(points: list[Path], expected) -> list[str]:
@@ -113,13 +78,13 @@ def _origin_per_node(registry, cluster, tmp: Path, token_file: Path, ref: str, e
                      ) -> tuple[float, list[Path]]:
     """The layer bytes the registry sent to ``NODES`` nodes with peers reading every file,
     over what one node alone took before them (a node of its own, no peers)."""
-    [alone] = _start(cluster, ref, 1, tmp / "alone", token_file, peers=False)
+    [alone] = start_nodes(cluster, ref, 1, tmp / "alone", token_file, peers=False)
     assert compare_tree(alone, expected) == []
     layers = {c.blob.digest for c in _index(tmp / "alone" / "cache0").all_chunks()}
     assert {c.codec for c in _index(tmp / "alone" / "cache0").all_chunks()} >= {codec}
     one = _layer_bytes(registry, layers)
     assert one > 0
-    points = _start(cluster, ref, NODES, tmp / "cluster", token_file, peers=True)
+    points = start_nodes(cluster, ref, NODES, tmp / "cluster", token_file, peers=True)
     assert _read_everywhere(points, expected) == []
     return (_layer_bytes(registry, layers) - one) / one, points
 
@@ -189,7 +154,7 @@ def test_a_peer_that_sends_wrong_plain_bytes_is_caught(registry, rich, cluster, 
     threading.Thread(target=liar.serve_forever, daemon=True).start()
     liar_url = f"http://127.0.0.1:{liar.server_address[1]}"
     try:
-        points = _start(cluster, ref, 2, tmp_path, token_file, peers=True, extra_peers=(liar_url,))
+        points = start_nodes(cluster, ref, 2, tmp_path, token_file, peers=True, extra_peers=[liar_url])
         assert _read_everywhere(points, rich.expected) == []
     finally:
         liar.shutdown()
