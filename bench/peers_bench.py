@@ -276,7 +276,7 @@ def bytes_under(path: Path) -> int:
 
 
 def one_run(quick: bool, images: Path, repo: str, n: int, mode: str, work: Path,
-            origin_delay: float, origin_rate: float) -> dict[str, Any]:
+            origin_delay: float, origin_rate: float, prefetch: bool = True) -> dict[str, Any]:
     run_dir = Path(tempfile.mkdtemp(prefix=f"n{n}-{mode}-", dir=work))
     origin = Origin(images, origin_delay, origin_rate)
     ports = [free_port() for _ in range(n)]
@@ -306,6 +306,8 @@ def one_run(quick: bool, images: Path, repo: str, n: int, mode: str, work: Path,
             args = [sys.executable, "-m", "lazyfs", "mount", f"127.0.0.1:{origin.port}/{repo}:1",
                     str(mnts[i]), "--cache", str(run_dir / f"cache{i}"), "--timeout", "60",
                     "--log-file", str(run_dir / f"node{i}.log"), *via[i]]
+            if not prefetch:
+                args.append("--no-prefetch")
             if mode == "peers":
                 args += ["--peers-file", str(peers_file), "--advertise", f"http://127.0.0.1:{ports[i]}",
                          "--token-file", str(token_file)]
@@ -322,7 +324,7 @@ def one_run(quick: bool, images: Path, repo: str, n: int, mode: str, work: Path,
         def watch() -> None:
             """Note when each mounted node's cache is complete (while the programs run)."""
             deadline = time.monotonic() + 900
-            while len(complete) < n:
+            while prefetch and len(complete) < n:
                 if any(f.done() and f.exception() for f in nodes):
                     return
                 for m in list(pids):
@@ -369,7 +371,7 @@ def one_run(quick: bool, images: Path, repo: str, n: int, mode: str, work: Path,
         "program_s": max(done for _, done in per_node),
         "ready_p50_s": statistics.median(done for _, done in per_node),
         "mounted_s": max(mounted for mounted, _ in per_node),
-        "cache_complete_s": max(complete.values()),
+        "cache_complete_s": max(complete.values()) if prefetch else None,
         "origin_bytes": counted["range_bytes"],
         "origin_sent_bytes": counted["sent_bytes"],
         "origin_body_bytes": counted["range_bytes"] + counted["whole_blob_bytes"],
@@ -419,9 +421,10 @@ def wait_listening(port: int, timeout: float = 30.0) -> None:
 
 def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: float = 0.0,
         origin_mibps: float = ORIGIN_MIBPS, nodes: tuple[int, ...] | None = None,
-        modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+        modes: tuple[str, ...] = MODES, prefetch: bool = True) -> dict[str, Any]:
     """Measure, write ``outdir/peers.json`` and ``outdir/peers.png``, print a table of the
-    medians; return the results."""
+    medians; return the results. Without ``prefetch`` the nodes mount with
+    ``--no-prefetch``: a cold start alone (no cache to complete)."""
     outdir.mkdir(parents=True, exist_ok=True)
     counts = nodes or ((1, 2) if quick else (1, 2, 4, 8))
     runs = runs or (1 if quick else 3)
@@ -433,10 +436,12 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
         for r in range(runs):
             for n in counts:
                 for mode in modes if r % 2 == 0 else modes[::-1]:
-                    res = one_run(quick, images, repo, n, mode, work, origin_delay, origin_mibps * 2**20)
+                    res = one_run(quick, images, repo, n, mode, work, origin_delay, origin_mibps * 2**20,
+                                  prefetch)
                     raw[mode][n].append(res)
+                    complete = res["cache_complete_s"]
                     log(f"run {r + 1}/{runs}: {n} node(s), {mode}: program {res['program_s']:.2f}s, "
-                        f"cache complete {res['cache_complete_s']:.2f}s, origin sent "
+                        f"cache complete {'-' if complete is None else f'{complete:.2f}s'}, origin sent "
                         f"{res['origin_sent_bytes'] / 2**20:.1f} MiB, "
                         f"from peers {res['peer_bytes'] / 2**20:.1f} MiB")
     except BaseException:
@@ -454,7 +459,7 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
             results[mode][str(n)] = {
                 "program_s": stats([x["program_s"] for x in rs]),  # the last node ready
                 "ready_p50_s": stats([x["ready_p50_s"] for x in rs]),  # the middle node ready
-                "cache_complete_s": stats([x["cache_complete_s"] for x in rs]),
+                "cache_complete_s": stats([x["cache_complete_s"] for x in rs]) if prefetch else None,
                 "mounted_s": stats([x["mounted_s"] for x in rs]),
                 "origin_bytes": origin,
                 "origin_sent_bytes": stats([float(x["origin_sent_bytes"]) for x in rs]),
@@ -478,9 +483,13 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
         ratios[str(n)] = {
             "program_peers_vs_no_peers": p["program_s"]["median"] / o["program_s"]["median"],
             "cache_complete_peers_vs_no_peers":
-                p["cache_complete_s"]["median"] / o["cache_complete_s"]["median"],
+                p["cache_complete_s"]["median"] / o["cache_complete_s"]["median"] if prefetch else None,
             "origin_bytes_peers_vs_no_peers":
                 p["origin_bytes"]["median"] / max(1.0, o["origin_bytes"]["median"]),
+            # against what one node alone took in the same run: the measure of a cold start
+            # (prefetch off), where a node needs what its program reads, not the image
+            "origin_peers_vs_one_node_alone":
+                p["origin_sent_bytes"]["median"] / max(1.0, o["origin_sent_bytes"]["median"] / n),
         }
     out = {
         "scenario": "peers",
@@ -488,7 +497,7 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
         "machine": {"cpus": os.cpu_count(), "machine": platform.machine(),
                     "python": platform.python_version()},
         "params": {"quick": quick, "runs": runs, "nodes": list(counts), "modes": list(modes),
-                   "origin_delay": origin_delay,
+                   "origin_delay": origin_delay, "prefetch": prefetch,
                    "origin_mibps": origin_mibps,
                    "image": repo, "image_stored_bytes": stored, "one_node_needs_bytes": need,
                    "goal_origin_vs_one_node": GOAL,
@@ -511,8 +520,9 @@ def _print_table(out: dict[str, Any], outdir: Path) -> None:
     for n in out["params"]["nodes"]:
         for mode in out["params"]["modes"]:
             r = {k: v["median"] for k, v in out["results"][mode][str(n)].items() if isinstance(v, dict)}
+            complete = f"{r['cache_complete_s']:>11.2f}" if "cache_complete_s" in r else f"{'-':>11}"
             print(f"{n:>5} {mode:>9} {r['ready_p50_s']:>11.2f} {r['program_s']:>11.2f} "
-                  f"{r['cache_complete_s']:>11.2f} {r['origin_sent_bytes'] / 2**20:>11.2f} "
+                  f"{complete} {r['origin_sent_bytes'] / 2**20:>11.2f} "
                   f"{r['origin_vs_one_node']:>11.3f} {r['origin_requests']:>11.0f} "
                   f"{r['node_cpu_s']:>10.2f} {r['node_proxy_cache_bytes'] / 2**20:>14.2f}")
     print(f"one node needs {out['params']['one_node_needs_bytes'] / 2**20:.2f} MiB; goal with peers: "
@@ -535,6 +545,8 @@ def plot(out: dict[str, Any], path: Path) -> None:
         label = mode.replace("_", " ")
         for key, name, style in (("program_s", "every program done", "-o"),
                                  ("cache_complete_s", "every cache complete", "--s")):
+            if res[str(counts[0])][key] is None:  # prefetch off: no cache to complete
+                continue
             left.plot(counts, [res[str(n)][key]["median"] for n in counts], style, color=colors[mode],
                       label=f"{name}, {label}")
         right.plot(counts, [res[str(n)]["origin_sent_bytes"]["median"] / 2**20 for n in counts], "-o",
@@ -573,6 +585,8 @@ def main() -> int:
                         help="node counts, e.g. 2,4 (default 1,2,4,8; 1,2 with --quick)")
     parser.add_argument("--modes", type=lambda v: tuple(v.split(",")), default=MODES,
                         help=f"arrangements to run, e.g. peers,mirror (default {','.join(MODES)})")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="mount with --no-prefetch: a cold start alone, no cache to complete")
     parser.add_argument("--serve-origin", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if unknown := set(args.modes) - set(MODES):
@@ -583,7 +597,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on ^C: unmount everything
     outdir = args.out or ROOT / "bench" / "results" / dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
     run(args.quick, outdir, runs=args.runs, origin_delay=args.origin_delay,
-        origin_mibps=args.origin_mibps, nodes=args.nodes, modes=args.modes)
+        origin_mibps=args.origin_mibps, nodes=args.nodes, modes=args.modes, prefetch=not args.no_prefetch)
     return 0
 
 
