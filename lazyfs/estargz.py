@@ -62,21 +62,24 @@ async def open_estargz(client: RegistryClient | MirroredClient, ref: ImageRef, m
     now (False: this node had built it before)."""
     descs: list[dict[str, Any]] = manifest["layers"]
     key = estargz_key(descs)
-    path = images.built_index(key)
+    path = await trio.to_thread.run_sync(images.built_index, key)  # hashed: off the loop
     if path is not None:
         return f"sha256:{path.name}", path, False
     layers = [await _read_layer(client, ref, desc) for desc in descs]
-    built, data = await trio.to_thread.run_sync(_build, layers)
-    digest = sha256_digest(data)
+    built, digest, kept = await trio.to_thread.run_sync(_build, layers, images, key)
     log.info("built the index of %s from its eStargz TOCs: %d files, %d chunks of %d bytes (%s)",
              ref, built.files, built.chunks, built.chunk_size, digest)
-    return digest, images.save_built_index(key, digest, data), True
+    return digest, kept, True
 
 
-def _build(layers: list[EstargzLayer]) -> tuple[EstargzIndexResult, bytes]:
+def _build(layers: list[EstargzLayer], images: ImageStore, key: str) -> tuple[EstargzIndexResult, str, Path]:
+    """Build the index and keep it in the node cache under ``key`` (in a worker thread)."""
     with tempfile.TemporaryDirectory(prefix="lazyfs-estargz-") as tmp:
         out = Path(tmp) / "index.sqlite"
-        return build_estargz_index(layers, out), out.read_bytes()
+        built = build_estargz_index(layers, out)
+        data = out.read_bytes()
+    digest = sha256_digest(data)
+    return built, digest, images.save_built_index(key, digest, data)
 
 
 async def _read_layer(client: RegistryClient | MirroredClient, ref: ImageRef,

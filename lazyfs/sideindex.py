@@ -131,7 +131,11 @@ async def open_side_index(client: RegistryClient | MirroredClient, ref: ImageRef
         raise NoSideIndexError(f"{ref} is not a lazyfs image and has no side index (attach one: "
                                f"lazyfs index docker://{ref}; or convert it)")
     index_digest, data = found
-    return index_digest, images.verified_index(index_digest) or images.save_index(index_digest, data)
+
+    def keep() -> Path:  # hashed, or written, off the loop: an index may be megabytes
+        return images.verified_index(index_digest) or images.save_index(index_digest, data)
+
+    return index_digest, await trio.to_thread.run_sync(keep)
 
 
 def is_lazy_image(manifest: dict[str, Any]) -> bool:
