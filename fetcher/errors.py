@@ -48,6 +48,11 @@ class UnreachableError(FetchError):
     pass
 
 
+class RefusedError(UnreachableError):
+    """Nothing listens at the address: a node that is starting, or has stopped. Asking it
+    again costs one round trip, not a wait."""
+
+
 class DeadlineError(UnreachableError):
     """The wait for bytes ran past its deadline."""
 

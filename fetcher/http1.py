@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import trio
 
-from .errors import DeadlineError, IntegrityError, ServerError, UnreachableError
+from .errors import DeadlineError, IntegrityError, RefusedError, ServerError, UnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ class RangeClient:
                     sock.close()
                     raise
             except OSError as exc:
-                raise UnreachableError(f"cannot connect to {self.host}:{self.port}: "
-                                       f"{exc.strerror or exc}") from exc
+                kind = RefusedError if isinstance(exc, ConnectionRefusedError) else UnreachableError
+                raise kind(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
         if scope.cancelled_caught:
             raise UnreachableError(f"cannot connect to {self.host}:{self.port}: timed out")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

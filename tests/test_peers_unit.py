@@ -15,7 +15,8 @@ from blockindex.codec import decode
 from cache.store import ChunkStore
 from fetcher.chunks import ChunkFetcher
 from fetcher.config import FetchConfig
-from fetcher.errors import ServerError, UnreachableError
+from fetcher.errors import RefusedError, ServerError, UnreachableError
+from fetcher.http1 import RangeClient
 from fetcher.peers import PeerConfig, PeerSet, PeerTier, read_peers_file, rendezvous
 
 from .fakes import BatchesByChunk, ScriptedSource, make_blob, peer_answer
@@ -67,6 +68,32 @@ def test_no_owner_for_a_chunk_of_this_node_and_avoided_peers_are_skipped():
     peers.mark_down(PEERS[1], "refused")
     peers.mark_down(PEERS[1], "refused")  # the third failure in a row: 1, 2, then 4 s
     assert peers.health[PEERS[1]].avoid_until == pytest.approx(1.5 + 4.0)
+
+
+def test_a_peer_that_refused_the_connection_is_asked_again_soon():
+    """Nothing listening is a node still starting as often as one stopped, and asking again
+    costs a round trip: its first pause is short, then doubles as any other's."""
+    now = [0.0]
+    peers = PeerSet(PEERS[:3], self_url=PEERS[0], clock=lambda: now[0],
+                    config=PeerConfig(down_backoff=1.0, refused_backoff=0.05))
+    peers.mark_down(PEERS[1], RefusedError("cannot connect: Connection refused"))
+    assert peers.health[PEERS[1]].avoid_until == pytest.approx(0.05)
+    peers.mark_down(PEERS[1], RefusedError("cannot connect: Connection refused"))
+    assert peers.health[PEERS[1]].avoid_until == pytest.approx(0.1)
+    peers.mark_down(PEERS[2], UnreachableError("cannot connect: timed out"))
+    assert peers.health[PEERS[2]].avoid_until == pytest.approx(1.0)
+
+
+def test_a_closed_port_is_a_refused_connection():
+    async def main():
+        sock = trio.socket.socket()
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()  # bound, never listening: the kernel refuses
+        client = RangeClient("127.0.0.1", port, connect_timeout=5)
+        with pytest.raises(RefusedError, match="refused"):
+            await client.get_range("/x", 0, 1, deadline=trio.current_time() + 5)
+    trio.run(main)
 
 
 def test_a_node_served_by_its_lazyfs_peer_asks_it_for_what_it_owns():

@@ -359,13 +359,15 @@ def test_image_of():
     assert image_of({LABEL_IMAGE_REF: "h/a"}) == ""
 
 
-def test_grpc_round_trip(fake, tmp_path):
+def test_grpc_round_trip(fake, tmp_path, monkeypatch):
     import grpc
 
     from lazyfs.snapshotter.server import pb, pb_grpc, serve
 
     svc, _fs = fake
     sock = tmp_path / "s.sock"
+    # born 0600, not made so afterwards: a client may connect before any chmod
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
     stop = threading.Event()
     t = threading.Thread(target=serve, args=(svc, sock), kwargs={"stop": stop}, daemon=True)
     t.start()

@@ -186,7 +186,7 @@ class ImageServiceProxy:
         self.address.parent.mkdir(parents=True, exist_ok=True)
         if self.address.exists() or self.address.is_symlink():
             self.address.unlink()
-        umask = os.umask(0o077)  # born 0600, as the snapshotter's own socket
+        umask = os.umask(0o177)  # born 0600, as the snapshotter's own socket
         try:
             self._server.add_insecure_port(f"unix://{self.address}")
             self._server.start()

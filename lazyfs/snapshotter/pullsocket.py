@@ -124,7 +124,7 @@ class PullServer:
 
         self.path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        umask = os.umask(0o077)  # born 0600: no window in which others can connect
+        umask = os.umask(0o177)  # born 0600 (bind gives 0777 less the umask)
         try:
             sock.bind(str(self.path))
         except OSError:

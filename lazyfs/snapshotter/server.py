@@ -119,7 +119,7 @@ def serve(service: SnapshotService, address: Path, *, workers: int = 8,
         address.unlink()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(service), server)
-    umask = os.umask(0o077)  # the socket is born 0600: no window in which others can connect
+    umask = os.umask(0o177)  # the socket is born 0600 (bind gives 0777 less the umask)
     try:
         server.add_insecure_port(f"unix://{address}")
         server.start()
