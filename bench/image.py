@@ -193,6 +193,33 @@ def convert_cached(images: Path, repo: str, source: str, *options: str) -> None:
     log(f"image: converted {repo} in {time.monotonic() - t:.1f}s")
 
 
+ESTARGZ_CHUNK = 4 << 20
+"""Chunk size of the eStargz variant: a file's content is cut into gzip members this big."""
+
+
+def estargz_cached(image: ImageSet) -> str:
+    """The image's tree as a one-layer eStargz image (``testkit.estargz``: a gzip member
+    per file and per ``ESTARGZ_CHUNK`` of a big one, the TOC, the footer), an OCI layout
+    in ``image.images`` tagged ``1``, built once per tree and writer. Its repository name."""
+    h = hashlib.sha256(image.pull.encode())
+    for name in ("estargz.py", "tarwriter.py"):
+        h.update((ROOT / "testkit" / name).read_bytes())
+    repo = f"{image.name}-estargz-{h.hexdigest()[:12]}"
+    dest = image.images / repo
+    if (dest / "index.json").exists():
+        return repo
+    from testkit import estargz  # the writer is test code: loaded only when it is needed
+
+    tmp = image.images / f".{repo}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t = time.monotonic()
+    layer = estargz.write_estargz(estargz.entries_of_dir(image.rootfs), chunk_size=ESTARGZ_CHUNK)
+    estargz.write_layout(tmp, [layer])
+    os.replace(tmp, dest)
+    log(f"image: eStargz {repo} ({len(layer.blob) >> 20} MiB) in {time.monotonic() - t:.1f}s")
+    return repo
+
+
 def debian_image() -> ImageSet:
     base = CACHE / f"debian-v{DEBIAN_VERSION}"
     base.mkdir(parents=True, exist_ok=True)

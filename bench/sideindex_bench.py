@@ -21,7 +21,9 @@ cold    ``lazyfs mount --no-prefetch`` into an empty cache + ``chroot MNT python
         and of the lazyfs image, and a full pull (skopeo copy + umoci unpack + the program,
         ``registry_bench.full_run``): seconds, and the bytes the registry sent (its access
         log: manifests, the side index or index, the chunk ranges). Goals at the default
-        spacing: within 1.3x the lazyfs image's time and at most 2x its bytes.
+        spacing: within 1.3x the lazyfs image's time and at most 2x its bytes. The same
+        tree as a one-layer eStargz image (``bench.image.estargz_cached``, 4 MiB chunks),
+        mounted with no side index, is the table's eStargz row.
 
 Seconds are medians over the runs; each ratio is one of medians of this run. The page
 cache is dropped before each cold start (not with ``--quick``, which keeps it, as the
@@ -57,7 +59,7 @@ if str(ROOT) not in sys.path:
 
 from bench import registry_bench  # noqa: E402
 from bench.harness import log, stats  # noqa: E402
-from bench.image import debian_image, quick_image  # noqa: E402
+from bench.image import ESTARGZ_CHUNK, debian_image, estargz_cached, quick_image  # noqa: E402
 from blockindex.format import DEFAULT_CHUNK_SIZE  # noqa: E402
 from blockindex.oci import Layout  # noqa: E402
 from blockindex.sideindex import DEFAULT_SPACING, MAX_SPACING, MIN_SPACING, build_side_index  # noqa: E402
@@ -142,6 +144,7 @@ def run(quick: bool, outdir: Path, runs: int | None = None,
         host = registry.host
         log(f"sideindex: {image.description} into {host}")
         registry.skopeo_copy(f"oci:{image.images / image.lazy}:1", "lazy:1")
+        registry.skopeo_copy(f"oci:{image.images / estargz_cached(image)}:1", "estargz:1")
         index_command_s: dict[int, float] = {}
         for spacing in spacings:
             registry.skopeo_copy(f"oci:{layout_dir}:1", f"{_repo(spacing)}:1")
@@ -151,7 +154,7 @@ def run(quick: bool, outdir: Path, runs: int | None = None,
         build_s: dict[int, list[float]] = {s: [] for s in spacings}
         gunzip_s: list[float] = []
         inflate_s: list[float] = []
-        cold: dict[str, list[dict[str, Any]]] = {"lazy": [], **{label(s): [] for s in spacings}}
+        cold: dict[str, list[dict[str, Any]]] = {"lazy": [], "estargz": [], **{label(s): [] for s in spacings}}
         full: list[dict[str, Any]] = []
         for n in range(runs):  # interleaved, so drift on a shared machine hits every case alike
             log(f"sideindex: run {n + 1}/{runs}: build against gunzip")
@@ -167,6 +170,8 @@ def run(quick: bool, outdir: Path, runs: int | None = None,
                 build_s[spacing].append(time.perf_counter() - t)
             log(f"sideindex: run {n + 1}/{runs}: cold starts")
             cold["lazy"].append(registry_bench.lazy_run(f"{host}/lazy:1", served, work, f"lazy-{n}", quick))
+            cold["estargz"].append(registry_bench.lazy_run(f"{host}/estargz:1", served, work,
+                                                           f"estargz-{n}", quick))
             for spacing in spacings:
                 name = label(spacing)
                 cold[name].append(registry_bench.lazy_run(f"{host}/{_repo(spacing)}:1", served, work,
@@ -178,7 +183,7 @@ def run(quick: bool, outdir: Path, runs: int | None = None,
             registry.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    lazy, full_pull = _figures(cold["lazy"]), _figures(full)
+    lazy, full_pull, esgz = _figures(cold["lazy"]), _figures(full), _figures(cold["estargz"])
     gunzip, inflate = stats(gunzip_s), stats(inflate_s)
     layer_bytes = sum(layer["size"] for layer in image.layers)
     rows = []
@@ -213,6 +218,11 @@ def run(quick: bool, outdir: Path, runs: int | None = None,
         "baseline": {"gunzip_s": gunzip, "inflate_s": inflate},
         "lazy": lazy,
         "full_pull": full_pull,
+        "estargz": {"cold": esgz, "chunk_size": ESTARGZ_CHUNK,
+                    "cold_time_vs_lazy": _median(esgz, "total_s") / _median(lazy, "total_s"),
+                    "cold_bytes_vs_lazy": _median(esgz, "bytes") / _median(lazy, "bytes"),
+                    "cold_time_vs_full": _median(esgz, "total_s") / _median(full_pull, "total_s"),
+                    "cold_bytes_vs_full": _median(esgz, "bytes") / _median(full_pull, "bytes")},
         "spacings": rows,
         "goals": {"spacing": at["spacing"], **{k: {"value": at[k], "at_most": bound, "met": at[k] <= bound}
                                               for k, bound in GOALS.items()}},
@@ -248,6 +258,11 @@ def markdown(r: dict[str, Any]) -> str:
             f"{c['total_s']['median']:.2f} s | {row['cold_time_vs_lazy']:.2f}x | "
             f"{c['bytes']['median'] / mib:.1f} MiB | {row['cold_bytes_vs_lazy']:.2f}x | "
             f"{row['cold_time_vs_full']:.2f}x, {row['cold_bytes_vs_full']:.2f}x |")
+    e = r["estargz"]
+    lines.append(f"| eStargz, no side index ({e['chunk_size'] >> 20} MiB chunks) | | | | | | "
+                 f"{e['cold']['total_s']['median']:.2f} s | {e['cold_time_vs_lazy']:.2f}x | "
+                 f"{e['cold']['bytes']['median'] / mib:.1f} MiB | {e['cold_bytes_vs_lazy']:.2f}x | "
+                 f"{e['cold_time_vs_full']:.2f}x, {e['cold_bytes_vs_full']:.2f}x |")
     lines.append(f"| lazyfs format | | | | | | {lazy['total_s']['median']:.2f} s | 1 | "
                  f"{lazy['bytes']['median'] / mib:.1f} MiB | 1 | "
                  f"{lazy['total_s']['median'] / full['total_s']['median']:.2f}x, "

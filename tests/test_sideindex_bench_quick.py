@@ -24,8 +24,10 @@ def test_quick_sideindex_benchmark_reports_every_figure(tmp_path):
     assert result["quick"] and result["runs"] == 1
     assert result["image"]["layer_bytes"] > 0 and result["image"]["files"] > 0
     assert all(result["baseline"][k]["median"] > 0 for k in ("gunzip_s", "inflate_s"))
-    for case in (result["lazy"], result["full_pull"]):
+    for case in (result["lazy"], result["full_pull"], result["estargz"]["cold"]):
         assert case["total_s"]["median"] > 0 and case["bytes"]["median"] > 0
+    # the eStargz image is read lazily: fewer bytes than the whole image, however small
+    assert result["estargz"]["cold_bytes_vs_full"] < 1
     rows = result["spacings"]
     assert [r["label"] for r in rows] == ["512K", "2M"]
     for row in rows:
@@ -42,5 +44,5 @@ def test_quick_sideindex_benchmark_reports_every_figure(tmp_path):
     assert set(goals) == set(sideindex_bench.GOALS)
     assert all(isinstance(g["met"], bool) and g["value"] > 0 for g in goals.values())
     table = (tmp_path / "sideindex.md").read_text()
-    for name in ("side index, 512K", "side index, 2M", "lazyfs format", "full pull"):
+    for name in ("side index, 512K", "side index, 2M", "eStargz, no side index", "lazyfs format", "full pull"):
         assert f"| {name}" in table, name
