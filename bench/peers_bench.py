@@ -365,7 +365,10 @@ def one_run(quick: bool, images: Path, repo: str, n: int, mode: str, work: Path,
             counted = origin.stop()
         finally:
             origin.kill()
-    from_peers = sum(v for s in statuses for k, v in s["bytes_by_source"].items() if k.startswith("peer "))
+    # a node served by its own `lazyfs peer` (--advertise) gets what it owns through it, from
+    # the origin: those bytes are not from peers
+    from_peers = sum(v for s in statuses for k, v in s["bytes_by_source"].items()
+                     if k.startswith("peer ") and k != f"peer {(s.get('peers') or {}).get('self')}")
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "program_s": max(done for _, done in per_node),
