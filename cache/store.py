@@ -333,6 +333,11 @@ class ChunkStore:
         when the disk refuses: a full cache must not fail a read that the network has
         served."""
         path = self._entry(digest)
+        if self.contains(digest, len(plain)):
+            # Written meanwhile by another process of this cache (the node's `lazyfs peer`
+            # that fetched it for this mount, another mount of the image): one stat, where
+            # writing it again cost a create, a write and a rename.
+            return True
         if self.full_since is not None and not self.has_room(entry_size(len(plain))):
             self.skipped_full += 1
             return False

@@ -29,6 +29,22 @@ def test_put_get_roundtrip(tmp_path):
     assert os.listdir(store.path(digest).parent) == [digest.hex()]  # no temp file left
 
 
+def test_an_entry_another_process_wrote_is_not_written_again_but_a_torn_one_is(tmp_path):
+    """Two processes of one cache (a mount and its node's lazyfs peer) fetch the same chunk:
+    the second put finds the whole entry and leaves it; a torn one is written anew."""
+    digest = hashlib.sha256(b"x").digest()
+    plain = os.urandom(3 * BLOCK_SIZE + 5)
+    ChunkStore(tmp_path).put(digest, plain)  # the other process
+    store = ChunkStore(tmp_path)
+    first = os.stat(store.path(digest)).st_ino
+    assert store.put(digest, plain)
+    assert os.stat(store.path(digest)).st_ino == first and store.written_bytes == 0
+    os.truncate(store.path(digest), entry_size(len(plain)) - 1)
+    assert store.put(digest, plain)
+    assert os.stat(store.path(digest)).st_ino != first
+    assert bytes(store.get(digest)) == plain
+
+
 def test_contains_with_size_counts_only_whole_entries(tmp_path):
     store = ChunkStore(tmp_path)
     digest = b"\x02" * 32
