@@ -98,6 +98,9 @@ class ChunkFetcher(CacheReads):
         """What a read from the node cache that waits for the disk asks the disk for along."""
         self._for_peers = Together(nursery, lambda new: self._to_origin(new, False, True, owner=True))
         """The chunks peers' requests want from the origin at once (``get_payload``)."""
+        self._for_peers_later = Together(nursery, lambda new: self._to_origin(new, True, True, owner=True))
+        """The same for peers' prefetch: background ranges, which wait while reads (this
+        node's, or any peer's) are fetched, and which such a read takes a chunk over from."""
 
     async def get(self, chunks: Sequence[Chunk], *, background: bool = False,
                   use_peers: bool = True, speculative: bool = False) -> dict[ChunkDigest, bytes | memoryview]:
@@ -128,12 +131,13 @@ class ChunkFetcher(CacheReads):
         fetched = await self.get(rest, speculative=speculative)
         return {**hits, **fetched}, hits.keys()
 
-    async def get_payload(self, chunk: Chunk) -> bytes:
+    async def get_payload(self, chunk: Chunk, *, background: bool = False) -> bytes:
         """The verified stored payload of one chunk (what a peer is sent), fetched from the
         origin (never from peers) and cached, once however many peers ask. The chunks that
         the tasks running at once ask for are planned together (``together``): neighbours
-        in one range request."""
-        [(_, p)] = await self._wait([chunk], False, False)
+        in one range request. ``background`` (a peer's prefetch) fetches as this node's
+        own prefetch does: after the reads in flight, a read taking a chunk over."""
+        [(_, p)] = await self._wait([chunk], background, False)
         if p.payload is None:  # it joined a load from the node cache, which keeps plain bytes
             assert p.data is not None
             payload = await trio.to_thread.run_sync(stored_payload, p.data, chunk)
@@ -269,8 +273,8 @@ class ChunkFetcher(CacheReads):
                 else:
                     self._nursery.start_soon(self._fetch_via_peers, c, asks, background, speculative)
             new = to_origin
-        elif not use_peers and not background:  # for peers: with those of the others asking
-            self._for_peers.add(new)
+        elif not use_peers:  # for peers: with those of the others asking
+            (self._for_peers_later if background else self._for_peers).add(new)
             return
         self._to_origin(new, background, self._route is None or not use_peers)
 

@@ -217,7 +217,8 @@ class ChunkServer:
         self._blobs = BlobServer(images, origins, fetch_timeout=config.fetch_deadline,
                                  io=self._io) if images is not None else None
         self._spans = SideIndexes(images) if images is not None else None
-        self._batches = BatchServer(lambda c, repo, index: self._serve(c.digest, c, repo, index),
+        self._batches = BatchServer(lambda c, repo, index, prefetch: self._serve(c.digest, c, repo, index,
+                                                                                 background=prefetch),
                                     self.stats, deadline=config.fetch_deadline, cached=self._had)
         self._connections = Connections(self._answer, config, self.stats)
 
@@ -342,10 +343,12 @@ class ChunkServer:
         return await self._serve(digest, chunk, repo, index)
 
     async def _serve(self, digest: ChunkDigest, chunk: Chunk | None, repo: str | None,
-                     index: str | None = None) -> tuple[int, int, bytes | memoryview]:
+                     index: str | None = None, *, background: bool = False
+                     ) -> tuple[int, int, bytes | memoryview]:
         """``(codec, size, stored payload)`` of a chunk for a peer: from the node cache, else
         (``chunk`` and ``repo`` say where it lies; a gzip span's checkpoint, the side index
-        ``index``) fetched from the origin."""
+        ``index``) fetched from the origin; for a peer's prefetch (``background``) at the
+        priority of a prefetch, after the reads this node fetches for anyone."""
         entry = await self._load(digest, chunk)
         if entry is not None and (chunk is None or entry[1] == chunk.size):
             return entry
@@ -364,9 +367,9 @@ class ChunkServer:
         with trio.move_on_after(self.config.fetch_deadline):
             try:
                 if sends_plain(chunk):
-                    got = await fetcher.get([chunk], use_peers=False)
+                    got = await fetcher.get([chunk], use_peers=False, background=background)
                     return CODEC_RAW, chunk.size, got[chunk.digest]
-                payload = await fetcher.get_payload(chunk)
+                payload = await fetcher.get_payload(chunk, background=background)
             except FetchError as exc:
                 raise Refused(502, f"cannot fetch chunk {digest.hex()[:16]}: {exc}") from None
             return chunk.codec, chunk.size, payload

@@ -58,9 +58,10 @@ class Refused(Exception):
         self.status = status
 
 
-Serve = Callable[[Chunk, "str | None", "str | None"], Awaitable[tuple[int, int, "bytes | memoryview"]]]
+Serve = Callable[[Chunk, "str | None", "str | None", bool], Awaitable[tuple[int, int, "bytes | memoryview"]]]
 """One chunk's ``(codec, size, stored payload)`` for a peer, or ``Refused``, given the
-batch's repository and side index."""
+batch's repository and side index, and whether the batch is a prefetch's (fetched from the
+origin at the prefetch's priority)."""
 Cached = Callable[[Chunk], Awaitable["tuple[int, int, bytes | memoryview] | None"]]
 """The same from the node cache alone, or None."""
 
@@ -91,16 +92,16 @@ class BatchServer:
         async def stream(send: Send) -> None:
             self.active += 1
             try:
-                await self._frames(unique, repo, index, send, self._prefetch if prefetch else None)
+                await self._frames(unique, repo, index, send, prefetch)
             finally:
                 self.active -= 1
 
         return Answer(200, b"", content_type=BATCH_CONTENT_TYPE, stream=stream)
 
     async def _frames(self, chunks: Sequence[Chunk], repo: str | None, index: str | None, send: Send,
-                      shared: trio.CapacityLimiter | None) -> None:
+                      prefetch: bool) -> None:
         out, frames = trio.open_memory_channel[list[bytes | memoryview]](len(chunks))
-        limit = shared or trio.CapacityLimiter(FETCHES_PER_BATCH)
+        limit = self._prefetch if prefetch else trio.CapacityLimiter(FETCHES_PER_BATCH)
         stats = self._stats
         answered: set[bytes] = set()
 
@@ -111,7 +112,7 @@ class BatchServer:
             else:
                 async with limit:
                     try:
-                        codec, size, payload = await self._serve(c, repo, index)
+                        codec, size, payload = await self._serve(c, repo, index, prefetch)
                     except Refused as exc:
                         if exc.status == 404:
                             stats.not_found += 1

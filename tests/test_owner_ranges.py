@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import trio
+import trio.testing
 
 from blockindex.codec import decode
 from blockindex.format import Chunk
@@ -118,3 +119,53 @@ def test_an_owners_ranges_are_no_larger_than_a_background_request(tmp_path):
     assert all(status == OK for status, _ in answer.values()) and len(answer) == len(chunks)
     assert 4 <= len(origin.requests) <= 8
     assert all(length <= len(raw) // 4 for _, _, length in origin.requests)
+
+
+def test_a_peers_prefetch_waits_for_reads_and_a_read_takes_its_chunk_over(tmp_path):
+    """A prefetch batch's chunks are fetched as this node's own prefetch is: after the reads
+    the owner is fetching (for itself or any peer) and never ahead of them; a read that wants
+    one of its queued chunks fetches that chunk at once."""
+    blob, chunks, raw = make_blob(PIECES)
+    started: list[tuple[float, int, int]] = []
+
+    class Timed(ScriptedSource):
+        async def read_range(self, digest: str, offset: int, length: int) -> bytes:
+            started.append((trio.current_time(), offset, offset + length))
+            return await super().read_range(digest, offset, length)
+
+    origin = Timed({blob.digest: raw}, script=["slow"])  # the first request: 0.4 s
+    store = ChunkStore(tmp_path / "owner")
+    read_first, wanted = chunks[0], chunks[15]
+    answers: dict[str, bytes] = {"prefetch": b"", "read": b""}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher = ChunkFetcher(nursery, origin, store, FetchConfig(deadline=10))
+            server = ChunkServer(store, TOKEN, OriginPool(nursery, store, fetchers={REPO: fetcher}))
+
+            async def ask(name: str, head: RequestHead) -> None:
+                answer = await server._answer(head)
+                assert answer.status == 200 and answer.stream is not None
+
+                async def send(pieces) -> None:
+                    answers[name] += b"".join(bytes(p) for p in pieces)
+
+                await answer.stream(send)
+
+            async with trio.open_nursery() as asking:
+                asking.start_soon(ask, "read", _batch([read_first]))  # slow at the origin
+                await trio.sleep(0.01)
+                asking.start_soon(ask, "prefetch", _batch(chunks[10:20], prefetch=True))
+                await trio.sleep(0.01)
+                asking.start_soon(ask, "read", _batch([wanted]))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert all(status == OK for status, _ in _frames(answers["prefetch"]).values())
+    assert len(_frames(answers["prefetch"])) == 10
+    first_end = read_first.offset + read_first.stored_size
+    assert started[0][1:] == (read_first.offset, first_end)
+    [at_wanted] = [t for t, lo, _ in started if lo == wanted.offset]
+    assert at_wanted < 0.1  # the read's, at once: not after the slow one, nor the prefetch
+    rest = [t for t, lo, _ in started if lo >= chunks[10].offset and lo != wanted.offset]
+    assert rest and min(rest) >= 0.4  # the prefetch's own ranges: once no read is under way

@@ -210,7 +210,7 @@ def test_an_owner_sends_what_it_has_cached_while_its_origin_fetches_are_held_up(
 
     held = {c.digest for c in have}
 
-    async def serve(c, repo, index):  # as the chunk server's: the cache, else an hour at the origin
+    async def serve(c, repo, index, prefetch):  # as the chunk server's: the cache, else an hour at the origin
         if c.digest not in held:
             await trio.sleep(3600)
         return payload(c)
