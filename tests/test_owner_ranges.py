@@ -45,9 +45,11 @@ def _frames(sent: bytes) -> dict[bytes, tuple[int, bytes]]:
         at += length
 
 
-def _ask(tmp_path, batches: list[list[Chunk]], origin: ScriptedSource, prefetch: bool = False,
-         config: FetchConfig = FetchConfig(deadline=10)) -> list[dict[bytes, tuple[int, bytes]]]:
-    """Sends ``batches`` to an owner with an empty cache, all at once; their answers."""
+def _ask(tmp_path, batches: list[list[Chunk]] | list[tuple[list[Chunk], bool]], origin: ScriptedSource,
+         prefetch: bool = False, config: FetchConfig = FetchConfig(deadline=10), *, spaced: float = 0.0,
+         clock: trio.abc.Clock | None = None) -> list[dict[bytes, tuple[int, bytes]]]:
+    """Sends ``batches`` (each with whether it is a prefetch's, else ``prefetch``) to an
+    owner with an empty cache, ``spaced`` seconds apart; their answers."""
     answers: list[bytes] = [b""] * len(batches)
     store = ChunkStore(tmp_path / "owner")
 
@@ -66,11 +68,14 @@ def _ask(tmp_path, batches: list[list[Chunk]], origin: ScriptedSource, prefetch:
                 await answer.stream(send)
 
             async with trio.open_nursery() as asking:
-                for i, chunks in enumerate(batches):
-                    asking.start_soon(one, i, _batch(chunks, prefetch))
+                for i, batch in enumerate(batches):
+                    chunks, its_prefetch = batch if isinstance(batch, tuple) else (batch, prefetch)
+                    asking.start_soon(one, i, _batch(chunks, its_prefetch))
+                    if spaced:
+                        await trio.sleep(spaced)
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    trio.run(main, clock=clock)
     return [_frames(a) for a in answers]
 
 
@@ -134,35 +139,10 @@ def test_a_peers_prefetch_waits_for_reads_and_a_read_takes_its_chunk_over(tmp_pa
             return await super().read_range(digest, offset, length)
 
     origin = Timed({blob.digest: raw}, script=["slow"])  # the first request: 0.4 s
-    store = ChunkStore(tmp_path / "owner")
     read_first, wanted = chunks[0], chunks[15]
-    answers: dict[str, bytes] = {"prefetch": b"", "read": b""}
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            fetcher = ChunkFetcher(nursery, origin, store, FetchConfig(deadline=10))
-            server = ChunkServer(store, TOKEN, OriginPool(nursery, store, fetchers={REPO: fetcher}))
-
-            async def ask(name: str, head: RequestHead) -> None:
-                answer = await server._answer(head)
-                assert answer.status == 200 and answer.stream is not None
-
-                async def send(pieces) -> None:
-                    answers[name] += b"".join(bytes(p) for p in pieces)
-
-                await answer.stream(send)
-
-            async with trio.open_nursery() as asking:
-                asking.start_soon(ask, "read", _batch([read_first]))  # slow at the origin
-                await trio.sleep(0.01)
-                asking.start_soon(ask, "prefetch", _batch(chunks[10:20], prefetch=True))
-                await trio.sleep(0.01)
-                asking.start_soon(ask, "read", _batch([wanted]))
-            nursery.cancel_scope.cancel()
-
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    assert all(status == OK for status, _ in _frames(answers["prefetch"]).values())
-    assert len(_frames(answers["prefetch"])) == 10
+    _, prefetched, _ = _ask(tmp_path, [([read_first], False), (chunks[10:20], True), ([wanted], False)],
+                            origin, spaced=0.01, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert len(prefetched) == 10 and all(status == OK for status, _ in prefetched.values())
     first_end = read_first.offset + read_first.stored_size
     assert started[0][1:] == (read_first.offset, first_end)
     [at_wanted] = [t for t, lo, _ in started if lo == wanted.offset]
