@@ -154,7 +154,8 @@ def run(quick: bool, outdir: Path, runs: int | None = None,
         build_s: dict[int, list[float]] = {s: [] for s in spacings}
         gunzip_s: list[float] = []
         inflate_s: list[float] = []
-        cold: dict[str, list[dict[str, Any]]] = {"lazy": [], "estargz": [], **{label(s): [] for s in spacings}}
+        cold: dict[str, list[dict[str, Any]]] = {"lazy": [], "estargz": [],
+                                                 **{label(s): [] for s in spacings}}
         full: list[dict[str, Any]] = []
         for n in range(runs):  # interleaved, so drift on a shared machine hits every case alike
             log(f"sideindex: run {n + 1}/{runs}: build against gunzip")

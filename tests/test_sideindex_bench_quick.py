@@ -44,5 +44,6 @@ def test_quick_sideindex_benchmark_reports_every_figure(tmp_path):
     assert set(goals) == set(sideindex_bench.GOALS)
     assert all(isinstance(g["met"], bool) and g["value"] > 0 for g in goals.values())
     table = (tmp_path / "sideindex.md").read_text()
-    for name in ("side index, 512K", "side index, 2M", "eStargz, no side index", "lazyfs format", "full pull"):
+    for name in ("side index, 512K", "side index, 2M", "eStargz, no side index", "lazyfs format",
+                 "full pull"):
         assert f"| {name}" in table, name
