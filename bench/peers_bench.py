@@ -28,6 +28,10 @@ python image; in quick mode, reading every file of a tiny image). Measured per r
     origin_index_gets whole-blob GETs at the origin (the index: one per cluster with peers;
                       the mirror takes every blob whole, the seed takes slices)
     origin_requests   every request the origin answered
+    origin_after_peers  chunks the nodes' mounts asked of the origin after their peers failed
+                      or were slow, of all nodes together; of them ``hedged`` (a peer silent
+                      for the hedge delay: ``hedge_wins`` answered first by the origin),
+                      ``stalled`` (a batch that stopped), and ``peer_failures``
     node_cpu_s        CPU seconds per node: its mount, and its peer or node proxy
     node_proxy_cache_bytes  the node proxy's own copy on each node's disk (proxy)
     site_cache_bytes, site_cpu_s  the shared mirror's or seed's cache and CPU
@@ -380,6 +384,11 @@ def one_run(quick: bool, images: Path, repo: str, n: int, mode: str, work: Path,
         "origin_body_bytes": counted["range_bytes"] + counted["whole_blob_bytes"],
         "origin_index_gets": counted["whole_blobs"],
         "peer_bytes": from_peers,
+        # how often a node's mounts went past its peers to the origin (all nodes together):
+        # hedges (a peer silent for the hedge delay), stalls (a batch that stopped), and
+        # every chunk asked of the origin after its peers failed or were slow
+        **{key: sum(s["fetch"][key] for s in statuses)
+           for key in ("origin_after_peers", "hedged", "hedge_wins", "stalled", "peer_failures")},
         "stored_bytes": statuses[0]["image"]["stored_bytes"],
         "chunks": statuses[0]["image"]["chunks"],
         "origin_requests": counted["requests"],
@@ -446,7 +455,9 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
                     log(f"run {r + 1}/{runs}: {n} node(s), {mode}: program {res['program_s']:.2f}s, "
                         f"cache complete {'-' if complete is None else f'{complete:.2f}s'}, origin sent "
                         f"{res['origin_sent_bytes'] / 2**20:.1f} MiB, "
-                        f"from peers {res['peer_bytes'] / 2**20:.1f} MiB")
+                        f"from peers {res['peer_bytes'] / 2**20:.1f} MiB, chunks asked of the origin "
+                        f"past peers {res['origin_after_peers']} ({res['hedged']} hedged, "
+                        f"{res['stalled']} stalled, {res['peer_failures']} failed)")
     except BaseException:
         log(f"failed: mount logs and caches kept in {work}")
         raise
@@ -468,6 +479,8 @@ def run(quick: bool, outdir: Path, *, runs: int | None = None, origin_delay: flo
                 "origin_sent_bytes": stats([float(x["origin_sent_bytes"]) for x in rs]),
                 "origin_requests": stats([float(x["origin_requests"]) for x in rs]),
                 "peer_bytes": stats([float(x["peer_bytes"]) for x in rs]),
+                **{key: stats([float(x[key]) for x in rs])
+                   for key in ("origin_after_peers", "hedged", "hedge_wins", "stalled", "peer_failures")},
                 "origin_vs_image": origin["median"] / stored,
                 "origin_body_bytes": stats([float(x["origin_body_bytes"]) for x in rs]),
                 "origin_index_gets": stats([float(x["origin_index_gets"]) for x in rs]),
