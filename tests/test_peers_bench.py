@@ -45,6 +45,10 @@ def test_quick_peers_benchmark_reports_every_figure_and_draws_the_plot(quick_sui
     assert out["results"]["peers"]["2"]["origin_bytes"]["median"] <= 1.5 * stored
     assert out["results"]["no_peers"]["2"]["origin_bytes"]["median"] >= 1.9 * stored
     assert out["results"]["peers"]["2"]["peer_bytes"]["median"] > 0
+    # how often the origin was asked past the peers is counted, for the README to say
+    for key in ("origin_after_peers", "hedged", "hedge_wins", "stalled", "peer_failures"):
+        assert out["results"]["peers"]["2"][key]["median"] >= 0
+        assert out["results"]["no_peers"]["2"][key]["median"] == 0  # no peers: nothing past them
     assert out["results"]["no_peers"]["2"]["origin_requests"]["median"] > 0
     # the mirror and the node proxies each ran: a site cache filled (the mirror's whole
     # blobs; the seed's slices), every node proxy kept its own copy of the chunks, and the
