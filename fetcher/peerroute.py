@@ -125,7 +125,7 @@ class PeerRoute:
 
         self._stats.demand_requests += 1
         with self._gate.demand():
-            delay = peers.hedge_delay() * (5 if speculative else 1)
+            delay = peers.hedge_delay(c.stored_size) * (5 if speculative else 1)
             self._stats.peer_requests += 1
             # the origin starts early enough to answer within the read's deadline
             last_by = min(peers.config.request_deadline, self._deadline / 2)

@@ -103,6 +103,12 @@ class PeerConfig:
     """Seconds to wait for a peer before asking the origin as well (a hedged request);
     raised adaptively to 3x the peers' observed latency, up to ``max_hedge_delay``."""
     max_hedge_delay: float = 1.0
+    hedge_rate: float = 4 << 20
+    """Bytes a second: a chunk's stored size over this is added to its hedge delay. The
+    owner of a chunk it lacks fetches it whole from the origin, which the whole cluster
+    shares, before it sends a byte: a large chunk (0.5-1 MiB) was hedged where small ones
+    were not, and fetched by the next owner too (8 nodes on two cores: 29 hedges a run,
+    4.2 of 29 MiB at the origin sent twice or more)."""
     hedge_budget: float = 0.02
     """At most this fraction of peer requests (plus a small burst) is hedged: past it a
     request waits for its peer alone (until ``request_deadline``, then the origin), so a
@@ -238,9 +244,12 @@ class PeerSet:
     def _is_self(self, peer: str) -> bool:
         return peer == self.self_url or peer in self._also_self
 
-    def hedge_delay(self) -> float:
+    def hedge_delay(self, nbytes: int = 0) -> float:
+        """Seconds to wait for a peer before the next source, for a chunk of ``nbytes``
+        stored bytes (``hedge_rate``)."""
         c = self.config
-        return min(c.max_hedge_delay, max(c.hedge_delay, 3 * self.latency, 1.5 * self.p95()))
+        base = min(c.max_hedge_delay, max(c.hedge_delay, 3 * self.latency, 1.5 * self.p95()))
+        return base + nbytes / c.hedge_rate
 
     def p95(self) -> float:
         """The 95th percentile of recent peer latencies (0 before 20 observations): hedging

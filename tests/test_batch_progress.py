@@ -6,6 +6,7 @@ the fetcher, its peer route and its batches are the real ones."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -79,7 +80,8 @@ def _read(tmp_path, owner_of, n: int = 20):
     blob, chunks, raw = make_blob(pieces)
     origin = ScriptedSource({blob.digest: raw})
     owner = owner_of(raw)
-    peers = PeerSet([OWNER], config=PeerConfig(hedge_delay=DELAY, request_deadline=DEADLINE))
+    peers = PeerSet([OWNER], config=PeerConfig(hedge_delay=DELAY, request_deadline=DEADLINE,
+                                                   hedge_rate=math.inf))  # delays exact
     out = {}
 
     async def main():

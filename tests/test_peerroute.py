@@ -4,6 +4,7 @@ the network; the fetcher's in-flight bookkeeping is not involved."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -38,7 +39,8 @@ class Peers(BatchesByChunk):
 
 def route_run(answers: dict[str, str], body, *, asks=((OWNER, False), (NEXT, False))):
     _, [chunk], raw = make_blob([PIECE])
-    peers = PeerSet([OWNER, NEXT], config=PeerConfig(hedge_delay=0.05, request_deadline=10))
+    peers = PeerSet([OWNER, NEXT], config=PeerConfig(hedge_delay=0.05, request_deadline=10,
+                                                      hedge_rate=math.inf))  # delays exact
     client = Peers(raw, answers)
     stats = FetchStats()
     gate = DemandGate(pause=1.0)

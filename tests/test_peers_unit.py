@@ -3,6 +3,7 @@ fetcher with scripted peers (right bytes whatever the peers do)."""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from functools import partial
@@ -84,6 +85,15 @@ def test_a_peer_that_refused_the_connection_is_asked_again_soon():
     assert peers.health[PEERS[2]].avoid_until == pytest.approx(1.0)
 
 
+def test_a_large_chunk_is_waited_for_longer_before_a_hedge():
+    """Its owner fetches it whole from the origin before it sends a byte: its size over
+    ``hedge_rate`` is added to the hedge delay."""
+    peers = PeerSet(PEERS[:3], self_url=PEERS[0], config=PeerConfig(hedge_delay=0.08, hedge_rate=4 << 20))
+    assert peers.hedge_delay() == pytest.approx(0.08)
+    assert peers.hedge_delay(1 << 20) == pytest.approx(0.08 + 0.25)
+    assert peers.hedge_delay(16 << 10) < peers.hedge_delay(512 << 10)
+
+
 def test_a_closed_port_is_a_refused_connection():
     async def main():
         sock = trio.socket.socket()
@@ -139,7 +149,7 @@ def run_with_peers(tmp_path, script, clock=None):
     blob, chunks, raw = make_blob(PIECES)
     origin = ScriptedSource({blob.digest: raw})
     peers = PeerSet(["http://10.0.0.2:7070"], self_url="http://10.0.0.1:7070",
-                    config=PeerConfig(hedge_delay=0.05))
+                    config=PeerConfig(hedge_delay=0.05, hedge_rate=math.inf))
     client = ScriptedPeers(raw, list(script))
     out = {}
 
@@ -260,7 +270,7 @@ def run_cluster(tmp_path, scripts, *, self_position=3, origin_script=(), deadlin
     me = _self_at(chunk.digest, self_position)
     roles = [u for u in rendezvous(chunk.digest, [*CLUSTER, me]) if u != me]
     origin = TimedSource({blob.digest: raw}, origin_script)
-    peers = PeerSet([*CLUSTER, me], self_url=me, config=PeerConfig(hedge_delay=0.05))
+    peers = PeerSet([*CLUSTER, me], self_url=me, config=PeerConfig(hedge_delay=0.05, hedge_rate=math.inf))
     client = ClusterPeers(raw, {roles[i]: s for i, s in enumerate(scripts)})
     out = {"peers": peers, "digest": chunk.digest}
 
