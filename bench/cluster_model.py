@@ -95,6 +95,8 @@ class Params:
     """CPU seconds of a node's mount before its containers start, and of each start itself."""
     hedge_delay: float = 0.08
     max_hedge_delay: float = 1.0
+    hedge_rate: float = 4 << 20
+    """A chunk's stored size over this is added to its hedge delay (``PeerConfig.hedge_rate``)."""
     hedge_budget: float = 0.02
     hedge_burst: int = 3
     request_deadline: float = 10.0
@@ -168,8 +170,11 @@ class Cluster:
                 out.append(j)
         return out
 
-    def hedge_delay(self, n: Node) -> float:
-        return min(self.p.max_hedge_delay, max(self.p.hedge_delay, 3 * n.latency))
+    def hedge_delay(self, n: Node, k: int) -> float:
+        """``PeerSet.hedge_delay`` for a chunk of piece ``k`` (its pieces' average chunk)."""
+        piece = self.pieces[k]
+        base = min(self.p.max_hedge_delay, max(self.p.hedge_delay, 3 * n.latency))
+        return base + piece.size / piece.chunks / self.p.hedge_rate
 
     def may_hedge(self, n: Node) -> bool:
         if n.hedged < self.p.hedge_budget * n.peer_requests + self.p.hedge_burst:

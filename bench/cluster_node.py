@@ -63,7 +63,7 @@ class Race:
         self.cancels: list[Callable[[], Any]] = []
         self.hedge = None
         p = cl.p
-        self.delay = cl.hedge_delay(n)
+        self.delay = cl.hedge_delay(n, k)
         last_by = min(p.request_deadline, p.deadline / 2) if demand else p.request_deadline
         self.give_up = cl.sim.at(last_by, self._give_up) if len(self.sources) > 1 else None
         self._launch()
