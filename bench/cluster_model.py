@@ -83,8 +83,9 @@ class Params:
     """CPU seconds a peer server spends on one request (HTTP, cache read, send)."""
     recv_cost: float = 0.0
     """CPU seconds a node spends per chunk it receives (check, decode, write)."""
-    chunks_per_request: int = 1
-    """Chunks a node asks of a peer in one request (1 today: one request per chunk)."""
+    chunks_per_request: int = 64
+    """Chunks a node asks of a peer in one request (a batch, ``peerwire.MAX_BATCH_CHUNKS``;
+    1 before batches: one request per chunk)."""
     server_slots: int = 32
     """Requests a peer serves at once, 503 past that (``PeerServerConfig.max_concurrent``); 0: no limit."""
     cores: int = 2

@@ -40,8 +40,8 @@ OTHERS = {
 
 def with_tree(base: Params) -> Params:
     """What the design would need at 1,000 nodes: owners that queue instead of answering
-    503, 64 chunks a peer request, and a fan-out of 4 below each owner."""
-    return dataclasses.replace(base, server_slots=0, chunks_per_request=64, tree=4)
+    503, and a fan-out of 4 below each owner (with today's batches of 64 chunks)."""
+    return dataclasses.replace(base, server_slots=0, tree=4)
 
 
 def scenarios(base: Params, fail_today: float, fail_tree: float) -> dict[str, Params]:
@@ -54,9 +54,9 @@ def scenarios(base: Params, fail_today: float, fail_tree: float) -> dict[str, Pa
         "peers (today)": base,
         "peers, owner fails mid-run": r(base, fail_at=fail_today),
         "peers, 1% lying peers": r(base, liars=0.01),
+        "peers, one chunk a request (before batches)": r(base, chunks_per_request=1),
         "peers, owners queue (no 503)": r(base, server_slots=0),
-        "peers, queue + 64 chunks a request": r(base, server_slots=0, chunks_per_request=64),
-        "tree fan-out 4 + queue + 64 chunks a request": tree,
+        "tree fan-out 4 + owners queue": tree,
         "the tree, its busiest owner fails mid-run": r(tree, fail_at=fail_tree),
         "the tree, 1% lying peers": r(tree, liars=0.01),
     }

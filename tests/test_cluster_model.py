@@ -63,9 +63,10 @@ def test_one_node_takes_the_start_from_the_origin_once() -> None:
 
 @pytest.mark.parametrize("nodes", [2, 5, 20])
 def test_peers_take_one_copy_from_the_origin_whatever_the_nodes(nodes: int) -> None:
-    # without hedges: a hedge that reaches the origin is a second copy of its piece by design
+    # without hedges, and owners that queue: a hedge that reaches the origin, or a caller
+    # turned away (503) whom the next owner serves, is a second copy of its piece by design
     p = Params(**{**SMALL.__dict__, "nodes": nodes, "containers": 2 * nodes, "hedge_burst": 0,
-                  "hedge_budget": 0.0})
+                  "hedge_budget": 0.0, "server_slots": 0})
     r = simulate(p)
     assert r["all_ready"] and r["hedges"] == 0
     assert r["origin_copies"] == pytest.approx(1.0, abs=0.01)
