@@ -8,7 +8,8 @@
         400      a head that cannot be parsed (the connection is then closed)
         404      not cached, and the query does not say where it comes from
         502      the owner could not get it from the origin
-        503      more than ``max_concurrent`` requests in progress
+        503      ``max_concurrent`` requests in progress, and ``max_waiting`` waiting for one
+                 of them to end already, or no room within ``max_wait`` seconds
         508      the request came from this very process (its ``X-Lazyfs-Node`` id): the
                  caller's peers file names this node by another address
 
@@ -111,7 +112,14 @@ class PeerServerConfig:
     """How the chunk server treats its callers."""
 
     max_concurrent: int = 32
-    """Requests in progress at once; more are answered 503 (the caller goes to the origin)."""
+    """Requests in progress at once; more wait for one of them to end (``max_waiting``)."""
+    max_waiting: int = 1024
+    max_wait: float = 5.0
+    """Requests waiting for room at once, and seconds each may wait; past either, 503 (the
+    caller goes on to the next owner, then the origin). A 503 at once past
+    ``max_concurrent`` sent most callers to the origin when many nodes started one image:
+    in bench/cluster_model.py's 1,000 nodes the origin sent 939 copies of a start, 1.18
+    with owners that queue."""
     idle_timeout: float = 30.0
     """Seconds a keep-alive connection may sit idle, or take to send a request head."""
     max_connections: int = 256
@@ -136,6 +144,9 @@ class PeerServerStats:
     """Batch requests (``POST /v1/chunks``) taken; their chunks count in ``chunks_served``."""
     unauthorized: int = 0
     busy: int = 0
+    """Requests answered 503: ``max_waiting`` were waiting, or room came not within ``max_wait``."""
+    waited: int = 0
+    """Requests that waited for room (``max_concurrent`` were in progress)."""
     refused_connections: int = 0
     """Connections closed at once: ``max_connections`` were open."""
     send_timeouts: int = 0
@@ -212,6 +223,9 @@ class ChunkServer:
         self._node = node_id.encode() if node_id else None
         self._origins = origins
         self._active = 0
+        self._waiting = 0
+        self._room = trio.lowlevel.ParkingLot()
+        """Requests waiting for one in progress to end."""
         self._io = trio.CapacityLimiter(4)
         self._traces: TraceStore | None = None  # made on first use (it creates CACHE/traces)
         self._blobs = BlobServer(images, origins, fetch_timeout=config.fetch_deadline,
@@ -219,7 +233,8 @@ class ChunkServer:
         self._spans = SideIndexes(images) if images is not None else None
         self._batches = BatchServer(lambda c, repo, index, prefetch: self._serve(c.digest, c, repo, index,
                                                                                  background=prefetch),
-                                    self.stats, deadline=config.fetch_deadline, cached=self._had)
+                                    self.stats, deadline=config.fetch_deadline, cached=self._had,
+                                    on_done=self._room.unpark)
         self._connections = Connections(self._answer, config, self.stats)
 
     listen_on = staticmethod(listen)
@@ -238,7 +253,7 @@ class ChunkServer:
         if self._node and hmac.compare_digest(request.headers.get(NODE_HEADER.lower(), b""), self._node):
             self.stats.from_self += 1
             return Answer(508, b"this request came from this node\n")
-        if self._active + self._batches.active >= self.config.max_concurrent:
+        if self._full() and not await self._wait_for_room():
             self.stats.busy += 1
             return Answer(503, b"busy\n", {"Retry-After": "1"})
         if batch:
@@ -258,6 +273,7 @@ class ChunkServer:
             return Answer(exc.status, f"{exc}\n".encode())
         finally:
             self._active -= 1
+            self._room.unpark()
         status, extra = 200, {CODEC_HEADER: str(codec), SIZE_HEADER: str(size)}
         rng = request.header("range")
         if rng:
@@ -272,6 +288,25 @@ class ChunkServer:
         self.stats.bytes_served += len(payload)
         return Answer(status, payload, extra)
 
+    def _full(self) -> bool:
+        return self._active + self._batches.active >= self.config.max_concurrent
+
+    async def _wait_for_room(self) -> bool:
+        """Wait, first come first served, until fewer than ``max_concurrent`` requests are
+        in progress; False if ``max_waiting`` are waiting already, or after ``max_wait``."""
+        if self._waiting >= self.config.max_waiting:
+            return False
+        self._waiting += 1
+        self.stats.waited += 1
+        try:
+            with trio.move_on_after(self.config.max_wait):
+                while self._full():
+                    await self._room.park()
+                return True
+            return False
+        finally:
+            self._waiting -= 1
+
     async def _blob_request(self, path: str, query: str) -> Answer:
         if self._blobs is None:
             self.stats.not_found += 1
@@ -281,6 +316,7 @@ class ChunkServer:
             answer = await self._blobs.answer(path, query)
         finally:
             self._active -= 1
+            self._room.unpark()
         self.stats.blobs_served = self._blobs.served
         self.stats.blobs_fetched_for_peers = self._blobs.fetched
         if answer.status == 404:
@@ -301,6 +337,7 @@ class ChunkServer:
             body = await trio.to_thread.run_sync(self._trace_document, manifest, limiter=self._io)
         finally:
             self._active -= 1
+            self._room.unpark()
         if body is None:
             self.stats.not_found += 1
             return Answer(404, f"no trace of {manifest} here\n".encode())

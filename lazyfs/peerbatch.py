@@ -71,7 +71,8 @@ class BatchServer:
     (``PeerServerStats``)."""
 
     def __init__(self, serve: Serve, stats: BatchCounts, *, deadline: float,
-                 cached: Cached | None = None) -> None:
+                 cached: Cached | None = None, on_done: Callable[[], object] = lambda: None) -> None:
+        """``on_done`` is called when a batch's answer ends (its request slot is free)."""
         self._serve = serve
         self._cached = cached
         self._stats = stats
@@ -79,6 +80,7 @@ class BatchServer:
         self._prefetch = trio.CapacityLimiter(PREFETCH_FETCHES)
         self.active = 0
         """Batches being answered (each holds one of the server's request slots)."""
+        self._on_done = on_done
 
     def answer(self, body: bytes) -> Answer:
         try:
@@ -95,6 +97,7 @@ class BatchServer:
                 await self._frames(unique, repo, index, send, prefetch)
             finally:
                 self.active -= 1
+                self._on_done()
 
         return Answer(200, b"", content_type=BATCH_CONTENT_TYPE, stream=stream)
 
