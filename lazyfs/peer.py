@@ -47,6 +47,7 @@ import hmac
 import logging
 import os
 import re
+import resource
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -107,6 +108,26 @@ def read_token(path: Path) -> str:
     return token
 
 
+FDS_BESIDE_CONNECTIONS = 256
+"""Open files a mount or ``lazyfs peer`` needs beside its peers' connections (its FUSE
+device, cache entries, the origin's connections, logs)."""
+
+
+def raise_fd_limit(need: int) -> int:
+    """Raise this process's soft limit on open files to ``need``, within the hard limit (as
+    Go's runtime does for every server: the soft limit is 1,024 by default); the soft limit
+    now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:
+            log.debug("cannot raise the limit on open files to %d: %s", want, exc)
+    return need if soft == resource.RLIM_INFINITY else soft
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PeerServerConfig:
     """How the chunk server treats its callers."""
@@ -122,9 +143,11 @@ class PeerServerConfig:
     with owners that queue."""
     idle_timeout: float = 30.0
     """Seconds a keep-alive connection may sit idle, or take to send a request head."""
-    max_connections: int = 256
+    max_connections: int = 1280
     """Connections open at once; more are closed as they come (a caller, token or not,
-    cannot take the process's file descriptors)."""
+    cannot take the process's file descriptors). Room for ``max_waiting`` callers waiting
+    beside those in progress: each waits on a connection of its own. The server raises its
+    process's soft limit on open files to fit them (``raise_fd_limit``)."""
     send_timeout: float = 30.0
     """Seconds the caller may take to take each MiB of an answer; then the connection is
     closed (one that stops reading holds a chunk's bytes no longer than this)."""
@@ -240,6 +263,10 @@ class ChunkServer:
     listen_on = staticmethod(listen)
 
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
+        need = self.config.max_connections + FDS_BESIDE_CONNECTIONS
+        if (have := raise_fd_limit(need)) < need:
+            log.warning("open files are limited to %d (ulimit -n): fewer than the %d connections "
+                        "a peer server keeps open, which then fail past that", have, need)
         await self._connections.serve(listeners)
 
     async def _answer(self, request: RequestHead) -> Answer:

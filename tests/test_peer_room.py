@@ -64,3 +64,25 @@ def test_past_its_wait_or_a_full_queue_a_caller_is_told_busy(tmp_path):
     assert statuses == [200, 503] and (server.stats.waited, server.stats.busy) == (1, 1)
     statuses, _, server = _two_batches(tmp_path / "b", PeerServerConfig(max_concurrent=1, max_waiting=0))
     assert statuses == [200, 503] and (server.stats.waited, server.stats.busy) == (0, 1)
+
+
+def test_a_server_raises_its_open_file_limit_to_hold_its_connections():
+    """Each caller waiting for room holds a connection: the soft limit on open files (1,024
+    by default) is raised within the hard one to fit ``max_connections`` and the rest."""
+    import resource
+    import subprocess
+    import sys
+
+    from lazyfs.peer import FDS_BESIDE_CONNECTIONS, PeerServerConfig
+
+    need = PeerServerConfig().max_connections + FDS_BESIDE_CONNECTIONS
+    assert need > 1024  # more than a default soft limit
+    code = ("import resource; from lazyfs.peer import raise_fd_limit; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, (1024, {need + 1})); "
+            f"print(raise_fd_limit({need}), resource.getrlimit(resource.RLIMIT_NOFILE)[0]); "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, (512, 700)); "
+            f"print(raise_fd_limit({need}), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard == resource.RLIM_INFINITY or hard > need, "this test needs a hard limit above the need"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(need), str(need), "700", "700"]  # up to the hard limit, no further
