@@ -332,12 +332,12 @@ class ChunkStore:
         """Store the plain bytes of a verified chunk atomically. Returns False (and logs)
         when the disk refuses: a full cache must not fail a read that the network has
         served."""
-        path = self._entry(digest)
         if self.contains(digest, len(plain)):
             # Written meanwhile by another process of this cache (the node's `lazyfs peer`
             # that fetched it for this mount, another mount of the image): one stat, where
             # writing it again cost a create, a write and a rename.
             return True
+        path = self._entry(digest)
         if self.full_since is not None and not self.has_room(entry_size(len(plain))):
             self.skipped_full += 1
             return False

@@ -42,6 +42,7 @@ connections). The wire format, shared with ``fetcher.peers``, is ``fetcher.peerw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import logging
@@ -49,7 +50,7 @@ import os
 import re
 import resource
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -246,7 +247,6 @@ class ChunkServer:
         self._node = node_id.encode() if node_id else None
         self._origins = origins
         self._active = 0
-        self._waiting = 0
         self._room = trio.lowlevel.ParkingLot()
         """Requests waiting for one in progress to end."""
         self._io = trio.CapacityLimiter(4)
@@ -289,18 +289,15 @@ class ChunkServer:
             return await self._trace_request(request.path)
         if request.path.startswith(BLOB_PATH):
             return await self._blob_request(request.path, request.query)
-        self._active += 1
         try:
-            codec, size, payload = await self._chunk(request.path, request.query)
+            with self._in_progress():
+                codec, size, payload = await self._chunk(request.path, request.query)
         except Refused as exc:
             if exc.status == 404:
                 self.stats.not_found += 1
             else:
                 self.stats.errors += 1
             return Answer(exc.status, f"{exc}\n".encode())
-        finally:
-            self._active -= 1
-            self._room.unpark()
         status, extra = 200, {CODEC_HEADER: str(codec), SIZE_HEADER: str(size)}
         rng = request.header("range")
         if rng:
@@ -315,35 +312,38 @@ class ChunkServer:
         self.stats.bytes_served += len(payload)
         return Answer(status, payload, extra)
 
+    @contextlib.contextmanager
+    def _in_progress(self) -> Iterator[None]:
+        """One of the ``max_concurrent`` request slots, for a request other than a batch
+        (a batch holds its own: ``BatchServer.active``); its end makes room for a waiter."""
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._room.unpark()
+
     def _full(self) -> bool:
         return self._active + self._batches.active >= self.config.max_concurrent
 
     async def _wait_for_room(self) -> bool:
         """Wait, first come first served, until fewer than ``max_concurrent`` requests are
         in progress; False if ``max_waiting`` are waiting already, or after ``max_wait``."""
-        if self._waiting >= self.config.max_waiting:
+        if len(self._room) >= self.config.max_waiting:
             return False
-        self._waiting += 1
         self.stats.waited += 1
-        try:
-            with trio.move_on_after(self.config.max_wait):
-                while self._full():
-                    await self._room.park()
-                return True
-            return False
-        finally:
-            self._waiting -= 1
+        with trio.move_on_after(self.config.max_wait):
+            while self._full():
+                await self._room.park()
+            return True
+        return False
 
     async def _blob_request(self, path: str, query: str) -> Answer:
         if self._blobs is None:
             self.stats.not_found += 1
             return Answer(404, b"no blobs here\n")
-        self._active += 1
-        try:
+        with self._in_progress():
             answer = await self._blobs.answer(path, query)
-        finally:
-            self._active -= 1
-            self._room.unpark()
         self.stats.blobs_served = self._blobs.served
         self.stats.blobs_fetched_for_peers = self._blobs.fetched
         if answer.status == 404:
@@ -359,12 +359,8 @@ class ChunkServer:
         if not _MANIFEST.match(manifest):
             self.stats.errors += 1
             return Answer(400, b"expected /v1/traces/sha256:<64 hex digits>\n")
-        self._active += 1
-        try:
+        with self._in_progress():
             body = await trio.to_thread.run_sync(self._trace_document, manifest, limiter=self._io)
-        finally:
-            self._active -= 1
-            self._room.unpark()
         if body is None:
             self.stats.not_found += 1
             return Answer(404, f"no trace of {manifest} here\n".encode())
