@@ -292,12 +292,13 @@ class Harness:
         self.mounts.pop(mnt, None)
 
     def memfs(self, file_size: int = 0, tree: int = 0, per_dir: int = 100, *,
-              from_dir: Path | None = None) -> Path:
+              from_dir: Path | None = None, loop: str = "pyfuse3") -> Path:
         """bench/memfs.py mounted, serving its synthetic files or a copy of ``from_dir``."""
         mnt = self.fresh("memfs")
         shape = ["--from-dir", str(from_dir)] if from_dir is not None else [
             "--file-size", str(file_size), "--tree", str(tree), "--per-dir", str(per_dir)]
-        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "memfs.py"), str(mnt), *shape],
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "memfs.py"), str(mnt), *shape,
+                                 "--loop", loop],
                                 stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
         self.mounts[mnt] = None

@@ -11,7 +11,9 @@ close lazyfs comes to what pyfuse3 itself allows on this machine, measured in th
 - ``/many/dNNNN/fNNNNNN``: ``--tree`` files, ``--per-dir`` to a directory, the same shape,
   names and sizes as ``testkit.imagegen.build_many_files_image``;
 - or, with ``--from-dir DIR``, a copy of a real tree instead (``bench/memtree.py``): an
-  image's rootfs, to read the same files lazyfs serves.
+  image's rootfs, to read the same files lazyfs serves;
+- with ``--loop lazyfs``, the request loop lazyfs mounts run (``lazyfs/fuseloop.py``)
+  instead of pyfuse3's own: the pair shows what that loop saves.
 
     python3 bench/memfs.py MOUNTPOINT --file-size 268435456 --tree 50000
     python3 bench/memfs.py MOUNTPOINT --from-dir ROOTFS
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.memtree import TreeOperations  # noqa: E402
-from lazyfs import mountinfo  # noqa: E402
+from lazyfs import fuseloop, mountinfo  # noqa: E402
 from lazyfs.mount import MountOptions  # noqa: E402
 
 TIMEOUT = 86400.0
@@ -179,7 +181,7 @@ def pseudo_random(size: int, seed: int = 1) -> bytes:
     return b"".join(rng.randbytes(min(piece, size - off)) for off in range(0, size, piece))
 
 
-async def serve(ops: pyfuse3.Operations, mountpoint: Path) -> None:
+async def serve(ops: pyfuse3.Operations, mountpoint: Path, loop: str = "pyfuse3") -> None:
     """Mount and serve, in the order lazyfs.mount.serve does it: init inside the trio
     run, then the readahead, then the main loop."""
     target = os.path.realpath(mountpoint)  # noqa: ASYNC240 (before mounting: nothing to wait on)
@@ -191,6 +193,8 @@ async def serve(ops: pyfuse3.Operations, mountpoint: Path) -> None:
         if entry is None or not mountinfo.set_readahead(entry, readahead):
             print("memfs: could not set readahead", file=sys.stderr)
         print("ready", flush=True)
+        if loop == "lazyfs":
+            fuseloop.install()
         await pyfuse3.main()
     finally:
         pyfuse3.close(unmount=True)
@@ -203,13 +207,15 @@ def main() -> int:
     parser.add_argument("--tree", type=int, default=0, help="files under /many")
     parser.add_argument("--per-dir", type=int, default=100, help="files per directory")
     parser.add_argument("--from-dir", type=Path, help="serve a copy of this tree instead")
+    parser.add_argument("--loop", choices=("pyfuse3", "lazyfs"), default="pyfuse3",
+                        help="pyfuse3's own request loop, or the one lazyfs mounts run (lazyfs/fuseloop.py)")
     args = parser.parse_args()
     ops: pyfuse3.Operations
     if args.from_dir is not None:
         ops = TreeOperations(args.from_dir)
     else:
         ops = MemOperations(pseudo_random(args.file_size), args.tree, args.per_dir)
-    trio.run(serve, ops, args.mountpoint)
+    trio.run(serve, ops, args.mountpoint, args.loop)
     return 0
 
 

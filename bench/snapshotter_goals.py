@@ -96,6 +96,9 @@ def run_ratios(lazy: list[dict], full: list[dict], complete: list[dict], cold: l
         "tar_usr_lazyfs_vs_memfs": tar("usr", "memfs"),
         "tar_whole_lazyfs_vs_overlayfs": tar("whole", "overlayfs"),
         "tar_whole_lazyfs_vs_memfs": tar("whole", "memfs"),
+        "tar_usr_lazyfs_vs_memfs_lazyloop": tar("usr", "memfs_lazyloop"),
+        "tar_usr_memfs_lazyloop_vs_memfs": ratio(lambda r: r[2]["tar_usr_s_memfs_lazyloop"]
+                                                 / r[2]["tar_usr_s_memfs"]),
         "random_4k_lazyfs_vs_local_disk": ratio(lambda r: r[2]["random_4k_bytes_per_s_lazyfs"]
                                                 / r[2]["random_4k_bytes_per_s_overlayfs"]),
         "cold_read_vs_overlayfs_pull": ratio(lambda r: r[3]["total_s"] / r[1]["pull_s"]),
@@ -127,10 +130,11 @@ def table(result: dict[str, Any]) -> list[str]:
         rows.append(f"  {name:<36} {v['median']:7.3f}")
     c = result["complete"]
     rows.append("")
-    rows.append("complete image, page cache dropped     lazyfs  overlayfs   memfs")
+    rows.append("complete image, page cache dropped     lazyfs  overlayfs   memfs  memfs, lazyfs's loop")
     for scope in ("usr", "whole"):
         rows.append(f"  tar -c {scope:<5} s                    " + "  ".join(
-            f"{c[f'tar_{scope}_s_{m}']['median']:7.3f}" for m in ("lazyfs", "overlayfs", "memfs")))
+            f"{c[f'tar_{scope}_s_{m}']['median']:7.3f}"
+            for m in ("lazyfs", "overlayfs", "memfs", "memfs_lazyloop")))
     rates = [c[f"random_4k_bytes_per_s_{m}"]["median"] / MB for m in ("lazyfs", "overlayfs")]
     rows.append(f"  random 4 KiB MB/s ({result['meta']['params']['random_reads']} reads)   "
                 + "  ".join(f"{r:7.1f}" for r in rates))

@@ -6,7 +6,8 @@
   and the PSS of every mount process summed at each of ``mount_counts``. Then, each with
   the page cache dropped: ``tar -c`` of ``/usr`` and of the whole tree through the lazyfs
   mount, through a read-only overlayfs view of the full pull's snapshot (local disk), and
-  through ``bench/memfs.py`` serving a copy of that tree from memory (the pyfuse3 ceiling);
+  through ``bench/memfs.py`` serving a copy of that tree from memory (the pyfuse3 ceiling),
+  once with pyfuse3's own request loop (``memfs``) and once with lazyfs's (``memfs_lazyloop``);
   random 4 KiB ``pread``s over the image's larger files through lazyfs and overlayfs; and
   the PSS of the lazy mount once it has served the whole image.
 - ``measure_cold``: ``lazyfs mount --no-prefetch`` straight from the registry into a fresh
@@ -220,9 +221,8 @@ def measure_complete(d: Path, *, images: Path, ref_lazy: str, ref_plain: str, pl
             if len(mounts) in mount_counts:
                 out["pss_bytes"][f"mounts_{len(mounts)}"] = sum(pss_bytes(h.status(m)["pid"]) for m in mounts)
         lazy = mounts[0]
-        memfs = h.memfs(from_dir=view)
-
-        roots = {"lazyfs": lazy, "overlayfs": view, "memfs": memfs}
+        roots = {"lazyfs": lazy, "overlayfs": view, "memfs": h.memfs(from_dir=view),
+                 "memfs_lazyloop": h.memfs(from_dir=view, loop="lazyfs")}
         for what, scope in (("usr", "usr"), (".", "whole")):
             for mode, root in roots.items():
                 drop_caches()

@@ -36,7 +36,7 @@ from fetcher.options import RegistryOptions
 from fetcher.peers import PeerClient, PeerConfig, PeerSet, PeersFileWatcher, PeerTier
 from fetcher.peerwire import WILDCARD_HOSTS, peer_url
 
-from . import mountinfo
+from . import fuseloop, mountinfo
 from .content import ImageContent
 from .errors import ExitCode, MountError, UserError
 from .failures import tag_warnings
@@ -363,6 +363,7 @@ async def serve(opts: MountOptions, ready: Callable[[], None]) -> None:
                     nursery.start_soon(_prefetch, prefetcher)
                 else:
                     prefetcher.count_totals(index)
+                fuseloop.install()
                 await pyfuse3.main(max_tasks=mountinfo.WORKERS)
             finally:
                 pyfuse3.close(unmount=True)
