@@ -48,7 +48,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .atomic import sweep_dead_temps, write_atomic
@@ -116,6 +116,9 @@ class ChunkStore:
         the header's bytes), by digest."""
         self.old_entries = 0
         """Entries of the earlier format met (and dropped) by reads."""
+        self.later: Callable[..., object] | None = None
+        """Where ``read_range`` sends work its reader need not wait for (``later(fn,
+        *args)``: a low-priority thread's queue); None: done at once."""
         self.swept = 0
         """Temp entries of dead writers removed by ``sweep_temps``."""
         self._sweeper = threading.Thread(target=self.sweep_temps, name="lazyfs-sweep", daemon=True)
@@ -177,8 +180,8 @@ class ChunkStore:
         self._touched.add(digest)
         return memoryview(data)[head_size(data) :]
 
-    def read_range(self, digest: bytes, offset: int, size: int, *,
-                   nowait: bool = False) -> bytes | memoryview | None:
+    def read_range(self, digest: bytes, offset: int, size: int, *, nowait: bool = False,
+                   then_wait: Callable[[], bool] | None = None) -> bytes | memoryview | None:
         """Bytes ``[offset, offset + size)`` of the chunk ``digest`` (short at its end),
         read with one ``pread`` of the blocks they touch, each of them checked; None if
         the cache has no intact entry (a torn or rotten one is logged and deleted).
@@ -189,47 +192,29 @@ class ChunkStore:
 
         Blocking; with ``nowait``, it raises ``BlockingIOError`` instead of waiting for
         the disk (the bytes are not all in the page cache, or the filesystem cannot tell):
-        a caller on an event loop then asks again from a worker thread."""
+        a caller on an event loop then asks again from a worker thread. With ``then_wait``
+        as well, it first asks ``then_wait()`` whether to wait here after all, and if so
+        reads again on the same descriptor."""
         if nowait and not self._nowait:
-            raise BlockingIOError(errno.EAGAIN, "reads that never wait are not supported here")
+            if then_wait is None or not then_wait():
+                raise BlockingIOError(errno.EAGAIN, "reads that never wait are not supported here")
+            nowait = False
+        path = self._entry(digest)
         try:
-            fd = os.open(self._entry(digest), os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             log.warning("cache entry %s unreadable (%s); fetching it again", digest.hex(), exc)
             return None
         known = self._heads.get(digest)
-        head: bytes | bytearray
         try:
-            if known is not None:
-                at, block, chunk_size, head = known
-                problem = None
-            else:
-                head = self._pread(fd, FIRST_READ, 0, nowait)
-                problem, at, block, chunk_size = parse_head(head)
-                if problem is not None and nowait and len(head) < FIRST_READ:
-                    raise BlockingIOError(errno.EAGAIN, "maybe read in part")  # the disk decides
-            if problem is None:
-                offset = min(offset, chunk_size)
-                end = min(offset + size, chunk_size)
-                first, last = offset // block, -(-end // block)
-                lo, hi = at + first * block, at + max(min(last * block, chunk_size), first * block)
-                if known is None and hi <= len(head):
-                    data = memoryview(head)[lo:hi]
-                else:
-                    data = memoryview(self._pread(fd, hi - lo, lo, nowait))
-                    if not nowait and hi - lo >= STREAM_READ:
-                        # A read of an entry not in the page cache may be the first of a file
-                        # read through, or of random reads that come back to this entry: ask
-                        # for the rest of it, so that the next reads find it (each read opens
-                        # the entry anew, which leaves the kernel no readahead state to go
-                        # on). After the read, not before: its own blocks then come in one
-                        # small disk request, not at the end of the entry's megabyte
-                        os.posix_fadvise(fd, hi, 0, os.POSIX_FADV_WILLNEED)
-                    if len(data) < hi - lo and nowait:
-                        raise BlockingIOError(errno.EAGAIN, "read in part")
-                problem = check_blocks(head, data, first, block) if len(data) == hi - lo else "truncated"
+            try:
+                got = self._read_open(fd, path, known, offset, size, nowait)
+            except BlockingIOError:
+                if not nowait or then_wait is None or not then_wait():
+                    raise
+                got = self._read_open(fd, path, known, offset, size, False)
         except BlockingIOError:
             raise
         except OSError as exc:
@@ -237,10 +222,11 @@ class ChunkStore:
             return None
         finally:
             os.close(fd)
+        problem, head, at, block, chunk_size, data, skip, n = got
         if problem is not None:
             if known is not None:  # perhaps written since with another block size: look again
                 self._heads.pop(digest, None)
-                return self.read_range(digest, offset, size, nowait=nowait)
+                return self.read_range(digest, offset, size, nowait=nowait, then_wait=then_wait)
             self._drop(digest, problem)
             return None
         if known is None:
@@ -248,8 +234,66 @@ class ChunkStore:
                 self._heads.clear()
             self._heads[digest] = (at, block, chunk_size, bytes(head[:at]))
         self._touched.add(digest)
-        skip = offset - first * block
-        return data[skip : skip + end - offset]
+        return data[skip : skip + n]
+
+    def _read_open(self, fd: int, path: str, known: tuple[int, int, int, bytes] | None, offset: int,
+                   size: int, nowait: bool
+                   ) -> tuple[str | None, bytes | bytearray, int, int, int, memoryview, int, int]:
+        """``read_range`` on the entry open at ``fd``: ``(problem, header, where the plain
+        bytes start, block size, chunk size, the blocks read, where the bytes asked for
+        start in them, how many there are)``."""
+        head: bytes | bytearray
+        data = memoryview(b"")
+        first = end = 0
+        if known is not None:
+            at, block, chunk_size, head = known
+            problem = None
+        else:
+            head = self._pread(fd, FIRST_READ, 0, nowait)
+            problem, at, block, chunk_size = parse_head(head)
+            if problem is not None and nowait and len(head) < FIRST_READ:
+                raise BlockingIOError(errno.EAGAIN, "maybe read in part")  # the disk decides
+        if problem is None:
+            offset = min(offset, chunk_size)
+            end = min(offset + size, chunk_size)
+            first, last = offset // block, -(-end // block)
+            lo, hi = at + first * block, at + max(min(last * block, chunk_size), first * block)
+            if known is None and hi <= len(head):
+                data = memoryview(head)[lo:hi]
+            else:
+                data = memoryview(self._pread(fd, hi - lo, lo, nowait))
+                if not nowait and hi - lo >= STREAM_READ and hi < at + chunk_size:
+                    # A read of an entry not in the page cache may be the first of a file
+                    # read through, or of random reads that come back to this entry: ask
+                    # for the rest of it, so that the next reads find it (each read opens
+                    # the entry anew, which leaves the kernel no readahead state to go
+                    # on). After the read, not before: its own blocks then come in one
+                    # small disk request, not at the end of the entry's megabyte; and
+                    # not on the reader's time where there is a thread to ask (asking
+                    # for a megabyte takes the kernel 0.1-0.3 ms)
+                    if self.later is not None:
+                        self.later(self.will_need_from, path, hi)
+                    else:
+                        os.posix_fadvise(fd, hi, 0, os.POSIX_FADV_WILLNEED)
+                if len(data) < hi - lo and nowait:
+                    raise BlockingIOError(errno.EAGAIN, "read in part")
+            problem = check_blocks(head, data, first, block) if len(data) == hi - lo else "truncated"
+        return problem, head, at, block, chunk_size, data, offset - first * block, end - offset
+
+    @staticmethod
+    def will_need_from(path: str, at: int) -> None:
+        """Ask the disk for the entry at ``path`` from byte ``at`` on (a missing one is
+        skipped)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, at, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def will_need(self, digests: Iterable[bytes]) -> int:
         """Ask the disk for the entries of ``digests`` (``POSIX_FADV_WILLNEED``: the

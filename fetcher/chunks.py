@@ -39,6 +39,7 @@ from .errors import DeadlineError, FetchError, UnreachableError
 from .gate import DemandGate
 from .inflight import InFlight, Pending, Underway
 from .keeper import CacheWriter
+from .lowprio import BACKGROUND
 from .origin import Origin
 from .peerroute import Asks, PeerRoute
 from .peers import PeerTier
@@ -96,6 +97,8 @@ class ChunkFetcher(CacheReads):
         """What a range fetches along: the chunks after a demand miss, a gzip span's others."""
         self._disk_ahead = DiskAhead.of(store, followers, neighbours)
         """What a read from the node cache that waits for the disk asks the disk for along."""
+        if store is not None and store.later is None:
+            store.later = BACKGROUND.submit  # the rest of an entry a read found on disk
         self._for_peers = Together(nursery, lambda new: self._to_origin(new, False, True, owner=True))
         """The chunks peers' requests want from the origin at once (``get_payload``)."""
         self._for_peers_later = Together(nursery, lambda new: self._to_origin(new, True, True, owner=True))

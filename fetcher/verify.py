@@ -18,6 +18,7 @@ chunks (``lowprio.py``, ``gate.py``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import trio
@@ -103,14 +104,48 @@ def stored_payload(plain: bytes | memoryview, c: Chunk | None = None) -> tuple[i
     return codec, payload
 
 
+class InlineWaits:
+    """Whether a small read of the node cache that has to wait for the disk waits on the
+    trio loop rather than in a worker thread.
+
+    Handing a read to a thread and back costs about 100 microseconds of wake-ups on the
+    VMs we run on, more than a local SSD takes to read 64 KiB; so on a disk that answers
+    quickly a small read waits where it is, and every other request of the mount waits
+    that long with it, as it would for the same time of checking. A read that takes
+    longer than ``slow`` sends the small reads after it to threads for ``back_off``
+    seconds; then one waits on the loop again, to see whether the disk has recovered. So
+    a slow or busy disk holds the loop for at most one read a ``back_off``."""
+
+    def __init__(self, *, slow: float = 0.002, back_off: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.slow = slow
+        self.back_off = back_off
+        self._clock = clock
+        self._threads_until = 0.0
+        self.reads = 0
+        """Reads that waited on the loop."""
+        self.slow_reads = 0
+        """Of those, the ones that took longer than ``slow``."""
+
+    def allowed(self) -> bool:
+        return self._clock() >= self._threads_until
+
+    def took(self, seconds: float) -> None:
+        self.reads += 1
+        if seconds > self.slow:
+            self.slow_reads += 1
+            self._threads_until = self._clock() + self.back_off
+
+
 class Verifier:
     """Checks chunks and ranges, in worker threads above ``thread_above`` bytes (at most
     two at once, so that checking never takes every core from the readers)."""
 
-    def __init__(self, *, thread_above: int) -> None:
+    def __init__(self, *, thread_above: int, inline: InlineWaits | None = None) -> None:
         self.thread_above = thread_above
         self._cpu = trio.CapacityLimiter(2)
         self._disk = trio.CapacityLimiter(4)  # reads of the node cache
+        self.inline = inline if inline is not None else InlineWaits()
 
     async def chunk(self, c: Chunk, payload: bytes | memoryview, *, plain: bool = False
                     ) -> bytes | memoryview:
@@ -139,6 +174,7 @@ class Verifier:
             p.error = FetchError(f"unexpected error checking chunk {c.hexdigest[:16]}: {exc!r}")
         finally:
             p.event.set()
+
     async def cached(self, store: ChunkStore, c: Chunk) -> memoryview | None:
         """The plain bytes of ``c`` from the node cache (``load_cached``), in a worker
         thread if it is large; None if the cache lacks it."""
@@ -152,15 +188,31 @@ class Verifier:
         """Bytes ``[offset, offset + size)`` of ``c`` from the node cache alone
         (``ChunkStore.read_range``: the blocks they touch, checked), or None if it lacks
         the chunk. On the trio loop when the bytes are in the page cache and the read is
-        small; otherwise in a worker thread, so that a disk wait never holds the loop
-        (``on_disk(c, offset)`` is told first)."""
-        if size <= self.thread_above:
-            try:
-                return store.read_range(c.digest, offset, size, nowait=True)
-            except BlockingIOError:
-                pass
-        if on_disk is not None:
-            on_disk(c, offset)
+        small, or when it is small and the disk answers small reads quickly
+        (``InlineWaits``); otherwise in a worker thread (``on_disk(c, offset)`` is told
+        first of a read that waits for the disk)."""
+        if size > self.thread_above:
+            if on_disk is not None:
+                on_disk(c, offset)
+            return await trio.to_thread.run_sync(store.read_range, c.digest, offset, size, limiter=self._disk)
+        waited = 0.0
+
+        def then_wait() -> bool:  # the bytes are not all in memory: wait here, or in a thread?
+            nonlocal waited
+            if on_disk is not None:
+                on_disk(c, offset)
+            if not self.inline.allowed():
+                return False
+            waited = time.perf_counter()
+            return True
+
+        try:
+            return store.read_range(c.digest, offset, size, nowait=True, then_wait=then_wait)
+        except BlockingIOError:
+            pass
+        finally:
+            if waited:
+                self.inline.took(time.perf_counter() - waited)
         return await trio.to_thread.run_sync(store.read_range, c.digest, offset, size, limiter=self._disk)
 
     async def range(self, rng: Range, data: bytes | bytearray | memoryview, store: ChunkStore | None = None,
