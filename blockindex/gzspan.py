@@ -27,6 +27,7 @@ without a window (``inflate_member``).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import zlib
 
 WINDOW = 32768
@@ -135,9 +136,10 @@ class SpanInflater:
     Once the bytes stop inflating (corrupt, or at their end), ``error`` says why and the
     output so far stays readable."""
 
-    def __init__(self, payload: bytes | memoryview, bits: int, window: bytes) -> None:
+    def __init__(self, payload: bytes | memoryview, bits: int, window: bytes, *, plain_window: bool = False
+                 ) -> None:
         try:
-            plain = zlib.decompress(window) if window else b""
+            plain = window if plain_window else zlib.decompress(window) if window else b""
         except zlib.error as exc:
             raise SpanError(f"the checkpoint's window does not inflate ({exc})") from None
         if len(plain) > WINDOW:
@@ -146,6 +148,8 @@ class SpanInflater:
         self._data = stream_from(payload, bits)
         self._out = bytearray()
         self.error: SpanError | None = None
+        self.ended = False
+        """Whether the output stopped at the end of the last gzip member, not on bad bytes."""
 
     def upto(self, want: int) -> int:
         """Inflate until the output is ``want`` bytes long (never much further) or the
@@ -165,6 +169,7 @@ class SpanInflater:
                     break
                 rest = self._d.unused_data[8:]  # past the member's trailer (CRC-32, ISIZE)
                 if not rest:
+                    self.ended = True
                     self.error = SpanError(f"the gzip stream ends {want - len(self._out)} bytes short")
                     break
                 self._d, self._data = zlib.decompressobj(wbits=31), rest  # the next member, header and all
@@ -175,6 +180,61 @@ class SpanInflater:
     def read(self, start: int, end: int) -> bytes:
         """Output bytes ``[start, end)`` (a copy: the output may still grow)."""
         return bytes(self._out[start:end])
+
+
+_HIGH = b"".join(bytes([k]) * 256 for k in range(WINDOW // 256))  # k < 128: never the high bit
+_LOW = bytes(range(256)) * (WINDOW // 256)
+_FLIPPED = _LOW.translate(bytes(k ^ 0xFF for k in range(256)))
+
+
+def sparse_window(payload: bytes | memoryview, bits: int, window: bytes, *, to_end: bool) -> bytes:
+    """``window`` (plain) with every byte zeroed that the layer's output after the checkpoint
+    never reads, so that it compresses to little; the whole window if that cannot be shown.
+
+    A deflate back-reference reaches at most 32 KiB back, so only the first 32 KiB of
+    output after a checkpoint can read its window, and they read few of its bytes (on the
+    benchmark's Debian layers, a tenth: most references are short). Which ones is
+    found by inflating those 32 KiB (from ``payload``, ``bits`` as ``SpanInflater`` takes
+    them) with three marker windows in place of the real one, the low byte of each
+    position, that byte inverted, and its high byte: an output byte that differs between
+    the first two was copied from the window (a literal is the same in both), from the
+    position the first and third give. The result is then checked: inflated with it, the
+    first 32 KiB of output are the real window's, byte for byte, or the whole window is
+    returned. ``to_end``: ``payload`` runs to the end of the layer, so output short of 32
+    KiB that ends with the gzip stream is all there is; any other short output (bytes
+    that do not inflate, or too few of them) keeps the whole window."""
+    n = len(window)
+    if n == 0:
+        return window
+
+    def first(w: bytes) -> bytes:
+        inflater = SpanInflater(payload, bits, w, plain_window=True)
+        if inflater.upto(WINDOW) < WINDOW and not (to_end and inflater.ended):
+            raise SpanError("short of 32 KiB before the end")  # bytes that do not inflate, or too few
+        return inflater.read(0, WINDOW)
+
+    try:
+        real = first(window)
+        low, flipped, high = first(_LOW[:n]), first(_FLIPPED[:n]), first(_HIGH[:n])
+    except SpanError:
+        return window
+    if not len(real) == len(low) == len(flipped) == len(high):
+        return window
+    size = len(low)
+    ones = (1 << 8 * size) - 1
+    copied = int.from_bytes(low, "little") ^ int.from_bytes(flipped, "little")  # 0xFF where copied
+    # the position each output byte was copied from, as 16-bit numbers; the bytes not copied
+    # get the high bit set, which takes them past any window
+    marked = int.from_bytes(high, "little") | (~copied & ones & int.from_bytes(b"\x80" * size, "little"))
+    pairs = bytearray(2 * size)
+    lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)  # as "H" reads them here
+    pairs[lo::2] = low
+    pairs[hi::2] = marked.to_bytes(size, "little")
+    sparse = bytearray(n)
+    for at in set(memoryview(pairs).cast("H")):
+        if at < n:
+            sparse[at] = window[at]
+    return bytes(sparse) if first(bytes(sparse)) == real else window
 
 
 def inflate_span(payload: bytes | memoryview, span: GzipSpan, size: int) -> bytes:

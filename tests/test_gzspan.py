@@ -12,7 +12,7 @@ import zlib
 import indexed_gzip
 import pytest
 
-from blockindex.gzspan import PRIMERS, GzipSpan, SpanError, inflate_span
+from blockindex.gzspan import PRIMERS, GzipSpan, SpanError, inflate_span, sparse_window
 from blockindex.sideindex import parse_gzidx
 
 
@@ -113,3 +113,47 @@ def test_bytes_that_end_short_or_do_not_inflate_are_an_error(tmp_path):
         assert inflate_span(bytes(bad), span, size) != data[points[1].uoffset:points[2].uoffset]
     except SpanError:
         pass
+
+
+def _payload(comp: bytes, p, cap: int | None = None) -> tuple[bytes, int]:
+    first = p.coffset - 1 if p.bits else p.coffset
+    return comp[first : None if cap is None else first + cap], (8 - p.bits) % 8
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_sparse_window_reads_every_span_exactly_and_compresses_to_little(tmp_path, seed):
+    data = _data(seed) + gzip.decompress(gzip.compress(_data(seed + 10)))[:200_000]
+    path = tmp_path / "layer.gz"
+    comp = gzip.compress(data, 6)
+    path.write_bytes(comp)
+    points = _points(path)
+    whole = thin = 0
+    for i, p in enumerate(points):
+        if not p.window or p.coffset >= len(comp):
+            continue
+        payload, bits = _payload(comp, p)
+        sparse = sparse_window(payload, bits, p.window, to_end=True)
+        assert len(sparse) == len(p.window)
+        assert all(s in (0, w) for s, w in zip(sparse, p.window, strict=True))  # the window's bytes, or zero
+        whole += len(zlib.compress(p.window, 9))
+        thin += len(zlib.compress(sparse, 9))
+        # from this checkpoint to the next, and on to the end: what the whole window reads
+        end = points[i + 1].uoffset if i + 1 < len(points) else len(data)
+        for stop in {end, len(data)}:
+            span = GzipSpan(bits=bits, skip=0, window=zlib.compress(sparse))
+            assert inflate_span(payload, span, stop - p.uoffset) == data[p.uoffset : stop]
+    assert thin < whole / 2, (thin, whole)
+
+
+def test_a_window_that_cannot_be_shown_unused_is_kept_whole(tmp_path):
+    data = _data(3)
+    comp = gzip.compress(data, 6)
+    path = tmp_path / "layer.gz"
+    path.write_bytes(comp)
+    p = next(p for p in _points(path) if p.window and p.uoffset > 100_000)
+    payload, bits = _payload(comp, p)
+    assert sparse_window(payload, bits, p.window, to_end=True) != p.window  # the control
+    short, _ = _payload(comp, p, cap=2000)  # too few bytes for 32 KiB of output, not the end
+    assert sparse_window(short, bits, p.window, to_end=False) == p.window
+    bad = b"\xff" * len(payload)  # a block of the reserved type 11: bytes that do not inflate
+    assert sparse_window(bad, bits, p.window, to_end=True) == p.window
