@@ -31,9 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+import zstandard
+
 from .build import read_exactly, write_tree
 from .codec import chunk_digest
-from .errors import ImageError, UnsupportedImageError
+from .errors import ImageError, IndexFormatError, UnsupportedImageError
 from .format import CODEC_GZIP_SPAN, CODEC_RAW, ChunkDigest
 from .gzspan import sparse_window
 from .ingest import apply_tar
@@ -70,7 +72,39 @@ class SideIndexResult:
     checkpoints: int
     layers: int
     layer_bytes: int  # sum of the sizes of the layer blobs
-    index_bytes: int
+    index_bytes: int  # as pushed (``pack_side_index``)
+    sqlite_bytes: int  # the SQLite file itself
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PACK_LEVEL = 9
+"""zstd's level for a pushed side index: 19 saves 4% more in ten times the time."""
+
+
+def pack_side_index(sqlite: bytes) -> bytes:
+    """What is pushed of a side index: its SQLite file in one zstd frame (half its size on
+    the benchmark's image: names and tree rows compress; digests and windows do not)."""
+    return zstandard.ZstdCompressor(level=PACK_LEVEL).compress(sqlite)
+
+
+def unpack_side_index(blob: bytes, limit: int) -> bytes:
+    """The SQLite file a pushed side index holds: the content of its zstd frame (at most
+    ``limit`` bytes), or the blob itself when it is an SQLite file (as side indexes were
+    pushed before); IndexFormatError for anything else."""
+    if blob.startswith(SQLITE_MAGIC):
+        return blob
+    if not blob.startswith(ZSTD_MAGIC):
+        raise IndexFormatError("the side index is neither an SQLite file nor zstd-compressed")
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            plain = reader.read(limit + 1)
+    except zstandard.ZstdError as exc:
+        raise IndexFormatError(f"the side index does not decompress ({exc})") from None
+    if len(plain) > limit:
+        raise IndexFormatError(f"the side index decompresses to more than {limit} bytes")
+    if not plain.startswith(SQLITE_MAGIC):
+        raise IndexFormatError("the side index does not decompress to an SQLite file")
+    return plain
 
 
 def parse_gzidx(data: bytes) -> list[Checkpoint]:
@@ -173,7 +207,8 @@ def build_side_index(layout_dir: Path, manifest_digest: str, out_path: Path, *,
     return SideIndexResult(
         image_bytes=image_bytes, files=files, chunks=len(ids),
         checkpoints=sum(len(layer.checkpoints) for layer in layers), layers=len(layers),
-        layer_bytes=sum(layer.size for layer in layers), index_bytes=out_path.stat().st_size)
+        layer_bytes=sum(layer.size for layer in layers),
+        index_bytes=len(pack_side_index(out_path.read_bytes())), sqlite_bytes=out_path.stat().st_size)
 
 
 def _index_layer(path: Path, digest: str, tree: Tree, spool: SideSpool, number: int,

@@ -26,7 +26,13 @@ import trio
 
 from blockindex.format import ARTIFACT_ANNOTATION, MEDIA_TYPE_SIDE_INDEX
 from blockindex.oci import sha256_digest
-from blockindex.sideindex import SideIndexResult, build_side_index
+from blockindex.sideindex import (
+    SQLITE_MAGIC,
+    SideIndexResult,
+    build_side_index,
+    pack_side_index,
+    unpack_side_index,
+)
 from fetcher.errors import FetchError, ServerError
 from fetcher.imageref import ImageRef
 from fetcher.manifests import resolve_image_manifest
@@ -66,7 +72,7 @@ def index_image(ref: ImageRef, options: RegistryOptions, *, chunk_size: int, spa
         digest = pull_image(ref, tmp / "layout", options, platform)
         out = tmp / "side.sqlite"
         built = build_side_index(tmp / "layout", digest, out, chunk_size=chunk_size, spacing=spacing)
-        data = out.read_bytes()
+        data = pack_side_index(out.read_bytes())
         artifact = trio.run(_attach, ref, options, platform, digest, data,
                             {CHUNK_SIZE_ANNOTATION: str(chunk_size), SPACING_ANNOTATION: str(spacing)})
     finally:
@@ -133,7 +139,14 @@ async def open_side_index(client: RegistryClient | MirroredClient, ref: ImageRef
     index_digest, data = found
 
     def keep() -> Path:  # hashed, or written, off the loop: an index may be megabytes
-        return images.verified_index(index_digest) or images.save_index(index_digest, data)
+        if data.startswith(SQLITE_MAGIC):  # as pushed before side indexes were compressed
+            return images.verified_index(index_digest) or images.save_index(index_digest, data)
+        # kept decompressed, as an index this node built from the pushed blob
+        built = images.built_index(index_digest)
+        if built is not None:
+            return built
+        plain = unpack_side_index(data, MAX_SIDE_INDEX)
+        return images.save_built_index(index_digest, sha256_digest(plain), plain)
 
     return index_digest, await trio.to_thread.run_sync(keep)
 
