@@ -57,8 +57,11 @@ class SideIndexes:
         return found
 
     async def _reader(self, index: str) -> IndexReader | None:
-        # a kept index is hashed once per process before it is used (it may be large)
+        # a kept index is hashed once per process before it is used (it may be large); a
+        # side index pushed compressed is kept decompressed, as one built from its blob
         path = await trio.to_thread.run_sync(self._images.verified_index, index)
+        if path is None:
+            path = await trio.to_thread.run_sync(self._images.built_index, index)
         if path is None:
             return None
         try:
