@@ -40,7 +40,7 @@ def test_quick_sideindex_benchmark_reports_every_figure(tmp_path):
     # a closer spacing: more checkpoints, each with its window, so a larger index
     assert rows[0]["checkpoints"] > rows[1]["checkpoints"] and rows[0]["index_bytes"] > rows[1]["index_bytes"]
     goals = result["goals"]
-    assert goals.pop("spacing") == 2 << 20
+    assert goals.pop("spacing") == 512 << 10
     assert set(goals) == set(sideindex_bench.GOALS)
     assert all(isinstance(g["met"], bool) and g["value"] > 0 for g in goals.values())
     table = (tmp_path / "sideindex.md").read_text()

@@ -16,7 +16,7 @@ from .registry import add_registry_arguments, image_ref, registry_options
 if TYPE_CHECKING:
     from .common import SubParsers
 
-DEFAULT_SPACING = 2 << 20  # as blockindex.sideindex (not imported: it loads indexed_gzip)
+DEFAULT_SPACING = 512 << 10  # as blockindex.sideindex (not imported: it loads indexed_gzip)
 MIN_SPACING, MAX_SPACING = 64 << 10, 1 << 30
 
 
@@ -26,7 +26,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--chunk-size", type=chunk_size_arg, default=DEFAULT_CHUNK_SIZE,
                    help="chunk size (default 1M; 4K..64M)")
     p.add_argument("--spacing", type=_spacing, default=DEFAULT_SPACING,
-                   help="uncompressed bytes between checkpoints in a gzip layer (default 2M; "
+                   help="uncompressed bytes between checkpoints in a gzip layer (default 512K; "
                         "64K..1G): smaller reads fewer bytes per chunk, for a larger index")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform one (default: this machine's)")
