@@ -47,6 +47,19 @@ def _cache_with(tmp_path, plain: bytes):
     return store, c
 
 
+def _count_threads(monkeypatch) -> list:
+    """What is handed to worker threads from now on (``trio.to_thread.run_sync``)."""
+    threads = []
+    real = trio.to_thread.run_sync
+
+    async def counted(fn, *args, **kw):
+        threads.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return threads
+
+
 @pytest.mark.parametrize("allowed", [True, False])
 def test_a_read_that_would_wait_waits_on_the_loop_only_while_that_is_allowed(tmp_path, monkeypatch, allowed):
     plain = os.urandom(3 * BLOCK_SIZE)
@@ -56,14 +69,7 @@ def test_a_read_that_would_wait_waits_on_the_loop_only_while_that_is_allowed(tmp
     if not allowed:
         waits.took(1.0)  # a slow one just now
     verifier = Verifier(thread_above=128 << 10, inline=waits)
-    threads = []
-    real = trio.to_thread.run_sync
-
-    async def counted(fn, *args, **kw):
-        threads.append(fn)
-        return await real(fn, *args, **kw)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    threads = _count_threads(monkeypatch)
     told = []
 
     async def main():
@@ -80,14 +86,7 @@ def test_a_large_read_always_goes_to_a_thread(tmp_path, monkeypatch):
     plain = os.urandom(4 * BLOCK_SIZE)
     store, c = _cache_with(tmp_path, plain)
     verifier = Verifier(thread_above=64 << 10, inline=InlineWaits())
-    threads = []
-    real = trio.to_thread.run_sync
-
-    async def counted(fn, *args, **kw):
-        threads.append(fn)
-        return await real(fn, *args, **kw)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    threads = _count_threads(monkeypatch)
     got = trio.run(verifier.cached_range, store, c, 0, 3 * BLOCK_SIZE)
     assert bytes(got) == plain[: 3 * BLOCK_SIZE] and len(threads) == 1
 
