@@ -183,3 +183,11 @@ def test_a_handed_off_pull_loads_no_other_command_and_nothing_it_does_not_run(tm
         assert command in help_text
     wrong = lazyfs("pul", check=False)
     assert wrong.returncode == 2 and "'pull'" in wrong.stderr
+
+
+def test_lazyfs_index_defaults_to_the_builds_own_spacing():
+    """The command keeps its own copy (importing the build loads indexed_gzip)."""
+    from blockindex.sideindex import DEFAULT_SPACING
+    from lazyfs.cli import index
+
+    assert index.DEFAULT_SPACING == DEFAULT_SPACING
