@@ -182,9 +182,11 @@ class _Layer:
 def build_side_index(layout_dir: Path, manifest_digest: str, out_path: Path, *,
                      chunk_size: int, spacing: int = DEFAULT_SPACING,
                      max_entries: int = MAX_ENTRIES,
-                     prefetch_files: Sequence[bytes] = ()) -> SideIndexResult:
+                     prefetch_files: Sequence[bytes] = (), packed_path: Path | None = None
+                     ) -> SideIndexResult:
     """Write the side index of the image whose manifest ``manifest_digest`` is in the OCI
-    layout ``layout_dir`` (with its blobs) to ``out_path``. ImageError (or its
+    layout ``layout_dir`` (with its blobs) to ``out_path``, and what is pushed of it
+    (``pack_side_index``) to ``packed_path`` when given. ImageError (or its
     Unsafe/UnsupportedImageError) for an image it cannot index."""
     if not MIN_SPACING <= spacing <= MAX_SPACING:
         raise ValueError(f"checkpoint spacing {spacing}: expected {MIN_SPACING} to {MAX_SPACING} bytes")
@@ -212,11 +214,14 @@ def build_side_index(layout_dir: Path, manifest_digest: str, out_path: Path, *,
             w.write(out_path)
         finally:
             w.close()
+    sqlite = out_path.read_bytes()
+    packed = pack_side_index(sqlite)
+    if packed_path is not None:
+        packed_path.write_bytes(packed)
     return SideIndexResult(
         image_bytes=image_bytes, files=files, chunks=len(ids),
         checkpoints=sum(len(layer.checkpoints) for layer in layers), layers=len(layers),
-        layer_bytes=sum(layer.size for layer in layers),
-        index_bytes=len(pack_side_index(out_path.read_bytes())), sqlite_bytes=out_path.stat().st_size)
+        layer_bytes=sum(layer.size for layer in layers), index_bytes=len(packed), sqlite_bytes=len(sqlite))
 
 
 def _index_layer(path: Path, digest: str, tree: Tree, spool: SideSpool, number: int,

@@ -210,11 +210,11 @@ class ChunkStore:
         known = self._heads.get(digest)
         try:
             try:
-                got = self._read_open(fd, path, known, offset, size, nowait)
+                problem, data = self._read_open(fd, path, digest, known, offset, size, nowait)
             except BlockingIOError:
                 if not nowait or then_wait is None or not then_wait():
                     raise
-                got = self._read_open(fd, path, known, offset, size, False)
+                problem, data = self._read_open(fd, path, digest, known, offset, size, False)
         except BlockingIOError:
             raise
         except OSError as exc:
@@ -222,63 +222,61 @@ class ChunkStore:
             return None
         finally:
             os.close(fd)
-        problem, head, at, block, chunk_size, data, skip, n = got
         if problem is not None:
             if known is not None:  # perhaps written since with another block size: look again
                 self._heads.pop(digest, None)
                 return self.read_range(digest, offset, size, nowait=nowait, then_wait=then_wait)
             self._drop(digest, problem)
             return None
+        self._touched.add(digest)
+        return data
+
+    def _read_open(self, fd: int, path: str, digest: bytes, known: tuple[int, int, int, bytes] | None,
+                   offset: int, size: int, nowait: bool) -> tuple[str | None, memoryview]:
+        """``read_range`` on the entry open at ``fd``: ``(problem, the bytes asked for)``; a
+        header read here is remembered once its blocks pass."""
+        head: bytes | bytearray
+        if known is not None:
+            at, block, chunk_size, head = known
+        else:
+            head = self._pread(fd, FIRST_READ, 0, nowait)
+            problem, at, block, chunk_size = parse_head(head)
+            if problem is not None:
+                if nowait and len(head) < FIRST_READ:
+                    raise BlockingIOError(errno.EAGAIN, "maybe read in part")  # the disk decides
+                return problem, memoryview(b"")
+        offset = min(offset, chunk_size)
+        end = min(offset + size, chunk_size)
+        first, last = offset // block, -(-end // block)
+        lo, hi = at + first * block, at + max(min(last * block, chunk_size), first * block)
+        if known is None and hi <= len(head):
+            data = memoryview(head)[lo:hi]
+        else:
+            data = memoryview(self._pread(fd, hi - lo, lo, nowait))
+            if not nowait and hi - lo >= STREAM_READ and hi < at + chunk_size:
+                # A read of an entry not in the page cache may be the first of a file
+                # read through, or of random reads that come back to this entry: ask
+                # for the rest of it, so that the next reads find it (each read opens
+                # the entry anew, which leaves the kernel no readahead state to go
+                # on). After the read, not before: its own blocks then come in one
+                # small disk request, not at the end of the entry's megabyte; and
+                # not on the reader's time where there is a thread to ask (asking
+                # for a megabyte takes the kernel 0.1-0.3 ms)
+                if self.later is not None:
+                    self.later(self.will_need_from, path, hi)
+                else:
+                    os.posix_fadvise(fd, hi, 0, os.POSIX_FADV_WILLNEED)
+            if len(data) < hi - lo and nowait:
+                raise BlockingIOError(errno.EAGAIN, "read in part")
+        problem = check_blocks(head, data, first, block) if len(data) == hi - lo else "truncated"
+        if problem is not None:
+            return problem, memoryview(b"")
         if known is None:
             if len(self._heads) >= _HEADS_KEPT:
                 self._heads.clear()
             self._heads[digest] = (at, block, chunk_size, bytes(head[:at]))
-        self._touched.add(digest)
-        return data[skip : skip + n]
-
-    def _read_open(self, fd: int, path: str, known: tuple[int, int, int, bytes] | None, offset: int,
-                   size: int, nowait: bool
-                   ) -> tuple[str | None, bytes | bytearray, int, int, int, memoryview, int, int]:
-        """``read_range`` on the entry open at ``fd``: ``(problem, header, where the plain
-        bytes start, block size, chunk size, the blocks read, where the bytes asked for
-        start in them, how many there are)``."""
-        head: bytes | bytearray
-        data = memoryview(b"")
-        first = end = 0
-        if known is not None:
-            at, block, chunk_size, head = known
-            problem = None
-        else:
-            head = self._pread(fd, FIRST_READ, 0, nowait)
-            problem, at, block, chunk_size = parse_head(head)
-            if problem is not None and nowait and len(head) < FIRST_READ:
-                raise BlockingIOError(errno.EAGAIN, "maybe read in part")  # the disk decides
-        if problem is None:
-            offset = min(offset, chunk_size)
-            end = min(offset + size, chunk_size)
-            first, last = offset // block, -(-end // block)
-            lo, hi = at + first * block, at + max(min(last * block, chunk_size), first * block)
-            if known is None and hi <= len(head):
-                data = memoryview(head)[lo:hi]
-            else:
-                data = memoryview(self._pread(fd, hi - lo, lo, nowait))
-                if not nowait and hi - lo >= STREAM_READ and hi < at + chunk_size:
-                    # A read of an entry not in the page cache may be the first of a file
-                    # read through, or of random reads that come back to this entry: ask
-                    # for the rest of it, so that the next reads find it (each read opens
-                    # the entry anew, which leaves the kernel no readahead state to go
-                    # on). After the read, not before: its own blocks then come in one
-                    # small disk request, not at the end of the entry's megabyte; and
-                    # not on the reader's time where there is a thread to ask (asking
-                    # for a megabyte takes the kernel 0.1-0.3 ms)
-                    if self.later is not None:
-                        self.later(self.will_need_from, path, hi)
-                    else:
-                        os.posix_fadvise(fd, hi, 0, os.POSIX_FADV_WILLNEED)
-                if len(data) < hi - lo and nowait:
-                    raise BlockingIOError(errno.EAGAIN, "read in part")
-            problem = check_blocks(head, data, first, block) if len(data) == hi - lo else "truncated"
-        return problem, head, at, block, chunk_size, data, offset - first * block, end - offset
+        skip = offset - first * block
+        return None, data[skip : skip + end - offset]
 
     @staticmethod
     def will_need_from(path: str, at: int) -> None:

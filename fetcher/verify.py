@@ -194,25 +194,25 @@ class Verifier:
         if size > self.thread_above:
             if on_disk is not None:
                 on_disk(c, offset)
-            return await trio.to_thread.run_sync(store.read_range, c.digest, offset, size, limiter=self._disk)
-        waited = 0.0
+        else:
+            waited = 0.0
 
-        def then_wait() -> bool:  # the bytes are not all in memory: wait here, or in a thread?
-            nonlocal waited
-            if on_disk is not None:
-                on_disk(c, offset)
-            if not self.inline.allowed():
-                return False
-            waited = time.perf_counter()
-            return True
+            def then_wait() -> bool:  # the bytes are not all in memory: wait here, or in a thread?
+                nonlocal waited
+                if on_disk is not None:
+                    on_disk(c, offset)
+                if not self.inline.allowed():
+                    return False
+                waited = time.perf_counter()
+                return True
 
-        try:
-            return store.read_range(c.digest, offset, size, nowait=True, then_wait=then_wait)
-        except BlockingIOError:
-            pass
-        finally:
-            if waited:
-                self.inline.took(time.perf_counter() - waited)
+            try:
+                return store.read_range(c.digest, offset, size, nowait=True, then_wait=then_wait)
+            except BlockingIOError:
+                pass
+            finally:
+                if waited:
+                    self.inline.took(time.perf_counter() - waited)
         return await trio.to_thread.run_sync(store.read_range, c.digest, offset, size, limiter=self._disk)
 
     async def range(self, rng: Range, data: bytes | bytearray | memoryview, store: ChunkStore | None = None,

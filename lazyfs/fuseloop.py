@@ -45,12 +45,12 @@ def _trio_with(wait: object) -> types.ModuleType:
     return module
 
 
+_FAST_TRIO = _trio_with(wait_readable)
+
+
 def install() -> None:
-    """Give pyfuse3 the trio above (idempotent; one filesystem per process)."""
-    current = getattr(getattr(pyfuse3, "trio", None), "lowlevel", None)
-    if current is not None and current.wait_readable is wait_readable:
-        return
-    pyfuse3.trio = _trio_with(wait_readable)  # type: ignore[attr-defined]
+    """Give pyfuse3 the trio above (one filesystem per process)."""
+    pyfuse3.trio = _FAST_TRIO  # type: ignore[attr-defined]
 
 
 def uninstall() -> None:

@@ -30,7 +30,6 @@ from blockindex.sideindex import (
     SQLITE_MAGIC,
     SideIndexResult,
     build_side_index,
-    pack_side_index,
     unpack_side_index,
 )
 from fetcher.errors import FetchError, ServerError
@@ -70,9 +69,10 @@ def index_image(ref: ImageRef, options: RegistryOptions, *, chunk_size: int, spa
     tmp = Path(tempfile.mkdtemp(prefix="lazyfs-index-"))
     try:
         digest = pull_image(ref, tmp / "layout", options, platform)
-        out = tmp / "side.sqlite"
-        built = build_side_index(tmp / "layout", digest, out, chunk_size=chunk_size, spacing=spacing)
-        data = pack_side_index(out.read_bytes())
+        packed = tmp / "side.sqlite.zst"
+        built = build_side_index(tmp / "layout", digest, tmp / "side.sqlite", chunk_size=chunk_size,
+                                 spacing=spacing, packed_path=packed)
+        data = packed.read_bytes()
         artifact = trio.run(_attach, ref, options, platform, digest, data,
                             {CHUNK_SIZE_ANNOTATION: str(chunk_size), SPACING_ANNOTATION: str(spacing)})
     finally:
